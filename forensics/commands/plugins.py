@@ -1,0 +1,66 @@
+"""``fp plugins`` and ``fp list KIND``."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+
+import typer
+
+
+class Kind(str, Enum):
+    encoders = "encoders"
+    distances = "distances"
+    partitioners = "partitioners"
+    matchers = "matchers"
+
+
+def _describe(obj) -> str:
+    text = getattr(obj, "description", "") or (obj.__doc__ or "").strip().splitlines()[0:1]
+    return text if isinstance(text, str) else (text[0] if text else "")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plugins")
+    def plugins_cmd(
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """List loaded plugins, their versions and what each registers."""
+        from forensics.plugins import plugin_info
+
+        info = plugin_info()
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("plugin", "version", "registers")
+        for p in info:
+            regs = "; ".join(f"{k}: {', '.join(v)}" for k, v in p["registers"].items())
+            name = p["name"] + ("" if p["builtin"] else f" ({p['distribution']})")
+            table.add_row(name, p["version"], regs or "-")
+        Console().print(table)
+
+    @app.command("list")
+    def list_cmd(
+        kind: Kind = typer.Argument(..., help="What to list."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """List the registered encoders, distances, partitioners or matchers."""
+        from forensics.plugins import registry
+
+        rows = [
+            {"name": e.name, "plugin": e.plugin, "description": _describe(e.obj)}
+            for e in sorted(registry(kind.value).values(), key=lambda e: e.name)
+        ]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("name", "plugin", "description")
+        for r in rows:
+            table.add_row(r["name"], r["plugin"], r["description"])
+        Console().print(table)

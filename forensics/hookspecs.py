@@ -1,0 +1,46 @@
+"""Hook specifications: the plugin API of ``fp``.
+
+Each hook receives a ``register`` callable; the plugin calls ``register(obj)`` once for
+each thing it provides. ``obj`` must have a unique ``name`` attribute (a string) within
+its kind. New keyword arguments may be added to hooks later; pluggy passes a hook
+implementation only the arguments it names, so old plugins keep working.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("fp")
+hookimpl = pluggy.HookimplMarker("fp")
+
+
+@hookspec
+def register_encoders(register):
+    """Register image encoders that turn images into per-layer embeddings.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def register_distances(register):
+    """Register nearest-neighbour distances between embedding sets.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def register_partitioners(register):
+    """Register partitioners that split embedding space into cells.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+@hookspec
+def register_matchers(register):
+    """Register matchers that score a suspect curve against enrolled curves.
+
+    .. versionadded:: 0.1.0
+    """

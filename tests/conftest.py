@@ -1,0 +1,64 @@
+"""Shared test set-up.
+
+Tests never load third-party plugins that happen to be installed: ``FP_LOAD_PLUGINS`` is
+set to the empty string for the whole session (a test that needs one sets it itself).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["FP_LOAD_PLUGINS"] = ""
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="run slow tests")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    run_slow = config.getoption("--run-slow")
+    gpu = None
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords:
+            if gpu is None:
+                gpu = _cuda_available()
+            if not gpu:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch):
+    """Every test starts from freshly loaded plugins with no third-party ones."""
+    from forensics import plugins
+
+    monkeypatch.setenv("FP_LOAD_PLUGINS", "")
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout; tests that need it skip when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present beside the checkout")
+    return SHARED

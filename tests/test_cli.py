@@ -1,0 +1,119 @@
+"""The CLI shell: version, help, errors, light start-up, the installed entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from typer.testing import CliRunner
+
+from forensics import __version__
+from forensics.cli import app
+
+runner = CliRunner()
+
+HEAVY = ("torch", "timm", "open_clip", "sklearn", "scipy", "pyarrow")
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"fp {__version__}"
+
+
+def test_list_matchers_json():
+    result = runner.invoke(app, ["list", "matchers", "--json"])
+    assert result.exit_code == 0, result.output
+    names = [row["name"] for row in json.loads(result.output)]
+    assert names == ["combined", "cosine", "l2"]
+
+
+def test_plugins_json():
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert any(p["name"] == "fp_plugins.matchers" and p["builtin"] for p in info)
+
+
+def test_usage_error_exits_2():
+    result = runner.invoke(app, ["list", "gizmos"])
+    assert result.exit_code == 2
+
+
+def test_import_is_light():
+    code = (
+        "import sys, forensics.cli; "
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"heavy modules imported at start-up: {out.stdout}"
+
+
+def test_help_and_version_are_fast_and_light():
+    code = (
+        "import sys\n"
+        "from forensics.cli import app\n"
+        "for args in (['--help'], ['--version']):\n"
+        "    try:\n"
+        "        app(args, prog_name='fp')\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - t0
+    assert "HEAVY=\n" in out.stdout + "\n", out.stdout
+    assert elapsed < 3.0, f"--help took {elapsed:.2f}s"
+
+
+def _installed_fp() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "fp")
+    return exe if os.path.exists(exe) else (shutil.which("fp") or "fp")
+
+
+def test_installed_entry_point_runs():
+    out = subprocess.run([_installed_fp(), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"fp {__version__}"
+
+
+def test_python_m_forensics_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "forensics", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_fp_error_prints_error_and_exits_1(monkeypatch):
+    from forensics import plugins
+
+    env = dict(os.environ, FP_LOAD_PLUGINS="")
+    out = subprocess.run(
+        [_installed_fp(), "list", "matchers"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0
+    # An FpError raised inside a command becomes "Error: ..." and exit status 1.
+    def boom(kind):
+        raise plugins.UnknownNameError("unknown thing 'x'; valid names: a, b")
+
+    monkeypatch.setattr(plugins, "registry", boom)
+    result = runner.invoke(app, ["list", "matchers"])
+    assert result.exit_code == 1
+    assert "Error: unknown thing 'x'; valid names: a, b" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_traceback(monkeypatch):
+    from forensics import plugins
+
+    def boom(kind):
+        raise plugins.UnknownNameError("bad")
+
+    monkeypatch.setattr(plugins, "registry", boom)
+    result = runner.invoke(app, ["--debug", "list", "matchers"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, plugins.UnknownNameError)
