@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from forensics import __version__
@@ -30,6 +31,15 @@ def test_list_matchers_json():
     assert result.exit_code == 0, result.output
     names = [row["name"] for row in json.loads(result.output)]
     assert names == ["combined", "cosine", "l2"]
+
+
+@pytest.mark.parametrize("kind", ["encoders", "distances", "partitioners", "matchers"])
+def test_list_every_kind_json(kind):
+    from forensics.plugins import names
+
+    result = runner.invoke(app, ["list", kind, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [row["name"] for row in json.loads(result.output)] == names(kind)
 
 
 def test_plugins_json():

@@ -7,12 +7,10 @@ from enum import Enum
 
 import typer
 
+from forensics.plugins import KINDS
 
-class Kind(str, Enum):
-    encoders = "encoders"
-    distances = "distances"
-    partitioners = "partitioners"
-    matchers = "matchers"
+#: One choice per plugin kind; follows :data:`forensics.plugins.KINDS`.
+Kind = Enum("Kind", {kind: kind for kind in KINDS}, type=str)
 
 
 def _describe(obj) -> str:
@@ -47,7 +45,7 @@ def register(app: typer.Typer) -> None:
         kind: Kind = typer.Argument(..., help="What to list."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
-        """List the registered encoders, distances, partitioners or matchers."""
+        """List what is registered for one plugin kind (encoders, distances, ...)."""
         from forensics.plugins import registry
 
         rows = [
