@@ -20,14 +20,18 @@ PYTEST_ARGS ?=
 
 env: $(VENV)/.ready-$(LOCK_HASH)
 
-$(DEPS)/.complete: requirements/lock.txt
-	@echo "Building dependency environment $(DEPS) (first run only; several minutes)"
-	rm -rf "$(DEPS)" "$(DEPS).tmp"
-	mkdir -p "$(FP_ENV_ROOT)"
-	$(PYTHON) -m venv "$(DEPS)"
-	"$(DEPS)/bin/python" -m pip install --quiet --upgrade pip
-	"$(DEPS)/bin/python" -m pip install --quiet -r requirements/lock.txt
-	touch "$(DEPS)/.complete"
+# No file prerequisites: the hash in the path already stands for the lock's content, and a
+# flock makes concurrent clones wait for one build instead of racing.
+$(DEPS)/.complete:
+	@mkdir -p "$(FP_ENV_ROOT)"
+	@flock "$(FP_ENV_ROOT)/deps-$(LOCK_HASH).lock" sh -ec '\
+	  test -f "$(DEPS)/.complete" && exit 0; \
+	  echo "Building dependency environment $(DEPS) (first run only; several minutes)"; \
+	  rm -rf "$(DEPS)"; \
+	  $(PYTHON) -m venv "$(DEPS)"; \
+	  "$(DEPS)/bin/python" -m pip install --quiet --upgrade pip; \
+	  "$(DEPS)/bin/python" -m pip install --quiet -r requirements/lock.txt; \
+	  touch "$(DEPS)/.complete"'
 
 $(VENV)/.ready-$(LOCK_HASH): $(DEPS)/.complete pyproject.toml
 	rm -rf "$(VENV)"
