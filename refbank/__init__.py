@@ -1,0 +1,1 @@
+"""The Parquet reference bank of ``fp`` (storage only; imports pyarrow, never torch)."""
