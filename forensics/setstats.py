@@ -1,0 +1,218 @@
+"""The paper's baseline: summarise an image set by feature mean, std and FID.
+
+He et al. (2024) compare their C_T-layer curves with a simple set fingerprint (the
+authors' ``fingerprint_baseline.py``): per image set, the mean and the standard deviation
+over the set, and the set's FID against the reference data T. Two sets are compared by
+
+    cos_part = cos(mean_a, mean_b) + cos(std_a, std_b)
+    distance = || fid_a - fid_b ||
+    score    = alpha * cos_part + (1 - alpha) / (1 + distance)
+
+with the same three settings as the curve matchers: ``l2`` (alpha = 0: FID alone),
+``cosine`` (alpha = 1: mean and std alone) and ``combined`` (alpha = 0.5); the nearest
+set (highest score) names the family. The authors computed the statistics on pixels of a
+single feature space; here they are computed per encoder layer and concatenated, so with
+one layer this is exactly their rule. The set's vector (:func:`baseline_vector`) is
+
+    [mean of layer 1, ..., mean of layer K, std of layer 1, ..., std of layer K,
+     fid of layer 1, ..., fid of layer K]
+
+and :func:`baseline_matchers` return matchers that read that layout; pass them to
+:func:`forensics.evaluate.evaluate` with ``drop_layers=()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+
+from forensics.errors import InputError, InsufficientDataError
+
+
+@dataclass(frozen=True)
+class GaussianStats:
+    """Mean ``mu`` (D,) and covariance ``cov`` (D, D) of a feature set, as FID uses them."""
+
+    mu: np.ndarray
+    cov: np.ndarray
+    n: int
+
+
+def _features(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise InputError(f"{what} must be a 2-D array (samples x features), got shape {x.shape}")
+    if x.shape[0] < 2:
+        raise InsufficientDataError(f"{what} has {x.shape[0]} sample(s); FID needs at least 2")
+    if not np.isfinite(x).all():
+        raise InputError(f"{what} contains NaN or infinite values")
+    return x
+
+
+def gaussian_stats(x: np.ndarray, what: str = "features") -> GaussianStats:
+    """Mean and unbiased covariance (``ddof=1``) of ``x`` (n, D), n >= 2."""
+    x = _features(x, what)
+    return GaussianStats(mu=x.mean(axis=0), cov=np.atleast_2d(np.cov(x, rowvar=False)), n=len(x))
+
+
+def _sqrtm_product(cov1: np.ndarray, cov2: np.ndarray) -> tuple[np.ndarray, bool]:
+    """sqrtm(cov1 @ cov2) as a real matrix, and whether it is trustworthy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ill-conditioned products are checked below
+        root = linalg.sqrtm(cov1 @ cov2)
+    if isinstance(root, tuple):  # older SciPy with disp=False semantics
+        root = root[0]
+    root = np.asarray(root)
+    if not np.isfinite(root).all():
+        return root.real, False
+    if np.iscomplexobj(root):
+        scale = max(1.0, float(np.abs(np.trace(cov1))), float(np.abs(np.trace(cov2))))
+        if np.abs(root.imag).max() > 1e-6 * scale:
+            return root.real, False
+        root = root.real
+    return root, True
+
+
+def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians: ``|mu_a - mu_b|^2 + tr(Ca + Cb - 2 sqrt(Ca Cb))``.
+
+    The matrix square root comes from ``scipy.linalg.sqrtm``; tiny imaginary parts from
+    round-off are discarded. When the product is singular (fewer samples than
+    dimensions) and the root is not finite or has a non-negligible imaginary part, both
+    covariances get ``eps`` (relative to their scale) added to the diagonal and the root
+    is taken again. The result is clipped at 0 against round-off.
+
+    Raises:
+        InputError: the dimensions differ, or the root stays unusable.
+    """
+    if a.mu.shape != b.mu.shape:
+        raise InputError(
+            f"cannot compare features of dimension {a.mu.shape[0]} with dimension {b.mu.shape[0]}"
+        )
+    diff = a.mu - b.mu
+    root, ok = _sqrtm_product(a.cov, b.cov)
+    if not ok:
+        dim = a.cov.shape[0]
+        scale = max(np.trace(a.cov), np.trace(b.cov), 1.0) / dim
+        offset = np.eye(dim) * eps * scale
+        root, ok = _sqrtm_product(a.cov + offset, b.cov + offset)
+        if not ok:
+            raise InputError(
+                "the FID matrix square root is not finite even after regularisation; "
+                "use more samples or fewer feature dimensions"
+            )
+    value = float(diff @ diff + np.trace(a.cov) + np.trace(b.cov) - 2.0 * np.trace(root))
+    return max(value, 0.0)
+
+
+def mean_std_fid_features(X_layer: np.ndarray, T_layer: np.ndarray | GaussianStats) -> dict:
+    """The baseline's summary of one image set in one feature space.
+
+    Args:
+        X_layer: features of the set, ``(n, D)``, n >= 2.
+        T_layer: features of the reference data T, ``(m, D)``, or their precomputed
+            :func:`gaussian_stats` (compute them once for many sets).
+
+    Returns:
+        ``{"mean": (D,) array, "std": (D,) array (population std, ddof=0, like
+        numpy's default the authors used), "fid": float}`` with ``fid`` the Fréchet
+        distance between the set's and T's Gaussians.
+
+    Raises:
+        InputError: wrong shapes, NaN/inf values, or mismatched dimensions.
+        InsufficientDataError: fewer than 2 samples in the set or in T.
+    """
+    stats = gaussian_stats(X_layer, "set features")
+    ref = T_layer if isinstance(T_layer, GaussianStats) else gaussian_stats(T_layer, "T features")
+    x = np.asarray(X_layer, dtype=np.float64)
+    return {"mean": stats.mu, "std": x.std(axis=0), "fid": frechet_distance(stats, ref)}
+
+
+def set_features(
+    layers: Mapping[str, np.ndarray], T_layers: Mapping[str, np.ndarray | GaussianStats]
+) -> dict[str, dict]:
+    """:func:`mean_std_fid_features` for every layer of one image set.
+
+    Raises:
+        InputError: a layer of the set has no reference features in ``T_layers``.
+    """
+    missing = [name for name in layers if name not in T_layers]
+    if missing:
+        raise InputError(f"no reference (T) features for layers {missing}")
+    return {name: mean_std_fid_features(x, T_layers[name]) for name, x in layers.items()}
+
+
+def baseline_vector(
+    features: Mapping[str, dict], layers: Sequence[str] | None = None
+) -> np.ndarray:
+    """The vector the baseline matches: all means, then all stds, then all FIDs.
+
+    Args:
+        features: ``{layer: {"mean", "std", "fid"}}`` as :func:`set_features` returns.
+        layers: layer order (default: the mapping's order); every set must use the same.
+
+    Returns:
+        ``(2 * D + K,)`` float64 vector for K layers of total dimension D.
+    """
+    order = list(features) if layers is None else list(layers)
+    if not order:
+        raise InputError("no layers to build a baseline vector from")
+    missing = [name for name in order if name not in features]
+    if missing:
+        raise InputError(f"layers {missing} are missing from the set's features")
+    means = [np.asarray(features[n]["mean"], dtype=np.float64).reshape(-1) for n in order]
+    stds = [np.asarray(features[n]["std"], dtype=np.float64).reshape(-1) for n in order]
+    fids = np.array([float(features[n]["fid"]) for n in order])
+    return np.concatenate([*means, *stds, fids])
+
+
+def _cos_rows(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(q)
+    dots = r @ q
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+
+
+@dataclass(frozen=True)
+class BaselineMatcher:
+    """The baseline's similarity on :func:`baseline_vector` layouts (higher = closer).
+
+    ``alpha * (cos(means) + cos(stds)) + (1 - alpha) / (1 + ||fids_q - fids_r||)``.
+    """
+
+    name: str
+    alpha: float
+    dim: int
+    n_layers: int
+    description: str = "the paper's mean/std/FID baseline"
+
+    def score(self, query: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        """Similarity of ``query`` to each row of ``refs``."""
+        q = np.asarray(query, dtype=np.float64).reshape(-1)
+        r = np.atleast_2d(np.asarray(refs, dtype=np.float64))
+        width = 2 * self.dim + self.n_layers
+        if q.size != width or r.shape[1] != width:
+            raise InputError(
+                f"baseline vectors must have {width} values (2 x {self.dim} + {self.n_layers}), "
+                f"got {q.size} and {r.shape[1]}"
+            )
+        d = self.dim
+        cos_part = _cos_rows(q[:d], r[:, :d]) + _cos_rows(q[d : 2 * d], r[:, d : 2 * d])
+        distance = np.linalg.norm(r[:, 2 * d :] - q[2 * d :], axis=1)
+        return self.alpha * cos_part + (1.0 - self.alpha) / (1.0 + distance)
+
+
+def baseline_matchers(dims: Sequence[int]) -> list[BaselineMatcher]:
+    """``l2`` / ``cosine`` / ``combined`` (alpha 0 / 1 / 0.5) for layers of dimensions ``dims``."""
+    dims = [int(d) for d in dims]
+    if not dims or min(dims) < 1:
+        raise InputError(f"layer dimensions must be positive, got {dims}")
+    total, k = sum(dims), len(dims)
+    return [
+        BaselineMatcher("l2", 0.0, total, k, "baseline: nearest FID (1/(1+|dFID|))"),
+        BaselineMatcher("cosine", 1.0, total, k, "baseline: cos(mean) + cos(std)"),
+        BaselineMatcher("combined", 0.5, total, k, "baseline: both, alpha = 0.5"),
+    ]
