@@ -262,7 +262,8 @@ def test_verify_reports_modified_rows(bank, bid):
 def test_verify_reports_changed_missing_and_orphaned(bank, bid):
     bank.add_curves([curve_row(bid)])
     np.save(bank.baseline_dir(bid) / "centroids.npy", np.zeros(3))
-    assert [p.problem for p in bank.verify().problems] == [f"files under baselines/{bid} were changed"]
+    problems = [p.problem for p in bank.verify().problems]
+    assert problems == [f"files under baselines/{bid} were changed"]
     import shutil
 
     shutil.rmtree(bank.baseline_dir(bid))
@@ -406,14 +407,14 @@ _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from refbank import Bank
-    bank_dir, bid, tag, n, start = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    bank_dir, bid, tag, n, start = sys.argv[1:6]
     row = dict(model=tag, family="fam", encoder="timm:tiny", weights_sha256="ab" * 32,
                baseline_id=bid, layers=["block0", "block1", "block2", "block3"],
                values=[0.1, 0.2, 0.3, 0.4], n_images=10, manifest_sha256="q" * 64)
     bank = Bank(bank_dir)
     while not Path(start).exists():
         time.sleep(0.01)
-    for i in range(n):
+    for i in range(int(n)):
         bank.add_curves([dict(row, notes=str(i))])
 """)
 

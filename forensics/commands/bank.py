@@ -52,7 +52,10 @@ def _print_table(columns: list[str], rows: list[list[Any]], title: str | None = 
     table = Table(*columns, title=title)
     for r in rows:
         table.add_row(*("-" if v is None else str(v) for v in r))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: do not squeeze ids into 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 @bank_app.command("list")
