@@ -233,6 +233,26 @@ class Bank:
             f"Build one with: fp baseline build NAME --train DIR --heldout DIR --encoder E"
         )
 
+    def resolve_baseline(self, name: str | None = None) -> dict[str, Any]:
+        """The baseline called ``name``; without a name, the bank's only baseline.
+
+        Raises:
+            BankError: no such baseline, none at all, or several and no name given.
+        """
+        if name:
+            return self.get_baseline(name)
+        rows = self.baselines()
+        if len(rows) == 1:
+            return rows[0]
+        if not rows:
+            raise BankError(
+                f"the bank at {self.path} has no baselines; build one with: "
+                f"fp baseline build NAME --train DIR --heldout DIR --encoder E"
+            )
+        names = ", ".join(sorted(r["name"] for r in rows))
+        raise BankError(f"the bank at {self.path} has several baselines ({names}); "
+                        f"choose one with --baseline NAME")
+
     def baseline_dir(self, baseline_id: str) -> Path:
         """Folder holding the engine's files of baseline ``baseline_id``."""
         _check_name(baseline_id, "baseline id")
@@ -499,6 +519,8 @@ class Bank:
         source = Path(path).expanduser()
         report = ImportReport(str(source))
         with unpacked_archive(source) as folder:
+            info = store.read_json(folder / INFO_FILE) or {}
+            store.check_version(info.get("schema_version"), source)
             incoming = Bank(folder)
             check = incoming.verify()
             if not check.ok:

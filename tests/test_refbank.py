@@ -506,3 +506,34 @@ def test_refbank_never_imports_torch(bank, bid):
     out = subprocess.run([sys.executable, "-c", code, str(bank.path)], env=_run_env(),
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_resolve_baseline(bank):
+    with pytest.raises(BankError, match="no baselines.*fp baseline build"):
+        bank.resolve_baseline()
+    bank.add_baseline(baseline_row("one"))
+    assert bank.resolve_baseline()["name"] == "one"
+    bank.add_baseline(baseline_row("two"))
+    with pytest.raises(BankError, match=r"several baselines \(one, two\).*--baseline"):
+        bank.resolve_baseline()
+    assert bank.resolve_baseline("two")["name"] == "two"
+
+
+def test_import_of_a_newer_export_is_refused(bank, bid, tmp_path):
+    bank.add_curves([curve_row(bid)])
+    info = json.loads((bank.path / "bank.json").read_text())
+    (bank.path / "bank.json").write_text(json.dumps({**info, "schema_version": 99}))
+    from refbank.archive import write_archive
+
+    write_archive(bank.path, tmp_path / "new.tar")
+    with pytest.raises(BankError, match=r"new\.tar has schema version 99.*upgrade fp"):
+        Bank(tmp_path / "t").import_(tmp_path / "new.tar")
+
+
+def test_readme_documents_every_column():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Reference bank"):]
+    from refbank.schema import BASELINE_COLUMNS
+
+    for name, *_ in CURVE_COLUMNS + BASELINE_COLUMNS:
+        assert f"`{name}`" in section, f"README's 'Reference bank' section must list {name}"
