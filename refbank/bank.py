@@ -145,6 +145,10 @@ class Bank:
     @property
     def schema_version(self) -> int:
         """Schema version of the bank on disk (this release's version for a new bank)."""
+        return self._check_version()
+
+    def _check_version(self) -> int:
+        """The bank's schema version; raises BankError if it is newer than this fp's."""
         info = store.read_json(self.path / INFO_FILE)
         if info is None:
             return SCHEMA_VERSION
@@ -168,7 +172,7 @@ class Bank:
         """Write ``bank.json`` if absent (under the lock); refuse a newer bank."""
         target = self.path / INFO_FILE
         if target.exists():
-            self.schema_version  # noqa: B018 -- raises on a newer version
+            self._check_version()
             return
         store.write_json(
             {"format": FORMAT, "schema_version": SCHEMA_VERSION,
@@ -180,12 +184,12 @@ class Bank:
 
     def curves_table(self) -> pa.Table:
         """The ``curves`` table (empty when the bank is new)."""
-        self.schema_version  # noqa: B018 -- refuse a newer bank before reading
+        self._check_version()
         return store.read_table(self.path / CURVES_FILE, CURVES_SCHEMA)
 
     def baselines_table(self) -> pa.Table:
         """The ``baselines`` table (empty when the bank is new)."""
-        self.schema_version  # noqa: B018
+        self._check_version()
         return store.read_table(self.path / BASELINES_FILE, BASELINES_SCHEMA)
 
     def curves(self, **filters: Any) -> list[dict[str, Any]]:
@@ -500,7 +504,7 @@ class Bank:
         if not self.exists():
             raise BankError(f"the bank at {self.path} is empty; there is nothing to export")
         with self._lock.hold():
-            self.schema_version  # noqa: B018
+            self._check_version()
             write_archive(self.path, target)
         return target
 
