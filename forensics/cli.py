@@ -22,6 +22,8 @@ from forensics.errors import FpError
 COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.plugins",
     "forensics.commands.synth",
+    "forensics.commands.bank",
+    "forensics.commands.baseline",
 )
 
 

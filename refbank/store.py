@@ -1,0 +1,189 @@
+"""Files of a bank: the inter-process lock, atomic writes, version-checked reads.
+
+Every change follows one pattern: take the bank's lock (``<bank>/.lock``, an OS-level
+``flock`` that the kernel releases when its holder dies), read the current table, write
+the new table to a temporary file in the same folder, ``fsync`` it, then ``os.replace``
+it over the old one and ``fsync`` the folder. A reader therefore sees either the old
+file or the new one, never a partial one, and a writer killed at any point leaves every
+earlier row in place. Temporary files left by a killed writer are removed by the next
+writer, which can only be running once the dead one's lock is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
+
+from forensics.errors import BankError
+from refbank.schema import SCHEMA_VERSION, VERSION_KEY
+
+LOCK_NAME = ".lock"
+TMP_PREFIX = ".tmp-"
+
+
+def _upgrade_message(where: Path, version: int) -> str:
+    return (
+        f"the bank at {where} has schema version {version}, but this fp reads versions up to "
+        f"{SCHEMA_VERSION}: upgrade fp (pip install -U fp-forensics) to use it"
+    )
+
+
+def check_version(version: Any, where: Path) -> int:
+    """Return ``version`` as an int, or raise BankError if it is unreadable or too new."""
+    try:
+        value = int(version)
+    except (TypeError, ValueError):
+        raise BankError(
+            f"{where} has an unreadable schema version {version!r}: it is not an fp bank, "
+            f"or it is damaged; restore it from an export (fp bank import)"
+        ) from None
+    if value > SCHEMA_VERSION:
+        raise BankError(_upgrade_message(where, value))
+    return value
+
+
+class BankLock:
+    """The bank's inter-process lock; re-entrant within one :class:`BankLock`."""
+
+    def __init__(self, folder: Path, timeout: float) -> None:
+        self.folder = folder
+        self.timeout = timeout
+        self._lock: FileLock | None = None
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the lock; on first entry create the folder and sweep stale temp files."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = FileLock(str(self.folder / LOCK_NAME), timeout=self.timeout)
+        first = not self._lock.is_locked
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise BankError(
+                f"the bank at {self.folder} stayed locked by another fp process for "
+                f"{self.timeout:g} s; wait for that process to finish and try again"
+            ) from None
+        try:
+            if first:
+                sweep_temp_files(self.folder)
+            yield
+        finally:
+            self._lock.release()
+
+
+def sweep_temp_files(folder: Path) -> None:
+    """Remove temporary files and folders a killed writer left (call under the lock)."""
+    for place in (folder, folder / "baselines"):
+        if not place.is_dir():
+            continue
+        for p in place.glob(TMP_PREFIX + "*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def temp_path(folder: Path, name: str) -> Path:
+    """A fresh temporary path in ``folder`` (same file system as the target)."""
+    return folder / f"{TMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Move a fully written temporary file or folder into place (atomic on POSIX)."""
+    os.replace(tmp, target)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_table(table: pa.Table, target: Path) -> None:
+    """Write a Parquet table atomically: temp file, fsync, rename, fsync folder."""
+    tmp = temp_path(target.parent, target.name)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_json(obj: Any, target: Path) -> None:
+    """Write a JSON file atomically."""
+    tmp = temp_path(target.parent, target.name)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """Read one bank table; an absent file is an empty table.
+
+    Raises:
+        BankError: the file is unreadable, of a newer schema version, or not a bank table.
+    """
+    if not path.exists():
+        return schema.empty_table()
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise BankError(
+            f"cannot read {path}: {exc}. The file is damaged; restore the bank from an "
+            f"export (fp bank import) or move the file away"
+        ) from None
+    version = (table.schema.metadata or {}).get(VERSION_KEY)
+    if version is not None:  # files rewritten by other tools may have lost it
+        check_version(version.decode(errors="replace"), path)
+    if not table.schema.equals(schema, check_metadata=False):
+        try:
+            table = table.select(schema.names).cast(schema)
+        except (KeyError, pa.ArrowException) as exc:
+            raise BankError(
+                f"{path} does not have the columns of an fp bank table ({exc}); "
+                f"see the README's 'Reference bank' section for the schema"
+            ) from None
+    return table.replace_schema_metadata(schema.metadata)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """Read a JSON file, or None if it is absent."""
+    if not path.exists():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise BankError(f"cannot read {path}: {exc}; restore the bank from an export") from None
