@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ from forensics.errors import InputError
 FORMAT = 1
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
+
+#: A query layer whose projection takes fewer multiply-adds than this runs it on one BLAS
+#: thread: waking a thread pool for a small product costs more than it saves (several
+#: times more on a busy machine).
+SINGLE_THREAD_WORK = 2**25
+_blas_controller = None
+
+
+@contextmanager
+def _blas_threads_for(work: int) -> Iterator[None]:
+    global _blas_controller
+    if work >= SINGLE_THREAD_WORK:
+        yield
+        return
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 def array_digest(a: np.ndarray) -> str:
@@ -362,11 +383,12 @@ class Baseline:
                              f"baseline's T has {lb.dim}: use embeddings of the same layer")
         if lb.status == STATUS_CONSTANT:
             return constant_result(m, tau, lb.name)
-        Zq = lb.partition.transform(Q)
-        if q_lab is None:
-            q_lab = lb.partition.cells(Zq)
-        else:
-            q_lab = check_labels(q_lab, m, f"layer {lb.name!r}: Q_cells")
+        with _blas_threads_for(m * lb.dim * lb.t_points.shape[1]):
+            Zq = lb.partition.transform(Q)
+            if q_lab is None:
+                q_lab = lb.partition.cells(Zq)
+            else:
+                q_lab = check_labels(q_lab, m, f"layer {lb.name!r}: Q_cells")
         dQ = np.full(m, np.nan)
         nn_index = np.full(m, -1, dtype=np.int64)
         t_off = lb.t_offsets

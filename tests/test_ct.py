@@ -235,3 +235,16 @@ def test_result_to_dict_shape():
     d = r.to_dict()
     assert d["ct"] == 1.5 and d["cells"] == [
         {"cell": 0, "n_T": 3, "n_P": 4, "n_Q": 5, "z": None, "kept": False}]
+
+
+def test_is_constant():
+    from forensics.ct import is_constant
+
+    row = np.array([1.0, -2.0, 3.0])
+    X = np.tile(row, (10000, 1))
+    assert is_constant(X) and is_constant(X[:1]) and is_constant(np.zeros((5, 3)))
+    X[9000, 1] += 1e-9  # float noise of a batch-size-dependent kernel
+    assert is_constant(X)
+    X[9500, 2] += 1e-3
+    assert not is_constant(X)
+    assert not is_constant(np.vstack([np.zeros(3), row]))
