@@ -21,6 +21,8 @@ from forensics.errors import FpError
 #: Modules under ``forensics.commands`` whose ``register(app)`` adds commands.
 COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.plugins",
+    "forensics.commands.encoders",
+    "forensics.commands.embed",
 )
 
 

@@ -32,6 +32,9 @@ GROUP = "fp"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.matchers",
+    "fp_plugins.encoders_timm",
+    "fp_plugins.encoders_open_clip",
+    "fp_plugins.encoders_fid",
 )
 
 #: kind -> hook name. New kinds are added here and in :mod:`forensics.hookspecs`.
