@@ -17,7 +17,8 @@ for provenance), ``transform(pil_rgb_image) -> tensor`` (run in DataLoader worke
 ``forward(batch) -> list[np.ndarray]`` (one float32 ``(B, D_l)`` array per layer, in the
 order of ``layer_names``). Its ``precision`` (optional) names the arithmetic used.
 
-This module imports torch only inside functions, so plugins may import it at top level.
+This module imports torch and numpy only inside functions, so plugins and CLI modules may
+import it at top level.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import numpy as np
-
 from forensics.errors import InputError, OfflineError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 POOLS = ("cls", "mean")
 

@@ -144,8 +144,10 @@ def scan_folder(
             f"{', '.join(IMAGE_EXTENSIONS)}); check the path"
         )
     workers = threads or min(16, 4 * (os.cpu_count() or 1))
+    chunks = [relpaths[i:i + 64] for i in range(0, len(relpaths), 64)]  # few, larger tasks
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = list(pool.map(lambda rel: _check_file(root / rel), relpaths))
+        done = pool.map(lambda chunk: [_check_file(root / rel) for rel in chunk], chunks)
+        checked = [result for chunk in done for result in chunk]
     entries, bad = [], []
     for rel, (sha, size, problem) in zip(relpaths, checked, strict=True):
         if problem is None:

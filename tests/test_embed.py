@@ -340,3 +340,14 @@ def test_encoders_are_registered_through_the_hook():
                  "fid-inception", "vit-tiny-demo", "timm:*", "open_clip:*"):
         assert name in names
     assert plugins.registry("encoders")["vit-b16"].plugin == "fp_plugins.encoders_timm"
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_agrees_with_cpu(digits):
+    cpu = _embed(digits, "vit-tiny-demo", device="cpu")
+    gpu = _embed(digits, "vit-tiny-demo", device="cuda")
+    assert gpu.encoder_info["precision"] == "bf16-autocast"
+    assert cpu.encoder_info["precision"] == "float32"
+    for a, b in zip(cpu.arrays, gpu.arrays, strict=True):
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cos.min() > 0.99

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 
 import typer
 
+from forensics.encoders import POOLS
 
-class Pool(StrEnum):
-    cls = "cls"
-    mean = "mean"
+#: ``--pool`` choices; follows :data:`forensics.encoders.POOLS`.
+Pool = Enum("Pool", {p: p for p in POOLS}, type=str)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, "--weights",
                                     help="hub, a local file, or random:SEED "
                                          "[default: the encoder's default]."),
-        pool: Pool = typer.Option(Pool.cls, "--pool",
+        pool: Pool = typer.Option(POOLS[0], "--pool",
                                   help="Transformer layers: class token or mean of patch "
                                        "tokens."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),

@@ -7,14 +7,12 @@ import json
 import typer
 
 
-def _row(entry) -> dict:
-    obj = entry.obj
+def _summary(encoder) -> dict:
     return {
-        "name": entry.name,
-        "family": getattr(obj, "family", ""),
-        "default_weights": getattr(obj, "default_weights", "hub"),
-        "plugin": entry.plugin,
-        "description": getattr(obj, "description", ""),
+        "name": encoder.name,
+        "family": getattr(encoder, "family", ""),
+        "default_weights": getattr(encoder, "default_weights", "hub"),
+        "description": getattr(encoder, "description", ""),
     }
 
 
@@ -29,7 +27,8 @@ def register(app: typer.Typer) -> None:
         """List every encoder: name, family, default weights, description."""
         from forensics.plugins import registry
 
-        rows = [_row(e) for e in sorted(registry("encoders").values(), key=lambda e: e.name)]
+        rows = [{**_summary(e.obj), "plugin": e.plugin}
+                for e in sorted(registry("encoders").values(), key=lambda e: e.name)]
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
@@ -57,10 +56,7 @@ def register(app: typer.Typer) -> None:
         dims_fn = getattr(encoder, "layer_dims", None)
         dims = dims_fn(pool) if dims_fn is not None and names is not None else None
         info = {
-            "name": encoder.name,
-            "family": getattr(encoder, "family", ""),
-            "default_weights": getattr(encoder, "default_weights", "hub"),
-            "description": getattr(encoder, "description", ""),
+            **_summary(encoder),
             "layers": None if names is None else [
                 {"name": n, "dim": None if dims is None else dims[i]} for i, n in enumerate(names)
             ],
