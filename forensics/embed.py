@@ -56,6 +56,14 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("fp")) / "embeddings"
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Return ``path`` if it names a ``.npz`` or ``.parquet`` file, else raise InputError."""
+    path = Path(path)
+    if path.suffix.lower() not in (".npz", ".parquet"):
+        raise InputError(f"--out {path}: use a .npz or .parquet file name")
+    return path
+
+
 @dataclass
 class Embeddings:
     """Per-layer embeddings of N images.
@@ -100,10 +108,8 @@ class Embeddings:
         ``image`` (relative path, or row index), ``sha256``, and one fixed-size float32 list
         column per layer; the same JSON in the schema metadata key ``fp``.
         """
-        path = Path(path)
+        path = check_output_path(path)
         suffix = path.suffix.lower()
-        if suffix not in (".npz", ".parquet"):
-            raise InputError(f"--out {path}: use a .npz or .parquet file name")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:

@@ -333,6 +333,30 @@ class HookTaps:
             handle.remove()
 
 
+def tap_extractor(run: Callable, taps: Sequence[tuple[str, Any]], fmt: str,
+                  prefix_tokens: int, has_cls: bool, pool: str, name: str) -> Callable:
+    """``x -> [pooled outputs of taps]``, running ``run(x)`` with forward hooks.
+
+    Args:
+        run: the forward function that passes through every tapped module.
+        taps: ``[(layer name, module)]`` in forward order.
+        fmt: layout of the outputs (``NLC``/``LNC`` tokens, ``NCHW``/``NHWC`` maps).
+        prefix_tokens: class/register tokens before the patch tokens.
+        has_cls: whether token 0 is a class token.
+        pool: ``cls`` or ``mean``.
+        name: the encoder, for error messages.
+
+    Raises:
+        InputError: no layers found, or ``pool="cls"`` for tokens without a class token.
+    """
+    if not taps:
+        raise InputError(f"cannot find the layers of {name}; it is not a supported model")
+    if fmt in ("NLC", "LNC") and pool == "cls" and not has_cls:
+        raise InputError(f"{name} has no class token; use --pool mean")
+    hooks = HookTaps(taps, pool, fmt, prefix_tokens)
+    return lambda x: hooks.run(run, x)
+
+
 class TorchEncoder:
     """A loaded encoder around a torch feature extractor.
 

@@ -158,16 +158,10 @@ def clip_taps(visual):
 
 
 def _extractor(visual, pool: str, name: str = "this model"):
-    from forensics.encoders import HookTaps
-    from forensics.errors import InputError
+    """``x -> [pooled layer outputs]`` for an open_clip image tower, through forward hooks."""
+    from forensics.encoders import tap_extractor
 
-    taps, fmt, prefix, has_cls = clip_taps(visual)
-    if not taps:
-        raise InputError(f"cannot find the layers of the image tower of {name}")
-    if fmt in ("NLC", "LNC") and pool == "cls" and not has_cls:
-        raise InputError(f"{name} has no class token; use --pool mean")
-    hooks = HookTaps(taps, pool, fmt, prefix)
-    return lambda x: hooks.run(visual, x)
+    return tap_extractor(visual, *clip_taps(visual), pool, name)
 
 
 @dataclass(frozen=True)

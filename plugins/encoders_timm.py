@@ -188,16 +188,9 @@ def timm_taps(model):
 
 def _extractor(model, pool: str, name: str = "this model"):
     """``x -> [pooled layer outputs]`` for a timm model, through forward hooks."""
-    from forensics.encoders import HookTaps
-    from forensics.errors import InputError
+    from forensics.encoders import tap_extractor
 
-    taps, fmt, prefix, has_cls = timm_taps(model)
-    if not taps:
-        raise InputError(f"cannot find the layers of {name}; it is not a supported timm model")
-    if fmt == "NLC" and pool == "cls" and not has_cls:
-        raise InputError(f"{name} has no class token; use --pool mean")
-    hooks = HookTaps(taps, pool, fmt, prefix)
-    return lambda x: hooks.run(model.forward_features, x)
+    return tap_extractor(model.forward_features, *timm_taps(model), pool, name)
 
 
 @dataclass(frozen=True)

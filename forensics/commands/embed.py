@@ -40,11 +40,9 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Embed every image of FOLDER at every layer of an encoder; write them to --out."""
-        from forensics.embed import DEFAULT_CACHE, embed_folder
-        from forensics.errors import InputError
+        from forensics.embed import DEFAULT_CACHE, check_output_path, embed_folder
 
-        if out.suffix.lower() not in (".npz", ".parquet"):
-            raise InputError(f"--out {out}: use a .npz or .parquet file name")
+        check_output_path(out)  # before any work
         result = embed_folder(
             folder, encoder, weights=weights, pool=pool.value, device=device,
             batch_size=batch_size, num_workers=num_workers,
