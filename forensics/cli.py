@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.synth",
     "forensics.commands.bank",
     "forensics.commands.baseline",
+    "forensics.commands.ct",
 )
 
 

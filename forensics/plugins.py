@@ -31,6 +31,8 @@ from forensics.errors import PluginConflictError, PluginError, UnknownNameError
 GROUP = "fp"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "fp_plugins.distances",
+    "fp_plugins.partitioners",
     "fp_plugins.matchers",
 )
 

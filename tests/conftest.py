@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 os.environ["FP_LOAD_PLUGINS"] = ""
+# Spinning OpenMP waiters (torch, sklearn) slow small parallel regions by orders of
+# magnitude when the CPU is shared; set before any test imports them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
