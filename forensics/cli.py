@@ -25,6 +25,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.bank",
     "forensics.commands.baseline",
     "forensics.commands.ct",
+    "forensics.commands.encoders",
+    "forensics.commands.embed",
 )
 
 

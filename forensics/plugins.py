@@ -34,6 +34,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.distances",
     "fp_plugins.partitioners",
     "fp_plugins.matchers",
+    "fp_plugins.encoders_timm",
+    "fp_plugins.encoders_open_clip",
+    "fp_plugins.encoders_fid",
 )
 
 #: kind -> hook name. New kinds are added here and in :mod:`forensics.hookspecs`.

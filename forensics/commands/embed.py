@@ -1,0 +1,62 @@
+"""``fp embed DIR --encoder NAME --out FILE``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+
+class Pool(StrEnum):
+    cls = "cls"
+    mean = "mean"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("embed")
+    def embed_cmd(
+        folder: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+        encoder: str = typer.Option(..., "--encoder", "-e",
+                                    help="Encoder name (fp encoders list); NAME@SIZE sets "
+                                         "the input size where allowed."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output file: .npz or .parquet."),
+        weights: str = typer.Option(None, "--weights",
+                                    help="hub, a local file, or random:SEED "
+                                         "[default: the encoder's default]."),
+        pool: Pool = typer.Option(Pool.cls, "--pool",
+                                  help="Transformer layers: class token or mean of patch "
+                                       "tokens."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
+        num_workers: int = typer.Option(None, "--num-workers", min=0,
+                                        help="Decoding workers [default: by device]."),
+        skip_bad: bool = typer.Option(False, "--skip-bad",
+                                      help="Skip unreadable images (recorded in the output)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the cache."),
+        cache_dir: Path = typer.Option(None, "--cache-dir",
+                                       help="Embedding cache [default: $FP_CACHE_DIR/"
+                                            "embeddings or the user cache dir]."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Embed every image of FOLDER at every layer of an encoder; write them to --out."""
+        from forensics.embed import DEFAULT_CACHE, embed_folder
+        from forensics.errors import InputError
+
+        if out.suffix.lower() not in (".npz", ".parquet"):
+            raise InputError(f"--out {out}: use a .npz or .parquet file name")
+        result = embed_folder(
+            folder, encoder, weights=weights, pool=pool.value, device=device,
+            batch_size=batch_size, num_workers=num_workers,
+            cache_dir=None if no_cache else (cache_dir or DEFAULT_CACHE),
+            progress=not quiet, skip_bad=skip_bad,
+        )
+        result.save(out)
+        info, manifest = result.encoder_info, result.manifest
+        for skipped in manifest.skipped:
+            typer.echo(f"skipped {skipped.relpath}: {skipped.reason}", err=True)
+        typer.echo(
+            f"{len(result)} images, {len(result.layers)} layers of {info['name']} "
+            f"(weights {info['weights']}, pool {info['pool']}; "
+            f"{info['cache']['hits']} from cache) -> {out}"
+        )

@@ -1,0 +1,389 @@
+"""The encoder plugin protocol, and helpers that encoder plugins share.
+
+An encoder plugin registers objects (through ``register_encoders``) with:
+
+- ``name``, ``description``, ``family`` (strings) and optionally ``default_weights``
+  (a weights spec, ``"hub"`` when absent);
+- ``layer_names(pool="cls") -> list[str] | None``: the layer names, without loading weights
+  (``None`` when they cannot be known without loading);
+- optionally ``layer_dims(pool="cls") -> list[int] | None``, likewise;
+- optionally ``with_input_size(size) -> encoder``, which makes ``NAME@SIZE`` valid;
+- ``load(weights, device, pool) -> LoadedEncoder``: ``weights`` is a spec string
+  (``hub``, a file path, ``random:SEED``), ``device`` a torch device string (``cpu``,
+  ``cuda:0``), ``pool`` is ``cls`` or ``mean``.
+
+A loaded encoder has ``layer_names``, ``weights_sha256``, ``preprocess`` (a JSON-ready dict
+for provenance), ``transform(pil_rgb_image) -> tensor`` (run in DataLoader workers) and
+``forward(batch) -> list[np.ndarray]`` (one float32 ``(B, D_l)`` array per layer, in the
+order of ``layer_names``). Its ``precision`` (optional) names the arithmetic used.
+
+This module imports torch only inside functions, so plugins may import it at top level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from forensics.errors import InputError, OfflineError
+
+POOLS = ("cls", "mean")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A parsed ``--weights`` value: ``hub``, ``random:SEED`` or a file path."""
+
+    kind: str  # "hub" | "random" | "file"
+    seed: int | None = None
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "random":
+            return f"random:{self.seed}"
+        if self.kind == "file":
+            return str(self.path)
+        return "hub"
+
+
+def parse_weights(spec: str | None, default: str = "hub") -> WeightsSpec:
+    """Parse a weights spec; ``None`` means ``default``.
+
+    Raises:
+        InputError: a malformed ``random:`` seed or a path that does not exist.
+    """
+    text = (spec if spec is not None else default).strip()
+    if text == "hub":
+        return WeightsSpec("hub")
+    if text.startswith("random:"):
+        seed = text.removeprefix("random:")
+        if not seed.isdigit():
+            raise InputError(f"--weights {text!r}: the seed must be a non-negative integer")
+        return WeightsSpec("random", seed=int(seed))
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"--weights {text!r} is neither 'hub', 'random:SEED' nor an existing file"
+        )
+    return WeightsSpec("file", path=path.resolve())
+
+
+def check_pool(pool: str) -> str:
+    """Return ``pool`` if valid, else raise :class:`InputError` listing the choices."""
+    if pool not in POOLS:
+        raise InputError(f"unknown pooling {pool!r}; choose one of: {', '.join(POOLS)}")
+    return pool
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state_dict: dict[str, Any]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and values (sorted by name)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Load tensors from a ``.safetensors`` file, or a torch file with ``weights_only=True``.
+
+    A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped. Nothing
+    is ever unpickled beyond plain tensors and containers.
+
+    Raises:
+        InputError: the file cannot be read as weights.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        import torch
+
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"cannot read weights from {path} ({type(exc).__name__}: {exc}). Use a "
+            f".safetensors file, or a torch file holding only tensors (loaded with "
+            f"weights_only=True; pickled objects are refused)"
+        ) from exc
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} does not hold a state dict (name -> tensor)")
+    return obj
+
+
+def load_weights_into(model, state_dict: dict[str, Any], source: str, ignore: Sequence[str] = ()):
+    """Load ``state_dict`` into ``model``; every parameter must be present.
+
+    Keys starting with a prefix in ``ignore`` (e.g. a classifier head not used for
+    embeddings) may be missing or extra.
+
+    Raises:
+        InputError: keys are missing or unexpected, or shapes differ; the message says
+            which.
+    """
+    own = model.state_dict()
+
+    def counted(keys):
+        return [k for k in keys if not any(k.startswith(p) for p in ignore)]
+
+    missing = counted(k for k in own if k not in state_dict)
+    unexpected = counted(k for k in state_dict if k not in own)
+    wrong = [k for k in own if k in state_dict and tuple(own[k].shape)
+             != tuple(state_dict[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("of another shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise InputError(
+            f"the weights in {source} do not fit this model: {'; '.join(parts)}. "
+            f"Use a checkpoint saved from the same architecture (model.state_dict())."
+        )
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator inside the block; restore the outer state afterwards."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda:0`` when available else ``cpu``; validate ``cpu`` / ``cuda[:N]``.
+
+    Raises:
+        InputError: an unknown device, or CUDA asked for but not available.
+    """
+    import torch
+
+    text = (device or "auto").strip().lower()
+    if text == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:"):
+        index = text.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise InputError(f"--device {device!r}: expected cuda or cuda:N")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index) >= count:
+            raise InputError(
+                f"--device {device!r}: {count} CUDA device(s) available; use --device cpu "
+                f"or --device auto"
+            )
+        return f"cuda:{index}"
+    raise InputError(f"unknown --device {device!r}; choose auto, cpu, cuda or cuda:N")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub endpoint accepts a TCP connection."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def offline_help(encoder: str, hub_id: str) -> str:
+    """The three ways out when hub weights cannot be had."""
+    return (
+        f"the pretrained weights of {encoder!r} ({hub_id}) are not in the local cache and "
+        f"the hub cannot be reached. Either (1) connect once so they are downloaded and "
+        f"cached (or copy a Hugging Face cache, HF_HOME, from a machine that has them); "
+        f"(2) pass a local file: --weights PATH (.safetensors, or a .pth/.pt state dict); "
+        f"or (3) use deterministic random weights: --weights random:SEED"
+    )
+
+
+@contextlib.contextmanager
+def hub_guard(encoder: str, hub_id: str) -> Iterator[None]:
+    """Fetch hub weights inside this block: cache-only when offline, clear error on failure.
+
+    When the hub cannot be reached, ``huggingface_hub`` is switched to offline mode for
+    the block, so cached weights load at once and missing ones fail at once (instead of
+    retrying for a minute).
+
+    Raises:
+        OfflineError: the weights could not be obtained; the message lists the options.
+    """
+    import huggingface_hub.constants as hf_constants
+
+    previous = hf_constants.HF_HUB_OFFLINE
+    offline = previous or not hub_reachable()
+    hf_constants.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as exc:
+        if offline or _looks_like_network_error(exc):
+            raise OfflineError(offline_help(encoder, hub_id)) from exc
+        raise
+    finally:
+        hf_constants.HF_HUB_OFFLINE = previous
+
+
+def _looks_like_network_error(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    return bool(names & {"LocalEntryNotFoundError", "ConnectionError", "ConnectError",
+                         "OfflineModeIsEnabled", "Timeout", "ReadTimeout", "URLError"})
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tuples turned into lists and keys into strings (for JSON)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def pool_output(x, pool: str, fmt: str = "NCHW", prefix_tokens: int = 1):
+    """Pool one layer's output to ``(B, D)`` float32.
+
+    Token sequences (``fmt`` ``NLC``, or ``LNC`` for sequence-first) give the class token
+    (``cls``: token 0) or the mean of the non-prefix tokens (``mean``); feature maps are
+    global-average pooled (``fmt`` ``NCHW`` or ``NHWC``); ``(B, D)`` passes through.
+    """
+    if isinstance(x, (tuple, list)):
+        x = x[0]
+    if x.ndim == 3 and fmt == "LNC":
+        x = x.transpose(0, 1)
+    if x.ndim == 3:
+        return (x[:, 0] if pool == "cls" else x[:, prefix_tokens:].mean(1)).float()
+    if x.ndim == 4:
+        return x.float().mean((1, 2) if fmt == "NHWC" else (2, 3))
+    if x.ndim == 2:
+        return x.float()
+    raise ValueError(f"cannot pool a layer output of shape {tuple(x.shape)}")
+
+
+class HookTaps:
+    """Forward hooks that pool the outputs of named submodules during one forward pass."""
+
+    def __init__(self, modules: Sequence[tuple[str, Any]], pool: str, fmt: str = "NCHW",
+                 prefix_tokens: int = 1):
+        self.names = [name for name, _ in modules]
+        self._outputs: list[Any] = []
+        self._handles = [
+            module.register_forward_hook(self._hook(pool, fmt, prefix_tokens))
+            for _, module in modules
+        ]
+
+    def _hook(self, pool: str, fmt: str, prefix_tokens: int) -> Callable:
+        def hook(_module, _inputs, output):
+            self._outputs.append(pool_output(output, pool, fmt, prefix_tokens))
+
+        return hook
+
+    def run(self, fn: Callable[[Any], Any], x) -> list[Any]:
+        """Call ``fn(x)`` and return the pooled outputs of the tapped modules, in order."""
+        self._outputs = []
+        fn(x)
+        outputs, self._outputs = self._outputs, []
+        if len(outputs) != len(self.names):
+            raise RuntimeError(
+                f"expected {len(self.names)} tapped layer outputs, got {len(outputs)}"
+            )
+        return outputs
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
+
+
+class TorchEncoder:
+    """A loaded encoder around a torch feature extractor.
+
+    Args:
+        layer_names: names of the layers ``extract`` returns, in order.
+        extract: ``extract(x) -> list[Tensor (B, D_l)]`` on a batch already on ``device``.
+        transform: PIL RGB image -> ``(C, H, W)`` float tensor (picklable: it runs in
+            DataLoader workers).
+        preprocess: JSON-ready description of ``transform``.
+        weights_sha256: hash of the weights used.
+        device: torch device string.
+        module: the ``torch.nn.Module`` holding the weights (kept alive, in eval mode).
+    """
+
+    def __init__(self, *, layer_names: list[str], extract: Callable, transform: Callable,
+                 preprocess: dict[str, Any], weights_sha256: str, device: str, module=None):
+        self.layer_names = list(layer_names)
+        self.transform = transform
+        self.preprocess = preprocess
+        self.weights_sha256 = weights_sha256
+        self.device = device
+        self.precision = "bf16-autocast" if device.startswith("cuda") else "float32"
+        self.module = module
+        self._extract = extract
+
+    def forward(self, batch) -> list[np.ndarray]:
+        """Embed one batch: ``(B, C, H, W)`` tensor -> one float32 ``(B, D_l)`` per layer."""
+        import torch
+
+        x = batch.to(self.device, non_blocking=True)
+        if self.device.startswith("cuda"):
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        else:
+            autocast = contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            feats = self._extract(x)
+        return [f.float().cpu().numpy() for f in feats]
+
+
+def meta_layer_dims(build: Callable[[], Any], run: Callable[[Any, Any], list[Any]],
+                    input_size: Sequence[int]) -> list[int]:
+    """Output dims of each layer, from a forward pass on the ``meta`` device (no weights).
+
+    Args:
+        build: returns the model; called inside ``torch.device("meta")``.
+        run: ``run(model, x) -> list of pooled (B, D) outputs``.
+        input_size: ``(C, H, W)``.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = build().eval()
+        x = torch.empty(1, *input_size)
+        with torch.no_grad():
+            outputs = run(model, x)
+    return [int(o.shape[-1]) for o in outputs]
