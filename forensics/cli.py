@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.encoders",
     "forensics.commands.embed",
     "forensics.commands.pipeline",
+    "forensics.commands.demo",
 )
 
 

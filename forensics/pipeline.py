@@ -30,6 +30,7 @@ The steps themselves live in :mod:`forensics.images`, :mod:`forensics.embed`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -202,9 +203,10 @@ def build_baseline(
         raise InputError(f"{len(overlap)} image(s) are in both {train} and {heldout}; the "
                          f"held-out set P must not contain training images")
     params = {"n_cells": int(n_cells), "pca_dim": int(pca_dim), "n_init": int(n_init)}
-    engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=distance,
-                            partitioner=partitioner, seed=seed, partitioner_params=params,
-                            device=device)
+    with _one_thread(max(a.size for a in T.arrays)):
+        engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=distance,
+                                partitioner=partitioner, seed=seed, partitioner_params=params,
+                                device=device)
     for other in taken.values():
         if other["baseline_id"] == engine.id:
             raise BankError(f"this baseline (same images, encoder and parameters) is already "
@@ -373,6 +375,28 @@ def _vectors(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
                                        loaded.extras(fp) or {})
         out[fp.name] = fpmod.compute(fp, ctx)
     return out
+
+
+#: Up to this many array elements, linear algebra runs single-threaded (see below).
+SMALL_WORK = 4_000_000
+
+
+def _one_thread(elements: int = 0) -> contextlib.AbstractContextManager:
+    """Single-threaded BLAS and OpenMP for small arrays (``elements`` up to SMALL_WORK).
+
+    Waking thread pools for a (m, D) x (D, d) product or the SVD of a few thousand rows
+    costs more than the work itself, a hundred times more on a busy machine.
+    """
+    if elements > SMALL_WORK:
+        return contextlib.nullcontext()
+    try:
+        # A limit reaches only libraries already loaded: load SciPy's and scikit-learn's.
+        import scipy.linalg  # noqa: F401
+        import sklearn.cluster  # noqa: F401
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - they come with the dependencies
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 def _check_defined(results: list[Any], what: str) -> None:
@@ -549,20 +573,28 @@ def enroll(
     fps, missing = _fingerprint_objects(None, loaded, strict=False)
     for msg in missing:
         say(msg + "; curves are stored without it")
-    rows = []
-    for c in range(k):
-        idx = np.arange(c * per, (c + 1) * per)
-        res = _measure(
-            loaded, emb, idx, tau=tau, details=False, fps=fps, folder=str(folder),
-            what=f"{folder} (curve {c + 1} of {k}: images {c * per}..{(c + 1) * per - 1})",
-            extra={"chunk": {"index": c, "of": k, "start": c * per, "stop": (c + 1) * per,
-                             "folder_manifest_sha256": manifest.sha256}},
-        )
-        row = res.curve.to_row(model=model, family=family, checkpoint=checkpoint,
-                               source=source, notes=notes, split=split)
-        row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
-        rows.append(row)
+    labels = dict(model=model, family=family, checkpoint=checkpoint, source=source,
+                  notes=notes, split=split)
+    with _one_thread():
+        rows = [_enroll_chunk(loaded, emb, c, k, per, fps, folder, tau, manifest.sha256, labels)
+                for c in range(k)]
     return b.add_curves(rows)
+
+
+def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: int,
+                  fps: Sequence[Any], folder: PathLike, tau: float | None,
+                  folder_sha: str, labels: dict[str, Any]) -> dict[str, Any]:
+    """The bank row of chunk ``c`` of ``k`` (``labels``: model, family, ...)."""
+    idx = np.arange(c * per, (c + 1) * per)
+    res = _measure(
+        loaded, emb, idx, tau=tau, details=False, fps=fps, folder=str(folder),
+        what=f"{folder} (curve {c + 1} of {k}: images {c * per}..{(c + 1) * per - 1})",
+        extra={"chunk": {"index": c, "of": k, "start": c * per, "stop": (c + 1) * per,
+                         "folder_manifest_sha256": folder_sha}},
+    )
+    row = res.curve.to_row(**labels)
+    row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
+    return row
 
 
 # -- attribution --------------------------------------------------------------------------
@@ -654,6 +686,29 @@ def attribute(
             suspect's encoder, weights or layers, or lack the fingerprint.
         InsufficientDataError: too few suspect images for tau.
     """
+    from forensics.encoders import resolve_device
+
+    b = open_bank(bank)
+    all_rows = b.curves()
+    if not all_rows:
+        raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
+                        f"first: fp enroll DIR --baseline NAME --model M --family F")
+    fp = fpmod.get(fingerprint)
+    device = resolve_device(device)
+    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
+    _fingerprint_objects([fp.name], loaded, strict=True)
+    emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
+                         cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    with _one_thread():
+        return _attribute(b, all_rows, loaded, fp, emb, folder, matcher=matcher, top=top,
+                          drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
+                          report=report, tau=tau)
+
+
+def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
+               emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
+               drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
+               report: PathLike | None, tau: float | None) -> Any:
     from forensics.attribute import (
         Attribution,
         Decision,
@@ -664,20 +719,9 @@ def attribute(
         keep_mask,
         rank,
     )
-    from forensics.encoders import resolve_device
 
-    b = open_bank(bank)
-    all_rows = b.curves()
     where = f" in the bank at {b.path}"
-    if not all_rows:
-        raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
-                        f"first: fp enroll DIR --baseline NAME --model M --family F")
-    fp = fpmod.get(fingerprint)
-    device = resolve_device(device)
-    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
-    fps, _ = _fingerprint_objects([fp.name], loaded, strict=True)
-    emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
-                         cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    fps = [fp]
     folder_str = None if isinstance(folder, Embeddings) else str(folder)
     res = _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=False, fps=fps,
                    what=folder_str or "the embeddings", folder=folder_str)
