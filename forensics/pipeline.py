@@ -740,7 +740,7 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     mask = fpmod.entry_mask(fp, dims, keep)
     if mask.shape[0] != ref_vecs.shape[1]:
         raise BankError(f"enrolled {fp.name!r} fingerprints have {ref_vecs.shape[1]} values "
-                        f"but the suspect's has {mask.shape[0]}; re-enroll with this fp")
+                        f"but the suspect's has {mask.shape[0]}; re-enroll them with this fp")
     mname, mobj = fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(dims, keep,
                                                                           strict=True) if k])
     query, R = res.fingerprints[fp.name][mask], ref_vecs[:, mask]
