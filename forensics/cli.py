@@ -86,6 +86,9 @@ for _module in COMMAND_MODULES:
 
 def main() -> None:
     """Console-script entry point."""
+    # Idle OpenMP threads that spin steal the CPU from the next small fit (KMeans, PCA);
+    # on a shared or small machine that made fits tens of times slower. Users may override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(prog_name="fp")
 
 
