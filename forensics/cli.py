@@ -21,6 +21,7 @@ from forensics.errors import FpError
 #: Modules under ``forensics.commands`` whose ``register(app)`` adds commands.
 COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.plugins",
+    "forensics.commands.invmm",
 )
 
 

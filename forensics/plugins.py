@@ -32,6 +32,7 @@ GROUP = "fp"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.matchers",
+    "fp_plugins.invmm",
 )
 
 #: kind -> hook name. New kinds are added here and in :mod:`forensics.hookspecs`.
@@ -40,6 +41,7 @@ KINDS: dict[str, str] = {
     "distances": "register_distances",
     "partitioners": "register_partitioners",
     "matchers": "register_matchers",
+    "memorization_measures": "register_memorization_measures",
 }
 
 _lock = threading.RLock()
