@@ -167,6 +167,17 @@ def _unet_dir(folder: Path) -> Path | None:
     return None
 
 
+def _weights(cls: Any, path: Path, device: torch.device) -> Any:
+    """A frozen diffusers model in eval mode; safetensors only, so nothing is unpickled."""
+    try:
+        net = cls.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load {cls.__name__} from {path} (weights must be "
+                         f".safetensors): {exc}") from exc
+    net.requires_grad_(False)
+    return net.to(device).eval()
+
+
 def load_model(model: str | Path, device: torch.device,
                conditioning: str | Path | None = None) -> DiffusionModel:
     """Load a diffusers model: UNet (pixel or latent), scheduler, autoencoder if any.
@@ -193,13 +204,11 @@ def load_model(model: str | Path, device: torch.device,
     sched_cls_name = _read_json(sched_dir / "scheduler_config.json").get("_class_name", "")
     sched_cls = getattr(diffusers, sched_cls_name, None) or diffusers.DDPMScheduler
 
+    unet = _weights(getattr(diffusers, unet_cls), unet_dir, device)
     try:
-        unet = getattr(diffusers, unet_cls).from_pretrained(unet_dir, low_cpu_mem_usage=False)
-        unet = unet.to(device).eval()
         scheduler = sched_cls.from_pretrained(sched_dir)
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the diffusers model in {folder}: {exc}") from exc
-    unet.requires_grad_(False)
+        raise InputError(f"cannot load the scheduler in {sched_dir}: {exc}") from exc
     if getattr(unet.config, "num_class_embeds", None) or getattr(
         unet.config, "class_embed_type", None
     ) or getattr(unet.config, "addition_embed_type", None):
@@ -220,9 +229,7 @@ def load_model(model: str | Path, device: torch.device,
     )
     for sub, cls_name in _VAES.items():
         if (folder / sub / "config.json").is_file():
-            ae = getattr(diffusers, cls_name).from_pretrained(folder / sub, low_cpu_mem_usage=False)
-            ae = ae.to(device).eval()
-            ae.requires_grad_(False)
+            ae = _weights(getattr(diffusers, cls_name), folder / sub, device)
             dm.autoencoder, dm.autoencoder_kind = ae, ("vq" if sub == "vqvae" else "kl")
             # LDMPipeline decodes VQ latents unscaled; Stable Diffusion scales KL latents.
             dm.scaling_factor = 1.0 if sub == "vqvae" else float(ae.config.scaling_factor)
