@@ -52,3 +52,14 @@ def register_fingerprints(register):
 
     .. versionadded:: 0.1.0
     """
+
+
+@hookspec
+def register_memorization_measures(register):
+    """Register measures that score how strongly a model memorized given images.
+
+    A measure has ``score(images, model=..., **params) -> list[dict]`` (one dict per
+    image, in input order).
+
+    .. versionadded:: 0.1.0
+    """

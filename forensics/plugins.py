@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.encoders_open_clip",
     "fp_plugins.encoders_fid",
     "fp_plugins.fingerprints",
+    "fp_plugins.invmm",
 )
 
 #: kind -> hook name. New kinds are added here and in :mod:`forensics.hookspecs`.
@@ -47,6 +48,7 @@ KINDS: dict[str, str] = {
     "partitioners": "register_partitioners",
     "matchers": "register_matchers",
     "fingerprints": "register_fingerprints",
+    "memorization_measures": "register_memorization_measures",
 }
 
 _lock = threading.RLock()

@@ -1,0 +1,192 @@
+"""Image similarities for InvMM's success test (imported only when InvMM runs).
+
+The official code compares a training image with the sampled images by the cosine of
+their SSCD copy-detection descriptors. SSCD weights are not bundled, so the similarity is
+a choice:
+
+- ``ncc`` (default): normalised cross-correlation, i.e. the cosine of the mean-centred
+  pixel vectors of the two images. Offline, defined at any size, 1 for a copy (up to
+  brightness and contrast), near 0 for unrelated images; a copy-detection score like SSCD's,
+  though not invariant to crops, flips or other geometric edits.
+- ``ssim``: mean structural similarity (7x7 uniform window, K1 = 0.01, K2 = 0.03, data
+  range 1, averaged over channels; as ``skimage.metrics.structural_similarity``).
+- ``torchscript:PATH``: a TorchScript descriptor model such as SSCD's
+  ``sscd_disc_large.torchscript.pt``: ImageNet-normalised input, cosine of the outputs.
+  Loaded with ``torch.jit.load`` (no pickle).
+- ``encoder:NAME``: the last layer of an ``fp`` encoder, cosine of the embeddings.
+
+Every similarity takes references ``(N, C, H, W)`` and samples ``(N, K, C, H, W)``, both in
+[0, 1], and returns ``(N, K)`` similarities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from forensics.errors import InputError, UnknownNameError
+
+BUILTIN = ("ncc", "ssim")
+SCHEMES = ("torchscript:PATH", "encoder:NAME")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _choices() -> str:
+    return ", ".join(BUILTIN + SCHEMES)
+
+
+class NCC:
+    """Cosine of mean-centred pixel vectors (normalised cross-correlation)."""
+
+    name = "ncc"
+
+    def __call__(self, refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        r = refs.flatten(1).double()
+        s = samples.flatten(2).double()
+        r = r - r.mean(dim=1, keepdim=True)
+        s = s - s.mean(dim=2, keepdim=True)
+        r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        s = s / s.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        return torch.einsum("nd,nkd->nk", r, s).float()
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "pixel"}
+
+
+class SSIM:
+    """Mean SSIM with a uniform window, as scikit-image computes it by default."""
+
+    name = "ssim"
+    K1, K2, WIN = 0.01, 0.03, 7
+
+    def __call__(self, refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        n, k = samples.shape[:2]
+        x = refs.double().unsqueeze(1).expand_as(samples).flatten(0, 1)
+        y = samples.double().flatten(0, 1)
+        win = min(self.WIN, x.shape[-1], x.shape[-2])
+        win -= 1 - win % 2  # odd
+        if win < 3:
+            raise InputError(f"ssim needs images of at least 3x3 pixels, got {tuple(x.shape[-2:])}")
+
+        def mean(t: torch.Tensor) -> torch.Tensor:  # valid region == skimage's crop
+            return F.avg_pool2d(t, win, stride=1)
+
+        cov_norm = win * win / (win * win - 1.0)  # sample covariance, as skimage
+        ux, uy = mean(x), mean(y)
+        vx = cov_norm * (mean(x * x) - ux * ux)
+        vy = cov_norm * (mean(y * y) - uy * uy)
+        vxy = cov_norm * (mean(x * y) - ux * uy)
+        c1, c2 = self.K1**2, self.K2**2
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+        return s.mean(dim=(1, 2, 3)).view(n, k).float()
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "pixel", "window": self.WIN, "K1": self.K1,
+                "K2": self.K2}
+
+
+class TorchScriptDescriptor:
+    """Cosine of the outputs of a TorchScript descriptor model (e.g. SSCD)."""
+
+    def __init__(self, path: str, device: torch.device, size: int | None = None) -> None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise InputError(
+                f"similarity torchscript:{path}: no such file. Give the path of a TorchScript "
+                f"model, e.g. SSCD's sscd_disc_large.torchscript.pt"
+            )
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated, yet SSCD ships as one
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = torch.jit.load(str(file), map_location=device).eval()
+        except RuntimeError as exc:
+            raise InputError(
+                f"similarity torchscript:{path} is not a TorchScript file: {exc}") from exc
+        self.name = f"torchscript:{path}"
+        self.device = device
+        self.size = size
+        self.sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        with torch.inference_mode():
+            out = self.model(((x - mean) / std).float().to(self.device))
+        return F.normalize(out.flatten(1).float(), dim=1)
+
+    def __call__(self, refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        n, k = samples.shape[:2]
+        r = self._embed(refs)
+        s = self._embed(samples.flatten(0, 1)).view(n, k, -1)
+        return torch.einsum("nd,nkd->nk", r, s)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "torchscript", "sha256": self.sha256,
+                "input": "ImageNet-normalised RGB", "resize": self.size}
+
+
+class EncoderEmbedding:
+    """Cosine of the last-layer embeddings of an ``fp`` encoder plugin."""
+
+    def __init__(self, encoder: str, device: torch.device, weights: str | None,
+                 pool: str | None) -> None:
+        from forensics import plugins
+
+        try:
+            enc = plugins.get("encoders", encoder)
+        except UnknownNameError as exc:
+            raise UnknownNameError(f"similarity encoder:{encoder}: {exc}") from exc
+        self.name = f"encoder:{encoder}"
+        self.weights, self.pool = weights, pool
+        self.loaded = enc.load(weights, str(device), pool)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        arr = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB")
+                for a in arr]
+        batch = torch.stack([torch.as_tensor(self.loaded.transform(p)) for p in pils])
+        with torch.inference_mode():
+            last = self.loaded.forward(batch)[-1]
+        return F.normalize(torch.as_tensor(last).flatten(1).float().cpu(), dim=1)
+
+    def __call__(self, refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        n, k = samples.shape[:2]
+        r = self._embed(refs)
+        s = self._embed(samples.flatten(0, 1)).view(n, k, -1)
+        return torch.einsum("nd,nkd->nk", r, s).to(samples.device)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "encoder", "layer": "last",
+                "weights": self.weights, "pool": self.pool}
+
+
+def make_similarity(spec: str, device: torch.device, *, size: int | None = None,
+                    encoder_weights: str | None = None, encoder_pool: str | None = None):
+    """Build the similarity named by ``spec``.
+
+    Raises:
+        UnknownNameError: ``spec`` names no similarity; the message lists the choices.
+        InputError: a ``torchscript:`` file is missing or invalid.
+    """
+    if spec == "ncc":
+        return NCC()
+    if spec == "ssim":
+        return SSIM()
+    scheme, _, rest = spec.partition(":")
+    if scheme == "torchscript" and rest:
+        return TorchScriptDescriptor(rest, device, size)
+    if scheme == "encoder" and rest:
+        return EncoderEmbedding(rest, device, encoder_weights, encoder_pool)
+    raise UnknownNameError(f"unknown similarity {spec!r}; choose one of: {_choices()}")
