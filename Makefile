@@ -43,7 +43,7 @@ $(VENV)/.ready-$(LOCK_HASH): $(DEPS)/.complete pyproject.toml
 	touch "$@"
 
 demo: env
-	$(VENV)/bin/fp plugins
+	$(VENV)/bin/fp demo
 
 test: env
 	"$(VPY)" -m pytest $(PYTEST_ARGS)

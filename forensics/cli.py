@@ -27,6 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.ct",
     "forensics.commands.encoders",
     "forensics.commands.embed",
+    "forensics.commands.pipeline",
+    "forensics.commands.demo",
 )
 
 

@@ -44,3 +44,11 @@ def register_matchers(register):
 
     .. versionadded:: 0.1.0
     """
+
+
+@hookspec
+def register_fingerprints(register):
+    """Register fingerprints that turn a set's per-layer statistics into the matched vector.
+
+    .. versionadded:: 0.1.0
+    """

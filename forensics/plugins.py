@@ -37,6 +37,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.encoders_timm",
     "fp_plugins.encoders_open_clip",
     "fp_plugins.encoders_fid",
+    "fp_plugins.fingerprints",
 )
 
 #: kind -> hook name. New kinds are added here and in :mod:`forensics.hookspecs`.
@@ -45,6 +46,7 @@ KINDS: dict[str, str] = {
     "distances": "register_distances",
     "partitioners": "register_partitioners",
     "matchers": "register_matchers",
+    "fingerprints": "register_fingerprints",
 }
 
 _lock = threading.RLock()

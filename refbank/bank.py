@@ -271,7 +271,8 @@ class Bank:
         layers, values, n_images, manifest_sha256``; optional: ``curve_id`` (assigned if
         absent), ``checkpoint, source, notes, split`` (default ``enroll``), the parameter
         columns ``partitioner, distance, tau, pooling, seed``, ``params`` (a dict of every
-        other parameter, stored as ``params_json``), ``tool_version`` and ``created``.
+        other parameter, stored as ``params_json``), ``fingerprints`` (a dict of fingerprint
+        name to vector, stored as ``fingerprints_json``), ``tool_version`` and ``created``.
 
         Raises:
             InputError: a row misses a field, has an unknown one, or is inconsistent.
@@ -612,8 +613,9 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     """Validate a user row and fill defaults; the hash is added later."""
     if not isinstance(row, dict):
         raise InputError(f"a {what} row must be a dict, got {type(row).__name__}")
-    allowed = set(schema.names) - {HASH_COLUMN, "params_json", "files_sha256", "path"}
-    allowed |= {"params"}
+    allowed = set(schema.names) - {HASH_COLUMN, "params_json", "fingerprints_json",
+                                   "files_sha256", "path"}
+    allowed |= {"params"} | ({"fingerprints"} if "fingerprints_json" in schema.names else set())
     unknown = sorted(set(row) - allowed)
     if unknown:
         raise InputError(
@@ -623,7 +625,9 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     missing = [k for k in required if row.get(k) is None]
     if missing:
         raise InputError(f"{what} row misses required field(s): {', '.join(missing)}")
-    out = {k: v for k, v in row.items() if k != "params"}
+    out = {k: v for k, v in row.items() if k not in ("params", "fingerprints")}
+    if "fingerprints_json" in schema.names:
+        out["fingerprints_json"] = canonical_json(_fingerprints(row.get("fingerprints"), what))
     params = dict(row.get("params") or {})
     for key in PARAM_COLUMNS:  # a parameter given in params fills its column
         if out.get(key) is None and params.get(key) is not None:
@@ -656,6 +660,38 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     elif isinstance(out["created"], str):
         out["created"] = datetime.fromisoformat(out["created"].replace("Z", "+00:00"))
     return out
+
+
+def _fingerprints(value: Any, what: str) -> dict[str, list[float]]:
+    """``{name: [floats]}`` from a row's ``fingerprints`` (None: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{what} field 'fingerprints' must map names to vectors")
+    out = {}
+    for name, vec in value.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"{what} fingerprint names must be non-empty strings")
+        try:
+            out[name] = [float(v) for v in _tolist(vec)]
+        except (TypeError, ValueError):
+            raise InputError(f"{what} fingerprint {name!r} must be a vector of numbers") from None
+    return out
+
+
+def curve_fingerprints(row: dict[str, Any]) -> dict[str, list[float]]:
+    """The fingerprint vectors stored with a curve row (``{}`` when none).
+
+    Non-finite values, stored as ``"NaN"``/``"Infinity"`` in the canonical JSON, come back
+    as floats.
+    """
+    text = row.get("fingerprints_json") or "{}"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise BankError(f"curve {row.get('curve_id')!r} has unreadable fingerprints_json; "
+                        f"run fp bank verify") from None
+    return {str(k): [float(v) for v in vec] for k, vec in data.items()}
 
 
 def _tolist(values: Any) -> list:

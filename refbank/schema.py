@@ -47,6 +47,8 @@ CURVE_COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
     ("pooling", pa.string(), True, "how token embeddings were pooled"),
     ("seed", pa.int64(), True, "seed of every random step"),
     ("params_json", pa.string(), False, "every other parameter, as canonical JSON"),
+    ("fingerprints_json", pa.string(), False,
+     "`{fingerprint name: [floats]}` at enrolment, as canonical JSON (`{}`: none)"),
     ("tool_version", pa.string(), False, "fp version that computed the curve"),
     ("created", _TS, False, "when the row was written (UTC)"),
     (HASH_COLUMN, pa.string(), False, "SHA-256 of the row's other columns"),

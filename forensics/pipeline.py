@@ -1,0 +1,773 @@
+"""The investigator's pipeline: the only module that knows the order of the steps.
+
+::
+
+    build_baseline(name, train, heldout, encoder=...)
+      train/, heldout/ ─► scan_folder ─► embed_folder ─► T, P per layer ─► Baseline.build
+                          (manifest)     (cached)                          (PCA, cells, P->T)
+                                                   └─► fingerprint.prepare (e.g. T's stats)
+                                                                 └─► bank: baselines row + files
+
+    compute_curve(folder, baseline=NAME)
+      folder ─► embed_folder ─► Baseline.query ─► C_T per layer ─► Curve (+ provenance)
+                (same encoder,   (no refit)           └──────────► fingerprints {name: vector}
+                 weights, pool)
+
+    enroll(folder, baseline=NAME, model=M, family=F, per_curve=N)
+      folder ─► embed once ─► chunks of N in manifest order ─► compute each ─► bank curve rows
+
+    attribute(folder, baseline=NAME, fingerprint=..., matcher=...)
+      folder ─► compute_curve ─► fingerprint vector ─► rank vs bank ─► calibrate ─► decide
+                      └─► resample embedding rows ─► query ─► fingerprint ─► bootstrap confidence
+                                                                      └─► report (JSON + PNG)
+
+Each folder is embedded once (the embedding cache makes repeats free) and the stored
+baseline is only queried: PCA and KMeans are never refitted after ``build_baseline``.
+The steps themselves live in :mod:`forensics.images`, :mod:`forensics.embed`,
+:mod:`forensics.baseline`, :mod:`forensics.fingerprints`, :mod:`forensics.curve`,
+:mod:`forensics.attribute` and :mod:`refbank`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forensics import fingerprints as fpmod
+from forensics.embed import DEFAULT_CACHE, Embeddings
+from forensics.errors import BankError, InputError, InsufficientDataError
+
+PathLike = str | os.PathLike
+
+#: Images per enrolled curve unless told otherwise (as in the paper).
+DEFAULT_PER_CURVE = 500
+#: Bootstrap resamples of the suspect images behind ``confidence``.
+DEFAULT_N_BOOT = 100
+#: How tau is chosen when none is given (recorded in provenance).
+TAU_RULE = "20/m"
+
+
+# -- the bank and its baselines ----------------------------------------------------------
+
+
+def open_bank(bank: Any = None):
+    """A :class:`refbank.Bank` from a Bank, a folder, or ``None`` (``FP_BANK`` or default)."""
+    from refbank import Bank
+
+    return bank if isinstance(bank, Bank) else Bank(bank)
+
+
+@dataclass
+class LoadedBaseline:
+    """A baseline of the bank, loaded for querying.
+
+    Attributes:
+        row: its ``baselines`` row.
+        engine: the :class:`~forensics.baseline.Baseline` (stored state, never refitted).
+        folder: the folder of its files in the bank.
+        params: every parameter (columns and ``params_json`` together).
+    """
+
+    row: dict[str, Any]
+    engine: Any
+    folder: Path
+    params: dict[str, Any]
+    _extras: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The baseline's name in the bank."""
+        return self.row["name"]
+
+    @property
+    def dims(self) -> list[int]:
+        """Embedding size of each layer."""
+        return [int(lb.dim) for lb in self.engine.layers]
+
+    def extras(self, fp: Any) -> dict[str, np.ndarray] | None:
+        """A fingerprint's stored arrays; ``{}`` if it needs none, None if they are missing."""
+        if not fpmod.needs_extras(fp):
+            return {}
+        if fp.name not in self._extras:
+            self._extras[fp.name] = fpmod.load_extras(self.folder, fp.name)
+        return self._extras[fp.name]
+
+
+def load_baseline(name: str | None = None, *, bank: Any = None,
+                  device: str = "cpu") -> LoadedBaseline:
+    """Load a baseline of the bank by name or id (None: the bank's only baseline).
+
+    Raises:
+        BankError: no such baseline, none at all, or several and no name given.
+        InputError: its files are missing or damaged.
+    """
+    import json
+
+    from forensics.baseline import Baseline
+
+    b = open_bank(bank)
+    row = b.resolve_baseline(name)
+    folder = b.baseline_dir(row["baseline_id"])
+    try:
+        engine = Baseline.load(folder, device=device)
+    except InputError as exc:
+        raise BankError(f"baseline {row['name']!r} in {b.path} cannot be loaded ({exc}); run "
+                        f"fp bank verify, or remove and rebuild it") from None
+    if engine.id != row["baseline_id"]:
+        raise BankError(f"the files of baseline {row['name']!r} belong to baseline "
+                        f"{engine.id}, not {row['baseline_id']}; run fp bank verify")
+    params = json.loads(row["params_json"] or "{}")
+    params.update({k: row[k] for k in ("partitioner", "distance", "pooling", "seed")
+                   if row.get(k) is not None})
+    return LoadedBaseline(row, engine, folder, params)
+
+
+def build_baseline(
+    name: str,
+    train: PathLike,
+    heldout: PathLike,
+    *,
+    encoder: str,
+    weights: str | None = None,
+    pool: str = "cls",
+    distance: str = "abscosine",
+    partitioner: str = "kmeans",
+    seed: int = 0,
+    n_cells: int = 10,
+    pca_dim: int = 64,
+    n_init: int = 10,
+    device: str = "auto",
+    bank: Any = None,
+    notes: str | None = None,
+    batch_size: int = 64,
+    cache_dir: Any = DEFAULT_CACHE,
+    progress: bool = False,
+    skip_bad: bool = False,
+) -> dict[str, Any]:
+    """Embed T (``train``) and P (``heldout``), build the baseline once and store it.
+
+    Args:
+        name: the baseline's name in the bank (unique).
+        train: folder of training images T (what the generators learned from).
+        heldout: folder of held-out images P from T's distribution.
+        encoder: encoder name (``fp list encoders``); ``NAME@SIZE`` sets the input size.
+        weights: ``hub``, a local file or ``random:SEED`` (default: the encoder's).
+        pool: ``cls`` or ``mean`` for transformer layers.
+        distance: nearest-neighbour distance plugin.
+        partitioner: partitioner plugin (one that assigns new samples, e.g. ``kmeans``).
+        seed: seed of every random step.
+        n_cells: cells per layer.
+        pca_dim: PCA dimensions before KMeans.
+        n_init: KMeans restarts.
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` for embedding and distances.
+        bank: the bank (a :class:`refbank.Bank`, a folder, or None for the default).
+        notes: free text stored with the baseline.
+        batch_size: images per forward pass.
+        cache_dir: embedding cache (None disables it).
+        progress: show progress bars on stderr.
+        skip_bad: skip unreadable images instead of failing.
+
+    Returns:
+        The bank's ``baselines`` row of the new baseline.
+
+    Raises:
+        BankError: the name is taken, or the same baseline is stored under another name.
+        InputError: bad folders or parameters.
+    """
+    from forensics.baseline import Baseline
+    from forensics.embed import embed_folder
+    from forensics.encoders import resolve_device
+
+    b = open_bank(bank)
+    taken = {r["name"]: r for r in b.baselines()}
+    if name in taken:
+        raise BankError(f"a baseline named {name!r} is already in the bank at {b.path}; "
+                        f"choose another name, or remove it first: fp baseline remove {name}")
+    if partitioner == "given":
+        raise InputError("the 'given' partitioner cannot assign new images to cells; "
+                         "use --partitioner kmeans")
+    device = resolve_device(device)
+    embed_kw = dict(weights=weights, pool=pool, device=device, batch_size=batch_size,
+                    cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    T = embed_folder(train, encoder, **embed_kw)
+    P = embed_folder(heldout, encoder, **embed_kw)
+    overlap = set(T.manifest.hashes) & set(P.manifest.hashes)
+    if overlap:
+        raise InputError(f"{len(overlap)} image(s) are in both {train} and {heldout}; the "
+                         f"held-out set P must not contain training images")
+    params = {"n_cells": int(n_cells), "pca_dim": int(pca_dim), "n_init": int(n_init)}
+    with _one_thread(max(a.size for a in T.arrays)):
+        engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=distance,
+                                partitioner=partitioner, seed=seed, partitioner_params=params,
+                                device=device)
+    for other in taken.values():
+        if other["baseline_id"] == engine.id:
+            raise BankError(f"this baseline (same images, encoder and parameters) is already "
+                            f"in the bank at {b.path} as {other['name']!r}; use "
+                            f"--baseline {other['name']}")
+    extras = _prepare_fingerprints(T, P, engine)
+    info = T.encoder_info
+    row = {
+        "baseline_id": engine.id,
+        "name": name,
+        "encoder": info["name"],
+        "weights_sha256": info["weights_sha256"],
+        "layers": list(T.layers),
+        "train_manifest_sha256": T.manifest.sha256,
+        "heldout_manifest_sha256": P.manifest.sha256,
+        "n_train": len(T),
+        "n_heldout": len(P),
+        "partitioner": partitioner,
+        "distance": distance,
+        "pooling": pool,
+        "seed": int(seed),
+        "params": {
+            **params,
+            "weights": info["weights"],
+            "encoder_family": info.get("family", ""),
+            "preprocessing": info.get("preprocessing"),
+            "precision": info.get("precision"),
+            "torch_version": info.get("torch_version"),
+            "train_folder": str(train),
+            "heldout_folder": str(heldout),
+            "fingerprints": sorted(extras),
+        },
+        "notes": notes,
+    }
+
+    def save(folder: Path) -> None:
+        engine.save(folder)
+        for fp_name, arrays in extras.items():
+            fpmod.save_extras(folder, fp_name, arrays)
+
+    b.add_baseline(row, save=save)
+    return b.get_baseline(name)
+
+
+def _prepare_fingerprints(T: Embeddings, P: Embeddings, engine: Any) -> dict[str, dict]:
+    ctx = fpmod.PrepareContext(list(T.layers), list(T.arrays), list(P.arrays), engine)
+    out = {}
+    for name in fpmod.names():
+        fp = fpmod.get(name)
+        if fpmod.needs_extras(fp):
+            out[name] = dict(fp.prepare(ctx))
+    return out
+
+
+# -- curves -------------------------------------------------------------------------------
+
+
+@dataclass
+class CurveResult:
+    """One image set measured against a baseline.
+
+    Attributes:
+        curve: the C_T-layer curve with its provenance.
+        results: one :class:`~forensics.ct.CTResult` per layer.
+        embeddings: the set's embeddings (all images of the folder; ``rows`` says which
+            ones the curve used).
+        fingerprints: ``{name: vector}`` of the fingerprints computed.
+        rows: indices into ``embeddings`` of the images behind the curve.
+        baseline: the baseline it was measured against.
+    """
+
+    curve: Any
+    results: list[Any]
+    embeddings: Embeddings
+    fingerprints: dict[str, np.ndarray]
+    rows: np.ndarray
+    baseline: LoadedBaseline
+
+    def to_dict(self, details: bool = False) -> dict[str, Any]:
+        """JSON-ready: the curve (layers, values, provenance), per-layer results, fingerprints."""
+        from forensics.curve import _jsonable
+
+        out = self.curve.to_dict()
+        out["results"] = [r.to_dict() for r in self.results]
+        if not details:
+            for r in out["results"]:
+                r.pop("details", None)
+        out["fingerprints"] = _jsonable(dict(self.fingerprints))
+        return out
+
+
+def _embed_suspect(loaded: LoadedBaseline, source: Any, *, weights: str | None, device: str,
+                   batch_size: int, cache_dir: Any, progress: bool,
+                   skip_bad: bool) -> Embeddings:
+    """Embed a folder the way the baseline was embedded, or check given embeddings."""
+    from forensics.embed import embed_folder
+
+    row = loaded.row
+    if isinstance(source, Embeddings):
+        emb = source
+    else:
+        emb = embed_folder(source, row["encoder"],
+                           weights=weights if weights is not None else loaded.params.get("weights"),
+                           pool=row["pooling"] or "cls", device=device, batch_size=batch_size,
+                           cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    info = emb.encoder_info or {}
+    checks = (("encoder", info.get("name"), row["encoder"]),
+              ("weights (SHA-256)", info.get("weights_sha256"), row["weights_sha256"]),
+              ("pooling", info.get("pool"), row["pooling"]),
+              ("layers", list(emb.layers), list(row["layers"])))
+    for what, mine, theirs in checks:
+        if theirs is not None and mine != theirs:
+            raise InputError(
+                f"the suspect images were embedded with {what} {mine!r} but baseline "
+                f"{row['name']!r} uses {theirs!r}; embed them with --encoder {row['encoder']} "
+                f"--weights {loaded.params.get('weights', '?')} --pool {row['pooling']}, or "
+                f"choose the baseline that matches (fp baseline list)"
+            )
+    return emb
+
+
+def _subset_manifest_sha(emb: Embeddings, rows: np.ndarray) -> tuple[str, str | None]:
+    """SHA-256 of the manifest of ``rows`` (or of the arrays without a manifest), and root."""
+    from forensics.baseline import array_digest
+    from forensics.images import Manifest
+
+    if emb.manifest is not None:
+        entries = [emb.manifest.entries[int(i)] for i in rows]
+        return Manifest(emb.manifest.root, entries).sha256, emb.manifest.root
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in emb.arrays:
+        h.update(array_digest(np.asarray(a)[rows]).encode())
+    return "embeddings:" + h.hexdigest(), None
+
+
+def _fingerprint_objects(names: Sequence[str] | None, loaded: LoadedBaseline,
+                         strict: bool) -> tuple[list[Any], list[str]]:
+    """Fingerprints to compute, and notes on those left out (their arrays are missing)."""
+    objs, notes = [], []
+    for n in (fpmod.names() if names is None else names):
+        fp = fpmod.get(n)
+        if loaded.extras(fp) is None:
+            msg = (f"baseline {loaded.name!r} was built without the arrays of fingerprint "
+                   f"{fp.name!r}; rebuild the baseline (fp baseline build) to use it")
+            if strict:
+                raise InputError(msg)
+            notes.append(msg)
+            continue
+        objs.append(fp)
+    return objs, notes
+
+
+def _query(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, tau: float | None,
+           details: bool) -> tuple[list[Any], list[np.ndarray]]:
+    Q = [np.asarray(a)[rows] for a in emb.arrays]
+    return loaded.engine.query(Q, tau=tau, details=details), Q
+
+
+def _vectors(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
+             Q: list[np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for fp in fps:
+        ctx = fpmod.FingerprintContext(list(loaded.row["layers"]), results, Q, loaded.engine,
+                                       loaded.extras(fp) or {})
+        out[fp.name] = fpmod.compute(fp, ctx)
+    return out
+
+
+#: Up to this many array elements, linear algebra runs single-threaded (see below).
+SMALL_WORK = 4_000_000
+
+
+def _one_thread(elements: int = 0) -> contextlib.AbstractContextManager:
+    """Single-threaded BLAS and OpenMP for small arrays (``elements`` up to SMALL_WORK).
+
+    Waking thread pools for a (m, D) x (D, d) product or the SVD of a few thousand rows
+    costs more than the work itself, a hundred times more on a busy machine.
+    """
+    if elements > SMALL_WORK:
+        return contextlib.nullcontext()
+    try:
+        # A limit reaches only libraries already loaded: load SciPy's and scikit-learn's.
+        import scipy.linalg  # noqa: F401
+        import sklearn.cluster  # noqa: F401
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - they come with the dependencies
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
+def _check_defined(results: list[Any], what: str) -> None:
+    bad = [r for r in results if r.status == "no_cells"]
+    if bad:
+        r = bad[0]
+        raise InsufficientDataError(
+            f"{what}: C_T is undefined at {len(bad)} layer(s) ({', '.join(x.layer for x in bad)})"
+            f" because too few images share a cell; layer {r.layer!r}: {r.message}. Use a "
+            f"folder with more images (fp enroll: a larger --per-curve), or a smaller --tau"
+        )
+
+
+def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: float | None,
+             details: bool, fps: Sequence[Any], what: str, folder: str | None,
+             extra: dict[str, Any] | None = None) -> CurveResult:
+    from forensics.curve import Curve, make_provenance
+
+    need = details or any(getattr(fp, "needs_details", False) for fp in fps)
+    results, Q = _query(loaded, emb, rows, tau, need)
+    _check_defined(results, what)
+    vectors = _vectors(fps, loaded, results, Q)
+    manifest_sha, _ = _subset_manifest_sha(emb, rows)
+    row, info = loaded.row, emb.encoder_info or {}
+    params = {
+        "partitioner": row["partitioner"], "distance": row["distance"],
+        "tau": float(results[0].tau), "tau_rule": TAU_RULE if tau is None else "given",
+        "pooling": row["pooling"], "seed": row["seed"],
+        **{k: loaded.params[k] for k in ("n_cells", "pca_dim", "n_init", "weights")
+           if k in loaded.params},
+    }
+    prov = make_provenance(
+        manifest_sha256=manifest_sha, n_images=len(rows), encoder=row["encoder"],
+        weights_sha256=row["weights_sha256"], baseline_id=row["baseline_id"], params=params,
+        baseline_name=row["name"], folder=folder,
+        embedding={"cache": info.get("cache"), "torch_version": info.get("torch_version"),
+                   "preprocessing": info.get("preprocessing")},
+        **(extra or {}),
+    )
+    values = np.array([r.ct for r in results], dtype=np.float64)
+    curve = Curve(list(row["layers"]), values, prov)
+    return CurveResult(curve, results, emb, vectors, np.asarray(rows), loaded)
+
+
+def compute_curve(
+    folder_or_embeddings: PathLike | Embeddings,
+    *,
+    baseline: str | None = None,
+    bank: Any = None,
+    tau: float | None = None,
+    details: bool = False,
+    fingerprints: Sequence[str] | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    cache_dir: Any = DEFAULT_CACHE,
+    progress: bool = False,
+    skip_bad: bool = False,
+) -> CurveResult:
+    """The C_T-layer curve of a folder (or of precomputed embeddings) against a baseline.
+
+    Args:
+        folder_or_embeddings: a folder of images, or :class:`~forensics.embed.Embeddings`
+            made with the baseline's encoder, weights and pooling.
+        baseline: baseline name or id in the bank (None: the bank's only baseline).
+        bank: the bank (a :class:`refbank.Bank`, a folder, or None for the default).
+        tau: cell threshold on the set's share; default 20/m.
+        details: keep per-image details (cell, distance, nearest T index) in ``results``.
+        fingerprints: names of the fingerprints to compute (None: every registered one
+            whose baseline arrays exist).
+        weights: where the baseline's encoder weights are now, if they moved (their
+            SHA-256 must match).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        batch_size: images per forward pass.
+        cache_dir: embedding cache (None disables it).
+        progress: show a progress bar on stderr.
+        skip_bad: skip unreadable images instead of failing.
+
+    Raises:
+        BankError: no such baseline.
+        InputError: the embeddings do not match the baseline's encoder, weights or pooling.
+        InsufficientDataError: too few images for tau at some layer.
+    """
+    from forensics.encoders import resolve_device
+
+    device = resolve_device(device)
+    loaded = load_baseline(baseline, bank=bank, device=device)
+    emb = _embed_suspect(loaded, folder_or_embeddings, weights=weights, device=device,
+                         batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                         skip_bad=skip_bad)
+    fps, _ = _fingerprint_objects(fingerprints, loaded, strict=fingerprints is not None)
+    folder = None if isinstance(folder_or_embeddings, Embeddings) else str(folder_or_embeddings)
+    return _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=details, fps=fps,
+                    what=folder or "the embeddings", folder=folder)
+
+
+# -- enrolment ----------------------------------------------------------------------------
+
+
+def enroll(
+    folder: PathLike,
+    *,
+    baseline: str | None,
+    model: str,
+    family: str,
+    checkpoint: str | None = None,
+    per_curve: int = DEFAULT_PER_CURVE,
+    split: str = "enroll",
+    bank: Any = None,
+    tau: float | None = None,
+    source: str | None = None,
+    notes: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    cache_dir: Any = DEFAULT_CACHE,
+    progress: bool = False,
+    skip_bad: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Split a generator's images into curves of ``per_curve`` images and store each.
+
+    The images are taken in manifest order (sorted relative paths): curve k uses images
+    ``k*N .. (k+1)*N - 1``; a remainder smaller than N is left out (``echo`` says so).
+    Every registered fingerprint is computed and stored with each curve.
+
+    Args:
+        folder: the generator's images.
+        baseline: baseline name or id (None: the bank's only baseline).
+        model, family: the generator and its family.
+        checkpoint: checkpoint or release of the generator.
+        per_curve: images per curve (the paper: 500).
+        split: split tag stored with the rows.
+        bank: the bank.
+        tau: cell threshold; default 20/N.
+        source, notes: stored with the rows.
+        weights, device, batch_size, cache_dir, progress, skip_bad: as for
+            :func:`compute_curve`.
+        echo: called with messages for the user (e.g. images left out).
+
+    Returns:
+        The new curve ids, in order.
+
+    Raises:
+        InsufficientDataError: fewer images than ``per_curve``, or too few for tau.
+        BankError, InputError: see :func:`compute_curve`.
+    """
+    from forensics.encoders import resolve_device
+    from forensics.images import scan_folder
+
+    say = echo or (lambda _msg: None)
+    if int(per_curve) < 2:
+        raise InputError(f"--per-curve must be at least 2 images, got {per_curve}")
+    for what, value in (("model", model), ("family", family)):
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"--{what} must be a non-empty name")
+    b = open_bank(bank)
+    device = resolve_device(device)
+    loaded = load_baseline(baseline, bank=b, device=device)
+    manifest = scan_folder(folder, skip_bad=skip_bad)
+    n, per = len(manifest), int(per_curve)
+    if n < per:
+        raise InsufficientDataError(
+            f"{folder} holds {n} image(s), fewer than --per-curve {per}; add images or "
+            f"lower --per-curve (C_T needs more than 20 images in a cell with the default tau)"
+        )
+    k, rest = divmod(n, per)
+    if rest:
+        say(f"{folder}: {k} curve(s) of {per} images; the last {rest} image(s) in path order "
+            f"are left out (fewer than --per-curve {per})")
+    emb = _embed_suspect(loaded, manifest, weights=weights, device=device,
+                         batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                         skip_bad=skip_bad)
+    fps, missing = _fingerprint_objects(None, loaded, strict=False)
+    for msg in missing:
+        say(msg + "; curves are stored without it")
+    labels = dict(model=model, family=family, checkpoint=checkpoint, source=source,
+                  notes=notes, split=split)
+    with _one_thread():
+        rows = [_enroll_chunk(loaded, emb, c, k, per, fps, folder, tau, manifest.sha256, labels)
+                for c in range(k)]
+    return b.add_curves(rows)
+
+
+def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: int,
+                  fps: Sequence[Any], folder: PathLike, tau: float | None,
+                  folder_sha: str, labels: dict[str, Any]) -> dict[str, Any]:
+    """The bank row of chunk ``c`` of ``k`` (``labels``: model, family, ...)."""
+    idx = np.arange(c * per, (c + 1) * per)
+    res = _measure(
+        loaded, emb, idx, tau=tau, details=False, fps=fps, folder=str(folder),
+        what=f"{folder} (curve {c + 1} of {k}: images {c * per}..{(c + 1) * per - 1})",
+        extra={"chunk": {"index": c, "of": k, "start": c * per, "stop": (c + 1) * per,
+                         "folder_manifest_sha256": folder_sha}},
+    )
+    row = res.curve.to_row(**labels)
+    row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
+    return row
+
+
+# -- attribution --------------------------------------------------------------------------
+
+
+def _pick_baseline(b: Any, rows: list[dict[str, Any]], baseline: str | None) -> str | None:
+    """The baseline to attribute against: given, the bank's only one, or the curves' only one."""
+    if baseline:
+        return baseline
+    used = sorted({r["baseline_id"] for r in rows})
+    if len(b.baselines()) > 1 and len(used) == 1:
+        return used[0]
+    return None
+
+
+def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarray,
+                       where: str) -> np.ndarray:
+    """The enrolled vectors of fingerprint ``fp`` (the paper's: the ``values`` column)."""
+    from refbank.bank import curve_fingerprints
+
+    if fp.name == fpmod.DEFAULT_FINGERPRINT:
+        return refs
+    vecs, lacking = [], []
+    for r in same_rows:
+        vec = curve_fingerprints(r).get(fp.name)
+        if vec is None:
+            lacking.append(r["curve_id"])
+        vecs.append(vec)
+    if lacking:
+        shown = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
+        raise BankError(
+            f"{len(lacking)} enrolled curve(s){where} have no {fp.name!r} fingerprint ({shown}): "
+            f"they were enrolled before it existed or imported without images. Re-enroll "
+            f"those generators (fp enroll), or attribute with --fingerprint paper"
+        )
+    sizes = {len(v) for v in vecs}
+    if len(sizes) != 1:
+        raise BankError(f"enrolled {fp.name!r} fingerprints{where} have different lengths "
+                        f"{sorted(sizes)}; run fp bank verify")
+    return np.asarray(vecs, dtype=np.float64)
+
+
+def attribute(
+    folder: PathLike | Embeddings,
+    *,
+    baseline: str | None = None,
+    matcher: str | None = None,
+    fingerprint: str = fpmod.DEFAULT_FINGERPRINT,
+    top: int = 5,
+    drop_layers: Sequence[int] = (0,),
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+    quantile: float = 0.05,
+    bank: Any = None,
+    report: PathLike | None = None,
+    tau: float | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    cache_dir: Any = DEFAULT_CACHE,
+    progress: bool = False,
+    skip_bad: bool = False,
+) -> Any:
+    """Which enrolled generator made these images? Ranked, calibrated, with confidence.
+
+    Args:
+        folder: the suspect images (or their embeddings).
+        baseline: baseline name or id (None: the bank's only baseline, or the one every
+            enrolled curve uses).
+        matcher: ``l2``, ``cosine``, ``combined`` or a plugin's (None: the fingerprint's
+            default, ``combined`` for the built-ins).
+        fingerprint: what is matched (``paper``: the C_T-layer curve; ``setstats``: the
+            paper's mean/std/FID baseline; or a plugin's).
+        top: matches kept in the ranking.
+        drop_layers: layer indices left out of matching (the paper drops layer 0).
+        n_boot: bootstrap resamples of the suspect images (0: no confidence).
+        seed: seed of the resampling.
+        quantile: share of genuine curves accepted to be called unknown.
+        bank: the bank.
+        report: a folder to write ``attribution.json`` and ``attribution.png`` into.
+        tau, weights, device, batch_size, cache_dir, progress, skip_bad: as for
+            :func:`compute_curve`.
+
+    Returns:
+        A :class:`forensics.attribute.Attribution` (``to_dict()`` is the JSON answer).
+
+    Raises:
+        BankError: empty bank, no curves for the baseline, or curves that do not match the
+            suspect's encoder, weights or layers, or lack the fingerprint.
+        InsufficientDataError: too few suspect images for tau.
+    """
+    from forensics.encoders import resolve_device
+
+    b = open_bank(bank)
+    all_rows = b.curves()
+    if not all_rows:
+        raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
+                        f"first: fp enroll DIR --baseline NAME --model M --family F")
+    fp = fpmod.get(fingerprint)
+    device = resolve_device(device)
+    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
+    _fingerprint_objects([fp.name], loaded, strict=True)
+    emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
+                         cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    with _one_thread():
+        return _attribute(b, all_rows, loaded, fp, emb, folder, matcher=matcher, top=top,
+                          drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
+                          report=report, tau=tau)
+
+
+def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
+               emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
+               drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
+               report: PathLike | None, tau: float | None) -> Any:
+    from forensics.attribute import (
+        Attribution,
+        Decision,
+        bootstrap_confidence,
+        calibrate_unknown,
+        comparable_references,
+        decide,
+        keep_mask,
+        rank,
+    )
+
+    where = f" in the bank at {b.path}"
+    fps = [fp]
+    folder_str = None if isinstance(folder, Embeddings) else str(folder)
+    res = _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=False, fps=fps,
+                   what=folder_str or "the embeddings", folder=folder_str)
+    names = {r["baseline_id"]: r["name"] for r in b.baselines()}
+    refs, meta = comparable_references(res.curve, all_rows, bank=str(b.path),
+                                       baseline_names=names)
+    same_rows = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
+    ref_vecs = _reference_vectors(fp, same_rows, refs, where)
+
+    drop = tuple(int(i) for i in drop_layers)
+    keep = keep_mask(len(loaded.row["layers"]), drop)
+    dims = loaded.dims
+    mask = fpmod.entry_mask(fp, dims, keep)
+    if mask.shape[0] != ref_vecs.shape[1]:
+        raise BankError(f"enrolled {fp.name!r} fingerprints have {ref_vecs.shape[1]} values "
+                        f"but the suspect's has {mask.shape[0]}; re-enroll with this fp")
+    mname, mobj = fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(dims, keep,
+                                                                          strict=True) if k])
+    query, R = res.fingerprints[fp.name][mask], ref_vecs[:, mask]
+    ranking = rank(query, R, meta, mobj, drop_layers=())
+    calibration = calibrate_unknown(R, [m["family"] for m in meta], mobj, (), quantile)
+    calibration = dataclasses.replace(calibration, matcher=mname, drop_layers=drop)
+    decision = decide(ranking, calibration)
+
+    boot = None
+    if n_boot > 0:
+        def curve_fn(indices: np.ndarray) -> np.ndarray:
+            results, Q = _query(loaded, emb, np.asarray(indices), tau,
+                                getattr(fp, "needs_details", False))
+            vec = _vectors([fp], loaded, results, Q)[fp.name]
+            return np.nan_to_num(vec, nan=0.0)[mask]  # the authors' rule: NaN counts as 0
+
+        boot = bootstrap_confidence(curve_fn, len(emb), n_boot, seed, bank_vectors=R,
+                                    meta=meta, matcher=mobj, drop_layers=(),
+                                    calibration=calibration, decision=decision)
+        decision = Decision(**{**dataclasses.asdict(decision), "confidence": boot.confidence,
+                               "model_confidence": boot.model_confidence})
+    parameters = {
+        "fingerprint": fp.name, "matcher": mname, "drop_layers": list(drop), "top": int(top),
+        "quantile": quantile, "n_boot": n_boot if boot is not None else 0, "seed": int(seed),
+        "bank": str(b.path), "baseline": loaded.name, "n_references": len(meta),
+    }
+    result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
+                         parameters)
+    if report is not None:
+        from forensics.report import write_report
+
+        write_report(report, result, same_rows)
+    return result
