@@ -1,0 +1,316 @@
+"""The pipeline end to end on real digits: baseline, curves, enrolment, attribution, refusals.
+
+One small bank is built per module with the seeded random-init ``vit-tiny-demo`` encoder on
+sklearn's handwritten digits (upscaled to 32x32); embeddings are cached across tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import forensics
+from forensics import pipeline
+from forensics.demo import _write_pngs, digit_images
+from forensics.errors import BankError, InputError, InsufficientDataError, UnknownNameError
+from forensics.synth import synth_folder
+from refbank import Bank
+from refbank.bank import curve_fingerprints
+
+N = 60  # images per curve: with 2 cells a cell holds about 30 > 20 (the default tau)
+COMMON = {"device": "cpu", "progress": False}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Folders of digits, a bank with a baseline and two enrolled generator families."""
+    root = tmp_path_factory.mktemp("pipeline")
+    images = digit_images()
+    order = np.random.default_rng(7).permutation(len(images))
+    T, P, fresh = order[:240], order[240:340], order[340:]
+    folders = {}
+    for name, ids in (("T", T), ("P", P), ("fresh", fresh[:N]), ("tiny", fresh[N : N + 8]),
+                      ("enroll_src", T[:130]), ("query_src", T[130:130 + N]),
+                      ("copy_src", T[200:200 + N])):
+        _write_pngs(images, ids, root / name)
+        folders[name] = root / name
+    for kind, params in (("noise", {"sigma": 24.0}), ("shuffle", {"grid": 4})):
+        folders[f"gen_{kind}"] = root / f"gen_{kind}"
+        synth_folder(kind, folders["enroll_src"], folders[f"gen_{kind}"], seed=1, **params)
+        folders[f"query_{kind}"] = root / f"query_{kind}"
+        synth_folder(kind, folders["query_src"], folders[f"query_{kind}"], seed=2, **params)
+    folders["near_copy"] = root / "near_copy"
+    synth_folder("noise", folders["copy_src"], folders["near_copy"], seed=3, sigma=2.0)
+
+    cache = root / "fpcache" / "embeddings"  # where FP_CACHE_DIR=root/fpcache points
+    bank = Bank(root / "bank")
+    kw = dict(COMMON, bank=bank, cache_dir=cache)
+    row = pipeline.build_baseline("digits", folders["T"], folders["P"], encoder="vit-tiny-demo",
+                                  weights="random:0", n_cells=2, **kw)
+    messages: list[str] = []
+    ids = {}
+    for kind in ("noise", "shuffle"):
+        ids[kind] = pipeline.enroll(folders[f"gen_{kind}"], baseline="digits", model=f"{kind}-m",
+                                    family=kind, checkpoint="v1", per_curve=N, echo=messages.append,
+                                    **kw)
+    return {"root": root, "folders": folders, "bank": bank, "cache": cache, "row": row,
+            "ids": ids, "messages": messages, "kw": kw}
+
+
+def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
+    row, bank = world["row"], world["bank"]
+    assert row["name"] == "digits" and row["encoder"] == "vit-tiny-demo"
+    assert row["layers"] == [f"blocks.{i}" for i in range(8)]
+    assert (row["n_train"], row["n_heldout"]) == (240, 100)
+    params = json.loads(row["params_json"])
+    assert params["n_cells"] == 2 and params["weights"] == "random:0"
+    assert params["fingerprints"] == ["setstats"]
+    loaded = pipeline.load_baseline("digits", bank=bank)
+    assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
+    extras = loaded.extras(forensics.fingerprints.get("setstats"))
+    np.testing.assert_allclose(extras["cov.3"], extras["cov.3"].T)
+    assert extras["mu.0"].shape == (96,) and int(extras["n.0"].reshape(-1)[0]) == 240
+    assert bank.verify().ok
+
+
+def test_same_baseline_under_another_name_and_taken_name_are_refused(world):
+    f, kw = world["folders"], world["kw"]
+    with pytest.raises(BankError, match="already in the bank .* as 'digits'"):
+        pipeline.build_baseline("again", f["T"], f["P"], encoder="vit-tiny-demo",
+                                weights="random:0", n_cells=2, **kw)
+    with pytest.raises(BankError, match="named 'digits' is already"):
+        pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo", **kw)
+
+
+def test_near_copies_of_training_images_are_far_below_zero_fresh_digits_near_it(world):
+    f, kw = world["folders"], world["kw"]
+    near = pipeline.compute_curve(f["near_copy"], baseline="digits", **kw).curve.values
+    fresh = pipeline.compute_curve(f["fresh"], baseline="digits", **kw).curve.values
+    assert np.all(near < -3.0), near       # closer to T than held-out data: copying
+    assert np.all(np.abs(fresh) < 2.5), fresh  # unseen digits behave like P
+
+
+def test_curve_provenance_records_inputs_encoder_baseline_and_parameters(world):
+    from forensics.images import scan_folder
+
+    f, kw, row = world["folders"], world["kw"], world["row"]
+    res = pipeline.compute_curve(f["query_noise"], **kw)  # the bank's only baseline
+    p = res.curve.provenance
+    assert p["inputs"]["manifest_sha256"] == scan_folder(f["query_noise"]).sha256
+    assert p["inputs"]["n_images"] == N
+    assert p["encoder"] == {"name": "vit-tiny-demo", "weights_sha256": row["weights_sha256"]}
+    assert p["baseline"] == {"id": row["baseline_id"], "name": "digits"}
+    assert p["params"] == {"partitioner": "kmeans", "distance": "abscosine", "tau": 20 / N,
+                           "tau_rule": "20/m", "pooling": "cls", "seed": 0, "n_cells": 2,
+                           "pca_dim": 64, "n_init": 10, "weights": "random:0"}
+    assert p["tool_version"] == forensics.__version__ and p["created"]
+    np.testing.assert_array_equal(res.fingerprints["paper"], res.curve.values)
+    assert res.fingerprints["setstats"].shape == (2 * 8 * 96 + 8,)
+    # Precomputed embeddings give the same curve as the folder.
+    again = pipeline.compute_curve(res.embeddings, **kw)
+    np.testing.assert_array_equal(again.curve.values, res.curve.values)
+    assert again.curve.provenance["inputs"]["manifest_sha256"] == p["inputs"]["manifest_sha256"]
+
+
+def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerprints(world):
+    bank, ids = world["bank"], world["ids"]
+    assert [len(ids["noise"]), len(ids["shuffle"])] == [2, 2]  # 130 images -> 2 x 60
+    assert sum("the last 10 image(s)" in m for m in world["messages"]) == 2
+    rows = bank.curves(curve_id=ids["noise"])
+    assert [r["n_images"] for r in rows] == [N, N]
+    assert rows[0]["manifest_sha256"] != rows[1]["manifest_sha256"]
+    assert {r["checkpoint"] for r in rows} == {"v1"} and rows[0]["tau"] == pytest.approx(20 / N)
+    for r in rows:
+        fps = curve_fingerprints(r)
+        assert sorted(fps) == ["paper", "setstats"]
+        assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
+    # The first chunk is exactly the first 60 images in path order.
+    from forensics.images import Manifest, scan_folder
+
+    m = scan_folder(world["folders"]["gen_noise"])
+    assert rows[0]["manifest_sha256"] == Manifest(m.root, m.entries[:N]).sha256
+    assert bank.verify().ok
+
+
+def test_enroll_refuses_too_few_images(world):
+    with pytest.raises(InsufficientDataError, match="fewer than --per-curve 500"):
+        pipeline.enroll(world["folders"]["query_noise"], baseline="digits", model="m",
+                        family="f", **world["kw"])
+
+
+@pytest.mark.parametrize("kind", ["noise", "shuffle"])
+def test_attribute_names_the_enrolled_generator(world, kind):
+    a = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=8, **world["kw"])
+    d = a.decision
+    assert (d.family, d.model, d.unknown) == (kind, f"{kind}-m", False)
+    assert 0.0 <= d.confidence <= 1.0 and a.bootstrap.n_boot == 8
+    data = a.to_dict()
+    json.dumps(data, allow_nan=False)
+    assert data["ranking"][0]["family"] == kind
+    assert {"curve_id", "model", "family", "score"} <= set(data["ranking"][0])
+    assert len(data["curve"]["values"]) == 8 and data["curve"]["layers"][0] == "blocks.0"
+    assert data["provenance"]["attribution"]["fingerprint"] == "paper"
+    assert data["provenance"]["attribution"]["matcher"] == "combined"
+    assert data["provenance"]["attribution"]["drop_layers"] == [0]
+    assert data["calibration"]["threshold"] is not None
+
+
+def test_attribute_on_the_setstats_fingerprint_with_a_report(world, tmp_path):
+    a = pipeline.attribute(world["folders"]["query_shuffle"], fingerprint="setstats",
+                           matcher="cosine", n_boot=2, drop_layers=(), report=tmp_path / "rep",
+                           **world["kw"])
+    assert a.decision.nearest_family == "shuffle"
+    assert a.parameters["fingerprint"] == "setstats" and a.parameters["drop_layers"] == []
+    assert a.calibration.matcher == "cosine"
+    saved = json.loads((tmp_path / "rep" / "attribution.json").read_text())
+    assert saved["decision"] == a.to_dict()["decision"]
+    assert (tmp_path / "rep" / "attribution.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bootstrap_is_seeded(world):
+    runs = [pipeline.attribute(world["folders"]["query_noise"], n_boot=5, seed=s,
+                               **world["kw"]).bootstrap for s in (3, 3)]
+    assert runs[0] == runs[1]
+
+
+def test_refusals(world, tmp_path):
+    f, kw = world["folders"], world["kw"]
+    with pytest.raises(InsufficientDataError, match="C_T is undefined"):
+        pipeline.attribute(f["tiny"], n_boot=0, **kw)
+    with pytest.raises(UnknownNameError, match="paper, setstats"):
+        pipeline.attribute(f["query_noise"], fingerprint="nope", **kw)
+    empty = dict(kw, bank=Bank(tmp_path / "empty"))
+    with pytest.raises(BankError, match="no enrolled curves"):
+        pipeline.attribute(f["query_noise"], **empty)
+    with pytest.raises(BankError, match="no baselines"):
+        pipeline.compute_curve(f["query_noise"], **empty)
+
+
+def test_embeddings_of_another_encoder_are_refused(world):
+    from forensics.embed import embed_folder
+
+    other = embed_folder(world["folders"]["tiny"], "vit-tiny-demo", weights="random:1",
+                         cache_dir=world["cache"], progress=False, device="cpu")
+    with pytest.raises(InputError, match="weights .* but baseline 'digits' uses"):
+        pipeline.compute_curve(other, **world["kw"])
+
+
+def test_a_baseline_without_enrolled_curves_is_refused(world, tmp_path):
+    """A second baseline (other encoder weights) in the same bank: its curves are missing."""
+    import shutil
+
+    bank = Bank(tmp_path / "two")
+    shutil.copytree(world["bank"].path, bank.path)
+    kw = dict(world["kw"], bank=bank)
+    f = world["folders"]
+    pipeline.build_baseline("other", f["T"], f["P"], encoder="vit-tiny-demo",
+                            weights="random:1", n_cells=2, **kw)
+    with pytest.raises(BankError, match="measured against the suspect's baseline 'other'"):
+        pipeline.attribute(f["query_noise"], baseline="other", n_boot=0, **kw)
+    # Without --baseline, the one every enrolled curve uses is taken.
+    assert pipeline.attribute(f["query_noise"], n_boot=0, **kw).parameters["baseline"] == "digits"
+
+
+def test_curves_without_the_fingerprint_are_refused_with_a_way_out(world, tmp_path):
+    import shutil
+
+    bank = Bank(tmp_path / "old")
+    shutil.copytree(world["bank"].path, bank.path)
+    old = bank.curves()[0]
+    row = {k: old[k] for k in ("model", "family", "encoder", "weights_sha256", "baseline_id",
+                               "layers", "values", "n_images", "manifest_sha256")}
+    bank.add_curves([row])  # as if enrolled before setstats existed
+    kw = dict(world["kw"], bank=bank)
+    with pytest.raises(BankError, match="no 'setstats' fingerprint .*Re-enroll"):
+        pipeline.attribute(world["folders"]["query_noise"], fingerprint="setstats", **kw)
+    assert pipeline.attribute(world["folders"]["query_noise"], n_boot=0, **kw).ranking
+
+
+def test_tampered_fingerprints_fail_verification(world, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bank = Bank(tmp_path / "tamper")
+    shutil.copytree(world["bank"].path, bank.path)
+    path = bank.path / "curves.parquet"
+    table = pq.read_table(path)
+    col = table.column("fingerprints_json").to_pylist()
+    col[0] = col[0].replace("[", "[1.0,", 1)
+    i = table.schema.get_field_index("fingerprints_json")
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(col)), path)
+    report = bank.verify()
+    assert [p.id for p in report.problems] == [table.column("curve_id")[0].as_py()]
+
+
+def test_lazy_api_and_callable_attribute_module():
+    code = ("import sys, forensics; f = forensics.enroll; import forensics.attribute as m; "
+            "print(callable(forensics.attribute), m is forensics.attribute, "
+            "f.__module__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.stdout.split() == ["True", "True", "forensics.pipeline", "False"], out.stderr
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def _fp(*args: str, ok: bool = True):
+    from typer.testing import CliRunner
+
+    from forensics.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def test_cli_build_enroll_curve_attribute_with_json(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("FP_CACHE_DIR", str(world["cache"].parent))
+    monkeypatch.setenv("FP_BANK", str(tmp_path / "bank"))
+    f = world["folders"]
+    row = json.loads(_fp("baseline", "build", "dg", "--train", f["T"], "--heldout", f["P"],
+                         "--encoder", "vit-tiny-demo", "--weights", "random:0", "--n-cells", "2",
+                         "--device", "cpu", "--json").stdout)
+    assert row["name"] == "dg" and row["baseline_id"] == world["row"]["baseline_id"]
+    for kind in ("noise", "shuffle"):
+        res = _fp("enroll", f[f"gen_{kind}"], "--baseline", "dg", "--model", kind,
+                  "--family", kind, "--per-curve", N, "--device", "cpu", "--json")
+        rows = json.loads(res.stdout)
+        assert [r["family"] for r in rows] == [kind, kind] and "left out" in res.stderr
+    curve = json.loads(_fp("curve", f["near_copy"], "--baseline", "dg", "--device", "cpu",
+                           "--json", "--plot", tmp_path / "c.png").stdout)
+    assert max(curve["values"]) < -3.0 and len(curve["results"]) == 8
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    answer = json.loads(_fp("attribute", f["query_shuffle"], "--device", "cpu", "--n-boot", "3",
+                            "--top", "2", "--json", "--report", tmp_path / "rep").stdout)
+    assert answer["decision"]["family"] == "shuffle" and answer["decision"]["unknown"] is False
+    assert len(answer["ranking"]) == 2 and set(answer) >= {"curve", "provenance"}
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["attribution.json",
+                                                                    "attribution.png"]
+    text = _fp("attribute", f["query_noise"], "--device", "cpu", "--n-boot", "0",
+               "--matcher", "l2", "--drop-layers", "none").stdout
+    assert "Decision: family noise, model noise" in text
+
+
+def test_cli_refusals_say_what_to_do(world, tmp_path):
+    res = _fp("attribute", world["folders"]["query_noise"], "--bank", tmp_path / "empty",
+              ok=False)
+    assert res.exit_code == 1 and "Error: the bank at" in res.stderr
+    assert "fp enroll DIR --baseline NAME" in res.stderr
+    res = _fp("attribute", world["folders"]["query_noise"], "--bank", tmp_path / "empty",
+              "--drop-layers", "first", ok=False)
+    assert res.exit_code == 1 and "--drop-layers 'first'" in res.stderr
+
+
+def test_cli_lists_fingerprints():
+    rows = json.loads(_fp("list", "fingerprints", "--json").stdout)
+    assert [r["name"] for r in rows] == ["paper", "setstats"]
+    assert all(r["plugin"] == "fp_plugins.fingerprints" and r["description"] for r in rows)
