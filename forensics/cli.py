@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.embed",
     "forensics.commands.pipeline",
     "forensics.commands.demo",
+    "forensics.commands.evaluate",
 )
 
 
