@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.pipeline",
     "forensics.commands.demo",
     "forensics.commands.evaluate",
+    "forensics.commands.memorization",
 )
 
 
