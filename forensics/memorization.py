@@ -11,17 +11,20 @@ of Z-scores (Mann-Whitney U), so it reads on a Z-like scale:
   images, constant embeddings) indicate nothing;
 * **low-level vs high-level**: the first half of the layers (index ``i < L/2``) are the
   *early* layers, which see colours, textures and simple patterns; the rest are the *late*
-  layers, which see shapes and meaning. Copying flagged only in early layers is
-  ``low-level``, only in late layers ``high-level``, in both ``both``.
+  layers, which see shapes and meaning. Copying only in early layers is ``low-level``,
+  only in late layers ``high-level``, in both ``both``;
+* **hubs are not copies**: a layer with C_T below the threshold where the generated
+  images have fewer than 25 % as many distinct nearest training images as images
+  (:data:`COLLAPSE_SHARE`) is ``collapsed``: the images crowd onto a few training images
+  (e.g. heavy noise, which the middle Inception layers map next to one noisy-looking
+  training image) instead of reproducing their own sources; it does not count as copying.
 
 For each generated image the report also measures how close it is to its nearest
 training image in one layer (by default the one with the lowest C_T), relative to fresh
 images of the same cell: ``p_quantile`` is the share of that cell's held-out images that
 lie closer to T (ties count half, as in U), ``relative_distance`` its distance divided by
 the cell's median held-out distance. The images with the smallest values are listed with
-their nearest training image (from T's manifest, stored with the baseline). Per layer,
-``distinct_nearest`` counts the different training images that are nearest neighbours
-(see :func:`nearest_spread`): copying names many, a collapse onto a few hubs names few.
+their nearest training image (from T's manifest, stored with the baseline).
 """
 
 from __future__ import annotations
@@ -57,19 +60,24 @@ def _finite(x: float) -> float | None:
 
 
 def copying_layers(
-    layers: Sequence[str], values: Sequence[float], threshold: float = DEFAULT_THRESHOLD
+    layers: Sequence[str],
+    values: Sequence[float],
+    threshold: float = DEFAULT_THRESHOLD,
+    collapsed: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Which layers indicate copying, and whether that is low-level or high-level.
 
     Args:
         layers: layer names, in network order.
         values: C_T per layer (NaN where undefined).
-        threshold: a layer with ``C_T < threshold`` indicates copying.
+        threshold: a layer with ``C_T < threshold`` is flagged.
+        collapsed: flagged layers where the generated images crowd onto a few training
+            images (see :func:`nearest_spread`); they do not count as copying.
 
     Returns:
-        ``{"threshold", "flagged": [names], "early_layers", "late_layers",
-        "flagged_early", "flagged_late", "scope": "none"|"low-level"|"high-level"|"both",
-        "summary": a sentence}`` (:func:`memorization_report` adds ``collapsed``).
+        ``{"threshold", "flagged": [C_T < threshold], "collapsed", "copying": [flagged,
+        not collapsed], "early_layers", "late_layers", "copying_early", "copying_late",
+        "scope": "none"|"low-level"|"high-level"|"both", "summary": a sentence}``.
 
     Raises:
         InputError: lengths differ, or the threshold is not finite.
@@ -85,29 +93,39 @@ def copying_layers(
     early = [names[i] for i in range(n) if i < n / 2]
     late = [names[i] for i in range(n) if i >= n / 2]
     flagged = [names[i] for i in range(n) if np.isfinite(v[i]) and v[i] < threshold]
-    f_early = [x for x in flagged if x in early]
-    f_late = [x for x in flagged if x in late]
-    scope = ("both" if f_early and f_late else "low-level" if f_early
-             else "high-level" if f_late else "none")
+    crowd = [x for x in flagged if x in set(collapsed)]
+    copying = [x for x in flagged if x not in crowd]
+    c_early = [x for x in copying if x in early]
+    c_late = [x for x in copying if x in late]
+    scope = ("both" if c_early and c_late else "low-level" if c_early
+             else "high-level" if c_late else "none")
     n_defined = int(np.isfinite(v).sum())
     if scope == "none":
-        summary = (f"No layer indicates copying: C_T >= {threshold:g} at all {n_defined} "
-                   f"layers where it is defined.")
+        summary = f"No layer indicates copying (C_T < {threshold:g}) of the images' sources"
+        summary += "." if crowd else f": C_T >= {threshold:g} at all {n_defined} defined layers."
     else:
         what = {"low-level": "low-level copying (early layers only: colours, textures, "
                              "simple patterns)",
                 "high-level": "high-level copying (late layers only: shapes, semantics)",
                 "both": "copying at low and high level (early and late layers)"}[scope]
-        summary = (f"{len(flagged)} of {n_defined} layers have C_T < {threshold:g}: {what}; "
-                   f"{len(f_early)} of {len(early)} early and {len(f_late)} of {len(late)} "
-                   f"late layers.")
+        summary = (f"{len(copying)} of {n_defined} layers indicate copying (C_T < "
+                   f"{threshold:g}): {what}; {len(c_early)} of {len(early)} early and "
+                   f"{len(c_late)} of {len(late)} late layers.")
+    if crowd:
+        summary += (
+            f" At {', '.join(crowd)}, C_T < {threshold:g} but the images have fewer than "
+            f"{COLLAPSE_SHARE:.0%} as many distinct nearest training images as images: they "
+            f"crowd onto a few training images (hubs) rather than copy their own sources."
+        )
     return {
         "threshold": float(threshold),
         "flagged": flagged,
+        "collapsed": crowd,
+        "copying": copying,
         "early_layers": early,
         "late_layers": late,
-        "flagged_early": f_early,
-        "flagged_late": f_late,
+        "copying_early": c_early,
+        "copying_late": c_late,
         "scope": scope,
         "summary": summary,
     }
@@ -297,31 +315,26 @@ def memorization_report(
         layer: layer to rank the images in (default: lowest C_T).
 
     Returns:
-        ``{"layers": [CTResult dicts with "flagged"], "copying": copying_layers(...),
+        ``{"layers": [CTResult dicts with "flagged", "collapsed", "distinct_nearest",
+        "top_nearest_share"], "copying": copying_layers(...),
         "closest": {"layer", "criterion", "pairs", "train_manifest"}}``.
     """
     if not (len(layers) == len(results) == len(layer_baselines)):
         raise InputError(f"need one result and one baseline layer per layer: {len(layers)} "
                          f"layers, {len(results)} results, {len(layer_baselines)} baselines")
     values = [r.ct for r in results]
-    copying = copying_layers(layers, values, threshold)
     rows = []
     for name, r in zip(layers, results, strict=True):
         d = r.to_dict()
         d.pop("details", None)
         d["layer"] = str(name)
-        d["flagged"] = str(name) in copying["flagged"]
         d.update(nearest_spread(r))
+        d["flagged"] = d["ct"] is not None and d["ct"] < threshold
+        d["collapsed"] = (d["flagged"] and d["distinct_nearest"] is not None
+                          and d["distinct_nearest"] < COLLAPSE_SHARE * d["m"])
         rows.append(d)
-    collapsed = [d["layer"] for d in rows if d["flagged"] and d["distinct_nearest"] is not None
-                 and d["distinct_nearest"] < COLLAPSE_SHARE * d["m"]]
-    copying["collapsed"] = collapsed
-    if collapsed:
-        copying["summary"] += (
-            f" At {', '.join(collapsed)} the generated images have fewer than "
-            f"{COLLAPSE_SHARE:.0%} as many distinct nearest training images as images: they "
-            f"crowd onto a few training images (hubs) rather than copy their own sources."
-        )
+    copying = copying_layers(layers, values, threshold,
+                             collapsed=[d["layer"] for d in rows if d["collapsed"]])
     k = pick_layer(layers, values, layer)
     closeness = sample_closeness(results[k], layer_baselines[k])
     pairs = closest_pairs(closeness, results, k, suspect_manifest, train_manifest, top)
@@ -357,7 +370,7 @@ def _thumbnail(path: str | os.PathLike | None, size: int = 96) -> np.ndarray | N
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
                 suspect_root: str | None = None, title: str = "") -> Path:
-    """Save a PNG: the C_T curve (flagged layers in red, threshold dashed) above the
+    """Save a PNG: the C_T curve (copying layers red, hub crowds orange, threshold dashed) above the
     closest generated/training image pairs (generated on top, training below)."""
     import io
 
@@ -368,7 +381,8 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
 
     names = [r["layer"] for r in report["layers"]]
     values = np.array([np.nan if r["ct"] is None else r["ct"] for r in report["layers"]])
-    flagged = np.array([r["flagged"] for r in report["layers"]])
+    copying = np.array([r["flagged"] and not r["collapsed"] for r in report["layers"]])
+    crowd = np.array([r["collapsed"] for r in report["layers"]])
     pairs = report["closest"]["pairs"]
     ncols = max(len(pairs), 1)
     fig = Figure(figsize=(max(7.0, 0.45 * len(names) + 3, 1.3 * ncols), 7.2), dpi=110)
@@ -382,8 +396,10 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
     threshold = report["copying"]["threshold"]
     ax.axhline(threshold, color="tab:red", lw=0.9, ls="--", label=f"threshold {threshold:g}")
     ax.plot(x, values, color="black", marker="o", ms=4, lw=1.8, label="C_T")
-    if flagged.any():
-        ax.plot(x[flagged], values[flagged], "o", color="tab:red", ms=7, label="copying")
+    if copying.any():
+        ax.plot(x[copying], values[copying], "o", color="tab:red", ms=7, label="copying")
+    if crowd.any():
+        ax.plot(x[crowd], values[crowd], "o", color="tab:orange", ms=7, label="hub crowd")
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylabel("C_T")

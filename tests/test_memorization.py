@@ -52,7 +52,7 @@ def one_thread():
 def test_copying_layers_threshold_scope_and_nan():
     layers = [f"l{i}" for i in range(6)]  # early: l0-l2, late: l3-l5
     out = copying_layers(layers, [-5.0, -2.0, np.nan, 1.0, -2.5, 0.0])
-    assert out["flagged"] == ["l0", "l4"]  # -2.0 is not clearly below -2; NaN flags nothing
+    assert out["flagged"] == out["copying"] == ["l0", "l4"]  # -2.0 is not below -2; NaN: no
     assert out["early_layers"] == ["l0", "l1", "l2"] and out["late_layers"] == ["l3", "l4", "l5"]
     assert out["scope"] == "both" and "2 of 5 layers" in out["summary"]
     assert copying_layers(layers, [-3, -3, -3, 0, 0, 0])["scope"] == "low-level"
@@ -62,6 +62,10 @@ def test_copying_layers_threshold_scope_and_nan():
     assert copying_layers(layers, [-1.9] * 6, threshold=-1.5)["scope"] == "both"
     odd = copying_layers(["a", "b", "c"], [0, 0, -4])  # 3 layers: a, b early (i < 1.5)
     assert odd["early_layers"] == ["a", "b"] and odd["scope"] == "high-level"
+    crowd = copying_layers(layers, [-5, -5, 0, 0, -5, 0], collapsed=["l0", "l1"])
+    assert crowd["flagged"] == ["l0", "l1", "l4"] and crowd["collapsed"] == ["l0", "l1"]
+    assert crowd["copying"] == ["l4"] and crowd["scope"] == "high-level"
+    assert "At l0, l1" in crowd["summary"] and "hubs" in crowd["summary"]
     with pytest.raises(InputError, match="one C_T value per layer"):
         copying_layers(layers, [0.0])
     with pytest.raises(InputError, match="finite"):
@@ -140,7 +144,8 @@ def test_collapse_onto_a_hub_is_named():
                           partitioner_params={"n_cells": 1})
     results = base.query([hub], details=True)
     report = memorization_report(["only"], results, base.layers)
-    assert report["copying"]["flagged"] == ["only"]
+    assert report["copying"]["flagged"] == ["only"] and report["copying"]["copying"] == []
+    assert report["copying"]["scope"] == "none" and report["layers"][0]["collapsed"]
     assert report["layers"][0]["distinct_nearest"] == 1
     assert report["layers"][0]["top_nearest_share"] == 1.0
     assert report["copying"]["collapsed"] == ["only"] and "hubs" in report["copying"]["summary"]
@@ -178,7 +183,7 @@ def test_noisy_copies_are_copying_at_every_layer(digits_world, tmp_path):
     report = _memorization(digits_world, "copies", "--report", str(tmp_path / "rep"))
     cts = [r["ct"] for r in report["layers"]]
     assert len(cts) == 18 and max(cts) < -3, cts
-    assert report["copying"]["scope"] == "both" and len(report["copying"]["flagged"]) == 18
+    assert report["copying"]["scope"] == "both" and len(report["copying"]["copying"]) == 18
     assert report["copying"]["collapsed"] == []
     assert all(r["distinct_nearest"] > 100 for r in report["layers"])
     pairs = report["closest"]["pairs"]
@@ -199,7 +204,8 @@ def test_heavy_noise_is_not_read_as_copying(digits_world):
     assert cts[0] > 2 and np.median(cts) > 2 and (cts > 0).sum() >= 12, cts
     # Where C_T does drop below -2, the noise images crowd onto a few hub training
     # images, and the report says so; none is nearest to its own source.
-    assert set(report["copying"]["flagged"]) <= set(report["copying"]["collapsed"])
+    assert report["copying"]["flagged"] == report["copying"]["collapsed"]
+    assert report["copying"]["copying"] == [] and report["copying"]["scope"] == "none"
     pairs = report["closest"]["pairs"]
     assert len(pairs) == 8
     assert not any(p["train_image"].endswith("/T/" + p["image"]) for p in pairs)

@@ -20,7 +20,8 @@ def _print_report(report: dict[str, Any]) -> None:
     _print_table(
         ["layer", "C_T", "cells kept", "status", "distinct NN", f"C_T < {threshold:g}"],
         [[r["layer"], _fmt(r["ct"]), sum(c["kept"] for c in r["cells"]), r["status"],
-          r["distinct_nearest"], "COPYING" if r["flagged"] else ""]
+          r["distinct_nearest"],
+          "hub crowd" if r["collapsed"] else "COPYING" if r["flagged"] else ""]
          for r in report["layers"]],
         title=f"{report['folder']} ({report['n_images']} images) vs baseline "
               f"{report['baseline']['name']}",
