@@ -126,6 +126,7 @@ class DemoResult:
     sizes: DemoSizes
     encoder: str
     weights: str
+    fingerprint: str = "paper"
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -167,6 +168,7 @@ class DemoResult:
             "out": self.out,
             "encoder": self.encoder,
             "weights": self.weights,
+            "fingerprint": self.fingerprint,
             "sizes": asdict(self.sizes),
             "seconds": self.seconds,
         }
@@ -208,6 +210,7 @@ def run_demo(
     sizes: DemoSizes | None = None,
     generators: tuple[Generator, ...] | None = None,
     seed: int = 0,
+    fingerprint: str = "paper",
     device: str = "cpu",
     cache_dir: Any = None,
     progress: bool = False,
@@ -225,6 +228,7 @@ def run_demo(
         sizes: override the data sizes (see :class:`DemoSizes`).
         generators: override the generators.
         seed: seed of the split, the sampling and every generator.
+        fingerprint: what attribution matches on (``paper``, ``setstats``, ...).
         device: torch device.
         cache_dir: embedding cache (None: the default cache folder).
         progress: show progress bars on stderr.
@@ -299,7 +303,7 @@ def run_demo(
     rows = []
     for gen, folder in queries:
         a = pipeline.attribute(folder, baseline=BASELINE_NAME, n_boot=sizes.n_boot, seed=seed,
-                               tau=sizes.tau, **common)
+                               tau=sizes.tau, fingerprint=fingerprint, **common)
         d = a.decision
         correct = (not d.unknown and d.family == gen.family) if gen.enrolled else d.unknown
         rows.append(DemoRow(gen.label, gen.model, gen.checkpoint, gen.family, gen.enrolled,
@@ -309,4 +313,5 @@ def run_demo(
     timings["attribute"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     shutil.rmtree(data / "sources", ignore_errors=True)
-    return DemoResult(rows, str(bank_path), str(root), sizes, encoder, str(weights), timings)
+    return DemoResult(rows, str(bank_path), str(root), sizes, encoder, str(weights),
+                      fingerprint, timings)

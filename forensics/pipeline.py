@@ -37,13 +37,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from forensics import fingerprints as fpmod
 from forensics.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError, InsufficientDataError
+
+if TYPE_CHECKING:
+    from forensics.attribute import Attribution
 
 PathLike = str | os.PathLike
 
@@ -689,7 +692,7 @@ def attribute(
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
-) -> Any:
+) -> Attribution:
     """Which enrolled generator made these images? Ranked, calibrated, with confidence.
 
     Args:
@@ -740,7 +743,7 @@ def attribute(
 def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
                emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
                drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
-               report: PathLike | None, tau: float | None) -> Any:
+               report: PathLike | None, tau: float | None) -> Attribution:
     from forensics.attribute import (
         Attribution,
         Decision,
@@ -769,7 +772,7 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     mask = fpmod.entry_mask(fp, dims, keep)
     if mask.shape[0] != ref_vecs.shape[1]:
         raise BankError(f"enrolled {fp.name!r} fingerprints have {ref_vecs.shape[1]} values "
-                        f"but the suspect's has {mask.shape[0]}; re-enroll with this fp")
+                        f"but the suspect's has {mask.shape[0]}; re-enroll them with this fp")
     mname, mobj = fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(dims, keep,
                                                                           strict=True) if k])
     query, R = res.fingerprints[fp.name][mask], ref_vecs[:, mask]

@@ -465,7 +465,7 @@ def test_writer_killed_mid_write_loses_nothing(bank, bid, tmp_path):
                              str(signal_file)], env=_run_env())
     try:
         deadline = time.monotonic() + 60
-        while not signal_file.exists():
+        while not (signal_file.exists() and signal_file.read_text()):  # written, not just created
             assert proc.poll() is None, "writer exited before reaching the critical section"
             assert time.monotonic() < deadline
             time.sleep(0.02)

@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick",
                                    help="Two generator families and fewer images (seconds)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling, generators."),
+        fingerprint: str = typer.Option("paper", "--fingerprint",
+                                        help="What attribution matches on (fp list "
+                                             "fingerprints)."),
         device: str = typer.Option("cpu", "--device", help="cpu, auto, cuda or cuda:N."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No step-by-step messages."),
@@ -34,7 +37,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(msg, err=True)
 
         result = run_demo(out, bank=bank, encoder=encoder, weights=weights, quick=quick,
-                          seed=seed, device=device, echo=say)
+                          seed=seed, fingerprint=fingerprint, device=device, echo=say)
         if as_json:
             echo_json(result.to_dict())
             return
@@ -46,7 +49,7 @@ def register(app: typer.Typer) -> None:
               "-" if r.confidence is None else f"{r.confidence:.2f}",
               "yes" if r.correct else "NO"] for r in result.rows],
             title=f"fp demo: attribution of fresh samples ({result.encoder}, "
-                  f"weights {result.weights})",
+                  f"weights {result.weights}, fingerprint {result.fingerprint})",
         )
         typer.echo(result.summary())
         typer.echo(f"Bank: {result.bank}   images: {result.out}/data")

@@ -31,6 +31,12 @@ def _quiet() -> Any:
     return typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
+def _weights() -> Any:
+    return typer.Option(None, "--weights",
+                        help="Where the baseline's encoder weights are now, if they moved "
+                             "(their SHA-256 must match) [default: as at build time].")
+
+
 def _tau() -> Any:
     return typer.Option(None, "--tau", min=0.0,
                         help="Cell threshold on the set's share [default: 20/m].")
@@ -116,6 +122,7 @@ def curve_cmd(
                                  help="With --json: per-image cell, distance, nearest T index."),
     plot: Path = typer.Option(None, "--plot", help="Also save the curve as a PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    weights: str = _weights(),
     device: str = _device(),
     batch_size: int = _batch(),
     no_cache: bool = _no_cache(),
@@ -126,7 +133,7 @@ def curve_cmd(
     from forensics.pipeline import compute_curve
 
     res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=details,
-                        **_common(device, batch_size, no_cache, quiet, as_json))
+                        weights=weights, **_common(device, batch_size, no_cache, quiet, as_json))
     curve = res.curve
     if plot is not None:
         from forensics.report import plot_curves
@@ -158,6 +165,7 @@ def enroll_cmd(
     notes: str = typer.Option(None, "--notes", help="Free text."),
     tau: float = _tau(),
     as_json: bool = typer.Option(False, "--json", help="Print the new rows as JSON."),
+    weights: str = _weights(),
     device: str = _device(),
     batch_size: int = _batch(),
     no_cache: bool = _no_cache(),
@@ -170,7 +178,8 @@ def enroll_cmd(
     b = open_bank(bank)
     ids = enroll(folder, baseline=baseline, model=model, family=family, checkpoint=checkpoint,
                  per_curve=per_curve, split=split, bank=b, tau=tau, source=source, notes=notes,
-                 echo=_err, **_common(device, batch_size, no_cache, quiet, as_json))
+                 weights=weights, echo=_err,
+                 **_common(device, batch_size, no_cache, quiet, as_json))
     if as_json:
         echo_json(b.curves(curve_id=ids))
         return
@@ -201,6 +210,7 @@ def attribute_cmd(
     report: Path = typer.Option(None, "--report",
                                 help="Write attribution.json and attribution.png here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    weights: str = _weights(),
     device: str = _device(),
     batch_size: int = _batch(),
     no_cache: bool = _no_cache(),
@@ -213,7 +223,7 @@ def attribute_cmd(
     result = attribute(folder, baseline=baseline, matcher=matcher, fingerprint=fingerprint,
                        top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
                        seed=seed, quantile=quantile, tau=tau, bank=bank, report=report,
-                       **_common(device, batch_size, no_cache, quiet, as_json))
+                       weights=weights, **_common(device, batch_size, no_cache, quiet, as_json))
     if as_json:
         echo_json(result.to_dict())
         return
