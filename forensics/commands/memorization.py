@@ -67,9 +67,12 @@ def register(app: typer.Typer) -> None:
         quiet: bool = _quiet(),
         bank: Path | None = bank_option(),
     ) -> None:
-        """Layer-wise C_T with per-cell detail: which layers indicate copying (C_T below
-        --threshold), low-level (early layers) or high-level (late layers), and the
-        generated images closest to a training image."""
+        """Does a generator copy its training images? Layer-wise C_T and closest pairs.
+
+        Shows C_T per layer with per-cell detail, the layers that indicate copying (C_T
+        below --threshold), whether that is low-level (early layers) or high-level (late
+        layers), and the generated images closest to a training image.
+        """
         from forensics.memorization import memorization_report, write_report
         from forensics.pipeline import compute_curve, train_manifest
 
