@@ -30,6 +30,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.pipeline",
     "forensics.commands.demo",
     "forensics.commands.invmm",
+    "forensics.commands.evaluate",
+    "forensics.commands.memorization",
 )
 
 

@@ -154,3 +154,154 @@ def read_layerchoice(path: str | Path, *, default_split: str | None = None) -> l
     if not curves:
         raise InputError(f"curve file {path} holds no curves")
     return curves
+
+
+# -- importing into the bank ------------------------------------------------------------
+
+#: Formats :func:`import_curves` reads.
+FORMATS = ("layerchoice",)
+
+#: Baseline that imported LayerChoice curves are filed under unless told otherwise.
+LAYERCHOICE_BASELINE = "layerchoice-vit-b16-cifar10"
+
+#: The one file in a descriptive baseline's folder: the settings, as JSON.
+DESCRIPTION_FILE = "external-curves.json"
+
+#: Stands in for hashes the authors did not publish (weights, image manifests).
+UNKNOWN = "unknown"
+
+#: Bank parameter columns of the authors' settings (tau = 20/m with m = 500).
+_LAYERCHOICE_COLUMNS: dict[str, Any] = {
+    "partitioner": "kmeans",
+    "distance": "abscosine",
+    "tau": 20 / LAYERCHOICE_SETTINGS["m"],
+    "pooling": "cls",
+}
+
+
+def layerchoice_baseline_row(name: str, layers: list[str]) -> dict[str, Any]:
+    """A descriptive bank baseline row for the authors' curves.
+
+    It records how they were computed (:data:`LAYERCHOICE_SETTINGS`) but holds no engine
+    files, so it can file and evaluate their curves and never measure new ones. Hashes
+    the authors did not publish are :data:`UNKNOWN`.
+    """
+    return {
+        "name": name,
+        "encoder": LAYERCHOICE_SETTINGS["encoder"],
+        "weights_sha256": UNKNOWN,
+        "layers": list(layers),
+        "train_manifest_sha256": UNKNOWN,
+        "heldout_manifest_sha256": UNKNOWN,
+        **_LAYERCHOICE_COLUMNS,
+        "params": {"external": True, "pca_dim": 64, "n_cells": LAYERCHOICE_SETTINGS["n_cells"],
+                   "settings": LAYERCHOICE_SETTINGS},
+        "notes": (
+            "curves computed by the authors of the C_T-layer paper with their own code; "
+            "descriptive only: no engine files, so fp cannot measure new curves against it"
+        ),
+    }
+
+
+def _free_model_name(name: str, taken: set[str]) -> str:
+    """``name``, else ``name#2``, ``name#3``, ... whichever is free first."""
+    k = 1
+    while (label := name if k == 1 else f"{name}#{k}") in taken:
+        k += 1
+    return label
+
+
+def import_curves(
+    bank: Any,
+    path: str | Path,
+    *,
+    fmt: str = "layerchoice",
+    baseline: str | None = None,
+    default_split: str | None = None,
+) -> dict[str, Any]:
+    """Add the curves of a file written by another tool to a bank.
+
+    The curves are filed under a descriptive baseline (created on first use, see
+    :func:`layerchoice_baseline_row`), so that they are never mixed with curves that
+    ``fp`` measured. Model names stay unique within that baseline: a name already there
+    gets the next free ``#k`` suffix. A file already imported into that baseline (same
+    SHA-256) is refused.
+
+    Args:
+        bank: a :class:`refbank.Bank`.
+        path: the curve file.
+        fmt: its format (:data:`FORMATS`).
+        baseline: the baseline to file them under (default :data:`LAYERCHOICE_BASELINE`).
+        default_split: split of curves whose name carries none (see
+            :func:`read_layerchoice`).
+
+    Returns:
+        ``{"baseline", "baseline_id", "created_baseline", "file", "curve_ids", "models",
+        "n_enroll", "n_query"}``.
+
+    Raises:
+        InputError: unknown format, or an unreadable or malformed file.
+        BankError: the file was imported before, or the baseline was built with another
+            encoder or layers.
+    """
+    import json
+
+    from forensics.errors import BankError
+
+    if fmt not in FORMATS:
+        raise InputError(f"unknown curve format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    curves = read_layerchoice(path, default_split=default_split)
+    name = baseline or LAYERCHOICE_BASELINE
+    layers = curves[0]["layers"]
+    existing = {b["name"]: b for b in bank.baselines()}
+    created = name not in existing
+    if created:
+        row = layerchoice_baseline_row(name, layers)
+        text = json.dumps({"format": fmt, "settings": LAYERCHOICE_SETTINGS}, indent=2) + "\n"
+        bid = bank.add_baseline(row, save=lambda d: (d / DESCRIPTION_FILE).write_text(text))
+    else:
+        bid = existing[name]["baseline_id"]
+    sha256 = curves[0]["provenance"]["sha256"]
+    rows_there = bank.curves(baseline_id=bid)
+    for row in rows_there:
+        if json.loads(row["params_json"]).get("file_sha256") == sha256:
+            raise BankError(
+                f"{Path(path).name} (SHA-256 {sha256[:12]}...) is already imported under "
+                f"baseline {name!r} in {bank.path} (e.g. curve {row['curve_id']}); remove "
+                f"those curves first (fp bank remove ID...) to import it again"
+            )
+    taken = {row["model"] for row in rows_there}
+    rows = []
+    for curve in curves:
+        model = _free_model_name(curve["name"], taken)
+        taken.add(model)
+        prov = curve["provenance"]
+        rows.append({
+            "model": model,
+            "family": curve["family"],
+            "checkpoint": curve["name"],
+            "source": f"{prov['file']}:{prov['line']} ({LAYERCHOICE_SETTINGS['source']})",
+            "split": curve["split"],
+            "encoder": LAYERCHOICE_SETTINGS["encoder"],
+            "weights_sha256": UNKNOWN,
+            "baseline_id": bid,
+            "layers": curve["layers"],
+            "values": curve["values"],
+            "n_images": LAYERCHOICE_SETTINGS["m"],
+            "manifest_sha256": UNKNOWN,
+            **_LAYERCHOICE_COLUMNS,
+            "params": {"format": fmt, "file": prov["file"], "file_sha256": sha256,
+                       "line": prov["line"], "name": curve["name"]},
+        })
+    ids = bank.add_curves(rows)
+    splits = [r["split"] for r in rows]
+    return {
+        "baseline": name,
+        "baseline_id": bid,
+        "created_baseline": created,
+        "file": str(path),
+        "curve_ids": ids,
+        "models": [r["model"] for r in rows],
+        "n_enroll": splits.count("enroll"),
+        "n_query": splits.count("query"),
+    }

@@ -297,3 +297,178 @@ def evaluate_curves(curves: Sequence[dict], **kwargs: Any) -> dict[str, Any]:
         names=[c.get("model", c.get("name", str(i))) for i, c in enumerate(curves)],
         **kwargs,
     )
+
+
+# -- curves of a bank ---------------------------------------------------------------------
+
+
+def select_curves(bank: Any, baseline: str | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """The curve rows of one baseline of ``bank``, and that baseline's row.
+
+    Curves of different baselines (other encoders, layers, reference data, or curves
+    imported from elsewhere) are never evaluated together.
+
+    Args:
+        bank: a :class:`refbank.Bank`.
+        baseline: baseline name or id; ``None``: the one baseline that has curves.
+
+    Raises:
+        BankError: no such baseline; or no name given and the curves belong to several
+            baselines (the message lists them with their curve counts).
+        InsufficientDataError: the baseline has no curves.
+    """
+    from forensics.errors import BankError
+
+    if baseline:
+        row = bank.get_baseline(baseline)
+        curves = bank.curves(baseline_id=row["baseline_id"])
+        if not curves:
+            raise InsufficientDataError(
+                f"baseline {row['name']!r} in {bank.path} has no curves; enroll some "
+                f"(fp enroll) or import some (fp bank import-curves)"
+            )
+        return row, curves
+    curves = bank.curves()
+    if not curves:
+        raise InsufficientDataError(
+            f"the bank at {bank.path} has no curves; enroll some (fp enroll) or import "
+            f"some (fp bank import-curves FILE --format layerchoice)"
+        )
+    counts: dict[str, int] = {}
+    for c in curves:
+        counts[c["baseline_id"]] = counts.get(c["baseline_id"], 0) + 1
+    names = {b["baseline_id"]: b["name"] for b in bank.baselines()}
+    if len(counts) > 1:
+        listed = ", ".join(f"{names.get(b, b)} ({n} curves)" for b, n in sorted(
+            counts.items(), key=lambda kv: names.get(kv[0], kv[0])))
+        raise BankError(
+            f"the curves in {bank.path} belong to several baselines: {listed}; choose one "
+            f"with --baseline NAME (curves of different baselines are not comparable)"
+        )
+    (bid,) = counts
+    return bank.get_baseline(bid), curves
+
+
+def evaluate_bank(
+    bank: Any,
+    baseline: str | None = None,
+    *,
+    matchers: str | Iterable[Any] = DEFAULT_MATCHERS,
+    protocol: str = "split",
+    drop_layers: Sequence[int] = (0,),
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """:func:`evaluate` on the curves of one baseline of a bank, with the paper's baseline
+    method (mean/std/FID, see :mod:`forensics.setstats`) side by side where the curves
+    carry it.
+
+    Args:
+        bank: a :class:`refbank.Bank`.
+        baseline: see :func:`select_curves`.
+        matchers, protocol, drop_layers, n_boot, seed, level: as in :func:`evaluate`.
+
+    Returns:
+        :func:`evaluate`'s dict (``matchers`` holds the C_T-layer results), plus
+        ``baseline`` (name, id, encoder, number of layers), ``method`` and ``comparison``:
+        ``{"setstats": {"available": bool, "reason" | "matchers": ...}}``.
+
+    Raises:
+        As :func:`select_curves` and :func:`evaluate`.
+    """
+    base, rows = select_curves(bank, baseline)
+    result = evaluate_curves(rows, matchers=matchers, protocol=protocol,
+                             drop_layers=drop_layers, n_boot=n_boot, seed=seed, level=level)
+    names = list(result["matchers"])
+    out: dict[str, Any] = {
+        "baseline": {"name": base["name"], "baseline_id": base["baseline_id"],
+                     "encoder": base["encoder"], "n_layers": len(base["layers"])},
+        "method": "C_T-layer curves",
+        **result,
+    }
+    out["comparison"] = {
+        "setstats": setstats_comparison(rows, names, protocol=protocol, n_boot=n_boot,
+                                        seed=seed, level=level)
+    }
+    return out
+
+
+#: Name of the fingerprint holding the paper's mean/std/FID baseline vector.
+SETSTATS = "setstats"
+
+
+def _unavailable(reason: str) -> dict[str, Any]:
+    return {"available": False, "reason": reason}
+
+
+def setstats_comparison(
+    rows: Sequence[dict],
+    matcher_names: Sequence[str],
+    *,
+    protocol: str = "split",
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """The paper's baseline method on the same curves: their stored ``setstats`` vectors.
+
+    Each curve enrolled by ``fp`` stores, besides its C_T values, the set's per-layer
+    feature mean, std and FID against T (``fingerprints_json``, see
+    :mod:`forensics.setstats`). They are matched with the authors' rule for ``l2`` /
+    ``cosine`` / ``combined`` over every layer (the authors drop nothing here), with the
+    same protocol, splits and bootstrap seed as the curves.
+
+    Returns:
+        ``{"available": True, "method", "matchers": {...}, "skipped_matchers"}`` (as in
+        :func:`evaluate`), or ``{"available": False, "reason"}`` when some curve has no
+        such vector (e.g. curves imported from files), or the vectors disagree in length.
+    """
+    from forensics.setstats import BaselineMatcher, baseline_matchers
+    from refbank.bank import curve_fingerprints
+
+    vectors, missing = [], []
+    for row in rows:
+        vec = curve_fingerprints(row).get(SETSTATS)
+        if vec is None:
+            missing.append(row["model"])
+        else:
+            vectors.append(np.asarray(vec, dtype=np.float64))
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        return _unavailable(
+            f"{len(missing)} of {len(rows)} curves carry no {SETSTATS!r} vector ({shown}): "
+            f"curves imported from files, or enrolled without it, have only their C_T "
+            f"values; enroll image folders with fp enroll to compare with the paper's "
+            f"mean/std/FID baseline"
+        )
+    widths = {v.size for v in vectors}
+    n_layers = len(rows[0]["layers"])
+    width = vectors[0].size
+    if len(widths) != 1 or (width - n_layers) <= 0 or (width - n_layers) % 2:
+        return _unavailable(
+            f"the {SETSTATS!r} vectors have lengths {sorted(widths)}, which do not fit the "
+            f"layout [means, stds, FIDs] of {n_layers} layers"
+        )
+    dim = (width - n_layers) // 2
+    paper = {m.name: m for m in baseline_matchers([1])}
+    objs = [BaselineMatcher(n, paper[n].alpha, dim, n_layers, paper[n].description)
+            for n in matcher_names if n in paper]
+    skipped = [n for n in matcher_names if n not in paper]
+    if not objs:
+        return _unavailable(
+            f"the paper's baseline method is defined for the matchers "
+            f"{', '.join(paper)}; none of them was asked for"
+        )
+    result = evaluate(
+        np.stack(vectors), [r["family"] for r in rows], [r.get("split") for r in rows],
+        names=[r["model"] for r in rows], matchers=objs, protocol=protocol, drop_layers=(),
+        n_boot=n_boot, seed=seed, level=level,
+    )
+    return {
+        "available": True,
+        "method": "feature mean, std and FID against T per layer (the paper's baseline)",
+        "vector_length": width,
+        "skipped_matchers": skipped,
+        "matchers": result["matchers"],
+    }

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ DEFAULT_PER_CURVE = 500
 DEFAULT_N_BOOT = 100
 #: How tau is chosen when none is given (recorded in provenance).
 TAU_RULE = "20/m"
+#: T's manifest (relative paths and SHA-256 of the training images, in T's row order),
+#: stored in each baseline's folder so reports can show the training image behind an index.
+TRAIN_MANIFEST_FILE = "train_manifest.json"
 
 
 # -- the bank and its baselines ----------------------------------------------------------
@@ -111,7 +115,6 @@ def load_baseline(name: str | None = None, *, bank: Any = None,
         BankError: no such baseline, none at all, or several and no name given.
         InputError: its files are missing or damaged.
     """
-    import json
 
     from forensics.baseline import Baseline
 
@@ -247,11 +250,40 @@ def build_baseline(
 
     def save(folder: Path) -> None:
         engine.save(folder)
+        (folder / TRAIN_MANIFEST_FILE).write_text(json.dumps(T.manifest.to_dict()) + "\n")
         for fp_name, arrays in extras.items():
             fpmod.save_extras(folder, fp_name, arrays)
 
     b.add_baseline(row, save=save)
     return b.get_baseline(name)
+
+
+def train_manifest(loaded: LoadedBaseline) -> Any:
+    """T's :class:`~forensics.images.Manifest` for a baseline, or ``None`` if unknown.
+
+    Read from the baseline's ``train_manifest.json``; for a baseline stored without it,
+    T's folder (recorded at build time) is scanned again and used only if its manifest
+    hash still equals the baseline's ``train_manifest_sha256``. Row ``i`` of T is entry
+    ``i`` of the manifest.
+    """
+    from forensics.images import Manifest, scan_folder
+
+    row = loaded.row
+    path = loaded.folder / TRAIN_MANIFEST_FILE
+    if path.is_file():
+        try:
+            manifest = Manifest.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    else:
+        folder = loaded.params.get("train_folder")
+        if not folder or not Path(folder).is_dir():
+            return None
+        try:
+            manifest = scan_folder(folder, skip_bad=True)
+        except InputError:
+            return None
+    return manifest if manifest.sha256 == row["train_manifest_sha256"] else None
 
 
 def _prepare_fingerprints(T: Embeddings, P: Embeddings, engine: Any) -> dict[str, dict]:

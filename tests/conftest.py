@@ -15,6 +15,10 @@ os.environ["FP_LOAD_PLUGINS"] = ""
 # Spinning OpenMP waiters (torch, sklearn) slow small parallel regions by orders of
 # magnitude when the CPU is shared; set before any test imports them.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Test arrays are tiny: one BLAS/OpenMP thread is faster than a pool fighting over two
+# cores, and results do not depend on it (the engine is deterministic per machine).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

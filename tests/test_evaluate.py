@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from forensics.cli import app
 from forensics.curvefiles import read_layerchoice
 from forensics.errors import InputError, InsufficientDataError, UnknownNameError
 from forensics.evaluate import bootstrap_ci, evaluate, evaluate_curves, truncate3
+from refbank import Bank
 
 # Table 1 of He et al. (2024), C_T-layer rows: (file, matcher, printed accuracy, correct of 6).
 TABLE1 = [
@@ -202,3 +207,189 @@ def test_nan_scores_never_win_and_output_is_strict_json():
     blind = evaluate(SYN, SYN_FAM, protocol="loo", matchers=[Blind()], drop_layers=(), n_boot=0)
     assert all(p["score"] is None for p in blind["matchers"]["blind"]["predictions"])
     json.dumps(blind, allow_nan=False)
+
+
+# -- through the bank and the CLI --------------------------------------------------------------
+
+runner = CliRunner()
+PAPER_BASELINE = "layerchoice-vit-b16-cifar10"
+
+
+def fp(*args, bank):
+    return runner.invoke(app, [*map(str, args), "--bank", str(bank)])
+
+
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [("Fsmall_score.txt", {"l2": 0.666, "cosine": 0.666, "combined": 0.833}),
+     ("Ffull_score.txt", {"l2": 1.000, "cosine": 0.833, "combined": 1.000})],
+)
+def test_table1_through_the_cli(shared_dir, tmp_path, filename, expected):
+    bank = tmp_path / "bank"
+    result = fp("bank", "import-curves", shared_dir / "paper" / filename, "--format",
+                "layerchoice", bank=bank)
+    assert result.exit_code == 0, result.output
+    assert f"under baseline '{PAPER_BASELINE}' (created)" in result.output
+    result = fp("evaluate", "--json", bank=bank)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {k: m["accuracy_3dp"] for k, m in data["matchers"].items()} == expected
+    assert data["baseline"]["name"] == PAPER_BASELINE and data["n_queries"] == 6
+    assert data["drop_layers"] == [0] and data["n_values_used"] == 11
+    for m in data["matchers"].values():
+        assert m["total"] == 6 and m["ci"]["low"] <= m["accuracy"] <= m["ci"]["high"]
+        assert sum(map(sum, m["confusion"]["matrix"])) == 6
+    setstats = data["comparison"]["setstats"]
+    assert setstats["available"] is False and "no 'setstats' vector" in setstats["reason"]
+    text = fp("evaluate", bank=bank).output
+    assert "C_T-layer accuracy" in text and "not available" in text
+    assert f"{expected['combined']:.3f}" in text and "Confusion matrix, combined" in text
+
+
+def test_imported_rows_record_the_authors_settings(shared_dir, tmp_path):
+    bank = Bank(tmp_path / "bank")
+    path = shared_dir / "paper" / "Fsmall_score.txt"
+    fp("bank", "import-curves", path, bank=bank.path)
+    base = bank.get_baseline(PAPER_BASELINE)
+    assert base["encoder"] == "google/vit-base-patch16-224-in21k"
+    assert base["layers"] == [f"hidden_{i}" for i in range(12)]
+    assert (base["partitioner"], base["distance"], base["tau"]) == ("kmeans", "abscosine", 0.04)
+    assert json.loads(base["params_json"])["pca_dim"] == 64
+    rows = bank.curves()
+    assert [r["model"] for r in rows][:2] == ["ContraGAN_test_batch", "ContraGAN_train_batch"]
+    assert rows[0]["split"] == "query" and rows[1]["split"] == "enroll"
+    params = json.loads(rows[0]["params_json"])
+    assert params["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert params["line"] == 1 and rows[0]["n_images"] == 500
+    assert rows[0]["values"] == read_layerchoice(path)[0]["values"].tolist()
+    assert bank.verify().ok
+
+
+def test_both_paper_files_in_one_bank(shared_dir, tmp_path):
+    bank = tmp_path / "bank"
+    paper = shared_dir / "paper"
+    assert fp("bank", "import-curves", paper / "Fsmall_score.txt", bank=bank).exit_code == 0
+    again = fp("bank", "import-curves", paper / "Fsmall_score.txt", bank=bank)
+    assert again.exit_code == 1 and "already imported" in again.output
+    assert fp("bank", "import-curves", paper / "Ffull_score.txt", bank=bank).exit_code == 0
+    rows = Bank(bank).curves()
+    models = [r["model"] for r in rows]
+    assert len(rows) == 30 and len(set(models)) == 30
+    assert {"ContraGAN_train_batch", "ContraGAN_train_batch#2",
+            "ContraGAN_train_batch#3"} <= set(models)
+    # The full file again, in a baseline of its own: evaluation must then be told which.
+    result = fp("bank", "import-curves", paper / "Ffull_score.txt", "--baseline", "paper-full",
+                bank=bank)
+    assert result.exit_code == 0, result.output
+    result = fp("evaluate", bank=bank)
+    assert result.exit_code == 1
+    assert f"{PAPER_BASELINE} (30 curves), paper-full (18 curves)" in result.output
+    data = json.loads(fp("evaluate", "--baseline", "paper-full", "--json", "--matcher", "all",
+                         bank=bank).output)
+    assert data["matchers"]["cosine"]["accuracy_3dp"] == 0.833
+    loo = json.loads(fp("evaluate", "--baseline", "paper-full", "--protocol", "loo", "--json",
+                        "--n-boot", "0", bank=bank).output)
+    assert loo["n_queries"] == 18 and loo["matchers"]["l2"]["ci"] is None
+
+
+def test_import_curves_errors(shared_dir, tmp_path):
+    bank = tmp_path / "bank"
+    plain = shared_dir / "paper" / "model_ct_scores_small.txt"
+    result = fp("bank", "import-curves", plain, bank=bank)
+    assert result.exit_code == 1 and "no '_train' or '_test' part" in result.output
+    result = fp("bank", "import-curves", plain, "--split", "enroll", bank=bank)
+    assert result.exit_code == 0 and ": 12 enroll, 0 query" in result.output.replace("\n", " ")
+    bad = fp("bank", "import-curves", plain, "--format", "csv", bank=tmp_path / "b2")
+    assert bad.exit_code == 1 and "choose one of: layerchoice" in bad.output
+    split = json.loads(fp("evaluate", "--json", "--protocol", "loo", "--n-boot", "0",
+                          bank=bank).output)
+    assert split["n_queries"] == 12
+    none = fp("evaluate", bank=bank)  # every curve is enrolled: split has no queries
+    assert none.exit_code == 1 and "use protocol 'loo'" in none.output
+    empty = fp("evaluate", bank=tmp_path / "empty")
+    assert empty.exit_code == 1 and "fp bank import-curves" in empty.output
+
+
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory):
+    """A bank of fp-made curves: 3 pathological families of digits, seeded tiny ViT."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from forensics import pipeline
+    from forensics.demo import _write_pngs, digit_images
+    from forensics.synth import synth_folder
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # thread pools cost more than these small jobs on a shared CPU
+    root = tmp_path_factory.mktemp("evaluate")
+    images = digit_images()
+    order = np.random.default_rng(2).permutation(len(images))
+    _write_pngs(images, order[:200], root / "T")
+    _write_pngs(images, order[200:300], root / "P")
+    _write_pngs(images, order[:120], root / "src")
+    bank = Bank(root / "bank")
+    kw = {"bank": bank, "device": "cpu", "cache_dir": root / "cache", "progress": False}
+    with threadpool_limits(limits=1):
+        pipeline.build_baseline("tiny", root / "T", root / "P", encoder="vit-tiny-demo",
+                                weights="random:0", n_cells=2, **kw)
+        for kind, params in (("noise", {"sigma": 24.0}), ("shuffle", {"grid": 4}),
+                             ("rotate", {"angle": 90.0})):
+            synth_folder(kind, root / "src", root / kind, seed=0, **params)
+            for split, part in (("enroll", slice(0, 80)), ("query", slice(80, 120))):
+                (root / f"{kind}-{split}").mkdir()
+                for f in sorted((root / kind).glob("*.png"))[part]:
+                    shutil.copy(f, root / f"{kind}-{split}" / f.name)
+                pipeline.enroll(root / f"{kind}-{split}", baseline="tiny", model=f"{kind}-gen",
+                                family=kind, per_curve=40, split=split, tau=0.25, **kw)
+    torch.set_num_threads(before)
+    return bank
+
+
+def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
+    from forensics.pipeline import load_baseline
+    from forensics.setstats import baseline_matchers
+    from refbank.bank import curve_fingerprints
+
+    result = fp("evaluate", "--json", "--seed", "3", bank=enrolled.path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["baseline"]["name"] == "tiny" and data["n_vectors"] == 9
+    assert data["n_queries"] == 3 and data["n_enrolled"] == 6
+    setstats = data["comparison"]["setstats"]
+    assert setstats["available"] is True and setstats["skipped_matchers"] == []
+    assert set(setstats["matchers"]) == set(data["matchers"]) == {"l2", "cosine", "combined"}
+    # The same numbers as evaluating the stored vectors with the layer dimensions known.
+    rows = enrolled.curves()
+    dims = load_baseline("tiny", bank=enrolled).dims
+    direct = evaluate(np.stack([curve_fingerprints(r)["setstats"] for r in rows]),
+                      [r["family"] for r in rows], [r["split"] for r in rows],
+                      names=[r["model"] for r in rows], matchers=baseline_matchers(dims),
+                      drop_layers=(), seed=3)
+    for name, m in setstats["matchers"].items():
+        assert m["predictions"] == direct["matchers"][name]["predictions"]
+        assert m["ci"] == direct["matchers"][name]["ci"]
+    curves = evaluate(np.stack([r["values"] for r in rows]), [r["family"] for r in rows],
+                      [r["split"] for r in rows], names=[r["model"] for r in rows], seed=3)
+    assert data["matchers"]["combined"]["predictions"] == \
+        curves["matchers"]["combined"]["predictions"]
+    text = fp("evaluate", bank=enrolled.path).output
+    assert "C_T-layer accuracy" in text and "mean/std/FID accuracy" in text
+
+
+def test_evaluate_with_a_plugin_matcher_skips_it_for_the_baseline_method(enrolled):
+    from forensics.setstats import _cos_rows
+
+    class Dot:
+        name = "dot"
+        description = "dot product"
+
+        def score(self, query, refs):
+            return _cos_rows(query, refs)
+
+    from forensics.evaluate import evaluate_bank
+
+    out = evaluate_bank(enrolled, matchers=[Dot(), "l2"], n_boot=0)
+    assert set(out["matchers"]) == {"dot", "l2"}
+    assert out["comparison"]["setstats"]["skipped_matchers"] == ["dot"]
+    assert set(out["comparison"]["setstats"]["matchers"]) == {"l2"}

@@ -1,4 +1,4 @@
-"""``fp bank list|show|remove|export|import|verify|info``: the reference bank.
+"""``fp bank list|show|remove|export|import|import-curves|verify|info``: the reference bank.
 
 :func:`bank_option` and :func:`open_bank` are how every command that uses the bank
 (``fp enroll``, ``fp attribute``, ``fp baseline ...``) takes ``--bank`` / ``FP_BANK``.
@@ -144,6 +144,38 @@ def import_cmd(
         f"Imported into {b.path}: {len(report.added_curves)} curve(s) and "
         f"{len(report.added_baselines)} baseline(s) added; {len(report.skipped_curves)} "
         f"curve(s) and {len(report.skipped_baselines)} baseline(s) already present."
+    )
+
+
+@bank_app.command("import-curves")
+def import_curves_cmd(
+    file: Path = typer.Argument(..., help="Curve file written by another tool."),
+    fmt: str = typer.Option("layerchoice", "--format",
+                            help="File format: layerchoice (the C_T-layer authors' files)."),
+    baseline: str | None = typer.Option(
+        None, "--baseline",
+        help="Baseline to file the curves under (default layerchoice-vit-b16-cifar10; "
+             "created if absent)."),
+    split: str | None = typer.Option(
+        None, "--split", help="Split (enroll or query) of curves whose name has no "
+                              "_train/_test part; default: such a curve is an error."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was imported as JSON."),
+    bank: Path | None = bank_option(),
+) -> None:
+    """Import curves computed elsewhere (e.g. the paper's own curve files)."""
+    from forensics.curvefiles import import_curves
+
+    b = open_bank(bank)
+    report = import_curves(b, file, fmt=fmt, baseline=baseline, default_split=split)
+    if as_json:
+        echo_json(report)
+        return
+    made = " (created)" if report["created_baseline"] else ""
+    typer.echo(
+        f"Imported {len(report['curve_ids'])} curve(s) from {file} into {b.path} under "
+        f"baseline {report['baseline']!r}{made}: {report['n_enroll']} enroll, "
+        f"{report['n_query']} query.\nEvaluate them with: fp evaluate --baseline "
+        f"{report['baseline']}"
     )
 
 
