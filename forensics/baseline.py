@@ -49,10 +49,10 @@ FORMAT = 1
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
 
-#: A query layer whose projection takes fewer multiply-adds than this runs it on one BLAS
+#: A query layer whose projection takes fewer multiply-adds than this runs on one BLAS
 #: thread: waking a thread pool for a small product costs more than it saves (several
-#: times more on a busy machine).
-SINGLE_THREAD_WORK = 2**25
+#: times more on a busy machine). Paper-sized layers (500 x 768 x 64) use every thread.
+SINGLE_THREAD_WORK = 2**22
 _blas_controller = None
 
 
@@ -260,6 +260,7 @@ class Baseline:
         self.layers = layers
         self.meta = meta
         self.device = device
+        self._prepared: dict[tuple[str, str], np.ndarray] = {}  # T rows ready for search
 
     @property
     def id(self) -> str:
@@ -389,22 +390,35 @@ class Baseline:
                 q_lab = lb.partition.cells(Zq)
             else:
                 q_lab = check_labels(q_lab, m, f"layer {lb.name!r}: Q_cells")
-        dQ = np.full(m, np.nan)
-        nn_index = np.full(m, -1, dtype=np.int64)
-        t_off = lb.t_offsets
-        for c in np.unique(q_lab):
-            if c >= t_off.shape[0] - 1 or t_off[c + 1] == t_off[c]:
-                continue
-            rows = np.flatnonzero(q_lab == c)
-            d, i = dist.nn(Zq[rows], lb.t_points[t_off[c] : t_off[c + 1]], device=self.device,
-                           return_index=True)
-            dQ[rows] = d
-            nn_index[rows] = lb.t_index[t_off[c] + i]
+            dQ, nn_index = self._nn_in_cells(lb, Zq, q_lab, dist)
         result = ct_from_distances(dQ, q_lab, lb.p_dist, lb.p_cells, lb.t_counts, tau,
                                    layer=lb.name)
         if details:
             result.details = {"cells": q_lab, "distance": dQ, "nn_index": nn_index}
         return result
+
+    def _nn_in_cells(self, lb: LayerBaseline, Zq: np.ndarray, q_lab: np.ndarray, dist: Any
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Each query row's distance to, and index in T of, its nearest T row in its cell."""
+        m = Zq.shape[0]
+        dQ = np.full(m, np.nan)
+        nn_index = np.full(m, -1, dtype=np.int64)
+        ref, prepared = lb.t_points, False
+        if hasattr(dist, "prepare_reference"):  # once per layer, not once per cell and query
+            key = (lb.name, dist.name)
+            if key not in self._prepared:
+                self._prepared[key] = dist.prepare_reference(lb.t_points)
+            ref, prepared = self._prepared[key], True
+        t_off = lb.t_offsets
+        for c in np.unique(q_lab):
+            if c >= t_off.shape[0] - 1 or t_off[c + 1] == t_off[c]:
+                continue
+            rows = np.flatnonzero(q_lab == c)
+            d, i = dist.nn(Zq[rows], ref[t_off[c] : t_off[c + 1]], device=self.device,
+                           return_index=True, prepared=prepared)
+            dQ[rows] = d
+            nn_index[rows] = lb.t_index[t_off[c] + i]
+        return dQ, nn_index
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Store the baseline in ``directory`` (created): ``arrays.npz`` and ``meta.json``.
