@@ -52,9 +52,39 @@ def test_matches_brute_force(name, data):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tiny_chunks_give_the_same_answer(name, data):
+def test_block_search_matches_brute_force(name, data, monkeypatch):
+    """Small searches take the numpy path; force the chunked torch path and compare."""
+    from fp_plugins import distances
+
     q, r = data
     dist = plugins.get("distances", name)
+    small, small_idx = dist.nn(q, r, return_index=True)
+    monkeypatch.setattr(distances, "NUMPY_WORK", 0)
+    d, idx = dist.nn(q, r, return_index=True)
+    full = brute(name, q, r)
+    np.testing.assert_allclose(d, full.min(axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(idx, full.argmin(axis=1))
+    np.testing.assert_allclose(d, small, rtol=1e-14, atol=1e-15)  # summation order only
+    np.testing.assert_array_equal(idx, small_idx)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prepared_reference_gives_identical_results(name, data):
+    q, r = data
+    dist = plugins.get("distances", name)
+    d, idx = dist.nn(q, r, return_index=True)
+    d2, idx2 = dist.nn(q, dist.prepare_reference(r), return_index=True, prepared=True)
+    np.testing.assert_array_equal(d, d2)
+    np.testing.assert_array_equal(idx, idx2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_chunks_give_the_same_answer(name, data, monkeypatch):
+    from fp_plugins import distances
+
+    q, r = data
+    dist = plugins.get("distances", name)
+    monkeypatch.setattr(distances, "NUMPY_WORK", 0)  # the chunked path, not the numpy one
     whole = dist.nn(q, r)
     # 200 bytes: reference chunks of 4 rows, query chunks of 6 rows; many blocks. Block
     # shapes change the matrix product's summation order, hence rounding only.
