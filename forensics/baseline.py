@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from forensics import __version__
+from forensics.atomic import atomic_write_text
 from forensics.ct import (
     STATUS_CONSTANT,
     STATUS_OK,
@@ -440,7 +441,7 @@ class Baseline:
             os.replace(tmp, d / ARRAYS_FILE)
         finally:
             tmp.unlink(missing_ok=True)
-        _atomic_write_text(d / META_FILE, json.dumps(dict(self.meta, arrays=digest), indent=2))
+        atomic_write_text(d / META_FILE, json.dumps(dict(self.meta, arrays=digest), indent=2))
         return d
 
     @classmethod
@@ -496,18 +497,6 @@ def _layer_meta(lb: LayerBaseline) -> dict[str, Any]:
         out["n_T"] = int(lb.t_offsets[-1])
         out["n_P"] = int(lb.p_offsets[-1])
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_or_build(

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from forensics import __version__
+from forensics.atomic import atomic_write_text
 from forensics.errors import InputError
 from forensics.images import Manifest, decode_rgb, scan_folder, to_rgb
 
@@ -286,7 +287,7 @@ class EmbeddingCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         info_path = self.dir / "info.json"
         if not info_path.exists():
-            _atomic_write_text(info_path, json.dumps(self._info, indent=2))
+            atomic_write_text(info_path, json.dumps(self._info, indent=2))
         chunk = self.dir / f"chunk-{uuid.uuid4().hex}.npz"
         tmp = self.dir / f".{chunk.name}.tmp"
         payload = {f"layer_{i:03d}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
@@ -296,12 +297,6 @@ class EmbeddingCache:
             os.replace(tmp, chunk)
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- datasets

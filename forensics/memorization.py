@@ -377,7 +377,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from forensics.report import _atomic_write_bytes
+    from forensics.atomic import atomic_write_bytes
 
     names = [r["layer"] for r in report["layers"]]
     values = np.array([np.nan if r["ct"] is None else r["ct"] for r in report["layers"]])
@@ -429,7 +429,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     target = Path(path)
-    _atomic_write_bytes(buf.getvalue(), target)
+    atomic_write_bytes(target, buf.getvalue())
     return target
 
 
@@ -440,13 +440,13 @@ def write_report(outdir: str | os.PathLike, report: dict[str, Any], *,
     Raises:
         InputError: ``outdir`` is a file.
     """
-    from forensics.report import _atomic_write_bytes
+    from forensics.atomic import atomic_write_bytes
 
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--report {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    _atomic_write_bytes(text.encode(), out / JSON_NAME)
+    atomic_write_bytes(out / JSON_NAME, text.encode())
     png = plot_report(report, out / PNG_NAME, suspect_root=suspect_root)
     return {"json": out / JSON_NAME, "png": png}

@@ -10,22 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from forensics.atomic import atomic_write_bytes
 from forensics.errors import InputError
 
 JSON_NAME = "attribution.json"
 PNG_NAME = "attribution.png"
-
-
-def _atomic_write_bytes(data: bytes, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(
@@ -73,7 +62,7 @@ def plot_curves(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     target = Path(path)
-    _atomic_write_bytes(buf.getvalue(), target)
+    atomic_write_bytes(target, buf.getvalue())
     return target
 
 
@@ -97,8 +86,8 @@ def write_report(outdir: str | os.PathLike[str], attribution: Any,
         raise InputError(f"--report {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     data = attribution.to_dict()
-    _atomic_write_bytes((json.dumps(data, indent=2, allow_nan=False) + "\n").encode(),
-                        out / JSON_NAME)
+    atomic_write_bytes(
+        out / JSON_NAME, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
     by_id = {r["curve_id"]: r for r in rows}
     refs = [
         (f"#{m.rank} {m.model} ({m.family}) {m.score:.3f}", by_id[m.curve_id]["values"])

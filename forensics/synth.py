@@ -27,13 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from forensics.atomic import atomic_write, atomic_write_text
 from forensics.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -210,15 +210,6 @@ def _open(path: Path) -> Image.Image:
     return img.convert("L" if img.mode in ("1", "I", "I;16", "F") else "RGB")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def synth_folder(
     kind: str,
     src: str | Path,
@@ -280,7 +271,7 @@ def synth_folder(
         result = _apply(kind, _open(src / rel), rng, p)
         dest = out / target
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(dest, lambda tmp, im=result: im.save(tmp, format="PNG"))
+        atomic_write(dest, lambda tmp, im=result: im.save(tmp, format="PNG"), fsync=False)
 
     manifest = {
         "kind": kind,
@@ -292,5 +283,5 @@ def synth_folder(
         "fp_version": __version__,
     }
     text = json.dumps(manifest, indent=2) + "\n"
-    _atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(out / MANIFEST, text)
     return manifest
