@@ -35,6 +35,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *,
         tmp.unlink(missing_ok=True)
 
 
+def atomic_savez(path: str | os.PathLike, arrays: dict, *, fsync: bool = True) -> None:
+    """Write ``arrays`` as a plain ``.npz`` to ``path`` atomically (no pickled objects)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a handle: np.savez would append ".npz" to a name
+            np.savez(fh, **arrays)
+
+    atomic_write(path, write, fsync=fsync)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))

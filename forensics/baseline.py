@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from forensics import __version__
-from forensics.atomic import atomic_write_text
+from forensics.atomic import atomic_savez, atomic_write_text
 from forensics.ct import (
     STATUS_CONSTANT,
     STATUS_OK,
@@ -432,15 +431,7 @@ class Baseline:
         arrays = {f"{i}.{k}": np.ascontiguousarray(v) for i, lb in enumerate(self.layers)
                   for k, v in lb.arrays().items()}
         digest = _digest_of({k: array_digest(v) for k, v in arrays.items()})
-        tmp = d / f".{ARRAYS_FILE}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / ARRAYS_FILE)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_savez(d / ARRAYS_FILE, arrays)
         atomic_write_text(d / META_FILE, json.dumps(dict(self.meta, arrays=digest), indent=2))
         return d
 

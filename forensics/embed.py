@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from forensics import __version__
-from forensics.atomic import atomic_write_text
+from forensics.atomic import atomic_savez, atomic_write, atomic_write_text
 from forensics.errors import InputError
 from forensics.images import Manifest, decode_rgb, scan_folder, to_rgb
 
@@ -112,17 +112,12 @@ class Embeddings:
         path = check_output_path(path)
         suffix = path.suffix.lower()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            if suffix == ".npz":
-                arrays = {f"layer_{i:03d}": a for i, a in enumerate(self.arrays)}
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, meta=np.array(json.dumps(self._meta())), **arrays)
-            else:
-                self._write_parquet(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        if suffix == ".npz":
+            arrays = {f"layer_{i:03d}": a for i, a in enumerate(self.arrays)}
+            atomic_savez(path, {"meta": np.array(json.dumps(self._meta())), **arrays},
+                         fsync=False)
+        else:
+            atomic_write(path, self._write_parquet, fsync=False)
         return path
 
     def _write_parquet(self, path: Path) -> None:
@@ -289,14 +284,8 @@ class EmbeddingCache:
         if not info_path.exists():
             atomic_write_text(info_path, json.dumps(self._info, indent=2))
         chunk = self.dir / f"chunk-{uuid.uuid4().hex}.npz"
-        tmp = self.dir / f".{chunk.name}.tmp"
         payload = {f"layer_{i:03d}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, sha256=np.array(hashes, dtype="S64"), **payload)
-            os.replace(tmp, chunk)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_savez(chunk, {"sha256": np.array(hashes, dtype="S64"), **payload}, fsync=False)
 
 
 # --------------------------------------------------------------------------- datasets

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from forensics.atomic import atomic_savez
 from forensics.errors import InputError
 
 #: The fingerprint used when none is named.
@@ -102,19 +102,11 @@ def extras_file(name: str) -> str:
 def save_extras(folder: str | os.PathLike, name: str, arrays: dict[str, np.ndarray]) -> Path:
     """Store a fingerprint's baseline arrays in ``folder`` atomically (plain ``.npz``)."""
     target = Path(folder) / extras_file(name)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     clean = {str(k): np.asarray(v).copy(order="C") for k, v in arrays.items()}
     for key, value in clean.items():
         if value.dtype == object:
             raise InputError(f"fingerprint {name!r}: array {key!r} is not numeric")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **clean)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_savez(target, clean)
     return target
 
 
