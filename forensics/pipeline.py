@@ -387,7 +387,8 @@ def _fingerprint_objects(names: Sequence[str] | None, loaded: LoadedBaseline,
         fp = fpmod.get(n)
         if loaded.extras(fp) is None:
             msg = (f"baseline {loaded.name!r} was built without the arrays of fingerprint "
-                   f"{fp.name!r}; rebuild the baseline (fp baseline build) to use it")
+                   f"{fp.name!r}; rebuild the baseline (fp baseline build) to use it, or "
+                   f"choose another fingerprint (--fingerprint paper)")
             if strict:
                 raise InputError(msg)
             notes.append(msg)
@@ -650,7 +651,7 @@ def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarra
     """The enrolled vectors of fingerprint ``fp`` (the paper's: the ``values`` column)."""
     from refbank.bank import curve_fingerprints
 
-    if fp.name == fpmod.DEFAULT_FINGERPRINT:
+    if fp.name == fpmod.PAPER_FINGERPRINT:
         return refs
     vecs, lacking = [], []
     for r in same_rows:
@@ -677,7 +678,7 @@ def attribute(
     *,
     baseline: str | None = None,
     matcher: str | None = None,
-    fingerprint: str = fpmod.DEFAULT_FINGERPRINT,
+    fingerprint: str | None = None,
     top: int = 5,
     drop_layers: Sequence[int] = (0,),
     n_boot: int = DEFAULT_N_BOOT,
@@ -701,7 +702,9 @@ def attribute(
             enrolled curve uses).
         matcher: ``l2``, ``cosine``, ``combined`` or a plugin's (None: the fingerprint's
             default, ``combined`` for the built-ins).
-        fingerprint: what is matched (``paper``: the C_T-layer curve; ``setstats``: the
+        fingerprint: what is matched (None: ``proj-mean-early``, the set mean of the
+            early layers' PCA projection, matched by ``zscore``; ``paper``: the C_T-layer
+            curve, with ``matcher="combined"`` the paper's method; ``setstats``: the
             paper's mean/std/FID baseline; or a plugin's).
         top: matches kept in the ranking.
         drop_layers: layer indices left out of matching (the paper drops layer 0).
@@ -728,7 +731,7 @@ def attribute(
     if not all_rows:
         raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
                         f"first: fp enroll DIR --baseline NAME --model M --family F")
-    fp = fpmod.get(fingerprint)
+    fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
     device = resolve_device(device)
     loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
     _fingerprint_objects([fp.name], loaded, strict=True)

@@ -1,4 +1,4 @@
-"""Built-in fingerprints: the paper's C_T-layer curve, and the paper's mean/std/FID baseline.
+"""Built-in fingerprints: the paper's C_T-layer curve, its mean/std/FID baseline, set means.
 
 See :mod:`forensics.fingerprints` for the protocol. ``paper`` is the curve itself (one
 C_T value per layer, matched by the ``l2`` / ``cosine`` / ``combined`` matchers).
@@ -6,6 +6,13 @@ C_T value per layer, matched by the ``l2`` / ``cosine`` / ``combined`` matchers)
 (:mod:`forensics.setstats`): per layer the set's feature mean, standard deviation and FID
 against T, laid out ``[means..., stds..., fids...]`` and matched by the authors' rule.
 T's per-layer Gaussian statistics are computed once when a baseline is built.
+
+``proj-mean`` and ``proj-mean-early`` (fp's default) summarise a set by the mean of its
+embeddings projected on T's leading principal axes (an exact PCA fitted on T when the
+baseline is built), per layer: all layers, or the early half of the network (layers
+``0 .. L // 2``), where low-level generator traits live. They are matched by ``zscore``,
+which weighs every entry by its spread over the enrolled vectors. On real samples of 11
+GAN architectures this attributes far better than the C_T curve (``docs/attribution.md``).
 """
 
 from __future__ import annotations
@@ -75,7 +82,153 @@ class SetStatsFingerprint:
         return {m.name: m for m in baseline_matchers(dims)}.get(name)
 
 
-FINGERPRINTS = (PaperFingerprint(), SetStatsFingerprint())
+#: Principal axes kept per layer by the projected-mean fingerprints.
+PROJ_DIM = 64
+
+
+def exact_pca(T, k):
+    """Mean and the ``k`` leading principal axes ``(k, D)`` of ``T`` (n, D), exactly.
+
+    The eigendecomposition of T's covariance (no randomised solver, so no seed): axes in
+    decreasing order of variance, each signed so that its largest-magnitude entry is
+    positive (a deterministic orientation).
+    """
+    import numpy as np
+
+    X = np.asarray(T, dtype=np.float64)
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    cov = Xc.T @ Xc / max(len(X) - 1, 1)
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1][:k]
+    axes = vecs[:, order].T.copy()
+    big = np.argmax(np.abs(axes), axis=1)
+    axes *= np.where(axes[np.arange(len(axes)), big] < 0, -1.0, 1.0)[:, None]
+    return mean, axes
+
+
+class ProjMeanFingerprint:
+    """Mean of the set's projection on T's leading principal axes, per selected layer.
+
+    Args:
+        name: registered name.
+        early: keep only layers ``0 .. L // 2`` (the early half of the network).
+        description: one line for ``fp list fingerprints``.
+    """
+
+    default_matcher = "zscore"
+
+    def __init__(self, name, early, description):
+        self.name, self.early, self.description = name, bool(early), description
+
+    def selected(self, n_layers):
+        """Indices of the layers this fingerprint summarises."""
+        return list(range(n_layers // 2 + 1)) if self.early else list(range(n_layers))
+
+    def prepare(self, ctx):
+        """T's mean and leading principal axes for each selected layer."""
+        out = {}
+        for i in self.selected(len(ctx.layers)):
+            T = ctx.train[i]
+            mean, axes = exact_pca(T, min(PROJ_DIM, T.shape[1]))
+            out[f"mean.{i}"], out[f"axes.{i}"] = mean, axes
+        return out
+
+    def compute(self, ctx):
+        """``[mean projection of layer i for each selected i]``."""
+        import numpy as np
+
+        from forensics.errors import InputError
+
+        parts = []
+        for i in self.selected(len(ctx.layers)):
+            try:
+                mean, axes = ctx.extras[f"mean.{i}"], ctx.extras[f"axes.{i}"]
+            except KeyError:
+                raise InputError(f"the baseline's {self.name} arrays lack layer {i} "
+                                 f"({ctx.layers[i]}); rebuild the baseline") from None
+            X = np.asarray(ctx.embeddings[i], dtype=np.float64)
+            parts.append((X.mean(axis=0) - mean) @ axes.T)
+        return np.concatenate(parts)
+
+    def entry_layers(self, dims):
+        """``min(64, D_i)`` entries for each selected layer ``i``."""
+        import numpy as np
+
+        sel = self.selected(len(dims))
+        return np.repeat(np.asarray(sel, dtype=np.int64), [min(PROJ_DIM, dims[i]) for i in sel])
+
+
+#: Weight of the C_T curve against the projected means in ``proj-mean-ct``'s matcher.
+CURVE_WEIGHT = 0.3
+
+
+class GroupedZScoreMatcher:
+    """``zscore`` on a vector of two parts, each part's mean squared z weighted.
+
+    The first ``n_head`` entries form one part (weight ``head_weight``), the rest the
+    other (weight 1): ``d^2 = (w * mean(z_head^2) + mean(z_tail^2)) / (w + 1)`` with
+    ``z`` each entry's difference in units of its spread over the enrolled vectors;
+    score ``1 / (1 + d)``. A part of 17 curve values is not drowned by 576 means.
+    """
+
+    def __init__(self, name, n_head, head_weight):
+        self.name, self.n_head, self.head_weight = name, int(n_head), float(head_weight)
+        self.description = "zscore with the C_T curve and the projected means weighed apart"
+
+    def score(self, query, refs):
+        """Similarity of ``query`` (L,) to each row of ``refs`` (N, L); higher is closer."""
+        import numpy as np
+
+        from fp_plugins.matchers import ZScoreMatcher
+
+        q = np.asarray(query, dtype=np.float64).reshape(-1)
+        r = np.atleast_2d(np.asarray(refs, dtype=np.float64))
+        h = self.n_head
+        parts = [(self.head_weight, slice(0, h)), (1.0, slice(h, q.size))]
+        total, weight = 0.0, 0.0
+        for w, sl in parts:
+            if sl.stop - sl.start <= 0:
+                continue
+            d = 1.0 / ZScoreMatcher().score(q[sl], r[:, sl]) - 1.0
+            total = total + w * d**2
+            weight += w
+        return 1.0 / (1.0 + np.sqrt(total / weight))
+
+
+class ProjMeanCurveFingerprint(ProjMeanFingerprint):
+    """The C_T curve (every layer) followed by ``proj-mean-early``: fp's default."""
+
+    def compute(self, ctx):
+        """``[C_T per layer..., mean projection of each early layer...]``."""
+        import numpy as np
+
+        return np.concatenate([np.nan_to_num(ctx.values, nan=0.0), super().compute(ctx)])
+
+    def entry_layers(self, dims):
+        """One curve entry per layer, then the early layers' projected means."""
+        import numpy as np
+
+        return np.concatenate([np.arange(len(dims)), super().entry_layers(dims)])
+
+    def matcher(self, name, dims):
+        """``zscore`` weighs the curve (the first ``len(dims)`` kept entries) apart."""
+        if name == "zscore":
+            return GroupedZScoreMatcher("zscore", len(dims), CURVE_WEIGHT)
+        return None
+
+
+FINGERPRINTS = (
+    PaperFingerprint(),
+    SetStatsFingerprint(),
+    ProjMeanFingerprint("proj-mean", False,
+                        "mean of the set's PCA-64 projection (T's exact PCA), every layer; zscore"),
+    ProjMeanFingerprint("proj-mean-early", True,
+                        "proj-mean of the early half of the layers (0..L//2); zscore"),
+    ProjMeanCurveFingerprint("proj-mean-ct", True,
+                             "C_T curve + proj-mean-early, weighed apart by zscore; "
+                             "fp's default"),
+)
 
 
 @hookimpl(trylast=True)

@@ -3,6 +3,9 @@
 A matcher scores one suspect vector against a matrix of enrolled vectors; higher scores
 are better matches. The paper's rule is ``alpha * cos + (1 - alpha) / (1 + L2)``:
 ``l2`` is alpha = 0, ``cosine`` alpha = 1, ``combined`` alpha = 0.5 by default.
+``zscore`` is Euclidean after dividing every entry by its spread over the enrolled
+vectors, so that entries that vary a lot between references (image content) count less
+than stable ones (generator traits).
 """
 
 from __future__ import annotations
@@ -66,10 +69,36 @@ class PaperMatcher:
         return out
 
 
+@dataclass(frozen=True)
+class ZScoreMatcher:
+    """``1 / (1 + d)``, ``d`` the RMS difference of entries in units of their spread.
+
+    Each entry is divided by its standard deviation over the enrolled vectors ``refs``;
+    entries with no spread (constant over the references) are left out. With fewer than
+    two references, or no entry with spread, it is the plain RMS difference.
+    """
+
+    name: str = "zscore"
+    description: str = "RMS distance after scaling each entry by its spread over the bank"
+
+    def score(self, query: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        """Similarity of ``query`` (L,) to each row of ``refs`` (N, L); higher is closer."""
+        q, r = _as_2d(query, refs)
+        sd = r.std(axis=0)
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        keep = sd > 1e-12 * max(scale, 1.0)
+        if r.shape[0] < 2 or not keep.any():
+            d = np.sqrt(((r - q) ** 2).mean(axis=1))
+        else:
+            d = np.sqrt((((r[:, keep] - q[keep]) / sd[keep]) ** 2).mean(axis=1))
+        return 1.0 / (1.0 + d)
+
+
 MATCHERS = (
     PaperMatcher("l2", 0.0, "nearest curve by Euclidean distance (score 1/(1+L2))"),
     PaperMatcher("cosine", 1.0, "nearest curve by cosine similarity"),
     PaperMatcher("combined", 0.5, "alpha*cos + (1-alpha)/(1+L2), alpha=0.5 (the paper's rule)"),
+    ZScoreMatcher(),
 )
 
 

@@ -30,7 +30,7 @@ def test_list_matchers_json():
     result = runner.invoke(app, ["list", "matchers", "--json"])
     assert result.exit_code == 0, result.output
     names = [row["name"] for row in json.loads(result.output)]
-    assert names == ["combined", "cosine", "l2"]
+    assert names == ["combined", "cosine", "l2", "zscore"]
 
 
 @pytest.mark.parametrize("kind", ["encoders", "distances", "partitioners", "matchers"])

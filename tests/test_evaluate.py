@@ -141,7 +141,7 @@ def test_all_matchers_and_bootstrap_is_seeded():
     splits = ["enroll"] * 9 + ["query"] * 21
     a = evaluate(vectors, families, splits, matchers="all", seed=7, n_boot=300)
     b = evaluate(vectors, families, splits, matchers="all", seed=7, n_boot=300)
-    assert set(a["matchers"]) == {"l2", "cosine", "combined"}
+    assert set(a["matchers"]) == {"l2", "cosine", "combined", "zscore"}
     assert a == b
     assert a["bootstrap"]["seed"] == 7 and a["bootstrap"]["n_boot"] == 300
 

@@ -69,7 +69,7 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
     assert (row["n_train"], row["n_heldout"]) == (240, 100)
     params = json.loads(row["params_json"])
     assert params["n_cells"] == 2 and params["weights"] == "random:0"
-    assert params["fingerprints"] == ["setstats"]
+    assert params["fingerprints"] == ["proj-mean", "proj-mean-ct", "proj-mean-early", "setstats"]
     loaded = pipeline.load_baseline("digits", bank=bank)
     assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
     extras = loaded.extras(forensics.fingerprints.get("setstats"))
@@ -127,7 +127,7 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
     assert {r["checkpoint"] for r in rows} == {"v1"} and rows[0]["tau"] == pytest.approx(20 / N)
     for r in rows:
         fps = curve_fingerprints(r)
-        assert sorted(fps) == ["paper", "setstats"]
+        assert sorted(fps) == ["paper", "proj-mean", "proj-mean-ct", "proj-mean-early", "setstats"]
         assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
     # The first chunk is exactly the first 60 images in path order.
     from forensics.images import Manifest, scan_folder
@@ -144,8 +144,20 @@ def test_enroll_refuses_too_few_images(world):
 
 
 @pytest.mark.parametrize("kind", ["noise", "shuffle"])
+def test_the_default_fingerprint_ranks_the_enrolled_generator_first(world, kind):
+    a = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=0, **world["kw"])
+    assert a.ranking[0].family == kind and a.ranking[1].family == kind
+    attr = a.to_dict()["provenance"]["attribution"]
+    assert (attr["fingerprint"], attr["matcher"]) == ("proj-mean-ct", "zscore")
+    # Two curves per family are too few for a spread-based threshold to be lenient here:
+    # the decision may be unknown, but the nearest family is the generator's.
+    assert a.decision.nearest_family == kind
+
+
+@pytest.mark.parametrize("kind", ["noise", "shuffle"])
 def test_attribute_names_the_enrolled_generator(world, kind):
-    a = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=8, **world["kw"])
+    a = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=8, fingerprint="paper",
+                            matcher="combined", **world["kw"])
     d = a.decision
     assert (d.family, d.model, d.unknown) == (kind, f"{kind}-m", False)
     assert 0.0 <= d.confidence <= 1.0 and a.bootstrap.n_boot == 8
@@ -182,7 +194,8 @@ def test_refusals(world, tmp_path):
     f, kw = world["folders"], world["kw"]
     with pytest.raises(InsufficientDataError, match="C_T is undefined"):
         pipeline.attribute(f["tiny"], n_boot=0, **kw)
-    with pytest.raises(UnknownNameError, match="paper, setstats"):
+    with pytest.raises(UnknownNameError, match="paper, proj-mean, proj-mean-ct, proj-mean-early, "
+                                               "setstats"):
         pipeline.attribute(f["query_noise"], fingerprint="nope", **kw)
     empty = dict(kw, bank=Bank(tmp_path / "empty"))
     with pytest.raises(BankError, match="no enrolled curves"):
@@ -228,7 +241,10 @@ def test_curves_without_the_fingerprint_are_refused_with_a_way_out(world, tmp_pa
     kw = dict(world["kw"], bank=bank)
     with pytest.raises(BankError, match="no 'setstats' fingerprint .*Re-enroll"):
         pipeline.attribute(world["folders"]["query_noise"], fingerprint="setstats", **kw)
-    assert pipeline.attribute(world["folders"]["query_noise"], n_boot=0, **kw).ranking
+    assert pipeline.attribute(world["folders"]["query_noise"], n_boot=0, fingerprint="paper",
+                              **kw).ranking
+    with pytest.raises(BankError, match="no 'proj-mean-ct' fingerprint .*--fingerprint paper"):
+        pipeline.attribute(world["folders"]["query_noise"], n_boot=0, **kw)
 
 
 def test_tampered_fingerprints_fail_verification(world, tmp_path):
@@ -312,5 +328,5 @@ def test_cli_refusals_say_what_to_do(world, tmp_path):
 
 def test_cli_lists_fingerprints():
     rows = json.loads(_fp("list", "fingerprints", "--json").stdout)
-    assert [r["name"] for r in rows] == ["paper", "setstats"]
+    assert [r["name"] for r in rows] == ["paper", "proj-mean", "proj-mean-ct", "proj-mean-early", "setstats"]
     assert all(r["plugin"] == "fp_plugins.fingerprints" and r["description"] for r in rows)

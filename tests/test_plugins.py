@@ -74,7 +74,7 @@ def test_plugin_info_reports_builtin_version():
     info = {p["name"]: p for p in plugins.plugin_info()}
     m = info["fp_plugins.matchers"]
     assert m["builtin"] and m["version"] == __version__
-    assert m["registers"]["matchers"] == ["combined", "cosine", "l2"]
+    assert m["registers"]["matchers"] == ["combined", "cosine", "l2", "zscore"]
 
 
 def test_fp_load_plugins_empty_loads_no_entry_points(monkeypatch):
