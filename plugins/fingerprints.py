@@ -40,14 +40,15 @@ class SetStatsFingerprint:
     default_matcher = "combined"
 
     def prepare(self, ctx):
-        """T's mean and covariance per layer (what FID against T needs)."""
-        from forensics.setstats import gaussian_stats
+        """T's mean, covariance and its square root per layer (what FID against T needs)."""
+        from forensics.setstats import gaussian_stats, psd_sqrt
 
         out = {}
         for i, (name, T) in enumerate(zip(ctx.layers, ctx.train, strict=True)):
             stats = gaussian_stats(T, f"layer {name!r} of T")
             out[f"mu.{i}"], out[f"cov.{i}"] = stats.mu, stats.cov
             out[f"n.{i}"] = stats.n
+            out[f"root.{i}"] = psd_sqrt(stats.cov)
         return out
 
     def compute(self, ctx):
@@ -65,7 +66,7 @@ class SetStatsFingerprint:
             except KeyError:
                 raise InputError(f"the baseline's setstats arrays lack layer {i} ({name}); "
                                  f"rebuild the baseline") from None
-            features[name] = mean_std_fid_features(X, ref)
+            features[name] = mean_std_fid_features(X, ref, ctx.extras.get(f"root.{i}"))
         return baseline_vector(features, ctx.layers)
 
     def entry_layers(self, dims):

@@ -144,3 +144,21 @@ def test_baseline_identifies_families_end_to_end():
         assert result["matchers"][name]["accuracy"] == 1.0
     with pytest.raises(InputError, match=r"no reference \(T\) features"):
         set_features({"c": np.zeros((3, 2))}, t_stats)
+
+
+@pytest.mark.parametrize("n, d", [(40, 120), (300, 30)])
+def test_fid_to_a_prerooted_reference_equals_the_sqrtm_formula(n, d):
+    from forensics.setstats import frechet_to_reference, psd_sqrt
+
+    rng = np.random.default_rng(n)
+    T = rng.normal(size=(500, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
+    x = rng.normal(size=(n, d)) * 1.3 + 0.2
+    ref = gaussian_stats(T)
+    root = psd_sqrt(ref.cov)
+    np.testing.assert_allclose(root @ root, ref.cov, atol=1e-10)
+    fast = frechet_to_reference(x, ref, root)
+    slow = frechet_distance(gaussian_stats(x), ref)
+    assert fast == pytest.approx(slow, rel=1e-7)
+    feats = mean_std_fid_features(x, ref, root)
+    assert feats["fid"] == fast
+    assert mean_std_fid_features(x, ref)["fid"] == pytest.approx(fast, rel=1e-7)
