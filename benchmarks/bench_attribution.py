@@ -9,7 +9,7 @@ Steps, all through fp's public Python API:
 1. materialize the zoo as image folders (the data's own ``materialize_mnist_zoo.py``);
 2. T = 3,000 of ``reference/train``, P = 1,000 of ``reference/heldout`` (seeded choice);
    ``forensics.build_baseline`` with the FID InceptionV3 encoder (real weights, offline)
-   at ``--size`` (75) pixels;
+   at ``--size`` (128) pixels;
 3. the protocol: per architecture ``forensics.enroll`` of epochs 11-26 and 27-42 at grid
    positions 0-31 (one 512-image curve each), and ``forensics.attribute`` of epochs 35-50
    at positions 32-63 with fp's default method (bootstrap confidence included);
@@ -26,8 +26,8 @@ the same), and last the best method by re-drawn top-1.
 
 Usage::
 
-    python benchmarks/bench_attribution.py [--workdir DIR] [--size 75] [--boot 100]
-                                           [--redraw-step 1] [--quick]
+    python benchmarks/bench_attribution.py [--workdir DIR] [--size 128] [--boot 100]
+                                           [--redraw-step 1] [--open-step 3] [--quick]
 """
 
 from __future__ import annotations
@@ -153,9 +153,11 @@ class Sets:
     """Fingerprint vectors of image sets (subsets of the zoo's embeddings), memoised."""
 
     def __init__(self, emb, bank, fingerprints):
+        import forensics
         from forensics.images import Manifest
 
-        self.emb, self.bank, self.fps = emb, bank, list(fingerprints)
+        self.emb, self.fps = emb, list(fingerprints)
+        self.baseline = forensics.load_baseline(BASELINE, bank=bank)  # loaded once
         self.Manifest = Manifest
         index = {e[0]: i for i, e in enumerate(emb.manifest.entries)}
         self.row = {(a, e, p): index[f"{a}/e{e:02d}_{p:03d}.png"]
@@ -175,7 +177,7 @@ class Sets:
         sub = Embeddings(list(e.layers), [a[rows] for a in e.arrays],
                          self.Manifest(e.manifest.root, [e.manifest.entries[i] for i in rows]),
                          e.encoder_info)
-        res = forensics.compute_curve(sub, baseline=BASELINE, bank=self.bank, cache_dir=None,
+        res = forensics.compute_curve(sub, baseline=self.baseline, cache_dir=None,
                                       device="cpu", fingerprints=self.fps)
         return res.fingerprints
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where images, bank and embedding cache go (default: a temp dir)")
-    ap.add_argument("--size", type=int, default=75, help="encoder input size (>= 75)")
+    ap.add_argument("--size", type=int, default=128, help="encoder input size (>= 75)")
     ap.add_argument("--boot", type=int, default=100, help="bootstrap resamplings per query")
     ap.add_argument("--redraw-step", type=int, default=1,
                     help="use every k-th of the 126 re-drawn configurations")
@@ -374,6 +376,18 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {fp_name} | {mt} | {top:.3f} | [{lo:.2f}, {hi:.2f}] | {rd:.3f} | "
                      f"{rmin:.2f} | {au_f:.3f} / {au_r:.3f} | {out_f:.2f} / {out_r:.2f} | "
                      f"{in_f:.2f} / {in_r:.2f} |")
+    default = next(r[0] for r in rows if r[0].fp.name == fpmod.DEFAULT_FINGERPRINT
+                   and r[0].matcher_name == "zscore")
+    lines += ["", f"Confusions of {default.label} over the re-drawn queries (rows: truth):", "",
+              "| | " + " | ".join(ARCHS) + " |", "|---" * (len(ARCHS) + 1) + "|"]
+    counts = np.zeros((len(ARCHS), len(ARCHS)), dtype=int)
+    for enrolled, fams, queries in draws:
+        R, meta = default.bank(enrolled), _meta(fams)
+        for i, q in enumerate(queries):
+            counts[i, ARCHS.index(default.ranking(q, R, meta)[0].family)] += 1
+    for i, a in enumerate(ARCHS):
+        lines.append(f"| {a} | " + " | ".join(f"**{c}**" if j == i else str(c)
+                                              for j, c in enumerate(counts[i])) + " |")
     table = "\n".join(lines)
     print(table)
     print()

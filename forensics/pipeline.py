@@ -480,7 +480,7 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
 def compute_curve(
     folder_or_embeddings: PathLike | Embeddings,
     *,
-    baseline: str | None = None,
+    baseline: str | LoadedBaseline | None = None,
     bank: Any = None,
     tau: float | None = None,
     details: bool = False,
@@ -497,7 +497,9 @@ def compute_curve(
     Args:
         folder_or_embeddings: a folder of images, or :class:`~forensics.embed.Embeddings`
             made with the baseline's encoder, weights and pooling.
-        baseline: baseline name or id in the bank (None: the bank's only baseline).
+        baseline: baseline name or id in the bank (None: the bank's only baseline), or a
+            :class:`LoadedBaseline` from :func:`load_baseline` (to measure many sets
+            without loading the baseline each time; ``bank`` is then not read).
         bank: the bank (a :class:`refbank.Bank`, a folder, or None for the default).
         tau: cell threshold on the set's share; default 20/m.
         details: keep per-image details (cell, distance, nearest T index) in ``results``.
@@ -519,7 +521,8 @@ def compute_curve(
     from forensics.encoders import resolve_device
 
     device = resolve_device(device)
-    loaded = load_baseline(baseline, bank=bank, device=device)
+    loaded = (baseline if isinstance(baseline, LoadedBaseline)
+              else load_baseline(baseline, bank=bank, device=device))
     emb = _embed_suspect(loaded, folder_or_embeddings, weights=weights, device=device,
                          batch_size=batch_size, cache_dir=cache_dir, progress=progress,
                          skip_bad=skip_bad)

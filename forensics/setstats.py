@@ -128,11 +128,12 @@ def frechet_to_reference(x: np.ndarray, ref: GaussianStats, ref_root: np.ndarray
     x = _features(x, "set features")
     n = x.shape[0]
     mu = x.mean(axis=0)
-    y = (x - mu) @ np.asarray(ref_root, dtype=np.float64)
+    xc = x - mu
+    y = xc @ np.asarray(ref_root, dtype=np.float64)
     gram = (y @ y.T if n < y.shape[1] else y.T @ y) / (n - 1)
     eig = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
     diff = mu - ref.mu
-    tr_x = float(((x - mu) ** 2).sum() / (n - 1))
+    tr_x = float(np.einsum("ij,ij->", xc, xc) / (n - 1))
     value = float(diff @ diff + tr_x + np.trace(ref.cov) - 2.0 * np.sqrt(eig).sum())
     return max(value, 0.0)
 
@@ -157,14 +158,13 @@ def mean_std_fid_features(X_layer: np.ndarray, T_layer: np.ndarray | GaussianSta
         InputError: wrong shapes, NaN/inf values, or mismatched dimensions.
         InsufficientDataError: fewer than 2 samples in the set or in T.
     """
-    stats = gaussian_stats(X_layer, "set features")
     ref = T_layer if isinstance(T_layer, GaussianStats) else gaussian_stats(T_layer, "T features")
-    x = np.asarray(X_layer, dtype=np.float64)
+    x = _features(X_layer, "set features")
     if T_root is not None and np.shape(T_root) == ref.cov.shape:
-        fid = frechet_to_reference(x, ref, T_root)
+        fid = frechet_to_reference(x, ref, T_root)  # needs no set covariance
     else:
-        fid = frechet_distance(stats, ref)
-    return {"mean": stats.mu, "std": x.std(axis=0), "fid": fid}
+        fid = frechet_distance(gaussian_stats(x, "set features"), ref)
+    return {"mean": x.mean(axis=0), "std": x.std(axis=0), "fid": fid}
 
 
 def set_features(

@@ -180,7 +180,6 @@ class GroupedZScoreMatcher:
     def score(self, query, refs):
         """Similarity of ``query`` (L,) to each row of ``refs`` (N, L); higher is closer."""
         import numpy as np
-
         from fp_plugins.matchers import ZScoreMatcher
 
         q = np.asarray(query, dtype=np.float64).reshape(-1)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from forensics import fingerprints as fpmod
-from forensics.fingerprints import FingerprintContext, PrepareContext
 from fp_plugins.fingerprints import (
     CURVE_WEIGHT,
     GroupedZScoreMatcher,
@@ -14,6 +11,9 @@ from fp_plugins.fingerprints import (
     exact_pca,
 )
 from fp_plugins.matchers import ZScoreMatcher
+
+from forensics import fingerprints as fpmod
+from forensics.fingerprints import FingerprintContext, PrepareContext
 
 
 def _layers(rng, dims, n):

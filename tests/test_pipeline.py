@@ -114,6 +114,12 @@ def test_curve_provenance_records_inputs_encoder_baseline_and_parameters(world):
     # Precomputed embeddings give the same curve as the folder.
     again = pipeline.compute_curve(res.embeddings, **kw)
     np.testing.assert_array_equal(again.curve.values, res.curve.values)
+    # A baseline loaded once measures many sets the same way.
+    loaded = forensics.load_baseline("digits", bank=kw["bank"])
+    third = pipeline.compute_curve(res.embeddings, baseline=loaded, cache_dir=None, device="cpu")
+    np.testing.assert_array_equal(third.curve.values, res.curve.values)
+    for name, vec in res.fingerprints.items():
+        np.testing.assert_array_equal(third.fingerprints[name], vec)
     assert again.curve.provenance["inputs"]["manifest_sha256"] == p["inputs"]["manifest_sha256"]
 
 
@@ -127,7 +133,8 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
     assert {r["checkpoint"] for r in rows} == {"v1"} and rows[0]["tau"] == pytest.approx(20 / N)
     for r in rows:
         fps = curve_fingerprints(r)
-        assert sorted(fps) == ["paper", "proj-mean", "proj-mean-ct", "proj-mean-early", "setstats"]
+        assert sorted(fps) == ["paper", "proj-mean", "proj-mean-ct", "proj-mean-early",
+                               "setstats"]
         assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
     # The first chunk is exactly the first 60 images in path order.
     from forensics.images import Manifest, scan_folder
@@ -328,5 +335,6 @@ def test_cli_refusals_say_what_to_do(world, tmp_path):
 
 def test_cli_lists_fingerprints():
     rows = json.loads(_fp("list", "fingerprints", "--json").stdout)
-    assert [r["name"] for r in rows] == ["paper", "proj-mean", "proj-mean-ct", "proj-mean-early", "setstats"]
+    assert [r["name"] for r in rows] == ["paper", "proj-mean", "proj-mean-ct",
+                                         "proj-mean-early", "setstats"]
     assert all(r["plugin"] == "fp_plugins.fingerprints" and r["description"] for r in rows)
