@@ -26,7 +26,7 @@ the same), and last the best method by re-drawn top-1.
 
 Usage::
 
-    python benchmarks/bench_attribution.py [--workdir DIR] [--size 128] [--boot 100]
+    python benchmarks/bench_attribution.py [--workdir DIR] [--size 128] [--boot 50]
                                            [--redraw-step 1] [--open-step 3] [--quick]
 """
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where images, bank and embedding cache go (default: a temp dir)")
     ap.add_argument("--size", type=int, default=128, help="encoder input size (>= 75)")
-    ap.add_argument("--boot", type=int, default=100, help="bootstrap resamplings per query")
+    ap.add_argument("--boot", type=int, default=50, help="bootstrap resamplings per query")
     ap.add_argument("--redraw-step", type=int, default=1,
                     help="use every k-th of the 126 re-drawn configurations")
     ap.add_argument("--open-step", type=int, default=3,
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     default_top1 = np.mean([answers[a].decision.nearest_family == a for a in ARCHS])
     log(f"protocol enrolled and attributed ({t_proto - t_emb:.0f} s)")
 
-    fp_names = ["paper", "setstats", "proj-mean", "proj-mean-early", "proj-mean-ct"]
+    fp_names = ["paper", "setstats", "proj-mean", "proj-mean-early", "proj-mean-ct",
+                "resid-early", "resid-ct"]
     sets = Sets(emb, bank, fp_names)
     dims = [int(a.shape[1]) for a in emb.arrays]
     methods = [Method(n, m, dims) for n in fp_names for m in MATCHERS]

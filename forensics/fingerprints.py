@@ -39,7 +39,7 @@ from forensics.errors import InputError
 
 #: The fingerprint used when none is named (measured best on real GAN samples,
 #: docs/attribution.md); ``paper`` is the C_T-layer curve of He et al. (2024).
-DEFAULT_FINGERPRINT = "proj-mean-ct"
+DEFAULT_FINGERPRINT = "resid-early"
 #: The paper's fingerprint: the C_T-layer curve (the curves' ``values`` column).
 PAPER_FINGERPRINT = "paper"
 #: The matcher used when neither the user nor the fingerprint names one.

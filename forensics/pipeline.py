@@ -705,8 +705,8 @@ def attribute(
             enrolled curve uses).
         matcher: ``l2``, ``cosine``, ``combined`` or a plugin's (None: the fingerprint's
             default, ``combined`` for the built-ins).
-        fingerprint: what is matched (None: ``proj-mean-early``, the set mean of the
-            early layers' PCA projection, matched by ``zscore``; ``paper``: the C_T-layer
+        fingerprint: what is matched (None: ``resid-early``, the early layers' set means
+            with the image content regressed out, matched by ``zscore``; ``paper``: the C_T-layer
             curve, with ``matcher="combined"`` the paper's method; ``setstats``: the
             paper's mean/std/FID baseline; or a plugin's).
         top: matches kept in the ranking.

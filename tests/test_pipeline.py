@@ -69,7 +69,8 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
     assert (row["n_train"], row["n_heldout"]) == (240, 100)
     params = json.loads(row["params_json"])
     assert params["n_cells"] == 2 and params["weights"] == "random:0"
-    assert params["fingerprints"] == ["proj-mean", "proj-mean-ct", "proj-mean-early", "setstats"]
+    assert params["fingerprints"] == ["proj-mean", "proj-mean-ct", "proj-mean-early",
+                                      "resid-ct", "resid-early", "setstats"]
     loaded = pipeline.load_baseline("digits", bank=bank)
     assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
     extras = loaded.extras(forensics.fingerprints.get("setstats"))
@@ -134,7 +135,7 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
     for r in rows:
         fps = curve_fingerprints(r)
         assert sorted(fps) == ["paper", "proj-mean", "proj-mean-ct", "proj-mean-early",
-                               "setstats"]
+                               "resid-ct", "resid-early", "setstats"]
         assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
     # The first chunk is exactly the first 60 images in path order.
     from forensics.images import Manifest, scan_folder
@@ -153,12 +154,22 @@ def test_enroll_refuses_too_few_images(world):
 @pytest.mark.parametrize("kind", ["noise", "shuffle"])
 def test_the_default_fingerprint_ranks_the_enrolled_generator_first(world, kind):
     a = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=0, **world["kw"])
-    assert a.ranking[0].family == kind and a.ranking[1].family == kind
+    assert a.ranking[0].family == kind
     attr = a.to_dict()["provenance"]["attribution"]
-    assert (attr["fingerprint"], attr["matcher"]) == ("proj-mean-ct", "zscore")
+    assert (attr["fingerprint"], attr["matcher"]) == ("resid-early", "zscore")
     # Two curves per family are too few for a spread-based threshold to be lenient here:
     # the decision may be unknown, but the nearest family is the generator's.
     assert a.decision.nearest_family == kind
+
+
+@pytest.mark.parametrize("fingerprint", ["resid-ct", "proj-mean-ct"])
+@pytest.mark.parametrize("kind", ["noise", "shuffle"])
+def test_the_curve_variants_rank_both_curves_of_the_generator_first(world, kind, fingerprint):
+    """With the C_T curve in front, noise added to real images is not taken for shuffling."""
+    a = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=0,
+                            fingerprint=fingerprint, **world["kw"])
+    assert [m.family for m in a.ranking[:2]] == [kind, kind]
+    assert a.parameters["fingerprint"] == fingerprint and a.parameters["matcher"] == "zscore"
 
 
 @pytest.mark.parametrize("kind", ["noise", "shuffle"])
@@ -202,7 +213,7 @@ def test_refusals(world, tmp_path):
     with pytest.raises(InsufficientDataError, match="C_T is undefined"):
         pipeline.attribute(f["tiny"], n_boot=0, **kw)
     with pytest.raises(UnknownNameError, match="paper, proj-mean, proj-mean-ct, proj-mean-early, "
-                                               "setstats"):
+                                               "resid-ct, resid-early, setstats"):
         pipeline.attribute(f["query_noise"], fingerprint="nope", **kw)
     empty = dict(kw, bank=Bank(tmp_path / "empty"))
     with pytest.raises(BankError, match="no enrolled curves"):
@@ -250,7 +261,7 @@ def test_curves_without_the_fingerprint_are_refused_with_a_way_out(world, tmp_pa
         pipeline.attribute(world["folders"]["query_noise"], fingerprint="setstats", **kw)
     assert pipeline.attribute(world["folders"]["query_noise"], n_boot=0, fingerprint="paper",
                               **kw).ranking
-    with pytest.raises(BankError, match="no 'proj-mean-ct' fingerprint .*--fingerprint paper"):
+    with pytest.raises(BankError, match="no 'resid-early' fingerprint .*--fingerprint paper"):
         pipeline.attribute(world["folders"]["query_noise"], n_boot=0, **kw)
 
 
@@ -316,10 +327,14 @@ def test_cli_build_enroll_curve_attribute_with_json(world, tmp_path, monkeypatch
                             "--top", "2", "--json", "--report", tmp_path / "rep").stdout)
     assert answer["decision"]["family"] == "shuffle" and answer["decision"]["unknown"] is False
     assert len(answer["ranking"]) == 2 and set(answer) >= {"curve", "provenance"}
+    # The command matches on the library's default method, and records it.
+    attr = answer["provenance"]["attribution"]
+    assert attr["fingerprint"] == forensics.fingerprints.DEFAULT_FINGERPRINT
+    assert attr["matcher"] == "zscore"
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["attribution.json",
                                                                     "attribution.png"]
     text = _fp("attribute", f["query_noise"], "--device", "cpu", "--n-boot", "0",
-               "--matcher", "l2", "--drop-layers", "none").stdout
+               "--fingerprint", "paper", "--matcher", "l2", "--drop-layers", "none").stdout
     assert "Decision: family noise, model noise" in text
 
 
@@ -336,5 +351,6 @@ def test_cli_refusals_say_what_to_do(world, tmp_path):
 def test_cli_lists_fingerprints():
     rows = json.loads(_fp("list", "fingerprints", "--json").stdout)
     assert [r["name"] for r in rows] == ["paper", "proj-mean", "proj-mean-ct",
-                                         "proj-mean-early", "setstats"]
+                                         "proj-mean-early", "resid-ct", "resid-early",
+                                         "setstats"]
     assert all(r["plugin"] == "fp_plugins.fingerprints" and r["description"] for r in rows)

@@ -193,14 +193,15 @@ def attribute_cmd(
                                  help="Baseline name [default: the one the bank's curves use]."),
     matcher: str = typer.Option(None, "--matcher",
                                 help="zscore, l2, cosine, combined or a plugin's [default: the "
-                                     "fingerprint's: zscore for proj-mean*, combined for "
-                                     "paper and setstats]."),
-    fingerprint: str = typer.Option("proj-mean-early", "--fingerprint",
-                                    help="What is matched: proj-mean-early (set mean of early "
-                                         "layers, the default), proj-mean, paper (the C_T "
-                                         "curve; --fingerprint paper --matcher combined is "
-                                         "the paper's method), setstats (mean/std/FID), or a "
-                                         "plugin's (fp list fingerprints)."),
+                                     "fingerprint's: zscore for resid-* and proj-mean*, "
+                                     "combined for paper and setstats]."),
+    fingerprint: str = typer.Option(None, "--fingerprint",
+                                    help="What is matched: resid-early (the early layers' "
+                                         "set means with the image content regressed out, "
+                                         "the default), resid-ct, proj-mean-ct, proj-mean-early, "
+                                         "proj-mean, paper (the C_T curve; --fingerprint paper "
+                                         "--matcher combined is the paper's method), setstats "
+                                         "(mean/std/FID), or a plugin's (fp list fingerprints)."),
     top: int = typer.Option(5, "--top", min=1, help="Matches to list."),
     drop_layers: str = typer.Option("0", "--drop-layers",
                                     help="Layer indices left out of matching, e.g. 0 or 0,3, "
