@@ -121,6 +121,8 @@ class ProjMeanFingerprint:
     """
 
     default_matcher = "zscore"
+    #: Principal axes kept per layer (at most the layer's width).
+    dim = PROJ_DIM
 
     def __init__(self, name, early, description):
         self.name, self.early, self.description = name, bool(early), description
@@ -129,38 +131,49 @@ class ProjMeanFingerprint:
         """Indices of the layers this fingerprint summarises."""
         return list(range(n_layers // 2 + 1)) if self.early else list(range(n_layers))
 
+    def pca_layers(self, n_layers):
+        """Indices of the layers whose PCA of T is stored with the baseline."""
+        return self.selected(n_layers)
+
     def prepare(self, ctx):
-        """T's mean and leading principal axes for each selected layer."""
+        """T's mean and leading principal axes for each layer of :meth:`pca_layers`."""
         out = {}
-        for i in self.selected(len(ctx.layers)):
+        for i in self.pca_layers(len(ctx.layers)):
             T = ctx.train[i]
-            mean, axes = exact_pca(T, min(PROJ_DIM, T.shape[1]))
+            mean, axes = exact_pca(T, min(self.dim, T.shape[1]))
             out[f"mean.{i}"], out[f"axes.{i}"] = mean, axes
         return out
+
+    def extra(self, ctx, key, i):
+        """The stored baseline array ``key.i`` (the error says to rebuild if it is absent)."""
+        try:
+            return ctx.extras[f"{key}.{i}"]
+        except KeyError:
+            from forensics.errors import InputError
+
+            raise InputError(f"the baseline's {self.name} arrays lack layer {i} "
+                             f"({ctx.layers[i]}); rebuild the baseline") from None
+
+    def projected_mean(self, ctx, i):
+        """The set's mean embedding of layer ``i`` projected on T's stored axes."""
+        import numpy as np
+
+        X = np.asarray(ctx.embeddings[i], dtype=np.float64)
+        return (X.mean(axis=0) - self.extra(ctx, "mean", i)) @ self.extra(ctx, "axes", i).T
 
     def compute(self, ctx):
         """``[mean projection of layer i for each selected i]``."""
         import numpy as np
 
-        from forensics.errors import InputError
-
-        parts = []
-        for i in self.selected(len(ctx.layers)):
-            try:
-                mean, axes = ctx.extras[f"mean.{i}"], ctx.extras[f"axes.{i}"]
-            except KeyError:
-                raise InputError(f"the baseline's {self.name} arrays lack layer {i} "
-                                 f"({ctx.layers[i]}); rebuild the baseline") from None
-            X = np.asarray(ctx.embeddings[i], dtype=np.float64)
-            parts.append((X.mean(axis=0) - mean) @ axes.T)
-        return np.concatenate(parts)
+        return np.concatenate([self.projected_mean(ctx, i)
+                               for i in self.selected(len(ctx.layers))])
 
     def entry_layers(self, dims):
-        """``min(64, D_i)`` entries for each selected layer ``i``."""
+        """``min(dim, D_i)`` entries for each selected layer ``i``."""
         import numpy as np
 
         sel = self.selected(len(dims))
-        return np.repeat(np.asarray(sel, dtype=np.int64), [min(PROJ_DIM, dims[i]) for i in sel])
+        return np.repeat(np.asarray(sel, dtype=np.int64), [min(self.dim, dims[i]) for i in sel])
 
 
 #: Weight of the C_T curve against the projected means in ``proj-mean-ct``'s matcher.
@@ -199,17 +212,17 @@ class GroupedZScoreMatcher:
         return 1.0 / (1.0 + np.sqrt(total / weight))
 
 
-class ProjMeanCurveFingerprint(ProjMeanFingerprint):
-    """The C_T curve (every layer) followed by ``proj-mean-early``."""
+class CurveFirst:
+    """Mixin: the C_T curve (every layer) in front of the base fingerprint's vector."""
 
     def compute(self, ctx):
-        """``[C_T per layer..., mean projection of each early layer...]``."""
+        """``[C_T per layer..., the base fingerprint's vector...]``."""
         import numpy as np
 
         return np.concatenate([np.nan_to_num(ctx.values, nan=0.0), super().compute(ctx)])
 
     def entry_layers(self, dims):
-        """One curve entry per layer, then the early layers' projected means."""
+        """One curve entry per layer, then the base fingerprint's entries."""
         import numpy as np
 
         return np.concatenate([np.arange(len(dims)), super().entry_layers(dims)])
@@ -221,13 +234,17 @@ class ProjMeanCurveFingerprint(ProjMeanFingerprint):
         return None
 
 
+class ProjMeanCurveFingerprint(CurveFirst, ProjMeanFingerprint):
+    """The C_T curve (every layer) followed by ``proj-mean-early``."""
+
+
 #: Principal axes kept per layer by the content-residual fingerprints.
 RESID_DIM = 256
 #: Their ridge strength, relative to the mean eigenvalue of the predictors' Gram matrix.
 RESID_RIDGE = 1e-2
 
 
-class ResidMeanFingerprint:
+class ResidMeanFingerprint(ProjMeanFingerprint):
     """Early-layer set means with each image's content regressed out (``resid-early``).
 
     fp's default fingerprint (``docs/attribution.md``).
@@ -247,100 +264,58 @@ class ResidMeanFingerprint:
         description: one line for ``fp list fingerprints``.
     """
 
-    default_matcher = "zscore"
+    dim = RESID_DIM
 
     def __init__(self, name, description):
-        self.name, self.description = name, description
-
-    @staticmethod
-    def early(n_layers):
-        """Indices of the layers summarised (the early half)."""
-        return list(range(n_layers // 2 + 1))
+        super().__init__(name, True, description)
 
     @staticmethod
     def content(n_layers):
         """Indices of the layers the early ones are predicted from."""
         return [i for i in (n_layers // 2 + 1, n_layers // 2 + 2) if i < n_layers]
 
+    def pca_layers(self, n_layers):
+        """The early layers and the content layers."""
+        return self.selected(n_layers) + self.content(n_layers)
+
     def prepare(self, ctx):
         """T's PCA of the early and content layers, and the ridge coefficients."""
         import numpy as np
 
+        out = super().prepare(ctx)
         n = len(ctx.layers)
-        out, proj = {}, {}
-        for i in self.early(n) + self.content(n):
-            T = np.asarray(ctx.train[i], dtype=np.float64)
-            mean, axes = exact_pca(T, min(RESID_DIM, T.shape[1]))
-            out[f"mean.{i}"], out[f"axes.{i}"] = mean, axes
-            proj[i] = (T - mean) @ axes.T
         content = self.content(n)
         if not content:
             return out
-        A = np.hstack([proj[i] for i in content])
+
+        def proj(i):
+            T = np.asarray(ctx.train[i], dtype=np.float64)
+            return (T - out[f"mean.{i}"]) @ out[f"axes.{i}"].T
+
+        A = np.hstack([proj(i) for i in content])
         gram = A.T @ A
         lam = RESID_RIDGE * float(np.trace(gram)) / gram.shape[0]
         gram[np.diag_indices_from(gram)] += lam if lam > 0 else 1.0
-        for i in self.early(n):
-            out[f"coef.{i}"] = np.linalg.solve(gram, A.T @ proj[i])
+        for i in self.selected(n):
+            out[f"coef.{i}"] = np.linalg.solve(gram, A.T @ proj(i))
         return out
-
-    def _array(self, ctx, key, i):
-        try:
-            return ctx.extras[f"{key}.{i}"]
-        except KeyError:
-            from forensics.errors import InputError
-
-            raise InputError(f"the baseline's {self.name} arrays lack layer {i} "
-                             f"({ctx.layers[i]}); rebuild the baseline") from None
 
     def compute(self, ctx):
         """``[mean residual of early layer i for each i]`` (linear, so from set means)."""
         import numpy as np
 
         n = len(ctx.layers)
-
-        def projected_mean(i):
-            X = np.asarray(ctx.embeddings[i], dtype=np.float64)
-            return (X.mean(axis=0) - self._array(ctx, "mean", i)) @ self._array(ctx, "axes", i).T
-
         content = self.content(n)
-        c = np.concatenate([projected_mean(i) for i in content]) if content else None
-        parts = []
-        for i in self.early(n):
-            part = projected_mean(i)
-            if c is not None:
-                part = part - c @ self._array(ctx, "coef", i)
-            parts.append(part)
+        parts = [self.projected_mean(ctx, i) for i in self.selected(n)]
+        if content:
+            c = np.concatenate([self.projected_mean(ctx, i) for i in content])
+            parts = [p - c @ self.extra(ctx, "coef", i)
+                     for i, p in zip(self.selected(n), parts, strict=True)]
         return np.concatenate(parts)
 
-    def entry_layers(self, dims):
-        """``min(256, D_i)`` entries for each early layer ``i``."""
-        import numpy as np
 
-        sel = self.early(len(dims))
-        return np.repeat(np.asarray(sel, dtype=np.int64), [min(RESID_DIM, dims[i]) for i in sel])
-
-
-class ResidMeanCurveFingerprint(ResidMeanFingerprint):
+class ResidMeanCurveFingerprint(CurveFirst, ResidMeanFingerprint):
     """The C_T curve (every layer) followed by ``resid-early`` (``resid-ct``)."""
-
-    def compute(self, ctx):
-        """``[C_T per layer..., mean residual of each early layer...]``."""
-        import numpy as np
-
-        return np.concatenate([np.nan_to_num(ctx.values, nan=0.0), super().compute(ctx)])
-
-    def entry_layers(self, dims):
-        """One curve entry per layer, then the early layers' residual means."""
-        import numpy as np
-
-        return np.concatenate([np.arange(len(dims)), super().entry_layers(dims)])
-
-    def matcher(self, name, dims):
-        """``zscore`` weighs the curve (the first ``len(dims)`` kept entries) apart."""
-        if name == "zscore":
-            return GroupedZScoreMatcher("zscore", len(dims), CURVE_WEIGHT)
-        return None
 
 
 FINGERPRINTS = (
