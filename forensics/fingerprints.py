@@ -6,6 +6,11 @@ an object registered there has:
 
 - ``name`` and a one-line ``description``;
 - ``compute(ctx: FingerprintContext) -> np.ndarray``: the 1-D vector of one set;
+- optionally ``needs_ct`` (bool, default True): whether ``compute`` reads the C_T values
+  (``ctx.values`` / ``ctx.results``). A fingerprint that does not (``needs_ct = False``)
+  works from a handful of suspect images: C_T needs more than ``tau * m`` images in a cell,
+  about 210 with the defaults, and a set too small for it is refused only when the
+  fingerprint needs it;
 - optionally ``needs_details`` (bool): the per-layer :class:`~forensics.ct.CTResult` in
   ``ctx.results`` then carry per-sample details (cell, distance, nearest T index);
 - optionally ``prepare(ctx: PrepareContext) -> dict[str, np.ndarray]``: arrays computed
@@ -123,6 +128,11 @@ def load_extras(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray] |
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
         raise InputError(f"{path} is unreadable ({exc}); rebuild the baseline") from None
+
+
+def needs_ct(fp: Any) -> bool:
+    """Whether ``fp`` reads C_T (default True: a fingerprint that says nothing may)."""
+    return bool(getattr(fp, "needs_ct", True))
 
 
 def needs_extras(fp: Any) -> bool:

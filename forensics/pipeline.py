@@ -435,6 +435,10 @@ def _one_thread(elements: int = 0) -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=1)
 
 
+#: The fewest images of a set (C_T-free fingerprints; C_T itself needs far more).
+MIN_IMAGES = 2
+
+
 def _check_defined(results: list[Any], what: str) -> None:
     bad = [r for r in results if r.status == "no_cells"]
     if bad:
@@ -442,7 +446,8 @@ def _check_defined(results: list[Any], what: str) -> None:
         raise InsufficientDataError(
             f"{what}: C_T is undefined at {len(bad)} layer(s) ({', '.join(x.layer for x in bad)})"
             f" because too few images share a cell; layer {r.layer!r}: {r.message}. Use a "
-            f"folder with more images (fp enroll: a larger --per-curve), or a smaller --tau"
+            f"folder with more images (fp enroll: a larger --per-curve), a smaller --tau, or "
+            f"a fingerprint that needs no C_T (fp attribute --fingerprint resid-early)"
         )
 
 
@@ -451,9 +456,13 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
              extra: dict[str, Any] | None = None) -> CurveResult:
     from forensics.curve import Curve, make_provenance
 
+    if len(rows) < MIN_IMAGES:
+        raise InsufficientDataError(
+            f"{what}: {len(rows)} image(s); a set needs at least {MIN_IMAGES} images")
     need = details or any(getattr(fp, "needs_details", False) for fp in fps)
     results, Q = _query(loaded, emb, rows, tau, need)
-    _check_defined(results, what)
+    if any(fpmod.needs_ct(fp) for fp in fps):
+        _check_defined(results, what)
     vectors = _vectors(fps, loaded, results, Q)
     manifest_sha, _ = _subset_manifest_sha(emb, rows)
     row, info = loaded.row, emb.encoder_info or {}
@@ -789,9 +798,14 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
 
     boot = None
     if n_boot > 0:
+        reads_ct = fpmod.needs_ct(fp) or getattr(fp, "needs_details", False)
+
         def curve_fn(indices: np.ndarray) -> np.ndarray:
-            results, Q = _query(loaded, emb, np.asarray(indices), tau,
-                                getattr(fp, "needs_details", False))
+            if reads_ct:
+                results, Q = _query(loaded, emb, np.asarray(indices), tau,
+                                    getattr(fp, "needs_details", False))
+            else:  # the fingerprint reads no C_T: skip the query
+                results, Q = res.results, [np.asarray(a)[indices] for a in emb.arrays]
             vec = _vectors([fp], loaded, results, Q)[fp.name]
             return np.nan_to_num(vec, nan=0.0)[mask]  # the authors' rule: NaN counts as 0
 

@@ -29,6 +29,7 @@ class PaperFingerprint:
     name = "paper"
     description = "C_T per layer (the paper's curve), matched by l2 / cosine / combined"
     default_matcher = "combined"
+    needs_ct = True
 
     def compute(self, ctx):
         """The curve's values."""
@@ -41,6 +42,7 @@ class SetStatsFingerprint:
     name = "setstats"
     description = "the paper's mean/std/FID baseline: set summaries per layer, authors' rule"
     default_matcher = "combined"
+    needs_ct = False
 
     def prepare(self, ctx):
         """T's mean, covariance and its square root per layer (what FID against T needs)."""
@@ -121,6 +123,7 @@ class ProjMeanFingerprint:
     """
 
     default_matcher = "zscore"
+    needs_ct = False
     #: Principal axes kept per layer (at most the layer's width).
     dim = PROJ_DIM
 
@@ -214,6 +217,8 @@ class GroupedZScoreMatcher:
 
 class CurveFirst:
     """Mixin: the C_T curve (every layer) in front of the base fingerprint's vector."""
+
+    needs_ct = True
 
     def compute(self, ctx):
         """``[C_T per layer..., the base fingerprint's vector...]``."""

@@ -202,6 +202,18 @@ def test_attribute_on_the_setstats_fingerprint_with_a_report(world, tmp_path):
     assert (tmp_path / "rep" / "attribution.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_small_sets_work_with_fingerprints_that_need_no_ct(world):
+    f, kw = world["folders"], world["kw"]
+    for name in ("resid-early", "proj-mean-early", "setstats"):
+        a = pipeline.attribute(f["tiny"], fingerprint=name, n_boot=3, **kw)
+        assert a.curve.provenance["inputs"]["n_images"] == 8
+        assert a.decision.nearest_family in ("noise", "shuffle")
+        assert np.isnan(a.curve.values).all()  # C_T is undefined at 8 images, and not needed
+    for name in ("paper", "resid-ct", "proj-mean-ct"):
+        with pytest.raises(InsufficientDataError, match="C_T is undefined"):
+            pipeline.attribute(f["tiny"], fingerprint=name, n_boot=0, **kw)
+
+
 def test_bootstrap_is_seeded(world):
     runs = [pipeline.attribute(world["folders"]["query_noise"], n_boot=5, seed=s,
                                **world["kw"]).bootstrap for s in (3, 3)]
@@ -210,8 +222,8 @@ def test_bootstrap_is_seeded(world):
 
 def test_refusals(world, tmp_path):
     f, kw = world["folders"], world["kw"]
-    with pytest.raises(InsufficientDataError, match="C_T is undefined"):
-        pipeline.attribute(f["tiny"], n_boot=0, **kw)
+    with pytest.raises(InsufficientDataError, match="C_T is undefined.*needs no C_T"):
+        pipeline.attribute(f["tiny"], fingerprint="paper", n_boot=0, **kw)
     with pytest.raises(UnknownNameError, match="paper, proj-mean, proj-mean-ct, proj-mean-early, "
                                                "resid-ct, resid-early, setstats"):
         pipeline.attribute(f["query_noise"], fingerprint="nope", **kw)
