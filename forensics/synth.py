@@ -12,6 +12,9 @@ Each kind turns every image of a source folder into a derived image, as if a
                 back in a random order; rows/columns beyond a multiple of ``grid`` stay put.
 ``noise``       add Gaussian noise of std ``sigma`` (0-255 scale; the authors used 25),
                 rounded and clipped to 0..255.
+``jpeg``        re-encode as JPEG of ``quality`` (1-95; default 75), as images passed
+                around the web are; ``synth_folder`` writes the ``.jpg`` files themselves.
+``crop``        keep the centre ``fraction`` (default 0.9) of each side.
 ``background``  keep the foreground of dark-background images (pixels whose grey level
                 exceeds ``threshold``) and replace the rest by ``mode``: a random solid
                 ``color``, uniform ``noise``, or a random two-colour ``checker`` texture.
@@ -47,6 +50,8 @@ KINDS: dict[str, dict[str, Any]] = {
     "shuffle": {"grid": 4},
     "noise": {"sigma": 25.0},
     "background": {"mode": "color", "threshold": 32},
+    "jpeg": {"quality": 75},
+    "crop": {"fraction": 0.9},
 }
 
 
@@ -96,6 +101,36 @@ def add_noise(img: Image.Image, sigma: float, rng: np.random.Generator) -> Image
     arr = np.asarray(img, dtype=np.float64)
     noisy = np.clip(np.rint(arr + rng.normal(0.0, sigma, arr.shape)), 0, 255).astype(np.uint8)
     return Image.fromarray(noisy)
+
+
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    """``img`` encoded as a baseline JPEG of ``quality`` (PIL's encoder, 4:2:0 for colour)."""
+    import io
+
+    if not 1 <= int(quality) <= 95:
+        raise InputError(f"jpeg quality must be within 1..95, got {quality}")
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    """``img`` after a JPEG round trip at ``quality``."""
+    import io
+
+    with Image.open(io.BytesIO(jpeg_bytes(img, quality))) as im:
+        im.load()
+        return im.copy()
+
+
+def center_crop(img: Image.Image, fraction: float) -> Image.Image:
+    """The centre ``fraction`` (0 < f <= 1) of each side of ``img``."""
+    if not 0 < float(fraction) <= 1:
+        raise InputError(f"crop fraction must be within (0, 1], got {fraction}")
+    w, h = img.size
+    cw, ch = max(1, round(w * float(fraction))), max(1, round(h * float(fraction)))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.crop((left, top, left + cw, top + ch))
 
 
 def _background(shape: tuple[int, int], mode: str, rng: np.random.Generator) -> np.ndarray:
@@ -168,6 +203,10 @@ def _apply(kind: str, img: Image.Image, rng: np.random.Generator, p: dict[str, A
         return patch_shuffle(img, int(p["grid"]), rng)
     if kind == "noise":
         return add_noise(img, float(p["sigma"]), rng)
+    if kind == "jpeg":
+        return jpeg(img, int(p["quality"]))
+    if kind == "crop":
+        return center_crop(img, float(p["fraction"]))
     return replace_background(img, rng, p["mode"], int(p["threshold"]))
 
 
@@ -223,9 +262,10 @@ def synth_folder(
 
     Args:
         kind: one of :data:`KINDS` (``rotate``, ``downup``, ``shuffle``, ``noise``,
-            ``background``).
+            ``background``, ``jpeg``, ``crop``).
         src: folder of images (searched recursively).
-        out: output folder; relative paths are kept, every output is a PNG.
+        out: output folder; relative paths are kept, every output is a PNG (a JPEG for
+            ``jpeg``).
         seed: seed of every random step (per image: seed + relative path).
         force: write into a non-empty ``out`` (overwriting files of the same name).
         **params: the kind's parameters (see :data:`KINDS`); others are an error.
@@ -257,7 +297,7 @@ def synth_folder(
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {src}")
     targets: dict[Path, Path] = {}
     for rel in images:
-        target = rel.with_suffix(".png")
+        target = rel.with_suffix(".jpg" if kind == "jpeg" else ".png")
         if target in targets:
             raise InputError(
                 f"{src / targets[target]} and {src / rel} would both be written as {out / target}; "
@@ -268,9 +308,13 @@ def synth_folder(
     out.mkdir(parents=True, exist_ok=True)
     for target, rel in targets.items():
         rng = image_rng(seed, rel.as_posix())
-        result = _apply(kind, _open(src / rel), rng, p)
         dest = out / target
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "jpeg":  # the JPEG file itself, compressed once
+            data = jpeg_bytes(_open(src / rel), int(p["quality"]))
+            atomic_write(dest, lambda tmp, b=data: Path(tmp).write_bytes(b), fsync=False)
+            continue
+        result = _apply(kind, _open(src / rel), rng, p)
         atomic_write(dest, lambda tmp, im=result: im.save(tmp, format="PNG"), fsync=False)
 
     manifest = {

@@ -49,9 +49,9 @@ def _load(path):
     return np.asarray(Image.open(path))
 
 
-def _pairs(src, out):
+def _pairs(src, out, suffix=".png"):
     for path in sorted(src.rglob("*.png")):
-        yield _load(path), _load(out / path.relative_to(src))
+        yield _load(path), _load(out / path.relative_to(src).with_suffix(suffix))
 
 
 def test_rotate_90_is_rot90(digits_dir, tmp_path):
@@ -254,10 +254,41 @@ def test_every_kind_runs_on_rgb(photo_dir, tmp_path):
     for kind in KINDS:
         manifest = synth_folder(kind, photo_dir, tmp_path / kind, seed=1)
         assert manifest["n_images"] == 2
-        for before, after in _pairs(photo_dir, tmp_path / kind):
-            if kind == "background":
+        suffix = ".jpg" if kind == "jpeg" else ".png"
+        for before, after in _pairs(photo_dir, tmp_path / kind, suffix):
+            if kind == "crop":
+                assert after.shape[:2] == (58, 58)  # round(64 * 0.9)
+            elif kind == "background":
                 # the photos are all brighter than the threshold: all foreground, kept (as RGB)
                 rgb = before if before.ndim == 3 else np.repeat(before[..., None], 3, axis=2)
                 np.testing.assert_array_equal(after, rgb)
             else:
                 assert after.shape == before.shape and not np.array_equal(after, before)
+
+
+def test_jpeg_writes_jpeg_files_whose_error_grows_as_quality_falls(photo_dir, tmp_path):
+    errors = []
+    for q in (90, 75, 50):
+        manifest = synth_folder("jpeg", photo_dir, tmp_path / f"q{q}", quality=q)
+        assert all(o.endswith(".jpg") for o in manifest["outputs"])
+        err = []
+        for before, after in _pairs(photo_dir, tmp_path / f"q{q}", ".jpg"):
+            assert Image.open(tmp_path / f"q{q}" / "camera.jpg").format == "JPEG"
+            err.append(np.abs(after.astype(float) - before.astype(float)).mean())
+        errors.append(np.mean(err))
+    assert 0 < errors[0] < errors[1] < errors[2]
+    # the file holds exactly what transform() gives
+    src = Image.open(photo_dir / "camera.png")
+    np.testing.assert_array_equal(_load(tmp_path / "q75" / "camera.jpg"),
+                                  np.asarray(transform("jpeg", src, np.random.default_rng(0))))
+    with pytest.raises(InputError, match="quality must be within 1..95"):
+        synth_folder("jpeg", photo_dir, tmp_path / "bad", quality=0)
+
+
+def test_crop_keeps_the_centre(digits_dir, tmp_path):
+    arr = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    out = np.asarray(transform("crop", Image.fromarray(arr), np.random.default_rng(0),
+                               fraction=0.6))
+    np.testing.assert_array_equal(out, arr[2:8, 2:8])
+    with pytest.raises(InputError, match="fraction must be within"):
+        transform("crop", Image.fromarray(arr), np.random.default_rng(0), fraction=1.5)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 #: The kinds of :mod:`forensics.synth` (kept here too so ``--help`` imports no numpy/PIL).
-KINDS_HELP = "rotate | downup | shuffle | noise | background"
+KINDS_HELP = "rotate | downup | shuffle | noise | background | jpeg | crop"
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +39,12 @@ def register(app: typer.Typer) -> None:
         threshold: int | None = typer.Option(
             None, "--threshold", help="background: foreground = grey level above this (default 32)."
         ),
+        quality: int | None = typer.Option(
+            None, "--quality", help="jpeg: JPEG quality 1-95 (default 75)."
+        ),
+        fraction: float | None = typer.Option(
+            None, "--fraction", help="crop: centre share of each side kept (default 0.9)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     ) -> None:
         """Write a transformed copy of an image folder (the paper's pathological generators)."""
@@ -54,6 +60,8 @@ def register(app: typer.Typer) -> None:
             "sigma": sigma,
             "mode": mode,
             "threshold": threshold,
+            "quality": quality,
+            "fraction": fraction,
         }
         params = {k: v for k, v in given.items() if v is not None}
         manifest = synth_folder(kind, src, out, seed=seed, force=force, **params)
