@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
 # -- Marra et al. 2019 ----------------------------------------------------------------------
 
 
