@@ -21,10 +21,13 @@ scores. A suspect whose best score is below it is ``unknown``: by construction a
 ``quantile`` share of genuine new curves of enrolled families would be called unknown
 too, while a generator unlike every enrolled family is not forced onto the nearest one.
 
-**Confidence.** The suspect images are resampled ``n_boot`` times (with replacement, the
+**Stability.** The suspect images are resampled ``n_boot`` times (with replacement, the
 same number of images; seeded); each resample's curve is ranked and decided like the
-original. ``confidence`` is the share of resamples whose decision (family, or unknown)
-equals the decision on all images; ``model_confidence`` the same for the model.
+original. ``stability`` is the share of resamples whose decision (family, or unknown)
+equals the decision on all images; ``model_stability`` the same for the model. It
+describes the images given, not the generator: a calibrated probability that the
+decision is right (``confidence``) comes from :mod:`forensics.confidence`, for
+fingerprints with per-image vectors.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Calibration:
     between_median: float | None = None
     between_above: float | None = None
     note: str = ""
+    confidence: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -102,6 +106,8 @@ class Decision:
     reason: str
     confidence: float | None = None
     model_confidence: float | None = None
+    stability: float | None = None
+    model_stability: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -557,8 +563,8 @@ def attribute_curve(
             curve_fn, n, n_boot, seed, bank_vectors=refs, meta=meta, matcher=matcher,
             drop_layers=drop_layers, calibration=calibration, decision=decision,
         )
-        decision = Decision(**{**asdict(decision), "confidence": boot.confidence,
-                               "model_confidence": boot.model_confidence})
+        decision = Decision(**{**asdict(decision), "stability": boot.confidence,
+                               "model_stability": boot.model_confidence})
     parameters = {
         "matcher": _matcher_name(matcher),
         "drop_layers": [int(i) for i in drop_layers],

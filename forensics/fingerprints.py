@@ -11,6 +11,10 @@ an object registered there has:
   works from a handful of suspect images: C_T needs more than ``tau * m`` images in a cell,
   about 210 with the defaults, and a set too small for it is refused only when the
   fingerprint needs it;
+- optionally ``per_image(ctx) -> (m, K) array``: each image's vector, when the set's
+  vector is their mean. Enrolment then stores the per-entry variance of those vectors
+  beside the curve's vector, and ``fp attribute`` calibrates its confidence and a
+  size-aware ``unknown`` threshold on the bank (:mod:`forensics.confidence`);
 - optionally ``needs_details`` (bool): the per-layer :class:`~forensics.ct.CTResult` in
   ``ctx.results`` then carry per-sample details (cell, distance, nearest T index);
 - optionally ``prepare(ctx: PrepareContext) -> dict[str, np.ndarray]``: arrays computed
@@ -133,6 +137,15 @@ def load_extras(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray] |
 def needs_ct(fp: Any) -> bool:
     """Whether ``fp`` reads C_T (default True: a fingerprint that says nothing may)."""
     return bool(getattr(fp, "needs_ct", True))
+
+
+def per_image_variance(fp: Any, ctx: FingerprintContext) -> np.ndarray | None:
+    """Per-entry variance of ``fp``'s per-image vectors (None: it has no ``per_image``)."""
+    method = getattr(fp, "per_image", None)
+    if not callable(method):
+        return None
+    rows = np.asarray(method(ctx), dtype=np.float64)
+    return rows.var(axis=0)
 
 
 def needs_extras(fp: Any) -> bool:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forensics import fingerprints as fpmod
+from forensics.confidence import var_key
 from forensics.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError, InsufficientDataError
 
@@ -319,6 +320,7 @@ class CurveResult:
     fingerprints: dict[str, np.ndarray]
     rows: np.ndarray
     baseline: LoadedBaseline
+    spreads: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self, details: bool = False) -> dict[str, Any]:
         """JSON-ready: the curve (layers, values, provenance), per-layer results, fingerprints."""
@@ -403,13 +405,26 @@ def _query(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, tau: float
     return loaded.engine.query(Q, tau=tau, details=details), Q
 
 
+def _contexts(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
+              Q: list[np.ndarray]) -> list[tuple[Any, Any]]:
+    return [(fp, fpmod.FingerprintContext(list(loaded.row["layers"]), results, Q,
+                                          loaded.engine, loaded.extras(fp) or {}))
+            for fp in fps]
+
+
 def _vectors(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
              Q: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return {fp.name: fpmod.compute(fp, ctx) for fp, ctx in _contexts(fps, loaded, results, Q)}
+
+
+def _spreads(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
+             Q: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-image variance of every fingerprint that has per-image vectors."""
     out = {}
-    for fp in fps:
-        ctx = fpmod.FingerprintContext(list(loaded.row["layers"]), results, Q, loaded.engine,
-                                       loaded.extras(fp) or {})
-        out[fp.name] = fpmod.compute(fp, ctx)
+    for fp, ctx in _contexts(fps, loaded, results, Q):
+        var = fpmod.per_image_variance(fp, ctx)
+        if var is not None:
+            out[fp.name] = var
     return out
 
 
@@ -453,7 +468,7 @@ def _check_defined(results: list[Any], what: str) -> None:
 
 def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: float | None,
              details: bool, fps: Sequence[Any], what: str, folder: str | None,
-             extra: dict[str, Any] | None = None) -> CurveResult:
+             extra: dict[str, Any] | None = None, spreads: bool = False) -> CurveResult:
     from forensics.curve import Curve, make_provenance
 
     if len(rows) < MIN_IMAGES:
@@ -483,7 +498,8 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
     )
     values = np.array([r.ct for r in results], dtype=np.float64)
     curve = Curve(list(row["layers"]), values, prov)
-    return CurveResult(curve, results, emb, vectors, np.asarray(rows), loaded)
+    return CurveResult(curve, results, emb, vectors, np.asarray(rows), loaded,
+                       _spreads(fps, loaded, results, Q) if spreads else {})
 
 
 def compute_curve(
@@ -639,9 +655,12 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
         what=f"{folder} (curve {c + 1} of {k}: images {c * per}..{(c + 1) * per - 1})",
         extra={"chunk": {"index": c, "of": k, "start": c * per, "stop": (c + 1) * per,
                          "folder_manifest_sha256": folder_sha}},
+        spreads=True,
     )
     row = res.curve.to_row(**labels)
     row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
+    row["fingerprints"].update({var_key(name): var.tolist()
+                                for name, var in res.spreads.items()})
     return row
 
 
@@ -683,6 +702,27 @@ def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarra
         raise BankError(f"enrolled {fp.name!r} fingerprints{where} have different lengths "
                         f"{sorted(sizes)}; run fp bank verify")
     return np.asarray(vecs, dtype=np.float64)
+
+
+def _confidence_model(fp: Any, rows: list[dict[str, Any]], R: np.ndarray, mask: np.ndarray,
+                      meta: list[dict[str, Any]], matcher: Any, quantile: float,
+                      seed: int) -> Any:
+    """The bank's calibration of confidence (None: ``fp`` has no per-image variances)."""
+    from forensics import confidence
+    from refbank.bank import curve_fingerprints
+
+    variances = [curve_fingerprints(r).get(var_key(fp.name)) for r in rows]
+    families = [m["family"] for m in meta]
+    if any(v is None for v in variances) or len(set(families)) < 2:
+        return None
+    S = np.asarray(variances, dtype=np.float64)
+    if S.shape[1] != mask.shape[0]:
+        return None
+    sim = confidence.simulate(R, S[:, mask], [int(r["n_images"]) for r in rows], families,
+                              matcher.score, seed=seed)
+    if sim.size.size == 0:
+        return None
+    return confidence.fit(sim, quantile=quantile, seed=seed)
 
 
 def attribute(
@@ -794,7 +834,20 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     ranking = rank(query, R, meta, mobj, drop_layers=())
     calibration = calibrate_unknown(R, [m["family"] for m in meta], mobj, (), quantile)
     calibration = dataclasses.replace(calibration, matcher=mname, drop_layers=drop)
+    model = _confidence_model(fp, same_rows, R, mask, meta, mobj, quantile, seed)
+    if model is not None:
+        calibration = dataclasses.replace(
+            calibration, threshold=model.threshold(len(emb)), confidence=model.to_dict(),
+            note=(f"threshold = {quantile:g}-quantile of the best scores of suspects of "
+                  f"{len(emb)} images simulated from the bank ({model.note})"))
     decision = decide(ranking, calibration)
+    if model is not None and not decision.unknown:
+        from forensics.confidence import family_scores, margin_of
+
+        _, best, margin = margin_of(family_scores([m.score for m in ranking],
+                                                  [m.family for m in ranking]))
+        decision = dataclasses.replace(decision,
+                                       confidence=model.probability(margin, best, len(emb)))
 
     boot = None
     if n_boot > 0:
@@ -812,8 +865,8 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
         boot = bootstrap_confidence(curve_fn, len(emb), n_boot, seed, bank_vectors=R,
                                     meta=meta, matcher=mobj, drop_layers=(),
                                     calibration=calibration, decision=decision)
-        decision = Decision(**{**dataclasses.asdict(decision), "confidence": boot.confidence,
-                               "model_confidence": boot.model_confidence})
+        decision = dataclasses.replace(decision, stability=boot.confidence,
+                                       model_stability=boot.model_confidence)
     parameters = {
         "fingerprint": fp.name, "matcher": mname, "drop_layers": list(drop), "top": int(top),
         "quantile": quantile, "n_boot": n_boot if boot is not None else 0, "seed": int(seed),

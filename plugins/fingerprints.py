@@ -171,6 +171,20 @@ class ProjMeanFingerprint:
         return np.concatenate([self.projected_mean(ctx, i)
                                for i in self.selected(len(ctx.layers))])
 
+    def projected(self, ctx, i):
+        """Each image's embedding of layer ``i`` projected on T's stored axes, ``(m, k)``."""
+        import numpy as np
+
+        X = np.asarray(ctx.embeddings[i], dtype=np.float64)
+        return (X - self.extra(ctx, "mean", i)) @ self.extra(ctx, "axes", i).T
+
+    def per_image(self, ctx):
+        """Each image's vector ``(m, K)``: the set's vector is their mean."""
+        import numpy as np
+
+        return np.concatenate([self.projected(ctx, i) for i in self.selected(len(ctx.layers))],
+                              axis=1)
+
     def entry_layers(self, dims):
         """``min(dim, D_i)`` entries for each selected layer ``i``."""
         import numpy as np
@@ -219,6 +233,7 @@ class CurveFirst:
     """Mixin: the C_T curve (every layer) in front of the base fingerprint's vector."""
 
     needs_ct = True
+    per_image = None  # a set's C_T is no mean of per-image values
 
     def compute(self, ctx):
         """``[C_T per layer..., the base fingerprint's vector...]``."""
@@ -317,6 +332,19 @@ class ResidMeanFingerprint(ProjMeanFingerprint):
             parts = [p - c @ self.extra(ctx, "coef", i)
                      for i, p in zip(self.selected(n), parts, strict=True)]
         return np.concatenate(parts)
+
+    def per_image(self, ctx):
+        """Each image's residuals ``(m, K)``: the set's vector is their mean."""
+        import numpy as np
+
+        n = len(ctx.layers)
+        content = self.content(n)
+        parts = [self.projected(ctx, i) for i in self.selected(n)]
+        if content:
+            c = np.concatenate([self.projected(ctx, i) for i in content], axis=1)
+            parts = [p - c @ self.extra(ctx, "coef", i)
+                     for i, p in zip(self.selected(n), parts, strict=True)]
+        return np.concatenate(parts, axis=1)
 
 
 class ResidMeanCurveFingerprint(CurveFirst, ResidMeanFingerprint):

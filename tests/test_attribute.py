@@ -278,7 +278,7 @@ def test_attribute_curve_json():
                              seed=1, bank="/bank")
     out = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     d = out["decision"]
-    assert d["family"] == "vae" and d["unknown"] is False and d["confidence"] == 1.0
+    assert d["family"] == "vae" and d["unknown"] is False and d["stability"] == 1.0
     assert d["model"] in {m["model"] for m in meta_for(fams) if m["family"] == "vae"}
     assert len(out["ranking"]) == 3
     assert set(out["ranking"][0]) >= {"curve_id", "model", "family", "score"}
@@ -289,7 +289,7 @@ def test_attribute_curve_json():
     assert att["n_references"] == 15 and out["bootstrap"]["outcomes"] == {"vae": 20}
     assert out["calibration"]["threshold"] is not None
     plain = attribute_curve(curve, bank_rows(vecs, fams), matcher="l2")
-    assert plain.decision.confidence is None and plain.bootstrap is None
+    assert plain.decision.stability is None and plain.bootstrap is None
 
 
 def test_report_folder_has_json_and_png(tmp_path):

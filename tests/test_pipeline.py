@@ -134,9 +134,13 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
     assert {r["checkpoint"] for r in rows} == {"v1"} and rows[0]["tau"] == pytest.approx(20 / N)
     for r in rows:
         fps = curve_fingerprints(r)
-        assert sorted(fps) == ["paper", "proj-mean", "proj-mean-ct", "proj-mean-early",
-                               "resid-ct", "resid-early", "setstats"]
+        assert sorted(fps) == ["paper", "proj-mean", "proj-mean#var", "proj-mean-ct",
+                               "proj-mean-early", "proj-mean-early#var", "resid-ct",
+                               "resid-early", "resid-early#var", "setstats"]
         assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
+        for name in ("proj-mean", "proj-mean-early", "resid-early"):  # per-image variances
+            var = np.asarray(fps[name + "#var"])
+            assert var.shape == np.shape(fps[name]) and (var > 0).all()
     # The first chunk is exactly the first 60 images in path order.
     from forensics.images import Manifest, scan_folder
 
@@ -178,7 +182,12 @@ def test_attribute_names_the_enrolled_generator(world, kind):
                             matcher="combined", **world["kw"])
     d = a.decision
     assert (d.family, d.model, d.unknown) == (kind, f"{kind}-m", False)
-    assert 0.0 <= d.confidence <= 1.0 and a.bootstrap.n_boot == 8
+    assert d.confidence is None  # the paper's curve has no per-image vectors to calibrate on
+    own = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=0, **world["kw"])
+    assert 0.0 < own.decision.confidence < 1.0  # resid-early: calibrated on the bank
+    cal = own.to_dict()["calibration"]
+    assert cal["confidence"]["n_draws"] > 0 and "simulated from the bank" in cal["note"]
+    assert 0.0 <= d.stability <= 1.0 and a.bootstrap.n_boot == 8
     data = a.to_dict()
     json.dumps(data, allow_nan=False)
     assert data["ranking"][0]["family"] == kind

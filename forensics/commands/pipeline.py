@@ -207,7 +207,7 @@ def attribute_cmd(
                                     help="Layer indices left out of matching, e.g. 0 or 0,3, "
                                          "or none."),
     n_boot: int = typer.Option(100, "--n-boot", min=0,
-                               help="Bootstrap resamples for the confidence (0: none)."),
+                               help="Bootstrap resamples for the stability figure (0: none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the resampling."),
     quantile: float = typer.Option(0.05, "--quantile", min=0.0, max=1.0,
                                    help="Share of genuine curves accepted to be called unknown."),
@@ -236,6 +236,8 @@ def attribute_cmd(
     verdict = "UNKNOWN (no enrolled family is close enough)" if d.unknown else \
         f"family {d.family}, model {d.model}"
     conf = "" if d.confidence is None else f"   confidence {d.confidence:.2f}"
+    if d.stability is not None:
+        conf += f"   stability {d.stability:.2f}"
     _print_table(["rank", "curve_id", "model", "family", "score"],
                  [[m.rank, m.curve_id, m.model, m.family, f"{m.score:.4f}"]
                   for m in result.ranking],

@@ -1,0 +1,98 @@
+"""Calibrated confidence and the size-aware unknown threshold (forensics.confidence)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from forensics import confidence as C
+from forensics.errors import InputError
+from fp_plugins.matchers import ZScoreMatcher
+
+K = 16
+SCORE = ZScoreMatcher().score
+
+
+def _world(rng, n_fam=6, n_curves=4, per=512, spread=0.6, noise=6.0):
+    """Families of curves: a family mean, a curve offset, per-image noise."""
+    fams = rng.standard_normal((n_fam, K))
+    curves, variances, labels = [], [], []
+    for f in range(n_fam):
+        for _ in range(n_curves):
+            centre = fams[f] + spread * rng.standard_normal(K)
+            images = centre + noise * rng.standard_normal((per, K))
+            curves.append(images.mean(axis=0))
+            variances.append(images.var(axis=0))
+            labels.append(f"f{f}")
+    return fams, np.array(curves), np.array(variances), labels
+
+
+def _suspects(rng, fams, sizes, reps, spread=0.6, noise=6.0):
+    """Genuine new suspects: a new curve offset of a family, n images of it."""
+    for f in range(len(fams)):
+        for n in sizes:
+            for _ in range(reps):
+                centre = fams[f] + spread * rng.standard_normal(K)
+                yield f"f{f}", n, (centre + noise * rng.standard_normal((n, K))).mean(axis=0)
+
+
+def test_confidence_is_calibrated_on_fresh_suspects():
+    rng = np.random.default_rng(0)
+    fams, V, S, labels = _world(rng)
+    model = C.fit(C.simulate(V, S, [512] * len(V), labels, SCORE, seed=0))
+    p, right, size = [], [], []
+    for fam, n, q in _suspects(rng, fams, (8, 16, 32, 64, 128), reps=20):
+        f, best, margin = C.margin_of(C.family_scores(SCORE(q, V), labels))
+        p.append(model.probability(margin, best, n))
+        right.append(f == fam)
+        size.append(n)
+    p, right, size = np.array(p), np.array(right), np.array(size)
+    assert 0.3 < right.mean() < 0.95  # a task neither trivial nor hopeless
+    assert C.expected_calibration_error(p, right) < 0.06
+    assert p[size == 8].mean() < p[size == 128].mean()  # fewer images, less sure
+    assert right[size == 8].mean() < right[size == 128].mean()
+
+
+def test_unknown_threshold_grows_with_suspect_size():
+    rng = np.random.default_rng(1)
+    _, V, S, labels = _world(rng)
+    model = C.fit(C.simulate(V, S, [512] * len(V), labels, SCORE, seed=0), quantile=0.05)
+    t = [model.threshold(n) for n in (8, 64, 512)]
+    assert t[0] < t[1] < t[2]
+    assert model.threshold(24) == pytest.approx(np.interp(np.log(24), np.log([16, 32]),
+                                                          [model.thresholds[16],
+                                                           model.thresholds[32]]))
+
+
+def test_simulation_is_seeded_and_skips_sizes_above_the_curve():
+    rng = np.random.default_rng(2)
+    _, V, S, labels = _world(rng, n_fam=3, n_curves=2, per=64)
+    a = C.simulate(V, S, [64] * len(V), labels, SCORE, seed=5)
+    b = C.simulate(V, S, [64] * len(V), labels, SCORE, seed=5)
+    np.testing.assert_array_equal(a.best, b.best)
+    assert set(a.size.tolist()) == {8, 16, 32, 64}
+    assert (a.size == 64).sum() == len(V)  # the whole curve: one draw, no noise
+
+
+def test_a_perfect_simulation_still_gives_probabilities_below_one():
+    rng = np.random.default_rng(3)
+    _, V, S, labels = _world(rng, n_fam=3, spread=0.01, noise=0.01)
+    sim = C.simulate(V, S, [512] * len(V), labels, SCORE, seed=0)
+    assert sim.right.all()
+    model = C.fit(sim)
+    assert model.probability(float(sim.margin.min()), float(sim.best.min()), 8) < 1.0
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(InputError, match="one vector, variance, size and family per curve"):
+        C.simulate(np.ones((3, 2)), np.ones((2, 2)), [8, 8, 8], ["a", "b", "c"], SCORE)
+    with pytest.raises(InputError, match="at least two families"):
+        C.simulate(np.ones((2, 2)), np.ones((2, 2)), [8, 8], ["a", "a"], SCORE)
+    with pytest.raises(InputError, match="no simulated suspects"):
+        C.fit(C.simulate(np.eye(2), np.ones((2, 2)), [8, 8], ["a", "b"], SCORE))
+
+
+def test_expected_calibration_error():
+    assert C.expected_calibration_error(np.array([1.0, 1.0]), np.array([True, True])) == 0.0
+    assert C.expected_calibration_error(np.array([0.9] * 10),
+                                        np.array([True] * 5 + [False] * 5)) == pytest.approx(0.4)
