@@ -16,8 +16,8 @@ right, its best score and the margin to the second family.
   images given: a suspect of 8 images whose nearest family barely wins gets a low value
   where a 512-image one with the same margin would not.
 - **unknown threshold**: the ``quantile`` of the simulated genuine suspects' best scores
-  (against any family) at the suspect's size (interpolated in ``log n``): the share of genuine suspects of that size
-  one accepts to call unknown, whatever the size.
+  (against any family) at the suspect's size (interpolated in ``log n``): the share of
+  genuine suspects of that size one accepts to call unknown, whatever the size.
 
 Everything is a pure function of arrays; the random draws are seeded.
 """

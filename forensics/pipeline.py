@@ -801,7 +801,6 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
                report: PathLike | None, tau: float | None) -> Attribution:
     from forensics.attribute import (
         Attribution,
-        Decision,
         bootstrap_confidence,
         calibrate_unknown,
         comparable_references,

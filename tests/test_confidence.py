@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fp_plugins.matchers import ZScoreMatcher
 
 from forensics import confidence as C
 from forensics.errors import InputError
-from fp_plugins.matchers import ZScoreMatcher
 
 K = 16
 SCORE = ZScoreMatcher().score
