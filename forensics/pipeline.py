@@ -188,9 +188,19 @@ def build_baseline(
         InputError: bad folders or parameters.
     """
     from forensics.baseline import Baseline
-    from forensics.embed import embed_folder
-    from forensics.encoders import resolve_device
+    from forensics.ct import check_seed
+    from forensics.embed import embed_folder, get_encoder
+    from forensics.encoders import check_pool, resolve_device
+    from forensics.plugins import get
+    from refbank.bank import check_name
 
+    # Every cheap check first: embedding T and P is the expensive step.
+    check_name(name, "baseline name")
+    seed = check_seed(seed)
+    check_pool(pool)
+    get_encoder(encoder)
+    get("distances", distance)
+    get("partitioners", partitioner)
     b = open_bank(bank)
     taken = {r["name"]: r for r in b.baselines()}
     if name in taken:
@@ -244,6 +254,9 @@ def build_baseline(
             "train_folder": str(train),
             "heldout_folder": str(heldout),
             "fingerprints": sorted(extras),
+            **({"skipped": {"train": [list(s) for s in T.manifest.skipped],
+                            "heldout": [list(s) for s in P.manifest.skipped]}}
+               if T.manifest.skipped or P.manifest.skipped else {}),
         },
         "notes": notes,
     }
@@ -386,9 +399,15 @@ def _fingerprint_objects(names: Sequence[str] | None, loaded: LoadedBaseline,
     for n in (fpmod.names() if names is None else names):
         fp = fpmod.get(n)
         if loaded.extras(fp) is None:
-            msg = (f"baseline {loaded.name!r} was built without the arrays of fingerprint "
-                   f"{fp.name!r}; rebuild the baseline (fp baseline build) to use it, or "
-                   f"choose another fingerprint (--fingerprint paper)")
+            if fp.name in loaded.params.get("fingerprints", ()):
+                msg = (f"the file {fpmod.extras_file(fp.name)} of fingerprint {fp.name!r} is "
+                       f"missing from baseline {loaded.name!r} ({loaded.folder}), which was "
+                       f"built with it; run fp bank verify, restore the bank from an export "
+                       f"(fp bank import), or choose another fingerprint (--fingerprint paper)")
+            else:
+                msg = (f"baseline {loaded.name!r} was built without the arrays of fingerprint "
+                       f"{fp.name!r}; rebuild the baseline (fp baseline build) to use it, or "
+                       f"choose another fingerprint (--fingerprint paper)")
             if strict:
                 raise InputError(msg)
             notes.append(msg)
@@ -457,6 +476,8 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
     vectors = _vectors(fps, loaded, results, Q)
     manifest_sha, _ = _subset_manifest_sha(emb, rows)
     row, info = loaded.row, emb.encoder_info or {}
+    if emb.manifest is not None:  # files left out with skip_bad, and why
+        extra = {"skipped": [list(s) for s in emb.manifest.skipped], **(extra or {})}
     params = {
         "partitioner": row["partitioner"], "distance": row["distance"],
         "tau": float(results[0].tau), "tau_rule": TAU_RULE if tau is None else "given",
@@ -596,6 +617,8 @@ def enroll(
     device = resolve_device(device)
     loaded = load_baseline(baseline, bank=b, device=device)
     manifest = scan_folder(folder, skip_bad=skip_bad)
+    for s in manifest.skipped:
+        say(f"skipped {s.relpath}: {s.reason}")
     n, per = len(manifest), int(per_curve)
     if n < per:
         raise InsufficientDataError(
@@ -632,6 +655,8 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
                          "folder_manifest_sha256": folder_sha}},
     )
     row = res.curve.to_row(**labels)
+    if res.curve.provenance.get("skipped"):  # the folder's files left out with skip_bad
+        row["params"]["skipped"] = res.curve.provenance["skipped"]
     row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
     return row
 
@@ -727,8 +752,11 @@ def attribute(
             suspect's encoder, weights or layers, or lack the fingerprint.
         InsufficientDataError: too few suspect images for tau.
     """
+    from forensics.attribute import keep_mask
+    from forensics.ct import check_seed
     from forensics.encoders import resolve_device
 
+    seed = check_seed(seed)
     b = open_bank(bank)
     all_rows = b.curves()
     if not all_rows:
@@ -738,6 +766,7 @@ def attribute(
     device = resolve_device(device)
     loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
     _fingerprint_objects([fp.name], loaded, strict=True)
+    keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
     with _one_thread():
