@@ -454,6 +454,14 @@ def _one_thread(elements: int = 0) -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=1)
 
 
+def _check_tau(tau: float | None) -> None:
+    """Refuse a bad tau before any image is embedded (the rule itself: ct.check_tau)."""
+    from forensics.ct import check_tau
+
+    if tau is not None:
+        check_tau(tau, 1)
+
+
 def _check_defined(results: list[Any], what: str) -> None:
     bad = [r for r in results if r.status == "no_cells"]
     if bad:
@@ -541,6 +549,7 @@ def compute_curve(
     """
     from forensics.encoders import resolve_device
 
+    _check_tau(tau)
     device = resolve_device(device)
     loaded = (baseline if isinstance(baseline, LoadedBaseline)
               else load_baseline(baseline, bank=bank, device=device))
@@ -613,6 +622,7 @@ def enroll(
     for what, value in (("model", model), ("family", family)):
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"--{what} must be a non-empty name")
+    _check_tau(tau)
     b = open_bank(bank)
     device = resolve_device(device)
     loaded = load_baseline(baseline, bank=b, device=device)
@@ -757,6 +767,9 @@ def attribute(
     from forensics.encoders import resolve_device
 
     seed = check_seed(seed)
+    if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
+        raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
+                         f"n_boot {n_boot}, quantile {quantile}")
     b = open_bank(bank)
     all_rows = b.curves()
     if not all_rows:
@@ -766,7 +779,9 @@ def attribute(
     device = resolve_device(device)
     loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
     _fingerprint_objects([fp.name], loaded, strict=True)
-    keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
+    keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
+    fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
+    _check_tau(tau)
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
     with _one_thread():

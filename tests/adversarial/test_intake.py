@@ -370,13 +370,24 @@ def test_bad_baseline_name_and_newer_bank_are_refused_before_embedding(
     assert "999" in msg
 
 
-def test_attribute_checks_drop_layers_before_embedding(in_world, no_embedding):
-    for value, expected in (("-1", "cannot drop layer -1: curves have 8 layers (indices 0..7)"),
-                            ("8", "cannot drop layer 8: curves have 8 layers (indices 0..7)"),
-                            ("x", "--drop-layers 'x': give layer indices")):
-        msg = _one_error_line(runner.invoke(app, ["attribute", str(in_world["q"]), "-q",
-                                                  "--drop-layers", value]))
+def test_attribute_checks_its_options_before_embedding(in_world, no_embedding):
+    for args, expected in (
+            (["--drop-layers", "-1"], "cannot drop layer -1: curves have 8 layers (indices 0..7)"),
+            (["--drop-layers", "8"], "cannot drop layer 8: curves have 8 layers (indices 0..7)"),
+            (["--drop-layers", "x"], "--drop-layers 'x': give layer indices"),
+            (["--matcher", "nope"], "nope")):
+        msg = _one_error_line(runner.invoke(app, ["attribute", str(in_world["q"]), "-q", *args]))
         assert expected in msg, msg
+
+
+def test_python_api_checks_tau_and_seed_before_embedding(in_world, no_embedding):
+    q = in_world["q"]
+    for call in (lambda: pipeline.compute_curve(q, tau=-1.0),
+                 lambda: pipeline.enroll(q, baseline=None, model="m", family="f", tau=-1.0),
+                 lambda: pipeline.attribute(q, tau=float("nan")),
+                 lambda: pipeline.attribute(q, seed=-5)):
+        with pytest.raises(InputError, match="tau must be|--seed -5"):
+            call()
 
 
 # ---------------------------------------------------------------- messages that mislead
@@ -424,6 +435,32 @@ def test_raw_library_warnings_are_hidden_and_ctrl_c_is_one_line(monkeypatch, fol
     result = runner.invoke(app, args)
     assert result.exit_code == 130
     assert result.stderr == "Interrupted (Ctrl-C); stopped before finishing.\n"
+
+
+def test_a_real_sigint_gives_one_line_and_status_130(tmp_path, folder):
+    """SIGINT in a subprocess while a command works (its step sleeps until interrupted)."""
+    script = (
+        "import sys, time\n"
+        "import forensics.embed\n"
+        "def slow(*a, **k):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "forensics.embed.embed_folder = slow\n"
+        "from forensics.cli import main\n"
+        "sys.argv = ['fp', 'embed', sys.argv[1], '--encoder', 'vit-tiny-demo', '--out', "
+        "sys.argv[2]]\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder), str(tmp_path / "o.npz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err == "Interrupted (Ctrl-C); stopped before finishing.\n"
 
 
 # ---------------------------------------------------------------- fuzz
