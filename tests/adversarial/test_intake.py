@@ -471,12 +471,12 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _SEEDS = {fmt: _png(np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8),
-                    fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP")}
+                    fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")}
 
 
 @st.composite
 def _image_bytes(draw) -> bytes:
-    kind = draw(st.sampled_from(["random", "PNG", "JPEG", "GIF", "BMP"]))
+    kind = draw(st.sampled_from(["random", *_SEEDS]))
     if kind == "random":
         return draw(st.binary(max_size=600))
     data = bytearray(_SEEDS[kind])
@@ -491,7 +491,7 @@ def _image_bytes(draw) -> bytes:
 
 @settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=_image_bytes(), suffix=st.sampled_from([".png", ".jpg", ".gif", ".bmp"]))
+@given(data=_image_bytes(), suffix=st.sampled_from([".png", ".jpg", ".gif", ".tif", ".webp"]))
 def test_fuzz_image_intake_gives_a_result_or_one_error_line(tmp_path, data, suffix):
     case = Path(tempfile.mkdtemp(dir=tmp_path))
     (case / f"x{suffix}").write_bytes(data)
