@@ -476,6 +476,10 @@ def embed_folder(
         InputError: bad inputs (see :func:`~forensics.images.scan_folder`) or parameters.
         OfflineError: hub weights are needed but cannot be fetched.
     """
+    from forensics.encoders import check_pool
+
+    check_pool(pool)  # names first: scanning a large folder takes a while
+    get_encoder(encoder)
     if isinstance(folder_or_manifest, Manifest):
         manifest = folder_or_manifest
     else:

@@ -380,6 +380,18 @@ def test_attribute_checks_its_options_before_embedding(in_world, no_embedding):
         assert expected in msg, msg
 
 
+def test_fp_embed_checks_the_encoder_name_before_scanning(folder, tmp_path, monkeypatch):
+    import forensics.embed
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the folder was scanned before the encoder name was checked")
+
+    monkeypatch.setattr(forensics.embed, "scan_folder", no_scan)
+    msg = _one_error_line(runner.invoke(app, ["embed", str(folder), "--encoder", "vit-nope",
+                                              "--out", str(tmp_path / "o.npz")]))
+    assert "vit-nope" in msg and "vit-tiny-demo" in msg  # the valid names are listed
+
+
 def test_python_api_checks_tau_and_seed_before_embedding(in_world, no_embedding):
     q = in_world["q"]
     for call in (lambda: pipeline.compute_curve(q, tau=-1.0),
