@@ -245,7 +245,9 @@ def synth_folder(
             inputs that would write the same output.
     """
     from forensics import __version__
+    from forensics.ct import check_seed
 
+    seed = check_seed(seed)
     p = _check_params(kind, params)
     src, out = Path(src), Path(out)
     if not src.is_dir():

@@ -304,7 +304,11 @@ def test_out_of_range_seeds_are_one_error_line(in_world, tmp_path, seed):
     for args in (["ct", str(tmp_path / "e.npz")],
                  ["attribute", str(in_world["q"]), "-q"],
                  ["baseline", "build", "x", "--train", str(in_world["T"]), "--heldout",
-                  str(in_world["P"]), "--encoder", "vit-tiny-demo", "-q"]):
+                  str(in_world["P"]), "--encoder", "vit-tiny-demo", "-q"],
+                 ["synth", "noise", str(in_world["q"]), str(tmp_path / "synth")],
+                 ["evaluate"],
+                 ["demo", "--quick", "--out", str(tmp_path / "demo")],
+                 ["invmm", str(in_world["q"]), "--model", str(tmp_path / "no-model")]):
         result = runner.invoke(app, [*args, "--seed", seed])
         assert f"--seed {seed}: give a whole number from 0 to 4294967295" in \
             _one_error_line(result), args
