@@ -3,7 +3,7 @@
 :func:`scan_folder` finds every image under a folder (recursively, in sorted order of
 relative POSIX path), hashes each file (SHA-256) and decodes it once to prove it is usable.
 Bad files (not a regular file, larger than the size cap, zero bytes, not an image,
-truncated or corrupt, several frames, decompression bombs) stop the scan with one
+truncated or corrupt, animations, decompression bombs) stop the scan with one
 :class:`~forensics.errors.InputError` that lists all of them, unless ``skip_bad`` is set, in
 which case they are recorded in :attr:`Manifest.skipped`.
 
@@ -271,10 +271,10 @@ def decode_rgb(data: bytes) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
         _check_pixels(im)
-        frames = getattr(im, "n_frames", 1)
+        frames = getattr(im, "n_frames", 1) if im.format in _ANIMATED_FORMATS else 1
         if frames > 1:
-            raise InputError(f"holds {frames} frames (an animation or a multi-page file); "
-                             f"save the frame to use as an image of its own")
+            raise InputError(f"an animation of {frames} frames, not one image; save the "
+                             f"frame to use as an image of its own")
         im.load()
         im = ImageOps.exif_transpose(im)
         return to_rgb(im)
@@ -290,6 +290,10 @@ def decode_rgb(data: bytes) -> Image.Image:
     except Exception as exc:  # decoders raise many types on corrupt data
         raise InputError(f"truncated or corrupt ({type(exc).__name__}: {exc})") from exc
 
+
+#: Formats whose several frames are an animation (a JPEG's extra MPO frames, such as a
+#: phone's preview, and a TIFF's later pages are not: the first frame is the image).
+_ANIMATED_FORMATS = {"GIF", "PNG", "WEBP"}
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"),
