@@ -165,14 +165,14 @@ def keep_mask(n_layers: int, drop_layers: Sequence[int] = DEFAULT_DROP_LAYERS) -
 
     Args:
         n_layers: number of layers in a curve.
-        drop_layers: indices to leave out (negative counts from the end).
+        drop_layers: indices to leave out, counted from 0.
 
     Raises:
-        InputError: an index is out of range, or every layer would be dropped.
+        InputError: an index is negative or out of range, or every layer would be dropped.
     """
     mask = np.ones(n_layers, dtype=bool)
     for i in drop_layers:
-        if not -n_layers <= int(i) < n_layers:
+        if not 0 <= int(i) < n_layers:
             raise InputError(
                 f"cannot drop layer {i}: curves have {n_layers} layers (indices 0..{n_layers - 1})"
             )

@@ -36,6 +36,7 @@ from forensics.ct import (
     CTResult,
     check_labels,
     check_m,
+    check_seed,
     check_tau,
     constant_message,
     constant_result,
@@ -78,6 +79,10 @@ def array_digest(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
+#: Largest magnitude accepted in T, P and Q: sums of squares must stay finite in float64.
+MAX_ABS_VALUE = 1e100
+
+
 def _digest_of(mapping: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()
 
@@ -92,6 +97,11 @@ def _matrix(x: Any, what: str) -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise InputError(f"{what} holds NaN or infinite values")
+    largest = float(np.abs(arr).max())
+    if largest > MAX_ABS_VALUE:
+        raise InputError(f"{what} holds values as large as {largest:.3g}; PCA, KMeans and "
+                         f"distances need values below {MAX_ABS_VALUE:g} in magnitude (their "
+                         f"squares must stay finite): scale the embeddings down")
     return arr
 
 
@@ -314,6 +324,7 @@ class Baseline:
         """
         from forensics.plugins import get
 
+        seed = check_seed(seed)
         params = dict(partitioner_params or {})
         dist = get("distances", distance)
         part = get("partitioners", partitioner)
@@ -445,7 +456,7 @@ class Baseline:
         from forensics.plugins import get
 
         d = Path(directory)
-        fix = f"delete {d} to have it rebuilt"
+        fix = "the baseline's files are damaged or were written by another version of fp"
         try:
             meta = json.loads((d / META_FILE).read_text())
         except FileNotFoundError:

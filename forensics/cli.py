@@ -10,13 +10,17 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 
 import click
 import typer
 from typer.core import TyperGroup
 
 from forensics import __version__
-from forensics.errors import FpError
+from forensics.errors import FpError, FpWarning
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
 
 #: Modules under ``forensics.commands`` whose ``register(app)`` adds commands.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -42,17 +46,37 @@ def _debug_enabled(ctx: click.Context | None) -> bool:
     return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
 class FpGroup(TyperGroup):
-    """A Typer group that turns :class:`FpError` into ``Error: ...`` and exit status 1."""
+    """A Typer group that turns :class:`FpError` into ``Error: ...`` and exit status 1.
+
+    Ctrl-C prints one line and exits with status 130. :class:`FpWarning` is printed as
+    ``Warning: ...``; other libraries' warnings (Pillow, torch) are hidden unless
+    ``--debug``.
+    """
 
     def invoke(self, ctx: click.Context):  # noqa: D102
-        try:
-            return super().invoke(ctx)
-        except FpError as exc:
-            if _debug_enabled(ctx):
-                raise
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+        debug = bool(os.environ.get("FP_DEBUG") or ctx.params.get("debug"))
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("always", FpWarning)
+                warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except FpError as exc:
+                if debug or _debug_enabled(ctx):
+                    raise
+                click.echo(f"Error: {exc}", err=True)
+                ctx.exit(exc.exit_code)
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                click.echo("Interrupted (Ctrl-C); stopped before finishing.", err=True)
+                ctx.exit(INTERRUPTED_EXIT)
 
 
 app = typer.Typer(

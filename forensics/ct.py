@@ -133,6 +133,26 @@ class CTResult:
         return out
 
 
+#: Seeds are what NumPy's and scikit-learn's generators accept: 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: int, what: str = "--seed") -> int:
+    """Return ``seed`` as an int if it is a whole number in ``0 .. SEED_MAX``.
+
+    Raises:
+        InputError: anything else (negative, too large, not a whole number).
+    """
+    try:
+        value = int(seed)
+        whole = value == seed
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or isinstance(seed, bool) or not 0 <= value <= SEED_MAX:
+        raise InputError(f"{what} {seed!r}: give a whole number from 0 to {SEED_MAX}")
+    return value
+
+
 def check_tau(tau: float | None, m: int) -> float:
     """Resolve and validate tau: ``None`` gives ``20 / m``; otherwise a finite tau >= 0.
 

@@ -238,8 +238,10 @@ def run_demo(
         InputError: ``out`` is not empty, or the sizes do not fit the 1797 digits.
     """
     from forensics import pipeline
+    from forensics.ct import check_seed
     from forensics.embed import DEFAULT_CACHE
 
+    seed = check_seed(seed)
     say = echo or (lambda _msg: None)
     sizes = sizes or (QUICK if quick else FULL)
     gens = generators or (QUICK_GENERATORS if quick else GENERATORS)

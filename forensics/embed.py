@@ -10,7 +10,9 @@
 :func:`embed_folder` and :func:`embed_arrays` share one code path after decoding. The
 embedding cache stores, per encoder configuration (encoder name, weights hash,
 preprocessing, pooling, precision), chunks of ``.npz`` files keyed by image SHA-256, so a
-second run on the same images computes nothing.
+second run on the same images computes nothing. A damaged chunk (unreadable, misshapen,
+not finite) is set aside with one :class:`~forensics.errors.FpWarning` and its images are
+embedded again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +32,8 @@ import numpy as np
 
 from forensics import __version__
 from forensics.atomic import atomic_savez, atomic_write, atomic_write_text
-from forensics.errors import InputError
-from forensics.images import Manifest, decode_rgb, scan_folder, to_rgb
+from forensics.errors import FpWarning, InputError
+from forensics.images import Manifest, decode_rgb, read_image_file, scan_folder, to_rgb
 
 #: Version of the cache layout and of the saved-embeddings format.
 FORMAT_VERSION = 1
@@ -58,10 +61,20 @@ def default_cache_dir() -> Path:
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
-    """Return ``path`` if it names a ``.npz`` or ``.parquet`` file, else raise InputError."""
+    """Return ``path`` if a ``.npz`` or ``.parquet`` file can be written there.
+
+    Raises:
+        InputError: another suffix, a folder of that name, or a file where a parent folder
+            should be.
+    """
     path = Path(path)
     if path.suffix.lower() not in (".npz", ".parquet"):
         raise InputError(f"--out {path}: use a .npz or .parquet file name")
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder; give the name of a file to write")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"--out {path}: {parent} is a file, not a folder; choose another path")
     return path
 
 
@@ -232,14 +245,22 @@ class EmbeddingCache:
     """Cached embeddings of one encoder configuration: ``.npz`` chunks keyed by image hash.
 
     Each chunk holds ``sha256`` (the image hashes, ``S64``) and ``layer_000``...; chunks are
-    written atomically under ``<cache_dir>/<key>/`` and never modified. No pickle.
+    written atomically under ``<cache_dir>/<key>/`` and never modified; ``info.json`` beside
+    them records the configuration and each layer's embedding size. No pickle. A chunk that
+    cannot be read, whose arrays do not have one row per hash or the recorded sizes (or those
+    of the other chunks), or that holds NaN or infinity, is renamed ``damaged-<name>`` (so
+    it is reported once), reported with a :class:`~forensics.errors.FpWarning`, and not used.
     """
 
     def __init__(self, cache_dir: Path, key: str, info: dict[str, Any]):
         self.dir = Path(cache_dir) / key
         self.n_layers = len(info["layers"])
         self._index: dict[bytes, tuple[Path, int]] | None = None
+        self._rows: dict[Path, int] = {}
+        self._dims: list[int] | None = None
         self._info = info
+        #: Chunks found damaged and set aside by this object (file names).
+        self.damaged: list[str] = []
 
     def index(self) -> dict[bytes, tuple[Path, int]]:
         """image hash -> (chunk file, row)."""
@@ -249,31 +270,88 @@ class EmbeddingCache:
                 try:
                     with np.load(chunk, allow_pickle=False) as data:
                         hashes = data["sha256"]
-                except (OSError, KeyError, ValueError):
-                    continue  # an unreadable chunk is ignored and recomputed
+                    if hashes.ndim != 1 or hashes.dtype != np.dtype("S64"):
+                        raise ValueError(f"its image hashes have dtype {hashes.dtype} and "
+                                         f"shape {hashes.shape}")
+                except Exception as exc:  # a damaged zip raises many types  # noqa: BLE001
+                    self.set_aside(chunk, _reason(exc))
+                    continue
+                self._rows[chunk] = len(hashes)
                 for row, h in enumerate(hashes):
                     self._index[bytes(h)] = (chunk, row)
         return self._index
 
-    def dims(self) -> list[int]:
-        """Embedding size of each layer (the cache must hold at least one chunk)."""
-        chunk, _ = next(iter(self.index().values()))
-        with np.load(chunk, allow_pickle=False) as data:
-            return [int(data[f"layer_{i:03d}"].shape[1]) for i in range(self.n_layers)]
+    def fetch(self, hashes: Sequence[str], rows: Sequence[int], n: int
+              ) -> tuple[list[np.ndarray] | None, list[int]]:
+        """Cached embeddings of ``hashes`` placed at ``rows`` of ``n``-row arrays.
 
-    def fetch(self, hashes: Sequence[str], rows: Sequence[int], out: list[np.ndarray]) -> None:
-        """Copy cached embeddings of ``hashes`` into ``out[l][rows]``."""
+        Returns:
+            The per-layer arrays (None when no chunk could be used) and the rows whose
+            chunk turned out damaged (they must be embedded again).
+        """
         index = self.index()
         by_chunk: dict[Path, list[tuple[int, int]]] = {}
         for h, row in zip(hashes, rows, strict=True):
             chunk, src = index[h.encode()]
             by_chunk.setdefault(chunk, []).append((row, src))
+        out: list[np.ndarray] | None = None
+        lost: list[int] = []
         for chunk, pairs in by_chunk.items():
             dst = np.array([p[0] for p in pairs])
             src = np.array([p[1] for p in pairs])
-            with np.load(chunk, allow_pickle=False) as data:
-                for layer in range(self.n_layers):
-                    out[layer][dst] = data[f"layer_{layer:03d}"][src]
+            try:
+                layers = self._read_chunk(chunk)
+            except Exception as exc:  # noqa: BLE001 - any failure means a damaged chunk
+                self.set_aside(chunk, _reason(exc))
+                lost.extend(int(r) for r in dst)
+                continue
+            if out is None:
+                out = [np.zeros((n, a.shape[1]), dtype=np.float32) for a in layers]
+            for layer, arr in zip(out, layers, strict=True):
+                layer[dst] = arr[src]
+        return out, sorted(lost)
+
+    def _read_chunk(self, chunk: Path) -> list[np.ndarray]:
+        """Every layer of one chunk, checked against its hashes and the other chunks."""
+        with np.load(chunk, allow_pickle=False) as data:
+            layers = [data[f"layer_{i:03d}"] for i in range(self.n_layers)]
+        rows = self._rows[chunk]
+        for i, a in enumerate(layers):
+            if a.ndim != 2 or a.shape[0] != rows or a.dtype.kind != "f":
+                raise ValueError(f"layer {i} has shape {a.shape} and dtype {a.dtype}, not "
+                                 f"({rows}, D) floats")
+            if not np.isfinite(a).all():
+                raise ValueError(f"layer {i} holds NaN or infinite values")
+        dims = [int(a.shape[1]) for a in layers]
+        if self._dims is None:
+            self._dims = self._recorded_dims() or dims
+        if dims != self._dims:
+            raise ValueError(f"its embedding sizes {dims} differ from the recorded "
+                             f"{self._dims}")
+        return layers
+
+    def _recorded_dims(self) -> list[int] | None:
+        """Embedding sizes recorded in ``info.json`` by the first write (None: unknown)."""
+        try:
+            dims = json.loads((self.dir / "info.json").read_text()).get("dims")
+        except (OSError, ValueError, AttributeError):
+            return None
+        ok = isinstance(dims, list) and len(dims) == self.n_layers
+        return [int(d) for d in dims] if ok and all(isinstance(d, int) for d in dims) else None
+
+    def set_aside(self, chunk: Path, reason: str) -> None:
+        """Rename a damaged chunk out of the way and report it (once)."""
+        target = chunk.with_name(f"damaged-{chunk.name}")
+        try:
+            os.replace(chunk, target)
+            where = f"set aside as {target.name}"
+        except OSError:  # e.g. a read-only cache: it will be reported again next time
+            where = "left in place (it cannot be renamed)"
+        self.damaged.append(chunk.name)
+        if self._index is not None:
+            self._index = {h: v for h, v in self._index.items() if v[0] != chunk}
+        warnings.warn(f"the embedding cache file {chunk} is damaged ({reason}); it is {where} "
+                      f"and its images are embedded again", FpWarning, stacklevel=2)
 
     def write(self, hashes: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
         """Store one chunk (atomically)."""
@@ -282,10 +360,16 @@ class EmbeddingCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         info_path = self.dir / "info.json"
         if not info_path.exists():
-            atomic_write_text(info_path, json.dumps(self._info, indent=2))
+            dims = [int(np.shape(a)[1]) for a in arrays]
+            atomic_write_text(info_path, json.dumps({**self._info, "dims": dims}, indent=2))
         chunk = self.dir / f"chunk-{uuid.uuid4().hex}.npz"
         payload = {f"layer_{i:03d}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
         atomic_savez(chunk, {"sha256": np.array(hashes, dtype="S64"), **payload}, fsync=False)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- datasets
@@ -305,7 +389,7 @@ class _FileImages:
     def __getitem__(self, i: int):
         row, relpath, sha = self.items[i]
         try:
-            data = (self.root / relpath).read_bytes()
+            data = read_image_file(self.root / relpath)
             if hashlib.sha256(data).hexdigest() != sha:
                 return row, None, f"{relpath}: changed since it was scanned; run again"
             return row, self.transform(decode_rgb(data)), ""
@@ -392,6 +476,10 @@ def embed_folder(
         InputError: bad inputs (see :func:`~forensics.images.scan_folder`) or parameters.
         OfflineError: hub weights are needed but cannot be fetched.
     """
+    from forensics.encoders import check_pool
+
+    check_pool(pool)  # names first: scanning a large folder takes a while
+    get_encoder(encoder)
     if isinstance(folder_or_manifest, Manifest):
         manifest = folder_or_manifest
     else:
@@ -457,17 +545,26 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
     n = len(hashes)
     cached = cache.index() if cache is not None else {}
     hit_rows = [r for r, h in enumerate(hashes) if h.encode() in cached]
-    todo = [r for r, h in enumerate(hashes) if h.encode() not in cached]
     out = None
     if hit_rows:
-        out = [np.zeros((n, d), dtype=np.float32) for d in cache.dims()]
-        cache.fetch([hashes[r] for r in hit_rows], hit_rows, out)
-
+        out, lost = cache.fetch([hashes[r] for r in hit_rows], hit_rows, n)
+        hit_rows = sorted(set(hit_rows) - set(lost))
     workers = default_num_workers(device) if num_workers is None else num_workers
-    if todo:
-        out = _compute(make_dataset(todo, loaded.transform), loaded, out, n, hashes, cache,
-                       batch_size, workers, device, progress, len(hit_rows))
+    for _attempt in range(2):
+        todo = sorted(set(range(n)) - set(hit_rows))
+        if not todo:
+            break
+        try:
+            out = _compute(make_dataset(todo, loaded.transform), loaded, out, n, hashes, cache,
+                           batch_size, workers, device, progress, len(hit_rows))
+            break
+        except _CachedSizesDiffer as exc:  # every chunk used is wrong: embed all again
+            for chunk in sorted({cache.index()[hashes[r].encode()][0] for r in hit_rows}):
+                cache.set_aside(chunk, str(exc))
+            out, hit_rows = None, []
     info["cache"] = {"hits": len(hit_rows), "computed": len(todo)}
+    if cache is not None and cache.damaged:
+        info["cache"]["damaged"] = list(cache.damaged)
     info["num_images"] = n
     return Embeddings(list(loaded.layer_names), out, manifest, info)
 
@@ -491,6 +588,10 @@ def _compute(dataset, loaded, out, n, hashes, cache, batch_size, workers, device
             if batch is None:
                 continue
             feats = loaded.forward(batch)
+            if out is not None and [a.shape[1] for a in out] != [f.shape[1] for f in feats]:
+                raise _CachedSizesDiffer(
+                    f"its embedding sizes {[a.shape[1] for a in out]} differ from the "
+                    f"encoder's {[f.shape[1] for f in feats]}")
             if out is None:
                 out = [np.zeros((n, f.shape[1]), dtype=np.float32) for f in feats]
             for layer, f in zip(out, feats, strict=True):
@@ -505,6 +606,10 @@ def _compute(dataset, loaded, out, n, hashes, cache, batch_size, workers, device
         lines = "\n".join(f"  {e}" for e in errors)
         raise InputError(f"{len(errors)} image(s) could not be read while embedding:\n{lines}")
     return out
+
+
+class _CachedSizesDiffer(Exception):
+    """Cached rows have other embedding sizes than the encoder computes."""
 
 
 def _flush(cache: EmbeddingCache, out: list[np.ndarray], hashes, pending: list[int]) -> None:

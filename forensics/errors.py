@@ -43,3 +43,11 @@ class BankError(FpError):
 
 class OfflineError(FpError):
     """Weights or data would have to be fetched from a hub that cannot be reached."""
+
+
+class FpWarning(UserWarning):
+    """Something was wrong but ``fp`` carried on (e.g. a damaged cache file it set aside).
+
+    The CLI prints these as ``Warning: <message>`` on stderr; other libraries' warnings are
+    hidden unless ``fp --debug`` is given.
+    """

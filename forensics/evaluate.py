@@ -212,6 +212,9 @@ def evaluate(
         InsufficientDataError: no query or no enrolled vector.
         UnknownNameError: an unknown matcher name.
     """
+    from forensics.ct import check_seed
+
+    seed = check_seed(seed)
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     if n_boot < 0:

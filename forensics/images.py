@@ -2,9 +2,14 @@
 
 :func:`scan_folder` finds every image under a folder (recursively, in sorted order of
 relative POSIX path), hashes each file (SHA-256) and decodes it once to prove it is usable.
-Bad files (zero bytes, not an image, truncated or corrupt, decompression bombs) stop the
-scan with one :class:`~forensics.errors.InputError` that lists all of them, unless
-``skip_bad`` is set, in which case they are recorded in :attr:`Manifest.skipped`.
+Bad files (not a regular file, larger than the size cap, zero bytes, not an image,
+truncated or corrupt, animations, decompression bombs) stop the scan with one
+:class:`~forensics.errors.InputError` that lists all of them, unless ``skip_bad`` is set, in
+which case they are recorded in :attr:`Manifest.skipped`.
+
+:func:`read_image_file` is how every image file is read: only regular files (a FIFO or a
+device named ``x.png``, or a symlink to one, is refused without blocking), at most
+:func:`max_image_bytes` bytes.
 
 :func:`load_rgb` decodes one image the way every encoder sees it: EXIF orientation
 applied, then converted to 8-bit RGB (see :func:`to_rgb` for each mode).
@@ -16,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +34,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from forensics.errors import InputError
 
 #: File extensions (lower case) that are scanned as images.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+)
+
+#: Largest image file read, in bytes, unless :data:`MAX_BYTES_ENV` says otherwise.
+MAX_IMAGE_BYTES = 256 * 2**20
+#: Environment variable that sets the per-file size cap in bytes.
+MAX_BYTES_ENV = "FP_MAX_IMAGE_BYTES"
 
 #: Background that transparent pixels are composited over.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -123,7 +136,7 @@ def scan_folder(
     """Find, hash and validate every image under ``path``.
 
     Args:
-        path: folder to scan recursively for png/jpg/jpeg/webp/bmp/tif/tiff files.
+        path: folder to scan recursively for png/jpg/jpeg/webp/bmp/tif/tiff/gif files.
         skip_bad: leave bad files out (recorded in ``Manifest.skipped``) instead of failing.
         threads: decoding threads (default: a few per CPU).
 
@@ -135,6 +148,7 @@ def scan_folder(
             ``skip_bad`` is not set (the message lists every bad file).
     """
     root = Path(path).expanduser().resolve()
+    max_image_bytes()  # a bad size cap is reported before any file is read
     if not root.is_dir():
         raise InputError(f"{path} is not a folder; give a folder of images")
     relpaths = list_image_files(root)
@@ -171,12 +185,72 @@ def _bad_files_message(root: Path, bad: Iterable[Skipped], total: int) -> str:
     )
 
 
+def max_image_bytes() -> int:
+    """The per-file size cap: ``$FP_MAX_IMAGE_BYTES``, else :data:`MAX_IMAGE_BYTES`.
+
+    Raises:
+        InputError: the variable is not a positive whole number of bytes.
+    """
+    text = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not text:
+        return MAX_IMAGE_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"{MAX_BYTES_ENV}={text!r}: give the largest image file to read as "
+                         f"a whole number of bytes, e.g. {MAX_BYTES_ENV}={2 * MAX_IMAGE_BYTES}")
+    return int(text)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"{kind}, not a regular file; only regular files are read"
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (f"{size / 2**20:.1f} MiB, more than the limit of {limit / 2**20:.1f} MiB per image "
+            f"file; to read it, raise the limit: {MAX_BYTES_ENV}={max(size, 2 * limit)}")
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of one image file: a regular file of at most :func:`max_image_bytes`.
+
+    A FIFO, device or socket (also behind a symlink) is refused without reading from it,
+    so it can neither block nor fill memory.
+
+    Raises:
+        InputError: the file is missing, unreadable, not a regular file or too large (the
+            message does not name the file; callers add it).
+    """
+    limit = max_image_bytes()
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(_not_regular(st.st_mode))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())  # what was opened, should the path have been swapped
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(_not_regular(st.st_mode))
+            if st.st_size > limit:
+                raise InputError(_too_large(st.st_size, limit))
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"cannot be read ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise InputError(_too_large(len(data), limit))
+    return data
+
+
 def _check_file(path: Path) -> tuple[str, int, str | None]:
     """Hash ``path`` and decode it fully; return (sha256, size, problem or None)."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return "", 0, f"cannot be read ({exc.strerror or exc})"
+        data = read_image_file(path)
+    except InputError as exc:
+        return "", 0, str(exc)
     sha = hashlib.sha256(data).hexdigest()
     if not data:
         return sha, 0, "empty file (0 bytes)"
@@ -197,6 +271,10 @@ def decode_rgb(data: bytes) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
         _check_pixels(im)
+        frames = getattr(im, "n_frames", 1) if im.format in _ANIMATED_FORMATS else 1
+        if frames > 1:
+            raise InputError(f"an animation of {frames} frames, not one image; save the "
+                             f"frame to use as an image of its own")
         im.load()
         im = ImageOps.exif_transpose(im)
         return to_rgb(im)
@@ -213,9 +291,13 @@ def decode_rgb(data: bytes) -> Image.Image:
         raise InputError(f"truncated or corrupt ({type(exc).__name__}: {exc})") from exc
 
 
+#: Formats whose several frames are an animation (a JPEG's extra MPO frames, such as a
+#: phone's preview, and a TIFF's later pages are not: the first frame is the image).
+_ANIMATED_FORMATS = {"GIF", "PNG", "WEBP"}
+
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
 )
 
 
@@ -243,9 +325,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         InputError: the file cannot be read or decoded; the message names it.
     """
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+        data = read_image_file(path)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     if not data:
         raise InputError(f"{path}: empty file (0 bytes)")
     try:

@@ -215,9 +215,11 @@ def nearest_spread(result: CTResult) -> dict[str, Any]:
 
 def _file_status(path: Path, sha256: str) -> str:
     """``ok``, ``missing`` or ``changed`` (the file no longer has its manifest hash)."""
+    from forensics.images import read_image_file
+
     try:
-        data = path.read_bytes()
-    except OSError:
+        data = read_image_file(path)
+    except InputError:  # gone, unreadable, or no longer a regular file
         return "missing"
     return "ok" if hashlib.sha256(data).hexdigest() == sha256 else "changed"
 

@@ -189,9 +189,19 @@ def build_baseline(
         InputError: bad folders or parameters.
     """
     from forensics.baseline import Baseline
-    from forensics.embed import embed_folder
-    from forensics.encoders import resolve_device
+    from forensics.ct import check_seed
+    from forensics.embed import embed_folder, get_encoder
+    from forensics.encoders import check_pool, resolve_device
+    from forensics.plugins import get
+    from refbank.bank import check_name
 
+    # Every cheap check first: embedding T and P is the expensive step.
+    check_name(name, "baseline name")
+    seed = check_seed(seed)
+    check_pool(pool)
+    get_encoder(encoder)
+    get("distances", distance)
+    get("partitioners", partitioner)
     b = open_bank(bank)
     taken = {r["name"]: r for r in b.baselines()}
     if name in taken:
@@ -245,6 +255,9 @@ def build_baseline(
             "train_folder": str(train),
             "heldout_folder": str(heldout),
             "fingerprints": sorted(extras),
+            **({"skipped": {"train": [list(s) for s in T.manifest.skipped],
+                            "heldout": [list(s) for s in P.manifest.skipped]}}
+               if T.manifest.skipped or P.manifest.skipped else {}),
         },
         "notes": notes,
     }
@@ -388,9 +401,15 @@ def _fingerprint_objects(names: Sequence[str] | None, loaded: LoadedBaseline,
     for n in (fpmod.names() if names is None else names):
         fp = fpmod.get(n)
         if loaded.extras(fp) is None:
-            msg = (f"baseline {loaded.name!r} was built without the arrays of fingerprint "
-                   f"{fp.name!r}; rebuild the baseline (fp baseline build) to use it, or "
-                   f"choose another fingerprint (--fingerprint paper)")
+            if fp.name in loaded.params.get("fingerprints", ()):
+                msg = (f"the file {fpmod.extras_file(fp.name)} of fingerprint {fp.name!r} is "
+                       f"missing from baseline {loaded.name!r} ({loaded.folder}), which was "
+                       f"built with it; run fp bank verify, restore the bank from an export "
+                       f"(fp bank import), or choose another fingerprint (--fingerprint paper)")
+            else:
+                msg = (f"baseline {loaded.name!r} was built without the arrays of fingerprint "
+                       f"{fp.name!r}; rebuild the baseline (fp baseline build) to use it, or "
+                       f"choose another fingerprint (--fingerprint paper)")
             if strict:
                 raise InputError(msg)
             notes.append(msg)
@@ -454,6 +473,14 @@ def _one_thread(elements: int = 0) -> contextlib.AbstractContextManager:
 MIN_IMAGES = 2
 
 
+def _check_tau(tau: float | None) -> None:
+    """Refuse a bad tau before any image is embedded (the rule itself: ct.check_tau)."""
+    from forensics.ct import check_tau
+
+    if tau is not None:
+        check_tau(tau, 1)
+
+
 def _check_defined(results: list[Any], what: str) -> None:
     bad = [r for r in results if r.status == "no_cells"]
     if bad:
@@ -481,6 +508,8 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
     vectors = _vectors(fps, loaded, results, Q)
     manifest_sha, _ = _subset_manifest_sha(emb, rows)
     row, info = loaded.row, emb.encoder_info or {}
+    if emb.manifest is not None:  # files left out with skip_bad, and why
+        extra = {"skipped": [list(s) for s in emb.manifest.skipped], **(extra or {})}
     params = {
         "partitioner": row["partitioner"], "distance": row["distance"],
         "tau": float(results[0].tau), "tau_rule": TAU_RULE if tau is None else "given",
@@ -545,6 +574,7 @@ def compute_curve(
     """
     from forensics.encoders import resolve_device
 
+    _check_tau(tau)
     device = resolve_device(device)
     loaded = (baseline if isinstance(baseline, LoadedBaseline)
               else load_baseline(baseline, bank=bank, device=device))
@@ -617,10 +647,13 @@ def enroll(
     for what, value in (("model", model), ("family", family)):
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"--{what} must be a non-empty name")
+    _check_tau(tau)
     b = open_bank(bank)
     device = resolve_device(device)
     loaded = load_baseline(baseline, bank=b, device=device)
     manifest = scan_folder(folder, skip_bad=skip_bad)
+    for s in manifest.skipped:
+        say(f"skipped {s.relpath}: {s.reason}")
     n, per = len(manifest), int(per_curve)
     if n < per:
         raise InsufficientDataError(
@@ -658,6 +691,8 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
         spreads=True,
     )
     row = res.curve.to_row(**labels)
+    if res.curve.provenance.get("skipped"):  # the folder's files left out with skip_bad
+        row["params"]["skipped"] = res.curve.provenance["skipped"]
     row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
     row["fingerprints"].update({var_key(name): var.tolist()
                                 for name, var in res.spreads.items()})
@@ -776,8 +811,14 @@ def attribute(
             suspect's encoder, weights or layers, or lack the fingerprint.
         InsufficientDataError: too few suspect images for tau.
     """
+    from forensics.attribute import keep_mask
+    from forensics.ct import check_seed
     from forensics.encoders import resolve_device
 
+    seed = check_seed(seed)
+    if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
+        raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
+                         f"n_boot {n_boot}, quantile {quantile}")
     b = open_bank(bank)
     all_rows = b.curves()
     if not all_rows:
@@ -787,6 +828,9 @@ def attribute(
     device = resolve_device(device)
     loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
     _fingerprint_objects([fp.name], loaded, strict=True)
+    keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
+    fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
+    _check_tau(tau)
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
     with _one_thread():

@@ -28,6 +28,7 @@ folder records kind, parameters, seed and source.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from forensics.atomic import atomic_write, atomic_write_text
 from forensics.errors import InputError
+from forensics.images import read_image_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST = "fp-synth.json"
@@ -239,9 +241,12 @@ def list_images(src: Path) -> list[Path]:
 
 def _open(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        data = read_image_file(path)  # a regular file under the size cap: never blocks
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             img = im.copy()
+    except InputError as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
     if img.mode in ("L", "RGB"):
@@ -280,7 +285,9 @@ def synth_folder(
             inputs that would write the same output.
     """
     from forensics import __version__
+    from forensics.ct import check_seed
 
+    seed = check_seed(seed)
     p = _check_params(kind, params)
     src, out = Path(src), Path(out)
     if not src.is_dir():

@@ -285,16 +285,20 @@ def _conditioning(path: str | Path | None, unet: Any, device: torch.device,
 
 def _load_image(item: Any, size: int, channels: int) -> tuple[np.ndarray, str, str, bool]:
     """-> (HxWxC uint8 array at the model's size, name, content sha256, resized?)."""
+    import io
+
     from PIL import Image, ImageOps
+
+    from forensics.images import read_image_file
 
     if isinstance(item, Image.Image):
         img, name = item, f"<image {id(item)}>"
     else:
         name = str(item)
         try:
-            img = Image.open(item)
+            img = Image.open(io.BytesIO(read_image_file(item)))  # a regular file: never blocks
             img.load()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, InputError) as exc:
             raise InputError(f"cannot read image {name}: {exc}") from exc
     if channels not in (1, 3):
         raise InputError(f"InvMM handles 1- or 3-channel images, this model has {channels}")

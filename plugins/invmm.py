@@ -180,6 +180,9 @@ class InvMM:
         """
         from fp_plugins import _invmm_engine
 
+        from forensics.ct import check_seed
+
+        seed = check_seed(seed)
         return _invmm_engine.run(
             images, model, similarity=similarity, device=device, seed=seed,
             batch_size=batch_size, conditioning=conditioning,

@@ -52,6 +52,16 @@ _BASELINE_REQUIRED = ("name", "encoder", "weights_sha256", "layers", "train_mani
                       "heldout_manifest_sha256")
 
 
+def _check_bank_path(path: Path) -> None:
+    """Refuse a bank path that is a file, or lies under one (``FILE/sub``)."""
+    if path.exists() and not path.is_dir():
+        raise BankError(f"the bank path {path} is a file; give a folder (--bank DIR)")
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise BankError(f"the bank path {path} lies under {parent}, which is a file, not a "
+                        f"folder; give a folder (--bank DIR)")
+
+
 def default_bank_path() -> Path:
     """``$FP_BANK`` if set, else ``<user data dir>/fp/bank`` (from platformdirs)."""
     env = os.environ.get(ENV_VAR)
@@ -133,8 +143,7 @@ class Bank:
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  lock_timeout: float = 60.0) -> None:
         self.path = Path(path).expanduser() if path is not None else default_bank_path()
-        if self.path.exists() and not self.path.is_dir():
-            raise BankError(f"the bank path {self.path} is a file; give a folder (--bank DIR)")
+        _check_bank_path(self.path)
         self._lock = store.BankLock(self.path, lock_timeout)
 
     def __repr__(self) -> str:
@@ -599,6 +608,15 @@ def _check_name(value: Any, what: str) -> None:
             f"{what} {value!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
             f"starting with a letter or digit"
         )
+
+
+def check_name(value: Any, what: str) -> None:
+    """Refuse a baseline name (or id) the bank would not store, before any work is done.
+
+    Raises:
+        InputError: not 1-128 letters, digits, '.', '_' or '-' starting with a letter or digit.
+    """
+    _check_name(value, what)
 
 
 def _fresh_id(prefix: str, taken: set[str]) -> str:

@@ -49,7 +49,9 @@ def synthetic_bank(n_per=5, seed=0):
 
 def test_keep_mask():
     np.testing.assert_array_equal(keep_mask(4), [False, True, True, True])
-    np.testing.assert_array_equal(keep_mask(4, (0, -1)), [False, True, True, False])
+    np.testing.assert_array_equal(keep_mask(4, (0, 3)), [False, True, True, False])
+    with pytest.raises(InputError, match=r"cannot drop layer -1: .* \(indices 0..3\)"):
+        keep_mask(4, (0, -1))  # not Python's count from the end
     np.testing.assert_array_equal(keep_mask(3, ()), [True, True, True])
     with pytest.raises(InputError, match="cannot drop layer 5"):
         keep_mask(4, (5,))

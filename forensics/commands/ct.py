@@ -27,6 +27,10 @@ def load_ct_file(path: Path) -> dict:
 
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected an .npz with arrays T, P and Q)")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise InputError(f"{path} is not an .npz file (no zip archive inside); write one "
+                             f"with numpy.savez(path, T=..., P=..., Q=...)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -63,6 +67,8 @@ def load_ct_file(path: Path) -> dict:
     if "tau" in arrays:
         if arrays["tau"].size != 1:
             raise InputError(f"{path}: array tau must be a scalar, got shape {arrays['tau'].shape}")
+        if arrays["tau"].dtype.kind not in "fiu":
+            raise InputError(f"{path}: array tau must be a number, got dtype {arrays['tau'].dtype}")
         out["tau"] = float(arrays["tau"].reshape(()))
     return out
 

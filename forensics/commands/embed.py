@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,6 +12,20 @@ from forensics.encoders import POOLS
 
 #: ``--pool`` choices; follows :data:`forensics.encoders.POOLS`.
 Pool = Enum("Pool", {p: p for p in POOLS}, type=str)
+
+
+def skip_bad_option() -> Any:
+    """The ``--skip-bad`` option of every command that reads a folder of images."""
+    return typer.Option(False, "--skip-bad",
+                        help="Leave out files that cannot be used as images (not a regular "
+                             "file, too large, unreadable, corrupt); they are listed and "
+                             "recorded in the output.")
+
+
+def echo_skipped(manifest: Any, what: str = "") -> None:
+    """Say on stderr which files of a manifest were left out, and why."""
+    for s in getattr(manifest, "skipped", None) or ():
+        typer.echo(f"skipped {what}{s.relpath}: {s.reason}", err=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,8 +46,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
         num_workers: int = typer.Option(None, "--num-workers", min=0,
                                         help="Decoding workers [default: by device]."),
-        skip_bad: bool = typer.Option(False, "--skip-bad",
-                                      help="Skip unreadable images (recorded in the output)."),
+        skip_bad: bool = skip_bad_option(),
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the cache."),
         cache_dir: Path = typer.Option(None, "--cache-dir",
                                        help="Embedding cache [default: $FP_CACHE_DIR/"
@@ -50,9 +64,8 @@ def register(app: typer.Typer) -> None:
             progress=not quiet, skip_bad=skip_bad,
         )
         result.save(out)
-        info, manifest = result.encoder_info, result.manifest
-        for skipped in manifest.skipped:
-            typer.echo(f"skipped {skipped.relpath}: {skipped.reason}", err=True)
+        info = result.encoder_info
+        echo_skipped(result.manifest)
         typer.echo(
             f"{len(result)} images, {len(result.layers)} layers of {info['name']} "
             f"(weights {info['weights']}, pool {info['pool']}; "

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from forensics.commands.bank import _print_table, bank_option, echo_json
+from forensics.commands.embed import echo_skipped, skip_bad_option
 from forensics.commands.pipeline import _batch, _common, _device, _no_cache, _quiet, _tau
 
 
@@ -65,6 +66,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = _batch(),
         no_cache: bool = _no_cache(),
         quiet: bool = _quiet(),
+        skip_bad: bool = skip_bad_option(),
         bank: Path | None = bank_option(),
     ) -> None:
         """Does a generator copy its training images? Layer-wise C_T and closest pairs.
@@ -78,7 +80,8 @@ def register(app: typer.Typer) -> None:
 
         res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=True,
                             fingerprints=[],
-                            **_common(device, batch_size, no_cache, quiet, as_json))
+                            **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+        echo_skipped(res.embeddings.manifest)
         loaded = res.baseline
         body = memorization_report(
             res.curve.layers, res.results, loaded.engine.layers,

@@ -12,7 +12,7 @@ import typer
 
 from forensics.commands.bank import _print_table, bank_option, echo_json
 from forensics.commands.baseline import baseline_app
-from forensics.commands.embed import Pool
+from forensics.commands.embed import Pool, echo_skipped, skip_bad_option
 
 
 def _device() -> Any:
@@ -43,12 +43,12 @@ def _tau() -> Any:
 
 
 def _common(device: str, batch_size: int, no_cache: bool, quiet: bool,
-            as_json: bool = False) -> dict[str, Any]:
+            as_json: bool = False, skip_bad: bool = False) -> dict[str, Any]:
     from forensics.embed import DEFAULT_CACHE
 
     return {"device": device, "batch_size": batch_size,
             "cache_dir": None if no_cache else DEFAULT_CACHE,
-            "progress": not (quiet or as_json)}
+            "progress": not (quiet or as_json), "skip_bad": skip_bad}
 
 
 def _err(msg: str) -> None:
@@ -94,17 +94,23 @@ def build_cmd(
     batch_size: int = _batch(),
     no_cache: bool = _no_cache(),
     quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the stored row as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Embed T and P, build the baseline once (PCA, cells, P->T distances) and store it."""
+    import json
+
     from forensics.pipeline import build_baseline
 
     row = build_baseline(
         name, train, heldout, encoder=encoder, weights=weights, pool=pool.value,
         distance=distance, partitioner=partitioner, seed=seed, n_cells=n_cells,
         pca_dim=pca_dim, n_init=n_init, bank=bank, notes=notes,
-        **_common(device, batch_size, no_cache, quiet, as_json))
+        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    for which, skipped in json.loads(row.get("params_json") or "{}").get("skipped", {}).items():
+        for relpath, reason in skipped:
+            _err(f"skipped {which} {relpath}: {reason}")
     if as_json:
         echo_json(row)
         return
@@ -127,13 +133,16 @@ def curve_cmd(
     batch_size: int = _batch(),
     no_cache: bool = _no_cache(),
     quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
     bank: Path | None = bank_option(),
 ) -> None:
     """The C_T-layer curve of a folder against a stored baseline."""
     from forensics.pipeline import compute_curve
 
     res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=details,
-                        weights=weights, **_common(device, batch_size, no_cache, quiet, as_json))
+                        weights=weights,
+                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    echo_skipped(res.embeddings.manifest)
     curve = res.curve
     if plot is not None:
         from forensics.report import plot_curves
@@ -170,6 +179,7 @@ def enroll_cmd(
     batch_size: int = _batch(),
     no_cache: bool = _no_cache(),
     quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
     bank: Path | None = bank_option(),
 ) -> None:
     """Split a generator's images into curves of --per-curve images; store each with provenance."""
@@ -179,7 +189,7 @@ def enroll_cmd(
     ids = enroll(folder, baseline=baseline, model=model, family=family, checkpoint=checkpoint,
                  per_curve=per_curve, split=split, bank=b, tau=tau, source=source, notes=notes,
                  weights=weights, echo=_err,
-                 **_common(device, batch_size, no_cache, quiet, as_json))
+                 **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     if as_json:
         echo_json(b.curves(curve_id=ids))
         return
@@ -220,6 +230,7 @@ def attribute_cmd(
     batch_size: int = _batch(),
     no_cache: bool = _no_cache(),
     quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
     bank: Path | None = bank_option(),
 ) -> None:
     """Which enrolled generator made these images? Ranked matches, a decision, a confidence."""
@@ -228,7 +239,10 @@ def attribute_cmd(
     result = attribute(folder, baseline=baseline, matcher=matcher, fingerprint=fingerprint,
                        top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
                        seed=seed, quantile=quantile, tau=tau, bank=bank, report=report,
-                       weights=weights, **_common(device, batch_size, no_cache, quiet, as_json))
+                       weights=weights,
+                       **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    for relpath, reason in result.curve.provenance.get("skipped", []):
+        _err(f"skipped {relpath}: {reason}")
     if as_json:
         echo_json(result.to_dict())
         return
