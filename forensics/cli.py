@@ -42,8 +42,49 @@ def _debug_enabled(ctx: click.Context | None) -> bool:
     return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
 
 
+def _walk(command: click.Command):
+    yield command
+    for sub in getattr(command, "commands", {}).values():
+        yield from _walk(sub)
+
+
+def _escape_help(root: click.Command) -> None:
+    """Escape every help text of the tree so that Rich prints ``[default: ...]`` literally.
+
+    Typer renders help as Rich markup, which reads ``[anything]`` as a style tag and deletes
+    it. Done once per tree, when help is first formatted (Rich is imported only then).
+    """
+    if getattr(root, "_fp_help_escaped", False):
+        return
+    from rich.markup import escape
+
+    for command in _walk(root):
+        for attr in ("help", "short_help", "epilog"):
+            if getattr(command, attr, None):
+                setattr(command, attr, escape(getattr(command, attr)))
+        for param in command.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+    root._fp_help_escaped = True
+
+
+def _literal_help(command: click.Command) -> None:
+    format_help = command.format_help
+
+    def wrapper(ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        _escape_help(ctx.find_root().command)
+        format_help(ctx, formatter)
+
+    command.format_help = wrapper
+
+
 class FpGroup(TyperGroup):
     """A Typer group that turns :class:`FpError` into ``Error: ...`` and exit status 1."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for command in _walk(self):
+            _literal_help(command)
 
     def invoke(self, ctx: click.Context):  # noqa: D102
         try:
