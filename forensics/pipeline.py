@@ -667,7 +667,7 @@ def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarra
         raise BankError(
             f"{len(lacking)} enrolled curve(s){where} have no {fp.name!r} fingerprint ({shown}): "
             f"they were enrolled before it existed or imported without images. Re-enroll "
-            f"those generators (fp enroll), or attribute with --fingerprint paper"
+            f"those generators (fp enroll), or match on --fingerprint paper"
         )
     sizes = {len(v) for v in vecs}
     if len(sizes) != 1:

@@ -174,8 +174,8 @@ def import_curves_cmd(
     typer.echo(
         f"Imported {len(report['curve_ids'])} curve(s) from {file} into {b.path} under "
         f"baseline {report['baseline']!r}{made}: {report['n_enroll']} enroll, "
-        f"{report['n_query']} query.\nEvaluate them with: fp evaluate --baseline "
-        f"{report['baseline']}"
+        f"{report['n_query']} query.\nEvaluate them with: fp evaluate --fingerprint paper "
+        f"--baseline {report['baseline']}"
     )
 
 
