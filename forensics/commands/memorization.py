@@ -27,16 +27,18 @@ def _print_report(report: dict[str, Any]) -> None:
               f"{report['baseline']['name']}",
     )
     typer.echo(report["copying"]["summary"])
+    typer.echo("Verdict: " + report["verdict"]["summary"])
     closest = report["closest"]
     if not closest["train_manifest"]:
         typer.echo("note: the baseline has no usable manifest of T (moved or changed "
                    "training folder), so training images are named by index only.")
     _print_table(
         ["#", "generated image", "nearest training image", "distance", "p_quantile",
-         "rel. distance", "same NN"],
+         "rel. distance", "same NN", "likely copy"],
         [[p["rank"], p["image"] or p["index"], p["train_image"] or f"T[{p['train_index']}]",
           _fmt(p["distance"], ".4g"), _fmt(p["p_quantile"]), _fmt(p["relative_distance"]),
-          f"{p['same_nearest_layers']}/{p['layers_with_details']}"]
+          f"{p['same_nearest_layers']}/{p['layers_with_details']}",
+          "yes" if p["likely_copy"] else ""]
          for p in closest["pairs"]],
         title=f"Generated images closest to a training image (layer {closest['layer']}, "
               f"{closest['layer_choice']})",
