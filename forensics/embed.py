@@ -74,6 +74,7 @@ class Embeddings:
         arrays: one float32 ``(N, D_l)`` array per layer.
         manifest: the images (``None`` for in-memory arrays).
         encoder_info: provenance: name, family, weights spec, weights_sha256,
+            weights_loading (what was done to fit a local checkpoint),
             preprocessing, pool, precision, fp/torch versions.
     """
 
@@ -208,6 +209,7 @@ def encoder_info(encoder, loaded, weights: str | None, pool: str) -> dict[str, A
         "family": getattr(encoder, "family", ""),
         "weights": str(spec),
         "weights_sha256": loaded.weights_sha256,
+        "weights_loading": list(getattr(loaded, "weights_loading", [])),
         "preprocessing": loaded.preprocess,
         "pool": pool,
         "precision": getattr(loaded, "precision", "float32"),
