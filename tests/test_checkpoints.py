@@ -97,7 +97,7 @@ def test_the_papers_encoder_and_dinov2_names():
                                 ("dinov2-vitl14", 24, 1024)):
         enc = get_encoder(name)
         assert enc.family == "dinov2" and "dinov2" in enc.model_name
-        assert len(enc.layer_names()) == blocks
+        assert len(enc.layer_names()) == blocks and enc.layer_dims()[-1] == width
     assert get_encoder("dinov2-vits14@224").layer_dims()[-1] == 384
 
 

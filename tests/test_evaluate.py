@@ -284,11 +284,11 @@ def test_both_paper_files_in_one_bank(shared_dir, tmp_path):
     result = fp("evaluate", bank=bank)
     assert result.exit_code == 1
     assert f"{PAPER_BASELINE} (30 curves), paper-full (18 curves)" in result.output
-    data = json.loads(fp("evaluate", "--fingerprint", "paper", "--baseline", "paper-full", "--json", "--matcher", "all",
-                         bank=bank).output)
+    data = json.loads(fp("evaluate", "--fingerprint", "paper", "--baseline", "paper-full",
+                         "--json", "--matcher", "all", bank=bank).output)
     assert data["matchers"]["cosine"]["accuracy_3dp"] == 0.833
-    loo = json.loads(fp("evaluate", "--fingerprint", "paper", "--baseline", "paper-full", "--protocol", "loo", "--json",
-                        "--n-boot", "0", bank=bank).output)
+    loo = json.loads(fp("evaluate", "--fingerprint", "paper", "--baseline", "paper-full",
+                        "--protocol", "loo", "--json", "--n-boot", "0", bank=bank).output)
     assert loo["n_queries"] == 18 and loo["matchers"]["l2"]["ci"] is None
 
 
@@ -301,10 +301,11 @@ def test_import_curves_errors(shared_dir, tmp_path):
     assert result.exit_code == 0 and ": 12 enroll, 0 query" in result.output.replace("\n", " ")
     bad = fp("bank", "import-curves", plain, "--format", "csv", bank=tmp_path / "b2")
     assert bad.exit_code == 1 and "choose one of: layerchoice" in bad.output
-    split = json.loads(fp("evaluate", "--fingerprint", "paper", "--json", "--protocol", "loo", "--n-boot", "0",
-                          bank=bank).output)
+    split = json.loads(fp("evaluate", "--fingerprint", "paper", "--json", "--protocol", "loo",
+                          "--n-boot", "0", bank=bank).output)
     assert split["n_queries"] == 12
-    none = fp("evaluate", "--fingerprint", "paper", bank=bank)  # every curve is enrolled: split has no queries
+    # every curve is enrolled: split has no queries
+    none = fp("evaluate", "--fingerprint", "paper", bank=bank)
     assert none.exit_code == 1 and "use protocol 'loo'" in none.output
     empty = fp("evaluate", bank=tmp_path / "empty")
     assert empty.exit_code == 1 and "fp bank import-curves" in empty.output
