@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.invmm",
     "forensics.commands.evaluate",
     "forensics.commands.memorization",
+    "forensics.commands.cache",
 )
 
 
@@ -86,14 +87,44 @@ class FpGroup(TyperGroup):
         for command in _walk(self):
             _literal_help(command)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:  # noqa: D102
+        words = args[: args.index("--")] if "--" in args else args
+        ctx.meta["fp.json"] = "--json" in words
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):  # noqa: D102
         try:
             return super().invoke(ctx)
         except FpError as exc:
             if _debug_enabled(ctx):
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            if not _json_error(ctx, exc, exc.exit_code):
+                click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except Exception as exc:
+            # Typer may use its own copy of click: recognise a usage error by its class name.
+            if any(c.__name__ == "UsageError" for c in type(exc).__mro__):
+                code = getattr(exc, "exit_code", 2)
+                if _json_error(ctx, exc, code):
+                    ctx.exit(code)
+            raise
+
+
+def _json_error(ctx: click.Context, exc: Exception, exit_code: int) -> bool:
+    """With ``--json``, print an error as one JSON object on stderr; whether it did.
+
+    stdout keeps only what the command itself printed (e.g. ``fp bank verify``'s report);
+    the exit status is unchanged.
+    """
+    if not ctx.meta.get("fp.json"):
+        return False
+    import json
+
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": message,
+                                     "exit_code": exit_code}}), err=True)
+    return True
 
 
 app = typer.Typer(
@@ -101,7 +132,7 @@ app = typer.Typer(
     name="fp",
     help="Forensics for generative image models: C_T-layer curves, attribution, memorization.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

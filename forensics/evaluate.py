@@ -396,7 +396,7 @@ def fingerprint_matchers(fp: Any, matchers: str | Iterable[Any] | None,
 
 
 def evaluate_bank(
-    bank: Any,
+    bank: Any = None,
     baseline: str | None = None,
     *,
     fingerprint: str | None = None,
@@ -412,7 +412,8 @@ def evaluate_bank(
     curves carry it.
 
     Args:
-        bank: a :class:`refbank.Bank`.
+        bank: a :class:`refbank.Bank`, a bank folder, or None (``FP_BANK`` or the
+            default bank).
         baseline: see :func:`select_curves`.
         fingerprint: the vectors matched: a registered fingerprint (None: fp's default,
             ``resid-early``; ``paper``: the C_T-layer curves, as in the paper's Table 1).
@@ -431,9 +432,10 @@ def evaluate_bank(
     """
     from forensics import fingerprints as fpmod
     from forensics.attribute import keep_mask
-    from forensics.pipeline import _reference_vectors
+    from forensics.pipeline import _reference_vectors, open_bank
 
     fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
+    bank = open_bank(bank)
     base, rows = select_curves(bank, baseline)
     n_layers = len(base["layers"])
     keep = keep_mask(n_layers, drop_layers)

@@ -75,30 +75,11 @@ def register(app: typer.Typer) -> None:
         below --threshold), whether that is low-level (early layers) or high-level (late
         layers), and the generated images closest to a training image.
         """
-        from forensics.memorization import memorization_report, write_report
-        from forensics.pipeline import compute_curve, train_manifest
+        from forensics.pipeline import memorize
 
-        res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=True,
-                            fingerprints=[],
-                            **_common(device, batch_size, no_cache, quiet, as_json))
-        loaded = res.baseline
-        body = memorization_report(
-            res.curve.layers, res.results, loaded.engine.layers,
-            suspect_manifest=res.embeddings.manifest, train_manifest=train_manifest(loaded),
-            threshold=threshold, top=top, layer=layer,
-        )
-        row = loaded.row
-        out = {
-            "folder": str(folder),
-            "n_images": len(res.rows),
-            "baseline": {"name": row["name"], "baseline_id": row["baseline_id"],
-                         "encoder": row["encoder"]},
-            **body,
-            "provenance": res.curve.to_dict()["provenance"],
-        }
-        if report is not None:
-            root = res.embeddings.manifest.root if res.embeddings.manifest else None
-            write_report(report, out, suspect_root=root)
+        out = memorize(folder, baseline=baseline, bank=bank, threshold=threshold, top=top,
+                       layer=layer, report=report, tau=tau,
+                       **_common(device, batch_size, no_cache, quiet, as_json))
         if as_json:
             echo_json(out)
             return
