@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import test_bank_cli
 from typer.testing import CliRunner
 
 import forensics
@@ -19,25 +20,8 @@ from refbank import Bank
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["l0", "l1", "l2"]
-
-
-@pytest.fixture
-def filled(tmp_path) -> Bank:
-    bank = Bank(tmp_path / "bank")
-    bid = bank.add_baseline(
-        {"name": "base", "encoder": "timm:tiny", "weights_sha256": "w" * 64, "layers": LAYERS,
-         "train_manifest_sha256": "t", "heldout_manifest_sha256": "p", "n_train": 20,
-         "n_heldout": 10, "params": {"seed": 0}},
-        save=lambda d: (d / "arrays.bin").write_bytes(b"\x00\x01"),
-    )
-    bank.add_curves([
-        {"model": model, "family": "sd", "encoder": "timm:tiny", "weights_sha256": "w" * 64,
-         "baseline_id": bid, "layers": LAYERS, "values": [0.1, 0.2, float(i)], "n_images": 50,
-         "manifest_sha256": "m"}
-        for i, model in enumerate(["sd15", "sd21"])
-    ])
-    return bank
+LAYERS = test_bank_cli.LAYERS
+filled = test_bank_cli.filled  # a bank of 3 curves against one baseline
 
 
 def fp(*args: str, bank: Bank | None = None):
@@ -58,10 +42,10 @@ def test_bank_remove_export_and_baseline_remove_print_json(filled, tmp_path):
     data = json.loads(out.stdout)
     assert data["archive"] == str(archive) and data["bytes"] == archive.stat().st_size
     assert data["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
-    assert (data["n_curves"], data["n_baselines"]) == (1, 1)
+    assert (data["n_curves"], data["n_baselines"]) == (2, 1)
     out = fp("baseline", "remove", "base", "--with-curves", "--json", bank=filled)
     data = json.loads(out.stdout)
-    assert data["removed"]["name"] == "base" and data["curves_removed"] == 1
+    assert data["removed"]["name"] == "base" and data["curves_removed"] == 2
     assert filled.baselines() == [] and filled.curves() == []
 
 
@@ -156,7 +140,7 @@ def test_lazy_public_functions_show_their_real_signatures():
 
 def test_memorize_and_evaluate_bank_from_python(filled):
     out = forensics.evaluate_bank(filled.path, fingerprint="paper", protocol="loo", n_boot=0)
-    assert out["fingerprint"] == "paper" and out["n_queries"] == 2
+    assert out["fingerprint"] == "paper" and out["n_queries"] == 3
     with pytest.raises(forensics.errors.FpError, match="no curve|no baseline|baseline"):
         forensics.memorize(filled.path / "nowhere", bank=Bank(filled.path.parent / "empty"))
 
@@ -195,7 +179,7 @@ def test_a_table_written_without_descriptions_still_reads_and_grows(filled):
     filled.add_curves([{"model": "new", "family": "gan", "encoder": "timm:tiny",
                         "weights_sha256": "w" * 64, "baseline_id": bid, "layers": LAYERS,
                         "values": [0.0, 0.0, 0.0], "n_images": 5, "manifest_sha256": "m"}])
-    assert len(filled.curves()) == 3 and filled.verify().ok
+    assert len(filled.curves()) == 4 and filled.verify().ok
     assert pq.read_schema(path).field("model").metadata is not None
 
 
