@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from forensics import __version__
+from forensics.cli_output import json_error, keep_help_literal, walk
 from forensics.errors import FpError
 
 #: Modules under ``forensics.commands`` whose ``register(app)`` adds commands.
@@ -43,49 +44,13 @@ def _debug_enabled(ctx: click.Context | None) -> bool:
     return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
 
 
-def _walk(command: click.Command):
-    yield command
-    for sub in getattr(command, "commands", {}).values():
-        yield from _walk(sub)
-
-
-def _escape_help(root: click.Command) -> None:
-    """Escape every help text of the tree so that Rich prints ``[default: ...]`` literally.
-
-    Typer renders help as Rich markup, which reads ``[anything]`` as a style tag and deletes
-    it. Done once per tree, when help is first formatted (Rich is imported only then).
-    """
-    if getattr(root, "_fp_help_escaped", False):
-        return
-    from rich.markup import escape
-
-    for command in _walk(root):
-        for attr in ("help", "short_help", "epilog"):
-            if getattr(command, attr, None):
-                setattr(command, attr, escape(getattr(command, attr)))
-        for param in command.params:
-            if getattr(param, "help", None):
-                param.help = escape(param.help)
-    root._fp_help_escaped = True
-
-
-def _literal_help(command: click.Command) -> None:
-    format_help = command.format_help
-
-    def wrapper(ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        _escape_help(ctx.find_root().command)
-        format_help(ctx, formatter)
-
-    command.format_help = wrapper
-
-
 class FpGroup(TyperGroup):
     """A Typer group that turns :class:`FpError` into ``Error: ...`` and exit status 1."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        for command in _walk(self):
-            _literal_help(command)
+        for command in walk(self):
+            keep_help_literal(command)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:  # noqa: D102
         words = args[: args.index("--")] if "--" in args else args
@@ -98,33 +63,16 @@ class FpGroup(TyperGroup):
         except FpError as exc:
             if _debug_enabled(ctx):
                 raise
-            if not _json_error(ctx, exc, exc.exit_code):
+            if not json_error(ctx, exc, exc.exit_code):
                 click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except Exception as exc:
             # Typer may use its own copy of click: recognise a usage error by its class name.
             if any(c.__name__ == "UsageError" for c in type(exc).__mro__):
                 code = getattr(exc, "exit_code", 2)
-                if _json_error(ctx, exc, code):
+                if json_error(ctx, exc, code):
                     ctx.exit(code)
             raise
-
-
-def _json_error(ctx: click.Context, exc: Exception, exit_code: int) -> bool:
-    """With ``--json``, print an error as one JSON object on stderr; whether it did.
-
-    stdout keeps only what the command itself printed (e.g. ``fp bank verify``'s report);
-    the exit status is unchanged.
-    """
-    if not ctx.meta.get("fp.json"):
-        return False
-    import json
-
-    format_message = getattr(exc, "format_message", None)
-    message = format_message() if callable(format_message) else str(exc)
-    click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": message,
-                                     "exit_code": exit_code}}), err=True)
-    return True
 
 
 app = typer.Typer(
