@@ -11,6 +11,8 @@ The investigator's steps are importable from here, loaded on first use
     forensics.enroll("gen_a/", baseline="cifar", model="a", family="gan", bank="bank/")
     answer = forensics.attribute("suspect/", bank="bank/")
     answer.decision.family, answer.to_dict()
+    report = forensics.memorize("generated/", baseline="cifar", bank="bank/")
+    table = forensics.evaluate_bank("bank/", fingerprint="paper")
 
 ``forensics.attribute`` is also the module :mod:`forensics.attribute`: calling it runs
 :func:`forensics.pipeline.attribute`.
@@ -24,7 +26,9 @@ _LAZY = {
     "compute_curve": "forensics.pipeline",
     "enroll": "forensics.pipeline",
     "load_baseline": "forensics.pipeline",
+    "memorize": "forensics.pipeline",
     "CurveResult": "forensics.pipeline",
+    "evaluate_bank": "forensics.evaluate",
     "run_demo": "forensics.demo",
 }
 

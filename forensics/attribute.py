@@ -32,6 +32,7 @@ fingerprints with per-image vectors.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections import Counter
@@ -585,6 +586,13 @@ class _CallableModule(types.ModuleType):
         from forensics.pipeline import attribute
 
         return attribute(folder, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The parameters of :func:`forensics.pipeline.attribute` (for help and IDEs)."""
+        from forensics.pipeline import attribute
+
+        return inspect.signature(attribute)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from forensics import __version__
+from forensics.cli_output import json_error, keep_help_literal, walk
 from forensics.errors import FpError, FpWarning
 
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
@@ -36,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.invmm",
     "forensics.commands.evaluate",
     "forensics.commands.memorization",
+    "forensics.commands.cache",
 )
 
 
@@ -58,6 +60,16 @@ class FpGroup(TyperGroup):
     ``--debug``.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for command in walk(self):
+            keep_help_literal(command)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:  # noqa: D102
+        words = args[: args.index("--")] if "--" in args else args
+        ctx.meta["fp.json"] = "--json" in words
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):  # noqa: D102
         debug = bool(os.environ.get("FP_DEBUG") or ctx.params.get("debug"))
         with warnings.catch_warnings():
@@ -70,13 +82,21 @@ class FpGroup(TyperGroup):
             except FpError as exc:
                 if debug or _debug_enabled(ctx):
                     raise
-                click.echo(f"Error: {exc}", err=True)
+                if not json_error(ctx, exc, exc.exit_code):
+                    click.echo(f"Error: {exc}", err=True)
                 ctx.exit(exc.exit_code)
             except KeyboardInterrupt:
                 if debug:
                     raise
                 click.echo("Interrupted (Ctrl-C); stopped before finishing.", err=True)
                 ctx.exit(INTERRUPTED_EXIT)
+            except Exception as exc:
+                # Typer may use its own copy of click: recognise a usage error by class name.
+                if any(c.__name__ == "UsageError" for c in type(exc).__mro__):
+                    code = getattr(exc, "exit_code", 2)
+                    if json_error(ctx, exc, code):
+                        ctx.exit(code)
+                raise
 
 
 app = typer.Typer(
@@ -84,7 +104,7 @@ app = typer.Typer(
     name="fp",
     help="Forensics for generative image models: C_T-layer curves, attribution, memorization.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

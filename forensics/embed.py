@@ -87,6 +87,7 @@ class Embeddings:
         arrays: one float32 ``(N, D_l)`` array per layer.
         manifest: the images (``None`` for in-memory arrays).
         encoder_info: provenance: name, family, weights spec, weights_sha256,
+            weights_loading (what was done to fit a local checkpoint),
             preprocessing, pool, precision, fp/torch versions.
     """
 
@@ -221,6 +222,7 @@ def encoder_info(encoder, loaded, weights: str | None, pool: str) -> dict[str, A
         "family": getattr(encoder, "family", ""),
         "weights": str(spec),
         "weights_sha256": loaded.weights_sha256,
+        "weights_loading": list(getattr(loaded, "weights_loading", [])),
         "preprocessing": loaded.preprocess,
         "pool": pool,
         "precision": getattr(loaded, "precision", "float32"),
@@ -370,6 +372,74 @@ class EmbeddingCache:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _cache_entries(cache_dir: Path) -> list[Path]:
+    """The folders of ``cache_dir`` that are embedding caches (hold info.json or chunks)."""
+    if not cache_dir.is_dir():
+        return []
+    return sorted(d for d in cache_dir.iterdir() if d.is_dir() and (
+        (d / "info.json").is_file() or any(d.glob("chunk-*.npz"))))
+
+
+def _cache_entry(folder: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((folder / "info.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    chunks = sorted(folder.glob("chunk-*.npz"))
+    images = 0
+    for chunk in chunks:
+        try:
+            with np.load(chunk, allow_pickle=False) as data:
+                images += int(data["sha256"].shape[0])
+        except (OSError, KeyError, ValueError):
+            continue
+    return {"key": folder.name, "encoder": info.get("name"), "weights": info.get("weights"),
+            "weights_sha256": info.get("weights_sha256"), "pool": info.get("pool"),
+            "n_layers": len(info.get("layers", [])) or None, "n_chunks": len(chunks),
+            "n_images": images,
+            "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
+
+
+def cache_info(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What the embedding cache holds, per encoder configuration.
+
+    Args:
+        cache_dir: the cache folder (None: :func:`default_cache_dir`).
+
+    Returns:
+        ``{"cache_dir", "entries": [{"key", "encoder", "weights", "weights_sha256",
+        "pool", "n_layers", "n_chunks", "n_images", "bytes"}], "bytes"}``.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entries = [_cache_entry(d) for d in _cache_entries(root)]
+    return {"cache_dir": str(root), "entries": entries,
+            "bytes": sum(e["bytes"] for e in entries)}
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None, *,
+                encoder: str | None = None) -> dict[str, Any]:
+    """Delete cached embeddings (every configuration, or those of one encoder).
+
+    Only folders that are embedding caches are removed; anything else in ``cache_dir``
+    is left alone. Embeddings are recomputed on next use.
+
+    Returns:
+        ``{"cache_dir", "removed": [entry dicts as in :func:`cache_info`], "bytes"}``.
+    """
+    import shutil
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    removed = []
+    for folder in _cache_entries(root):
+        entry = _cache_entry(folder)
+        if encoder is not None and entry["encoder"] != encoder:
+            continue
+        shutil.rmtree(folder)
+        removed.append(entry)
+    return {"cache_dir": str(root), "removed": removed,
+            "bytes": sum(e["bytes"] for e in removed)}
 
 
 # --------------------------------------------------------------------------- datasets

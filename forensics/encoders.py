@@ -107,11 +107,23 @@ def state_dict_sha256(state_dict: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
+#: Containers a checkpoint's weights are found in, tried in order: plain trainers
+#: (``state_dict``, ``model``), then DINO's teacher (the network DINO evaluates).
+CHECKPOINT_KEYS = ("state_dict", "model", "teacher")
+#: Wrapper prefixes stripped when every key carries them: DDP, ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_state_dict_file(path: str | os.PathLike, notes: list[str] | None = None
+                         ) -> dict[str, Any]:
     """Load tensors from a ``.safetensors`` file, or a torch file with ``weights_only=True``.
 
-    A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped. Nothing
-    is ever unpickled beyond plain tensors and containers.
+    The state dict is unwrapped as :func:`unwrap_state_dict` describes. Nothing is ever
+    unpickled beyond plain tensors and containers.
+
+    Args:
+        path: the file.
+        notes: if given, a sentence per unwrapping step is appended (for provenance).
 
     Raises:
         InputError: the file cannot be read as weights.
@@ -121,22 +133,62 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Any]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path), device="cpu")
-        import torch
+            obj = load_file(str(path), device="cpu")
+        else:
+            import torch
 
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(
             f"cannot read weights from {path} ({type(exc).__name__}: {exc}). Use a "
             f".safetensors file, or a torch file holding only tensors (loaded with "
             f"weights_only=True; pickled objects are refused)"
         ) from exc
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
+    state, steps = unwrap_state_dict(obj)
+    if not state:
         raise InputError(f"{path} does not hold a state dict (name -> tensor)")
-    return obj
+    if notes is not None:
+        notes.extend(steps)
+    return state
+
+
+def unwrap_state_dict(obj: Any) -> tuple[dict[str, Any], list[str]]:
+    """The model's weights inside a checkpoint, and a sentence for each step taken.
+
+    Takes the first of :data:`CHECKPOINT_KEYS` that holds a dict (repeatedly), strips
+    :data:`WRAPPER_PREFIXES` that every key carries (DDP's ``module.``), and keeps the
+    ``backbone.`` part of a DINO network (dropping its projection head).
+
+    Returns:
+        ``(state_dict, steps)``; an empty dict when ``obj`` holds no tensors by name.
+    """
+    steps: list[str] = []
+    while isinstance(obj, dict):
+        key = next((k for k in CHECKPOINT_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        others = sorted(str(k) for k in obj if k != key)
+        steps.append(f"took the weights under {key!r}"
+                     + (f" (ignored: {', '.join(others)})" if others else ""))
+        obj = obj[key]
+    if not isinstance(obj, dict) or not any(hasattr(v, "shape") for v in obj.values()):
+        return {}, steps
+    state = dict(obj)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(str(k).startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                steps.append(f"stripped the prefix {prefix!r} from every key")
+                stripped = True
+    backbone = {k: v for k, v in state.items() if str(k).startswith("backbone.")}
+    if backbone and 2 * len(backbone) >= len(state):
+        dropped = sorted({str(k).split(".")[0] for k in state if k not in backbone})
+        steps.append("kept the 'backbone.' weights without the prefix"
+                     + (f" (dropped: {', '.join(d + '.*' for d in dropped)})" if dropped else ""))
+        state = {k[len("backbone."):]: v for k, v in backbone.items()}
+    return state, steps
 
 
 def load_weights_into(model, state_dict: dict[str, Any], source: str, ignore: Sequence[str] = ()):
@@ -369,10 +421,14 @@ class TorchEncoder:
         weights_sha256: hash of the weights used.
         device: torch device string.
         module: the ``torch.nn.Module`` holding the weights (kept alive, in eval mode).
+        weights_loading: what was done to fit a local checkpoint (unwrapped, prefixes
+            stripped, position embeddings resampled), one sentence each; recorded in the
+            provenance.
     """
 
     def __init__(self, *, layer_names: list[str], extract: Callable, transform: Callable,
-                 preprocess: dict[str, Any], weights_sha256: str, device: str, module=None):
+                 preprocess: dict[str, Any], weights_sha256: str, device: str, module=None,
+                 weights_loading: Sequence[str] = ()):
         self.layer_names = list(layer_names)
         self.transform = transform
         self.preprocess = preprocess
@@ -380,6 +436,7 @@ class TorchEncoder:
         self.device = device
         self.precision = "bf16-autocast" if device.startswith("cuda") else "float32"
         self.module = module
+        self.weights_loading = list(weights_loading)
         self._extract = extract
 
     def forward(self, batch) -> list[np.ndarray]:

@@ -352,42 +352,119 @@ def select_curves(bank: Any, baseline: str | None = None) -> tuple[dict[str, Any
     return bank.get_baseline(bid), curves
 
 
+def _layer_dims(bank: Any, base: dict[str, Any]) -> list[int]:
+    """Embedding size of each layer of a baseline, from its stored ``meta.json``.
+
+    A baseline without engine files (curves imported from files) gives ones: only the
+    paper's fingerprint, one value per layer, can be evaluated there.
+    """
+    import json
+
+    from forensics.baseline import META_FILE
+
+    try:
+        meta = json.loads((bank.baseline_dir(base["baseline_id"]) / META_FILE).read_text())
+        return [int(lm["dim"]) for lm in meta["layers"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [1] * len(base["layers"])
+
+
+def fingerprint_matchers(fp: Any, matchers: str | Iterable[Any] | None,
+                         kept_dims: Sequence[int]) -> list[Any]:
+    """The matcher objects for ``fp``'s vectors of the kept layers.
+
+    Args:
+        fp: a fingerprint object.
+        matchers: names, ``"all"`` (every registered matcher), or matcher objects; None:
+            the paper's three for the paper's fingerprint, else ``fp``'s default matcher.
+        kept_dims: embedding size of each kept layer.
+
+    Returns:
+        One object per name: the fingerprint's own rule where it has one (e.g. the
+        authors' rule for ``setstats``), else the matcher plugin.
+    """
+    from forensics import fingerprints as fpmod
+    from forensics import plugins
+
+    if matchers is None:
+        matchers = (list(DEFAULT_MATCHERS) if fp.name == fpmod.PAPER_FINGERPRINT
+                    else [getattr(fp, "default_matcher", None) or fpmod.DEFAULT_MATCHER])
+    if isinstance(matchers, str):
+        matchers = [matchers]
+    names: list[Any] = []
+    for m in matchers:
+        names.extend(plugins.names("matchers") if m == "all" else [m])
+    return resolve_matchers([fpmod.resolve_matcher(fp, m, kept_dims)[1] if isinstance(m, str)
+                             else m for m in names])
+
+
 def evaluate_bank(
-    bank: Any,
+    bank: Any = None,
     baseline: str | None = None,
     *,
-    matchers: str | Iterable[Any] = DEFAULT_MATCHERS,
+    fingerprint: str | None = None,
+    matchers: str | Iterable[Any] | None = None,
     protocol: str = "split",
     drop_layers: Sequence[int] = (0,),
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
-    """:func:`evaluate` on the curves of one baseline of a bank, with the paper's baseline
-    method (mean/std/FID, see :mod:`forensics.setstats`) side by side where the curves
-    carry it.
+    """:func:`evaluate` on the stored vectors of one baseline of a bank, with the paper's
+    baseline method (mean/std/FID, see :mod:`forensics.setstats`) side by side where the
+    curves carry it.
 
     Args:
-        bank: a :class:`refbank.Bank`.
+        bank: a :class:`refbank.Bank`, a bank folder, or None (``FP_BANK`` or the
+            default bank).
         baseline: see :func:`select_curves`.
-        matchers, protocol, drop_layers, n_boot, seed, level: as in :func:`evaluate`.
+        fingerprint: the vectors matched: a registered fingerprint (None: fp's default,
+            ``resid-early``; ``paper``: the C_T-layer curves, as in the paper's Table 1).
+        matchers: see :func:`fingerprint_matchers`.
+        protocol, drop_layers, n_boot, seed, level: as in :func:`evaluate`;
+            ``drop_layers`` are layer indices (their entries of the vector are left out).
 
     Returns:
-        :func:`evaluate`'s dict (``matchers`` holds the C_T-layer results), plus
-        ``baseline`` (name, id, encoder, number of layers), ``method`` and ``comparison``:
-        ``{"setstats": {"available": bool, "reason" | "matchers": ...}}``.
+        :func:`evaluate`'s dict (``matchers`` holds the fingerprint's results), plus
+        ``fingerprint``, ``baseline`` (name, id, encoder, number of layers), ``method``
+        and ``comparison``: ``{"setstats": {"available": bool, "reason" | "matchers": ...}}``.
 
     Raises:
-        As :func:`select_curves` and :func:`evaluate`.
+        BankError: as :func:`select_curves`, or curves that lack the fingerprint.
+        UnknownNameError: an unknown fingerprint or matcher.
     """
+    from forensics import fingerprints as fpmod
+    from forensics.attribute import keep_mask
+    from forensics.pipeline import _reference_vectors, open_bank
+
+    fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
+    bank = open_bank(bank)
     base, rows = select_curves(bank, baseline)
-    result = evaluate_curves(rows, matchers=matchers, protocol=protocol,
-                             drop_layers=drop_layers, n_boot=n_boot, seed=seed, level=level)
+    n_layers = len(base["layers"])
+    keep = keep_mask(n_layers, drop_layers)
+    dims = _layer_dims(bank, base)
+    objs = fingerprint_matchers(fp, matchers, [d for d, k in zip(dims, keep, strict=True) if k])
+    kw: dict[str, Any] = {"matchers": objs, "protocol": protocol, "n_boot": n_boot,
+                          "seed": seed, "level": level}
+    if fp.name == fpmod.PAPER_FINGERPRINT:
+        result = evaluate_curves(rows, drop_layers=drop_layers, **kw)
+    else:
+        vectors = _reference_vectors(fp, rows, np.empty((0, 0)), f" of baseline {base['name']!r}")
+        mask = fpmod.entry_mask(fp, dims, keep)
+        if mask.shape[0] != vectors.shape[1]:
+            raise InputError(f"the stored {fp.name!r} vectors have {vectors.shape[1]} values "
+                             f"but baseline {base['name']!r} gives {mask.shape[0]}; re-enroll")
+        result = evaluate(vectors[:, mask], [r["family"] for r in rows],
+                          [r.get("split") for r in rows], names=[r["model"] for r in rows],
+                          drop_layers=(), **kw)
+        result["drop_layers"] = [i for i in range(n_layers) if not keep[i]]
     names = list(result["matchers"])
     out: dict[str, Any] = {
         "baseline": {"name": base["name"], "baseline_id": base["baseline_id"],
-                     "encoder": base["encoder"], "n_layers": len(base["layers"])},
-        "method": "C_T-layer curves",
+                     "encoder": base["encoder"], "n_layers": n_layers},
+        "fingerprint": fp.name,
+        "method": ("C_T-layer curves" if fp.name == fpmod.PAPER_FINGERPRINT
+                   else f"fingerprint {fp.name}: {getattr(fp, 'description', '')}".rstrip(": ")),
         **result,
     }
     out["comparison"] = {

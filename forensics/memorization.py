@@ -25,6 +25,14 @@ images of the same cell: ``p_quantile`` is the share of that cell's held-out ima
 lie closer to T (ties count half, as in U), ``relative_distance`` its distance divided by
 the cell's median held-out distance. The images with the smallest values are listed with
 their nearest training image (from T's manifest, stored with the baseline).
+
+C_T summarises the whole set, so it can miss a few copies among novel images, or copies
+whose edits (noise) push them away from T in most layers. Each image is therefore also
+checked on its own: it is a *likely copy* when it is closer to its nearest training image
+than every held-out image of its cell, and that training image is its nearest in at least
+75 % of the layers (:data:`COPY_AGREEMENT`; fresh images of the data almost never are),
+unless several generated images crowd onto that training image (a hub, not a copy).
+The ``verdict`` combines both and says why they differ when they do.
 """
 
 from __future__ import annotations
@@ -49,6 +57,13 @@ DEFAULT_TOP = 8
 #: A flagged layer whose generated images name fewer distinct nearest training images
 #: than this share of m is reported as a collapse onto hubs (see :func:`nearest_spread`).
 COLLAPSE_SHARE = 0.25
+#: An image is a *likely copy* of its nearest training image when it lies closer to it
+#: than every held-out image of its cell does (``p_quantile == 0``) and that same training
+#: image is nearest in at least this share of the layers (see :func:`likely_copies`).
+COPY_AGREEMENT = 0.75
+#: In a layer where the images crowd onto few training images, a training image nearest to
+#: this many generated images or more is a hub: those images are not counted as its copies.
+HUB_SIZE = 3
 JSON_NAME = "memorization.json"
 PNG_NAME = "memorization.png"
 
@@ -213,6 +228,77 @@ def nearest_spread(result: CTResult) -> dict[str, Any]:
             "top_nearest_share": float(counts.max() / result.m)}
 
 
+def nearest_agreement(results: Sequence[CTResult], layer_index: int) -> tuple[np.ndarray, int]:
+    """Per generated image, in how many layers its nearest training image is the one of
+    layer ``layer_index``; and the number of layers with per-image details."""
+    nn = np.asarray(results[layer_index].details["nn_index"], dtype=np.int64)
+    detailed = [r for r in results if r.details is not None and r.status == STATUS_OK]
+    agree = np.zeros(nn.shape, dtype=np.int64)
+    for r in detailed:
+        agree += np.asarray(r.details["nn_index"], dtype=np.int64) == nn
+    return agree, len(detailed)
+
+
+def likely_copies(closeness: dict[str, np.ndarray], results: Sequence[CTResult],
+                  layer_index: int, agreement: float = COPY_AGREEMENT) -> np.ndarray:
+    """Boolean mask of the generated images that look like copies of one training image.
+
+    An image qualifies when, in the chosen layer, it lies closer to its nearest training
+    image than every held-out image of its cell (``p_quantile == 0``), and that training
+    image is its nearest in at least ``agreement`` of the layers with details; in a layer
+    where the images crowd onto few training images (:func:`nearest_spread` under
+    :data:`COLLAPSE_SHARE`), not onto a hub (nearest to :data:`HUB_SIZE` or more of them).
+    """
+    agree, n_layers = nearest_agreement(results, layer_index)
+    nn = np.asarray(closeness["nn_index"], dtype=np.int64)
+    close = np.isfinite(closeness["p_quantile"]) & (closeness["p_quantile"] == 0.0)
+    hub = np.zeros(nn.shape, dtype=bool)
+    spread = nearest_spread(results[layer_index])["distinct_nearest"]
+    if spread is not None and spread < COLLAPSE_SHARE * results[layer_index].m:
+        ids, counts = np.unique(nn, return_counts=True)
+        hub = np.isin(nn, ids[counts >= HUB_SIZE])
+    return close & (nn >= 0) & ~hub & (agree >= agreement * max(n_layers, 1))
+
+
+def verdict(copying: dict[str, Any], copies: np.ndarray, n_defined: int) -> dict[str, Any]:
+    """One answer from the layers' C_T and the images' own evidence, saying why they differ.
+
+    Args:
+        copying: :func:`copying_layers`'s result.
+        copies: :func:`likely_copies`'s mask.
+        n_defined: number of layers with a defined C_T.
+
+    Returns:
+        ``{"copying": bool, "by_layers": bool, "likely_copies": int, "n_images": int,
+        "agree": bool, "summary": a sentence}``.
+    """
+    by_layers = bool(copying["copying"])
+    n_copies, m = int(copies.sum()), int(copies.size)
+    rule = (f"closer to it than every held-out image of its cell and the same nearest "
+            f"training image in at least {COPY_AGREEMENT:.0%} of the layers")
+    if by_layers and n_copies:
+        summary = (f"Copying: {len(copying['copying'])} of {n_defined} layers have C_T < "
+                   f"{copying['threshold']:g}, and {n_copies} of {m} images are likely copies of "
+                   f"one training image ({rule}).")
+    elif by_layers:
+        summary = (f"The set sits close to the training data ({len(copying['copying'])} of "
+                   f"{n_defined} layers have C_T < {copying['threshold']:g}), but no image is a "
+                   f"likely copy of one training image ({rule}): the generator reproduces "
+                   f"the data's look as a whole rather than individual images.")
+    elif n_copies:
+        summary = (f"{n_copies} of {m} images are likely copies of one training image "
+                   f"({rule}), although no layer's C_T is below {copying['threshold']:g}: "
+                   f"C_T averages over the whole set, so a few copies among novel images, "
+                   f"or copies altered (e.g. by noise) enough to sit farther from T than "
+                   f"fresh images in most layers, do not move it. Check the closest pairs.")
+    else:
+        summary = (f"No sign of copying: no layer's C_T is below {copying['threshold']:g} and "
+                   f"no image is a likely copy of one training image ({rule}).")
+    return {"copying": by_layers or n_copies > 0, "by_layers": by_layers,
+            "likely_copies": n_copies, "n_images": m, "agree": by_layers == (n_copies > 0),
+            "summary": summary}
+
+
 def _file_status(path: Path, sha256: str) -> str:
     """``ok``, ``missing`` or ``changed`` (the file no longer has its manifest hash)."""
     from forensics.images import read_image_file
@@ -249,7 +335,8 @@ def closest_pairs(
         One dict per pair: ``rank, index, image, image_sha256, train_index, train_image,
         train_sha256, train_image_status (ok | missing | changed | unknown), cell,
         distance, p_quantile, relative_distance, same_nearest_layers`` (how many layers
-        with details name the same nearest training image) and ``layers_with_details``.
+        with details name the same nearest training image), ``layers_with_details`` and
+        ``likely_copy`` (see :func:`likely_copies`).
     """
     if top < 1:
         raise InputError(f"--top must be at least 1, got {top}")
@@ -258,11 +345,11 @@ def closest_pairs(
     rel = np.where(np.isfinite(closeness["relative_distance"]),
                    closeness["relative_distance"], np.inf)
     order = ok[np.lexsort((closeness["distance"][ok], rel[ok], q[ok]))][:top]
-    detailed = [r for r in results if r.details is not None and r.status == STATUS_OK]
+    agree, n_detailed = nearest_agreement(results, layer_index)
+    copies = likely_copies(closeness, results, layer_index)
     pairs = []
     for rank, i in enumerate(order, start=1):
         t = int(closeness["nn_index"][i])
-        agree = sum(int(r.details["nn_index"][i]) == t for r in detailed)
         pair: dict[str, Any] = {
             "rank": rank,
             "index": int(i),
@@ -273,8 +360,9 @@ def closest_pairs(
             "distance": _finite(closeness["distance"][i]),
             "p_quantile": _finite(q[i]),
             "relative_distance": _finite(closeness["relative_distance"][i]),
-            "same_nearest_layers": int(agree),
-            "layers_with_details": len(detailed),
+            "same_nearest_layers": int(agree[i]),
+            "layers_with_details": n_detailed,
+            "likely_copy": bool(copies[i]),
         }
         if suspect_manifest is not None:
             entry = suspect_manifest.entries[i]
@@ -318,7 +406,7 @@ def memorization_report(
 
     Returns:
         ``{"layers": [CTResult dicts with "flagged", "collapsed", "distinct_nearest",
-        "top_nearest_share"], "copying": copying_layers(...),
+        "top_nearest_share"], "copying": copying_layers(...), "verdict": verdict(...),
         "closest": {"layer", "criterion", "pairs", "train_manifest"}}``.
     """
     if not (len(layers) == len(results) == len(layer_baselines)):
@@ -340,9 +428,11 @@ def memorization_report(
     k = pick_layer(layers, values, layer)
     closeness = sample_closeness(results[k], layer_baselines[k])
     pairs = closest_pairs(closeness, results, k, suspect_manifest, train_manifest, top)
+    n_defined = int(np.isfinite(np.asarray(values, dtype=np.float64)).sum())
     return {
         "layers": rows,
         "copying": copying,
+        "verdict": verdict(copying, likely_copies(closeness, results, k), n_defined),
         "closest": {
             "layer": str(layers[k]),
             "layer_choice": "given" if layer is not None else "lowest C_T",
@@ -368,6 +458,23 @@ def _thumbnail(path: str | os.PathLike | None, size: int = 96) -> np.ndarray | N
         return None
     image.thumbnail((size, size))
     return np.asarray(image)
+
+
+def _short_name(path: str | None, fallback: str, width: int = 18) -> str:
+    """A file's name for a thumbnail label, shortened from the left to ``width`` characters."""
+    if not path:
+        return fallback
+    name = Path(path).name
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def pair_labels(pair: dict[str, Any]) -> tuple[str, str]:
+    """Labels of a pair's thumbnails: each image's file name (T's index only when T's
+    manifest is unknown), with its p_quantile or distance."""
+    gen = _short_name(pair["image"], f"#{pair['rank']}")
+    train = _short_name(pair["train_image"], f"T[{pair['train_index']}]")
+    copy = " copy" if pair.get("likely_copy") else ""
+    return (f"{gen}\nq={pair['p_quantile']:.2f}{copy}", f"{train}\nd={pair['distance']:.3g}")
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
@@ -407,15 +514,15 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
     ax.set_ylabel("C_T")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title(title or report["copying"]["summary"], fontsize=8, wrap=True)
+    summary = report.get("verdict", report["copying"])["summary"]
+    ax.set_title(title or summary, fontsize=8, wrap=True)
     for j, pair in enumerate(pairs):
         gen = None
         if pair["image"] is not None and suspect_root is not None:
             gen = _thumbnail(Path(suspect_root) / pair["image"])
         train = _thumbnail(pair["train_image"]) if pair["train_image_status"] == "ok" else None
-        for row, (img, label) in enumerate(
-                ((gen, f"#{pair['rank']} q={pair['p_quantile']:.2f}"),
-                 (train, f"T[{pair['train_index']}] d={pair['distance']:.3g}")), start=1):
+        for row, (img, label) in enumerate(zip((gen, train), pair_labels(pair), strict=True),
+                                           start=1):
             sub = fig.add_subplot(grid[row, j])
             sub.set_xticks([])
             sub.set_yticks([])

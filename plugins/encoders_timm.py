@@ -1,4 +1,5 @@
-"""Built-in timm encoders: ViT, DINO, DeiT, Swin, ResNet, InceptionV3, and ``timm:<any>``.
+"""Built-in timm encoders: ViT, DINO(v2), DeiT, Swin, ResNet, InceptionV3, ``timm:<any>``
+and ``hf-hub:<owner>/<repo>``.
 
 Every layer comes out of one forward pass through forward hooks:
 
@@ -44,10 +45,19 @@ class TimmEncoder:
     has_pretrained: bool = True
 
     def _create(self, pretrained: bool = False):
+        import contextlib
+
         import timm
 
+        from forensics.encoders import hub_guard
+
         kwargs = {k: dict(v) if k == "pretrained_cfg_overlay" else v for k, v in self.kwargs}
-        return timm.create_model(self.model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        # An hf-hub: model's architecture is in its hub config, needed even without weights.
+        guard = (hub_guard(self.name, self.model_name) if self.model_name.startswith("hf-hub:")
+                 else contextlib.nullcontext())
+        with guard:
+            return timm.create_model(self.model_name, pretrained=pretrained, num_classes=0,
+                                     **kwargs)
 
     def with_input_size(self, size: int) -> TimmEncoder:
         """The same encoder at input size ``size`` (``NAME@SIZE``).
@@ -109,7 +119,8 @@ class TimmEncoder:
 
         check_pool(pool)
         spec = parse_weights(weights, self.default_weights)
-        model = self._build(spec)
+        notes: list[str] = []
+        model = self._build(spec, notes)
         sha = file_sha256(spec.path) if spec.kind == "file" else state_dict_sha256(
             model.state_dict())
         model = model.eval().to(device)
@@ -123,9 +134,10 @@ class TimmEncoder:
             weights_sha256=sha,
             device=device,
             module=model,
+            weights_loading=notes,
         )
 
-    def _build(self, spec):
+    def _build(self, spec, notes: list[str]):
         from forensics.encoders import (
             hub_guard,
             load_state_dict_file,
@@ -148,9 +160,34 @@ class TimmEncoder:
         model = self._create()
         classifier = model.pretrained_cfg.get("classifier") or ()
         heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        load_weights_into(model, load_state_dict_file(spec.path), str(spec.path),
-                          ignore=[h + "." for h in heads])
+        state = timm_filter(load_state_dict_file(spec.path, notes), model, notes)
+        load_weights_into(model, state, str(spec.path), ignore=[h + "." for h in heads])
         return model
+
+
+def timm_filter(state: dict, model, notes: list[str]) -> dict:
+    """A local checkpoint made to fit ``model`` as timm fits its hub weights.
+
+    Runs the architecture's own ``checkpoint_filter_fn`` (the function timm applies to
+    pretrained weights): for ViTs it resamples the position embeddings to the model's
+    patch grid (``timm.layers.resample_abs_pos_embed``, bicubic) and the patch embedding
+    to its patch size, converts DINOv2 / OpenCLIP layouts, and so on. What changed shape
+    is appended to ``notes``.
+    """
+    import importlib
+
+    module = importlib.import_module(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is None:
+        return state
+    before = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    out = fn(dict(state), model)
+    for key, value in out.items():
+        old = before.get(key)
+        if old is not None and hasattr(value, "shape") and tuple(value.shape) != old:
+            notes.append(f"resampled {key} from {list(old)} to {list(value.shape)} "
+                         f"(timm {type(model).__name__} checkpoint_filter_fn)")
+    return out
 
 
 def timm_taps(model):
@@ -223,10 +260,35 @@ class TimmPattern:
                            description=f"timm model {rest}")
 
 
+@dataclass(frozen=True)
+class HfHubPattern:
+    """Resolves ``hf-hub:<owner>/<repo>`` (a timm model on the Hugging Face hub)."""
+
+    name: str = "hf-hub:*"
+    family: str = "timm"
+    description: str = "a timm model on the Hugging Face hub: hf-hub:<owner>/<repo>"
+
+    def layer_names(self, pool: str = "cls") -> None:
+        return None
+
+    def resolve(self, rest: str) -> TimmEncoder:
+        from forensics.errors import UnknownNameError
+
+        if rest.count("/") != 1 or not all(rest.split("/")):
+            raise UnknownNameError(f"hf-hub:{rest!r} is not a hub repository name; use "
+                                   f"hf-hub:<owner>/<repo>, e.g. "
+                                   f"hf-hub:timm/vit_base_patch16_224.orig_in21k")
+        return TimmEncoder(name=f"hf-hub:{rest}", model_name=f"hf-hub:{rest}", family="timm",
+                           description=f"timm model {rest} from the Hugging Face hub")
+
+
 _P = "vit_{}_patch{}_224.{}"
 BUILTINS: tuple[TimmEncoder, ...] = (
-    TimmEncoder("vit-b16", _P.format("base", 16, "augreg_in21k"), "vit",
-                "ViT-B/16, ImageNet-21k (the paper's encoder); 12 blocks, CLS token"),
+    TimmEncoder("vit-b16", _P.format("base", 16, "orig_in21k"), "vit",
+                "ViT-B/16, ImageNet-21k, the original Google weights (the paper's encoder, "
+                "google/vit-base-patch16-224-in21k); 12 blocks, CLS token"),
+    TimmEncoder("vit-b16-augreg", _P.format("base", 16, "augreg_in21k"), "vit",
+                "ViT-B/16, ImageNet-21k, AugReg weights (Steiner et al. 2021); 12 blocks"),
     TimmEncoder("vit-l16", _P.format("large", 16, "augreg_in21k"), "vit",
                 "ViT-L/16, ImageNet-21k; 24 blocks"),
     TimmEncoder("vit-h14", _P.format("huge", 14, "orig_in21k"), "vit",
@@ -235,6 +297,14 @@ BUILTINS: tuple[TimmEncoder, ...] = (
                 "DINO ViT-S/16 (self-supervised); 12 blocks"),
     TimmEncoder("dino-vitb16", _P.format("base", 16, "dino"), "dino",
                 "DINO ViT-B/16 (self-supervised); 12 blocks"),
+    TimmEncoder("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", "dinov2",
+                "DINOv2 ViT-S/14 (self-supervised, 518 px); 12 blocks"),
+    TimmEncoder("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m", "dinov2",
+                "DINOv2 ViT-B/14 (self-supervised, 518 px); 12 blocks"),
+    TimmEncoder("dinov2-vitl14", "vit_large_patch14_dinov2.lvd142m", "dinov2",
+                "DINOv2 ViT-L/14 (self-supervised, 518 px); 24 blocks"),
+    TimmEncoder("dinov2-vitg14", "vit_giant_patch14_dinov2.lvd142m", "dinov2",
+                "DINOv2 ViT-g/14 (self-supervised, 518 px); 40 blocks"),
     TimmEncoder("deit-tiny", "deit_tiny_patch16_224.fb_in1k", "deit", "DeiT-Ti/16; 12 blocks"),
     TimmEncoder("deit-small", "deit_small_patch16_224.fb_in1k", "deit", "DeiT-S/16; 12 blocks"),
     TimmEncoder("deit-base", "deit_base_patch16_224.fb_in1k", "deit", "DeiT-B/16; 12 blocks"),
@@ -262,3 +332,4 @@ def register_encoders(register):
     for encoder in BUILTINS:
         register(encoder)
     register(TimmPattern())
+    register(HfHubPattern())

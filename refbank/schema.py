@@ -6,7 +6,8 @@ A bank is a folder holding two Parquet tables, ``curves.parquet`` and
 contract: any Parquet reader (pyarrow, pandas, duckdb, polars, Spark) can read a bank.
 
 ``SCHEMA_VERSION`` is written into ``bank.json`` and into each table's Parquet key-value
-metadata (key ``fp.schema_version``). A reader refuses a bank of a newer version than it
+metadata (key ``fp.schema_version``); each column's meaning is in its field metadata
+(key ``description``). A reader refuses a bank of a newer version than it
 knows; a new version only ever adds columns.
 """
 
@@ -83,9 +84,16 @@ BASELINE_COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
 PARAM_COLUMNS: tuple[str, ...] = ("partitioner", "distance", "tau", "pooling", "seed")
 
 
+#: Key of each column's meaning in its Arrow field metadata (shown by Parquet tools).
+DESCRIPTION_KEY = b"description"
+
+
 def arrow_schema(columns: tuple[tuple[str, pa.DataType, bool, str], ...]) -> pa.Schema:
-    """The Arrow schema of a table, with the schema version in its metadata."""
-    fields = [pa.field(name, typ, nullable=nullable) for name, typ, nullable, _ in columns]
+    """The Arrow schema of a table: the schema version in its metadata, and each column's
+    meaning in its field metadata (key ``description``)."""
+    fields = [pa.field(name, typ, nullable=nullable,
+                       metadata={DESCRIPTION_KEY: meaning.encode()})
+              for name, typ, nullable, meaning in columns]
     return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 

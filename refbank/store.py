@@ -175,7 +175,8 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
                 f"{path} does not have the columns of an fp bank table ({exc}); "
                 f"see the README's 'Reference bank' section for the schema"
             ) from None
-    return table.replace_schema_metadata(schema.metadata)
+    # The schema exactly, field descriptions included (files of older versions lack them).
+    return pa.Table.from_arrays(table.columns, schema=schema)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -230,7 +230,7 @@ def test_table1_through_the_cli(shared_dir, tmp_path, filename, expected):
                 "layerchoice", bank=bank)
     assert result.exit_code == 0, result.output
     assert f"under baseline '{PAPER_BASELINE}' (created)" in result.output
-    result = fp("evaluate", "--json", bank=bank)
+    result = fp("evaluate", "--fingerprint", "paper", "--json", bank=bank)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert {k: m["accuracy_3dp"] for k, m in data["matchers"].items()} == expected
@@ -241,7 +241,7 @@ def test_table1_through_the_cli(shared_dir, tmp_path, filename, expected):
         assert sum(map(sum, m["confusion"]["matrix"])) == 6
     setstats = data["comparison"]["setstats"]
     assert setstats["available"] is False and "no 'setstats' vector" in setstats["reason"]
-    text = fp("evaluate", bank=bank).output
+    text = fp("evaluate", "--fingerprint", "paper", bank=bank).output
     assert "C_T-layer accuracy" in text and "not available" in text
     assert f"{expected['combined']:.3f}" in text and "Confusion matrix, combined" in text
 
@@ -284,11 +284,11 @@ def test_both_paper_files_in_one_bank(shared_dir, tmp_path):
     result = fp("evaluate", bank=bank)
     assert result.exit_code == 1
     assert f"{PAPER_BASELINE} (30 curves), paper-full (18 curves)" in result.output
-    data = json.loads(fp("evaluate", "--baseline", "paper-full", "--json", "--matcher", "all",
-                         bank=bank).output)
+    data = json.loads(fp("evaluate", "--fingerprint", "paper", "--baseline", "paper-full",
+                         "--json", "--matcher", "all", bank=bank).output)
     assert data["matchers"]["cosine"]["accuracy_3dp"] == 0.833
-    loo = json.loads(fp("evaluate", "--baseline", "paper-full", "--protocol", "loo", "--json",
-                        "--n-boot", "0", bank=bank).output)
+    loo = json.loads(fp("evaluate", "--fingerprint", "paper", "--baseline", "paper-full",
+                        "--protocol", "loo", "--json", "--n-boot", "0", bank=bank).output)
     assert loo["n_queries"] == 18 and loo["matchers"]["l2"]["ci"] is None
 
 
@@ -301,10 +301,11 @@ def test_import_curves_errors(shared_dir, tmp_path):
     assert result.exit_code == 0 and ": 12 enroll, 0 query" in result.output.replace("\n", " ")
     bad = fp("bank", "import-curves", plain, "--format", "csv", bank=tmp_path / "b2")
     assert bad.exit_code == 1 and "choose one of: layerchoice" in bad.output
-    split = json.loads(fp("evaluate", "--json", "--protocol", "loo", "--n-boot", "0",
-                          bank=bank).output)
+    split = json.loads(fp("evaluate", "--fingerprint", "paper", "--json", "--protocol", "loo",
+                          "--n-boot", "0", bank=bank).output)
     assert split["n_queries"] == 12
-    none = fp("evaluate", bank=bank)  # every curve is enrolled: split has no queries
+    # every curve is enrolled: split has no queries
+    none = fp("evaluate", "--fingerprint", "paper", bank=bank)
     assert none.exit_code == 1 and "use protocol 'loo'" in none.output
     empty = fp("evaluate", bank=tmp_path / "empty")
     assert empty.exit_code == 1 and "fp bank import-curves" in empty.output
@@ -351,7 +352,7 @@ def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
     from forensics.setstats import baseline_matchers
     from refbank.bank import curve_fingerprints
 
-    result = fp("evaluate", "--json", "--seed", "3", bank=enrolled.path)
+    result = fp("evaluate", "--fingerprint", "paper", "--json", "--seed", "3", bank=enrolled.path)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["baseline"]["name"] == "tiny" and data["n_vectors"] == 9
@@ -373,8 +374,64 @@ def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
                       [r["split"] for r in rows], names=[r["model"] for r in rows], seed=3)
     assert data["matchers"]["combined"]["predictions"] == \
         curves["matchers"]["combined"]["predictions"]
-    text = fp("evaluate", bank=enrolled.path).output
+    text = fp("evaluate", "--fingerprint", "paper", bank=enrolled.path).output
     assert "C_T-layer accuracy" in text and "mean/std/FID accuracy" in text
+
+
+def test_evaluate_defaults_to_fps_own_fingerprint(enrolled):
+    from forensics.fingerprints import DEFAULT_FINGERPRINT, get
+    from forensics.pipeline import load_baseline
+    from refbank.bank import curve_fingerprints
+
+    data = json.loads(fp("evaluate", "--json", "--n-boot", "0", bank=enrolled.path).output)
+    fpo = get(DEFAULT_FINGERPRINT)
+    assert data["fingerprint"] == DEFAULT_FINGERPRINT
+    assert list(data["matchers"]) == [fpo.default_matcher]
+    # The same predictions as the stored vectors of the kept layers, matched directly.
+    rows = enrolled.curves()
+    dims = load_baseline("tiny", bank=enrolled).dims
+    keep = np.arange(len(dims)) != 0
+    mask = np.where(fpo.entry_layers(dims) < 0, True, keep[np.clip(fpo.entry_layers(dims), 0,
+                                                                    None)])
+    x = np.stack([curve_fingerprints(r)[DEFAULT_FINGERPRINT] for r in rows])[:, mask]
+    direct = evaluate(x, [r["family"] for r in rows], [r["split"] for r in rows],
+                      names=[r["model"] for r in rows], matchers=[fpo.default_matcher],
+                      drop_layers=(), n_boot=0)
+    name = fpo.default_matcher
+    assert data["matchers"][name]["predictions"] == direct["matchers"][name]["predictions"]
+    assert data["drop_layers"] == [0] and data["n_values_used"] == int(mask.sum())
+    text = fp("evaluate", "--n-boot", "0", bank=enrolled.path).output
+    assert f"{DEFAULT_FINGERPRINT} accuracy" in text
+
+
+def test_evaluate_every_fingerprint_with_every_matcher(enrolled):
+    from forensics import fingerprints, plugins
+
+    for name in fingerprints.names():
+        result = fp("evaluate", "--fingerprint", name, "--matcher", "all", "--json",
+                    "--n-boot", "0", bank=enrolled.path)
+        assert result.exit_code == 0, (name, result.output)
+        data = json.loads(result.output)
+        assert data["fingerprint"] == name
+        assert sorted(data["matchers"]) == plugins.names("matchers")
+        for m in data["matchers"].values():
+            assert m["total"] == 3 and 0 <= m["correct"] <= 3
+    # setstats matched by its own rule is exactly the paper's baseline method beside it.
+    data = json.loads(fp("evaluate", "--fingerprint", "setstats", "--json", "--n-boot", "0",
+                         "--drop-layers", "none", bank=enrolled.path).output)
+    side = data["comparison"]["setstats"]["matchers"]["combined"]["predictions"]
+    assert data["matchers"]["combined"]["predictions"] == side
+
+
+def test_evaluate_fingerprint_errors(shared_dir, tmp_path, enrolled):
+    bad = fp("evaluate", "--fingerprint", "nope", bank=enrolled.path)
+    assert bad.exit_code == 1 and "resid-early" in bad.output and "paper" in bad.output
+    bank = tmp_path / "bank"
+    fp("bank", "import-curves", shared_dir / "paper" / "Fsmall_score.txt", bank=bank)
+    lacking = fp("evaluate", bank=bank)  # imported curves hold only their C_T values
+    assert lacking.exit_code == 1
+    assert "no 'resid-early' fingerprint" in lacking.output
+    assert "--fingerprint paper" in lacking.output
 
 
 def test_evaluate_with_a_plugin_matcher_skips_it_for_the_baseline_method(enrolled):

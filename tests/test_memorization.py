@@ -22,8 +22,10 @@ from forensics.errors import InputError
 from forensics.memorization import (
     closest_pairs,
     copying_layers,
+    likely_copies,
     memorization_report,
     nearest_spread,
+    pair_labels,
     pick_layer,
     sample_closeness,
 )
@@ -128,6 +130,56 @@ def test_fresh_samples_sit_mid_distribution(synthetic):
     json.dumps(report, allow_nan=False)
 
 
+def test_verdict_follows_the_images_when_c_t_is_diluted(synthetic):
+    """10 exact copies among 150 fresh images: C_T stays above -2, the copies are named."""
+    base, T_copies = synthetic["base"], synthetic["Q"][:10]
+    rng = np.random.default_rng(8)
+    Q = np.concatenate([T_copies, rng.normal(size=(150, 8))])
+    results = base.query([Q, Q[:, :4]], details=True)
+    assert all(r.ct > -2 for r in results), [r.ct for r in results]
+    report = memorization_report(["full", "half"], results, base.layers, top=10)
+    assert report["copying"]["scope"] == "none"
+    v = report["verdict"]
+    assert v["copying"] and not v["by_layers"] and not v["agree"]
+    assert v["likely_copies"] == 10 and v["n_images"] == 160
+    assert "10 of 160 images are likely copies" in v["summary"] and "averages" in v["summary"]
+    flagged = [p["index"] for p in report["closest"]["pairs"] if p["likely_copy"]]
+    assert sorted(flagged) == list(range(10))
+    assert all(p["train_index"] == synthetic["sources"][p["index"]]
+               for p in report["closest"]["pairs"] if p["likely_copy"])
+
+
+def test_verdict_agrees_on_copies_fresh_images_and_hubs(synthetic):
+    base = synthetic["base"]
+    Q = synthetic["Q"]
+    copies = memorization_report(["full", "half"], base.query([Q, Q[:, :4]], details=True),
+                                 base.layers)["verdict"]
+    assert copies["copying"] and copies["by_layers"] and copies["agree"]
+    assert copies["likely_copies"] == 60 and copies["summary"].startswith("Copying:")
+    fresh = synthetic["fresh"]
+    res = base.query([fresh, fresh[:, :4]], details=True)
+    none = memorization_report(["full", "half"], res, base.layers)["verdict"]
+    assert not none["copying"] and none["agree"] and none["likely_copies"] == 0
+    assert none["summary"].startswith("No sign of copying")
+    rng = np.random.default_rng(5)
+    T, P = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
+    hub_base = Baseline.build([T], [P], ["only"], distance="euclidean",
+                              partitioner_params={"n_cells": 1})
+    hub = hub_base.query([T[7] + rng.normal(scale=1e-3, size=(50, 4))], details=True)
+    close = sample_closeness(hub[0], hub_base.layers[0])
+    assert not likely_copies(close, hub, 0).any()  # 50 images on one training image: a hub
+
+
+def test_pair_labels_name_files():
+    pair = {"rank": 1, "image": "gen/digit-0210.png", "train_image": "/data/T/digit-0210.png",
+            "train_index": 210, "p_quantile": 0.0, "distance": 0.5, "likely_copy": True}
+    assert pair_labels(pair) == ("digit-0210.png\nq=0.00 copy", "digit-0210.png\nd=0.5")
+    unknown = {**pair, "image": None, "train_image": None, "likely_copy": False}
+    assert pair_labels(unknown) == ("#1\nq=0.00", "T[210]\nd=0.5")
+    long = {**pair, "train_image": "/x/a-very-long-training-file-name.png"}
+    assert pair_labels(long)[1].startswith("…") and len(pair_labels(long)[1].split()[0]) == 18
+
+
 def test_closeness_needs_details(synthetic):
     base = synthetic["base"]
     (r, _) = base.query([synthetic["Q"], synthetic["Q"][:, :4]])
@@ -165,6 +217,7 @@ def digits_world(tmp_path_factory, one_thread):
     _write_pngs(images, order[:150], root / "src")
     synth_folder("noise", root / "src", root / "copies", seed=1, sigma=2.0)
     synth_folder("noise", root / "src", root / "heavy", seed=1, sigma=100.0)
+    synth_folder("noise", root / "src", root / "mid", seed=1, sigma=25.0)
     bank = Bank(root / "bank")
     pipeline.build_baseline("digits75", root / "T", root / "P", encoder="fid-inception@75",
                             n_cells=3, bank=bank, device="cpu", cache_dir=root / "cache")
@@ -209,6 +262,22 @@ def test_heavy_noise_is_not_read_as_copying(digits_world):
     pairs = report["closest"]["pairs"]
     assert len(pairs) == 8
     assert not any(p["train_image"].endswith("/T/" + p["image"]) for p in pairs)
+
+
+def test_verdict_and_closest_pairs_agree_on_noisy_copies(digits_world):
+    """sigma=25: C_T above -2 in most layers, yet the closest pairs are the exact sources."""
+    report = _memorization(digits_world, "mid")
+    cts = np.array([r["ct"] for r in report["layers"]])
+    v = report["verdict"]
+    assert v["copying"] and v["likely_copies"] >= 3, (cts, v)
+    copies = [p for p in report["closest"]["pairs"] if p["likely_copy"]]
+    assert copies and all(p["train_image"].endswith("/T/" + p["image"]) for p in copies)
+    if not report["copying"]["copying"]:
+        assert not v["agree"] and "although no layer" in v["summary"]
+    heavy = _memorization(digits_world, "heavy")["verdict"]
+    assert not heavy["copying"] and heavy["likely_copies"] == 0
+    light = _memorization(digits_world, "copies")["verdict"]
+    assert light["copying"] and light["agree"] and light["likely_copies"] > 100
 
 
 def test_training_images_from_a_rescan_or_none(digits_world, tmp_path):

@@ -109,22 +109,35 @@ def show_cmd(
 @bank_app.command("remove")
 def remove_cmd(
     curve_ids: list[str] = typer.Argument(..., help="Curve ids to remove."),
+    as_json: bool = typer.Option(False, "--json", help="Print the removed ids as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Remove curves by id (all or none: an unknown id removes nothing)."""
     b = open_bank(bank)
     removed = b.remove_curves(curve_ids)
+    if as_json:
+        echo_json({"bank": str(b.path), "removed": list(removed)})
+        return
     typer.echo(f"Removed {len(removed)} curve(s) from {b.path}.")
 
 
 @bank_app.command("export")
 def export_cmd(
     file: Path = typer.Argument(..., help="New archive file (.tar, or .tar.gz / .tgz)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the archive's path, size "
+                                                      "and SHA-256 as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Write the whole bank to one archive file (never overwrites)."""
     b = open_bank(bank)
     target = b.export(file)
+    if as_json:
+        from refbank.hashing import file_sha256
+
+        echo_json({"bank": str(b.path), "archive": str(target),
+                   "bytes": target.stat().st_size, "sha256": file_sha256(target),
+                   "n_curves": len(b.curves()), "n_baselines": len(b.baselines())})
+        return
     typer.echo(f"Exported {b.path} to {target}.")
 
 
@@ -174,8 +187,8 @@ def import_curves_cmd(
     typer.echo(
         f"Imported {len(report['curve_ids'])} curve(s) from {file} into {b.path} under "
         f"baseline {report['baseline']!r}{made}: {report['n_enroll']} enroll, "
-        f"{report['n_query']} query.\nEvaluate them with: fp evaluate --baseline "
-        f"{report['baseline']}"
+        f"{report['n_query']} query.\nEvaluate them with: fp evaluate --fingerprint paper "
+        f"--baseline {report['baseline']}"
     )
 
 

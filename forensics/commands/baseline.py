@@ -73,11 +73,18 @@ def remove_cmd(
     with_curves: bool = typer.Option(
         False, "--with-curves", help="Also remove the curves enrolled against it."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the removed baseline as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Remove a baseline and its files (refused while curves use it, unless --with-curves)."""
     b = open_bank(bank)
+    before = len(b.curves())
     row = b.remove_baseline(name, with_curves=with_curves)
+    if as_json:
+        echo_json({"bank": str(b.path), "removed": {"name": row["name"],
+                                                    "baseline_id": row["baseline_id"]},
+                   "curves_removed": before - len(b.curves())})
+        return
     typer.echo(f"Removed baseline {row['name']!r} ({row['baseline_id']}) from {b.path}.")
 
 

@@ -52,6 +52,8 @@ def register(app: typer.Typer) -> None:
                                        help="Embedding cache [default: $FP_CACHE_DIR/"
                                             "embeddings or the user cache dir]."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        as_json: bool = typer.Option(False, "--json",
+                                     help="Print what was written as JSON (no progress bar)."),
     ) -> None:
         """Embed every image of FOLDER at every layer of an encoder; write them to --out."""
         from forensics.embed import DEFAULT_CACHE, check_output_path, embed_folder
@@ -61,11 +63,20 @@ def register(app: typer.Typer) -> None:
             folder, encoder, weights=weights, pool=pool.value, device=device,
             batch_size=batch_size, num_workers=num_workers,
             cache_dir=None if no_cache else (cache_dir or DEFAULT_CACHE),
-            progress=not quiet, skip_bad=skip_bad,
+            progress=not (quiet or as_json), skip_bad=skip_bad,
         )
         result.save(out)
-        info = result.encoder_info
-        echo_skipped(result.manifest)
+        info, manifest = result.encoder_info, result.manifest
+        if as_json:
+            from forensics.commands.bank import echo_json
+
+            echo_json({"out": str(out), "n_images": len(result), "layers": list(result.layers),
+                       "dims": [int(a.shape[1]) for a in result.arrays],
+                       "skipped": [{"image": s.relpath, "reason": s.reason}
+                                   for s in manifest.skipped],
+                       "encoder_info": info})
+            return
+        echo_skipped(manifest)
         typer.echo(
             f"{len(result)} images, {len(result.layers)} layers of {info['name']} "
             f"(weights {info['weights']}, pool {info['pool']}; "

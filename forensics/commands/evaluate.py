@@ -10,7 +10,12 @@ import typer
 from forensics.commands.bank import _print_table, bank_option, echo_json, open_bank
 from forensics.commands.pipeline import parse_drop_layers
 
-MATCHER_HELP = "l2, cosine, combined, or all (every registered matcher); repeatable."
+MATCHER_HELP = ("zscore, l2, cosine, combined, a plugin's, or all (every registered matcher, "
+                "with the fingerprint's own rule where it has one); repeatable "
+                "[default: l2, cosine and combined for paper, else the fingerprint's default].")
+FINGERPRINT_HELP = ("What is matched: resid-early, resid-ct, proj-mean-ct, proj-mean-early, "
+                    "proj-mean, paper (the C_T-layer curves, Table 1), setstats or a plugin's "
+                    "[default: resid-early, fp's default].")
 
 
 def _accuracy(m: dict[str, Any]) -> str:
@@ -27,13 +32,15 @@ def _print_result(result: dict[str, Any]) -> None:
     dropped = result["drop_layers"]
     typer.echo(
         f"Baseline {base['name']!r} ({base['encoder']}, {base['n_layers']} layers): "
-        f"{result['n_vectors']} curves, protocol {result['protocol']}, "
+        f"{result['n_vectors']} curves, fingerprint {result['fingerprint']}, "
+        f"protocol {result['protocol']}, "
         f"{result['n_queries']} queries against {result['n_enrolled']} enrolled; "
         f"dropped layer indices: {', '.join(map(str, dropped)) or 'none'}."
     )
     setstats = result["comparison"]["setstats"]
     level = int(round(result["bootstrap"]["level"] * 100))
-    columns = ["matcher", "C_T-layer accuracy", f"{level}% CI"]
+    what = "C_T-layer" if result["fingerprint"] == "paper" else result["fingerprint"]
+    columns = ["matcher", f"{what} accuracy", f"{level}% CI"]
     if setstats["available"]:
         columns += ["mean/std/FID accuracy", f"{level}% CI"]
     rows = []
@@ -67,6 +74,7 @@ def register(app: typer.Typer) -> None:
             "split", "--protocol",
             help="split: query-tagged curves against enroll-tagged ones (the paper's); "
                  "loo: leave-one-out over all curves."),
+        fingerprint: str | None = typer.Option(None, "--fingerprint", help=FINGERPRINT_HELP),
         matcher: list[str] | None = typer.Option(None, "--matcher", help=MATCHER_HELP),
         drop_layers: str = typer.Option(
             "0", "--drop-layers",
@@ -79,14 +87,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Family-identification accuracy of the bank's curves, per matcher (Table 1).
 
-        Each query curve is matched to its nearest enrolled curve; reported per matcher:
-        accuracy, a bootstrap confidence interval and a confusion matrix, side by side
-        with the paper's mean/std/FID baseline method where the curves carry it.
+        Each query curve's fingerprint is matched to its nearest enrolled curve's; reported
+        per matcher: accuracy, a bootstrap confidence interval and a confusion matrix, side
+        by side with the paper's mean/std/FID baseline method where the curves carry it.
         """
-        from forensics.evaluate import DEFAULT_MATCHERS, evaluate_bank
+        from forensics.evaluate import evaluate_bank
 
         result = evaluate_bank(
-            open_bank(bank), baseline, matchers=matcher or list(DEFAULT_MATCHERS),
+            open_bank(bank), baseline, fingerprint=fingerprint, matchers=matcher or None,
             protocol=protocol, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
             seed=seed,
         )

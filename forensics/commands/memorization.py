@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from forensics.commands.bank import _print_table, bank_option, echo_json
-from forensics.commands.embed import echo_skipped, skip_bad_option
+from forensics.commands.embed import skip_bad_option
 from forensics.commands.pipeline import _batch, _common, _device, _no_cache, _quiet, _tau
 
 
@@ -28,16 +28,18 @@ def _print_report(report: dict[str, Any]) -> None:
               f"{report['baseline']['name']}",
     )
     typer.echo(report["copying"]["summary"])
+    typer.echo("Verdict: " + report["verdict"]["summary"])
     closest = report["closest"]
     if not closest["train_manifest"]:
         typer.echo("note: the baseline has no usable manifest of T (moved or changed "
                    "training folder), so training images are named by index only.")
     _print_table(
         ["#", "generated image", "nearest training image", "distance", "p_quantile",
-         "rel. distance", "same NN"],
+         "rel. distance", "same NN", "likely copy"],
         [[p["rank"], p["image"] or p["index"], p["train_image"] or f"T[{p['train_index']}]",
           _fmt(p["distance"], ".4g"), _fmt(p["p_quantile"]), _fmt(p["relative_distance"]),
-          f"{p['same_nearest_layers']}/{p['layers_with_details']}"]
+          f"{p['same_nearest_layers']}/{p['layers_with_details']}",
+          "yes" if p["likely_copy"] else ""]
          for p in closest["pairs"]],
         title=f"Generated images closest to a training image (layer {closest['layer']}, "
               f"{closest['layer_choice']})",
@@ -75,31 +77,13 @@ def register(app: typer.Typer) -> None:
         below --threshold), whether that is low-level (early layers) or high-level (late
         layers), and the generated images closest to a training image.
         """
-        from forensics.memorization import memorization_report, write_report
-        from forensics.pipeline import compute_curve, train_manifest
+        from forensics.pipeline import memorize
 
-        res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=True,
-                            fingerprints=[],
-                            **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
-        echo_skipped(res.embeddings.manifest)
-        loaded = res.baseline
-        body = memorization_report(
-            res.curve.layers, res.results, loaded.engine.layers,
-            suspect_manifest=res.embeddings.manifest, train_manifest=train_manifest(loaded),
-            threshold=threshold, top=top, layer=layer,
-        )
-        row = loaded.row
-        out = {
-            "folder": str(folder),
-            "n_images": len(res.rows),
-            "baseline": {"name": row["name"], "baseline_id": row["baseline_id"],
-                         "encoder": row["encoder"]},
-            **body,
-            "provenance": res.curve.to_dict()["provenance"],
-        }
-        if report is not None:
-            root = res.embeddings.manifest.root if res.embeddings.manifest else None
-            write_report(report, out, suspect_root=root)
+        out = memorize(folder, baseline=baseline, bank=bank, threshold=threshold, top=top,
+                       layer=layer, report=report, tau=tau,
+                       **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+        for relpath, reason in out["provenance"].get("skipped") or ():
+            typer.echo(f"skipped {relpath}: {reason}", err=True)
         if as_json:
             echo_json(out)
             return
