@@ -150,15 +150,26 @@ def write_json(obj: Any, target: Path) -> None:
 
 
 def read_table(path: Path, schema: pa.Schema) -> pa.Table:
-    """Read one bank table; an absent file is an empty table.
+    """Read one bank table through one open handle; an absent file is an empty table.
+
+    A reader therefore sees the old file or the new one while another process replaces
+    it, never an error.
 
     Raises:
         BankError: the file is unreadable, of a newer schema version, or not a bank table.
     """
-    if not path.exists():
-        return schema.empty_table()
+    # One open, one read: a writer's os.replace between two opens of the path (which
+    # pq.read_table(path) does) would pair one file's footer with another's pages.
     try:
-        table = pq.read_table(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return schema.empty_table()
+    except OSError as exc:
+        raise BankError(f"cannot read {path} ({exc.strerror or exc}); check its "
+                        f"permissions") from None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
     except (OSError, pa.ArrowException) as exc:
         raise BankError(
             f"cannot read {path}: {exc}. The file is damaged; restore the bank from an "
@@ -180,10 +191,10 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """Read a JSON file, or None if it is absent."""
-    if not path.exists():
-        return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
         raise BankError(f"cannot read {path}: {exc}; restore the bank from an export") from None
