@@ -192,6 +192,7 @@ def build_baseline(
     from forensics.encoders import resolve_device
 
     b = open_bank(bank)
+    b.check_writable()
     taken = {r["name"]: r for r in b.baselines()}
     if name in taken:
         raise BankError(f"a baseline named {name!r} is already in the bank at {b.path}; "
@@ -593,6 +594,7 @@ def enroll(
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"--{what} must be a non-empty name")
     b = open_bank(bank)
+    b.check_writable()
     device = resolve_device(device)
     loaded = load_baseline(baseline, bank=b, device=device)
     manifest = scan_folder(folder, skip_bad=skip_bad)

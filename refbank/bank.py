@@ -158,6 +158,27 @@ class Bank:
         """True once something has been written to the bank."""
         return (self.path / INFO_FILE).exists() or (self.path / CURVES_FILE).exists()
 
+    def writable(self) -> bool:
+        """True when this process can write the bank (a real probe, see
+        :func:`refbank.store.probe_writable`)."""
+        return store.probe_writable(self.path) is None
+
+    def check_writable(self) -> None:
+        """Refuse at once, before any work, to change a bank this process cannot write.
+
+        Raises:
+            BankError: the bank folder (or, for a new bank, the folder it would be created
+                in) is read-only; the message says how to work on a writable copy.
+        """
+        why = store.probe_writable(self.path)
+        if why is not None:
+            raise BankError(
+                f"the bank at {self.path} is read-only ({why}); reading it works (fp attribute, "
+                f"fp bank list|verify|export), but to change it, work on a writable copy: "
+                f"fp bank export FILE.tar --bank {self.path}, then fp bank import FILE.tar "
+                f"--bank NEW_FOLDER"
+            )
+
     def info(self) -> dict[str, Any]:
         """Location, schema version and row counts."""
         return {
@@ -282,6 +303,7 @@ class Bank:
         prepared = [_prepare(row, CURVES_SCHEMA, _CURVE_REQUIRED, "curve") for row in rows]
         if not prepared:
             return []
+        self.check_writable()
         with self._lock.hold():
             self._ensure_info()
             current = self.curves_table()
@@ -329,6 +351,7 @@ class Bank:
             BankError: an id is not in the bank (nothing is removed then).
         """
         wanted = list(dict.fromkeys(ids))
+        self.check_writable()
         with self._lock.hold():
             current = self.curves_table()
             present = set(current.column("curve_id").to_pylist())
@@ -365,6 +388,7 @@ class Bank:
         """
         prepared = _prepare(row, BASELINES_SCHEMA, _BASELINE_REQUIRED, "baseline")
         _check_name(prepared["name"], "baseline name")
+        self.check_writable()
         with self._lock.hold():
             self._ensure_info()
             existing = self.baselines()
@@ -414,8 +438,9 @@ class Bank:
                 baseline that still has curves is refused.
 
         Raises:
-            BankError: no such baseline, or it still has curves.
+            BankError: no such baseline, or it still has curves, or the bank is read-only.
         """
+        self.check_writable()
         with self._lock.hold():
             row = self.get_baseline(name)
             bid = row["baseline_id"]
@@ -447,7 +472,16 @@ class Bank:
         Returns a report listing each row whose stored ``row_sha256`` no longer matches
         its content, duplicate ids, curves whose baseline is missing, and baselines whose
         files are missing or changed. It never raises for such problems.
+
+        Raises:
+            BankError: there is no bank at this path (nothing to verify is not "OK").
         """
+        if not self.exists():
+            what = "does not exist" if not self.path.exists() else "holds no fp bank"
+            raise BankError(
+                f"the bank path {self.path} {what} (no {INFO_FILE} or {CURVES_FILE}); "
+                f"check --bank / FP_BANK"
+            )
         curves = self.curves()
         baselines = self.baselines()
         report = VerifyReport(str(self.path), self.schema_version, len(curves), len(baselines))
@@ -504,7 +538,10 @@ class Bank:
             raise BankError(f"{target} exists already; export to a new file name")
         if not self.exists():
             raise BankError(f"the bank at {self.path} is empty; there is nothing to export")
-        with self._lock.hold():
+        # A bank this process cannot write is read under a shared lock: writers elsewhere
+        # wait, and nothing is created in the bank.
+        hold = self._lock.hold if self.writable() else self._lock.shared
+        with hold():
             self._check_version()
             write_archive(self.path, target)
         return target
@@ -523,6 +560,7 @@ class Bank:
 
         source = Path(path).expanduser()
         report = ImportReport(str(source))
+        self.check_writable()
         with unpacked_archive(source) as folder:
             info = store.read_json(folder / INFO_FILE) or {}
             store.check_version(info.get("schema_version"), source)

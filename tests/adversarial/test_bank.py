@@ -6,6 +6,8 @@ lists them with the command and the expected result.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -97,3 +99,95 @@ def test_a_reader_never_sees_an_error_while_another_process_appends(bank, bid):
     assert errors == [], f"{len(errors)} of {reads} reads failed: {errors[:3]}"
     assert counts == sorted(counts), "a reader saw rows disappear"
     assert bank.curves_table().num_rows == n_writes
+
+
+# -- 4. read-only bank; 5. verify of a missing bank ------------------------------------------
+
+
+def fp(*args: object):
+    from typer.testing import CliRunner
+
+    from forensics.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "-R", "+i" if on else "-i", str(path)], capture_output=True,
+                       check=False)
+
+
+@pytest.fixture
+def read_only(bank, bid):
+    """The bank with two curves, made read-only for this process (even for root)."""
+    from refbank import store
+
+    bank.add_curves([curve_row(bid), curve_row(bid, model="m2")])
+    paths = [bank.path, *bank.path.rglob("*")]
+    modes = {p: p.stat().st_mode for p in paths}
+    for p in paths:
+        os.chmod(p, modes[p] & ~0o222)
+    if store.probe_writable(bank.path) is None:  # root ignores permission bits
+        _set_immutable(bank.path, True)
+    try:
+        if store.probe_writable(bank.path) is None:
+            pytest.skip("cannot make a folder read-only here")
+        yield bank
+    finally:
+        _set_immutable(bank.path, False)
+        for p in reversed(paths):
+            os.chmod(p, modes[p])
+
+
+def test_readers_and_export_work_on_a_read_only_bank(read_only, tmp_path):
+    """Case: list, show, verify, info and export of a bank in a read-only folder."""
+    before = sorted(p.name for p in read_only.path.iterdir())
+    for args in (["bank", "list"], ["bank", "verify"], ["bank", "info"], ["baseline", "list"]):
+        result = fp(*args, "--bank", read_only.path)
+        assert result.exit_code == 0, (args, result.output)
+    archive = tmp_path / "copy.tar"
+    result = fp("bank", "export", archive, "--bank", read_only.path)
+    assert result.exit_code == 0, result.output
+    copy = Bank(tmp_path / "copy")
+    copy.import_(archive)
+    assert len(copy.curves()) == 2 and copy.verify().ok
+    assert sorted(p.name for p in read_only.path.iterdir()) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["bank", "remove", "c_x"],
+    ["baseline", "remove", "base"],
+    ["bank", "import", "missing.tar"],
+    ["enroll", "no-such-folder", "--model", "m", "--family", "f"],
+    ["baseline", "build", "b2", "--train", "no-such-folder", "--heldout", "no-such-folder",
+     "--encoder", "vit-tiny-demo"],
+])
+def test_writers_refuse_a_read_only_bank_at_once(read_only, args):
+    """Case: every command that changes the bank, on a read-only bank: one Error line, before
+    looking at its inputs (the folders here do not even exist)."""
+    result = fp(*args, "--bank", read_only.path)
+    assert result.exit_code == 1, result.output
+    assert "read-only" in result.output and "fp bank export" in result.output
+    assert "Traceback" not in result.output and "no-such-folder" not in result.output
+
+
+def test_the_library_refuses_writes_to_a_read_only_bank(read_only, bid):
+    from forensics.errors import BankError
+
+    with pytest.raises(BankError, match="read-only"):
+        read_only.add_curves([curve_row(bid, model="m3")])
+    with pytest.raises(BankError, match="read-only"):
+        read_only.add_baseline(baseline_row("other"))
+    assert len(read_only.curves()) == 2
+
+
+def test_verify_of_a_missing_or_empty_bank_fails(tmp_path):
+    """Case: fp bank verify --bank PATH where there is no bank."""
+    result = fp("bank", "verify", "--bank", tmp_path / "nowhere")
+    assert result.exit_code == 1 and "Error:" in result.output
+    assert "does not exist" in result.output and "OK" not in result.output
+    (tmp_path / "empty").mkdir()
+    result = fp("bank", "verify", "--bank", tmp_path / "empty")
+    assert result.exit_code == 1 and "holds no fp bank" in result.output
+    assert not (tmp_path / "nowhere").exists()
