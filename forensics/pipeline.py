@@ -190,7 +190,10 @@ def build_baseline(
     from forensics.baseline import Baseline
     from forensics.embed import embed_folder
     from forensics.encoders import resolve_device
+    from refbank.bank import check_labels, check_name
 
+    check_name(name, "baseline name")
+    check_labels({"notes": notes})
     b = open_bank(bank)
     b.check_writable()
     taken = {r["name"]: r for r in b.baselines()}
@@ -586,6 +589,7 @@ def enroll(
     """
     from forensics.encoders import resolve_device
     from forensics.images import scan_folder
+    from refbank.bank import check_labels
 
     say = echo or (lambda _msg: None)
     if int(per_curve) < 2:
@@ -593,6 +597,8 @@ def enroll(
     for what, value in (("model", model), ("family", family)):
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"--{what} must be a non-empty name")
+    check_labels({"model": model, "family": family, "checkpoint": checkpoint, "split": split,
+                  "source": source, "notes": notes})
     b = open_bank(bank)
     b.check_writable()
     device = resolve_device(device)

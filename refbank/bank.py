@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +46,12 @@ BASELINES_DIR = "baselines"
 FORMAT = "fp reference bank"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+#: Longest label (model, family, checkpoint, split) and free text (source, notes) accepted.
+MAX_LABEL = 128
+MAX_TEXT = 4096
+LABEL_FIELDS = ("model", "family", "checkpoint", "split")
+TEXT_FIELDS = ("source", "notes")
 
 _CURVE_REQUIRED = ("model", "family", "encoder", "weights_sha256", "baseline_id", "layers",
                    "values", "n_images", "manifest_sha256")
@@ -280,7 +287,7 @@ class Bank:
 
     def baseline_dir(self, baseline_id: str) -> Path:
         """Folder holding the engine's files of baseline ``baseline_id``."""
-        _check_name(baseline_id, "baseline id")
+        check_name(baseline_id, "baseline id")
         return self.path / BASELINES_DIR / baseline_id
 
     # -- writes -----------------------------------------------------------------------
@@ -317,7 +324,7 @@ class Bank:
                         f"curve id {row['curve_id']!r} is already in the bank at {self.path}; "
                         f"leave curve_id out to get a fresh one"
                     )
-                _check_name(row["curve_id"], "curve id")
+                check_name(row["curve_id"], "curve id")
                 taken.add(row["curve_id"])
                 self._check_against_baseline(row, baselines)
             new = _hashed_table(prepared, CURVES_SCHEMA)
@@ -387,7 +394,7 @@ class Bank:
             InputError: the row is incomplete or a name is not allowed.
         """
         prepared = _prepare(row, BASELINES_SCHEMA, _BASELINE_REQUIRED, "baseline")
-        _check_name(prepared["name"], "baseline name")
+        check_name(prepared["name"], "baseline name")
         self.check_writable()
         with self._lock.hold():
             self._ensure_info()
@@ -396,7 +403,7 @@ class Bank:
             if prepared.get("baseline_id") is None:
                 prepared["baseline_id"] = _fresh_id("b_", ids)
             bid = prepared["baseline_id"]
-            _check_name(bid, "baseline id")
+            check_name(bid, "baseline id")
             for b in existing:
                 if b["name"] == prepared["name"]:
                     raise BankError(
@@ -631,12 +638,49 @@ def _same_or_conflict(mine: dict, theirs: dict, what: str, ident: str, where: Pa
         )
 
 
-def _check_name(value: Any, what: str) -> None:
+def check_name(value: Any, what: str) -> None:
+    """Refuse a baseline name or id that is not 1-128 letters, digits, ``.``, ``_``, ``-``.
+
+    Raises:
+        InputError: it is not allowed (the message says what is).
+    """
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise InputError(
             f"{what} {value!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
             f"starting with a letter or digit"
         )
+
+
+def check_labels(values: dict[str, Any]) -> None:
+    """Refuse labels and free text a terminal could misread, before they are stored.
+
+    Labels (``model, family, checkpoint, split``) are 1-128 characters without control or
+    format characters (escape sequences, newlines, BEL, bidirectional overrides); free
+    text (``source, notes``) is up to 4096 characters and may hold newlines and tabs.
+    ``None`` values are skipped.
+
+    Raises:
+        InputError: a value is not a string, too long, or holds such characters.
+    """
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = key in TEXT_FIELDS
+        limit = MAX_TEXT if text else MAX_LABEL
+        shown = repr(value if not isinstance(value, str) or len(value) <= 60
+                     else value[:60] + "...")
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{key} {shown} is not allowed: give a non-empty text")
+        if len(value) > limit:
+            raise InputError(f"{key} {shown} is {len(value)} characters long; at most "
+                             f"{limit} are allowed")
+        bad = sorted({c for c in value if unicodedata.category(c)[0] == "C"
+                      and not (text and c in "\n\t")})
+        if bad:
+            raise InputError(
+                f"{key} {shown} holds control or format characters "
+                f"({', '.join(repr(c) for c in bad[:5])}); use printable text"
+            )
 
 
 def _fresh_id(prefix: str, taken: set[str]) -> str:
@@ -679,6 +723,7 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     for key in ("name", "model", "family"):
         if key in required and (not isinstance(out[key], str) or not out[key].strip()):
             raise InputError(f"{what} field {key!r} must be a non-empty string")
+    check_labels({k: out.get(k) for k in (*LABEL_FIELDS, *TEXT_FIELDS) if k in schema.names})
     if "values" in out:
         values = [float(v) for v in _tolist(out["values"])]
         if len(values) != len(layers):

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from forensics.commands.bank import _print_table, bank_option, echo_json
+from forensics.commands.bank import _print_table, bank_option, echo_json, printable
 from forensics.commands.baseline import baseline_app
 from forensics.commands.embed import Pool
 
@@ -183,8 +183,8 @@ def enroll_cmd(
     if as_json:
         echo_json(b.curves(curve_id=ids))
         return
-    typer.echo(f"Enrolled {len(ids)} curve(s) of {model} ({family}) in {b.path}: "
-               f"{', '.join(ids)}")
+    typer.echo(f"Enrolled {len(ids)} curve(s) of {printable(model)} ({printable(family)}) in "
+               f"{b.path}: {', '.join(ids)}")
 
 
 def attribute_cmd(
@@ -234,7 +234,7 @@ def attribute_cmd(
         return
     d = result.decision
     verdict = "UNKNOWN (no enrolled family is close enough)" if d.unknown else \
-        f"family {d.family}, model {d.model}"
+        f"family {printable(d.family)}, model {printable(d.model)}"
     conf = "" if d.confidence is None else f"   confidence {d.confidence:.2f}"
     _print_table(["rank", "curve_id", "model", "family", "score"],
                  [[m.rank, m.curve_id, m.model, m.family, f"{m.score:.4f}"]
@@ -242,7 +242,7 @@ def attribute_cmd(
                  title=f"{folder}: nearest enrolled curves ({result.parameters['fingerprint']}, "
                        f"{result.parameters['matcher']})")
     typer.echo(f"Decision: {verdict}{conf}")
-    typer.echo(f"  {d.reason}")
+    typer.echo(f"  {printable(d.reason, 1000)}")
     if result.calibration.threshold is None:
         typer.echo(f"  note: {result.calibration.note}")
     if report is not None:

@@ -191,3 +191,63 @@ def test_verify_of_a_missing_or_empty_bank_fails(tmp_path):
     result = fp("bank", "verify", "--bank", tmp_path / "empty")
     assert result.exit_code == 1 and "holds no fp bank" in result.output
     assert not (tmp_path / "nowhere").exists()
+
+
+# -- 8. names with terminal escapes, newlines, BEL; no length limit ----------------------------
+
+NASTY = "\x1b]0;owned\x07\x1b[31m[red]x[/]\nfamily\u202e"
+
+
+def rewrite_curves(bank: Bank, change, rehash: bool = False) -> None:
+    """Rewrite the curves table with pyarrow, as another tool would (``change(row)``)."""
+    import pyarrow.parquet as pq
+
+    from refbank.hashing import row_hash
+    from refbank.schema import CURVES_SCHEMA
+
+    path = bank.path / "curves.parquet"
+    rows = pq.read_table(path).to_pylist()
+    for row in rows:
+        change(row)
+        if rehash:
+            row["row_sha256"] = row_hash(row)
+    pq.write_table(pa.Table.from_pylist(rows, schema=CURVES_SCHEMA), path)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model", "evil\x1b[2J"), ("family", "two\nlines"), ("checkpoint", "bell\x07"),
+    ("split", "rtl\u202eoverride"), ("model", "m" * 129), ("notes", "n" * 4097),
+    ("source", "esc\x1b[0m"),
+])
+def test_labels_with_control_characters_or_too_long_are_refused(bank, bid, field, value):
+    """Case: enrolling with a model/family/... holding escapes, newlines, BEL, or too long."""
+    from forensics.errors import InputError
+
+    with pytest.raises(InputError, match=field):
+        bank.add_curves([curve_row(bid, **{field: value})])
+    assert bank.curves() == []
+    option = "--" + field
+    args = ["enroll", "no-such-folder", "--model", "m", "--family", "f", option, value]
+    result = fp(*args, "--bank", bank.path)
+    assert result.exit_code == 1 and "Error:" in result.output, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "no-such-folder" not in result.output  # refused before looking at the images
+
+
+def test_free_text_may_hold_newlines(bank, bid):
+    bank.add_curves([curve_row(bid, notes="line one\nline two\tand a tab")])
+    assert bank.curves()[0]["notes"] == "line one\nline two\tand a tab"
+
+
+def test_names_written_by_other_tools_are_shown_escaped_and_cut(bank, bid):
+    """Case: fp bank list / show / baseline show on rows holding escapes and markup."""
+    bank.add_curves([curve_row(bid)])
+    rewrite_curves(bank, lambda r: r.update(model=NASTY, family="f" * 5000), rehash=True)
+    cid = bank.curves()[0]["curve_id"]
+    for args in (["bank", "list"], ["bank", "show", cid]):
+        result = fp(*args, "--bank", bank.path)
+        assert result.exit_code == 0, result.output
+        out = result.output
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+        assert "\\x1b" in out and "[red]x[/]" in out.replace("\n", "")
+        assert "f" * 300 not in out.replace("\n", "").replace(" ", "")
