@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.invmm",
     "forensics.commands.evaluate",
     "forensics.commands.memorization",
+    "forensics.commands.case",
 )
 
 

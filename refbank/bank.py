@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from forensics.errors import BankError, InputError
 from refbank import store
-from refbank.hashing import canonical_json, row_hash, tree_sha256
+from refbank.hashing import canonical_json, file_hashes, listing_sha256, row_hash, tree_sha256
 from refbank.schema import (
     BASELINES_SCHEMA,
     CURVES_SCHEMA,
@@ -292,7 +292,8 @@ class Bank:
 
     # -- writes -----------------------------------------------------------------------
 
-    def add_curves(self, rows: Iterable[dict[str, Any]]) -> list[str]:
+    def add_curves(self, rows: Iterable[dict[str, Any]], *,
+                   allow_duplicate: bool = False) -> list[str]:
         """Append curve rows; return their ids.
 
         Each row gives at least ``model, family, encoder, weights_sha256, baseline_id,
@@ -302,10 +303,22 @@ class Bank:
         other parameter, stored as ``params_json``), ``fingerprints`` (a dict of fingerprint
         name to vector, stored as ``fingerprints_json``), ``tool_version`` and ``created``.
 
+        A curve whose images are already enrolled against the same baseline (the same
+        ``manifest_sha256``, or the same ``folder_manifest_sha256`` parameter: the folder it
+        was cut from) is refused, under whatever model or family it comes: the same images
+        twice would tip attribution towards the second name. Only manifests that are
+        SHA-256 digests are compared (curves imported without images have none).
+
+        Args:
+            rows: the curve rows.
+            allow_duplicate: store such curves anyway; each then records the ids it
+                repeats in its parameters (``duplicate_of``).
+
         Raises:
             InputError: a row misses a field, has an unknown one, or is inconsistent.
-            BankError: a curve id exists already, or the row's baseline is not in the bank
-                or was built with another encoder, weights or layers.
+            BankError: a curve id exists already, the row's baseline is not in the bank
+                or was built with another encoder, weights or layers, its images are
+                enrolled already, or the bank is read-only.
         """
         prepared = [_prepare(row, CURVES_SCHEMA, _CURVE_REQUIRED, "curve") for row in rows]
         if not prepared:
@@ -327,9 +340,44 @@ class Bank:
                 check_name(row["curve_id"], "curve id")
                 taken.add(row["curve_id"])
                 self._check_against_baseline(row, baselines)
+            self._refuse_duplicates(prepared, current.to_pylist(), baselines, allow_duplicate)
             new = _hashed_table(prepared, CURVES_SCHEMA)
             store.write_table(pa.concat_tables([current, new]), self.path / CURVES_FILE)
         return new.column("curve_id").to_pylist()
+
+    def find_duplicates(self, rows: Iterable[dict[str, Any]],
+                        existing: list[dict[str, Any]] | None = None
+                        ) -> list[tuple[int, dict[str, Any]]]:
+        """``(i, enrolled row)`` for each new row ``i`` whose images are enrolled already.
+
+        Args:
+            rows: new curve rows (``baseline_id``, ``manifest_sha256``, and optionally
+                ``params`` or ``params_json`` with ``folder_manifest_sha256``).
+            existing: the bank's curve rows (default: read now).
+        """
+        index: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in self.curves() if existing is None else existing:
+            for key in _image_keys(row):
+                index.setdefault((row["baseline_id"], key), row)
+        found = []
+        for i, row in enumerate(rows):
+            hit = next((index[(row["baseline_id"], k)] for k in _image_keys(row)
+                        if (row["baseline_id"], k) in index), None)
+            if hit is not None:
+                found.append((i, hit))
+        return found
+
+    def _refuse_duplicates(self, rows: list[dict[str, Any]], existing: list[dict[str, Any]],
+                           baselines: dict[str, dict], allow: bool) -> None:
+        found = self.find_duplicates(rows, existing)
+        if found and not allow:
+            i, hit = found[0]
+            base = baselines.get(hit["baseline_id"], {}).get("name", hit["baseline_id"])
+            raise BankError(duplicate_message(f"curve {i + 1} of {len(rows)}", hit, base))
+        for i, hit in found:
+            params = json.loads(rows[i]["params_json"])
+            params["duplicate_of"] = sorted({*params.get("duplicate_of", []), hit["curve_id"]})
+            rows[i]["params_json"] = canonical_json(params)
 
     def _check_against_baseline(self, row: dict[str, Any], baselines: dict[str, dict]) -> None:
         base = baselines.get(row["baseline_id"])
@@ -493,11 +541,10 @@ class Bank:
         baselines = self.baselines()
         report = VerifyReport(str(self.path), self.schema_version, len(curves), len(baselines))
         add = report.problems.append
+        report.problems.extend(modified_rows("curves", curves))
         seen: set[str] = set()
         for row in curves:
             cid = row["curve_id"]
-            if row_hash(row) != row[HASH_COLUMN]:
-                add(Problem("curves", cid, "row hash does not match its content (modified)"))
             if cid in seen:
                 add(Problem("curves", cid, "duplicate curve id"))
             seen.add(cid)
@@ -507,18 +554,15 @@ class Bank:
                 add(Problem("curves", row["curve_id"],
                             f"its baseline {row['baseline_id']!r} is not in the bank"))
         names: set[str] = set()
+        report.problems.extend(modified_rows("baselines", baselines))
         for row in baselines:
             bid = row["baseline_id"]
-            if row_hash(row) != row[HASH_COLUMN]:
-                add(Problem("baselines", bid, "row hash does not match its content (modified)"))
             if row["name"] in names:
                 add(Problem("baselines", bid, f"duplicate baseline name {row['name']!r}"))
             names.add(row["name"])
-            folder = self.path / row["path"]
-            if not folder.is_dir():
-                add(Problem("baselines", bid, f"folder {row['path']} is missing"))
-            elif tree_sha256(folder) != row["files_sha256"]:
-                add(Problem("baselines", bid, f"files under {row['path']} were changed"))
+            problem = self.baseline_files(row)[1]
+            if problem is not None:
+                add(problem)
         base_root = self.path / BASELINES_DIR
         if base_root.is_dir():
             for d in sorted(base_root.iterdir()):
@@ -526,6 +570,18 @@ class Bank:
                     report.warnings.append(f"folder {BASELINES_DIR}/{d.name} belongs to no "
                                            f"baseline row (safe to delete)")
         return report
+
+    def baseline_files(self, row: dict[str, Any]) -> tuple[dict[str, str], Problem | None]:
+        """The SHA-256 of each file of a baseline, and the problem if they do not add up
+        to its ``files_sha256`` (or its folder is missing)."""
+        folder = self.path / row["path"]
+        if not folder.is_dir():
+            return {}, Problem("baselines", row["baseline_id"], f"folder {row['path']} is missing")
+        hashes = file_hashes(folder)
+        if listing_sha256(hashes) != row["files_sha256"]:
+            return hashes, Problem("baselines", row["baseline_id"],
+                                   f"files under {row['path']} were changed")
+        return hashes, None
 
     # -- export / import --------------------------------------------------------------
 
@@ -636,6 +692,56 @@ def _same_or_conflict(mine: dict, theirs: dict, what: str, ident: str, where: Pa
             f"{what} {ident!r} is in both banks with different content; remove it from "
             f"{where} first if the imported one should win; nothing imported"
         )
+
+
+def modified_rows(table: str, rows: Iterable[dict[str, Any]]) -> list[Problem]:
+    """A :class:`Problem` for each row whose ``row_sha256`` does not match its content."""
+    key = "curve_id" if table == "curves" else "baseline_id"
+    return [Problem(table, str(r.get(key)), "row hash does not match its content (modified)")
+            for r in rows if row_hash(r) != r.get(HASH_COLUMN)]
+
+
+def unverified_message(problems: list[Problem], where: Path) -> str:
+    """The refusal to use rows or files that fail their hash, saying what to do."""
+    shown = "; ".join(f"{p.table} {p.id}: {p.problem}" for p in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return (
+        f"{len(problems)} bank row(s) or file(s) this answer needs fail their SHA-256 in "
+        f"{where}: {shown}{more}. They were changed after fp wrote them: run fp bank verify, "
+        f"restore the bank from an export (fp bank import), or pass --allow-unverified to "
+        f"use them anyway (recorded in the answer)"
+    )
+
+
+_SHA_RE = re.compile(r"^(embeddings:)?[0-9a-f]{64}$")
+
+
+def _image_keys(row: dict[str, Any]) -> list[str]:
+    """What identifies a curve's images: its manifest, and the folder it was cut from."""
+    keys = []
+    if _SHA_RE.match(str(row.get("manifest_sha256") or "")):
+        keys.append(row["manifest_sha256"])
+    params = row.get("params")
+    if params is None:
+        try:
+            params = json.loads(row.get("params_json") or "{}")
+        except ValueError:
+            params = {}
+    folder = str(params.get("folder_manifest_sha256") or "")
+    if _SHA_RE.match(folder):
+        keys.append("folder:" + folder)
+    return keys
+
+
+def duplicate_message(what: str, hit: dict[str, Any], baseline: str) -> str:
+    """The refusal of images enrolled already as curve ``hit``, saying what to do."""
+    return (
+        f"the images of {what} are already enrolled against baseline {baseline!r} as curve "
+        f"{hit['curve_id']} (model {hit['model']!r}, family {hit['family']!r}): the same "
+        f"images under a second name would tip attribution towards it. Remove that curve "
+        f"first (fp bank remove {hit['curve_id']}), or pass --allow-duplicate if this is "
+        f"deliberate (the new curves record which ones they repeat)"
+    )
 
 
 def check_name(value: Any, what: str) -> None:

@@ -251,3 +251,160 @@ def test_names_written_by_other_tools_are_shown_escaped_and_cut(bank, bid):
         assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
         assert "\\x1b" in out and "[red]x[/]" in out.replace("\n", "")
         assert "f" * 300 not in out.replace("\n", "").replace(" ", "")
+
+
+# -- a small real bank: digits, the seeded random-init vit-tiny-demo --------------------------
+
+N = 60  # images per curve (2 cells of about 30 > 20, the default tau)
+KW = {"device": "cpu", "progress": False}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A bank built from *relative* folders and a *relative* weights file (then used from
+    another working folder), with two families of two curves each, and query folders."""
+    from safetensors.torch import save_file
+
+    from forensics import pipeline
+    from forensics.demo import _write_pngs, digit_images
+    from forensics.embed import get_encoder
+    from forensics.synth import synth_folder
+
+    root = tmp_path_factory.mktemp("adversarial")
+    images = digit_images()
+    order = np.random.default_rng(11).permutation(len(images))
+    T, P, src, qsrc = order[:200], order[200:280], order[280:400], order[400:460]
+    for name, ids in (("T", T), ("P", P), ("src", src), ("qsrc", qsrc)):
+        _write_pngs(images, ids, root / name)
+    f = {}
+    for kind, params in (("noise", {"sigma": 24.0}), ("shuffle", {"grid": 4})):
+        f[f"gen_{kind}"] = synth_folder(kind, root / "src", root / f"gen_{kind}", seed=1,
+                                        **params) and root / f"gen_{kind}"
+        f[f"query_{kind}"] = root / f"query_{kind}"
+        synth_folder(kind, root / "qsrc", f[f"query_{kind}"], seed=2, **params)
+    module = get_encoder("vit-tiny-demo").load("random:0", "cpu", "cls").module
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+              str(root / "w.safetensors"))
+    cache = root / "cache"
+    bank = Bank(root / "bank")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        pipeline.build_baseline("digits", "T", "P", encoder="vit-tiny-demo",
+                                weights="w.safetensors", n_cells=2, n_init=2, bank=bank,
+                                cache_dir=cache, **KW)
+    finally:
+        os.chdir(here)
+    ids = {kind: pipeline.enroll(f[f"gen_{kind}"], baseline="digits", model=f"{kind}-m",
+                                 family=kind, per_curve=N, bank=bank, cache_dir=cache, **KW)
+           for kind in ("noise", "shuffle")}
+    return {"root": root, "f": f, "bank": bank, "cache": cache, "ids": ids}
+
+
+def copy_bank(world, tmp_path) -> Bank:
+    shutil.copytree(world["bank"].path, tmp_path / "bank")
+    return Bank(tmp_path / "bank")
+
+
+def attribute(world, bank: Bank, folder: Path, **kw):
+    from forensics import pipeline
+
+    return pipeline.attribute(folder, bank=bank, cache_dir=world["cache"], n_boot=kw.pop(
+        "n_boot", 0), **KW, **kw)
+
+
+# -- 7. relative paths ---------------------------------------------------------------------
+
+
+def test_relative_folders_and_weights_are_stored_absolute_and_work_elsewhere(world, tmp_path,
+                                                                             monkeypatch):
+    """Case: fp baseline build with relative --train/--heldout/--weights, then fp attribute
+    from another folder."""
+    import json
+
+    row = world["bank"].get_baseline("digits")
+    params = json.loads(row["params_json"])
+    root = world["root"].resolve()
+    assert params["train_folder"] == str(root / "T")
+    assert params["heldout_folder"] == str(root / "P")
+    assert params["weights"] == str(root / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    answer = attribute(world, world["bank"], world["f"]["query_noise"])
+    assert answer.decision.nearest_family == "noise"
+
+
+# -- 2. rows that fail their hash ----------------------------------------------------------------
+
+
+def test_attribute_refuses_forged_rows_and_records_an_explicit_override(world, tmp_path):
+    """Case: another tool rewrites the family of enrolled rows (hashes left as they were)."""
+    from forensics.errors import BankError
+
+    bank = copy_bank(world, tmp_path)
+    forged = set(world["ids"]["noise"])
+    rewrite_curves(bank, lambda r: r.update(family="rotate", model="other")
+                   if r["curve_id"] in forged else None)
+    with pytest.raises(BankError, match="--allow-unverified") as err:
+        attribute(world, bank, world["f"]["query_noise"])
+    assert all(cid in str(err.value) for cid in forged)
+    result = fp("attribute", world["f"]["query_noise"], "--bank", bank.path, "--n-boot", "0",
+                "--device", "cpu", "-q")
+    assert result.exit_code == 1 and "Error:" in result.output and "fail their SHA-256" in \
+        result.output
+    answer = attribute(world, bank, world["f"]["query_noise"], allow_unverified=True)
+    custody = answer.to_dict()["provenance"]["custody"]
+    assert {p["id"] for p in custody["unverified"]} == forged
+    assert answer.parameters["allow_unverified"] is True
+
+
+def test_changed_baseline_files_are_refused_when_used(world, tmp_path):
+    """Case: a baseline's stored arrays are replaced by other bytes."""
+    from forensics import pipeline
+    from forensics.errors import BankError
+
+    bank = copy_bank(world, tmp_path)
+    folder = bank.baseline_dir(bank.get_baseline("digits")["baseline_id"])
+    target = sorted(p for p in folder.rglob("*.json") if p.is_file())[0]
+    target.write_text(target.read_text() + " ")
+    for call in (lambda: attribute(world, bank, world["f"]["query_noise"]),
+                 lambda: pipeline.compute_curve(world["f"]["query_noise"], bank=bank,
+                                                cache_dir=world["cache"], **KW)):
+        with pytest.raises(BankError, match="were changed"):
+            call()
+
+
+# -- 3. duplicate enrolment ------------------------------------------------------------------
+
+
+def test_the_same_images_cannot_be_enrolled_twice_under_another_family(world, tmp_path,
+                                                                       monkeypatch):
+    """Case: fp enroll of a folder already enrolled, as --family rotate --model other (also with
+    another --per-curve): refused before any embedding, naming the enrolled curve."""
+    from forensics import pipeline
+    from forensics.errors import BankError
+
+    bank = copy_bank(world, tmp_path)
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before refusing")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_embed_suspect", no_embedding)
+        for per in (N, 40):
+            with pytest.raises(BankError, match="--allow-duplicate") as err:
+                pipeline.enroll(world["f"]["gen_noise"], baseline="digits", model="other",
+                                family="rotate", per_curve=per, bank=bank,
+                                cache_dir=world["cache"], **KW)
+            assert any(cid in str(err.value) for cid in world["ids"]["noise"])
+    result = fp("enroll", world["f"]["gen_noise"], "--model", "other", "--family", "rotate",
+                "--per-curve", N, "--bank", bank.path, "--device", "cpu", "-q")
+    assert result.exit_code == 1 and "already enrolled" in result.output
+    assert len(bank.curves()) == 4
+    new = pipeline.enroll(world["f"]["gen_noise"], baseline="digits", model="other",
+                          family="rotate", per_curve=N, bank=bank, allow_duplicate=True,
+                          cache_dir=world["cache"], **KW)
+    import json
+
+    recorded = [json.loads(r["params_json"])["duplicate_of"] for r in bank.curves(curve_id=new)]
+    assert sorted(c for ids in recorded for c in ids) == sorted(world["ids"]["noise"])
+    assert bank.verify().ok
