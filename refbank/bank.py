@@ -609,22 +609,27 @@ class Bank:
             write_archive(self.path, target)
         return target
 
-    def import_(self, path: str | os.PathLike[str]) -> ImportReport:
+    def import_(self, path: str | os.PathLike[str], *,
+                max_bytes: int | None = None) -> ImportReport:
         """Merge an archive written by :meth:`export` into this bank.
 
-        Every file's SHA-256 and every row's hash is checked before anything is written.
+        The archive's listing and sizes are checked against its ``SHA256SUMS`` before
+        anything is unpacked, at most ``max_bytes`` are unpacked (default
+        :data:`refbank.archive.MAX_IMPORT_BYTES`, 64 GB) and each file's SHA-256 is
+        checked as it is; every row's hash is checked before anything is written to the bank.
         Rows already present with the same id and hash are skipped; the same id with
         other content, or a baseline name taken by another baseline, is refused.
 
         Raises:
             BankError: the archive is damaged, modified, of a newer schema, or conflicts.
         """
-        from refbank.archive import unpacked_archive
+        from refbank.archive import MAX_IMPORT_BYTES, unpacked_archive
 
         source = Path(path).expanduser()
         report = ImportReport(str(source))
         self.check_writable()
-        with unpacked_archive(source) as folder:
+        limit = MAX_IMPORT_BYTES if max_bytes is None else int(max_bytes)
+        with unpacked_archive(source, limit) as folder:
             info = store.read_json(folder / INFO_FILE) or {}
             store.check_version(info.get("schema_version"), source)
             incoming = Bank(folder)

@@ -155,12 +155,16 @@ def export_cmd(
 @bank_app.command("import")
 def import_cmd(
     file: Path = typer.Argument(..., help="An archive written by fp bank export."),
+    max_size: float = typer.Option(None, "--max-size", min=0.0,
+                                   help="Refuse archives that unpack to more than this many "
+                                        "GB (checked before anything is unpacked) "
+                                        "[default: 64]."),
     as_json: bool = typer.Option(False, "--json", help="Print what was imported as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Merge an exported bank into this one, after checking every hash."""
     b = open_bank(bank)
-    report = b.import_(file)
+    report = b.import_(file, max_bytes=None if max_size is None else int(max_size * 1e9))
     if as_json:
         echo_json(report.to_dict())
         return

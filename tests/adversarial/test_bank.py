@@ -6,6 +6,7 @@ lists them with the command and the expected result.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -408,3 +409,213 @@ def test_the_same_images_cannot_be_enrolled_twice_under_another_family(world, tm
     recorded = [json.loads(r["params_json"])["duplicate_of"] for r in bank.curves(curve_id=new)]
     assert sorted(c for ids in recorded for c in ids) == sorted(world["ids"]["noise"])
     assert bank.verify().ok
+
+
+# -- chain of custody in every answer; fp case verify -----------------------------------------
+
+
+@pytest.fixture
+def case(world, tmp_path):
+    """A copy of the bank and of the noise query (plus one unreadable file, skipped), and the
+    report of fp attribute on it."""
+    bank = copy_bank(world, tmp_path)
+    images = tmp_path / "suspect"
+    shutil.copytree(world["f"]["query_noise"], images)
+    (images / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    report = tmp_path / "report"
+    answer = attribute(world, bank, images, skip_bad=True, report=report, n_boot=2, seed=3)
+    return {"bank": bank, "images": images, "report": report, "answer": answer}
+
+
+def test_the_answer_records_every_file_row_and_parameter_it_rests_on(case):
+    """Case: fp attribute --json / --report: the custody record."""
+    import hashlib
+    import json
+
+    from forensics import __version__
+    from refbank.hashing import file_hashes
+
+    answer = json.loads((case["report"] / "attribution.json").read_text())
+    assert answer == json.loads(json.dumps(case["answer"].to_dict()))
+    custody = answer["provenance"]["custody"]
+    files = sorted(p for p in case["images"].glob("*.png") if p.name != "zz-broken.png")
+    assert custody["inputs"]["files"] == [
+        {"path": p.name, "size": p.stat().st_size,
+         "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]
+    [skipped] = custody["inputs"]["skipped"]
+    assert skipped["path"] == "zz-broken.png" and skipped["reason"]
+    assert custody["inputs"]["folder"] == str(case["images"].resolve())
+    bank = case["bank"]
+    rows = bank.curves()
+    assert custody["bank"]["curves"] == [
+        {"curve_id": r["curve_id"], "row_sha256": r["row_sha256"], "model": r["model"],
+         "family": r["family"]} for r in rows]
+    base = bank.get_baseline("digits")
+    assert custody["baseline"]["id"] == base["baseline_id"]
+    assert custody["baseline"]["row_sha256"] == base["row_sha256"]
+    assert custody["baseline"]["files"] == file_hashes(bank.baseline_dir(base["baseline_id"]))
+    assert custody["fp_version"] == __version__ and custody["unverified"] == []
+    params = answer["provenance"]["attribution"]
+    for key, value in {"n_boot": 2, "seed": 3, "skip_bad": True, "allow_unverified": False,
+                       "fingerprint": "resid-early", "matcher": "zscore", "top": 5,
+                       "drop_layers": [0], "quantile": 0.05, "tau": None, "device": "cpu",
+                       "batch_size": 64, "weights": None}.items():
+        assert params[key] == value, key
+
+
+def test_case_verify_passes_on_an_untouched_case(case):
+    result = fp("case", "verify", case["report"])
+    assert result.exit_code == 0, result.output
+    assert "OK:" in result.output and "60 image(s)" in result.output
+
+
+def _changes(case, *extra):
+    import json
+
+    result = fp("case", "verify", case["report"], "--json", *extra)
+    assert result.exit_code == 1 and "Error:" in result.output, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    return {(c["kind"], c["id"], c["change"]) for c in report["changes"]}
+
+
+def test_case_verify_names_every_image_changed_added_or_removed(case):
+    """Case: fp case verify after images of the case were edited, added and deleted."""
+    names = sorted(p.name for p in case["images"].glob("*.png") if p.name != "zz-broken.png")
+    with open(case["images"] / names[0], "ab") as f:
+        f.write(b"\x00")
+    (case["images"] / names[1]).unlink()
+    shutil.copy(case["images"] / names[2], case["images"] / "new.png")
+    assert _changes(case) == {("image", names[0], "changed"), ("image", names[1], "removed"),
+                              ("image", "new.png", "added")}
+
+
+def test_case_verify_names_bank_rows_and_files_changed_since(case, world):
+    """Case: fp case verify after curves were forged, removed, enrolled, and a baseline file
+    changed."""
+    from forensics import pipeline
+
+    bank = case["bank"]
+    noise, shuffle = world["ids"]["noise"], world["ids"]["shuffle"]
+    rewrite_curves(bank, lambda r: r.update(family="rotate") if r["curve_id"] == noise[0]
+                   else None)
+    bank.remove_curves([shuffle[0]])
+    new = pipeline.enroll(world["f"]["query_shuffle"], baseline="digits", model="late",
+                          family="shuffle", per_curve=N, bank=bank, cache_dir=world["cache"],
+                          **KW)
+    folder = bank.baseline_dir(bank.get_baseline("digits")["baseline_id"])
+    (folder / "train_manifest.json").write_text("{}")
+    assert _changes(case) == {("curve", noise[0], "unverified"),
+                              ("curve", shuffle[0], "removed"), ("curve", new[0], "added"),
+                              ("baseline_file", "train_manifest.json", "changed")}
+
+
+def test_case_verify_with_moved_images_and_a_bad_report(case, tmp_path):
+    moved = tmp_path / "moved"
+    case["images"].rename(moved)
+    result = fp("case", "verify", case["report"])
+    assert result.exit_code == 1 and "--images" in result.output
+    assert fp("case", "verify", case["report"], "--images", moved).exit_code == 0
+    for bad in (tmp_path / "nowhere", moved):
+        result = fp("case", "verify", bad)
+        assert result.exit_code == 1 and "Error:" in result.output
+        assert "Traceback" not in result.output
+    (tmp_path / "old.json").write_text('{"decision": {}}')
+    result = fp("case", "verify", tmp_path / "old.json")
+    assert result.exit_code == 1 and "no custody record" in result.output
+
+
+# -- 6. fp bank import checks before it unpacks, and bounds what it unpacks --------------------
+
+
+class _Zeros(io.RawIOBase):
+    """``n`` zero bytes, produced as read (a file that compresses 1000 to 1)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        k = min(len(b), self.left)
+        b[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def _bomb(archive: Path, export: Path, listed: bool, size: int = 100 * 10**6) -> None:
+    """A copy of ``export`` (gzip) plus a big file of zeros, listed in SHA256SUMS or not."""
+    import hashlib
+    import tarfile
+
+    with tarfile.open(export) as src, tarfile.open(archive, "w:gz", compresslevel=1) as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name == "SHA256SUMS" and listed:
+                digest = hashlib.sha256()
+                zeros = _Zeros(size)
+                while block := zeros.read(1 << 20):
+                    digest.update(block)
+                data += f"{digest.hexdigest()}  baselines/zeros.npy\n".encode()
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+        info = tarfile.TarInfo("baselines/zeros.npy")
+        info.size = size
+        dst.addfile(info, _Zeros(size))
+
+
+@pytest.fixture
+def no_unpacking(monkeypatch):
+    """Fail the test if anything is unpacked."""
+    import tarfile
+
+    from refbank import archive
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the archive was unpacked before it was checked")
+
+    monkeypatch.setattr(archive, "_extract", boom, raising=False)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", boom)
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_import_checks_listing_and_size_before_unpacking(bank, bid, tmp_path, listed,
+                                                         no_unpacking):
+    """Case: fp bank import of a small .tar.gz that unpacks to 100 MB of zeros, unlisted in its
+    SHA256SUMS, or listed but above --max-size."""
+    from forensics.errors import BankError
+
+    bank.add_curves([curve_row(bid)])
+    export = bank.export(tmp_path / "good.tar")
+    archive = tmp_path / "bomb.tar.gz"
+    _bomb(archive, export, listed)
+    assert archive.stat().st_size < 10**6
+    target = Bank(tmp_path / "target")
+    with pytest.raises(BankError, match="more than the limit" if listed else "unlisted"):
+        target.import_(archive, max_bytes=50 * 10**6)
+    result = fp("bank", "import", archive, "--max-size", "0.05", "--bank", target.path)
+    assert result.exit_code == 1 and "Error:" in result.output
+    assert not target.exists()
+
+
+def test_import_refuses_repeated_members_and_stops_at_the_first_changed_file(bank, bid,
+                                                                             tmp_path):
+    import tarfile
+
+    from forensics.errors import BankError
+
+    bank.add_curves([curve_row(bid)])
+    export = bank.export(tmp_path / "good.tar")
+    twice = tmp_path / "twice.tar"
+    with tarfile.open(export) as src, tarfile.open(twice, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            dst.addfile(m, io.BytesIO(data))
+            if m.name == "curves.parquet":
+                dst.addfile(m, io.BytesIO(data))
+    with pytest.raises(BankError, match="repeated: curves.parquet"):
+        Bank(tmp_path / "t").import_(twice)
+    limit = sum(m.size for m in tarfile.open(export).getmembers())
+    report = Bank(tmp_path / "t").import_(export, max_bytes=limit)
+    assert len(report.added_curves) == 1
