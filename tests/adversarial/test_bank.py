@@ -6,6 +6,7 @@ lists them with the command and the expected result.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -119,26 +120,33 @@ def _set_immutable(path: Path, on: bool) -> None:
                        check=False)
 
 
-@pytest.fixture
-def read_only(bank, bid):
-    """The bank with two curves, made read-only for this process (even for root)."""
+@contextlib.contextmanager
+def made_read_only(folder: Path):
+    """``folder`` read-only for this process while the block runs (even for root)."""
     from refbank import store
 
-    bank.add_curves([curve_row(bid), curve_row(bid, model="m2")])
-    paths = [bank.path, *bank.path.rglob("*")]
+    paths = [folder, *folder.rglob("*")]
     modes = {p: p.stat().st_mode for p in paths}
     for p in paths:
         os.chmod(p, modes[p] & ~0o222)
-    if store.probe_writable(bank.path) is None:  # root ignores permission bits
-        _set_immutable(bank.path, True)
+    if store.probe_writable(folder) is None:  # root ignores permission bits
+        _set_immutable(folder, True)
     try:
-        if store.probe_writable(bank.path) is None:
+        if store.probe_writable(folder) is None:
             pytest.skip("cannot make a folder read-only here")
-        yield bank
+        yield folder
     finally:
-        _set_immutable(bank.path, False)
+        _set_immutable(folder, False)
         for p in reversed(paths):
             os.chmod(p, modes[p])
+
+
+@pytest.fixture
+def read_only(bank, bid):
+    """The bank with two curves, made read-only."""
+    bank.add_curves([curve_row(bid), curve_row(bid, model="m2")])
+    with made_read_only(bank.path):
+        yield bank
 
 
 def test_readers_and_export_work_on_a_read_only_bank(read_only, tmp_path):
@@ -619,3 +627,12 @@ def test_import_refuses_repeated_members_and_stops_at_the_first_changed_file(ban
     limit = sum(m.size for m in tarfile.open(export).getmembers())
     report = Bank(tmp_path / "t").import_(export, max_bytes=limit)
     assert len(report.added_curves) == 1
+
+
+def test_attribute_works_on_a_read_only_bank(world, tmp_path):
+    """Case: fp attribute against a bank in a read-only folder."""
+    bank = copy_bank(world, tmp_path)
+    with made_read_only(bank.path):
+        answer = attribute(world, bank, world["f"]["query_noise"], report=tmp_path / "r")
+    assert answer.decision.nearest_family == "noise"
+    assert (tmp_path / "r" / "attribution.json").is_file()
