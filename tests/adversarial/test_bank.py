@@ -168,6 +168,7 @@ def test_readers_and_export_work_on_a_read_only_bank(read_only, tmp_path):
     ["bank", "remove", "c_x"],
     ["baseline", "remove", "base"],
     ["bank", "import", "missing.tar"],
+    ["bank", "import-curves", "no-such-folder/x.txt"],
     ["enroll", "no-such-folder", "--model", "m", "--family", "f"],
     ["baseline", "build", "b2", "--train", "no-such-folder", "--heldout", "no-such-folder",
      "--encoder", "vit-tiny-demo"],
