@@ -17,7 +17,6 @@ the time of reading the images and the baseline's files once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -194,15 +193,12 @@ def _image_changes(root: Path, inputs: dict[str, Any]) -> list[Change]:
 
 
 def _size_and_sha(path: Path) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
+    from refbank.hashing import file_sha256
+
     try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-                size += len(block)
+        return path.stat().st_size, file_sha256(path)
     except OSError as exc:
         return -1, f"unreadable ({exc.strerror or exc})"
-    return size, h.hexdigest()
 
 
 def _bank_changes(b: Any, custody: dict[str, Any]) -> list[Change]:

@@ -125,7 +125,8 @@ def show_cmd(
         return
     for key, value in row.items():
         if key not in ("layers", "values"):
-            typer.echo(f"{key:16} {printable(value) if value is not None else '-'}")
+            limit = SHOWN_MAX if key in ("model", "family", "checkpoint", "split") else 20_000
+            typer.echo(f"{key:16} {printable(value, limit) if value is not None else '-'}")
     _print_table(["layer", "C_T"], [[n, f"{v:.6g}"] for n, v in zip(row["layers"], row["values"],
                                                                   strict=True)])
 
