@@ -403,7 +403,8 @@ class Bank:
         """Remove curves by id; return the ids removed.
 
         Raises:
-            BankError: an id is not in the bank (nothing is removed then).
+            BankError: an id is not in the bank (nothing is removed then), or the bank is
+                read-only.
         """
         wanted = list(dict.fromkeys(ids))
         self.check_writable()
@@ -438,7 +439,7 @@ class Bank:
         hash is stored in ``files_sha256`` so that :meth:`verify` can check them.
 
         Raises:
-            BankError: the name or id is taken.
+            BankError: the name or id is taken, or the bank is read-only.
             InputError: the row is incomplete or a name is not allowed.
         """
         prepared = _prepare(row, BASELINES_SCHEMA, _BASELINE_REQUIRED, "baseline")
@@ -621,7 +622,8 @@ class Bank:
         other content, or a baseline name taken by another baseline, is refused.
 
         Raises:
-            BankError: the archive is damaged, modified, of a newer schema, or conflicts.
+            BankError: the archive is damaged, modified, larger than ``max_bytes``, of a
+                newer schema, or conflicts; or the bank is read-only.
         """
         from refbank.archive import MAX_IMPORT_BYTES, unpacked_archive
 
