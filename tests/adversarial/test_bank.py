@@ -7,11 +7,14 @@ lists them with the command and the expected result.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -20,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from forensics import pipeline
+from forensics.errors import BankError, InputError
 from refbank import Bank
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,8 +188,6 @@ def test_writers_refuse_a_read_only_bank_at_once(read_only, args):
 
 
 def test_the_library_refuses_writes_to_a_read_only_bank(read_only, bid):
-    from forensics.errors import BankError
-
     with pytest.raises(BankError, match="read-only"):
         read_only.add_curves([curve_row(bid, model="m3")])
     with pytest.raises(BankError, match="read-only"):
@@ -231,8 +234,6 @@ def rewrite_curves(bank: Bank, change, rehash: bool = False) -> None:
 ])
 def test_labels_with_control_characters_or_too_long_are_refused(bank, bid, field, value):
     """Case: enrolling with a model/family/... holding escapes, newlines, BEL, or too long."""
-    from forensics.errors import InputError
-
     with pytest.raises(InputError, match=field):
         bank.add_curves([curve_row(bid, **{field: value})])
     assert bank.curves() == []
@@ -275,7 +276,6 @@ def world(tmp_path_factory):
     another working folder), with two families of two curves each, and query folders."""
     from safetensors.torch import save_file
 
-    from forensics import pipeline
     from forensics.demo import _write_pngs, digit_images
     from forensics.embed import get_encoder
     from forensics.synth import synth_folder
@@ -288,9 +288,8 @@ def world(tmp_path_factory):
         _write_pngs(images, ids, root / name)
     f = {}
     for kind, params in (("noise", {"sigma": 24.0}), ("shuffle", {"grid": 4})):
-        f[f"gen_{kind}"] = synth_folder(kind, root / "src", root / f"gen_{kind}", seed=1,
-                                        **params) and root / f"gen_{kind}"
-        f[f"query_{kind}"] = root / f"query_{kind}"
+        f[f"gen_{kind}"], f[f"query_{kind}"] = root / f"gen_{kind}", root / f"query_{kind}"
+        synth_folder(kind, root / "src", f[f"gen_{kind}"], seed=1, **params)
         synth_folder(kind, root / "qsrc", f[f"query_{kind}"], seed=2, **params)
     module = get_encoder("vit-tiny-demo").load("random:0", "cpu", "cls").module
     save_file({k: v.contiguous() for k, v in module.state_dict().items()},
@@ -317,8 +316,6 @@ def copy_bank(world, tmp_path) -> Bank:
 
 
 def attribute(world, bank: Bank, folder: Path, **kw):
-    from forensics import pipeline
-
     return pipeline.attribute(folder, bank=bank, cache_dir=world["cache"], n_boot=kw.pop(
         "n_boot", 0), **KW, **kw)
 
@@ -330,8 +327,6 @@ def test_relative_folders_and_weights_are_stored_absolute_and_work_elsewhere(wor
                                                                              monkeypatch):
     """Case: fp baseline build with relative --train/--heldout/--weights, then fp attribute
     from another folder."""
-    import json
-
     row = world["bank"].get_baseline("digits")
     params = json.loads(row["params_json"])
     root = world["root"].resolve()
@@ -348,8 +343,6 @@ def test_relative_folders_and_weights_are_stored_absolute_and_work_elsewhere(wor
 
 def test_attribute_refuses_forged_rows_and_records_an_explicit_override(world, tmp_path):
     """Case: another tool rewrites the family of enrolled rows (hashes left as they were)."""
-    from forensics.errors import BankError
-
     bank = copy_bank(world, tmp_path)
     forged = set(world["ids"]["noise"])
     rewrite_curves(bank, lambda r: r.update(family="rotate", model="other")
@@ -369,9 +362,6 @@ def test_attribute_refuses_forged_rows_and_records_an_explicit_override(world, t
 
 def test_changed_baseline_files_are_refused_when_used(world, tmp_path):
     """Case: a baseline's stored arrays are replaced by other bytes."""
-    from forensics import pipeline
-    from forensics.errors import BankError
-
     bank = copy_bank(world, tmp_path)
     folder = bank.baseline_dir(bank.get_baseline("digits")["baseline_id"])
     target = sorted(p for p in folder.rglob("*.json") if p.is_file())[0]
@@ -390,9 +380,6 @@ def test_the_same_images_cannot_be_enrolled_twice_under_another_family(world, tm
                                                                        monkeypatch):
     """Case: fp enroll of a folder already enrolled, as --family rotate --model other (also with
     another --per-curve): refused before any embedding, naming the enrolled curve."""
-    from forensics import pipeline
-    from forensics.errors import BankError
-
     bank = copy_bank(world, tmp_path)
 
     def no_embedding(*args, **kwargs):
@@ -413,8 +400,6 @@ def test_the_same_images_cannot_be_enrolled_twice_under_another_family(world, tm
     new = pipeline.enroll(world["f"]["gen_noise"], baseline="digits", model="other",
                           family="rotate", per_curve=N, bank=bank, allow_duplicate=True,
                           cache_dir=world["cache"], **KW)
-    import json
-
     recorded = [json.loads(r["params_json"])["duplicate_of"] for r in bank.curves(curve_id=new)]
     assert sorted(c for ids in recorded for c in ids) == sorted(world["ids"]["noise"])
     assert bank.verify().ok
@@ -438,9 +423,6 @@ def case(world, tmp_path):
 
 def test_the_answer_records_every_file_row_and_parameter_it_rests_on(case):
     """Case: fp attribute --json / --report: the custody record."""
-    import hashlib
-    import json
-
     from forensics import __version__
     from refbank.hashing import file_hashes
 
@@ -479,8 +461,6 @@ def test_case_verify_passes_on_an_untouched_case(case):
 
 
 def _changes(case, *extra):
-    import json
-
     result = fp("case", "verify", case["report"], "--json", *extra)
     assert result.exit_code == 1 and "Error:" in result.output, result.output
     report = json.loads(result.stdout)
@@ -502,8 +482,6 @@ def test_case_verify_names_every_image_changed_added_or_removed(case):
 def test_case_verify_names_bank_rows_and_files_changed_since(case, world):
     """Case: fp case verify after curves were forged, removed, enrolled, and a baseline file
     changed."""
-    from forensics import pipeline
-
     bank = case["bank"]
     noise, shuffle = world["ids"]["noise"], world["ids"]["shuffle"]
     rewrite_curves(bank, lambda r: r.update(family="rotate") if r["curve_id"] == noise[0]
@@ -555,9 +533,6 @@ class _Zeros(io.RawIOBase):
 
 def _bomb(archive: Path, export: Path, listed: bool, size: int = 100 * 10**6) -> None:
     """A copy of ``export`` (gzip) plus a big file of zeros, listed in SHA256SUMS or not."""
-    import hashlib
-    import tarfile
-
     with tarfile.open(export) as src, tarfile.open(archive, "w:gz", compresslevel=1) as dst:
         for m in src.getmembers():
             data = src.extractfile(m).read()
@@ -577,8 +552,6 @@ def _bomb(archive: Path, export: Path, listed: bool, size: int = 100 * 10**6) ->
 @pytest.fixture
 def no_unpacking(monkeypatch):
     """Fail the test if anything is unpacked."""
-    import tarfile
-
     from refbank import archive
 
     def boom(*args, **kwargs):
@@ -593,8 +566,6 @@ def test_import_checks_listing_and_size_before_unpacking(bank, bid, tmp_path, li
                                                          no_unpacking):
     """Case: fp bank import of a small .tar.gz that unpacks to 100 MB of zeros, unlisted in its
     SHA256SUMS, or listed but above --max-size."""
-    from forensics.errors import BankError
-
     bank.add_curves([curve_row(bid)])
     export = bank.export(tmp_path / "good.tar")
     archive = tmp_path / "bomb.tar.gz"
@@ -610,10 +581,6 @@ def test_import_checks_listing_and_size_before_unpacking(bank, bid, tmp_path, li
 
 def test_import_refuses_repeated_members_and_stops_at_the_first_changed_file(bank, bid,
                                                                              tmp_path):
-    import tarfile
-
-    from forensics.errors import BankError
-
     bank.add_curves([curve_row(bid)])
     export = bank.export(tmp_path / "good.tar")
     twice = tmp_path / "twice.tar"
