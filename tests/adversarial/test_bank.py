@@ -81,7 +81,7 @@ WRITER = textwrap.dedent("""
 
 def test_a_reader_never_sees_an_error_while_another_process_appends(bank, bid):
     """Case: one process appends curves while another reads the table in a loop."""
-    n_writes, max_reads, limit_s = 100, 20_000, 15.0
+    n_writes, max_reads, limit_s = 200, 40_000, 20.0
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(bank.path), bid, str(n_writes)],
                               cwd=REPO, stderr=subprocess.PIPE, text=True)
     errors, reads, counts = [], 0, []
