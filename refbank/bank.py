@@ -340,7 +340,9 @@ class Bank:
                 check_name(row["curve_id"], "curve id")
                 taken.add(row["curve_id"])
                 self._check_against_baseline(row, baselines)
-            self._refuse_duplicates(prepared, current.to_pylist(), baselines, allow_duplicate)
+            known = current.select(["curve_id", "model", "family", "baseline_id",
+                                    "manifest_sha256", "params_json"]).to_pylist()
+            self._refuse_duplicates(prepared, known, baselines, allow_duplicate)
             new = _hashed_table(prepared, CURVES_SCHEMA)
             store.write_table(pa.concat_tables([current, new]), self.path / CURVES_FILE)
         return new.column("curve_id").to_pylist()
