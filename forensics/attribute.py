@@ -142,12 +142,15 @@ class Attribution:
     curve: Any  # forensics.curve.Curve
     bootstrap: Bootstrap | None
     parameters: dict[str, Any]
+    custody: dict[str, Any] | None = None  # see forensics.case.custody_record
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``fp attribute --json``."""
         curve = self.curve.to_dict()
         provenance = dict(curve.pop("provenance"))
         provenance["attribution"] = self.parameters
+        if self.custody is not None:
+            provenance["custody"] = self.custody
         return {
             "decision": self.decision.to_dict(),
             "ranking": [m.to_dict() for m in self.ranking],

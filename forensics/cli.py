@@ -38,6 +38,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forensics.commands.evaluate",
     "forensics.commands.memorization",
     "forensics.commands.cache",
+    "forensics.commands.case",
 )
 
 

@@ -250,6 +250,7 @@ def import_curves(
 
     if fmt not in FORMATS:
         raise InputError(f"unknown curve format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    bank.check_writable()
     curves = read_layerchoice(path, default_split=default_split)
     name = baseline or LAYERCHOICE_BASELINE
     layers = curves[0]["layers"]

@@ -68,6 +68,19 @@ TRAIN_MANIFEST_FILE = "train_manifest.json"
 # -- the bank and its baselines ----------------------------------------------------------
 
 
+def _absolute(path: PathLike) -> Path:
+    """``path`` made absolute and resolved, so that a stored path works from any folder."""
+    return Path(path).expanduser().resolve()
+
+
+def _absolute_weights(weights: str | None) -> str | None:
+    """A weights spec with a relative file path made absolute (``hub``, ``random:N`` as is)."""
+    if weights is None or weights.strip() == "hub" or weights.strip().startswith("random:"):
+        return weights
+    path = Path(weights.strip()).expanduser()
+    return str(path.resolve()) if path.is_file() else weights
+
+
 def open_bank(bank: Any = None):
     """A :class:`refbank.Bank` from a Bank, a folder, or ``None`` (``FP_BANK`` or default)."""
     from refbank import Bank
@@ -84,12 +97,17 @@ class LoadedBaseline:
         engine: the :class:`~forensics.baseline.Baseline` (stored state, never refitted).
         folder: the folder of its files in the bank.
         params: every parameter (columns and ``params_json`` together).
+        files: ``{relative path: SHA-256}`` of its files, as checked when it was loaded.
+        unverified: the problems of its row and files that ``allow_unverified`` let
+            through (``[]``: every hash matched).
     """
 
     row: dict[str, Any]
     engine: Any
     folder: Path
     params: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    unverified: list[dict[str, str]] = field(default_factory=list)
     _extras: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -111,19 +129,34 @@ class LoadedBaseline:
         return self._extras[fp.name]
 
 
-def load_baseline(name: str | None = None, *, bank: Any = None,
-                  device: str = "cpu") -> LoadedBaseline:
+def load_baseline(name: str | None = None, *, bank: Any = None, device: str = "cpu",
+                  allow_unverified: bool = False) -> LoadedBaseline:
     """Load a baseline of the bank by name or id (None: the bank's only baseline).
 
+    Its row and every one of its files are checked against their SHA-256 first.
+
+    Args:
+        name: baseline name or id.
+        bank: the bank (a :class:`refbank.Bank`, a folder, or None for the default).
+        device: where the engine's arrays go.
+        allow_unverified: load it even if its row or files fail their hash (the
+            problems are kept in :attr:`LoadedBaseline.unverified`).
+
     Raises:
-        BankError: no such baseline, none at all, or several and no name given.
+        BankError: no such baseline, none at all, or several and no name given; or its
+            row or files fail their hash (without ``allow_unverified``).
         InputError: its files are missing or damaged.
     """
 
     from forensics.baseline import Baseline
+    from refbank.bank import modified_rows, unverified_message
 
     b = open_bank(bank)
     row = b.resolve_baseline(name)
+    files, problem = b.baseline_files(row)
+    problems = modified_rows("baselines", [row]) + ([problem] if problem else [])
+    if problems and not allow_unverified:
+        raise BankError(unverified_message(problems, b.path))
     folder = b.baseline_dir(row["baseline_id"])
     try:
         engine = Baseline.load(folder, device=device)
@@ -136,7 +169,8 @@ def load_baseline(name: str | None = None, *, bank: Any = None,
     params = json.loads(row["params_json"] or "{}")
     params.update({k: row[k] for k in ("partitioner", "distance", "pooling", "seed")
                    if row.get(k) is not None})
-    return LoadedBaseline(row, engine, folder, params)
+    return LoadedBaseline(row, engine, folder, params, files,
+                          [dataclasses.asdict(p) for p in problems])
 
 
 def build_baseline(
@@ -196,16 +230,18 @@ def build_baseline(
     from forensics.embed import embed_folder, get_encoder
     from forensics.encoders import check_pool, resolve_device
     from forensics.plugins import get
-    from refbank.bank import check_name
+    from refbank.bank import check_labels, check_name
 
     # Every cheap check first: embedding T and P is the expensive step.
     check_name(name, "baseline name")
+    check_labels({"notes": notes})
     seed = check_seed(seed)
     check_pool(pool)
     get_encoder(encoder)
     get("distances", distance)
     get("partitioners", partitioner)
     b = open_bank(bank)
+    b.check_writable()
     taken = {r["name"]: r for r in b.baselines()}
     if name in taken:
         raise BankError(f"a baseline named {name!r} is already in the bank at {b.path}; "
@@ -214,6 +250,7 @@ def build_baseline(
         raise InputError("the 'given' partitioner cannot assign new images to cells; "
                          "use --partitioner kmeans")
     device = resolve_device(device)
+    train, heldout, weights = _absolute(train), _absolute(heldout), _absolute_weights(weights)
     embed_kw = dict(weights=weights, pool=pool, device=device, batch_size=batch_size,
                     cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
     T = embed_folder(train, encoder, **embed_kw)
@@ -585,7 +622,8 @@ def compute_curve(
                          batch_size=batch_size, cache_dir=cache_dir, progress=progress,
                          skip_bad=skip_bad)
     fps, _ = _fingerprint_objects(fingerprints, loaded, strict=fingerprints is not None)
-    folder = None if isinstance(folder_or_embeddings, Embeddings) else str(folder_or_embeddings)
+    folder = (None if isinstance(folder_or_embeddings, Embeddings)
+              else str(_absolute(folder_or_embeddings)))
     return _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=details, fps=fps,
                     what=folder or "the embeddings", folder=folder)
 
@@ -678,6 +716,7 @@ def enroll(
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
+    allow_duplicate: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Split a generator's images into curves of ``per_curve`` images and store each.
@@ -698,6 +737,9 @@ def enroll(
         source, notes: stored with the rows.
         weights, device, batch_size, cache_dir, progress, skip_bad: as for
             :func:`compute_curve`.
+        allow_duplicate: enroll images that are enrolled against this baseline already
+            (refused otherwise, before embedding); the new rows record the curves they
+            repeat (``duplicate_of`` in their parameters).
         echo: called with messages for the user (e.g. images left out).
 
     Returns:
@@ -705,10 +747,13 @@ def enroll(
 
     Raises:
         InsufficientDataError: fewer images than ``per_curve``, or too few for tau.
-        BankError, InputError: see :func:`compute_curve`.
+        BankError: the images are enrolled already, the bank is read-only, or see
+            :func:`compute_curve`.
+        InputError: see :func:`compute_curve`; labels with control characters.
     """
     from forensics.encoders import resolve_device
     from forensics.images import scan_folder
+    from refbank.bank import check_labels
 
     say = echo or (lambda _msg: None)
     if int(per_curve) < 2:
@@ -717,7 +762,10 @@ def enroll(
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"--{what} must be a non-empty name")
     _check_tau(tau)
+    check_labels({"model": model, "family": family, "checkpoint": checkpoint, "split": split,
+                  "source": source, "notes": notes})
     b = open_bank(bank)
+    b.check_writable()
     device = resolve_device(device)
     loaded = load_baseline(baseline, bank=b, device=device)
     manifest = scan_folder(folder, skip_bad=skip_bad)
@@ -730,6 +778,8 @@ def enroll(
             f"lower --per-curve (C_T needs more than 20 images in a cell with the default tau)"
         )
     k, rest = divmod(n, per)
+    if not allow_duplicate:
+        _refuse_enrolled(b, loaded, manifest, k, per, folder)
     if rest:
         say(f"{folder}: {k} curve(s) of {per} images; the last {rest} image(s) in path order "
             f"are left out (fewer than --per-curve {per})")
@@ -744,7 +794,24 @@ def enroll(
     with _one_thread():
         rows = [_enroll_chunk(loaded, emb, c, k, per, fps, folder, tau, manifest.sha256, labels)
                 for c in range(k)]
-    return b.add_curves(rows)
+    return b.add_curves(rows, allow_duplicate=allow_duplicate)
+
+
+def _refuse_enrolled(b: Any, loaded: LoadedBaseline, manifest: Any, k: int, per: int,
+                     folder: PathLike) -> None:
+    """Refuse, before embedding, images enrolled against this baseline already."""
+    from forensics.images import Manifest
+    from refbank.bank import duplicate_message
+
+    bid = loaded.row["baseline_id"]
+    rows = [{"baseline_id": bid,
+             "manifest_sha256": Manifest(manifest.root, manifest.entries[c * per:(c + 1) * per]
+                                         ).sha256,
+             "params": {"folder_manifest_sha256": manifest.sha256}} for c in range(k)]
+    found = b.find_duplicates(rows)
+    if found:
+        i, hit = found[0]
+        raise BankError(duplicate_message(f"{folder} (curve {i + 1} of {k})", hit, loaded.name))
 
 
 def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: int,
@@ -753,7 +820,7 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
     """The bank row of chunk ``c`` of ``k`` (``labels``: model, family, ...)."""
     idx = np.arange(c * per, (c + 1) * per)
     res = _measure(
-        loaded, emb, idx, tau=tau, details=False, fps=fps, folder=str(folder),
+        loaded, emb, idx, tau=tau, details=False, fps=fps, folder=str(_absolute(folder)),
         what=f"{folder} (curve {c + 1} of {k}: images {c * per}..{(c + 1) * per - 1})",
         extra={"chunk": {"index": c, "of": k, "start": c * per, "stop": (c + 1) * per,
                          "folder_manifest_sha256": folder_sha}},
@@ -762,6 +829,7 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
     row = res.curve.to_row(**labels)
     if res.curve.provenance.get("skipped"):  # the folder's files left out with skip_bad
         row["params"]["skipped"] = res.curve.provenance["skipped"]
+    row["params"]["folder_manifest_sha256"] = folder_sha  # the folder the curve was cut from
     row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
     row["fingerprints"].update({var_key(name): var.tolist()
                                 for name, var in res.spreads.items()})
@@ -849,6 +917,7 @@ def attribute(
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
+    allow_unverified: bool = False,
 ) -> Attribution:
     """Which enrolled generator made these images? Ranked, calibrated, with confidence.
 
@@ -872,18 +941,24 @@ def attribute(
         report: a folder to write ``attribution.json`` and ``attribution.png`` into.
         tau, weights, device, batch_size, cache_dir, progress, skip_bad: as for
             :func:`compute_curve`.
+        allow_unverified: use bank rows and baseline files that fail their SHA-256
+            (refused otherwise); they are listed in the answer's
+            ``provenance.custody.unverified``.
 
     Returns:
-        A :class:`forensics.attribute.Attribution` (``to_dict()`` is the JSON answer).
+        A :class:`forensics.attribute.Attribution` (``to_dict()`` is the JSON answer; its
+        ``provenance.custody`` is the chain of custody, see :mod:`forensics.case`).
 
     Raises:
         BankError: empty bank, no curves for the baseline, or curves that do not match the
-            suspect's encoder, weights or layers, or lack the fingerprint.
+            suspect's encoder, weights or layers, or lack the fingerprint; rows or files
+            that fail their hash.
         InsufficientDataError: too few suspect images for tau.
     """
     from forensics.attribute import keep_mask
     from forensics.ct import check_seed
     from forensics.encoders import resolve_device
+    from refbank.bank import modified_rows, unverified_message
 
     seed = check_seed(seed)
     if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
@@ -896,23 +971,33 @@ def attribute(
                         f"first: fp enroll DIR --baseline NAME --model M --family F")
     fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
     device = resolve_device(device)
-    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device)
+    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device,
+                           allow_unverified=allow_unverified)
+    same = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
+    forged = modified_rows("curves", same)
+    if forged and not allow_unverified:
+        raise BankError(unverified_message(forged, b.path))
+    unverified = loaded.unverified + [dataclasses.asdict(p) for p in forged]
     _fingerprint_objects([fp.name], loaded, strict=True)
     keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
     fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
     _check_tau(tau)
+    weights = _absolute_weights(weights)
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    settings = {"tau": tau, "weights": weights, "device": device, "batch_size": int(batch_size),
+                "skip_bad": bool(skip_bad), "allow_unverified": bool(allow_unverified)}
     with _one_thread():
         return _attribute(b, all_rows, loaded, fp, emb, folder, matcher=matcher, top=top,
                           drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
-                          report=report, tau=tau)
+                          report=report, tau=tau, settings=settings, unverified=unverified)
 
 
 def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
                emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
                drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
-               report: PathLike | None, tau: float | None) -> Attribution:
+               report: PathLike | None, tau: float | None, settings: dict[str, Any],
+               unverified: list[dict[str, str]]) -> Attribution:
     from forensics.attribute import (
         Attribution,
         bootstrap_confidence,
@@ -922,10 +1007,11 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
         keep_mask,
         rank,
     )
+    from forensics.case import custody_record
 
     where = f" in the bank at {b.path}"
     fps = [fp]
-    folder_str = None if isinstance(folder, Embeddings) else str(folder)
+    folder_str = None if isinstance(folder, Embeddings) else str(_absolute(folder))
     res = _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=False, fps=fps,
                    what=folder_str or "the embeddings", folder=folder_str)
     names = {r["baseline_id"]: r["name"] for r in b.baselines()}
@@ -983,10 +1069,12 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     parameters = {
         "fingerprint": fp.name, "matcher": mname, "drop_layers": list(drop), "top": int(top),
         "quantile": quantile, "n_boot": n_boot if boot is not None else 0, "seed": int(seed),
-        "bank": str(b.path), "baseline": loaded.name, "n_references": len(meta),
+        "bank": str(b.path), "baseline": loaded.name, "n_references": len(meta), **settings,
     }
+    custody = custody_record(bank=b, loaded=loaded, manifest=emb.manifest, folder=folder_str,
+                             rows=same_rows, unverified=unverified)
     result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
-                         parameters)
+                         parameters, custody)
     if report is not None:
         from forensics.report import write_report
 

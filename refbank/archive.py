@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import shutil
 import tarfile
 import tempfile
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -70,13 +74,28 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts
 
 
+#: At most this many bytes are unpacked from one export unless told otherwise
+#: (``fp bank import --max-size``); the free space of the temporary folder bounds it too.
+MAX_IMPORT_BYTES = 64 * 10**9
+#: At most this many entries are read from one export.
+MAX_MEMBERS = 100_000
+#: Largest ``SHA256SUMS`` read (about 100,000 lines).
+MAX_SUMS_BYTES = 16 * 1024**2
+
+
 @contextmanager
-def unpacked_archive(source: Path) -> Iterator[Path]:
-    """Unpack an export into a temporary folder, checking every file's SHA-256.
+def unpacked_archive(source: Path, max_bytes: int = MAX_IMPORT_BYTES) -> Iterator[Path]:
+    """Unpack an export into a temporary folder, having checked it first.
+
+    Before anything is written, the archive's listing is checked against its
+    ``SHA256SUMS``: only regular files with safe names, each listed once, every listed
+    file present, ``bank.json`` among them, and their sizes adding up to no more than
+    ``max_bytes`` and the free space of the temporary folder. Then each file is written
+    and hashed as it is unpacked; the first whose SHA-256 differs stops the import.
 
     Raises:
-        BankError: the file is not an export, holds unsafe or unlisted files, or a file's
-            hash differs from ``SHA256SUMS``.
+        BankError: the file is not an export, holds unsafe, unlisted or missing files, is
+            larger than allowed, or a file's hash differs from ``SHA256SUMS``.
     """
     if not source.is_file():
         raise BankError(f"no export file at {source}; give the path of a file from fp bank export")
@@ -84,44 +103,102 @@ def unpacked_archive(source: Path) -> Iterator[Path]:
         folder = Path(tmp)
         try:
             with tarfile.open(source, _mode(source, write=False)) as tar:
-                members = tar.getmembers()
-                bad = [m.name for m in members
-                       if not (m.isfile() or m.isdir()) or not _safe_name(m.name)]
-                if bad:
-                    raise BankError(
-                        f"{source} holds entries an fp export never has ({', '.join(bad[:3])}); "
-                        f"refusing to import it"
-                    )
-                tar.extractall(folder, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
+                members = _members(tar, source)
+                sums = _read_sums(tar, members, source)
+                _check_listing(members, sums, source, max_bytes, folder)
+                _extract(tar, members, sums, source, folder)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise BankError(
                 f"cannot read {source} as an fp bank export ({exc}); "
                 f"make one with: fp bank export FILE"
             ) from None
-        _check_sums(folder, source)
         yield folder
 
 
-def _check_sums(folder: Path, source: Path) -> None:
-    sums_file = folder / SUMS
-    if not sums_file.is_file():
+def _members(tar: tarfile.TarFile, source: Path) -> list[tarfile.TarInfo]:
+    """The archive's entries (headers only; nothing is written), at most MAX_MEMBERS."""
+    members = []
+    while (m := tar.next()) is not None:
+        members.append(m)
+        if len(members) > MAX_MEMBERS:
+            raise BankError(f"{source} holds more than {MAX_MEMBERS} entries; an fp export "
+                            f"never does; refusing to import it")
+    bad = [m.name for m in members if not (m.isfile() or m.isdir()) or not _safe_name(m.name)]
+    if bad:
+        raise BankError(
+            f"{source} holds entries an fp export never has ({', '.join(bad[:3])}); "
+            f"refusing to import it"
+        )
+    return members
+
+
+def _read_sums(tar: tarfile.TarFile, members: list[tarfile.TarInfo],
+               source: Path) -> dict[str, str]:
+    found = [m for m in members if m.isfile() and m.name == SUMS]
+    if not found:
         raise BankError(f"{source} has no {SUMS}; it is not an fp bank export")
+    if len(found) > 1 or found[0].size > MAX_SUMS_BYTES:
+        raise BankError(f"{source} has {'several' if len(found) > 1 else 'an oversized'} "
+                        f"{SUMS}; it is not an fp bank export; refusing to import it")
+    f = tar.extractfile(found[0])
+    text = f.read().decode("utf-8", errors="replace") if f is not None else ""
     listed: dict[str, str] = {}
-    for line in sums_file.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not _safe_name(name) or name in listed:
+            raise BankError(f"{source}: {SUMS} has a malformed or repeated line "
+                            f"{line[:80]!r}; refusing to import it")
         listed[name] = digest
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    present.discard(SUMS)
-    unlisted = sorted(present - set(listed))
-    absent = sorted(set(listed) - present)
-    changed = sorted(n for n in set(listed) & present if file_sha256(folder / n) != listed[n])
-    if unlisted or absent or changed:
+    return listed
+
+
+def _check_listing(members: list[tarfile.TarInfo], sums: dict[str, str], source: Path,
+                   max_bytes: int, folder: Path) -> None:
+    files = [m for m in members if m.isfile() and m.name != SUMS]
+    names = [m.name for m in files]
+    repeated = sorted(n for n, k in Counter(names).items() if k > 1)
+    unlisted = sorted(set(names) - set(sums))
+    absent = sorted(set(sums) - set(names))
+    if repeated or unlisted or absent:
         what = "; ".join(
-            f"{label}: {', '.join(names[:3])}"
-            for label, names in (("changed", changed), ("missing", absent), ("unlisted", unlisted))
-            if names
+            f"{label}: {', '.join(found[:3])}"
+            for label, found in (("repeated", repeated), ("missing", absent),
+                                 ("unlisted", unlisted)) if found
         )
         raise BankError(f"{source} does not match its {SUMS} ({what}); nothing imported")
-    if "bank.json" not in present:
+    if "bank.json" not in sums:
         raise BankError(f"{source} has no bank.json; it is not an fp bank export")
+    total = sum(m.size for m in files)
+    if total > max_bytes:
+        raise BankError(
+            f"{source} would unpack to {total / 1e9:.3g} GB, more than the limit of "
+            f"{max_bytes / 1e9:.3g} GB; nothing was unpacked. If the bank really is that "
+            f"large, raise the limit: fp bank import FILE --max-size GB"
+        )
+    free = shutil.disk_usage(folder).free
+    if total > free:
+        raise BankError(
+            f"{source} would unpack to {total / 1e9:.3g} GB but the temporary folder "
+            f"{folder.parent} has {free / 1e9:.3g} GB free; nothing was unpacked. Point TMPDIR "
+            f"to a larger disk"
+        )
 
+
+def _extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], sums: dict[str, str],
+             source: Path, folder: Path) -> None:
+    """Write each listed file, hashing it on the way; stop at the first mismatch."""
+    for m in members:
+        if not m.isfile() or m.name == SUMS:
+            continue
+        target = folder / m.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stream = tar.extractfile(m)
+        h = hashlib.sha256()
+        with open(target, "wb") as out:
+            while stream is not None and (block := stream.read(1 << 20)):
+                h.update(block)
+                out.write(block)
+        if h.hexdigest() != sums[m.name]:
+            raise BankError(
+                f"{source} does not match its {SUMS} (changed: {m.name}); nothing imported"
+            )

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ import pyarrow.compute as pc
 
 from forensics.errors import BankError, InputError
 from refbank import store
-from refbank.hashing import canonical_json, row_hash, tree_sha256
+from refbank.hashing import canonical_json, file_hashes, listing_sha256, row_hash, tree_sha256
 from refbank.schema import (
     BASELINES_SCHEMA,
     CURVES_SCHEMA,
@@ -45,6 +46,12 @@ BASELINES_DIR = "baselines"
 FORMAT = "fp reference bank"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+#: Longest label (model, family, checkpoint, split) and free text (source, notes) accepted.
+MAX_LABEL = 128
+MAX_TEXT = 4096
+LABEL_FIELDS = ("model", "family", "checkpoint", "split")
+TEXT_FIELDS = ("source", "notes")
 
 _CURVE_REQUIRED = ("model", "family", "encoder", "weights_sha256", "baseline_id", "layers",
                    "values", "n_images", "manifest_sha256")
@@ -167,6 +174,27 @@ class Bank:
         """True once something has been written to the bank."""
         return (self.path / INFO_FILE).exists() or (self.path / CURVES_FILE).exists()
 
+    def writable(self) -> bool:
+        """True when this process can write the bank (a real probe, see
+        :func:`refbank.store.probe_writable`)."""
+        return store.probe_writable(self.path) is None
+
+    def check_writable(self) -> None:
+        """Refuse at once, before any work, to change a bank this process cannot write.
+
+        Raises:
+            BankError: the bank folder (or, for a new bank, the folder it would be created
+                in) is read-only; the message says how to work on a writable copy.
+        """
+        why = store.probe_writable(self.path)
+        if why is not None:
+            raise BankError(
+                f"the bank at {self.path} is read-only ({why}); reading it works (fp attribute, "
+                f"fp bank list|verify|export), but to change it, work on a writable copy: "
+                f"fp bank export FILE.tar --bank {self.path}, then fp bank import FILE.tar "
+                f"--bank NEW_FOLDER"
+            )
+
     def info(self) -> dict[str, Any]:
         """Location, schema version and row counts."""
         return {
@@ -268,12 +296,13 @@ class Bank:
 
     def baseline_dir(self, baseline_id: str) -> Path:
         """Folder holding the engine's files of baseline ``baseline_id``."""
-        _check_name(baseline_id, "baseline id")
+        check_name(baseline_id, "baseline id")
         return self.path / BASELINES_DIR / baseline_id
 
     # -- writes -----------------------------------------------------------------------
 
-    def add_curves(self, rows: Iterable[dict[str, Any]]) -> list[str]:
+    def add_curves(self, rows: Iterable[dict[str, Any]], *,
+                   allow_duplicate: bool = False) -> list[str]:
         """Append curve rows; return their ids.
 
         Each row gives at least ``model, family, encoder, weights_sha256, baseline_id,
@@ -283,14 +312,27 @@ class Bank:
         other parameter, stored as ``params_json``), ``fingerprints`` (a dict of fingerprint
         name to vector, stored as ``fingerprints_json``), ``tool_version`` and ``created``.
 
+        A curve whose images are already enrolled against the same baseline (the same
+        ``manifest_sha256``, or the same ``folder_manifest_sha256`` parameter: the folder it
+        was cut from) is refused, under whatever model or family it comes: the same images
+        twice would tip attribution towards the second name. Only manifests that are
+        SHA-256 digests are compared (curves imported without images have none).
+
+        Args:
+            rows: the curve rows.
+            allow_duplicate: store such curves anyway; each then records the ids it
+                repeats in its parameters (``duplicate_of``).
+
         Raises:
             InputError: a row misses a field, has an unknown one, or is inconsistent.
-            BankError: a curve id exists already, or the row's baseline is not in the bank
-                or was built with another encoder, weights or layers.
+            BankError: a curve id exists already, the row's baseline is not in the bank
+                or was built with another encoder, weights or layers, its images are
+                enrolled already, or the bank is read-only.
         """
         prepared = [_prepare(row, CURVES_SCHEMA, _CURVE_REQUIRED, "curve") for row in rows]
         if not prepared:
             return []
+        self.check_writable()
         with self._lock.hold():
             self._ensure_info()
             current = self.curves_table()
@@ -304,12 +346,49 @@ class Bank:
                         f"curve id {row['curve_id']!r} is already in the bank at {self.path}; "
                         f"leave curve_id out to get a fresh one"
                     )
-                _check_name(row["curve_id"], "curve id")
+                check_name(row["curve_id"], "curve id")
                 taken.add(row["curve_id"])
                 self._check_against_baseline(row, baselines)
+            known = current.select(["curve_id", "model", "family", "baseline_id",
+                                    "manifest_sha256", "params_json"]).to_pylist()
+            self._refuse_duplicates(prepared, known, baselines, allow_duplicate)
             new = _hashed_table(prepared, CURVES_SCHEMA)
             store.write_table(pa.concat_tables([current, new]), self.path / CURVES_FILE)
         return new.column("curve_id").to_pylist()
+
+    def find_duplicates(self, rows: Iterable[dict[str, Any]],
+                        existing: list[dict[str, Any]] | None = None
+                        ) -> list[tuple[int, dict[str, Any]]]:
+        """``(i, enrolled row)`` for each new row ``i`` whose images are enrolled already.
+
+        Args:
+            rows: new curve rows (``baseline_id``, ``manifest_sha256``, and optionally
+                ``params`` or ``params_json`` with ``folder_manifest_sha256``).
+            existing: the bank's curve rows (default: read now).
+        """
+        index: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in self.curves() if existing is None else existing:
+            for key in _image_keys(row):
+                index.setdefault((row["baseline_id"], key), row)
+        found = []
+        for i, row in enumerate(rows):
+            hit = next((index[(row["baseline_id"], k)] for k in _image_keys(row)
+                        if (row["baseline_id"], k) in index), None)
+            if hit is not None:
+                found.append((i, hit))
+        return found
+
+    def _refuse_duplicates(self, rows: list[dict[str, Any]], existing: list[dict[str, Any]],
+                           baselines: dict[str, dict], allow: bool) -> None:
+        found = self.find_duplicates(rows, existing)
+        if found and not allow:
+            i, hit = found[0]
+            base = baselines.get(hit["baseline_id"], {}).get("name", hit["baseline_id"])
+            raise BankError(duplicate_message(f"curve {i + 1} of {len(rows)}", hit, base))
+        for i, hit in found:
+            params = json.loads(rows[i]["params_json"])
+            params["duplicate_of"] = sorted({*params.get("duplicate_of", []), hit["curve_id"]})
+            rows[i]["params_json"] = canonical_json(params)
 
     def _check_against_baseline(self, row: dict[str, Any], baselines: dict[str, dict]) -> None:
         base = baselines.get(row["baseline_id"])
@@ -335,9 +414,11 @@ class Bank:
         """Remove curves by id; return the ids removed.
 
         Raises:
-            BankError: an id is not in the bank (nothing is removed then).
+            BankError: an id is not in the bank (nothing is removed then), or the bank is
+                read-only.
         """
         wanted = list(dict.fromkeys(ids))
+        self.check_writable()
         with self._lock.hold():
             current = self.curves_table()
             present = set(current.column("curve_id").to_pylist())
@@ -369,11 +450,12 @@ class Bank:
         hash is stored in ``files_sha256`` so that :meth:`verify` can check them.
 
         Raises:
-            BankError: the name or id is taken.
+            BankError: the name or id is taken, or the bank is read-only.
             InputError: the row is incomplete or a name is not allowed.
         """
         prepared = _prepare(row, BASELINES_SCHEMA, _BASELINE_REQUIRED, "baseline")
-        _check_name(prepared["name"], "baseline name")
+        check_name(prepared["name"], "baseline name")
+        self.check_writable()
         with self._lock.hold():
             self._ensure_info()
             existing = self.baselines()
@@ -381,7 +463,7 @@ class Bank:
             if prepared.get("baseline_id") is None:
                 prepared["baseline_id"] = _fresh_id("b_", ids)
             bid = prepared["baseline_id"]
-            _check_name(bid, "baseline id")
+            check_name(bid, "baseline id")
             for b in existing:
                 if b["name"] == prepared["name"]:
                     raise BankError(
@@ -423,8 +505,9 @@ class Bank:
                 baseline that still has curves is refused.
 
         Raises:
-            BankError: no such baseline, or it still has curves.
+            BankError: no such baseline, or it still has curves, or the bank is read-only.
         """
+        self.check_writable()
         with self._lock.hold():
             row = self.get_baseline(name)
             bid = row["baseline_id"]
@@ -456,16 +539,24 @@ class Bank:
         Returns a report listing each row whose stored ``row_sha256`` no longer matches
         its content, duplicate ids, curves whose baseline is missing, and baselines whose
         files are missing or changed. It never raises for such problems.
+
+        Raises:
+            BankError: there is no bank at this path (nothing to verify is not "OK").
         """
+        if not self.exists():
+            what = "does not exist" if not self.path.exists() else "holds no fp bank"
+            raise BankError(
+                f"the bank path {self.path} {what} (no {INFO_FILE} or {CURVES_FILE}); "
+                f"check --bank / FP_BANK"
+            )
         curves = self.curves()
         baselines = self.baselines()
         report = VerifyReport(str(self.path), self.schema_version, len(curves), len(baselines))
         add = report.problems.append
+        report.problems.extend(modified_rows("curves", curves))
         seen: set[str] = set()
         for row in curves:
             cid = row["curve_id"]
-            if row_hash(row) != row[HASH_COLUMN]:
-                add(Problem("curves", cid, "row hash does not match its content (modified)"))
             if cid in seen:
                 add(Problem("curves", cid, "duplicate curve id"))
             seen.add(cid)
@@ -475,18 +566,15 @@ class Bank:
                 add(Problem("curves", row["curve_id"],
                             f"its baseline {row['baseline_id']!r} is not in the bank"))
         names: set[str] = set()
+        report.problems.extend(modified_rows("baselines", baselines))
         for row in baselines:
             bid = row["baseline_id"]
-            if row_hash(row) != row[HASH_COLUMN]:
-                add(Problem("baselines", bid, "row hash does not match its content (modified)"))
             if row["name"] in names:
                 add(Problem("baselines", bid, f"duplicate baseline name {row['name']!r}"))
             names.add(row["name"])
-            folder = self.path / row["path"]
-            if not folder.is_dir():
-                add(Problem("baselines", bid, f"folder {row['path']} is missing"))
-            elif tree_sha256(folder) != row["files_sha256"]:
-                add(Problem("baselines", bid, f"files under {row['path']} were changed"))
+            problem = self.baseline_files(row)[1]
+            if problem is not None:
+                add(problem)
         base_root = self.path / BASELINES_DIR
         if base_root.is_dir():
             for d in sorted(base_root.iterdir()):
@@ -494,6 +582,18 @@ class Bank:
                     report.warnings.append(f"folder {BASELINES_DIR}/{d.name} belongs to no "
                                            f"baseline row (safe to delete)")
         return report
+
+    def baseline_files(self, row: dict[str, Any]) -> tuple[dict[str, str], Problem | None]:
+        """The SHA-256 of each file of a baseline, and the problem if they do not add up
+        to its ``files_sha256`` (or its folder is missing)."""
+        folder = self.path / row["path"]
+        if not folder.is_dir():
+            return {}, Problem("baselines", row["baseline_id"], f"folder {row['path']} is missing")
+        hashes = file_hashes(folder)
+        if listing_sha256(hashes) != row["files_sha256"]:
+            return hashes, Problem("baselines", row["baseline_id"],
+                                   f"files under {row['path']} were changed")
+        return hashes, None
 
     # -- export / import --------------------------------------------------------------
 
@@ -513,26 +613,36 @@ class Bank:
             raise BankError(f"{target} exists already; export to a new file name")
         if not self.exists():
             raise BankError(f"the bank at {self.path} is empty; there is nothing to export")
-        with self._lock.hold():
+        # A bank this process cannot write is read under a shared lock: writers elsewhere
+        # wait, and nothing is created in the bank.
+        hold = self._lock.hold if self.writable() else self._lock.shared
+        with hold():
             self._check_version()
             write_archive(self.path, target)
         return target
 
-    def import_(self, path: str | os.PathLike[str]) -> ImportReport:
+    def import_(self, path: str | os.PathLike[str], *,
+                max_bytes: int | None = None) -> ImportReport:
         """Merge an archive written by :meth:`export` into this bank.
 
-        Every file's SHA-256 and every row's hash is checked before anything is written.
+        The archive's listing and sizes are checked against its ``SHA256SUMS`` before
+        anything is unpacked, at most ``max_bytes`` are unpacked (default
+        :data:`refbank.archive.MAX_IMPORT_BYTES`, 64 GB) and each file's SHA-256 is
+        checked as it is; every row's hash is checked before anything is written to the bank.
         Rows already present with the same id and hash are skipped; the same id with
         other content, or a baseline name taken by another baseline, is refused.
 
         Raises:
-            BankError: the archive is damaged, modified, of a newer schema, or conflicts.
+            BankError: the archive is damaged, modified, larger than ``max_bytes``, of a
+                newer schema, or conflicts; or the bank is read-only.
         """
-        from refbank.archive import unpacked_archive
+        from refbank.archive import MAX_IMPORT_BYTES, unpacked_archive
 
         source = Path(path).expanduser()
         report = ImportReport(str(source))
-        with unpacked_archive(source) as folder:
+        self.check_writable()
+        limit = MAX_IMPORT_BYTES if max_bytes is None else int(max_bytes)
+        with unpacked_archive(source, limit) as folder:
             info = store.read_json(folder / INFO_FILE) or {}
             store.check_version(info.get("schema_version"), source)
             incoming = Bank(folder)
@@ -602,7 +712,62 @@ def _same_or_conflict(mine: dict, theirs: dict, what: str, ident: str, where: Pa
         )
 
 
-def _check_name(value: Any, what: str) -> None:
+def modified_rows(table: str, rows: Iterable[dict[str, Any]]) -> list[Problem]:
+    """A :class:`Problem` for each row whose ``row_sha256`` does not match its content."""
+    key = "curve_id" if table == "curves" else "baseline_id"
+    return [Problem(table, str(r.get(key)), "row hash does not match its content (modified)")
+            for r in rows if row_hash(r) != r.get(HASH_COLUMN)]
+
+
+def unverified_message(problems: list[Problem], where: Path) -> str:
+    """The refusal to use rows or files that fail their hash, saying what to do."""
+    shown = "; ".join(f"{p.table} {p.id}: {p.problem}" for p in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return (
+        f"{len(problems)} bank row(s) or file(s) this answer needs fail their SHA-256 in "
+        f"{where}: {shown}{more}. They were changed after fp wrote them: run fp bank verify, "
+        f"restore the bank from an export (fp bank import), or pass --allow-unverified to "
+        f"use them anyway (recorded in the answer)"
+    )
+
+
+_SHA_RE = re.compile(r"^(embeddings:)?[0-9a-f]{64}$")
+
+
+def _image_keys(row: dict[str, Any]) -> list[str]:
+    """What identifies a curve's images: its manifest, and the folder it was cut from."""
+    keys = []
+    if _SHA_RE.match(str(row.get("manifest_sha256") or "")):
+        keys.append(row["manifest_sha256"])
+    params = row.get("params")
+    if params is None:
+        try:
+            params = json.loads(row.get("params_json") or "{}")
+        except ValueError:
+            params = {}
+    folder = str(params.get("folder_manifest_sha256") or "")
+    if _SHA_RE.match(folder):
+        keys.append("folder:" + folder)
+    return keys
+
+
+def duplicate_message(what: str, hit: dict[str, Any], baseline: str) -> str:
+    """The refusal of images enrolled already as curve ``hit``, saying what to do."""
+    return (
+        f"the images of {what} are already enrolled against baseline {baseline!r} as curve "
+        f"{hit['curve_id']} (model {hit['model']!r}, family {hit['family']!r}): the same "
+        f"images under a second name would tip attribution towards it. Remove that curve "
+        f"first (fp bank remove {hit['curve_id']}), or pass --allow-duplicate if this is "
+        f"deliberate (the new curves record which ones they repeat)"
+    )
+
+
+def check_name(value: Any, what: str) -> None:
+    """Refuse a baseline name or id that is not 1-128 letters, digits, ``.``, ``_``, ``-``.
+
+    Raises:
+        InputError: it is not allowed (the message says what is).
+    """
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise InputError(
             f"{what} {value!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
@@ -610,13 +775,36 @@ def _check_name(value: Any, what: str) -> None:
         )
 
 
-def check_name(value: Any, what: str) -> None:
-    """Refuse a baseline name (or id) the bank would not store, before any work is done.
+def check_labels(values: dict[str, Any]) -> None:
+    """Refuse labels and free text a terminal could misread, before they are stored.
+
+    Labels (``model, family, checkpoint, split``) are 1-128 characters without control or
+    format characters (escape sequences, newlines, BEL, bidirectional overrides); free
+    text (``source, notes``) is up to 4096 characters and may hold newlines and tabs.
+    ``None`` values are skipped.
 
     Raises:
-        InputError: not 1-128 letters, digits, '.', '_' or '-' starting with a letter or digit.
+        InputError: a value is not a string, too long, or holds such characters.
     """
-    _check_name(value, what)
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = key in TEXT_FIELDS
+        limit = MAX_TEXT if text else MAX_LABEL
+        shown = repr(value if not isinstance(value, str) or len(value) <= 60
+                     else value[:60] + "...")
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{key} {shown} is not allowed: give a non-empty text")
+        if len(value) > limit:
+            raise InputError(f"{key} {shown} is {len(value)} characters long; at most "
+                             f"{limit} are allowed")
+        bad = sorted({c for c in value if unicodedata.category(c)[0] == "C"
+                      and not (text and c in "\n\t")})
+        if bad:
+            raise InputError(
+                f"{key} {shown} holds control or format characters "
+                f"({', '.join(repr(c) for c in bad[:5])}); use printable text"
+            )
 
 
 def _fresh_id(prefix: str, taken: set[str]) -> str:
@@ -659,6 +847,7 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     for key in ("name", "model", "family"):
         if key in required and (not isinstance(out[key], str) or not out[key].strip()):
             raise InputError(f"{what} field {key!r} must be a non-empty string")
+    check_labels({k: out.get(k) for k in (*LABEL_FIELDS, *TEXT_FIELDS) if k in schema.names})
     if "values" in out:
         values = [float(v) for v in _tolist(out["values"])]
         if len(values) != len(layers):

@@ -59,13 +59,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """``{relative posix path: SHA-256}`` of every file under ``folder``, sorted by path."""
+    root = Path(folder)
+    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+    return {name: file_sha256(files[name]) for name in sorted(files)}
+
+
+def listing_sha256(hashes: dict[str, str]) -> str:
+    """SHA-256 of a ``sha256sum`` listing of ``{relative path: SHA-256}`` (see
+    :func:`tree_sha256`)."""
+    lines = [f"{hashes[name]}  {name}\n" for name in sorted(hashes)]
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
 def tree_sha256(folder: str | Path) -> str:
     """SHA-256 over the relative paths and contents of every file under ``folder``.
 
     The text hashed is one line ``<sha256 of file>  <relative posix path>`` per file,
     sorted by path (the format of ``sha256sum``).
     """
-    root = Path(folder)
-    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
-    lines = [f"{file_sha256(files[name])}  {name}\n" for name in sorted(files)]
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+    return listing_sha256(file_hashes(folder))

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,81 @@ class BankLock:
             yield
         finally:
             self._lock.release()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Wait until no writer holds the lock, and keep writers out, without writing.
+
+        For readers of a bank they cannot write (a read-only folder or mount): the lock
+        file is opened read-only and locked shared. Without a lock file no fp writer has
+        ever run, and there is nothing to wait for.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no shared locks
+            yield
+            return
+        path = self.folder / LOCK_NAME
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                yield
+                return
+            except OSError as exc:
+                raise BankError(f"cannot open the lock file {path} ({exc.strerror or exc}); "
+                                f"check its permissions") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise BankError(
+                        f"the bank at {self.folder} stayed locked by another fp process for "
+                        f"{self.timeout:g} s; wait for that process to finish and try again"
+                    ) from None
+                time.sleep(0.05)
+                continue
+            break
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the shared lock
+
+
+def probe_writable(folder: Path) -> str | None:
+    """Why this process cannot write a bank in ``folder``, or None if it can.
+
+    A real probe, not permission bits (which root ignores and read-only mounts do not
+    show): a temporary file is created and removed in the folder, or in its nearest
+    existing parent when the bank does not exist yet, and an existing lock file is opened
+    for writing.
+    """
+    place = folder
+    while not place.exists():
+        if place.parent == place:
+            return f"none of the folders above {folder} exists"
+        place = place.parent
+    if not place.is_dir():
+        return f"{place} is a file, not a folder"
+    for where in (place, folder / "baselines"):
+        if not where.is_dir():
+            continue
+        probe = temp_path(where, "probe")
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            return f"cannot create files in {where} ({exc.strerror or exc})"
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+    lock = folder / LOCK_NAME
+    if lock.exists():
+        try:
+            os.close(os.open(lock, os.O_RDWR))
+        except OSError as exc:
+            return f"cannot write its lock file {lock} ({exc.strerror or exc})"
+    return None
 
 
 def sweep_temp_files(folder: Path) -> None:
@@ -150,15 +226,26 @@ def write_json(obj: Any, target: Path) -> None:
 
 
 def read_table(path: Path, schema: pa.Schema) -> pa.Table:
-    """Read one bank table; an absent file is an empty table.
+    """Read one bank table through one open handle; an absent file is an empty table.
+
+    A reader therefore sees the old file or the new one while another process replaces
+    it, never an error.
 
     Raises:
         BankError: the file is unreadable, of a newer schema version, or not a bank table.
     """
-    if not path.exists():
-        return schema.empty_table()
+    # One open, one read: a writer's os.replace between two opens of the path (which
+    # pq.read_table(path) does) would pair one file's footer with another's pages.
     try:
-        table = pq.read_table(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return schema.empty_table()
+    except OSError as exc:
+        raise BankError(f"cannot read {path} ({exc.strerror or exc}); check its "
+                        f"permissions") from None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
     except (OSError, pa.ArrowException) as exc:
         raise BankError(
             f"cannot read {path}: {exc}. The file is damaged; restore the bank from an "
@@ -181,10 +268,10 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """Read a JSON file, or None if it is absent."""
-    if not path.exists():
-        return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
         raise BankError(f"cannot read {path}: {exc}; restore the bank from an export") from None

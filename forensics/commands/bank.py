@@ -41,6 +41,26 @@ def echo_json(data: Any) -> None:
     typer.echo(rows_to_json(data))
 
 
+#: Longest text shown in one table cell or line (the rest is cut, marked with "...").
+SHOWN_MAX = 200
+
+
+def printable(value: Any, limit: int = SHOWN_MAX) -> str:
+    """``value`` as text safe for a terminal: control and format characters (escape
+    sequences, newlines, BEL, bidirectional overrides) shown as Python escapes, and at
+    most ``limit`` characters.
+
+    Bank rows written by other tools, or by older versions, may hold such characters.
+    """
+    import unicodedata
+
+    text = str(value)
+    if any(unicodedata.category(c)[0] == "C" for c in text):
+        text = "".join(repr(c)[1:-1] if unicodedata.category(c)[0] == "C" else c
+                       for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _short_time(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if hasattr(value, "strftime") else str(value or "")
 
@@ -48,10 +68,14 @@ def _short_time(value: Any) -> str:
 def _print_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(*columns, title=title)
+    # Text, not str: rich would read "[...]" in a model name as markup.
+    table = Table(title=None if title is None else Text(printable(title, 400)))
+    for c in columns:
+        table.add_column(Text(printable(c)))
     for r in rows:
-        table.add_row(*("-" if v is None else str(v) for v in r))
+        table.add_row(*(Text("-" if v is None else printable(v)) for v in r))
     console = Console()
     if not console.is_terminal:  # piped: do not squeeze ids into 80 columns
         console = Console(width=200)
@@ -101,7 +125,8 @@ def show_cmd(
         return
     for key, value in row.items():
         if key not in ("layers", "values"):
-            typer.echo(f"{key:16} {value if value is not None else '-'}")
+            limit = SHOWN_MAX if key in ("model", "family", "checkpoint", "split") else 20_000
+            typer.echo(f"{key:16} {printable(value, limit) if value is not None else '-'}")
     _print_table(["layer", "C_T"], [[n, f"{v:.6g}"] for n, v in zip(row["layers"], row["values"],
                                                                   strict=True)])
 
@@ -144,12 +169,16 @@ def export_cmd(
 @bank_app.command("import")
 def import_cmd(
     file: Path = typer.Argument(..., help="An archive written by fp bank export."),
+    max_size: float = typer.Option(None, "--max-size", min=0.0,
+                                   help="Refuse archives that unpack to more than this many "
+                                        "GB (checked before anything is unpacked) "
+                                        "[default: 64]."),
     as_json: bool = typer.Option(False, "--json", help="Print what was imported as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Merge an exported bank into this one, after checking every hash."""
     b = open_bank(bank)
-    report = b.import_(file)
+    report = b.import_(file, max_bytes=None if max_size is None else int(max_size * 1e9))
     if as_json:
         echo_json(report.to_dict())
         return

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import typer
 
-from forensics.commands.bank import _print_table, _short_time, bank_option, echo_json, open_bank
+from forensics.commands.bank import (
+    _print_table,
+    _short_time,
+    bank_option,
+    echo_json,
+    open_bank,
+    printable,
+)
 
 baseline_app = typer.Typer(
     name="baseline",
@@ -64,7 +71,7 @@ def show_cmd(
             value = json.dumps(json.loads(value), sort_keys=True)
         elif key == "layers":
             value = ", ".join(value)
-        typer.echo(f"{key:24} {value if value is not None else '-'}")
+        typer.echo(f"{key:24} {printable(value, 2000) if value is not None else '-'}")
 
 
 @baseline_app.command("remove")

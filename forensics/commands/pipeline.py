@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from forensics.commands.bank import _print_table, bank_option, echo_json
+from forensics.commands.bank import _print_table, bank_option, echo_json, printable
 from forensics.commands.baseline import baseline_app
 from forensics.commands.embed import Pool, echo_skipped, skip_bad_option
 
@@ -173,6 +173,10 @@ def enroll_cmd(
     source: str = typer.Option(None, "--source", help="Where the images came from."),
     notes: str = typer.Option(None, "--notes", help="Free text."),
     tau: float = _tau(),
+    allow_duplicate: bool = typer.Option(
+        False, "--allow-duplicate",
+        help="Enroll images that are enrolled against this baseline already (refused "
+             "otherwise); the new curves record which ones they repeat."),
     as_json: bool = typer.Option(False, "--json", help="Print the new rows as JSON."),
     weights: str = _weights(),
     device: str = _device(),
@@ -188,13 +192,13 @@ def enroll_cmd(
     b = open_bank(bank)
     ids = enroll(folder, baseline=baseline, model=model, family=family, checkpoint=checkpoint,
                  per_curve=per_curve, split=split, bank=b, tau=tau, source=source, notes=notes,
-                 weights=weights, echo=_err,
+                 weights=weights, allow_duplicate=allow_duplicate, echo=_err,
                  **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     if as_json:
         echo_json(b.curves(curve_id=ids))
         return
-    typer.echo(f"Enrolled {len(ids)} curve(s) of {model} ({family}) in {b.path}: "
-               f"{', '.join(ids)}")
+    typer.echo(f"Enrolled {len(ids)} curve(s) of {printable(model)} ({printable(family)}) in "
+               f"{b.path}: {', '.join(ids)}")
 
 
 def attribute_cmd(
@@ -223,7 +227,12 @@ def attribute_cmd(
                                    help="Share of genuine curves accepted to be called unknown."),
     tau: float = _tau(),
     report: Path = typer.Option(None, "--report",
-                                help="Write attribution.json and attribution.png here."),
+                                help="Write attribution.json and attribution.png here "
+                                     "(re-check it later with fp case verify DIR)."),
+    allow_unverified: bool = typer.Option(
+        False, "--allow-unverified",
+        help="Use bank rows and baseline files that fail their SHA-256 (refused otherwise); "
+             "they are listed in the answer."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     weights: str = _weights(),
     device: str = _device(),
@@ -239,7 +248,7 @@ def attribute_cmd(
     result = attribute(folder, baseline=baseline, matcher=matcher, fingerprint=fingerprint,
                        top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
                        seed=seed, quantile=quantile, tau=tau, bank=bank, report=report,
-                       weights=weights,
+                       weights=weights, allow_unverified=allow_unverified,
                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for relpath, reason in result.curve.provenance.get("skipped", []):
         _err(f"skipped {relpath}: {reason}")
@@ -248,7 +257,7 @@ def attribute_cmd(
         return
     d = result.decision
     verdict = "UNKNOWN (no enrolled family is close enough)" if d.unknown else \
-        f"family {d.family}, model {d.model}"
+        f"family {printable(d.family)}, model {printable(d.model)}"
     conf = "" if d.confidence is None else f"   confidence {d.confidence:.2f}"
     if d.stability is not None:
         conf += f"   stability {d.stability:.2f}"
@@ -258,9 +267,12 @@ def attribute_cmd(
                  title=f"{folder}: nearest enrolled curves ({result.parameters['fingerprint']}, "
                        f"{result.parameters['matcher']})")
     typer.echo(f"Decision: {verdict}{conf}")
-    typer.echo(f"  {d.reason}")
+    typer.echo(f"  {printable(d.reason, 1000)}")
     if result.calibration.threshold is None:
         typer.echo(f"  note: {result.calibration.note}")
+    for p in (result.custody or {}).get("unverified", []):
+        typer.echo(f"  warning: used although it fails its hash (--allow-unverified): "
+                   f"{p['table']} {printable(p['id'])}: {p['problem']}", err=True)
     if report is not None:
         typer.echo(f"Report: {report}")
 
