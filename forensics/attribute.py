@@ -29,8 +29,6 @@ equals the decision on all images; ``model_confidence`` the same for the model.
 
 from __future__ import annotations
 
-import sys
-import types
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -570,15 +568,3 @@ def attribute_curve(
         "n_references": len(meta),
     }
     return Attribution(decision, ranking[:top], calibration, curve, boot, parameters)
-
-
-class _CallableModule(types.ModuleType):
-    """``forensics.attribute(folder, ...)`` runs :func:`forensics.pipeline.attribute`."""
-
-    def __call__(self, folder: Any, **kwargs: Any) -> Attribution:
-        from forensics.pipeline import attribute
-
-        return attribute(folder, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

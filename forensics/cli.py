@@ -15,7 +15,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from forensics import __version__
+from forensics._version import __version__
 from forensics.errors import FpError
 
 #: Modules under ``forensics.commands`` whose ``register(app)`` adds commands.

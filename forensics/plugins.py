@@ -176,7 +176,7 @@ def names(kind: str) -> list[str]:
 
 def plugin_info() -> list[dict[str, Any]]:
     """Describe every loaded plugin: name, version, built-in or not, what it registers."""
-    from forensics import __version__
+    from forensics._version import __version__
 
     pm = get_plugin_manager()
     dists = pm._fp_dists  # type: ignore[attr-defined]

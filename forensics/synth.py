@@ -239,7 +239,7 @@ def synth_folder(
             ``out`` inside ``src`` or non-empty without ``force``, unreadable image, two
             inputs that would write the same output.
     """
-    from forensics import __version__
+    from forensics._version import __version__
 
     p = _check_params(kind, params)
     src, out = Path(src), Path(out)
