@@ -44,6 +44,7 @@ from forensics.ct import (
     is_constant,
 )
 from forensics.errors import InputError
+from forensics.plugin.protocols import prepares_reference
 
 #: Version of the stored layout; part of every baseline's id.
 FORMAT = 1
@@ -404,19 +405,20 @@ class Baseline:
         m = Zq.shape[0]
         dQ = np.full(m, np.nan)
         nn_index = np.full(m, -1, dtype=np.int64)
-        ref, prepared = lb.t_points, False
-        if hasattr(dist, "prepare_reference"):  # once per layer, not once per cell and query
+        ref, options = lb.t_points, {}
+        if prepares_reference(dist):  # once per layer, not once per cell and query
             key = (lb.name, dist.name)
             if key not in self._prepared:
                 self._prepared[key] = dist.prepare_reference(lb.t_points)
-            ref, prepared = self._prepared[key], True
+            # Only a distance that prepares references takes ``prepared`` (the contract).
+            ref, options = self._prepared[key], {"prepared": True}
         t_off = lb.t_offsets
         for c in np.unique(q_lab):
             if c >= t_off.shape[0] - 1 or t_off[c + 1] == t_off[c]:
                 continue
             rows = np.flatnonzero(q_lab == c)
             d, i = dist.nn(Zq[rows], ref[t_off[c] : t_off[c + 1]], device=self.device,
-                           return_index=True, prepared=prepared)
+                           return_index=True, **options)
             dQ[rows] = d
             nn_index[rows] = lb.t_index[t_off[c] + i]
         return dQ, nn_index
