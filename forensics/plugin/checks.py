@@ -30,7 +30,7 @@ import numpy as np
 
 from forensics.errors import PluginError, UnknownNameError
 from forensics.plugin import protocols
-from forensics.plugin.protocols import CONTRACTS, Pattern
+from forensics.plugin.protocols import CONTRACTS, Pattern, members
 
 #: Types checked for attributes whose Protocol annotation is one of these.
 _ATTRIBUTE_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -67,22 +67,6 @@ class CheckResult:
 
 
 # -- structure ---------------------------------------------------------------------------
-
-
-def members(protocol: type, own: bool = False) -> list[tuple[str, Any]]:
-    """``(name, attribute)`` of a Protocol's members in definition order, bases first.
-
-    With ``own``, only those the Protocol itself defines (not its bases').
-    """
-    classes = [protocol] if own else [c for c in reversed(protocol.__mro__)
-                                      if getattr(c, "_is_protocol", False)
-                                      and c.__module__ == protocols.__name__]
-    out: dict[str, Any] = {}
-    for cls in classes:
-        for name, value in vars(cls).items():
-            if not name.startswith("_") and (isinstance(value, property) or callable(value)):
-                out[name] = value
-    return list(out.items())
 
 
 def _declared_type(member: property) -> str:

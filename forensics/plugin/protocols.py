@@ -235,7 +235,7 @@ class Fingerprint(Named, Protocol):
     """
 
     def compute(self, ctx: FingerprintContext) -> np.ndarray:
-        """The set's 1-D vector (K,) from ``ctx``: per-layer ``CTResult`` s, embeddings,
+        """The set's 1-D vector (K,) from ``ctx``: the per-layer ``CTResult`` objects, embeddings,
         the ``Baseline`` and this fingerprint's stored arrays (``ctx.extras``)."""
 
 
@@ -332,3 +332,19 @@ def prepares_reference(distance: Any) -> bool:
     """Whether the engine hands ``distance`` prepared reference rows (see
     :class:`PreparedDistance`)."""
     return callable(getattr(distance, "prepare_reference", None))
+
+
+def members(protocol: type, own: bool = False) -> list[tuple[str, Any]]:
+    """``(name, attribute)`` of a Protocol's members in definition order, bases first.
+
+    With ``own``, only those the Protocol itself defines (not its bases').
+    """
+    classes = [protocol] if own else [c for c in reversed(protocol.__mro__)
+                                      if getattr(c, "_is_protocol", False)
+                                      and c.__module__ == __name__]
+    out: dict[str, Any] = {}
+    for cls in classes:
+        for name, value in vars(cls).items():
+            if not name.startswith("_") and (isinstance(value, property) or callable(value)):
+                out[name] = value
+    return list(out.items())
