@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 from conftest import load_test_plugin
+from test_plugins import _plugin_module
 from typer.testing import CliRunner
 
 from forensics import plugins
 from forensics.cli import app
 from forensics.errors import PluginError
-from forensics.hookspecs import hookimpl
 from forensics.plugin import checks, protocols
 
 KINDS_CALLED = ["distances", "partitioners", "matchers", "fingerprints", "memorization_measures"]
-
-
-def _register(plugin: str, hook: str, *objs) -> None:
-    mod = types.ModuleType(plugin)
-
-    def impl(register):
-        for o in objs:
-            register(o)
-
-    impl.__name__ = hook
-    setattr(mod, hook, hookimpl(impl))
-    plugins.get_plugin_manager().register(mod, name=plugin)
 
 
 def _problems(kind: str, obj, **kw) -> str:
@@ -205,7 +191,8 @@ def test_fp_plugins_check_names_a_broken_plugin_without_a_traceback():
         def score(self, query):
             return query
 
-    _register("broken_plugin", "register_matchers", Bad())
+    plugins.get_plugin_manager().register(
+        _plugin_module("broken_plugin", "register_matchers", Bad()), name="broken_plugin")
     result = CliRunner().invoke(app, ["plugins", "--check", "--kind", "matchers"])
     assert result.exit_code == 1
     assert "Error: plugin 'broken_plugin': matcher 'bad' breaks the plugin contract" in (
