@@ -23,8 +23,23 @@ def _problems(kind: str, obj, **kw) -> str:
 # -- everything registered keeps the contract --------------------------------------------
 
 
-def test_contracts_cover_every_kind_and_hook():
-    assert {k: c.hook for k, c in protocols.CONTRACTS.items()} == plugins.KINDS
+def test_contracts_cover_every_hook():
+    from forensics import hookspecs
+
+    hooks = sorted(n for n in vars(hookspecs) if n.startswith("register_"))
+    assert sorted(c.hook for c in protocols.CONTRACTS.values()) == hooks
+    assert all(c.hook == f"register_{kind}" for kind, c in protocols.CONTRACTS.items())
+
+
+def test_the_engines_fingerprint_contexts_have_the_contracts_members():
+    from dataclasses import fields
+
+    from forensics.fingerprints import FingerprintContext, PrepareContext
+
+    for engine, protocol in ((FingerprintContext, protocols.SetContext),
+                             (PrepareContext, protocols.BuildContext)):
+        have = {f.name for f in fields(engine)} | set(dir(engine))
+        assert {n for n, _ in protocols.members(protocol)} <= have, protocol.__name__
 
 
 @pytest.mark.parametrize("kind", KINDS_CALLED)

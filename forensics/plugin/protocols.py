@@ -2,10 +2,11 @@
 
 This module is THE contract. Each kind a plugin registers (through the hook
 ``register_<kind>(register)``) has a Protocol of the members the engine uses; members that a
-plugin may leave out are in a second Protocol, ``<Kind>Options``, and the engine uses them only
-when present. Objects the plugin returns (an encoder's loaded model, a partitioner's fitted
-partition) have Protocols of their own. Every registered object has a ``name``, unique
-within its kind, and a one-line ``description``.
+plugin may leave out are in a second Protocol (``<Kind>Options``, or for distances the
+capability :class:`PreparedDistance`), and the engine uses them only when present. Objects
+the plugin returns (an encoder's loaded model, a partitioner's fitted partition) and the
+contexts the engine hands a fingerprint have Protocols of their own. Every registered
+object has a ``name``, unique within its kind, and a one-line ``description``.
 
 Conventions for every method: data arguments are passed positionally, options by keyword;
 arrays are numpy arrays; errors a user can fix are raised as
@@ -29,8 +30,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from forensics.fingerprints import FingerprintContext, PrepareContext
 
 
 @runtime_checkable
@@ -227,6 +226,60 @@ class Matcher(Named, Protocol):
 # -- fingerprints -----------------------------------------------------------------------
 
 
+class SetContext(Protocol):
+    """What :meth:`Fingerprint.compute` sees of one image set.
+
+    The engine passes a ``forensics.fingerprints.FingerprintContext``.
+    """
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names, in order."""
+
+    @property
+    def results(self) -> list[Any]:
+        """One ``CTResult`` per layer (with per-sample ``details`` if ``needs_details``)."""
+
+    @property
+    def embeddings(self) -> list[np.ndarray]:
+        """The set's embeddings, one ``(m, D_l)`` array per layer."""
+
+    @property
+    def baseline(self) -> Any:
+        """The ``forensics.baseline.Baseline`` the set was measured against."""
+
+    @property
+    def extras(self) -> dict[str, np.ndarray]:
+        """The arrays this fingerprint's ``prepare`` stored with the baseline."""
+
+    @property
+    def values(self) -> np.ndarray:
+        """C_T per layer (NaN where undefined): the paper's curve."""
+
+
+class BuildContext(Protocol):
+    """What ``FingerprintOptions.prepare`` sees when a baseline is built.
+
+    The engine passes a ``forensics.fingerprints.PrepareContext``.
+    """
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names, in order."""
+
+    @property
+    def train(self) -> list[np.ndarray]:
+        """T, one ``(n_T, D_l)`` array per layer."""
+
+    @property
+    def heldout(self) -> list[np.ndarray]:
+        """P, one ``(n_P, D_l)`` array per layer."""
+
+    @property
+    def baseline(self) -> Any:
+        """The ``forensics.baseline.Baseline`` just built from them."""
+
+
 @runtime_checkable
 class Fingerprint(Named, Protocol):
     """What a suspect set is matched on (``register_fingerprints``).
@@ -234,9 +287,8 @@ class Fingerprint(Named, Protocol):
     Every registered fingerprint is computed when a curve is enrolled and stored with it.
     """
 
-    def compute(self, ctx: FingerprintContext) -> np.ndarray:
-        """The set's 1-D vector (K,) from ``ctx``: the per-layer ``CTResult`` objects, embeddings,
-        the ``Baseline`` and this fingerprint's stored arrays (``ctx.extras``)."""
+    def compute(self, ctx: SetContext) -> np.ndarray:
+        """The set's 1-D vector (K,) from ``ctx`` (:class:`SetContext`)."""
 
 
 class FingerprintOptions(Protocol):
@@ -246,7 +298,7 @@ class FingerprintOptions(Protocol):
     def needs_details(self) -> bool:
         """``ctx.results`` then carry per-sample cells, distances and nearest T indices."""
 
-    def prepare(self, ctx: PrepareContext) -> dict[str, np.ndarray]:
+    def prepare(self, ctx: BuildContext) -> dict[str, np.ndarray]:
         """Arrays computed once from T and P when a baseline is built, stored with it
         (no pickle) and handed back as ``ctx.extras``."""
 
@@ -293,7 +345,7 @@ class Contract:
         hook: the hook a plugin implements to register such objects.
         protocol: the members every object must have.
         options: the members it may have (``None``: no optional members).
-        returns: Protocols of what its methods return, with their own options:
+        parts: Protocols of what its methods take or return, with their own options:
             ``(what, protocol, options)``.
     """
 
@@ -302,7 +354,7 @@ class Contract:
     hook: str
     protocol: type
     options: type | None = None
-    returns: tuple[tuple[str, type, type | None], ...] = ()
+    parts: tuple[tuple[str, type, type | None], ...] = ()
 
 
 CONTRACTS: dict[str, Contract] = {
@@ -315,7 +367,8 @@ CONTRACTS: dict[str, Contract] = {
                  (("fitted partition", FittedPartition, None),)),
         Contract("matchers", "matcher", "register_matchers", Matcher),
         Contract("fingerprints", "fingerprint", "register_fingerprints", Fingerprint,
-                 FingerprintOptions),
+                 FingerprintOptions, (("context of compute", SetContext, None),
+                                      ("context of prepare", BuildContext, None))),
         Contract("memorization_measures", "memorization measure",
                  "register_memorization_measures", MemorizationMeasure),
     )

@@ -57,7 +57,7 @@ def _rows(protocol: type, required: str, own: bool = False) -> list[str]:
 
 
 def contract_table(contract: Contract) -> str:
-    """The Markdown of one kind: its Protocol, optional members, and what it returns."""
+    """The Markdown of one kind: its Protocol, optional members, and the objects it meets."""
     lines = [f"**{contract.kind}** (`{contract.hook}`, "
              f"`forensics.plugin.protocols.{contract.protocol.__name__}`): "
              f"{_text(contract.protocol.__doc__)}", "",
@@ -67,7 +67,7 @@ def contract_table(contract: Contract) -> str:
         together = contract.protocol in contract.options.__mro__
         label = "optional, all together" if together else "optional"
         lines += _rows(contract.options, label, own=True)
-    for what, protocol, options in contract.returns:
+    for what, protocol, options in contract.parts:
         lines += ["", f"The {what} (`{protocol.__name__}`): {_text(protocol.__doc__)}", "",
                   "| member | required | contract |", "|---|---|---|"]
         lines += _rows(protocol, "yes")
