@@ -180,3 +180,10 @@ def test_only_the_public_api_package_is_above_everything(graph):
     edges, _ = graph
     importers = {m for m, ts in edges.items() if "forensics" in ts} - ALLOWED_ROOT_IMPORTS
     assert importers == set(), f"{sorted(importers)} import the package root forensics"
+
+
+def test_the_contract_and_the_version_are_leaves(graph):
+    """The Protocols depend on nothing of ours, so every layer may import them."""
+    edges, _ = graph
+    for leaf in ("forensics.plugin.protocols", "forensics._version"):
+        assert edges[leaf] == set(), f"{leaf} imports {sorted(edges[leaf])}"
