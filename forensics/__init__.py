@@ -15,10 +15,15 @@ The investigator's steps are importable from here, loaded on first use
     table = forensics.evaluate_bank("bank/", fingerprint="paper")
 
 ``forensics.attribute`` is also the module :mod:`forensics.attribute`: calling it runs
-:func:`forensics.pipeline.attribute`.
+:func:`forensics.pipeline.attribute`. The package, not that module, makes it callable, so
+the module of pure functions never imports the pipeline that uses it.
 """
 
-__version__ = "0.1.0"
+import inspect as _inspect
+import sys as _sys
+import types as _types
+
+from forensics._version import __version__
 
 #: Names exported lazily: name -> module that defines it.
 _LAZY = {
@@ -33,6 +38,36 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "attribute", *_LAZY]
+
+
+class _AttributeModule(_types.ModuleType):
+    """:mod:`forensics.attribute`, callable as :func:`forensics.pipeline.attribute`."""
+
+    def __call__(self, folder, **kwargs):
+        from forensics.pipeline import attribute
+
+        return attribute(folder, **kwargs)
+
+    @property
+    def __signature__(self) -> _inspect.Signature:
+        """The parameters of :func:`forensics.pipeline.attribute` (for help and IDEs)."""
+        from forensics.pipeline import attribute
+
+        return _inspect.signature(attribute)
+
+
+class _Package(_types.ModuleType):
+    """This package: its ``attribute`` submodule becomes callable as it is bound here."""
+
+    def __setattr__(self, name: str, value) -> None:
+        # The import system binds a loaded submodule with setattr(package, name, module),
+        # whether it was imported directly (import forensics.attribute) or lazily below.
+        if name == "attribute" and type(value) is _types.ModuleType:
+            value.__class__ = _AttributeModule
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -32,9 +32,6 @@ fingerprints with per-image vectors.
 
 from __future__ import annotations
 
-import inspect
-import sys
-import types
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -580,22 +577,3 @@ def attribute_curve(
         "n_references": len(meta),
     }
     return Attribution(decision, ranking[:top], calibration, curve, boot, parameters)
-
-
-class _CallableModule(types.ModuleType):
-    """``forensics.attribute(folder, ...)`` runs :func:`forensics.pipeline.attribute`."""
-
-    def __call__(self, folder: Any, **kwargs: Any) -> Attribution:
-        from forensics.pipeline import attribute
-
-        return attribute(folder, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        """The parameters of :func:`forensics.pipeline.attribute` (for help and IDEs)."""
-        from forensics.pipeline import attribute
-
-        return inspect.signature(attribute)
-
-
-sys.modules[__name__].__class__ = _CallableModule

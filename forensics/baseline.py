@@ -13,6 +13,7 @@ its cell's T samples, and ranking against the stored P distances::
 A baseline is identified by a content hash of its inputs (every T and P array, their cell
 labels) and of its parameters (distance, partitioner and its parameters, seed, format and
 ``fp`` version): :func:`load_or_build` reuses a stored one when the hash matches.
+:func:`ct_score` scores one layer through a one-off baseline.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from forensics import __version__
+from forensics._version import __version__
 from forensics.atomic import atomic_savez, atomic_write_text
 from forensics.ct import (
     STATUS_CONSTANT,
@@ -44,6 +45,7 @@ from forensics.ct import (
     is_constant,
 )
 from forensics.errors import InputError
+from forensics.plugin.protocols import prepares_reference
 
 #: Version of the stored layout; part of every baseline's id.
 FORMAT = 1
@@ -414,19 +416,20 @@ class Baseline:
         m = Zq.shape[0]
         dQ = np.full(m, np.nan)
         nn_index = np.full(m, -1, dtype=np.int64)
-        ref, prepared = lb.t_points, False
-        if hasattr(dist, "prepare_reference"):  # once per layer, not once per cell and query
+        ref, options = lb.t_points, {}
+        if prepares_reference(dist):  # once per layer, not once per cell and query
             key = (lb.name, dist.name)
             if key not in self._prepared:
                 self._prepared[key] = dist.prepare_reference(lb.t_points)
-            ref, prepared = self._prepared[key], True
+            # Only a distance that prepares references takes ``prepared`` (the contract).
+            ref, options = self._prepared[key], {"prepared": True}
         t_off = lb.t_offsets
         for c in np.unique(q_lab):
             if c >= t_off.shape[0] - 1 or t_off[c + 1] == t_off[c]:
                 continue
             rows = np.flatnonzero(q_lab == c)
             d, i = dist.nn(Zq[rows], ref[t_off[c] : t_off[c + 1]], device=self.device,
-                           return_index=True, prepared=prepared)
+                           return_index=True, **options)
             dQ[rows] = d
             nn_index[rows] = lb.t_index[t_off[c] + i]
         return dQ, nn_index
@@ -488,6 +491,57 @@ class Baseline:
                 *(arrays[f"{i}.{k}"] for k in
                   ("t_points", "t_index", "t_offsets", "p_dist", "p_offsets"))))
         return cls(layers, meta, device)
+
+
+def ct_score(
+    T: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    *,
+    distance: str = "abscosine",
+    partitioner: str | None = None,
+    tau: float | None = None,
+    seed: int = 0,
+    T_cells: np.ndarray | None = None,
+    P_cells: np.ndarray | None = None,
+    Q_cells: np.ndarray | None = None,
+    device: str = "cpu",
+    **partitioner_params: Any,
+) -> CTResult:
+    """C_T of generated embeddings ``Q`` against training ``T`` and held-out ``P`` (one layer).
+
+    Args:
+        T: (n_T, D) training embeddings.
+        P: (n, D) held-out embeddings from T's distribution.
+        Q: (m, D) generated embeddings.
+        distance: name of a registered distance (``abscosine``, ``euclidean``, ...).
+        partitioner: name of a registered partitioner; default ``given`` when cell labels
+            are passed, else ``kmeans``.
+        tau: cell threshold on Q's share; default 20/m.
+        seed: seed of every random step (PCA solver, KMeans).
+        T_cells: cell labels of T, P and Q for the ``given`` partitioner.
+        P_cells: see ``T_cells``.
+        Q_cells: see ``T_cells``.
+        device: torch device of the nearest-neighbour search.
+        **partitioner_params: e.g. ``n_cells``, ``pca_dim``, ``n_init`` for ``kmeans``.
+
+    Returns:
+        The :class:`CTResult`; identical to ``Baseline.build([T], [P], ...).query([Q])[0]``.
+    """
+    has_cells = [x is not None for x in (T_cells, P_cells, Q_cells)]
+    if any(has_cells) and not all(has_cells):
+        raise InputError("pass all of T_cells, P_cells and Q_cells, or none of them")
+    if partitioner is None:
+        partitioner = "given" if all(has_cells) else "kmeans"
+    base = Baseline.build(
+        [T], [P], ["layer"], distance=distance, partitioner=partitioner, seed=seed,
+        partitioner_params=partitioner_params, device=device,
+        T_cells=None if T_cells is None else [T_cells],
+        P_cells=None if P_cells is None else [P_cells],
+    )
+    result = base.query([Q], tau=tau, Q_cells=None if Q_cells is None else [Q_cells])[0]
+    result.layer = ""
+    return result
 
 
 def _layer_meta(lb: LayerBaseline) -> dict[str, Any]:

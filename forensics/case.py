@@ -45,7 +45,7 @@ def custody_record(*, bank: Any, loaded: Any, manifest: Any, folder: str | None,
         rows: the bank's curve rows the suspect was matched against.
         unverified: problems of rows or files used although they fail their hash.
     """
-    from forensics import __version__
+    from forensics._version import __version__
 
     files, skipped = [], []
     if manifest is not None:

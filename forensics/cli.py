@@ -16,7 +16,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from forensics import __version__
+from forensics._version import __version__
 from forensics.cli_output import json_error, keep_help_literal, walk
 from forensics.errors import FpError, FpWarning
 

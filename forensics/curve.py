@@ -157,7 +157,7 @@ def make_provenance(
         "encoder": {"name", "weights_sha256"}, "baseline": {"id", "name"}, "params",
         ...extra}``.
     """
-    from forensics import __version__
+    from forensics._version import __version__
 
     if not isinstance(params, dict):
         raise InputError(f"params must be a dict of parameters, got {type(params).__name__}")

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from forensics import __version__
+from forensics._version import __version__
 from forensics.atomic import atomic_savez, atomic_write, atomic_write_text
 from forensics.errors import FpWarning, InputError
 from forensics.images import Manifest, decode_rgb, read_image_file, scan_folder, to_rgb

@@ -1,21 +1,8 @@
-"""The encoder plugin protocol, and helpers that encoder plugins share.
+"""Helpers that encoder plugins share.
 
-An encoder plugin registers objects (through ``register_encoders``) with:
-
-- ``name``, ``description``, ``family`` (strings) and optionally ``default_weights``
-  (a weights spec, ``"hub"`` when absent);
-- ``layer_names(pool="cls") -> list[str] | None``: the layer names, without loading weights
-  (``None`` when they cannot be known without loading);
-- optionally ``layer_dims(pool="cls") -> list[int] | None``, likewise;
-- optionally ``with_input_size(size) -> encoder``, which makes ``NAME@SIZE`` valid;
-- ``load(weights, device, pool) -> LoadedEncoder``: ``weights`` is a spec string
-  (``hub``, a file path, ``random:SEED``), ``device`` a torch device string (``cpu``,
-  ``cuda:0``), ``pool`` is ``cls`` or ``mean``.
-
-A loaded encoder has ``layer_names``, ``weights_sha256``, ``preprocess`` (a JSON-ready dict
-for provenance), ``transform(pil_rgb_image) -> tensor`` (run in DataLoader workers) and
-``forward(batch) -> list[np.ndarray]`` (one float32 ``(B, D_l)`` array per layer, in the
-order of ``layer_names``). Its ``precision`` (optional) names the arithmetic used.
+The encoder contract (what ``register_encoders`` objects and their loaded models provide)
+is :class:`forensics.plugin.protocols.Encoder` and
+:class:`~forensics.plugin.protocols.LoadedEncoder`.
 
 This module imports torch and numpy only inside functions, so plugins and CLI modules may
 import it at top level.

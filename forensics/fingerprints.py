@@ -2,31 +2,10 @@
 
 A fingerprint turns one image set's per-layer statistics into the vector that a matcher
 compares with the enrolled vectors. Fingerprints are plugins (``register_fingerprints``);
-an object registered there has:
-
-- ``name`` and a one-line ``description``;
-- ``compute(ctx: FingerprintContext) -> np.ndarray``: the 1-D vector of one set;
-- optionally ``needs_ct`` (bool, default True): whether ``compute`` reads the C_T values
-  (``ctx.values`` / ``ctx.results``). A fingerprint that does not (``needs_ct = False``)
-  works from a handful of suspect images: C_T needs more than ``tau * m`` images in a cell,
-  about 210 with the defaults, and a set too small for it is refused only when the
-  fingerprint needs it;
-- optionally ``per_image(ctx) -> (m, K) array``: each image's vector, when the set's
-  vector is their mean. Enrolment then stores the per-entry variance of those vectors
-  beside the curve's vector, and ``fp attribute`` calibrates its confidence and a
-  size-aware ``unknown`` threshold on the bank (:mod:`forensics.confidence`);
-- optionally ``needs_details`` (bool): the per-layer :class:`~forensics.ct.CTResult` in
-  ``ctx.results`` then carry per-sample details (cell, distance, nearest T index);
-- optionally ``prepare(ctx: PrepareContext) -> dict[str, np.ndarray]``: arrays computed
-  once from T and P when a baseline is built (e.g. T's Gaussian statistics), stored with
-  the baseline as ``fingerprint-<name>.npz`` (no pickle) and handed back in
-  ``ctx.extras``;
-- optionally ``entry_layers(dims) -> np.ndarray``: the layer index of each vector entry
-  for layers of sizes ``dims`` (-1: an entry of no layer); default one entry per layer.
-  Dropping layers from matching drops their entries;
-- optionally ``matcher(name, dims) -> matcher | None`` and ``default_matcher`` (str):
-  a matching rule of its own for the vector of the kept layers (``None``: use the matcher
-  plugin of that name).
+their contract is :class:`forensics.plugin.protocols.Fingerprint` (with the optional
+members of :class:`~forensics.plugin.protocols.FingerprintOptions`). This module holds what
+the engine hands them (:class:`FingerprintContext`, :class:`PrepareContext`) and how it
+uses their optional members.
 
 Every registered fingerprint is computed and stored when a curve is enrolled, so a bank
 can be matched on any of them later.

@@ -4,6 +4,9 @@ Each hook receives a ``register`` callable; the plugin calls ``register(obj)`` o
 each thing it provides. ``obj`` must have a unique ``name`` attribute (a string) within
 its kind. New keyword arguments may be added to hooks later; pluggy passes a hook
 implementation only the arguments it names, so old plugins keep working.
+
+What each registered object must provide is its kind's Protocol in
+:mod:`forensics.plugin.protocols`.
 """
 
 from __future__ import annotations
@@ -57,9 +60,6 @@ def register_fingerprints(register):
 @hookspec
 def register_memorization_measures(register):
     """Register measures that score how strongly a model memorized given images.
-
-    A measure has ``score(images, model=..., **params) -> list[dict]`` (one dict per
-    image, in input order).
 
     .. versionadded:: 0.1.0
     """

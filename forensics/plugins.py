@@ -27,6 +27,7 @@ import pluggy
 
 from forensics import hookspecs
 from forensics.errors import PluginConflictError, PluginError, UnknownNameError
+from forensics.plugin.protocols import CONTRACTS
 
 GROUP = "fp"
 
@@ -41,15 +42,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.invmm",
 )
 
-#: kind -> hook name. New kinds are added here and in :mod:`forensics.hookspecs`.
-KINDS: dict[str, str] = {
-    "encoders": "register_encoders",
-    "distances": "register_distances",
-    "partitioners": "register_partitioners",
-    "matchers": "register_matchers",
-    "fingerprints": "register_fingerprints",
-    "memorization_measures": "register_memorization_measures",
-}
+#: kind -> hook name, from the contracts. A new kind is a hook in :mod:`forensics.hookspecs`
+#: and a contract in :mod:`forensics.plugin.protocols`.
+KINDS: dict[str, str] = {kind: c.hook for kind, c in CONTRACTS.items()}
 
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
@@ -176,7 +171,7 @@ def names(kind: str) -> list[str]:
 
 def plugin_info() -> list[dict[str, Any]]:
     """Describe every loaded plugin: name, version, built-in or not, what it registers."""
-    from forensics import __version__
+    from forensics._version import __version__
 
     pm = get_plugin_manager()
     dists = pm._fp_dists  # type: ignore[attr-defined]

@@ -284,7 +284,7 @@ def synth_folder(
             ``out`` inside ``src`` or non-empty without ``force``, unreadable image, two
             inputs that would write the same output.
     """
-    from forensics import __version__
+    from forensics._version import __version__
     from forensics.ct import check_seed
 
     seed = check_seed(seed)

@@ -84,7 +84,7 @@ def _now() -> datetime:
 
 
 def _tool_version() -> str:
-    from forensics import __version__
+    from forensics._version import __version__
 
     return __version__
 

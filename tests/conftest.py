@@ -69,3 +69,27 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present beside the checkout")
     return SHARED
+
+
+#: Spec-only plugins (one per hook), loaded by path: see tests/plugins/README.md.
+TEST_PLUGINS = REPO / "tests" / "plugins"
+
+
+def load_test_plugin(name: str):
+    """Register ``tests/plugins/<name>.py`` with the plugin manager, as ``tests.plugins.<name>``.
+
+    Returns the module. Plugins are reset before each test, so register within the test.
+    """
+    import importlib.util
+
+    from forensics import plugins
+
+    module_name = f"tests.plugins.{name}"
+    registered = plugins.get_plugin_manager().get_plugin(module_name)
+    if registered is not None:
+        return registered
+    spec = importlib.util.spec_from_file_location(module_name, TEST_PLUGINS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plugins.get_plugin_manager().register(module, name=module_name)
+    return module

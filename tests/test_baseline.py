@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from forensics.baseline import Baseline, array_digest, baseline_key, load_or_build
-from forensics.ct import ct_score
+from forensics.baseline import Baseline, array_digest, baseline_key, ct_score, load_or_build
 from forensics.errors import FpError, InputError
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from forensics import plugins
+from forensics.baseline import ct_score
 from forensics.ct import (
     CellStat,
     CTResult,
     ct_from_distances,
-    ct_score,
     default_tau,
     needed_count,
     zu,

@@ -18,12 +18,41 @@ def _describe(obj) -> str:
     return text if isinstance(text, str) else (text[0] if text else "")
 
 
+def _check(kinds: list[Kind] | None, load: bool, as_json: bool) -> None:
+    """``fp plugins --check``: a table of results; ``Error:`` naming each failing plugin."""
+    from forensics.errors import PluginError
+    from forensics.plugin.checks import check_registered, failure_message
+
+    results = check_registered([k.value for k in kinds] if kinds else None, load=load)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("kind", "name", "plugin", "contract")
+        for r in results:
+            table.add_row(r.kind, r.name, r.plugin, "ok" if r.ok else "; ".join(r.problems))
+        Console().print(table)
+    if not all(r.ok for r in results):
+        raise PluginError(failure_message(results))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plugins")
     def plugins_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        check: bool = typer.Option(
+            False, "--check", help="Run every registered object through its kind's contract."),
+        kinds: list[Kind] = typer.Option(
+            None, "--kind", help="With --check: only this kind (repeatable)."),
+        load: bool = typer.Option(
+            False, "--load", help="With --check: also load each encoder and embed two images."),
     ) -> None:
         """List loaded plugins, their versions and what each registers."""
+        if check:
+            _check(kinds, load, as_json)
+            return
         from forensics.plugins import plugin_info
 
         info = plugin_info()

@@ -1,0 +1,3 @@
+"""The version of ``fp``: a leaf module that imports nothing, so any layer may read it."""
+
+__version__ = "0.1.0"
