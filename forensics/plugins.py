@@ -39,6 +39,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.encoders_fid",
     "fp_plugins.fingerprints",
     "fp_plugins.invmm",
+    "fp_plugins.memorization_measures",
 )
 
 #: kind -> hook name. New kinds are added here and in :mod:`forensics.hookspecs`.

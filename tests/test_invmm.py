@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 FAST = ["--steps", "4", "--check-every", "2", "--noises", "2", "--samples", "2",
-        "--ddim-steps", "2", "--no-progress"]
+        "--similarity", "ncc", "--beta", "0.5", "--ddim-steps", "2", "--no-progress"]
 
 
 def _tiny_unet(sample_size: int = 8, channels: int = 1, cond_dim: int | None = None):
@@ -114,7 +114,7 @@ def test_invmm_is_a_registered_memorization_measure():
     assert plugins.registry("memorization_measures")["invmm"].plugin == "fp_plugins.invmm"
     result = runner.invoke(app, ["list", "memorization_measures", "--json"])
     assert result.exit_code == 0, result.output
-    assert [r["name"] for r in json.loads(result.output)] == ["invmm"]
+    assert [r["name"] for r in json.loads(result.output)] == ["extraction", "invmm", "wen"]
 
 
 def test_third_party_measure_registers_through_the_hook():
@@ -133,7 +133,7 @@ def test_third_party_measure_registers_through_the_hook():
 
     mod.register_memorization_measures = register_memorization_measures
     plugins.get_plugin_manager().register(mod, name="other_measure")
-    assert plugins.names("memorization_measures") == ["invmm", "other"]
+    assert plugins.names("memorization_measures") == ["extraction", "invmm", "other", "wen"]
     assert plugins.get("memorization_measures", "other").score(["a"], None)[0]["score"] == 1.0
 
 
@@ -145,10 +145,25 @@ def test_defaults_follow_the_official_code():
         2000, 0.1, 32, 50, 100)
     assert (pixel.xi, pixel.delta, pixel.kl_weight, pixel.samples, pixel.ddim_steps,
             pixel.beta) == (1e-3, 1e-4, 1.0, 8, 200, 0.5)
-    latent = resolve_params(latent=True, overrides={"steps": 7, "beta": None})
+    latent = resolve_params(latent=True, overrides={"steps": 70, "beta": None})
     assert (latent.check_every, latent.delta, latent.noises, latent.ddim_steps) == (
         10, 5e-4, 16, 50)
-    assert latent.steps == 7 and latent.beta == 0.5
+    assert latent.steps == 70 and latent.beta == 0.5
+    # Stable Diffusion's own constants, not the latent-diffusion ones
+    text = resolve_params(family="text-to-image")
+    assert (text.check_every, text.delta, text.noises, text.ddim_steps, text.samples) == (
+        50, 1e-3, 16, 50, 8)
+    assert (text.tokens, text.tau, text.lr, text.steps, text.beta) == (75, 2.0, 0.1, 2000, 0.5)
+
+
+def test_fewer_steps_than_check_every_is_refused(tiny_pixel, tiny_images):
+    from fp_plugins.invmm import resolve_params
+
+    with pytest.raises(InputError, match="no check would ever run"):
+        resolve_params(latent=False, overrides={"steps": 40})  # C = 50
+    result = runner.invoke(app, ["invmm", str(tiny_images), "--model", str(tiny_pixel),
+                                 *FAST, "--steps", "3", "--check-every", "5"])
+    assert result.exit_code == 1 and "smaller than check_every" in result.output
 
 
 @pytest.mark.parametrize("bad", [{"stepz": 3}, {"steps": 0}, {"beta": 2.0}, {"lr": -1.0}])
@@ -282,8 +297,9 @@ def test_encoder_similarity_uses_the_encoder_registry():
 def test_unknown_similarity_lists_the_choices():
     from fp_plugins._invmm_similarity import make_similarity
 
-    with pytest.raises(UnknownNameError, match="ncc, ssim, torchscript:PATH, encoder:NAME"):
-        make_similarity("sscd", torch.device("cpu"))
+    with pytest.raises(UnknownNameError,
+                       match="sscd, ncc, ssim, sscd:PATH, torchscript:PATH, encoder:NAME"):
+        make_similarity("nope", torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- DDIM
@@ -389,7 +405,7 @@ def test_cli_table_lists_every_image(tiny_pixel, tiny_images):
                                  "--device", "cpu", *FAST])
     assert result.exit_code == 0, result.output
     assert all(f"img0{i}.png" in result.output for i in range(3))
-    assert "similarity ncc, seed 0" in result.output
+    assert "similarity ncc, beta 0.5, seed 0" in result.output
 
 
 @pytest.mark.gpu
@@ -423,7 +439,7 @@ def test_conditional_unet_needs_and_uses_conditioning(tmp_path, tiny_images):
 
 def test_errors_say_what_to_do(tmp_path, tiny_pixel, tiny_images, monkeypatch):
     def err(args):
-        result = runner.invoke(app, ["invmm", *args, *FAST])
+        result = runner.invoke(app, ["invmm", *FAST, *args])
         assert result.exit_code == 1, result.output
         assert "Traceback" not in result.output
         return result.output
@@ -431,7 +447,7 @@ def test_errors_say_what_to_do(tmp_path, tiny_pixel, tiny_images, monkeypatch):
     assert "holds no unet/config.json" in err([str(tiny_images), "--model", str(tmp_path)])
     assert "no such image folder" in err([str(tmp_path / "nope"), "--model", str(tiny_pixel)])
     assert "unknown similarity" in err([str(tiny_images), "--model", str(tiny_pixel),
-                                        "--similarity", "sscd"])
+                                        "--similarity", "nope"])
     pickled = tmp_path / "pickled"
     _tiny_unet().save_pretrained(pickled / "unet", safe_serialization=False)
     _scheduler().save_pretrained(pickled / "scheduler")
