@@ -209,8 +209,9 @@ def _tiny_text_pipeline(folder: Path) -> Path:
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline",
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
     return folder
 
 
