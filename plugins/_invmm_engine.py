@@ -644,7 +644,14 @@ def _probe_batch_size(dm: DiffusionModel, p: Any, shape: tuple[int, ...]) -> int
                                           requires_grad=True)
                               if dm.text is not None and dm.encoder_hidden_states is None
                               and p.tokens else None))
-    _train_step(dm, [probe], p.noises, p.tau)
+    try:
+        _train_step(dm, [probe], p.noises, p.tau)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        if not _is_oom(exc):
+            raise
+        raise InputError(
+            f"one image's InvMM step ({p.noises} noises) does not fit in the memory of "
+            f"{dev}: lower --noises, or use --precision bf16") from exc
     per_image = torch.cuda.max_memory_allocated(dev) - base
     del probe
     torch.cuda.empty_cache()
@@ -689,6 +696,11 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
     dm = load_model(model, dev, conditioning, prompt=prompt, precision=precision)
     p = _resolve_params(overrides=params, family=dm.family)
     learn_tokens = dm.text is not None and dm.encoder_hidden_states is None and p.tokens > 0
+    if learn_tokens and p.tokens > dm.text.max_length - 2:
+        raise InputError(f"--tokens {p.tokens} does not fit the text encoder's "
+                         f"{dm.text.max_length} positions; use at most {dm.text.max_length - 2}")
+    if dm.text is not None and dm.encoder_hidden_states is None and not learn_tokens:
+        dm.encoder_hidden_states = dm.text.encode("")  # --tokens 0: the empty prompt
     sim = make_similarity(similarity, dev, size=SSCD_SIZE[dm.family] if is_sscd(similarity)
                           else None, encoder_weights=encoder_weights, encoder_pool=encoder_pool)
 

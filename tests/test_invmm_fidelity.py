@@ -259,6 +259,12 @@ def test_fixed_prompt_uses_the_pipelines_text_encoder(text_pipe, imgs):
     bad = runner.invoke(app, ["invmm", str(imgs), "--model", str(text_pipe), *FAST,
                               "--prompt", "x", "--conditioning", "nope.safetensors"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
+    empty = _json(["invmm", str(imgs), "--model", str(text_pipe), "--json", *FAST,
+                   "--tokens", "0"])  # no tokens learned: the empty prompt
+    assert empty["provenance"]["learned_tokens"] == 0 and len(empty["results"]) == 3
+    long = runner.invoke(app, ["invmm", str(imgs), "--model", str(text_pipe), *FAST,
+                               "--tokens", "11"])  # 12 positions: at most 10 tokens
+    assert long.exit_code == 1 and "at most 10" in long.output
 
 
 # --------------------------------------------------------------------------- evidence
@@ -341,6 +347,30 @@ def test_batch_from_free_memory():
     assert pick_batch_size(40 * gib, 2 * gib) == 16  # 0.8 x 40 / 2
     assert pick_batch_size(gib, 8 * gib) == 1
     assert pick_batch_size(1000 * gib, gib) == MAX_AUTO_BATCH
+
+
+def test_probe_fills_the_free_memory_with_measured_steps(pixel, monkeypatch):
+    """The CUDA probe's arithmetic, on CPU with the memory counters faked."""
+    from fp_plugins import _invmm_engine as eng
+    from fp_plugins._invmm_params import resolve_params
+
+    gib = 2**30
+    fake = {"synchronize": lambda d=None: None, "reset_peak_memory_stats": lambda d=None: None,
+            "empty_cache": lambda: None, "memory_allocated": lambda d=None: 1 * gib,
+            "max_memory_allocated": lambda d=None: 3 * gib,
+            "mem_get_info": lambda d=None: (40 * gib, 80 * gib)}
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    dm = eng.load_model(pixel, torch.device("cpu"))
+    p = resolve_params(overrides={"noises": 2})
+    assert eng._probe_batch_size(dm, p, (1, 1, 8, 8)) == 16  # 0.8 x 40 GiB / 2 GiB
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(eng.DiffusionModel, "output", oom)
+    with pytest.raises(InputError, match="does not fit in the memory"):
+        eng._probe_batch_size(dm, p, (1, 1, 8, 8))
 
 
 def test_bf16_autocast_runs_the_unet_in_bf16_on_cpu(pixel, imgs):
