@@ -184,25 +184,13 @@ def test_autoencoder_class_comes_from_its_config_not_the_folder_name(tmp_path, i
 
 def _tiny_text_pipeline(folder: Path) -> Path:
     """A Stable-Diffusion-shaped folder: CLIP tokenizer + text encoder, KL VAE, cond UNet."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    import importlib.util
 
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's byte alphabet
-    chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    raw = folder / "raw"
-    raw.mkdir(parents=True)
-    (raw / "vocab.json").write_text(json.dumps(vocab))
-    (raw / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"),
-                  model_max_length=12).save_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=6, intermediate_size=12, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=12,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"])).save_pretrained(folder / "text_encoder")
+    spec = importlib.util.spec_from_file_location(
+        "bench_memorization", ROOT / "benchmarks" / "bench_memorization.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.tiny_clip_pipeline_parts(folder, max_length=12, hidden=6)
     _kl_autoencoder().save_pretrained(folder / "vae")
     _tiny_unet(sample_size=4, channels=2, cond_dim=6).save_pretrained(folder / "unet")
     _scheduler().save_pretrained(folder / "scheduler")
