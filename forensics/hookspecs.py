@@ -61,5 +61,10 @@ def register_fingerprints(register):
 def register_memorization_measures(register):
     """Register measures that score how strongly a model memorized given images.
 
+    A measure has ``score(images, model=..., **params) -> list[dict]`` (one dict per
+    image, in input order, with at least ``image`` and ``score``) and may set
+    ``more_memorized = "lower"`` (default) or ``"higher"``; ``fp memorize`` runs it.
+
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0 ``more_memorized``; ``fp memorize --measure NAME``.
     """

@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fp_plugins.encoders_fid",
     "fp_plugins.fingerprints",
     "fp_plugins.invmm",
+    "fp_plugins.memorization_measures",
 )
 
 #: kind -> hook name, from the contracts. A new kind is a hook in :mod:`forensics.hookspecs`

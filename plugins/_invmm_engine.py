@@ -20,13 +20,22 @@ Per image x0 (as the official ``ddpm/inverion.py``):
             w = w + delta
     score = inf if it never stopped
 
+Text-to-image pipelines (the official ``stable-diffusion-v1/-v2`` scripts) also learn the
+prompt (``fp_plugins._invmm_text``): each of the `noises` gets its own Gumbel-softmax draw
+of the soft tokens, and a check samples at every guidance scale 1..7 (classifier-free
+guidance against the empty prompt), succeeding when any scale's least similar sample
+reaches beta.
+
 Several images are optimised together: their noised inputs share one model call per step
 (and per DDIM step), while each keeps its own parameters, Adam state, KL weight, loss
-window and random stream, so its score is what it would be alone.
+window and random stream, so its score is what it would be alone (up to float round-off).
+When CUDA runs out of memory, the images of a step are split into smaller model calls
+(the random streams are rewound first), so a run never fails for its batch size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -39,13 +48,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from fp_plugins._invmm_similarity import make_similarity
-from fp_plugins.invmm import InvMMReport, params_dict, rank, resolve_params
+from fp_plugins._invmm_params import GUIDANCE_SCALES, SSCD_SIZE, InvMMReport, params_dict, rank
+from fp_plugins._invmm_params import resolve_params as _resolve_params
+from fp_plugins._invmm_similarity import (
+    SSCD_BETA,
+    calibrate_beta,
+    check_sscd_present,
+    is_sscd,
+    make_similarity,
+)
 
 from forensics.errors import InputError, OfflineError
 
 _UNETS = ("UNet2DModel", "UNet2DConditionModel")
-_VAES = {"vqvae": "VQModel", "vae": "AutoencoderKL"}
+_AUTOENCODERS = ("VQModel", "AutoencoderKL")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Most images optimised together when the batch is picked from free memory.
+MAX_AUTO_BATCH = 64
+#: Share of the free GPU memory a picked batch may use.
+MEMORY_SHARE = 0.8
 
 
 # --------------------------------------------------------------------------- the model
@@ -53,7 +74,7 @@ _VAES = {"vqvae": "VQModel", "vae": "AutoencoderKL"}
 
 @dataclass
 class DiffusionModel:
-    """A diffusers denoiser, its noise schedule and (for latent models) its autoencoder."""
+    """A diffusers denoiser, its noise schedule, autoencoder and text conditioning if any."""
 
     unet: Any
     alphas_cumprod: torch.Tensor  # float64, on the device
@@ -62,12 +83,25 @@ class DiffusionModel:
     autoencoder: Any = None
     autoencoder_kind: str | None = None  # "vq" | "kl"
     scaling_factor: float = 1.0
-    encoder_hidden_states: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None  # fixed conditioning, (1, L, D)
+    text: Any = None  # a TextConditioner for text-to-image pipelines
+    autocast_dtype: torch.dtype | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def latent(self) -> bool:
         return self.autoencoder is not None
+
+    @property
+    def conditional(self) -> bool:
+        return self.encoder_hidden_states is not None or self.text is not None
+
+    @property
+    def family(self) -> str:
+        """``pixel``, ``latent`` or ``text-to-image`` (any cross-attention UNet)."""
+        if self.conditional:
+            return "text-to-image"
+        return "latent" if self.latent else "pixel"
 
     @property
     def num_timesteps(self) -> int:
@@ -86,14 +120,34 @@ class DiffusionModel:
             size *= 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
         return size
 
-    def output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The UNet's output at (x_t, t), learned-variance channels dropped."""
-        if self.encoder_hidden_states is not None:
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def output(self, x_t: torch.Tensor, t: torch.Tensor,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's output at (x_t, t), learned-variance channels dropped, in float32.
+
+        ``cond``: per-sample ``encoder_hidden_states`` (default: the fixed conditioning).
+        """
+        if cond is None and self.encoder_hidden_states is not None:
             cond = self.encoder_hidden_states.expand(x_t.shape[0], -1, -1)
-            out = self.unet(x_t, t, encoder_hidden_states=cond).sample
-        else:
-            out = self.unet(x_t, t).sample
-        return out[:, : x_t.shape[1]]
+        with self._autocast():
+            if cond is not None:
+                out = self.unet(x_t, t, encoder_hidden_states=cond).sample
+            else:
+                out = self.unet(x_t, t).sample
+        return out[:, : x_t.shape[1]].float()
+
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+               uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Classifier-free guided output ``u + scale (c - u)``; the conditional one at 1."""
+        if uncond is None or scale == 1.0:
+            return self.output(x_t, t, cond)
+        out = self.output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        u, c = out.chunk(2)
+        return u + scale * (c - u)
 
     def x0_eps(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor):
         """(x0_hat, eps_hat) from a model output, by the scheduler's prediction type."""
@@ -171,16 +225,54 @@ def _weights(cls: Any, path: Path, device: torch.device) -> Any:
     """A frozen diffusers model in eval mode; safetensors only, so nothing is unpickled."""
     try:
         net = cls.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # RuntimeError: size mismatch
         raise InputError(f"cannot load {cls.__name__} from {path} (weights must be "
-                         f".safetensors): {exc}") from exc
+                         f".safetensors matching its config.json): {exc}") from exc
     net.requires_grad_(False)
     return net.to(device).eval()
 
 
+def _autoencoder(folder: Path, device: torch.device) -> tuple[Any, str, float] | None:
+    """(model, "vq" | "kl", latent scaling) from ``vqvae/`` or ``vae/``, by its config's class.
+
+    LDMPipeline stores a ``VQModel`` in ``vqvae/`` and decodes its latents unscaled;
+    LDMTextToImagePipeline stores an ``AutoencoderKL`` in the same folder, and Stable
+    Diffusion one in ``vae/``: both scale KL latents by the config's ``scaling_factor``.
+    """
+    import diffusers
+
+    for sub in ("vqvae", "vae"):
+        config = folder / sub / "config.json"
+        if not config.is_file():
+            continue
+        cls_name = _read_json(config).get("_class_name")
+        if cls_name not in _AUTOENCODERS:
+            raise InputError(f"{config}: InvMM supports the autoencoders "
+                             f"{' and '.join(_AUTOENCODERS)}, not {cls_name}")
+        ae = _weights(getattr(diffusers, cls_name), folder / sub, device)
+        if cls_name == "VQModel":
+            return ae, "vq", 1.0
+        return ae, "kl", float(getattr(ae.config, "scaling_factor", 1.0) or 1.0)
+    return None
+
+
+def _precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None: plain float32)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def load_model(model: str | Path, device: torch.device,
-               conditioning: str | Path | None = None) -> DiffusionModel:
-    """Load a diffusers model: UNet (pixel or latent), scheduler, autoencoder if any.
+               conditioning: str | Path | None = None, *, prompt: str | None = None,
+               precision: str = "fp32") -> DiffusionModel:
+    """Load a diffusers model: UNet, scheduler, autoencoder and text encoder if any.
 
     Raises:
         InputError: the folder does not hold a supported model.
@@ -203,6 +295,12 @@ def load_model(model: str | Path, device: torch.device,
                          f"model's noise schedule; save the whole pipeline with save_pretrained")
     sched_cls_name = _read_json(sched_dir / "scheduler_config.json").get("_class_name", "")
     sched_cls = getattr(diffusers, sched_cls_name, None) or diffusers.DDPMScheduler
+    text_pipeline = unet_cls == "UNet2DConditionModel" and _has_text(folder)
+    if prompt is not None and not text_pipeline:
+        raise InputError(f"--prompt needs a text-to-image pipeline (tokenizer/ and "
+                         f"text_encoder/ beside unet/); {folder} has none")
+    if conditioning is not None and unet_cls != "UNet2DConditionModel":
+        raise InputError("--conditioning applies to UNet2DConditionModel models only")
 
     unet = _weights(getattr(diffusers, unet_cls), unet_dir, device)
     try:
@@ -226,18 +324,22 @@ def load_model(model: str | Path, device: torch.device,
         alphas_cumprod=torch.as_tensor(alphas).double().to(device),
         prediction_type=prediction_type,
         device=device,
+        autocast_dtype=_precision(precision, device),
     )
-    for sub, cls_name in _VAES.items():
-        if (folder / sub / "config.json").is_file():
-            ae = _weights(getattr(diffusers, cls_name), folder / sub, device)
-            dm.autoencoder, dm.autoencoder_kind = ae, ("vq" if sub == "vqvae" else "kl")
-            # LDMPipeline decodes VQ latents unscaled; Stable Diffusion scales KL latents.
-            dm.scaling_factor = 1.0 if sub == "vqvae" else float(ae.config.scaling_factor)
-            break
+    ae = _autoencoder(folder, device)
+    if ae is not None:
+        dm.autoencoder, dm.autoencoder_kind, dm.scaling_factor = ae
     if unet_cls == "UNet2DConditionModel":
-        dm.encoder_hidden_states = _conditioning(conditioning, unet, device, folder)
-    elif conditioning is not None:
-        raise InputError("--conditioning applies to UNet2DConditionModel models only")
+        if conditioning is not None:
+            dm.encoder_hidden_states = _conditioning(conditioning, unet, device, folder)
+        elif text_pipeline:
+            from fp_plugins._invmm_text import load_text
+
+            dm.text = load_text(folder, device)
+            if prompt is not None:
+                dm.encoder_hidden_states = dm.text.encode(prompt)
+        else:
+            _conditioning(None, unet, device, folder)
     dm.info = {
         "source": str(model),
         "folder": str(folder),
@@ -247,20 +349,30 @@ def load_model(model: str | Path, device: torch.device,
         "num_train_timesteps": dm.num_timesteps,
         "prediction_type": prediction_type,
         "space": "latent" if dm.latent else "pixel",
+        "family": dm.family,
         "autoencoder": type(dm.autoencoder).__name__ if dm.latent else None,
         "image_size": dm.image_size,
         "image_channels": dm.image_channels,
+        "text": dm.text.info if dm.text is not None else None,
+        "prompt": prompt,
     }
     return dm
+
+
+def _has_text(folder: Path) -> bool:
+    from fp_plugins._invmm_text import has_text_encoder
+
+    return has_text_encoder(folder)
 
 
 def _conditioning(path: str | Path | None, unet: Any, device: torch.device,
                   folder: Path) -> torch.Tensor:
     if path is None:
         raise InputError(
-            f"{folder} has a UNet2DConditionModel: pass --conditioning FILE.safetensors holding "
-            f"'encoder_hidden_states' (shape (L, D) or (1, L, D), D = "
-            f"{unet.config.cross_attention_dim}), e.g. the empty-prompt text embedding"
+            f"{folder} has a UNet2DConditionModel but no tokenizer/ and text_encoder/: pass "
+            f"--conditioning FILE.safetensors holding 'encoder_hidden_states' (shape (L, D) "
+            f"or (1, L, D), D = {unet.config.cross_attention_dim}), e.g. the empty-prompt "
+            f"text embedding"
         )
     from safetensors.torch import load_file
 
@@ -323,19 +435,23 @@ def _generator(seed: int, digest: str, device: torch.device) -> torch.Generator:
 # --------------------------------------------------------------------------- DDIM
 
 
-def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int, *,
+                cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+                scale: float = 1.0) -> torch.Tensor:
     """Deterministic DDIM (eta 0) from x_T; returns images in [0, 1].
 
     Pixel models follow the official ``GaussianDiffusionDDIMSampler``: timesteps
     ``int(linspace(-1, T-1, steps+1))`` from the top, and the clipped x0 prediction at the
-    last one. Latent models follow ``ldm``'s ``DDIMSampler`` (uniform spacing
-    ``arange(0, T, T // steps) + 1``, final x_{prev} decoded), as the official LDM code.
+    last one. Latent and text-to-image models follow ``ldm``'s ``DDIMSampler`` (uniform
+    spacing ``arange(0, T, T // steps) + 1``, final x_{prev} decoded), as the official
+    LDM and Stable Diffusion code; with ``uncond``, the output is classifier-free guided at
+    ``scale``.
     """
     T = dm.num_timesteps
     ac = dm.alphas_cumprod
     x = x_T
     with torch.inference_mode():
-        if not dm.latent:
+        if not dm.latent and not dm.conditional:
             times = torch.linspace(-1, T - 1, min(steps, T) + 1).int().tolist()[::-1]
             x0 = x
             for t, t_next in zip(times[:-1], times[1:], strict=True):
@@ -351,7 +467,7 @@ def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int) -> torch.Tens
         prev = [0, *ts[:-1]]
         for t, tp in zip(reversed(ts), reversed(prev), strict=True):
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x0, eps = dm.x0_eps(x, tt, dm.output(x, tt))
+            x0, eps = dm.x0_eps(x, tt, dm.guided(x, tt, cond, uncond, scale))
             a_prev = ac[tp].float()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return dm.decode(x)
@@ -373,29 +489,46 @@ class _Slot:
     opt: torch.optim.Optimizer
     kl_weight: float
     losses: deque
+    log_coeffs: torch.Tensor | None = None  # (tokens, V): learned prompt logits
     prev: float = math.inf
     step: int = 0
     kl: float = math.nan
     similarity: float = math.nan
     best_similarity: float = -math.inf
     success_step: int | None = None
+    success_scale: float | None = None
+    checks: list = field(default_factory=list)
+    samples: torch.Tensor | None = None  # the deciding check's samples, on the CPU
+    samples_scale: float | None = None
 
     def kl_term(self) -> torch.Tensor:
         return 0.5 * torch.mean(self.mu**2 + self.logvar.exp() - self.logvar - 1)
 
 
-def _train_step(dm: DiffusionModel, slots: list[_Slot], noises: int) -> None:
+def _soft_prompts(dm: DiffusionModel, s: _Slot, n: int, tau: float) -> torch.Tensor | None:
+    """``(n, L, D)`` encoder states of ``n`` Gumbel-softmax draws of the slot's tokens."""
+    if s.log_coeffs is None:
+        return None
+    from fp_plugins._invmm_text import gumbel_softmax
+
+    coeffs = gumbel_softmax(s.log_coeffs.expand(n, -1, -1), tau, s.gen)
+    return dm.text.encode_soft(coeffs)
+
+
+def _train_step(dm: DiffusionModel, slots: list[_Slot], noises: int, tau: float) -> None:
     T = dm.num_timesteps
-    x_T, ts = [], []
+    x_T, ts, conds = [], [], []
     for s in slots:
         z = torch.randn((noises, *s.x0.shape[1:]), generator=s.gen, device=dm.device)
         ts.append(torch.randint(0, T, (noises,), generator=s.gen, device=dm.device))
         x_T.append(z * (s.logvar / 2).exp() + s.mu)
+        conds.append(_soft_prompts(dm, s, noises, tau))
     x_T, t = torch.cat(x_T), torch.cat(ts)
+    cond = torch.cat(conds) if conds[0] is not None else None
     x0 = torch.cat([s.x0.expand(noises, *s.x0.shape[1:]) for s in slots])
     a = dm.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * x_T
-    x0_hat, _ = dm.x0_eps(x_t, t, dm.output(x_t, t))
+    x0_hat, _ = dm.x0_eps(x_t, t, dm.output(x_t, t, cond))
     rec = ((x0_hat - x0) ** 2).flatten(1).mean(1).view(len(slots), noises).mean(1)
     kls = torch.stack([s.kl_term() for s in slots])
     w = torch.tensor([s.kl_weight for s in slots], device=dm.device)
@@ -406,28 +539,148 @@ def _train_step(dm: DiffusionModel, slots: list[_Slot], noises: int) -> None:
         s.losses.append(r)
 
 
-def _check(dm: DiffusionModel, slots: list[_Slot], similarity, n_samples: int,
-           ddim_steps: int, beta: float) -> None:
+def _check(dm: DiffusionModel, slots: list[_Slot], similarity, p: Any,
+           uncond: torch.Tensor | None) -> None:
+    """Sample each slot's images and record the check; success when any scale reaches beta."""
+    k = p.samples
     with torch.no_grad():
         x_T = torch.cat([
-            torch.randn((n_samples, *s.x0.shape[1:]), generator=s.gen, device=dm.device)
+            torch.randn((k, *s.x0.shape[1:]), generator=s.gen, device=dm.device)
             * (s.logvar / 2).exp() + s.mu
             for s in slots
         ])
-        images = ddim_sample(dm, x_T, ddim_steps)
-        images = images.view(len(slots), n_samples, *images.shape[1:])
+        conds = [_soft_prompts(dm, s, 1, p.tau) for s in slots]
+        cond = None
+        if dm.conditional:
+            cond = torch.cat([
+                (c if c is not None else dm.encoder_hidden_states).expand(k, -1, -1)
+                for c in conds])
+        scales = GUIDANCE_SCALES if uncond is not None else (1.0,)
         refs = torch.stack([s.ref for s in slots])
-        sims = similarity(refs, images).min(dim=1).values.cpu().tolist()
-    for s, sim in zip(slots, sims, strict=True):
+        per_scale, images = [], []
+        for scale in scales:
+            imgs = ddim_sample(dm, x_T, p.ddim_steps, cond=cond,
+                               uncond=None if uncond is None else uncond.expand(len(x_T), -1, -1),
+                               scale=scale)
+            imgs = imgs.view(len(slots), k, *imgs.shape[1:])
+            per_scale.append(similarity(refs, imgs).min(dim=1).values.float().cpu())
+            images.append(imgs)
+        sims = torch.stack(per_scale, dim=1)  # (slots, scales)
+    for i, s in enumerate(slots):
+        best = int(sims[i].argmax())
+        sim = float(sims[i, best])
+        improved = sim > s.best_similarity
         s.similarity = sim
         s.best_similarity = max(s.best_similarity, sim)
-        if sim >= beta:
-            s.success_step = s.step
+        success = sim >= p.beta
+        if success:
+            s.success_step, s.success_scale = s.step, scales[best]
+        if success or improved:
+            s.samples, s.samples_scale = images[best][i].float().cpu(), scales[best]
+        with torch.no_grad():
+            kl = float(s.kl_term())
+        s.checks.append({
+            "step": s.step, "kl": kl, "kl_weight": s.kl_weight,
+            "loss": float(np.mean(s.losses)), "similarity": sim,
+            "similarity_per_scale": [float(v) for v in sims[i]] if len(scales) > 1 else None,
+            "success": success,
+        })
 
 
-def run(images: Sequence[Any], model: str | Path, *, similarity: str, device: str | None,
-        seed: int, batch_size: int | None, conditioning: str | Path | None,
-        encoder_weights: str | None, encoder_pool: str | None,
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class _Chunked:
+    """Runs a per-slot step over chunks of ``size`` slots; halves ``size`` on OOM.
+
+    Before a retry the slots' random streams are rewound and their gradients dropped, so
+    the retried step draws exactly what the failed one drew.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.backoffs: list[int] = []
+
+    def __call__(self, fn: Callable[[list[_Slot]], None], slots: list[_Slot]) -> None:
+        i = 0
+        while i < len(slots):
+            chunk = slots[i : i + self.size]
+            states = [s.gen.get_state() for s in chunk]
+            try:
+                fn(chunk)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                if not _is_oom(exc) or self.size == 1:
+                    raise
+                for s, st in zip(chunk, states, strict=True):
+                    s.gen.set_state(st)
+                    s.opt.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.size = max(1, self.size // 2)
+                self.backoffs.append(self.size)
+                continue
+            i += len(chunk)
+
+
+def pick_batch_size(free_bytes: int, per_image_bytes: int,
+                    limit: int = MAX_AUTO_BATCH) -> int:
+    """Images that fit in ``MEMORY_SHARE`` of the free memory, between 1 and ``limit``."""
+    if per_image_bytes <= 0:
+        return limit
+    return int(max(1, min(limit, (free_bytes * MEMORY_SHARE) // per_image_bytes)))
+
+
+def _probe_batch_size(dm: DiffusionModel, p: Any, shape: tuple[int, ...]) -> int:
+    """On CUDA: measure one image's training-step memory, then fill the free memory."""
+    dev = dm.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    mu = torch.zeros(shape, device=dev, requires_grad=True)
+    logvar = torch.zeros(shape, device=dev, requires_grad=True)
+    probe = _Slot(index=-1, x0=torch.zeros(shape, device=dev), ref=torch.zeros(1), gen=gen,
+                  mu=mu, logvar=logvar, opt=torch.optim.Adam([mu, logvar], lr=0.0),
+                  kl_weight=0.0, losses=deque(maxlen=1),
+                  log_coeffs=(torch.zeros(p.tokens, dm.text.vocab_size, device=dev,
+                                          requires_grad=True)
+                              if dm.text is not None and dm.encoder_hidden_states is None
+                              and p.tokens else None))
+    try:
+        _train_step(dm, [probe], p.noises, p.tau)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        if not _is_oom(exc):
+            raise
+        raise InputError(
+            f"one image's InvMM step ({p.noises} noises) does not fit in the memory of "
+            f"{dev}: lower --noises, or use --precision bf16") from exc
+    per_image = torch.cuda.max_memory_allocated(dev) - base
+    del probe
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(dev)
+    return pick_batch_size(free, per_image)
+
+
+def _prepare_similarity(spec: str, calibrate: Sequence[Any] | None, params: dict[str, Any]):
+    """Refuse, before any model is loaded, a similarity whose threshold is unknown."""
+    if is_sscd(spec):
+        check_sscd_present(spec)
+    if not is_sscd(spec) and calibrate is None and params.get("beta") is None:
+        raise InputError(
+            f"similarity {spec!r} has no known copy threshold: pass --calibrate "
+            f"HELD_OUT_DIR (images the model was not trained on; beta becomes the highest "
+            f"similarity between two of them) or an explicit --beta. The official threshold "
+            f"0.5 holds for SSCD only (--similarity sscd)")
+    if calibrate is not None and params.get("beta") is not None:
+        raise InputError("--calibrate and --beta both set the threshold: pass one of them")
+
+
+def run(images: Sequence[Any], model: str | Path, *, similarity: str,
+        calibrate: Sequence[Any] | None, device: str | None, seed: int,
+        batch_size: int | None, precision: str, conditioning: str | Path | None,
+        prompt: str | None, encoder_weights: str | None, encoder_pool: str | None,
         progress: Callable[[int], None] | None, params: dict[str, Any]) -> InvMMReport:
     """Score ``images`` with InvMM; see :meth:`fp_plugins.invmm.InvMM.run`."""
     import diffusers
@@ -436,18 +689,49 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str, device: st
 
     if not images:
         raise InputError("InvMM got no images to score")
-    dev = _device(device)
-    dm = load_model(model, dev, conditioning)
-    p = resolve_params(dm.latent, params)
-    if batch_size is None:
-        batch_size = 16 if dev.type == "cuda" else 4
-    if batch_size < 1:
+    if isinstance(calibrate, (str, Path)):
+        calibrate = _folder_images(Path(calibrate))
+    if batch_size is not None and batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
-    sim = make_similarity(similarity, dev, encoder_weights=encoder_weights,
-                          encoder_pool=encoder_pool)
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _prepare_similarity(similarity, calibrate, params)
+    dev = _device(device)
+    dm = load_model(model, dev, conditioning, prompt=prompt, precision=precision)
+    p = _resolve_params(overrides=params, family=dm.family)
+    learn_tokens = dm.text is not None and dm.encoder_hidden_states is None and p.tokens > 0
+    if learn_tokens and p.tokens > dm.text.max_length - 2:
+        raise InputError(f"--tokens {p.tokens} does not fit the text encoder's "
+                         f"{dm.text.max_length} positions; use at most {dm.text.max_length - 2}")
+    if dm.text is not None and dm.encoder_hidden_states is None and not learn_tokens:
+        dm.encoder_hidden_states = dm.text.encode("")  # --tokens 0: the empty prompt
+    sim = make_similarity(similarity, dev, size=SSCD_SIZE[dm.family] if is_sscd(similarity)
+                          else None, encoder_weights=encoder_weights, encoder_pool=encoder_pool)
 
     loaded = [_load_image(item, dm.image_size, dm.image_channels) for item in images]
+    calibration = None
+    if calibrate is not None:
+        held = [_load_image(item, dm.image_size, dm.image_channels)[0] for item in calibrate]
+        stack = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float().div(255)
+                             for a in held]).to(dev)
+        calibration = calibrate_beta(sim, stack)
+        p = _resolve_params(overrides={**params, "beta": calibration["beta"]}, family=dm.family)
+    elif is_sscd(similarity) and params.get("beta") is None:
+        p = _resolve_params(overrides={**params, "beta": SSCD_BETA}, family=dm.family)
+    # guidance against the empty prompt; a bare conditioned UNet (a fixed embedding file)
+    # has no unconditional branch, so it samples unguided
+    uncond = dm.text.encode("") if dm.text is not None else None
+    picked = "given"
+    if batch_size is None:
+        if dev.type == "cuda":
+            x0_shape = tuple(dm.encode(torch.zeros(1, dm.image_channels, dm.image_size,
+                                                   dm.image_size, device=dev)).shape)
+            batch_size, picked = _probe_batch_size(dm, p, x0_shape), "free memory"
+        else:
+            batch_size, picked = 4, "cpu default"
+    chunked = _Chunked(batch_size)
     results: list[dict[str, Any]] = [{} for _ in loaded]
+    evidence: list[dict[str, Any]] = [{} for _ in loaded]
     queue = list(range(len(loaded)))
     active: list[_Slot] = []
     started = time.perf_counter()
@@ -458,9 +742,16 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str, device: st
         x0 = dm.encode(ref.unsqueeze(0) * 2 - 1)
         mu = torch.zeros_like(x0, requires_grad=True)
         logvar = torch.zeros_like(x0, requires_grad=True)
+        learned = [mu, logvar]
+        log_coeffs = None
+        if learn_tokens:
+            log_coeffs = torch.zeros(p.tokens, dm.text.vocab_size, device=dev,
+                                     requires_grad=True)
+            learned = [log_coeffs, mu, logvar]
         return _Slot(index=i, x0=x0, ref=ref, gen=_generator(seed, loaded[i][2], dev), mu=mu,
-                     logvar=logvar, opt=torch.optim.Adam([mu, logvar], lr=p.lr),
-                     kl_weight=p.kl_weight, losses=deque(maxlen=p.window))
+                     logvar=logvar, opt=torch.optim.Adam(learned, lr=p.lr),
+                     kl_weight=p.kl_weight, losses=deque(maxlen=p.window),
+                     log_coeffs=log_coeffs)
 
     def finish(s: _Slot) -> None:
         with torch.no_grad():
@@ -472,6 +763,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str, device: st
             "score": s.kl if ok else math.inf,
             "success": ok,
             "success_step": s.success_step,
+            "success_scale": s.success_scale,
             "steps_run": s.step,
             "kl": s.kl,
             "kl_weight": s.kl_weight,
@@ -480,13 +772,19 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str, device: st
             "sha256": digest,
             "resized": resized,
         }
+        evidence[s.index] = {
+            "mu": s.mu.detach().float().cpu(), "logvar": s.logvar.detach().float().cpu(),
+            "log_coeffs": None if s.log_coeffs is None else s.log_coeffs.detach().float().cpu(),
+            "checks": s.checks, "samples": s.samples, "samples_scale": s.samples_scale,
+            "reference": s.ref.float().cpu(),
+        }
         if progress is not None and s.step < p.steps:
             progress(p.steps - s.step)
 
     while queue or active:
         while queue and len(active) < batch_size:
             active.append(admit(queue.pop(0)))
-        _train_step(dm, active, p.noises)
+        chunked(lambda chunk: _train_step(dm, chunk, p.noises, p.tau), active)
         checking = []
         for s in active:
             s.step += 1
@@ -498,7 +796,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str, device: st
             else:
                 s.kl_weight += p.delta
         if checking:
-            _check(dm, checking, sim, p.samples, p.ddim_steps, p.beta)
+            chunked(lambda chunk: _check(dm, chunk, sim, p, uncond), checking)
         if progress is not None:
             progress(len(active))
         done = [s for s in active if s.success_step is not None or s.step >= p.steps]
@@ -508,23 +806,43 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str, device: st
 
     provenance = {
         "measure": "invmm",
-        "reference": "An Inversion-based Measure of Memorization for Diffusion Models (2024), "
-                     "official code Maryeon/InvMM",
+        "reference": "Ma et al., An Inversion-based Measure of Memorization for Diffusion "
+                     "Models, ICCV 2025 (arXiv 2405.05846); official code Maryeon/InvMM",
         "model": dm.info,
+        "family": dm.family,
         "params": params_dict(p),
+        "learned_tokens": p.tokens if learn_tokens else 0,
+        "guidance_scales": list(GUIDANCE_SCALES) if uncond is not None else None,
         "similarity": sim.provenance(),
         "similarity_deviation": (
-            None if sim.name.startswith("torchscript:")
-            else "the official code uses SSCD (sscd_disc_large) cosine similarity"
+            None if is_sscd(similarity)
+            else "the official code uses SSCD (sscd_disc_large) cosine similarity at beta 0.5"
         ),
+        "calibration": calibration,
         "seed": seed,
         "device": str(dev),
+        "precision": str(dm.autocast_dtype).replace("torch.", "") if dm.autocast_dtype
+        else "float32",
         "batch_size": batch_size,
+        "batch_size_from": picked,
+        "oom_backoffs": chunked.backoffs,
         "seconds": round(time.perf_counter() - started, 3),
         "versions": {"fp": __version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__},
     }
-    return InvMMReport(results=results, ranking=rank(results), provenance=provenance)
+    return InvMMReport(results=results, ranking=rank(results), provenance=provenance,
+                       evidence=evidence)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    from forensics.images import list_image_files
+
+    if folder.is_file():
+        return [folder]
+    files = [folder / rel for rel in list_image_files(folder)] if folder.is_dir() else []
+    if not files:
+        raise InputError(f"--calibrate {folder}: no such folder of held-out images")
+    return files
 
 
 def _device(device: str | None) -> torch.device:
@@ -540,4 +858,10 @@ def _device(device: str | None) -> torch.device:
     return dev
 
 
-__all__ = ["DiffusionModel", "ddim_sample", "load_model", "run"]
+#: Image intake shared with the other built-in measures.
+load_image = _load_image
+seeded_generator = _generator
+device_of = _device
+
+__all__ = ["DiffusionModel", "ddim_sample", "device_of", "load_image", "load_model",
+           "pick_batch_size", "run", "seeded_generator"]

@@ -1,19 +1,24 @@
 """Image similarities for InvMM's success test (imported only when InvMM runs).
 
 The official code compares a training image with the sampled images by the cosine of
-their SSCD copy-detection descriptors. SSCD weights are not bundled, so the similarity is
-a choice:
+their SSCD copy-detection descriptors, at beta = 0.5. SSCD weights are not bundled:
 
-- ``ncc`` (default): normalised cross-correlation, i.e. the cosine of the mean-centred
+- ``sscd`` (default): SSCD's ``sscd_disc_large.torchscript.pt``, found at ``$FP_SSCD`` or
+  at :func:`sscd_location`; without it InvMM refuses to run and says how to get it.
+  ``sscd:PATH`` names the file. Input: RGB resized to the family's official size
+  (32 pixel DDPM, 256 latent diffusion, 320 Stable Diffusion), ImageNet-normalised.
+- ``ncc``: normalised cross-correlation, i.e. the cosine of the mean-centred
   pixel vectors of the two images. Offline, defined at any size, 1 for a copy (up to
-  brightness and contrast), near 0 for unrelated images; a copy-detection score like SSCD's,
-  though not invariant to crops, flips or other geometric edits.
+  brightness and contrast); not invariant to crops, flips or other geometric edits.
 - ``ssim``: mean structural similarity (7x7 uniform window, K1 = 0.01, K2 = 0.03, data
   range 1, averaged over channels; as ``skimage.metrics.structural_similarity``).
 - ``torchscript:PATH``: a TorchScript descriptor model such as SSCD's
   ``sscd_disc_large.torchscript.pt``: ImageNet-normalised input, cosine of the outputs.
   Loaded with ``torch.jit.load`` (no pickle).
 - ``encoder:NAME``: the last layer of an ``fp`` encoder, cosine of the embeddings.
+
+Any similarity but SSCD has no known copy threshold: its beta is calibrated on held-out
+images (:func:`calibrate_beta`) or given explicitly.
 
 Every similarity takes references ``(N, C, H, W)`` and samples ``(N, K, C, H, W)``, both in
 [0, 1], and returns ``(N, K)`` similarities.
@@ -22,6 +27,7 @@ Every similarity takes references ``(N, C, H, W)`` and samples ``(N, K, C, H, W)
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,14 +37,42 @@ import torch.nn.functional as F
 
 from forensics.errors import InputError, UnknownNameError
 
-BUILTIN = ("ncc", "ssim")
-SCHEMES = ("torchscript:PATH", "encoder:NAME")
+BUILTIN = ("sscd", "ncc", "ssim")
+SCHEMES = ("sscd:PATH", "torchscript:PATH", "encoder:NAME")
+SSCD_FILE = "sscd_disc_large.torchscript.pt"
+SSCD_URL = f"https://dl.fbaipublicfiles.com/sscd-copy-detection/{SSCD_FILE}"
+#: The official copy threshold on SSCD's cosine similarity.
+SSCD_BETA = 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _choices() -> str:
     return ", ".join(BUILTIN + SCHEMES)
+
+
+def sscd_location() -> Path:
+    """Where ``--similarity sscd`` looks for SSCD: ``$FP_SSCD``, else the user data folder.
+
+    The default file is ``<user data dir>/fp/sscd/sscd_disc_large.torchscript.pt``
+    (``~/.local/share/fp/sscd/...`` on Linux).
+    """
+    env = os.environ.get("FP_SSCD")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("fp")) / "sscd" / SSCD_FILE
+
+
+def _missing_sscd(where: Path) -> InputError:
+    return InputError(
+        f"InvMM's default similarity is SSCD (the official one), and {where} does not exist. "
+        f"Download {SSCD_URL} (facebookresearch/sscd-copy-detection) and save it there, or "
+        f"set FP_SSCD=PATH, or pass --similarity sscd:PATH. Or pick another similarity "
+        f"explicitly (--similarity ncc|ssim|torchscript:PATH|encoder:NAME) with "
+        f"--calibrate HELD_OUT_DIR (images the model was not trained on) or --beta B"
+    )
 
 
 class NCC:
@@ -94,8 +128,11 @@ class SSIM:
 class TorchScriptDescriptor:
     """Cosine of the outputs of a TorchScript descriptor model (e.g. SSCD)."""
 
-    def __init__(self, path: str, device: torch.device, size: int | None = None) -> None:
+    def __init__(self, path: str, device: torch.device, size: int | None = None,
+                 sscd: bool = False) -> None:
         file = Path(path).expanduser()
+        if sscd and not file.is_file():
+            raise _missing_sscd(file)
         if not file.is_file():
             raise InputError(
                 f"similarity torchscript:{path}: no such file. Give the path of a TorchScript "
@@ -108,7 +145,8 @@ class TorchScriptDescriptor:
         except RuntimeError as exc:
             raise InputError(
                 f"similarity torchscript:{path} is not a TorchScript file: {exc}") from exc
-        self.name = f"torchscript:{path}"
+        self.name = f"sscd:{path}" if sscd else f"torchscript:{path}"
+        self.sscd = sscd
         self.device = device
         self.size = size
         self.sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
@@ -131,8 +169,9 @@ class TorchScriptDescriptor:
         return torch.einsum("nd,nkd->nk", r, s)
 
     def provenance(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "torchscript", "sha256": self.sha256,
-                "input": "ImageNet-normalised RGB", "resize": self.size}
+        return {"name": self.name, "kind": "sscd" if self.sscd else "torchscript",
+                "sha256": self.sha256, "input": "ImageNet-normalised RGB",
+                "resize": self.size}
 
 
 class EncoderEmbedding:
@@ -176,17 +215,71 @@ def make_similarity(spec: str, device: torch.device, *, size: int | None = None,
                     encoder_weights: str | None = None, encoder_pool: str | None = None):
     """Build the similarity named by ``spec``.
 
+    Args:
+        spec: see the module docstring.
+        device: where descriptor models run.
+        size: side descriptor inputs are resized to (SSCD: the family's official size).
+        encoder_weights: ``weights`` for ``encoder:NAME``.
+        encoder_pool: ``pool`` for ``encoder:NAME``.
+
     Raises:
         UnknownNameError: ``spec`` names no similarity; the message lists the choices.
-        InputError: a ``torchscript:`` file is missing or invalid.
+        InputError: an SSCD or ``torchscript:`` file is missing or invalid.
     """
+    if spec == "sscd":
+        return TorchScriptDescriptor(str(sscd_location()), device, size, sscd=True)
     if spec == "ncc":
         return NCC()
     if spec == "ssim":
         return SSIM()
     scheme, _, rest = spec.partition(":")
+    if scheme == "sscd" and rest:
+        return TorchScriptDescriptor(rest, device, size, sscd=True)
     if scheme == "torchscript" and rest:
         return TorchScriptDescriptor(rest, device, size)
     if scheme == "encoder" and rest:
         return EncoderEmbedding(rest, device, encoder_weights, encoder_pool)
     raise UnknownNameError(f"unknown similarity {spec!r}; choose one of: {_choices()}")
+
+
+def is_sscd(spec: str) -> bool:
+    """Whether ``spec`` names SSCD, whose copy threshold (0.5) is known."""
+    return spec == "sscd" or spec.startswith("sscd:")
+
+
+def check_sscd_present(spec: str) -> None:
+    """Fail at once (before any model is loaded) when the SSCD file is missing."""
+    if spec == "sscd" and not sscd_location().is_file():
+        raise _missing_sscd(sscd_location())
+    if spec.startswith("sscd:") and not Path(spec[5:]).expanduser().is_file():
+        raise _missing_sscd(Path(spec[5:]).expanduser())
+
+
+def calibrate_beta(similarity, images: torch.Tensor) -> dict[str, Any]:
+    """The threshold at which no two distinct held-out images would count as copies.
+
+    ``beta`` is the highest similarity between a held-out image and any *other* held-out
+    image: a sample then succeeds only if it is at least as close to x0 as the closest
+    pair of different images that the model was not trained on.
+
+    Args:
+        similarity: a similarity built by :func:`make_similarity`.
+        images: ``(N, C, H, W)`` held-out images in [0, 1] at the model's size, N >= 2.
+
+    Returns:
+        ``{"beta", "images", "pair": [i, j]}``, ``pair`` the two most similar images.
+
+    Raises:
+        InputError: fewer than two images.
+    """
+    n = int(images.shape[0])
+    if n < 2:
+        raise InputError(f"--calibrate needs at least 2 held-out images, got {n}")
+    best, pair = -float("inf"), [0, 1]
+    for i in range(n):
+        others = torch.cat([images[:i], images[i + 1:]]).unsqueeze(0)
+        sims = similarity(images[i : i + 1], others)[0]
+        j = int(sims.argmax())
+        if float(sims[j]) > best:
+            best, pair = float(sims[j]), [i, j + (j >= i)]
+    return {"beta": min(best, 1.0), "images": n, "pair": pair}

@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 FAST = ["--steps", "4", "--check-every", "2", "--noises", "2", "--samples", "2",
-        "--ddim-steps", "2", "--no-progress"]
+        "--similarity", "ncc", "--beta", "0.5", "--ddim-steps", "2", "--no-progress"]
 
 
 def _tiny_unet(sample_size: int = 8, channels: int = 1, cond_dim: int | None = None):
@@ -114,7 +114,7 @@ def test_invmm_is_a_registered_memorization_measure():
     assert plugins.registry("memorization_measures")["invmm"].plugin == "fp_plugins.invmm"
     result = runner.invoke(app, ["list", "memorization_measures", "--json"])
     assert result.exit_code == 0, result.output
-    assert [r["name"] for r in json.loads(result.output)] == ["invmm"]
+    assert [r["name"] for r in json.loads(result.output)] == ["extraction", "invmm", "wen"]
 
 
 def test_third_party_measure_registers_through_the_hook():
@@ -133,7 +133,7 @@ def test_third_party_measure_registers_through_the_hook():
 
     mod.register_memorization_measures = register_memorization_measures
     plugins.get_plugin_manager().register(mod, name="other_measure")
-    assert plugins.names("memorization_measures") == ["invmm", "other"]
+    assert plugins.names("memorization_measures") == ["extraction", "invmm", "other", "wen"]
     assert plugins.get("memorization_measures", "other").score(["a"], None)[0]["score"] == 1.0
 
 
@@ -145,10 +145,25 @@ def test_defaults_follow_the_official_code():
         2000, 0.1, 32, 50, 100)
     assert (pixel.xi, pixel.delta, pixel.kl_weight, pixel.samples, pixel.ddim_steps,
             pixel.beta) == (1e-3, 1e-4, 1.0, 8, 200, 0.5)
-    latent = resolve_params(latent=True, overrides={"steps": 7, "beta": None})
+    latent = resolve_params(latent=True, overrides={"steps": 70, "beta": None})
     assert (latent.check_every, latent.delta, latent.noises, latent.ddim_steps) == (
         10, 5e-4, 16, 50)
-    assert latent.steps == 7 and latent.beta == 0.5
+    assert latent.steps == 70 and latent.beta == 0.5
+    # Stable Diffusion's own constants, not the latent-diffusion ones
+    text = resolve_params(family="text-to-image")
+    assert (text.check_every, text.delta, text.noises, text.ddim_steps, text.samples) == (
+        50, 1e-3, 16, 50, 8)
+    assert (text.tokens, text.tau, text.lr, text.steps, text.beta) == (75, 2.0, 0.1, 2000, 0.5)
+
+
+def test_fewer_steps_than_check_every_is_refused(tiny_pixel, tiny_images):
+    from fp_plugins.invmm import resolve_params
+
+    with pytest.raises(InputError, match="no check would ever run"):
+        resolve_params(latent=False, overrides={"steps": 40})  # C = 50
+    result = runner.invoke(app, ["invmm", str(tiny_images), "--model", str(tiny_pixel),
+                                 *FAST, "--steps", "3", "--check-every", "5"])
+    assert result.exit_code == 1 and "smaller than check_every" in result.output
 
 
 @pytest.mark.parametrize("bad", [{"stepz": 3}, {"steps": 0}, {"beta": 2.0}, {"lr": -1.0}])
@@ -282,8 +297,9 @@ def test_encoder_similarity_uses_the_encoder_registry():
 def test_unknown_similarity_lists_the_choices():
     from fp_plugins._invmm_similarity import make_similarity
 
-    with pytest.raises(UnknownNameError, match="ncc, ssim, torchscript:PATH, encoder:NAME"):
-        make_similarity("sscd", torch.device("cpu"))
+    with pytest.raises(UnknownNameError,
+                       match="sscd, ncc, ssim, sscd:PATH, torchscript:PATH, encoder:NAME"):
+        make_similarity("nope", torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- DDIM
@@ -389,7 +405,7 @@ def test_cli_table_lists_every_image(tiny_pixel, tiny_images):
                                  "--device", "cpu", *FAST])
     assert result.exit_code == 0, result.output
     assert all(f"img0{i}.png" in result.output for i in range(3))
-    assert "similarity ncc, seed 0" in result.output
+    assert "similarity ncc, beta 0.5, seed 0" in result.output
 
 
 @pytest.mark.gpu
@@ -423,7 +439,7 @@ def test_conditional_unet_needs_and_uses_conditioning(tmp_path, tiny_images):
 
 def test_errors_say_what_to_do(tmp_path, tiny_pixel, tiny_images, monkeypatch):
     def err(args):
-        result = runner.invoke(app, ["invmm", *args, *FAST])
+        result = runner.invoke(app, ["invmm", *FAST, *args])
         assert result.exit_code == 1, result.output
         assert "Traceback" not in result.output
         return result.output
@@ -431,7 +447,7 @@ def test_errors_say_what_to_do(tmp_path, tiny_pixel, tiny_images, monkeypatch):
     assert "holds no unet/config.json" in err([str(tiny_images), "--model", str(tmp_path)])
     assert "no such image folder" in err([str(tmp_path / "nope"), "--model", str(tiny_pixel)])
     assert "unknown similarity" in err([str(tiny_images), "--model", str(tiny_pixel),
-                                        "--similarity", "sscd"])
+                                        "--similarity", "nope"])
     pickled = tmp_path / "pickled"
     _tiny_unet().save_pretrained(pickled / "unet", safe_serialization=False)
     _scheduler().save_pretrained(pickled / "scheduler")
@@ -444,17 +460,17 @@ def test_errors_say_what_to_do(tmp_path, tiny_pixel, tiny_images, monkeypatch):
     assert "pass a local folder" in out
     with pytest.raises(OfflineError):
         plugins.get("memorization_measures", "invmm").score(
-            [tiny_images / "img00.png"], "nobody/no-such-model")
+            [tiny_images / "img00.png"], "nobody/no-such-model", similarity="ncc", beta=0.5)
 
 
 # --------------------------------------------------------------------------- memorization
 
 TRAIN_DIGITS = 4
 #: The memorization run: the official constants except a 300-step budget, C = 20, 8 noises
-#: per step and 10 DDIM steps (the model has T = 100), and beta = 0.9, because the pixel
-#: NCC of two different 16x16 digits reaches 0.86 (SSCD would separate them at 0.5).
+#: per step and 10 DDIM steps (the model has T = 100). The similarity is pixel NCC, so its
+#: threshold is calibrated on held-out digits (--calibrate), never the SSCD value 0.5.
 MEMORIZATION_RUN = ["--steps", "300", "--check-every", "20", "--noises", "8", "--samples", "8",
-                    "--ddim-steps", "10", "--beta", "0.9"]
+                    "--ddim-steps", "10", "--similarity", "ncc"]
 
 
 def _train_memorizer(folder: Path, images: list[np.ndarray], iterations: int) -> None:
@@ -503,6 +519,10 @@ def memorized(tmp_path_factory):
     held = [o for o in others if max(_ncc(o, t) for t in train) < 0.8][:TRAIN_DIGITS]
     assert len(held) == TRAIN_DIGITS
     root = tmp_path_factory.mktemp("memorized")
+    # calibration: the second digit of each class, neither trained on nor scored
+    seconds = [int(np.flatnonzero(labels == c)[1]) for c in range(10)]
+    _write_images(root / "calibration", _digits(seconds, 16))
+    (root / "members.txt").write_text("".join(f"img{i:02d}.png\n" for i in range(TRAIN_DIGITS)))
     with _one_thread():
         t0 = time.perf_counter()
         _train_memorizer(root / "model", train, iterations=600)
@@ -512,17 +532,36 @@ def memorized(tmp_path_factory):
 
 @pytest.mark.slow
 def test_training_images_score_lower_than_held_out_images(memorized):
+    """At the shipped defaults (calibrated beta), members succeed and held-out ones fail."""
     model, images, train_seconds = memorized
     t0 = time.perf_counter()
     out = _run_json([str(images), "--model", str(model), "--device", "cpu",
-                     "--batch-size", "8", "--no-progress", *MEMORIZATION_RUN])
+                     "--batch-size", "8", "--no-progress", *MEMORIZATION_RUN,
+                     "--calibrate", str(images.parent / "calibration"),
+                     "--members", str(images.parent / "members.txt")])
     seconds = time.perf_counter() - t0
+    print("calibration", out["provenance"]["calibration"], "members", out["members"])
     scores = [math.inf if r["score"] is None else r["score"] for r in out["results"]]
     train, held = scores[:TRAIN_DIGITS], scores[TRAIN_DIGITS:]
     print(f"train {train} held-out {held}; training {train_seconds:.0f}s, invmm {seconds:.0f}s")
     for r in out["results"]:
         print(Path(r["image"]).name, r["score"], r["success_step"], r["best_similarity"])
     assert all(math.isfinite(s) for s in train), train
-    assert max(train) < min(held), (train, held)
+    assert not any(math.isfinite(s) for s in held), held  # no non-member called memorized
+    assert out["members"]["auroc"] == 1.0
     ranked = [Path(p).name for p in out["ranking"][:TRAIN_DIGITS]]
     assert sorted(ranked) == [f"img{i:02d}.png" for i in range(TRAIN_DIGITS)]
+
+
+@pytest.mark.slow
+def test_extraction_finds_the_memorized_digits(memorized):
+    """Carlini et al.'s generate-and-match test on the same model, for the comparison."""
+    model, images, _ = memorized
+    result = runner.invoke(app, [
+        "memorize", str(images), "--model", str(model), "--measure", "extraction",
+        "-p", "samples=64", "-p", "ddim_steps=10", "-p", "device=cpu",
+        "--members", str(images.parent / "members.txt"), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    print("extraction", [round(r["score"], 4) for r in out["results"]], out["members"])
+    assert out["members"]["auroc"] == 1.0

@@ -1,0 +1,452 @@
+"""InvMM as the official code runs it: SSCD by default, calibrated thresholds, Stable
+Diffusion's constants and learned prompt, evidence per image, GPU safety, and the other
+measures (Wen et al., Carlini et al.) behind ``fp memorize``.
+
+Models are tiny and random (built from diffusers/transformers configs); the members vs
+held-out separation is shown on the trained pixel model in ``test_invmm.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_invmm import FAST, _digits, _scheduler, _tiny_unet, _write_images
+from typer.testing import CliRunner
+
+from forensics import plugins
+from forensics.cli import app
+from forensics.errors import InputError
+
+runner = CliRunner()
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pixel(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pixel")
+    diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=_scheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imgs(tmp_path_factory) -> Path:
+    return _write_images(tmp_path_factory.mktemp("imgs"), _digits([0, 1, 2], 8))
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    return _write_images(tmp_path_factory.mktemp("held"), _digits([3, 4, 5, 6], 8))
+
+
+def _json(args) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# --------------------------------------------------------------------------- import cycle
+
+
+def test_measure_and_engine_do_not_import_each_other():
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    engine = imported(ROOT / "plugins" / "_invmm_engine.py")
+    assert not {"fp_plugins.invmm"} & engine
+    assert not {n for n in engine if n.startswith("fp_plugins.invmm.")}
+
+
+# --------------------------------------------------------------------------- SSCD default
+
+
+class _FakeSSCD(torch.nn.Module):
+    """SSCD's interface: (N, 3, S, S) ImageNet-normalised RGB -> (N, D) descriptors."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.size = size
+
+    def forward(self, x):
+        if x.shape[-1] != self.size or x.shape[-2] != self.size or x.shape[1] != 3:
+            raise RuntimeError("wrong SSCD input size")
+        return torch.nn.functional.normalize(self.conv(x).mean(dim=(2, 3)), dim=1)
+
+
+def test_default_similarity_refuses_without_sscd_and_says_how_to_get_it(
+        pixel, imgs, tmp_path, monkeypatch):
+    monkeypatch.setenv("FP_SSCD", str(tmp_path / "sscd_disc_large.torchscript.pt"))
+    result = runner.invoke(app, ["invmm", str(imgs), "--model", str(tmp_path / "no-model"),
+                                 "--steps", "4", "--check-every", "2", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    out = result.output
+    assert "Traceback" not in out and "does not exist" in out and "sscd_disc_large" in out
+    assert "dl.fbaipublicfiles.com" in out and "--calibrate" in out  # before the model
+    plain = runner.invoke(app, ["invmm", str(imgs), "--model", str(pixel),
+                                "--similarity", "ncc", "--steps", "4", "--check-every", "2"])
+    assert plain.exit_code == 1 and "no known copy threshold" in plain.output
+
+
+def test_sscd_is_the_default_when_present_at_the_family_input_size(
+        pixel, imgs, tmp_path, monkeypatch):
+    path = tmp_path / "sscd_disc_large.torchscript.pt"
+    torch.jit.script(_FakeSSCD(32)).save(str(path))  # pixel DDPMs: SSCD input 32 x 32
+    monkeypatch.setenv("FP_SSCD", str(path))
+    fast = [a for a in FAST if a not in ("--similarity", "ncc", "--beta", "0.5")]
+    out = _json(["invmm", str(imgs), "--model", str(pixel), "--json", *fast])
+    prov = out["provenance"]
+    assert prov["similarity"]["kind"] == "sscd" and prov["similarity"]["resize"] == 32
+    assert prov["params"]["beta"] == 0.5 and prov["similarity_deviation"] is None
+    assert all(r["success"] == (r["similarity"] >= 0.5) for r in out["results"])
+    torch.jit.script(_FakeSSCD(256)).save(str(path))  # a wrong size fails in the model
+    with pytest.raises(Exception, match="wrong SSCD input size"):
+        plugins.get("memorization_measures", "invmm").run(
+            [imgs / "img00.png"], pixel, steps=2, check_every=2, noises=1, samples=1,
+            ddim_steps=1)
+
+
+def test_calibrated_beta_is_the_closest_pair_of_held_out_images(pixel, imgs, held_out):
+    from fp_plugins._invmm_similarity import calibrate_beta, make_similarity
+
+    out = _json(["invmm", str(imgs), "--model", str(pixel), "--json", "--similarity", "ncc",
+                 "--calibrate", str(held_out), *[a for a in FAST if a not in (
+                     "--similarity", "ncc", "--beta", "0.5")]])
+    cal = out["provenance"]["calibration"]
+    arrays = [a.astype(float).ravel() for a in _digits([3, 4, 5, 6], 8)]
+    expected = max(np.corrcoef(a, b)[0, 1] for i, a in enumerate(arrays)
+                   for j, b in enumerate(arrays) if i != j)
+    np.testing.assert_allclose(cal["beta"], expected, rtol=1e-5)
+    assert out["provenance"]["params"]["beta"] == cal["beta"] and cal["images"] == 4
+    with pytest.raises(InputError, match="at least 2"):
+        calibrate_beta(make_similarity("ncc", torch.device("cpu")), torch.rand(1, 1, 8, 8))
+    both = runner.invoke(app, ["invmm", str(imgs), "--model", str(pixel), *FAST,
+                               "--calibrate", str(held_out)])
+    assert both.exit_code == 1 and "pass one of them" in both.output
+
+
+# --------------------------------------------------------------------------- autoencoders
+
+
+def _kl_autoencoder():
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
+        scaling_factor=0.5)
+
+
+def test_autoencoder_class_comes_from_its_config_not_the_folder_name(tmp_path, imgs):
+    from fp_plugins import _invmm_engine as eng
+
+    folder = tmp_path / "ldm-text2im-like"
+    _kl_autoencoder().save_pretrained(folder / "vqvae")  # as LDMTextToImagePipeline stores it
+    _tiny_unet(sample_size=4, channels=2).save_pretrained(folder / "unet")
+    _scheduler().save_pretrained(folder / "scheduler")
+    dm = eng.load_model(folder, torch.device("cpu"))
+    assert type(dm.autoencoder).__name__ == "AutoencoderKL" and dm.autoencoder_kind == "kl"
+    assert dm.scaling_factor == 0.5 and dm.family == "latent"
+    # weights that do not match the config: one Error line, not a raw size mismatch
+    cfg = json.loads((folder / "vqvae" / "config.json").read_text())
+    cfg["block_out_channels"] = [16, 16]
+    (folder / "vqvae" / "config.json").write_text(json.dumps(cfg))
+    result = runner.invoke(app, ["invmm", str(imgs), "--model", str(folder), *FAST])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot load AutoencoderKL" in result.output
+
+
+# --------------------------------------------------------------------------- text-to-image
+
+
+def _tiny_text_pipeline(folder: Path) -> Path:
+    """A Stable-Diffusion-shaped folder: CLIP tokenizer + text encoder, KL VAE, cond UNet."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_memorization", ROOT / "benchmarks" / "bench_memorization.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.tiny_clip_pipeline_parts(folder, max_length=12, hidden=6)
+    _kl_autoencoder().save_pretrained(folder / "vae")
+    _tiny_unet(sample_size=4, channels=2, cond_dim=6).save_pretrained(folder / "unet")
+    _scheduler().save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_pipe(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    return _tiny_text_pipeline(tmp_path_factory.mktemp("sd"))
+
+
+TEXT_FAST = [*FAST, "--tokens", "3"]
+
+
+def test_text_to_image_learns_prompt_tokens_and_checks_every_guidance_scale(
+        text_pipe, imgs, tmp_path):
+    out = _json(["invmm", str(imgs), "--model", str(text_pipe), "--json", "--out",
+                 str(tmp_path / "ev"), "--seed", "1", *TEXT_FAST])
+    prov = out["provenance"]
+    assert prov["family"] == "text-to-image" and prov["learned_tokens"] == 3
+    assert prov["guidance_scales"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert prov["model"]["text"]["text_encoder"] == "CLIPTextModel"
+    assert prov["params"]["delta"] == 1e-3 and prov["params"]["tau"] == 2.0
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "ev" / "evidence" / "000_img00"
+    learned = load_file(str(folder / "params.safetensors"))
+    assert learned["log_coeffs"].shape == (3, 514) and learned["log_coeffs"].abs().max() > 0
+    rows = list(csv.DictReader((folder / "checks.csv").open()))
+    assert len(rows) == 2 and "similarity_scale_7" in rows[0]
+    per_scale = [float(rows[-1][f"similarity_scale_{i}"]) for i in range(1, 8)]
+    np.testing.assert_allclose(float(rows[-1]["similarity"]), max(per_scale), rtol=1e-6)
+    again = _json(["invmm", str(imgs), "--model", str(text_pipe), "--json", "--seed", "1",
+                   *TEXT_FAST])
+    assert again["results"] == out["results"]
+
+
+def test_fixed_prompt_uses_the_pipelines_text_encoder(text_pipe, imgs):
+    from fp_plugins import _invmm_engine as eng
+
+    out = _json(["invmm", str(imgs), "--model", str(text_pipe), "--json",
+                 "--prompt", "a digit", *TEXT_FAST])
+    assert out["provenance"]["learned_tokens"] == 0
+    assert out["provenance"]["model"]["prompt"] == "a digit"
+    dm = eng.load_model(text_pipe, torch.device("cpu"), prompt="a digit")
+    assert not torch.allclose(dm.encoder_hidden_states, dm.text.encode(""))
+    bad = runner.invoke(app, ["invmm", str(imgs), "--model", str(text_pipe), *FAST,
+                              "--prompt", "x", "--conditioning", "nope.safetensors"])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    empty = _json(["invmm", str(imgs), "--model", str(text_pipe), "--json", *FAST,
+                   "--tokens", "0"])  # no tokens learned: the empty prompt
+    assert empty["provenance"]["learned_tokens"] == 0 and len(empty["results"]) == 3
+    long = runner.invoke(app, ["invmm", str(imgs), "--model", str(text_pipe), *FAST,
+                               "--tokens", "11"])  # 12 positions: at most 10 tokens
+    assert long.exit_code == 1 and "at most 10" in long.output
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def test_evidence_per_image_scores_and_members_auroc(pixel, imgs, tmp_path):
+    members = tmp_path / "members.txt"
+    members.write_text("# training images\nimg00.png\nimg01\n")
+    out = _json(["invmm", str(imgs), "--model", str(pixel), "--json", "--out",
+                 str(tmp_path / "o"), "--members", str(members), *FAST])
+    m = out["members"]
+    assert (m["members"], m["non_members"]) == (2, 1)
+    rank = [Path(p).name for p in out["ranking"]]
+    expected = np.mean([rank.index("img02.png") > rank.index(x) for x in ("img00.png",
+                                                                         "img01.png")])
+    assert m["auroc_ranking"] == expected
+    o = tmp_path / "o"
+    rows = list(csv.DictReader((o / "scores.csv").open()))
+    assert [r["member"] for r in rows] == ["1", "1", "0"] and len(rows) == 3
+    assert (o / "members.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((o / "report.json").read_text())["members"]["auroc"] == m["auroc"]
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    for i in range(3):
+        folder = o / "evidence" / f"{i:03d}_img{i:02d}"
+        params = load_file(str(folder / "params.safetensors"))
+        assert params["mu"].shape == (1, 1, 8, 8) and params["logvar"].shape == (1, 1, 8, 8)
+        checks = list(csv.DictReader((folder / "checks.csv").open()))
+        assert [int(c["step"]) for c in checks] == [2, 4][: len(checks)]
+        grid = Image.open(folder / "samples.png")
+        assert grid.width > 2 * grid.height  # the image, then its 2 samples
+    bad = tmp_path / "bad.txt"
+    bad.write_text("img09.png\n")
+    result = runner.invoke(app, ["invmm", str(imgs), "--model", str(pixel), *FAST,
+                                 "--members", str(bad)])
+    assert result.exit_code == 1 and "not being scored: img09.png" in result.output
+
+
+def test_auroc_counts_ties_half_and_inf_as_least_memorized():
+    from forensics.memorize import auroc
+
+    assert auroc([0.1, math.inf], [0.2, math.inf]) == 0.625
+    assert auroc([3.0], [1.0, 2.0], more_memorized="higher") == 1.0
+
+
+# --------------------------------------------------------------------------- GPU safety
+
+
+def test_out_of_memory_backs_off_and_keeps_every_result(pixel, imgs, monkeypatch):
+    from fp_plugins import _invmm_engine as eng
+
+    measure = plugins.get("memorization_measures", "invmm")
+    kw = dict(similarity="ncc", beta=0.5, steps=4, check_every=2, noises=2, samples=2,
+              ddim_steps=2, seed=5, device="cpu", batch_size=3)
+    files = sorted(imgs.glob("*.png"))
+    plain = measure.run(files, pixel, **kw)
+    real = eng.DiffusionModel.output
+    calls = []
+
+    def small_gpu(self, x_t, t, cond=None):
+        calls.append(x_t.shape[0])
+        if x_t.shape[0] > 2:  # "memory" for one image's two noises only
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, x_t, t, cond)
+
+    monkeypatch.setattr(eng.DiffusionModel, "output", small_gpu)
+    backed = measure.run(files, pixel, **kw)
+    assert backed.provenance["oom_backoffs"] == [1]
+    for a, b in zip(plain.results, backed.results, strict=True):
+        assert a["success"] == b["success"] and a["steps_run"] == b["steps_run"]
+        np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-5)
+    assert max(calls[-5:]) <= 2
+
+
+def test_batch_from_free_memory():
+    from fp_plugins._invmm_engine import MAX_AUTO_BATCH, pick_batch_size
+
+    gib = 2**30
+    assert pick_batch_size(40 * gib, 2 * gib) == 16  # 0.8 x 40 / 2
+    assert pick_batch_size(gib, 8 * gib) == 1
+    assert pick_batch_size(1000 * gib, gib) == MAX_AUTO_BATCH
+
+
+def test_probe_fills_the_free_memory_with_measured_steps(pixel, monkeypatch):
+    """The CUDA probe's arithmetic, on CPU with the memory counters faked."""
+    from fp_plugins import _invmm_engine as eng
+    from fp_plugins._invmm_params import resolve_params
+
+    gib = 2**30
+    fake = {"synchronize": lambda d=None: None, "reset_peak_memory_stats": lambda d=None: None,
+            "empty_cache": lambda: None, "memory_allocated": lambda d=None: 1 * gib,
+            "max_memory_allocated": lambda d=None: 3 * gib,
+            "mem_get_info": lambda d=None: (40 * gib, 80 * gib)}
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    dm = eng.load_model(pixel, torch.device("cpu"))
+    p = resolve_params(overrides={"noises": 2})
+    assert eng._probe_batch_size(dm, p, (1, 1, 8, 8)) == 16  # 0.8 x 40 GiB / 2 GiB
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(eng.DiffusionModel, "output", oom)
+    with pytest.raises(InputError, match="does not fit in the memory"):
+        eng._probe_batch_size(dm, p, (1, 1, 8, 8))
+
+
+def test_bf16_autocast_runs_the_unet_in_bf16_on_cpu(pixel, imgs):
+    from fp_plugins import _invmm_engine as eng
+
+    dm = eng.load_model(pixel, torch.device("cpu"), precision="bf16")
+    seen = []
+    dm.unet.register_forward_hook(lambda m, a, o: seen.append(o.sample.dtype))
+    x = torch.randn(2, 1, 8, 8)
+    out = dm.output(x, torch.tensor([3, 5]))
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    ref = eng.load_model(pixel, torch.device("cpu")).output(x, torch.tensor([3, 5]))
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=0.1)
+    res = plugins.get("memorization_measures", "invmm").run(
+        [imgs / "img00.png"], pixel, similarity="ncc", beta=0.5, steps=2, check_every=2,
+        noises=2, samples=2, ddim_steps=2, device="cpu", precision="bf16")
+    assert res.provenance["precision"] == "bfloat16" and math.isfinite(res.results[0]["kl"])
+    with pytest.raises(InputError, match="fp16 needs a CUDA"):
+        eng.load_model(pixel, torch.device("cpu"), precision="fp16")
+
+
+@pytest.mark.gpu
+def test_cuda_picks_the_batch_from_free_memory_and_autocasts(pixel, imgs):
+    res = plugins.get("memorization_measures", "invmm").run(
+        sorted(imgs.glob("*.png")), pixel, similarity="ncc", beta=0.5, steps=4,
+        check_every=2, noises=2, samples=2, ddim_steps=2, device="cuda")
+    prov = res.provenance
+    assert prov["batch_size_from"] == "free memory" and prov["batch_size"] >= 1
+    assert prov["precision"] in ("bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------- fp memorize
+
+
+def test_memorize_dispatches_to_every_measure(pixel, imgs, text_pipe, tmp_path):
+    ext = _json(["memorize", str(imgs), "--model", str(pixel), "--measure", "extraction",
+                 "-p", "samples=6", "-p", "ddim_steps=2", "-p", "threshold=0.3", "--json"])
+    assert ext["more_memorized"] == "lower" and len(ext["results"]) == 3
+    for r in ext["results"]:
+        assert 0 <= r["score"] <= 1 and r["flagged"] == (r["score"] < 0.3)
+    inv = _json(["memorize", str(imgs), "--model", str(pixel), "--json", "-p", "similarity=ncc",
+                 "-p", "beta=0.5", "-p", "steps=2", "-p", "check_every=2", "-p", "noises=1",
+                 "-p", "samples=1", "-p", "ddim_steps=1"])
+    assert inv["measure"] == "invmm" and inv["provenance"]["params"]["steps"] == 2
+    captioned = _write_images(tmp_path / "cap", _digits([0, 1], 8))
+    (captioned / "img00.txt").write_text("a zero")
+    (captioned / "img01.txt").write_text("a one")
+    wen = _json(["memorize", str(captioned), "--model", str(text_pipe), "--measure", "wen",
+                 "-p", "generations=1", "-p", "ddim_steps=2", "--json"])
+    assert wen["more_memorized"] == "higher"
+    assert [r["prompt"] for r in wen["results"]] == ["a zero", "a one"]
+    assert all(r["score"] > 0 for r in wen["results"])
+    no_text = runner.invoke(app, ["memorize", str(captioned), "--model", str(pixel),
+                                  "--measure", "wen"])
+    assert no_text.exit_code == 1 and "text-to-image pipeline" in no_text.output
+    unknown = runner.invoke(app, ["memorize", str(imgs), "--model", str(pixel),
+                                  "--measure", "nope"])
+    assert unknown.exit_code == 1 and "invmm" in unknown.output
+    bad = runner.invoke(app, ["memorize", str(imgs), "--model", str(pixel), "-p", "steps"])
+    assert bad.exit_code == 1 and "KEY=VALUE" in bad.output
+
+
+def test_a_third_party_measure_gets_the_cli(imgs, tmp_path):
+    import types
+
+    from forensics.hookspecs import hookimpl
+
+    class Brightness:
+        name = "brightness"
+        description = "mean pixel value"
+        more_memorized = "higher"
+
+        def score(self, images, model, *, scale=1.0):
+            from PIL import Image
+
+            return [{"image": str(p), "score": scale * float(np.asarray(Image.open(p)).mean())}
+                    for p in images]
+
+    mod = types.ModuleType("brightness_measure")
+    mod.register_memorization_measures = hookimpl(
+        lambda register: register(Brightness()))
+    plugins.get_plugin_manager().register(mod, name="brightness_measure")
+    members = tmp_path / "m.txt"
+    members.write_text("img01.png\n")
+    out = _json(["memorize", str(imgs), "--model", "-", "--measure", "brightness",
+                 "-p", "scale=2", "--members", str(members), "--json", "--out", str(tmp_path)])
+    scores = {Path(r["image"]).name: r["score"] for r in out["results"]}
+    assert out["ranking"][0].endswith(max(scores, key=scores.get))
+    assert out["members"]["auroc"] == float(scores["img01.png"] > min(
+        scores["img00.png"], scores["img02.png"])) or out["members"]["auroc"] in (0.0, 0.5, 1.0)
+    assert (tmp_path / "scores.csv").is_file() and (tmp_path / "members.png").is_file()
