@@ -33,14 +33,13 @@ $(DEPS)/.complete:
 	  "$(DEPS)/bin/python" -m pip install --quiet -r requirements/lock.txt; \
 	  touch "$(DEPS)/.complete"'
 
-$(VENV)/.ready-$(LOCK_HASH): $(DEPS)/.complete pyproject.toml requirements/venv-extra.txt
+$(VENV)/.ready-$(LOCK_HASH): $(DEPS)/.complete pyproject.toml
 	rm -rf "$(VENV)"
 	$(PYTHON) -m venv "$(VENV)"
 	echo "import site; site.addsitedir('$(abspath $(DEPS))/lib/python$(PYVER)/site-packages')" \
 	  > "$(VENV)/lib/python$(PYVER)/site-packages/fp_deps.pth"
 	"$(VPY)" -m pip uninstall --quiet --yes setuptools  # use the pinned one from the deps env
 	"$(VPY)" -m pip install --quiet --no-deps --no-build-isolation -e .
-	"$(VPY)" -m pip install --quiet --no-deps -r requirements/venv-extra.txt
 	touch "$@"
 
 demo: env
