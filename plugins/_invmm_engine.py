@@ -685,7 +685,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
     """Score ``images`` with InvMM; see :meth:`fp_plugins.invmm.InvMM.run`."""
     import diffusers
 
-    from forensics import __version__
+    from forensics._version import __version__
 
     if not images:
         raise InputError("InvMM got no images to score")

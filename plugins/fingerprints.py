@@ -178,7 +178,7 @@ class ProjMeanFingerprint:
         X = np.asarray(ctx.embeddings[i], dtype=np.float64)
         return (X - self.extra(ctx, "mean", i)) @ self.extra(ctx, "axes", i).T
 
-    def per_image(self, ctx):
+    def image_rows(self, ctx):
         """Each image's vector ``(m, K)``: the set's vector is their mean."""
         import numpy as np
 
@@ -233,7 +233,6 @@ class CurveFirst:
     """Mixin: the C_T curve (every layer) in front of the base fingerprint's vector."""
 
     needs_ct = True
-    per_image = None  # a set's C_T is no mean of per-image values
 
     def compute(self, ctx):
         """``[C_T per layer..., the base fingerprint's vector...]``."""
@@ -333,7 +332,7 @@ class ResidMeanFingerprint(ProjMeanFingerprint):
                      for i, p in zip(self.selected(n), parts, strict=True)]
         return np.concatenate(parts)
 
-    def per_image(self, ctx):
+    def image_rows(self, ctx):
         """Each image's residuals ``(m, K)``: the set's vector is their mean."""
         import numpy as np
 
@@ -351,18 +350,39 @@ class ResidMeanCurveFingerprint(CurveFirst, ResidMeanFingerprint):
     """The C_T curve (every layer) followed by ``resid-early`` (``resid-ct``)."""
 
 
+class PerImage:
+    """Mixin: declares ``per_image`` (the set's vector is the mean of ``image_rows``).
+
+    Enrolment then stores the per-image variance with each curve, and attribution
+    calibrates its confidence on the bank (:mod:`forensics.confidence`). The ``-ct``
+    variants do not declare it: a set's C_T is no mean of per-image values.
+    """
+
+    def per_image(self, ctx):
+        """Each image's vector ``(m, K)``."""
+        return self.image_rows(ctx)
+
+
+class ProjMeanSet(PerImage, ProjMeanFingerprint):
+    """``proj-mean`` / ``proj-mean-early``, with per-image vectors."""
+
+
+class ResidMeanSet(PerImage, ResidMeanFingerprint):
+    """``resid-early``, with per-image vectors."""
+
+
 FINGERPRINTS = (
     PaperFingerprint(),
     SetStatsFingerprint(),
-    ProjMeanFingerprint("proj-mean", False,
-                        "mean of the set's PCA-64 projection (T's exact PCA), every layer; zscore"),
-    ProjMeanFingerprint("proj-mean-early", True,
-                        "proj-mean of the early half of the layers (0..L//2); zscore"),
+    ProjMeanSet("proj-mean", False,
+                "mean of the set's PCA-64 projection (T's exact PCA), every layer; zscore"),
+    ProjMeanSet("proj-mean-early", True,
+                "proj-mean of the early half of the layers (0..L//2); zscore"),
     ProjMeanCurveFingerprint("proj-mean-ct", True,
                              "C_T curve + proj-mean-early, weighed apart by zscore"),
-    ResidMeanFingerprint("resid-early",
-                         "early-layer means minus what the image content predicts "
-                         "(ridge fitted on T); zscore; fp's default"),
+    ResidMeanSet("resid-early",
+                 "early-layer means minus what the image content predicts "
+                 "(ridge fitted on T); zscore; fp's default"),
     ResidMeanCurveFingerprint("resid-ct", "C_T curve + resid-early, weighed apart by zscore"),
 )
 

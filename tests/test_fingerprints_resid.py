@@ -128,3 +128,21 @@ def test_missing_baseline_arrays_name_the_layer_and_the_fix():
     del extras["coef.2"]
     with pytest.raises(InputError, match=r"resid-early arrays lack layer 2 \(l2\).*rebuild"):
         fpmod.compute(fp, ctx)
+
+
+@pytest.mark.parametrize("name", ["resid-early", "proj-mean-early", "proj-mean"])
+def test_per_image_rows_average_to_the_set_vector(name):
+    T, P, Q, _ = _world()
+    fp = fpmod.get(name)
+    ctx, _ = _ctx(fp, T, P, Q)
+    rows = fp.per_image(ctx)
+    assert rows.shape == (80, fpmod.compute(fp, ctx).size)
+    np.testing.assert_allclose(rows.mean(axis=0), fpmod.compute(fp, ctx), atol=1e-9)
+    np.testing.assert_allclose(fpmod.per_image_variance(fp, ctx), rows.var(axis=0))
+
+
+@pytest.mark.parametrize("name", ["paper", "resid-ct", "proj-mean-ct", "setstats"])
+def test_fingerprints_that_are_no_mean_of_images_declare_no_per_image(name):
+    fp = fpmod.get(name)
+    assert not hasattr(fp, "per_image")
+    assert fpmod.per_image_variance(fp, None) is None

@@ -17,15 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"forensics": "forensics", "plugins": "fp_plugins", "refbank": "refbank"}
 
 #: Edges tolerated for now, each with the reason. Remove an entry once its edge is gone.
-ALLOWED_CYCLE_EDGES = {
-    # InvMM's engine and its light front module import each other; both are being rewritten,
-    # which removes this edge.
-    ("fp_plugins._invmm_engine", "fp_plugins.invmm"),
-}
-ALLOWED_ROOT_IMPORTS = {
-    # reads __version__ from the package root; the same rewrite moves it to forensics._version.
-    "fp_plugins._invmm_engine",
-}
+ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
+#: Modules that may import the package root (none: they read forensics._version).
+ALLOWED_ROOT_IMPORTS: set[str] = set()
 
 #: What refbank may import of forensics: the errors and the version, nothing of the engine.
 REFBANK_MAY_IMPORT = {"forensics.errors", "forensics._version"}

@@ -293,7 +293,7 @@ def test_evidence_per_image_scores_and_members_auroc(pixel, imgs, tmp_path):
 
 
 def test_auroc_counts_ties_half_and_inf_as_least_memorized():
-    from forensics.memorize import auroc
+    from forensics.measures import auroc
 
     assert auroc([0.1, math.inf], [0.2, math.inf]) == 0.625
     assert auroc([3.0], [1.0, 2.0], more_memorized="higher") == 1.0

@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
         lists the most memorized first. With --members, reports members-vs-non-members
         AUROC.
         """
-        from forensics.memorize import run_measure
+        from forensics.measures import run_measure
 
         body = run_measure(measure, images, model, members=members, out=out,
                            options=parse_params(param))
@@ -187,7 +187,7 @@ def register(app: typer.Typer) -> None:
         "inf" means samples never matched the image within the step budget. Prints one
         row per image, most memorized first.
         """
-        from forensics.memorize import image_list, run_measure
+        from forensics.measures import image_list, run_measure
 
         params = dict(steps=steps, beta=beta, lr=lr, noises=noises, check_every=check_every,
                       window=window, xi=xi, delta=delta, kl_weight=kl_weight, samples=samples,

@@ -462,7 +462,8 @@ def test_case_verify_passes_on_an_untouched_case(case):
 
 def _changes(case, *extra):
     result = fp("case", "verify", case["report"], "--json", *extra)
-    assert result.exit_code == 1 and "Error:" in result.output, result.output
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stderr)["error"]["exit_code"] == 1  # --json: a JSON error object
     report = json.loads(result.stdout)
     assert report["ok"] is False
     return {(c["kind"], c["id"], c["change"]) for c in report["changes"]}

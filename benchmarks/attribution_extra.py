@@ -1,0 +1,486 @@
+"""The second development set, peers, suspect-set size, calibration and post-processing.
+
+Called by ``bench_attribution.py`` after its table, on the same baseline, the same
+enrolled images and the same queries. Everything that depends only on set means runs on
+per-image vectors (``per_image`` of a fingerprint, or a peer's per-image features), so a
+set's vector is the mean of its rows and thousands of suspect sets cost seconds:
+
+- **cross-code**: enrolled from the first code base (the protocol's curves), queried with
+  every architecture of the second code base (``mnist_xcode_zoo.npz``, epochs 9 + 24,
+  through ``forensics.compute_curve``); VAE and CVAE exist only there and must come out
+  unknown;
+- **peers**: Marra et al.'s noise residuals, ManiFPT's nearest-real residuals (pixels and
+  early encoder layers), a CNN trained from scratch and linear probes on the frozen
+  encoder (``peers.py``), on the protocol, re-drawn configurations and cross-code;
+- **size**: top-1 and open-set AUROC of fp's default against suspect-set size;
+- **calibration**: ``fp attribute``'s confidence (``forensics.confidence``) against how
+  often it is right, per size, with a reliability diagram;
+- **post-processing**: JPEG 90/75/50, half-size and back, a 90% centre crop, mild noise
+  (``fp synth``), queried against the clean bank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import bench_attribution as B
+import numpy as np
+import peers
+
+XARCHS = ("ACGAN", "BEGAN", "CGAN", "DRAGAN", "EBGAN", "GAN", "LSGAN", "WGAN", "WGAN_GP",
+          "infoGAN")
+XUNKNOWN = ("VAE", "CVAE")
+XEPOCHS = ("e009", "e024")
+SIZES = (8, 16, 32, 64, 128, 256, 512)
+TRANSFORMS = (("jpeg", {"quality": 90}, "JPEG 90"), ("jpeg", {"quality": 75}, "JPEG 75"),
+              ("jpeg", {"quality": 50}, "JPEG 50"), ("downup", {"factor": 2.0}, "half and back"),
+              ("crop", {"fraction": 0.9}, "90% centre crop"), ("noise", {"sigma": 3.0}, "noise 3"))
+#: Query images per architecture for the post-processing table (fixed, seeded choice).
+N_TRANSFORM = 128
+
+
+def xcode_folder(zoo: Path, work: Path) -> Path:
+    """The second code base's epochs 9 + 24, one folder per architecture (hard links)."""
+    out = work / "xall"
+    for a in XARCHS + XUNKNOWN:
+        for e in XEPOCHS:
+            src = zoo / "xgen" / a / e
+            for f in sorted(os.listdir(src)):
+                B._link(src / f, out / a / f"{e}_{f}")
+    return out
+
+
+# -- per-image rows ---------------------------------------------------------------------------
+
+
+def per_image(loaded, fp_name: str, emb) -> np.ndarray:
+    """A fingerprint's per-image vectors of every image of ``emb`` (its ``per_image``)."""
+    from forensics import fingerprints as fpmod
+
+    fp = fpmod.get(fp_name)
+    ctx = fpmod.FingerprintContext(list(loaded.row["layers"]), [], list(emb.arrays),
+                                   loaded.engine, loaded.extras(fp) or {})
+    return np.asarray(fp.per_image(ctx), dtype=np.float64)
+
+
+class Grid:
+    """Per-image rows of the zoo (arch x epoch 11..50 x position 0..63) and of xcode."""
+
+    def __init__(self, rows: np.ndarray, index: dict, xrows: dict[str, np.ndarray]):
+        self.X = rows
+        self.index = index
+        self.x = xrows
+
+    def rows(self, arch: str, start: int, pos) -> np.ndarray:
+        return np.array([self.index[(arch, e, p)] for e in range(start, start + B.WINDOW)
+                         for p in B.positions(pos)])
+
+    def bank(self, cfg) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Enrolled vectors, per-image variances and families of a configuration."""
+        V, S, fam = [], [], []
+        for a in B.ARCHS:
+            for start, pos in cfg["enroll"]:
+                r = self.X[self.rows(a, start, pos)]
+                V.append(r.mean(axis=0))
+                S.append(r.var(axis=0))
+                fam.append(a)
+        return np.array(V), np.array(S), fam
+
+
+def _grid(emb, xemb, rows_all: np.ndarray, rows_x: np.ndarray) -> Grid:
+    index = {}
+    for i, (rel, *_rest) in enumerate(emb.manifest.entries):
+        arch, name = rel.split("/")
+        e, p = name[:-4].split("_")
+        index[(arch, int(e[1:]), int(p))] = i
+    xrows = {a: rows_x[[i for i, (rel, *_r) in enumerate(xemb.manifest.entries)
+                        if rel.split("/")[0] == a]] for a in XARCHS + XUNKNOWN}
+    return Grid(rows_all, index, xrows)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+def zscore(q: np.ndarray, R: np.ndarray) -> np.ndarray:
+    from fp_plugins.matchers import ZScoreMatcher
+
+    return ZScoreMatcher().score(q, R)
+
+
+def nearest_family(score, q, V, fam) -> tuple[str, float]:
+    from forensics.confidence import family_scores, margin_of
+
+    f, best, _ = margin_of(family_scores(score(q, V), fam))
+    return f, best
+
+
+def top1_grid(g: Grid, score, cfgs, n=None, rng=None) -> float:
+    ok = []
+    for cfg in cfgs:
+        V, _, fam = g.bank(cfg)
+        for a in B.ARCHS:
+            r = g.rows(a, *cfg["query"])
+            if n is not None and n < len(r):
+                r = rng.choice(r, n, replace=False)
+            ok.append(nearest_family(score, g.X[r].mean(axis=0), V, fam)[0] == a)
+    return float(np.mean(ok))
+
+
+def open_set_grid(g: Grid, score, cfgs, n=None, rng=None) -> float:
+    """AUROC of -best score: each family left out in turn, its query against the others'."""
+    vals = []
+    for cfg in cfgs:
+        V, _, fam = g.bank(cfg)
+        fam = np.array(fam)
+        qs = []
+        for a in B.ARCHS:
+            r = g.rows(a, *cfg["query"])
+            if n is not None and n < len(r):
+                r = rng.choice(r, n, replace=False)
+            qs.append(g.X[r].mean(axis=0))
+        pos, neg = [], []
+        for out in B.ARCHS:
+            keep = fam != out
+            for a, q in zip(B.ARCHS, qs, strict=True):
+                (pos if a == out else neg).append(-float(np.max(score(q, V[keep]))))
+        vals.append(B.auroc(np.array(pos), np.array(neg)))
+    return float(np.mean(vals))
+
+
+def xcode_grid(g: Grid, score, n=None, rng=None) -> tuple[float, list[str]]:
+    V, _, fam = g.bank(B.PROTOCOL)
+    ok, got = [], []
+    for a in XARCHS:
+        r = g.x[a]
+        if n is not None and n < len(r):
+            r = r[rng.choice(len(r), n, replace=False)]
+        f = nearest_family(score, r.mean(axis=0), V, fam)[0]
+        ok.append(f == a)
+        got.append(f)
+    return float(np.mean(ok)), got
+
+
+def xcode_unknown_auroc(g: Grid, score) -> float:
+    """AUROC of -best score: VAE and CVAE (never enrolled) against the 10 shared ones."""
+    V, _, fam = g.bank(B.PROTOCOL)
+    best = {a: float(np.max(score(g.x[a].mean(axis=0), V))) for a in XARCHS + XUNKNOWN}
+    return B.auroc(np.array([-best[a] for a in XUNKNOWN]), np.array([-best[a] for a in XARCHS]))
+
+
+# -- the stages -----------------------------------------------------------------------------
+
+
+def cross_code_table(sets, xemb, methods) -> tuple[list[str], dict]:
+    """Every fingerprint x matcher on the second code base, through compute_curve."""
+    import forensics
+    from forensics.embed import Embeddings
+    from forensics.errors import InsufficientDataError
+    from forensics.images import Manifest
+
+    per_arch = {}
+    for a in XARCHS + XUNKNOWN:
+        rows = np.array([i for i, (rel, *_r) in enumerate(xemb.manifest.entries)
+                         if rel.split("/")[0] == a])
+        sub = Embeddings(list(xemb.layers), [x[rows] for x in xemb.arrays],
+                         Manifest(xemb.manifest.root, [xemb.manifest.entries[i] for i in rows]),
+                         xemb.encoder_info)
+        vecs = {}
+        for fp_name in sets.fps:  # one by one: a C_T fingerprint may refuse the set size
+            try:
+                vecs.update(forensics.compute_curve(sub, baseline=sets.baseline, cache_dir=None,
+                                                    device="cpu",
+                                                    fingerprints=[fp_name]).fingerprints)
+            except InsufficientDataError:
+                pass
+        per_arch[a] = vecs
+    enrolled, fams, _ = sets.config(B.PROTOCOL)
+    out = {}
+    for m in methods:
+        R, meta = m.bank(enrolled), B._meta(fams)
+        from forensics.attribute import calibrate_unknown
+
+        cal = calibrate_unknown(R, fams, m.matcher, ())
+        right, refused, flagged = 0, 0, []
+        for a in XARCHS + XUNKNOWN:
+            if m.fp.name not in per_arch[a]:
+                refused += a in XARCHS
+                continue
+            best = m.ranking(per_arch[a], R, meta)[0]
+            unknown = cal.threshold is not None and best.score < cal.threshold
+            if a in XARCHS:
+                right += best.family == a and not unknown
+            else:
+                flagged.append(unknown)
+        out[m.label] = (right / len(XARCHS), refused, sum(flagged))
+    lines = ["| fingerprint | matcher | cross-code top-1 (10) | refused (C_T undefined) | "
+             "VAE/CVAE flagged unknown |", "|---|---|---|---|---|"]
+    for label, (t, ref, fl) in out.items():
+        fp_name, mt = label.split(" | ")
+        lines.append(f"| {fp_name} | {mt} | {t:.2f} | {ref} | {fl} / 2 |")
+    return lines, out
+
+
+def peer_rows(grid_default: Grid, pix: Grid, res: Grid, nnp: Grid, nnf: Grid,
+              feats_pool: Grid, imgs: dict, cfg_train, draws_train) -> list[tuple]:
+    """(method, protocol, re-drawn, cross-code) of every peer and of fp's default."""
+    cfgs = [c for c in B.redraws()]
+    rows = []
+    for name, g, score in (
+            ("Marra et al. 2019: mean noise residual, correlation", res, peers.correlation),
+            ("ManiFPT, training-free: pixel - nearest real, correlation", nnp, peers.correlation),
+            ("ManiFPT, training-free: early layers - nearest real, zscore", nnf, zscore),
+            ("mean pixels, zscore", pix, zscore),
+            ("fp default: resid-early, zscore", grid_default, zscore)):
+        rows.append((name, top1_grid(g, score, [B.PROTOCOL]), top1_grid(g, score, cfgs),
+                     xcode_grid(g, score)[0]))
+    for name, g in (("linear probe, FID-Inception pool (2048), majority vote", feats_pool),
+                    ("linear probe, fp's resid-early rows, majority vote", grid_default)):
+        rows.append((name, *probe(g, cfg_train, draws_train)))
+    rows.append(("small CNN from scratch, majority vote", *cnn(imgs, cfg_train, draws_train)))
+    return rows
+
+
+def _train(g: Grid, cfg) -> tuple[np.ndarray, np.ndarray]:
+    X, y = [], []
+    for i, a in enumerate(B.ARCHS):
+        for start, pos in cfg["enroll"]:
+            r = g.rows(a, start, pos)
+            X.append(g.X[r])
+            y += [i] * len(r)
+    return np.concatenate(X), np.array(y)
+
+
+def probe(g: Grid, cfg, draws) -> tuple[float, float, float]:
+    """Linear probe trained on each configuration's enrolled images; majority vote."""
+    def run(c):
+        X, y = _train(g, c)
+        model = peers.linear_probe(X, y)
+        return [peers.majority(model.predict(g.X[g.rows(a, *c["query"])]))[0] == i
+                for i, a in enumerate(B.ARCHS)], model
+
+    proto, model = run(cfg)
+    redrawn = [ok for c in draws for ok in run(c)[0]]
+    xc = [B.ARCHS[peers.majority(model.predict(g.x[a]))[0]] == a for a in XARCHS]
+    return float(np.mean(proto)), float(np.mean(redrawn)), float(np.mean(xc))
+
+
+def cnn(imgs: dict, cfg, draws) -> tuple[float, float, float]:
+    """The CNN trained on each configuration's enrolled images; majority vote."""
+    grid, x = imgs["grid"], imgs["x"]
+
+    def run(c):
+        X, y = _train(grid, c)
+        model = peers.CNNAttributor(len(B.ARCHS), epochs=2, seed=0).fit(X, y)
+        return [peers.majority(model.proba(grid.X[grid.rows(a, *c["query"])]).argmax(1))[0] == i
+                for i, a in enumerate(B.ARCHS)], model
+
+    proto, model = run(cfg)
+    redrawn = [ok for c in draws for ok in run(c)[0]]
+    xc = [B.ARCHS[peers.majority(model.proba(x[a]).argmax(1))[0]] == a for a in XARCHS]
+    return float(np.mean(proto)), float(np.mean(redrawn)), float(np.mean(xc))
+
+
+def size_table(g: Grid, cfgs, reps: int = 3) -> list[str]:
+    rng = np.random.default_rng(0)
+    lines = ["| images per suspect set | within-code re-drawn top-1 | open-set AUROC (re-drawn) | "
+             "cross-code top-1 (10) |", "|---|---|---|---|"]
+    for n in SIZES:
+        t = np.mean([top1_grid(g, zscore, cfgs, n, rng) for _ in range(reps)])
+        o = np.mean([open_set_grid(g, zscore, cfgs[::3], n, rng) for _ in range(reps)])
+        x = np.mean([xcode_grid(g, zscore, n, rng)[0] for _ in range(reps)])
+        lines.append(f"| {n} | {t:.3f} | {o:.3f} | {x:.2f} |")
+    return lines
+
+
+def calibration(g: Grid, cfgs, png: Path | None, reps: int = 3) -> tuple[list[str], dict]:
+    """Confidence of fp attribute (fitted on each bank) against correctness."""
+    from forensics import confidence as C
+
+    rng = np.random.default_rng(0)
+    data = {"within": [], "cross": []}
+    for cfg in cfgs + [B.PROTOCOL]:
+        V, S, fam = g.bank(cfg)
+        model = C.fit(C.simulate(V, S, [512] * len(V), fam, zscore, seed=0))
+        sets = [(a, g.X[g.rows(a, *cfg["query"])], "within") for a in B.ARCHS]
+        if cfg is B.PROTOCOL:
+            sets += [(a, g.x[a], "cross") for a in XARCHS]
+        for a, rows, kind in sets:
+            for n in SIZES:
+                for _ in range(reps if n < len(rows) else 1):
+                    if n > len(rows):
+                        continue
+                    q = rows[rng.choice(len(rows), n, replace=False)].mean(axis=0)
+                    f, best, margin = C.margin_of(C.family_scores(zscore(q, V), fam))
+                    unknown = best < model.threshold(n)
+                    data[kind].append((n, model.probability(margin, best, n), f == a, unknown))
+    lines = ["| queries | n | accuracy | mean confidence | ECE | wrong with confidence > 0.9 | "
+             "called unknown |", "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for kind, label in (("within", "within-code re-drawn"), ("cross", "cross-code")):
+        d = np.array(data[kind], dtype=float)
+        for n in (None, *SIZES):
+            k = np.ones(len(d), bool) if n is None else d[:, 0] == n
+            if not k.any():
+                continue
+            p, y, u = d[k, 1], d[k, 2].astype(bool), d[k, 3].astype(bool)
+            ece = C.expected_calibration_error(p, y)
+            lines.append(f"| {label} | {'all' if n is None else n} | {y.mean():.3f} | "
+                         f"{p.mean():.3f} | {ece:.3f} | {np.mean((p > 0.9) & ~y):.3f} | "
+                         f"{u.mean():.3f} |")
+            if n is None:
+                summary[kind] = (ece, float(np.mean((p > 0.9) & ~y)))
+    if png is not None:
+        _reliability(data, png)
+    return lines, summary
+
+
+def _reliability(data, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for kind, label in (("within", "within-code re-drawn"), ("cross", "cross-code")):
+        d = np.array(data[kind], dtype=float)
+        edges = np.linspace(0, 1, 11)
+        which = np.minimum((d[:, 1] * 10).astype(int), 9)
+        xs, ys, ns = [], [], []
+        for b in range(10):
+            k = which == b
+            if k.sum() >= 5:
+                xs.append(d[k, 1].mean())
+                ys.append(d[k, 2].mean())
+                ns.append(k.sum())
+        ax.plot(xs, ys, "o-", label=f"{label} ({len(d)} suspects)")
+        del edges
+    ax.set_xlabel("confidence (fp attribute)")
+    ax.set_ylabel("share right")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Reliability of fp's confidence (resid-early, zscore)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def transform_table(work: Path, loaded, encoder: str, cache: Path, g: Grid) -> list[str]:
+    """Protocol queries post-processed by ``fp synth``, against the clean bank."""
+    from forensics.embed import embed_folder
+    from forensics.synth import synth_folder
+
+    rng = np.random.default_rng(0)
+    src = work / "transform-src"
+    picks = {}
+    for a in B.ARCHS:
+        rows = g.rows(a, *B.PROTOCOL["query"])
+        picks[a] = np.sort(rng.choice(len(rows), N_TRANSFORM, replace=False))
+        names = [f"e{e:02d}_{p:03d}.png" for e in range(B.PROTOCOL["query"][0],
+                                                        B.PROTOCOL["query"][0] + B.WINDOW)
+                 for p in B.positions(B.PROTOCOL["query"][1])]
+        for i in picks[a]:
+            B._link(work / "all" / a / names[i], src / a / names[i])
+    V, _, fam = g.bank(B.PROTOCOL)
+    lines = ["| suspects (protocol queries, 128 images each) | top-1 (11) | families named |",
+             "|---|---|---|"]
+    clean = [nearest_family(zscore, g.X[g.rows(a, *B.PROTOCOL["query"])[picks[a]]].mean(0),
+                            V, fam)[0] for a in B.ARCHS]
+    acc = np.mean([c == a for c, a in zip(clean, B.ARCHS, strict=True)])
+    lines.append(f"| clean | {acc:.3f} | "
+                 f"{', '.join(c[:6] for c in clean)} |")
+    for kind, params, label in TRANSFORMS:
+        out = work / f"transform-{kind}-{'-'.join(str(v) for v in params.values())}"
+        if not (out / "fp-synth.json").is_file():
+            synth_folder(kind, src, out, seed=0, force=True, **params)
+        emb = embed_folder(out, encoder, cache_dir=cache, device="cpu", progress=False)
+        rows = per_image(loaded, "resid-early", emb)
+        got = []
+        for a in B.ARCHS:
+            k = [i for i, (rel, *_r) in enumerate(emb.manifest.entries) if rel.startswith(a + "/")]
+            got.append(nearest_family(zscore, rows[k].mean(axis=0), V, fam)[0])
+        acc = np.mean([x == a for x, a in zip(got, B.ARCHS, strict=True)])
+        lines.append(f"| {label} | {acc:.3f} | {', '.join(x[:6] for x in got)} |")
+    return lines
+
+
+def run(work: Path, zoo: Path, emb, sets, methods, encoder: str, cache: Path,
+        docs: Path | None, quick: bool) -> tuple[list[str], dict]:
+    """Every stage; returns the markdown lines and a summary for the last line."""
+    from forensics.embed import embed_folder
+
+    t0 = time.perf_counter()
+    loaded = sets.baseline
+    xemb = embed_folder(xcode_folder(zoo, work), encoder, cache_dir=cache, device="cpu",
+                        progress=False)
+    B.log(f"second code base embedded ({time.perf_counter() - t0:.0f} s)")
+    lines, summary = [], {}
+    xlines, xc = cross_code_table(sets, xemb, methods)
+    summary["cross"] = xc
+    lines += ["", "Cross-code: enrolled from the first code base (protocol), queried with the "
+                  "second (epochs 9 + 24; 128 or 200 images):", ""] + xlines
+    B.log(f"cross-code table ({time.perf_counter() - t0:.0f} s)")
+
+    default = _grid(emb, xemb, per_image(loaded, "resid-early", emb),
+                    per_image(loaded, "resid-early", xemb))
+    step = 21 if quick else 9
+    cfgs = B.redraws()[::step]
+    size = size_table(default, cfgs)
+    lines += ["", f"fp's default (resid-early + zscore) against suspect-set size (re-drawn: "
+                  f"{len(cfgs)} configurations; suspects drawn at random from each query, 3 "
+                  f"draws per size):", ""] + size
+    B.log(f"size table ({time.perf_counter() - t0:.0f} s)")
+    cal, summary["calibration"] = calibration(
+        default, cfgs, None if docs is None else docs / "reliability.png")
+    lines += ["", "Confidence of fp attribute (fitted on each bank: leave-one-curve-out "
+                  "suspects simulated from the per-image variances) against correctness:",
+              ""] + cal
+    B.log(f"calibration ({time.perf_counter() - t0:.0f} s)")
+
+    # Peers on pixels (the zoo's images, read from the embedded folders' files).
+    from PIL import Image
+
+    def load(em):
+        return np.stack([np.asarray(Image.open(Path(em.manifest.root) / e[0]).convert("L"))
+                         for e in em.manifest.entries])
+
+    imgs, ximgs = load(emb), load(xemb)
+    T = np.stack([np.asarray(Image.open(p).convert("L")) for p in sorted((work / "T").iterdir())])
+    pix_all, pix_x = peers.pixels(imgs), peers.pixels(ximgs)
+    res = _grid(emb, xemb, peers.noise_residuals(imgs), peers.noise_residuals(ximgs))
+    Tp = peers.pixels(T)
+    nnp = _grid(emb, xemb, peers.nearest_real_residuals(pix_all, Tp),
+                peers.nearest_real_residuals(pix_x, Tp))
+    Temb = embed_folder(work / "T", encoder, cache_dir=cache, device="cpu", progress=False)
+    Tf = per_image(loaded, "proj-mean-early", Temb)
+    nnf = _grid(emb, xemb, peers.nearest_real_residuals(per_image(loaded, "proj-mean-early", emb),
+                                                        Tf),
+                peers.nearest_real_residuals(per_image(loaded, "proj-mean-early", xemb), Tf))
+    pool = _grid(emb, xemb, np.asarray(emb.arrays[-1], np.float64),
+                 np.asarray(xemb.arrays[-1], np.float64))
+    pix = _grid(emb, xemb, pix_all, pix_x)
+    B.log(f"peer features ({time.perf_counter() - t0:.0f} s)")
+    raw = _grid(emb, xemb, imgs.reshape(len(imgs), -1), ximgs.reshape(len(ximgs), -1))
+    raw_grid = Grid(imgs, raw.index, {a: ximgs[[i for i, (rel, *_r) in
+                                                 enumerate(xemb.manifest.entries)
+                                                 if rel.split("/")[0] == a]]
+                                      for a in XARCHS + XUNKNOWN})
+    train_draws = B.redraws()[::126] if quick else B.redraws()[::63]
+    prows = peer_rows(default, pix, res, nnp, nnf, pool, {"grid": raw_grid, "x": raw_grid.x},
+                      B.PROTOCOL, train_draws)
+    lines += ["", f"Peers, side by side (same enrolled images and queries; trained methods are "
+                  f"trained on each configuration's enrolled images, re-drawn over "
+                  f"{len(train_draws)} configurations, training-free ones over all 126):", "",
+              "| method | protocol top-1 (11) | re-drawn top-1 | cross-code top-1 (10) | "
+              "worst of re-drawn and cross-code |", "|---|---|---|---|---|"]
+    for name, p, r, x in prows:
+        lines.append(f"| {name} | {p:.3f} | {r:.3f} | {x:.2f} | {min(r, x):.3f} |")
+    summary["peers"] = prows
+    B.log(f"peers ({time.perf_counter() - t0:.0f} s)")
+    lines += ["", "Post-processed suspects (fp synth), enrolled clean, fp's default:", ""]
+    lines += transform_table(work, loaded, encoder, cache, default)
+    B.log(f"post-processing ({time.perf_counter() - t0:.0f} s)")
+    return lines, summary
