@@ -138,14 +138,65 @@ def frechet_to_reference(x: np.ndarray, ref: GaussianStats, ref_root: np.ndarray
     return max(value, 0.0)
 
 
-def mean_std_fid_features(X_layer: np.ndarray, T_layer: np.ndarray | GaussianStats,
+@dataclass(frozen=True)
+class FactorStats:
+    """T's Gaussian statistics in compact form: what FID against T needs, nothing more.
+
+    Attributes:
+        mu: (D,) mean of T.
+        trace: trace of T's covariance.
+        factor: (D, r) with ``factor @ factor.T`` T's covariance (``ddof=1``), r its rank:
+            at most ``n - 1``, so far smaller than the (D, D) covariance when T has fewer
+            samples than dimensions.
+        n: number of samples in T.
+    """
+
+    mu: np.ndarray
+    trace: float
+    factor: np.ndarray
+    n: int
+
+
+def covariance_factor(values: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``F`` (D, r) with ``F @ F.T`` the covariance of eigenvalues ``values`` and eigenvectors
+    ``vectors`` (columns); eigenvalues at round-off level (numerically zero) are left out."""
+    vals = np.asarray(values, dtype=np.float64)
+    top = float(vals.max()) if vals.size else 0.0
+    keep = vals > max(top, 0.0) * vals.size * np.finfo(np.float64).eps
+    return np.ascontiguousarray(vectors[:, keep] * np.sqrt(vals[keep]))
+
+
+def frechet_to_factor(x: np.ndarray, ref: FactorStats) -> float:
+    """Fréchet distance of the samples ``x`` (n, D) to T given as :class:`FactorStats`.
+
+    ``tr sqrt(C_T C_x)`` is the sum of the square roots of the eigenvalues of
+    ``Z^T Z / (n - 1)`` (or ``Z Z^T``, whichever is smaller) with ``Z = (x - mean) F``:
+    exact, with no D x D matrix at all. Agrees with :func:`frechet_distance` and
+    :func:`frechet_to_reference` to round-off.
+    """
+    x = _features(x, "set features")
+    n = x.shape[0]
+    mu = x.mean(axis=0)
+    xc = x - mu
+    z = xc @ np.asarray(ref.factor, dtype=np.float64)
+    gram = (z @ z.T if n < z.shape[1] else z.T @ z) / (n - 1)
+    eig = np.clip(np.linalg.eigvalsh(gram), 0.0, None) if gram.size else np.zeros(0)
+    diff = mu - ref.mu
+    tr_x = float(np.einsum("ij,ij->", xc, xc) / (n - 1))
+    value = float(diff @ diff + tr_x + float(ref.trace) - 2.0 * np.sqrt(eig).sum())
+    return max(value, 0.0)
+
+
+def mean_std_fid_features(X_layer: np.ndarray,
+                          T_layer: np.ndarray | GaussianStats | FactorStats,
                           T_root: np.ndarray | None = None) -> dict:
     """The baseline's summary of one image set in one feature space.
 
     Args:
         X_layer: features of the set, ``(n, D)``, n >= 2.
         T_layer: features of the reference data T, ``(m, D)``, or their precomputed
-            :func:`gaussian_stats` (compute them once for many sets).
+            :func:`gaussian_stats` or :class:`FactorStats` (compute them once for many
+            sets; :class:`FactorStats` is the compact form a baseline stores).
         T_root: ``psd_sqrt`` of T's covariance, if precomputed: the FID then comes from
             :func:`frechet_to_reference` (same value, far faster for wide layers).
 
@@ -158,8 +209,14 @@ def mean_std_fid_features(X_layer: np.ndarray, T_layer: np.ndarray | GaussianSta
         InputError: wrong shapes, NaN/inf values, or mismatched dimensions.
         InsufficientDataError: fewer than 2 samples in the set or in T.
     """
-    ref = T_layer if isinstance(T_layer, GaussianStats) else gaussian_stats(T_layer, "T features")
     x = _features(X_layer, "set features")
+    if isinstance(T_layer, FactorStats):
+        if T_layer.mu.shape != x.shape[1:]:
+            raise InputError(f"cannot compare features of dimension {x.shape[1]} with "
+                             f"dimension {T_layer.mu.shape[0]}")
+        return {"mean": x.mean(axis=0), "std": x.std(axis=0),
+                "fid": frechet_to_factor(x, T_layer)}
+    ref = T_layer if isinstance(T_layer, GaussianStats) else gaussian_stats(T_layer, "T features")
     if T_root is not None and np.shape(T_root) == ref.cov.shape:
         fid = frechet_to_reference(x, ref, T_root)  # needs no set covariance
     else:

@@ -17,6 +17,7 @@ import pytest
 import forensics
 from forensics import pipeline
 from forensics.demo import _write_pngs, digit_images
+from forensics.embed import embed_folder
 from forensics.errors import BankError, InputError, InsufficientDataError, UnknownNameError
 from forensics.synth import synth_folder
 from refbank import Bank
@@ -74,8 +75,15 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
     loaded = pipeline.load_baseline("digits", bank=bank)
     assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
     extras = loaded.extras(forensics.fingerprints.get("setstats"))
-    np.testing.assert_allclose(extras["cov.3"], extras["cov.3"].T)
+    T3 = embed_folder(world["folders"]["T"], "vit-tiny-demo", weights="random:0", **COMMON,
+                      cache_dir=world["cache"]).arrays[3]
+    np.testing.assert_allclose(extras["factor.3"] @ extras["factor.3"].T,
+                               np.cov(T3, rowvar=False), rtol=1e-9, atol=1e-12)
     assert extras["mu.0"].shape == (96,) and int(extras["n.0"].reshape(-1)[0]) == 240
+    # Arrays shared by fingerprints are stored once, beside the engine's files.
+    files = sorted(p.name for p in loaded.folder.iterdir())
+    assert files == ["arrays.npz", "fingerprint-arrays.json", "fingerprint-arrays.npz",
+                     "meta.json", "train_manifest.json"]
     assert bank.verify().ok
 
 
