@@ -169,21 +169,21 @@ def covariance_factor(values: np.ndarray, vectors: np.ndarray) -> np.ndarray:
 def frechet_to_factor(x: np.ndarray, ref: FactorStats) -> float:
     """Fréchet distance of the samples ``x`` (n, D) to T given as :class:`FactorStats`.
 
-    ``tr sqrt(C_T C_x)`` is the sum of the square roots of the eigenvalues of
-    ``Z^T Z / (n - 1)`` (or ``Z Z^T``, whichever is smaller) with ``Z = (x - mean) F``:
-    exact, with no D x D matrix at all. Agrees with :func:`frechet_distance` and
-    :func:`frechet_to_reference` to round-off.
+    ``tr sqrt(C_T C_x)`` is the sum of the singular values of ``Z / sqrt(n - 1)`` with
+    ``Z = (x - mean) F`` (n, r): no D x D matrix at all, and exact even where either
+    covariance is singular (a square root of eigenvalues would turn round-off around
+    zero into errors of ``sqrt(eps)``). Agrees with :func:`frechet_distance` and
+    :func:`frechet_to_reference` to within their own round-off.
     """
     x = _features(x, "set features")
     n = x.shape[0]
     mu = x.mean(axis=0)
     xc = x - mu
     z = xc @ np.asarray(ref.factor, dtype=np.float64)
-    gram = (z @ z.T if n < z.shape[1] else z.T @ z) / (n - 1)
-    eig = np.clip(np.linalg.eigvalsh(gram), 0.0, None) if gram.size else np.zeros(0)
+    nuclear = float(np.linalg.svd(z, compute_uv=False).sum()) if z.size else 0.0
     diff = mu - ref.mu
     tr_x = float(np.einsum("ij,ij->", xc, xc) / (n - 1))
-    value = float(diff @ diff + tr_x + float(ref.trace) - 2.0 * np.sqrt(eig).sum())
+    value = float(diff @ diff + tr_x + float(ref.trace) - 2.0 * nuclear / np.sqrt(n - 1))
     return max(value, 0.0)
 
 

@@ -24,7 +24,7 @@ from forensics.hookspecs import hookimpl
 
 
 def exact_pca(T, k):
-    """Mean and the ``k`` leading principal axes of ``T``: :func:`forensics.fingerprints.exact_pca`."""
+    """Mean and ``k`` leading principal axes of ``T`` (:func:`forensics.fingerprints.exact_pca`)."""
     from forensics.fingerprints import exact_pca as core
 
     return core(T, k)

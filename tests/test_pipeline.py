@@ -87,6 +87,103 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
     assert bank.verify().ok
 
 
+def _store_the_old_way(bank_path, T_layers):
+    """Rewrite a bank's baseline as fp stored it before arrays were shared: one file per
+    fingerprint, and setstats' full covariance and its square root per layer."""
+    from forensics.setstats import gaussian_stats, psd_sqrt
+
+    loaded = pipeline.load_baseline("digits", bank=Bank(bank_path))
+    for name in forensics.fingerprints.names():
+        fp = forensics.fingerprints.get(name)
+        if not forensics.fingerprints.needs_extras(fp):
+            continue
+        arrays = dict(loaded.extras(fp))
+        if name == "setstats":
+            arrays = {}
+            for i, T in enumerate(T_layers):
+                st = gaussian_stats(T)
+                arrays.update({f"mu.{i}": st.mu, f"cov.{i}": st.cov, f"n.{i}": st.n,
+                               f"root.{i}": psd_sqrt(st.cov)})
+        forensics.fingerprints.save_extras(loaded.folder, name, arrays)
+    for f in ("fingerprint-arrays.npz", "fingerprint-arrays.json"):
+        (loaded.folder / f).unlink()
+
+
+def test_a_baseline_stored_the_old_way_gives_the_same_vectors_and_answers(world, tmp_path):
+    import shutil
+
+    shutil.copytree(world["bank"].path, tmp_path / "bank")
+    T = embed_folder(world["folders"]["T"], "vit-tiny-demo", weights="random:0", **COMMON,
+                     cache_dir=world["cache"]).arrays
+    _store_the_old_way(tmp_path / "bank", T)
+    kw_old = dict(world["kw"], bank=Bank(tmp_path / "bank"))
+    query = world["folders"]["query_noise"]
+    new = pipeline.compute_curve(query, baseline="digits", **world["kw"]).fingerprints
+    old = pipeline.compute_curve(query, baseline="digits", **kw_old).fingerprints
+    assert sorted(new) == sorted(old) and len(new) == 7
+    for name in new:
+        if name == "setstats":  # FIDs: the compact form is exact, the old root's round-off
+            np.testing.assert_allclose(new[name], old[name], rtol=1e-7, atol=1e-9)
+        else:
+            np.testing.assert_array_equal(new[name], old[name])
+    for fingerprint in new:
+        a, b = (pipeline.attribute(query, fingerprint=fingerprint, n_boot=2, **kw)
+                for kw in (world["kw"], kw_old))
+        assert a.decision.to_dict() | {"score": 0, "reason": ""} == \
+            b.decision.to_dict() | {"score": 0, "reason": ""}
+        assert [m.curve_id for m in a.ranking] == [m.curve_id for m in b.ranking]
+        np.testing.assert_allclose([m.score for m in a.ranking], [m.score for m in b.ranking],
+                                   rtol=1e-7)
+
+
+class _LegacyMean:
+    """A third-party fingerprint written before shared arrays: it computes its own."""
+
+    name = "legacy-mean"
+    description = "set mean minus T's mean, every layer"
+    default_matcher = "cosine"
+
+    def prepare(self, ctx):
+        return {f"mean.{i}": np.asarray(T, dtype=np.float64).mean(axis=0)
+                for i, T in enumerate(ctx.train)}
+
+    def compute(self, ctx):
+        return np.concatenate([np.asarray(X, dtype=np.float64).mean(axis=0) - ctx.extras[f"mean.{i}"]
+                               for i, X in enumerate(ctx.embeddings)])
+
+    def entry_layers(self, dims):
+        return np.repeat(np.arange(len(dims)), dims)
+
+
+def test_a_fingerprint_preparing_its_arrays_the_old_way_still_works(world, tmp_path):
+    import types
+
+    from forensics import plugins
+    from forensics.hookspecs import hookimpl
+
+    mod = types.ModuleType("legacy_fp")
+    mod.register_fingerprints = hookimpl(lambda register: register(_LegacyMean()))
+    plugins.get_plugin_manager().register(mod, name="legacy_fp")
+    kw = dict(world["kw"], bank=Bank(tmp_path / "bank"))
+    f = world["folders"]
+    pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
+                            weights="random:0", n_cells=2, **kw)
+    for kind in ("noise", "shuffle"):
+        pipeline.enroll(f[f"gen_{kind}"], baseline="digits", model=f"{kind}-m", family=kind,
+                        per_curve=N, **kw)
+    a = pipeline.attribute(f["query_shuffle"], fingerprint="legacy-mean", n_boot=0, **kw)
+    assert a.ranking[0].family == "shuffle"
+    loaded = pipeline.load_baseline("digits", bank=kw["bank"])
+    mine = loaded.extras(_LegacyMean())
+    T = embed_folder(f["T"], "vit-tiny-demo", weights="random:0", **COMMON,
+                     cache_dir=world["cache"]).arrays
+    np.testing.assert_array_equal(mine["mean.5"], T[5].astype(np.float64).mean(axis=0))
+    # Its means are proj-mean's and setstats' too: stored once for all three.
+    index = json.loads((loaded.folder / "fingerprint-arrays.json").read_text())["fingerprints"]
+    assert index["legacy-mean"]["mean.5"] == index["proj-mean"]["mean.5"] == \
+        index["setstats"]["mu.5"]
+
+
 def test_same_baseline_under_another_name_and_taken_name_are_refused(world):
     f, kw = world["folders"], world["kw"]
     with pytest.raises(BankError, match="already in the bank .* as 'digits'"):
