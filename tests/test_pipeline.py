@@ -148,8 +148,8 @@ class _LegacyMean:
                 for i, T in enumerate(ctx.train)}
 
     def compute(self, ctx):
-        return np.concatenate([np.asarray(X, dtype=np.float64).mean(axis=0) - ctx.extras[f"mean.{i}"]
-                               for i, X in enumerate(ctx.embeddings)])
+        return np.concatenate([np.asarray(X, dtype=np.float64).mean(axis=0)
+                               - ctx.extras[f"mean.{i}"] for i, X in enumerate(ctx.embeddings)])
 
     def entry_layers(self, dims):
         return np.repeat(np.arange(len(dims)), dims)
