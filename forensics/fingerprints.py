@@ -83,9 +83,10 @@ class CovarianceEigen:
 
     Attributes:
         mean: (D,) mean of T.
-        values: (D,) eigenvalues of T's covariance (``ddof=1``), in decreasing order.
-        vectors: (D, D) the matching eigenvectors as columns, each signed so that its
-            largest-magnitude entry is positive (a deterministic orientation).
+        values: (r,) eigenvalues of T's covariance (``ddof=1``), in decreasing order.
+        vectors: (D, r) the matching eigenvectors as columns, each signed so that its
+            largest-magnitude entry is positive (a deterministic orientation). ``r = D``,
+            or, when *thin*, ``r = n``: the leading ones only (the rest have no variance).
         trace: the covariance's trace (the sum of T's per-feature variances).
         n: number of samples in T.
     """
@@ -97,27 +98,46 @@ class CovarianceEigen:
     n: int
 
 
-def covariance_eigen(T: np.ndarray) -> CovarianceEigen:
-    """:class:`CovarianceEigen` of ``T`` (n, D): an exact, deterministic eigendecomposition."""
+def covariance_eigen(T: np.ndarray, thin: bool | None = None) -> CovarianceEigen:
+    """:class:`CovarianceEigen` of ``T`` (n, D): exact and deterministic.
+
+    Args:
+        T: (n, D) samples.
+        thin: from the SVD of the centred samples, ``O(n^2 D)``: the ``n`` leading
+            eigenpairs only (default when ``n <= D``, where the other ``D - n`` have zero
+            variance); else the eigendecomposition of the (D, D) covariance, ``O(D^3)``.
+    """
     X = np.asarray(T, dtype=np.float64)
+    n, d = X.shape
     mean = X.mean(axis=0)
     Xc = X - mean
-    cov = Xc.T @ Xc / max(len(X) - 1, 1)
-    vals, vecs = np.linalg.eigh(cov)
-    order = np.argsort(vals)[::-1]
-    vecs = vecs[:, order]
+    if thin if thin is not None else n <= d:
+        _, sing, vt = np.linalg.svd(Xc, full_matrices=False)
+        vals, vecs = sing**2 / max(n - 1, 1), vt.T.copy()
+        trace = float(np.einsum("ij,ij->", Xc, Xc) / max(n - 1, 1))
+    else:
+        cov = Xc.T @ Xc / max(n - 1, 1)
+        vals, vecs = np.linalg.eigh(cov)
+        order = np.argsort(vals)[::-1]
+        vals, vecs, trace = vals[order], vecs[:, order], float(np.trace(cov))
     big = np.argmax(np.abs(vecs), axis=0)
     vecs *= np.where(vecs[big, np.arange(vecs.shape[1])] < 0, -1.0, 1.0)[None, :]
-    return CovarianceEigen(mean, vals[order], vecs, float(np.trace(cov)), len(X))
+    return CovarianceEigen(mean, vals, vecs, trace, n)
+
+
+def _thin_enough(n: int, d: int, k: int) -> bool:
+    """Whether the thin decomposition holds ``k`` axes with variance (``k < n <= D``)."""
+    return k < n <= d
 
 
 def exact_pca(T: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and the ``k`` leading principal axes ``(k, D)`` of ``T`` (n, D), exactly.
 
-    The eigendecomposition of T's covariance (:func:`covariance_eigen`; no randomised
-    solver, so no seed), axes in decreasing order of variance.
+    From :func:`covariance_eigen` (no randomised solver, so no seed), axes in decreasing
+    order of variance; thin when T has fewer samples than dimensions and ``k < n``.
     """
-    eig = covariance_eigen(T)
+    n, d = np.shape(T)
+    eig = covariance_eigen(T, thin=_thin_enough(n, d, int(k)))
     return eig.mean, eig.vectors[:, :k].T.copy()
 
 
@@ -142,18 +162,25 @@ class PrepareContext:
             self._cache[key] = compute()
         return self._cache[key]
 
-    def covariance(self, i: int) -> CovarianceEigen:
-        """T's mean and covariance eigendecomposition of layer ``i`` (computed once)."""
-        return self.shared(("covariance_eigen", "train", int(i)),
-                           lambda: covariance_eigen(self.train[int(i)]))
+    def covariance(self, i: int, thin: bool | None = None) -> CovarianceEigen:
+        """T's mean and covariance eigendecomposition of layer ``i`` (computed once).
+
+        ``thin`` as for :func:`covariance_eigen` (default: thin when T has fewer samples
+        than dimensions).
+        """
+        n, d = np.shape(self.train[int(i)])
+        thin = n <= d if thin is None else bool(thin)
+        return self.shared(("covariance_eigen", "train", int(i), thin),
+                           lambda: covariance_eigen(self.train[int(i)], thin=thin))
 
     def pca(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """T's mean and ``k`` leading principal axes ``(k, D)`` of layer ``i``, exactly.
 
-        Equal to :func:`exact_pca` of ``train[i]``; one eigendecomposition serves every
-        ``k`` and every fingerprint.
+        Equal to :func:`exact_pca` of ``train[i]``; one decomposition serves every ``k``
+        and every fingerprint.
         """
-        eig = self.covariance(i)
+        n, d = np.shape(self.train[int(i)])
+        eig = self.covariance(i, thin=_thin_enough(n, d, int(k)))
         return self.shared(("pca", "train", int(i), int(k)),
                            lambda: (eig.mean, eig.vectors[:, :int(k)].T.copy()))
 

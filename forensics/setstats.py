@@ -139,22 +139,28 @@ def frechet_to_reference(x: np.ndarray, ref: GaussianStats, ref_root: np.ndarray
 
 
 @dataclass(frozen=True)
-class FactorStats:
+class CompactStats:
     """T's Gaussian statistics in compact form: what FID against T needs, nothing more.
+
+    T's covariance (``ddof=1``) is given by ``rows`` (T's samples themselves, in their own
+    precision, the covariance being that of ``rows - mu``) or by ``factor`` (D, r) with
+    ``factor @ factor.T`` the covariance: whichever is smaller. Both are exact, and far
+    smaller than the (D, D) covariance and its square root when T has fewer samples
+    than dimensions.
 
     Attributes:
         mu: (D,) mean of T.
         trace: trace of T's covariance.
-        factor: (D, r) with ``factor @ factor.T`` T's covariance (``ddof=1``), r its rank:
-            at most ``n - 1``, so far smaller than the (D, D) covariance when T has fewer
-            samples than dimensions.
         n: number of samples in T.
+        factor: (D, r), r the covariance's rank (at most ``min(n - 1, D)``), or None.
+        rows: (n, D) T's samples, or None.
     """
 
     mu: np.ndarray
     trace: float
-    factor: np.ndarray
     n: int
+    factor: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
 
 def covariance_factor(values: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -166,37 +172,43 @@ def covariance_factor(values: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors[:, keep] * np.sqrt(vals[keep]))
 
 
-def frechet_to_factor(x: np.ndarray, ref: FactorStats) -> float:
-    """Fréchet distance of the samples ``x`` (n, D) to T given as :class:`FactorStats`.
+def frechet_to_compact(x: np.ndarray, ref: CompactStats) -> float:
+    """Fréchet distance of the samples ``x`` (n, D) to T given as :class:`CompactStats`.
 
-    ``tr sqrt(C_T C_x)`` is the sum of the singular values of ``Z / sqrt(n - 1)`` with
-    ``Z = (x - mean) F`` (n, r): no D x D matrix at all, and exact even where either
-    covariance is singular (a square root of eigenvalues would turn round-off around
-    zero into errors of ``sqrt(eps)``). Agrees with :func:`frechet_distance` and
+    ``tr sqrt(C_T C_x)`` is the nuclear norm (sum of singular values) of
+    ``(x - mean) F / sqrt(n - 1)``, or of ``(x - mean)(T - mu)^T / sqrt((n - 1)(n_T - 1))``
+    from T's rows: no D x D matrix at all, and exact even where either covariance is
+    singular (square roots of eigenvalues would turn round-off around zero into errors
+    of ``sqrt(eps)``). Agrees with :func:`frechet_distance` and
     :func:`frechet_to_reference` to within their own round-off.
     """
     x = _features(x, "set features")
     n = x.shape[0]
     mu = x.mean(axis=0)
     xc = x - mu
-    z = xc @ np.asarray(ref.factor, dtype=np.float64)
+    if ref.rows is not None:
+        z = xc @ (np.asarray(ref.rows, dtype=np.float64) - ref.mu).T
+        scale = np.sqrt((n - 1) * (ref.n - 1))
+    else:
+        z = xc @ np.asarray(ref.factor, dtype=np.float64)
+        scale = np.sqrt(n - 1)
     nuclear = float(np.linalg.svd(z, compute_uv=False).sum()) if z.size else 0.0
     diff = mu - ref.mu
     tr_x = float(np.einsum("ij,ij->", xc, xc) / (n - 1))
-    value = float(diff @ diff + tr_x + float(ref.trace) - 2.0 * nuclear / np.sqrt(n - 1))
+    value = float(diff @ diff + tr_x + float(ref.trace) - 2.0 * nuclear / scale)
     return max(value, 0.0)
 
 
 def mean_std_fid_features(X_layer: np.ndarray,
-                          T_layer: np.ndarray | GaussianStats | FactorStats,
+                          T_layer: np.ndarray | GaussianStats | CompactStats,
                           T_root: np.ndarray | None = None) -> dict:
     """The baseline's summary of one image set in one feature space.
 
     Args:
         X_layer: features of the set, ``(n, D)``, n >= 2.
         T_layer: features of the reference data T, ``(m, D)``, or their precomputed
-            :func:`gaussian_stats` or :class:`FactorStats` (compute them once for many
-            sets; :class:`FactorStats` is the compact form a baseline stores).
+            :func:`gaussian_stats` or :class:`CompactStats` (compute them once for many
+            sets; :class:`CompactStats` is the form a baseline stores).
         T_root: ``psd_sqrt`` of T's covariance, if precomputed: the FID then comes from
             :func:`frechet_to_reference` (same value, far faster for wide layers).
 
@@ -210,12 +222,12 @@ def mean_std_fid_features(X_layer: np.ndarray,
         InsufficientDataError: fewer than 2 samples in the set or in T.
     """
     x = _features(X_layer, "set features")
-    if isinstance(T_layer, FactorStats):
+    if isinstance(T_layer, CompactStats):
         if T_layer.mu.shape != x.shape[1:]:
             raise InputError(f"cannot compare features of dimension {x.shape[1]} with "
                              f"dimension {T_layer.mu.shape[0]}")
         return {"mean": x.mean(axis=0), "std": x.std(axis=0),
-                "fid": frechet_to_factor(x, T_layer)}
+                "fid": frechet_to_compact(x, T_layer)}
     ref = T_layer if isinstance(T_layer, GaussianStats) else gaussian_stats(T_layer, "T features")
     if T_root is not None and np.shape(T_root) == ref.cov.shape:
         fid = frechet_to_reference(x, ref, T_root)  # needs no set covariance

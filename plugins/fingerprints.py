@@ -50,8 +50,8 @@ class SetStatsFingerprint:
     default_matcher = "combined"
 
     def prepare(self, ctx):
-        """T's mean, covariance trace and covariance factor per layer (what FID against T
-        needs), from the eigendecomposition the PCA fingerprints share."""
+        """Per layer what FID against T needs, compactly (:class:`CompactStats`): T's mean,
+        covariance trace, and T's rows or a covariance factor, whichever is smaller."""
         import numpy as np
 
         from forensics.errors import InsufficientDataError
@@ -59,13 +59,24 @@ class SetStatsFingerprint:
 
         out = {}
         for i, name in enumerate(ctx.layers):
-            eig = ctx.covariance(i)
-            if eig.n < 2:
-                raise InsufficientDataError(f"layer {name!r} of T has {eig.n} sample(s); "
+            T = np.asarray(ctx.train[i])
+            if not np.issubdtype(T.dtype, np.floating):
+                T = T.astype(np.float64)
+            n, d = T.shape
+            if n < 2:
+                raise InsufficientDataError(f"layer {name!r} of T has {n} sample(s); "
                                             f"FID needs at least 2")
-            out[f"mu.{i}"], out[f"n.{i}"] = eig.mean, np.int64(eig.n)
-            out[f"trace.{i}"] = np.float64(eig.trace)
-            out[f"factor.{i}"] = covariance_factor(eig.values, eig.vectors)
+            X = np.asarray(T, dtype=np.float64)
+            mu = X.mean(axis=0)
+            out[f"mu.{i}"], out[f"n.{i}"] = mu, np.int64(n)
+            if n * d * T.dtype.itemsize <= d * min(n - 1, d) * 8:
+                Xc = X - mu
+                out[f"rows.{i}"] = T
+                out[f"trace.{i}"] = np.float64(np.einsum("ij,ij->", Xc, Xc) / (n - 1))
+            else:
+                eig = ctx.covariance(i)
+                out[f"trace.{i}"] = np.float64(eig.trace)
+                out[f"factor.{i}"] = covariance_factor(eig.values, eig.vectors)
         return out
 
     @staticmethod
@@ -74,14 +85,16 @@ class SetStatsFingerprint:
         import numpy as np
 
         from forensics.errors import InputError
-        from forensics.setstats import FactorStats, GaussianStats
+        from forensics.setstats import CompactStats, GaussianStats
 
         ex = ctx.extras
         try:
             n = int(np.asarray(ex[f"n.{i}"]).reshape(-1)[0])
-            if f"factor.{i}" in ex:
-                return FactorStats(ex[f"mu.{i}"], float(ex[f"trace.{i}"]), ex[f"factor.{i}"],
-                                   n), None
+            if f"trace.{i}" in ex:
+                if f"factor.{i}" not in ex and f"rows.{i}" not in ex:
+                    raise KeyError(f"factor.{i}")
+                return CompactStats(ex[f"mu.{i}"], float(ex[f"trace.{i}"]), n,
+                                    factor=ex.get(f"factor.{i}"), rows=ex.get(f"rows.{i}")), None
             return GaussianStats(ex[f"mu.{i}"], ex[f"cov.{i}"], n), ex.get(f"root.{i}")
         except KeyError:
             raise InputError(f"the baseline's setstats arrays lack layer {i} ({name}); "

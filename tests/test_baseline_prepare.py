@@ -13,9 +13,10 @@ import pytest
 from forensics import fingerprints as fpmod
 from forensics.fingerprints import FingerprintContext, PrepareContext
 from forensics.setstats import (
-    FactorStats,
+    CompactStats,
+    covariance_factor,
     frechet_distance,
-    frechet_to_factor,
+    frechet_to_compact,
     gaussian_stats,
     psd_sqrt,
 )
@@ -28,7 +29,8 @@ def _layers(n, seed=0, shift=0.0):
     out = []
     for i, d in enumerate(DIMS):
         mix = np.random.default_rng(100 + i).normal(size=(5, d))
-        out.append(rng.normal(size=(n, 5)) @ mix + 0.3 * rng.normal(size=(n, d)) + shift * i)
+        x = rng.normal(size=(n, 5)) @ mix + 0.3 * rng.normal(size=(n, d)) + shift * i
+        out.append(x.astype(np.float32))  # as embeddings are
     return out
 
 
@@ -65,17 +67,20 @@ def _ctx(layers, Q, extras):
     return FingerprintContext(names, [], Q, None, extras)
 
 
-def test_every_builtin_fingerprint_shares_one_eigendecomposition_per_layer(monkeypatch):
+def test_every_builtin_fingerprint_shares_each_decomposition_of_t(monkeypatch):
     T, P = _layers(80), _layers(40, 1)
     calls = []
-    real = np.linalg.eigh
-    monkeypatch.setattr(np.linalg, "eigh", lambda a, *k, **kw: calls.append(a.shape) or
-                        real(a, *k, **kw))
+    for fn in ("eigh", "svd"):
+        real = getattr(np.linalg, fn)
+        monkeypatch.setattr(np.linalg, fn, lambda a, *k, _f=real, _n=fn, **kw:
+                            calls.append((_n, a.shape, a.tobytes())) or _f(a, *k, **kw))
     ctx = PrepareContext([f"l{i}" for i in range(len(DIMS))], T, P, None)
     for fp in _builtins():
         fp.prepare(ctx)
     assert len(_builtins()) >= 6
-    assert len(calls) == len(DIMS)  # one per layer, not one per fingerprint and layer
+    assert len(calls) == len(set(calls))  # no decomposition runs twice
+    # One per layer; two for the 90-wide layer of 80 samples: thin for 64 axes, full for 90.
+    assert len(calls) == len(DIMS) + 1
 
 
 @pytest.mark.parametrize("n", [25, 300])  # fewer and more samples than the widest layer
@@ -91,8 +96,12 @@ def test_shared_pca_and_ridge_equal_each_fingerprint_computing_its_own(n):
         for key, value in extras.items():
             kind, i = key.split(".")
             if kind in ("mean", "axes"):
-                ref = _old_exact_pca(T[int(i)], min(fp.dim, DIMS[int(i)]))[kind == "axes"]
-                np.testing.assert_array_equal(value, ref)  # bit-identical
+                d = DIMS[int(i)]
+                ref = _old_exact_pca(T[int(i)], min(fp.dim, d))[kind == "axes"]
+                if kind == "axes" and min(fp.dim, d) < n <= d:  # thin SVD, not eigh
+                    np.testing.assert_allclose(value, ref, atol=1e-9)
+                else:
+                    np.testing.assert_array_equal(value, ref)  # bit-identical
         if "coef.0" in extras:  # the ridge, recomputed as each resid fingerprint did
             content = fp.content(len(DIMS))
             proj = {i: (T[i] - extras[f"mean.{i}"]) @ extras[f"axes.{i}"].T
@@ -109,6 +118,7 @@ def test_shared_pca_and_ridge_equal_each_fingerprint_computing_its_own(n):
 def _exact_fid(x, T):
     """FID by the nuclear norm: ``tr sqrt(C_T C_x)`` is the sum of the singular values of
     ``A B^T / sqrt((n-1)(m-1))`` (A, B the centred samples): exact even when singular."""
+    T, x = np.asarray(T, dtype=np.float64), np.asarray(x, dtype=np.float64)
     A, B = T - T.mean(0), x - x.mean(0)
     nuc = np.linalg.svd(A @ B.T, compute_uv=False).sum() / np.sqrt((len(A) - 1) * (len(B) - 1))
     d = x.mean(0) - T.mean(0)
@@ -121,9 +131,13 @@ def test_setstats_from_the_compact_arrays_equals_the_full_covariance_and_an_exac
     fp = fpmod.get("setstats")
     new = fp.prepare(PrepareContext([f"l{i}" for i in range(len(DIMS))], T, P, None))
     old = _old_setstats_extras(T)
-    # Stored compactly: no D x D matrix when T has fewer samples than dimensions.
-    assert all(new[f"factor.{i}"].shape == (d, min(d, n - 1)) for i, d in enumerate(DIMS))
+    # Stored compactly: T's rows or a covariance factor, whichever is smaller.
     assert not any(k.startswith(("cov.", "root.")) for k in new)
+    for i, d in enumerate(DIMS):
+        kept = new.get(f"rows.{i}", new.get(f"factor.{i}"))
+        assert kept.nbytes == min(n * d * 4, d * min(d, n - 1) * 8)
+    forms = {k.split(".")[0] for k in new} & {"rows", "factor"}
+    assert forms == ({"rows", "factor"} if n == 25 else {"factor"})
     v_new = fpmod.compute(fp, _ctx(T, Q, new))
     v_old = fpmod.compute(fp, _ctx(T, Q, old))  # baselines stored before still work
     k = len(DIMS)
@@ -136,18 +150,19 @@ def test_setstats_from_the_compact_arrays_equals_the_full_covariance_and_an_exac
                                 for i in range(k)], exact, rtol=1e-6)
 
 
-def test_frechet_to_factor_of_a_rank_deficient_reference():
+def test_frechet_to_compact_stats_of_a_rank_deficient_reference():
     rng = np.random.default_rng(3)
     T = rng.normal(size=(10, 4)) @ rng.normal(size=(4, 30))  # rank 4 in 30 dimensions
     x = rng.normal(size=(12, 30))
     eig = fpmod.covariance_eigen(T)
-    from forensics.setstats import covariance_factor
-
     F = covariance_factor(eig.values, eig.vectors)
     assert F.shape == (30, 4)
-    ref = FactorStats(eig.mean, eig.trace, F, 10)
-    assert frechet_to_factor(x, ref) == pytest.approx(
-        frechet_distance(gaussian_stats(x), gaussian_stats(T)), rel=1e-6)
+    exact = _exact_fid(x, T)
+    for ref in (CompactStats(eig.mean, eig.trace, 10, factor=F),
+                CompactStats(eig.mean, eig.trace, 10, rows=T)):
+        assert frechet_to_compact(x, ref) == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance(gaussian_stats(x), gaussian_stats(T)) == pytest.approx(exact,
+                                                                                   rel=1e-6)
 
 
 def test_arrays_several_fingerprints_return_are_stored_once(tmp_path):

@@ -7,6 +7,7 @@ sklearn's handwritten digits (upscaled to 32x32); embeddings are cached across t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +306,125 @@ def test_attribute_on_the_setstats_fingerprint_with_a_report(world, tmp_path):
     saved = json.loads((tmp_path / "rep" / "attribution.json").read_text())
     assert saved["decision"] == a.to_dict()["decision"]
     assert (tmp_path / "rep" / "attribution.png").read_bytes()[:4] == b"\x89PNG"
+
+
+NASTY_MODEL = '<i>m</i>"&\'<script>alert(1)</script>'
+NASTY_FILE = "<img src=x onerror=alert(1)>.png"
+
+
+@pytest.fixture(scope="module")
+def case_report(world, tmp_path_factory):
+    """``attribute --report`` on a bank and a suspect folder whose names hold HTML."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("case")
+    shutil.copytree(world["bank"].path, root / "bank")
+    kw = dict(world["kw"], bank=Bank(root / "bank"))
+    f = world["folders"]
+    pipeline.enroll(f["gen_noise"], baseline="digits", model=NASTY_MODEL, family="x<y>",
+                    per_curve=N, **kw)
+    suspect = root / "suspect<b>"
+    shutil.copytree(f["query_shuffle"], suspect)
+    first = sorted(suspect.iterdir())[0]
+    first.rename(suspect / NASTY_FILE)
+    result = pipeline.attribute(suspect, n_boot=3, top=6, report=root / "report", **kw)
+    return {"result": result, "dir": root / "report", "suspect": suspect, "kw": kw}
+
+
+def _verdict(result):
+    d = result.decision
+    return ("Decision: UNKNOWN (no enrolled family is close enough)" if d.unknown
+            else f"Decision: family {d.family}, model {d.model}")
+
+
+def _links(text):
+    """Every src and href attribute value of the page's tags."""
+    from html.parser import HTMLParser
+
+    found = []
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.extend(v or "" for k, v in attrs if k in ("src", "href"))
+
+    Parser().feed(text)
+    return found
+
+
+def test_the_case_report_is_one_self_contained_escaped_file(case_report):
+    from forensics.images import scan_folder
+
+    text = (case_report["dir"] / "report.html").read_text()
+    result = case_report["result"]
+    assert text.startswith("<!DOCTYPE html>") and _verdict(result) in text
+    assert "<script" not in text.lower() and NASTY_FILE not in text and "<img src=x" not in text
+    assert "&lt;i&gt;m&lt;/i&gt;&quot;&amp;&#x27;&lt;script&gt;" in text  # the model name
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in text and "suspect&lt;b&gt;" in text
+    # Nothing is fetched: every image is inlined, no link leaves the file.
+    links = _links(text)
+    assert len(links) == len(scan_folder(case_report["suspect"])) + 1  # thumbnails + picture
+    assert all(v.startswith("data:image/png;base64,") for v in links)
+    assert "url(" not in text and "@import" not in text
+    manifest = scan_folder(case_report["suspect"])
+    assert text.count('<img src="data:image/png;base64,') == len(manifest)  # thumbnails
+    assert 'class="picture" alt="attribution picture" src="data:image/png;base64,' in text
+    assert all(e.sha256 in text for e in manifest.entries) and manifest.sha256 in text
+    row = case_report["kw"]["bank"].get_baseline("digits")
+    assert row["baseline_id"] in text and row["files_sha256"] in text
+    d = result.decision
+    assert f"{d.confidence:.6g}" in text and f"{result.calibration.threshold:.6g}" in text
+    for m in result.ranking:
+        assert m.curve_id in text
+    prov = result.to_dict()["provenance"]
+    assert prov["embedding"]["torch_version"] in text  # the provenance, rendered generically
+    assert prov["attribution"]["fingerprint"] == "resid-early" and ">resid-early<" in text
+
+
+def test_the_picture_of_a_vector_fingerprint_shows_scores_threshold_and_layers(case_report):
+    from PIL import Image
+
+    with Image.open(case_report["dir"] / "attribution.png") as im:
+        assert im.size[0] >= 1400  # two panels: ranked scores, per-layer distances
+
+
+def test_layer_distances_are_zscore_units_per_layer():
+    from forensics.report import layer_distances
+
+    bank = np.array([[0.0, 0.0, 0.0, 5.0], [2.0, 4.0, 2.0, 5.0], [1.0, 2.0, 1.0, 5.0]])
+    q = np.array([1.0, 2.0, 3.0, 7.0])
+    sd = bank.std(axis=0)
+    out = layer_distances(q, bank[:1], bank, np.array([0, 0, 1, 1]), 3)
+    np.testing.assert_allclose(out[0, 0], np.sqrt(((1 / sd[0]) ** 2 + (2 / sd[1]) ** 2) / 2))
+    np.testing.assert_allclose(out[0, 1], 3 / sd[2])  # entry 3 has no spread: left out
+    assert np.isnan(out[0, 2])
+
+
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+
+
+def _open_in_chromium(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
+    """The page's DOM after loading in headless Chromium, and its console messages."""
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=3000", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout, [ln for ln in out.stderr.splitlines() if ":CONSOLE" in ln]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
+def test_the_case_report_opens_in_a_headless_browser_without_console_errors(case_report,
+                                                                            tmp_path):
+    # The check sees console errors: a page with a failing script and a missing image.
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><p>x</p><img src="missing.png"><script>nope();</script>')
+    assert len(_open_in_chromium(bad, tmp_path)[1]) >= 1
+    dom, console = _open_in_chromium(case_report["dir"] / "report.html", tmp_path)
+    assert console == []
+    assert _verdict(case_report["result"]) in dom
+    assert "&lt;i&gt;m&lt;/i&gt;" in dom and "<i>m</i>" not in dom  # shown as text
 
 
 def test_bootstrap_is_seeded(world):
