@@ -187,9 +187,12 @@ def plot_vector_match(
     ax.grid(axis="x", alpha=0.3)
     if wide:
         ax = axes[1]
+        filled = np.flatnonzero(~np.isnan(distances).all(axis=0))
+        last = int(filled.max()) + 1 if filled.size else len(layers)
+        dropped = [j for j in (int(i) % len(layers) for i in dropped) if j < last]
+        layers, distances = list(layers)[:last], distances[:, :last]
         x = np.arange(len(layers))
-        for i in dropped:
-            j = int(i) % len(layers)
+        for j in dropped:
             ax.axvspan(j - 0.5, j + 0.5, color="0.9", zorder=0)
         for m, row in list(zip(ranking, distances, strict=False))[:n_lines]:
             ax.plot(x, row, marker="o", ms=3, lw=1.4, color=colour[m.family],

@@ -185,6 +185,22 @@ def test_a_fingerprint_preparing_its_arrays_the_old_way_still_works(world, tmp_p
         index["setstats"]["mu.5"]
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_baseline_build_shows_progress_for_every_long_step(world, tmp_path, capsys, progress):
+    f = world["folders"]
+    kw = dict(world["kw"], bank=Bank(tmp_path / "bank"), progress=progress)
+    capsys.readouterr()
+    pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
+                            weights="random:0", n_cells=2, **kw)
+    err = capsys.readouterr().err
+    stages = ("baseline layers", "fingerprint arrays", "stored in the bank")  # T, P cached
+    if progress:
+        assert all(s in err for s in stages), err
+        assert "8/8" in err and "6/6" in err  # 8 layers, 6 fingerprints with arrays
+    else:
+        assert err == ""
+
+
 def test_same_baseline_under_another_name_and_taken_name_are_refused(world):
     f, kw = world["folders"], world["kw"]
     with pytest.raises(BankError, match="already in the bank .* as 'digits'"):
