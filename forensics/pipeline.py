@@ -19,7 +19,7 @@
     attribute(folder, baseline=NAME, fingerprint=..., matcher=...)
       folder ─► compute_curve ─► fingerprint vector ─► rank vs bank ─► calibrate ─► decide
                       └─► resample embedding rows ─► query ─► fingerprint ─► bootstrap confidence
-                                                                      └─► report (JSON + PNG)
+                                                                      └─► report (JSON, PNG, HTML)
 
 Each folder is embedded once (the embedding cache makes repeats free) and the stored
 baseline is only queried: PCA and KMeans are never refitted after ``build_baseline``.
@@ -734,7 +734,8 @@ def attribute(
         seed: seed of the resampling.
         quantile: share of genuine curves accepted to be called unknown.
         bank: the bank.
-        report: a folder to write ``attribution.json`` and ``attribution.png`` into.
+        report: a folder to write ``attribution.json``, ``attribution.png`` and the
+            case report ``report.html`` into.
         tau, weights, device, batch_size, cache_dir, progress, skip_bad: as for
             :func:`compute_curve`.
 

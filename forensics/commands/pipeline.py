@@ -213,7 +213,8 @@ def attribute_cmd(
                                    help="Share of genuine curves accepted to be called unknown."),
     tau: float = _tau(),
     report: Path = typer.Option(None, "--report",
-                                help="Write attribution.json and attribution.png here."),
+                                help="Write attribution.json, attribution.png and "
+                                     "report.html (a self-contained case report) here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     weights: str = _weights(),
     device: str = _device(),
