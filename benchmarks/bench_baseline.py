@@ -74,6 +74,28 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _time_stages() -> dict[str, float]:
+    """Seconds of the last build's stages: the engine (partition, P distances) and the
+    fingerprints' arrays; wraps the two functions every fp version builds them with."""
+    import forensics.pipeline as pipeline
+    from forensics.baseline import Baseline
+
+    stages: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stages[name] = round(time.perf_counter() - t0, 2)
+        return run
+
+    pipeline._prepare_fingerprints = timed("fingerprint arrays", pipeline._prepare_fingerprints)
+    Baseline.build = classmethod(timed("engine", Baseline.build.__func__))
+    return stages
+
+
 def measure(work: Path, repeat: int, out: Path) -> dict:
     """Build from cache ``repeat`` times, measure the bank, save vectors and rankings."""
     import forensics
@@ -87,13 +109,15 @@ def measure(work: Path, repeat: int, out: Path) -> dict:
     for folder in (f["T"], f["P"]):
         embed_folder(folder, ENCODER, weights="hub", device="cpu", cache_dir=cache,
                      progress=False)
+    stages = _time_stages()
     times = []
     for r in range(repeat):
         bank = Path(tempfile.mkdtemp(prefix="bank-", dir=work))
+        stages.clear()
         t0 = time.perf_counter()
         forensics.build_baseline("digits", f["T"], f["P"], bank=bank, **common)
         times.append(time.perf_counter() - t0)
-        log(f"build from cache {r + 1}/{repeat}: {times[-1]:.1f} s")
+        log(f"build from cache {r + 1}/{repeat}: {times[-1]:.1f} s ({stages})")
     size = tree_bytes(bank)
     baseline_files = {p.name: p.stat().st_size
                       for p in next((bank / "baselines").iterdir()).iterdir()}
@@ -115,7 +139,8 @@ def measure(work: Path, repeat: int, out: Path) -> dict:
                 "threshold": a.calibration.threshold,
             }
     np.savez(out.with_suffix(".npz"), **vectors)
-    result = {"build_s": min(times), "build_runs_s": times, "bank_bytes": size,
+    result = {"build_s": min(times), "build_runs_s": times, "stages_s": dict(stages),
+              "bank_bytes": size,
               "baseline_files": baseline_files, "answers": answers,
               "fp": str(Path(forensics.__file__).parent.parent)}
     out.write_text(json.dumps(result, indent=1))
@@ -191,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         if res is None:
             continue
         r = res[0]
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in r["stages_s"].items())
         rows.append(f"{tag:<7} build from cache {r['build_s']:7.1f} s "
-                    f"(runs: {', '.join(f'{t:.1f}' for t in r['build_runs_s'])})   "
-                    f"bank {r['bank_bytes'] / 2**20:7.1f} MiB")
+                    f"(runs: {', '.join(f'{t:.1f}' for t in r['build_runs_s'])}; last run: "
+                    f"{parts})   bank {r['bank_bytes'] / 2**20:7.1f} MiB")
     print("\n".join(rows))
     for name, size in sorted(after[0]["baseline_files"].items()):
         print(f"  after: {name:<26} {size / 2**20:8.2f} MiB")
