@@ -103,17 +103,24 @@ def covariance_eigen(T: np.ndarray, thin: bool | None = None) -> CovarianceEigen
 
     Args:
         T: (n, D) samples.
-        thin: from the SVD of the centred samples, ``O(n^2 D)``: the ``n`` leading
-            eigenpairs only (default when ``n <= D``, where the other ``D - n`` have zero
-            variance); else the eigendecomposition of the (D, D) covariance, ``O(D^3)``.
+        thin: from the eigendecomposition of the samples' (n, n) Gram matrix,
+            ``O(n^2 D)``: the ``n`` leading eigenpairs only (default when ``n <= D``,
+            where the other ``D - n`` have zero variance); else from the (D, D)
+            covariance, ``O(D^3)``.
     """
     X = np.asarray(T, dtype=np.float64)
     n, d = X.shape
     mean = X.mean(axis=0)
     Xc = X - mean
     if thin if thin is not None else n <= d:
-        _, sing, vt = np.linalg.svd(Xc, full_matrices=False)
-        vals, vecs = sing**2 / max(n - 1, 1), vt.T.copy()
+        # The (n, n) Gram matrix shares the covariance's nonzero eigenvalues; its
+        # eigenvectors map to the covariance's through Xc^T.
+        gram_vals, u = np.linalg.eigh(Xc @ Xc.T)
+        order = np.argsort(gram_vals)[::-1]
+        vecs = Xc.T @ u[:, order]
+        norms = np.linalg.norm(vecs, axis=0)
+        vecs /= np.where(norms > 0, norms, 1.0)
+        vals = np.clip(gram_vals[order], 0.0, None) / max(n - 1, 1)
         trace = float(np.einsum("ij,ij->", Xc, Xc) / max(n - 1, 1))
     else:
         cov = Xc.T @ Xc / max(n - 1, 1)

@@ -98,7 +98,7 @@ def test_shared_pca_and_ridge_equal_each_fingerprint_computing_its_own(n):
             if kind in ("mean", "axes"):
                 d = DIMS[int(i)]
                 ref = _old_exact_pca(T[int(i)], min(fp.dim, d))[kind == "axes"]
-                if kind == "axes" and min(fp.dim, d) < n <= d:  # thin SVD, not eigh
+                if kind == "axes" and min(fp.dim, d) < n <= d:  # thin: from the Gram matrix
                     np.testing.assert_allclose(value, ref, atol=1e-9)
                 else:
                     np.testing.assert_array_equal(value, ref)  # bit-identical
