@@ -572,8 +572,8 @@ def test_cli_build_enroll_curve_attribute_with_json(world, tmp_path, monkeypatch
     attr = answer["provenance"]["attribution"]
     assert attr["fingerprint"] == forensics.fingerprints.DEFAULT_FINGERPRINT
     assert attr["matcher"] == "zscore"
-    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["attribution.json",
-                                                                    "attribution.png"]
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "attribution.json", "attribution.png", "report.html"]
     text = _fp("attribute", f["query_noise"], "--device", "cpu", "--n-boot", "0",
                "--fingerprint", "paper", "--matcher", "l2", "--drop-layers", "none").stdout
     assert "Decision: family noise, model noise" in text
