@@ -231,8 +231,9 @@ def build_baseline(
             (folder / TRAIN_MANIFEST_FILE).write_text(json.dumps(T.manifest.to_dict()) + "\n")
             fpmod.save_all_extras(folder, extras)
 
+        stored = bars.stage("storing in the bank", 1)
         b.add_baseline(row, save=save)
-        bars.done("stored in the bank")
+        stored()
     return b.get_baseline(name)
 
 

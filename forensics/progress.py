@@ -29,11 +29,6 @@ class Stages:
 
         return update
 
-    def done(self, label: str) -> None:
-        """A stage that has finished with nothing to count (e.g. writing the files)."""
-        if self._bar is not None:
-            self._bar.add_task(label, total=1, completed=1, detail="")
-
 
 @contextmanager
 def stages(enabled: bool) -> Iterator[Stages]:

@@ -79,8 +79,9 @@ def test_every_builtin_fingerprint_shares_each_decomposition_of_t(monkeypatch):
         fp.prepare(ctx)
     assert len(_builtins()) >= 6
     assert len(calls) == len(set(calls))  # no decomposition runs twice
-    # One per layer; two for the 90-wide layer of 80 samples: thin for 64 axes, full for 90.
-    assert len(calls) == len(DIMS) + 1
+    # One per layer (here two for the 90-wide layer of 80 samples: thin for 64 axes, full
+    # for 90), not one per fingerprint and layer.
+    assert len(DIMS) <= len(calls) <= 2 * len(DIMS)
 
 
 @pytest.mark.parametrize("n", [25, 300])  # fewer and more samples than the widest layer
