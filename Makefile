@@ -58,6 +58,7 @@ bench: env
 	"$(VPY)" benchmarks/bench_ct.py
 	"$(VPY)" benchmarks/bench_embed.py
 	"$(VPY)" benchmarks/bench_attribution.py
+	"$(VPY)" benchmarks/bench_baseline.py
 
 # Re-resolve the pinned environment from pyproject's dependencies (needs a registry).
 lock:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +303,7 @@ class Baseline:
         device: str = "cpu",
         T_cells: Any = None,
         P_cells: Any = None,
+        on_layer: Callable[[int, str], None] | None = None,
         _key: tuple[str, list] | None = None,
     ) -> Baseline:
         """Fit the partition of every layer and measure P's distances to T.
@@ -319,6 +320,8 @@ class Baseline:
             T_cells: for the ``given`` partitioner: T's cell labels, one array for every
                 layer or a list with one per layer.
             P_cells: as ``T_cells``, for P.
+            on_layer: called with the index and name of each layer once it is built
+                (e.g. to show progress).
 
         Raises:
             InputError: mismatched layers, bad arrays or labels, unknown names.
@@ -343,12 +346,13 @@ class Baseline:
         n = len(layer_names)
         t_cells = _per_layer(T_cells, n, "T_cells") or [None] * n
         p_cells = _per_layer(P_cells, n, "P_cells") or [None] * n
-        layers = [
-            _build_layer(name, T_layers[i], P_layers[i], distance=dist, partitioner=part,
-                         seed=seed, params=params, device=device, T_lab=t_cells[i],
-                         P_lab=p_cells[i])
-            for i, name in enumerate(layer_names)
-        ]
+        layers = []
+        for i, name in enumerate(layer_names):
+            layers.append(_build_layer(name, T_layers[i], P_layers[i], distance=dist,
+                                       partitioner=part, seed=seed, params=params,
+                                       device=device, T_lab=t_cells[i], P_lab=p_cells[i]))
+            if on_layer is not None:
+                on_layer(i, name)
         meta = {
             "format": FORMAT, "fp_version": __version__, "id": key, "distance": distance,
             "partitioner": partitioner, "partitioner_params": params, "seed": int(seed),

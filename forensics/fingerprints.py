@@ -5,7 +5,10 @@ compares with the enrolled vectors. Fingerprints are plugins (``register_fingerp
 their contract is :class:`forensics.plugin.protocols.Fingerprint` (with the optional
 members of :class:`~forensics.plugin.protocols.FingerprintOptions`). This module holds what
 the engine hands them (:class:`FingerprintContext`, :class:`PrepareContext`) and how it
-uses their optional members.
+uses their optional members. What several fingerprints' ``prepare`` need is computed
+once per baseline: ``ctx.pca(i, k)`` and ``ctx.covariance(i)`` (T's exact PCA and
+covariance eigenbasis of layer ``i``), or ``ctx.shared(key, fn)`` for anything else; an
+array that several fingerprints return is stored once.
 
 Every registered fingerprint is computed and stored when a curve is enrolled, so a bank
 can be matched on any of them later.
@@ -13,16 +16,18 @@ can be matched on any of them later.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from forensics.atomic import atomic_savez
+from forensics.atomic import atomic_savez, atomic_write_text
+from forensics.baseline import array_digest
 from forensics.errors import InputError
 
 #: The fingerprint used when none is named (measured best on real GAN samples,
@@ -61,14 +66,119 @@ class FingerprintContext:
         return np.array([r.ct for r in self.results], dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class CovarianceEigen:
+    """T's mean and covariance eigendecomposition of one layer, largest variance first.
+
+    Attributes:
+        mean: (D,) mean of T.
+        values: (r,) eigenvalues of T's covariance (``ddof=1``), in decreasing order.
+        vectors: (D, r) the matching eigenvectors as columns, each signed so that its
+            largest-magnitude entry is positive (a deterministic orientation). ``r = D``,
+            or, when *thin*, ``r = n``: the leading ones only (the rest have no variance).
+        trace: the covariance's trace (the sum of T's per-feature variances).
+        n: number of samples in T.
+    """
+
+    mean: np.ndarray
+    values: np.ndarray
+    vectors: np.ndarray
+    trace: float
+    n: int
+
+
+def covariance_eigen(T: np.ndarray, thin: bool | None = None) -> CovarianceEigen:
+    """:class:`CovarianceEigen` of ``T`` (n, D): exact and deterministic.
+
+    Args:
+        T: (n, D) samples.
+        thin: from the eigendecomposition of the samples' (n, n) Gram matrix,
+            ``O(n^2 D)``: the ``n`` leading eigenpairs only (default when ``n <= D``,
+            where the other ``D - n`` have zero variance); else from the (D, D)
+            covariance, ``O(D^3)``.
+    """
+    X = np.asarray(T, dtype=np.float64)
+    n, d = X.shape
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    if thin if thin is not None else n <= d:
+        # The (n, n) Gram matrix shares the covariance's nonzero eigenvalues; its
+        # eigenvectors map to the covariance's through Xc^T.
+        gram_vals, u = np.linalg.eigh(Xc @ Xc.T)
+        order = np.argsort(gram_vals)[::-1]
+        vecs = Xc.T @ u[:, order]
+        norms = np.linalg.norm(vecs, axis=0)
+        vecs /= np.where(norms > 0, norms, 1.0)
+        vals = np.clip(gram_vals[order], 0.0, None) / max(n - 1, 1)
+        trace = float(np.einsum("ij,ij->", Xc, Xc) / max(n - 1, 1))
+    else:
+        cov = Xc.T @ Xc / max(n - 1, 1)
+        vals, vecs = np.linalg.eigh(cov)
+        order = np.argsort(vals)[::-1]
+        vals, vecs, trace = vals[order], vecs[:, order], float(np.trace(cov))
+    big = np.argmax(np.abs(vecs), axis=0)
+    vecs *= np.where(vecs[big, np.arange(vecs.shape[1])] < 0, -1.0, 1.0)[None, :]
+    return CovarianceEigen(mean, vals, vecs, trace, n)
+
+
+def _thin_enough(n: int, d: int, k: int) -> bool:
+    """Whether the thin decomposition holds ``k`` axes with variance (``k < n <= D``)."""
+    return k < n <= d
+
+
+def exact_pca(T: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and the ``k`` leading principal axes ``(k, D)`` of ``T`` (n, D), exactly.
+
+    From :func:`covariance_eigen` (no randomised solver, so no seed), axes in decreasing
+    order of variance; thin when T has fewer samples than dimensions and ``k < n``.
+    """
+    n, d = np.shape(T)
+    eig = covariance_eigen(T, thin=_thin_enough(n, d, int(k)))
+    return eig.mean, eig.vectors[:, :k].T.copy()
+
+
 @dataclass
 class PrepareContext:
-    """What ``prepare`` sees when a baseline is built: T and P per layer, and the engine."""
+    """What ``prepare`` sees when a baseline is built: T and P per layer, and the engine.
+
+    Arrays that several fingerprints need are computed once per context and shared,
+    keyed by what they are (:meth:`shared`, :meth:`covariance`, :meth:`pca`); treat
+    them as read-only.
+    """
 
     layers: list[str]
     train: list[np.ndarray]
     heldout: list[np.ndarray]
     baseline: Any
+    _cache: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, run once per ``key`` for this baseline and then reused."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def covariance(self, i: int, thin: bool | None = None) -> CovarianceEigen:
+        """T's mean and covariance eigendecomposition of layer ``i`` (computed once).
+
+        ``thin`` as for :func:`covariance_eigen` (default: thin when T has fewer samples
+        than dimensions).
+        """
+        n, d = np.shape(self.train[int(i)])
+        thin = n <= d if thin is None else bool(thin)
+        return self.shared(("covariance_eigen", "train", int(i), thin),
+                           lambda: covariance_eigen(self.train[int(i)], thin=thin))
+
+    def pca(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """T's mean and ``k`` leading principal axes ``(k, D)`` of layer ``i``, exactly.
+
+        Equal to :func:`exact_pca` of ``train[i]``; one decomposition serves every ``k``
+        and every fingerprint.
+        """
+        n, d = np.shape(self.train[int(i)])
+        eig = self.covariance(i, thin=_thin_enough(n, d, int(k)))
+        return self.shared(("pca", "train", int(i), int(k)),
+                           lambda: (eig.mean, eig.vectors[:, :int(k)].T.copy()))
 
 
 def get(name: str) -> Any:
@@ -86,31 +196,86 @@ def names() -> list[str]:
 
 
 def extras_file(name: str) -> str:
-    """File name of a fingerprint's stored baseline arrays."""
+    """File name of one fingerprint's baseline arrays in the per-fingerprint layout."""
     return f"fingerprint-{_SAFE.sub('_', name)}.npz"
 
 
-def save_extras(folder: str | os.PathLike, name: str, arrays: dict[str, np.ndarray]) -> Path:
-    """Store a fingerprint's baseline arrays in ``folder`` atomically (plain ``.npz``)."""
-    target = Path(folder) / extras_file(name)
+#: Every fingerprint's baseline arrays, each distinct array once (keys: content hashes).
+SHARED_ARRAYS_FILE = "fingerprint-arrays.npz"
+#: ``{fingerprint: {key: content hash}}``: which stored array each fingerprint gets.
+SHARED_INDEX_FILE = "fingerprint-arrays.json"
+
+
+def _clean(name: str, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
     clean = {str(k): np.asarray(v).copy(order="C") for k, v in arrays.items()}
     for key, value in clean.items():
         if value.dtype == object:
             raise InputError(f"fingerprint {name!r}: array {key!r} is not numeric")
-    atomic_savez(target, clean)
+    return clean
+
+
+def save_extras(folder: str | os.PathLike, name: str, arrays: dict[str, np.ndarray]) -> Path:
+    """Store one fingerprint's baseline arrays in ``folder`` atomically (plain ``.npz``)."""
+    target = Path(folder) / extras_file(name)
+    atomic_savez(target, _clean(name, arrays))
     return target
 
 
+def save_all_extras(folder: str | os.PathLike,
+                    extras: Mapping[str, Mapping[str, np.ndarray]]) -> list[Path]:
+    """Store every fingerprint's baseline arrays in ``folder``, each distinct array once.
+
+    Fingerprints that share an array (the same PCA of T, the same regression) store it
+    once: ``fingerprint-arrays.npz`` holds the arrays by content hash and
+    ``fingerprint-arrays.json`` says which fingerprint gets which, under which key.
+    """
+    store: dict[str, np.ndarray] = {}
+    index: dict[str, dict[str, str]] = {}
+    for name, arrays in extras.items():
+        index[name] = {}
+        for key, value in _clean(name, arrays).items():
+            digest = array_digest(value)
+            store.setdefault(digest, value)
+            index[name][key] = digest
+    folder = Path(folder)
+    atomic_savez(folder / SHARED_ARRAYS_FILE, store)
+    atomic_write_text(folder / SHARED_INDEX_FILE,
+                      json.dumps({"format": 1, "fingerprints": index}, sort_keys=True) + "\n")
+    return [folder / SHARED_ARRAYS_FILE, folder / SHARED_INDEX_FILE]
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    return InputError(f"{path} is unreadable ({exc}); rebuild the baseline")
+
+
 def load_extras(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray] | None:
-    """A fingerprint's stored baseline arrays, or ``None`` when the baseline has none."""
-    path = Path(folder) / extras_file(name)
+    """A fingerprint's stored baseline arrays, or ``None`` when the baseline has none.
+
+    Reads the shared layout (:func:`save_all_extras`), else the per-fingerprint file of
+    baselines built before it.
+    """
+    folder = Path(folder)
+    index_path = folder / SHARED_INDEX_FILE
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())["fingerprints"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _unreadable(index_path, exc) from None
+        if name in index:
+            path = folder / SHARED_ARRAYS_FILE
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    return {k: npz[digest] for k, digest in index[name].items()}
+            except (OSError, ValueError, KeyError) as exc:
+                raise _unreadable(path, exc) from None
+    path = folder / extras_file(name)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is unreadable ({exc}); rebuild the baseline") from None
+        raise _unreadable(path, exc) from None
 
 
 def needs_ct(fp: Any) -> bool:

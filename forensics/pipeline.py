@@ -22,7 +22,7 @@
     attribute(folder, baseline=NAME, fingerprint=..., matcher=...)
       folder ─► compute_curve ─► fingerprint vector ─► rank vs bank ─► calibrate ─► decide
                       └─► resample embedding rows ─► query ─► fingerprint ─► bootstrap confidence
-                                                                      └─► report (JSON + PNG)
+                                                                      └─► report (JSON, PNG, HTML)
 
 Each folder is embedded once (the embedding cache makes repeats free) and the stored
 baseline is only queried: PCA and KMeans are never refitted after ``build_baseline``.
@@ -48,6 +48,7 @@ from forensics import fingerprints as fpmod
 from forensics.confidence import var_key
 from forensics.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError, InsufficientDataError
+from forensics.progress import Stages, stages
 
 if TYPE_CHECKING:
     from forensics.attribute import Attribution
@@ -260,16 +261,38 @@ def build_baseline(
         raise InputError(f"{len(overlap)} image(s) are in both {train} and {heldout}; the "
                          f"held-out set P must not contain training images")
     params = {"n_cells": int(n_cells), "pca_dim": int(pca_dim), "n_init": int(n_init)}
-    with _one_thread(max(a.size for a in T.arrays)):
-        engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=distance,
-                                partitioner=partitioner, seed=seed, partitioner_params=params,
-                                device=device)
-    for other in taken.values():
-        if other["baseline_id"] == engine.id:
-            raise BankError(f"this baseline (same images, encoder and parameters) is already "
-                            f"in the bank at {b.path} as {other['name']!r}; use "
-                            f"--baseline {other['name']}")
-    extras = _prepare_fingerprints(T, P, engine)
+    with stages(progress) as bars:
+        layer_done = bars.stage("baseline layers", len(T.layers))
+        with _one_thread(max(a.size for a in T.arrays)):
+            engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=distance,
+                                    partitioner=partitioner, seed=seed,
+                                    partitioner_params=params, device=device,
+                                    on_layer=lambda _i, layer: layer_done(layer))
+        for other in taken.values():
+            if other["baseline_id"] == engine.id:
+                raise BankError(f"this baseline (same images, encoder and parameters) is "
+                                f"already in the bank at {b.path} as {other['name']!r}; use "
+                                f"--baseline {other['name']}")
+        extras = _prepare_fingerprints(T, P, engine, bars)
+        row = _baseline_row(name, T, P, engine, partitioner, distance, pool, seed, params,
+                            extras, train, heldout, notes)
+
+        def save(folder: Path) -> None:
+            engine.save(folder)
+            (folder / TRAIN_MANIFEST_FILE).write_text(json.dumps(T.manifest.to_dict()) + "\n")
+            fpmod.save_all_extras(folder, extras)
+
+        stored = bars.stage("storing in the bank", 1)
+        b.add_baseline(row, save=save)
+        stored()
+    return b.get_baseline(name)
+
+
+def _baseline_row(name: str, T: Embeddings, P: Embeddings, engine: Any, partitioner: str,
+                  distance: str, pool: str, seed: int, params: dict[str, Any],
+                  extras: dict[str, Any], train: PathLike, heldout: PathLike,
+                  notes: str | None) -> dict[str, Any]:
+    """The bank's ``baselines`` row of a new baseline."""
     info = T.encoder_info
     row = {
         "baseline_id": engine.id,
@@ -301,15 +324,7 @@ def build_baseline(
         },
         "notes": notes,
     }
-
-    def save(folder: Path) -> None:
-        engine.save(folder)
-        (folder / TRAIN_MANIFEST_FILE).write_text(json.dumps(T.manifest.to_dict()) + "\n")
-        for fp_name, arrays in extras.items():
-            fpmod.save_extras(folder, fp_name, arrays)
-
-    b.add_baseline(row, save=save)
-    return b.get_baseline(name)
+    return row
 
 
 def train_manifest(loaded: LoadedBaseline) -> Any:
@@ -340,13 +355,18 @@ def train_manifest(loaded: LoadedBaseline) -> Any:
     return manifest if manifest.sha256 == row["train_manifest_sha256"] else None
 
 
-def _prepare_fingerprints(T: Embeddings, P: Embeddings, engine: Any) -> dict[str, dict]:
+def _prepare_fingerprints(T: Embeddings, P: Embeddings, engine: Any,
+                          bars: Stages | None = None) -> dict[str, dict]:
+    """Every fingerprint's baseline arrays; one context, so shared arrays are computed once."""
     ctx = fpmod.PrepareContext(list(T.layers), list(T.arrays), list(P.arrays), engine)
+    fps = [fp for fp in (fpmod.get(n) for n in fpmod.names()) if fpmod.needs_extras(fp)]
+    update = (bars or Stages()).stage("fingerprint arrays", len(fps))
     out = {}
-    for name in fpmod.names():
-        fp = fpmod.get(name)
-        if fpmod.needs_extras(fp):
-            out[name] = dict(fp.prepare(ctx))
+    with _one_thread(max(a.size for a in T.arrays)):  # 20x faster on a busy 2-core machine
+        for fp in fps:
+            update(fp.name, advance=0)
+            out[fp.name] = dict(fp.prepare(ctx))
+            update(fp.name)
     return out
 
 
@@ -938,7 +958,8 @@ def attribute(
         seed: seed of the resampling.
         quantile: share of genuine curves accepted to be called unknown.
         bank: the bank.
-        report: a folder to write ``attribution.json`` and ``attribution.png`` into.
+        report: a folder to write ``attribution.json``, ``attribution.png`` and the
+            case report ``report.html`` into.
         tau, weights, device, batch_size, cache_dir, progress, skip_bad: as for
             :func:`compute_curve`.
         allow_unverified: use bank rows and baseline files that fail their SHA-256
@@ -1076,7 +1097,11 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
                          parameters, custody)
     if report is not None:
-        from forensics.report import write_report
+        from forensics.report import Evidence, write_report
 
-        write_report(report, result, same_rows)
+        evidence = Evidence(vector=query, bank_vectors=R,
+                            bank_ids=[str(m["curve_id"]) for m in meta],
+                            entry_layers=fpmod.entry_layers(fp, dims)[mask],
+                            manifest=emb.manifest, baseline=loaded.row)
+        write_report(report, result, same_rows, evidence=evidence)
     return result

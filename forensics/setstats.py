@@ -138,14 +138,84 @@ def frechet_to_reference(x: np.ndarray, ref: GaussianStats, ref_root: np.ndarray
     return max(value, 0.0)
 
 
-def mean_std_fid_features(X_layer: np.ndarray, T_layer: np.ndarray | GaussianStats,
+@dataclass(frozen=True)
+class CompactStats:
+    """T's Gaussian statistics in compact form: what FID against T needs, nothing more.
+
+    T's covariance (``ddof=1``) is given by ``rows`` (T's samples themselves, in their own
+    precision, the covariance being that of ``rows - mu``) or by ``factor`` (D, r) with
+    ``factor @ factor.T`` the covariance: whichever is smaller. Both are exact, and far
+    smaller than the (D, D) covariance and its square root when T has fewer samples
+    than dimensions.
+
+    Attributes:
+        mu: (D,) mean of T.
+        trace: trace of T's covariance.
+        n: number of samples in T.
+        factor: (D, r), r the covariance's rank (at most ``min(n - 1, D)``), or None.
+        rows: (n, D) T's samples, or None.
+    """
+
+    mu: np.ndarray
+    trace: float
+    n: int
+    factor: np.ndarray | None = None
+    rows: np.ndarray | None = None
+
+
+def covariance_factor(values: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``F`` (D, r) with ``F @ F.T`` the covariance of eigenvalues ``values`` and eigenvectors
+    ``vectors`` (columns); eigenvalues at round-off level (numerically zero) are left out."""
+    vals = np.asarray(values, dtype=np.float64)
+    top = float(vals.max()) if vals.size else 0.0
+    keep = vals > max(top, 0.0) * vals.size * np.finfo(np.float64).eps
+    return np.ascontiguousarray(vectors[:, keep] * np.sqrt(vals[keep]))
+
+
+def frechet_to_compact(x: np.ndarray, ref: CompactStats) -> float:
+    """Fréchet distance of the samples ``x`` (n, D) to T given as :class:`CompactStats`.
+
+    ``tr sqrt(C_T C_x)`` is the nuclear norm (sum of singular values) of
+    ``Z = (x - mean) F / sqrt(n - 1)``, or of ``(x - mean)(T - mu)^T / sqrt((n - 1)(n_T - 1))``
+    from T's rows: no D x D matrix at all. The singular values are the square roots of
+    the eigenvalues of ``Z Z^T`` (or ``Z^T Z``, the smaller); eigenvalues at round-off
+    level are zeros of a singular covariance and count as 0 (their square roots would
+    add errors of ``sqrt(eps)``), so this is exact even then, where
+    :func:`frechet_distance` and :func:`frechet_to_reference` are off by up to 1e-7.
+    """
+    x = _features(x, "set features")
+    n = x.shape[0]
+    mu = x.mean(axis=0)
+    xc = x - mu
+    if ref.rows is not None:
+        z = xc @ (np.asarray(ref.rows, dtype=np.float64) - ref.mu).T
+        scale = np.sqrt((n - 1) * (ref.n - 1))
+    else:
+        z = xc @ np.asarray(ref.factor, dtype=np.float64)
+        scale = np.sqrt(n - 1)
+    nuclear = 0.0
+    if z.size:
+        gram = z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z
+        eig = np.linalg.eigvalsh(gram)
+        top = max(float(eig.max()), 0.0)
+        eig[eig <= top * gram.shape[0] * np.finfo(np.float64).eps] = 0.0
+        nuclear = float(np.sqrt(eig).sum())
+    diff = mu - ref.mu
+    tr_x = float(np.einsum("ij,ij->", xc, xc) / (n - 1))
+    value = float(diff @ diff + tr_x + float(ref.trace) - 2.0 * nuclear / scale)
+    return max(value, 0.0)
+
+
+def mean_std_fid_features(X_layer: np.ndarray,
+                          T_layer: np.ndarray | GaussianStats | CompactStats,
                           T_root: np.ndarray | None = None) -> dict:
     """The baseline's summary of one image set in one feature space.
 
     Args:
         X_layer: features of the set, ``(n, D)``, n >= 2.
         T_layer: features of the reference data T, ``(m, D)``, or their precomputed
-            :func:`gaussian_stats` (compute them once for many sets).
+            :func:`gaussian_stats` or :class:`CompactStats` (compute them once for many
+            sets; :class:`CompactStats` is the form a baseline stores).
         T_root: ``psd_sqrt`` of T's covariance, if precomputed: the FID then comes from
             :func:`frechet_to_reference` (same value, far faster for wide layers).
 
@@ -158,8 +228,14 @@ def mean_std_fid_features(X_layer: np.ndarray, T_layer: np.ndarray | GaussianSta
         InputError: wrong shapes, NaN/inf values, or mismatched dimensions.
         InsufficientDataError: fewer than 2 samples in the set or in T.
     """
-    ref = T_layer if isinstance(T_layer, GaussianStats) else gaussian_stats(T_layer, "T features")
     x = _features(X_layer, "set features")
+    if isinstance(T_layer, CompactStats):
+        if T_layer.mu.shape != x.shape[1:]:
+            raise InputError(f"cannot compare features of dimension {x.shape[1]} with "
+                             f"dimension {T_layer.mu.shape[0]}")
+        return {"mean": x.mean(axis=0), "std": x.std(axis=0),
+                "fid": frechet_to_compact(x, T_layer)}
+    ref = T_layer if isinstance(T_layer, GaussianStats) else gaussian_stats(T_layer, "T features")
     if T_root is not None and np.shape(T_root) == ref.cov.shape:
         fid = frechet_to_reference(x, ref, T_root)  # needs no set covariance
     else:

@@ -23,6 +23,13 @@ from __future__ import annotations
 from forensics.hookspecs import hookimpl
 
 
+def exact_pca(T, k):
+    """Mean and ``k`` leading principal axes of ``T`` (:func:`forensics.fingerprints.exact_pca`)."""
+    from forensics.fingerprints import exact_pca as core
+
+    return core(T, k)
+
+
 class PaperFingerprint:
     """The C_T-layer curve exactly as in the paper: C_T per layer."""
 
@@ -45,33 +52,64 @@ class SetStatsFingerprint:
     needs_ct = False
 
     def prepare(self, ctx):
-        """T's mean, covariance and its square root per layer (what FID against T needs)."""
-        from forensics.setstats import gaussian_stats, psd_sqrt
+        """Per layer what FID against T needs, compactly (:class:`CompactStats`): T's mean,
+        covariance trace, and T's rows or a covariance factor, whichever is smaller."""
+        import numpy as np
+
+        from forensics.errors import InsufficientDataError
+        from forensics.setstats import covariance_factor
 
         out = {}
-        for i, (name, T) in enumerate(zip(ctx.layers, ctx.train, strict=True)):
-            stats = gaussian_stats(T, f"layer {name!r} of T")
-            out[f"mu.{i}"], out[f"cov.{i}"] = stats.mu, stats.cov
-            out[f"n.{i}"] = stats.n
-            out[f"root.{i}"] = psd_sqrt(stats.cov)
+        for i, name in enumerate(ctx.layers):
+            T = np.asarray(ctx.train[i])
+            if not np.issubdtype(T.dtype, np.floating):
+                T = T.astype(np.float64)
+            n, d = T.shape
+            if n < 2:
+                raise InsufficientDataError(f"layer {name!r} of T has {n} sample(s); "
+                                            f"FID needs at least 2")
+            X = np.asarray(T, dtype=np.float64)
+            mu = X.mean(axis=0)
+            out[f"mu.{i}"], out[f"n.{i}"] = mu, np.int64(n)
+            if n * d * T.dtype.itemsize <= d * min(n - 1, d) * 8:
+                Xc = X - mu
+                out[f"rows.{i}"] = T
+                out[f"trace.{i}"] = np.float64(np.einsum("ij,ij->", Xc, Xc) / (n - 1))
+            else:
+                eig = ctx.covariance(i)
+                out[f"trace.{i}"] = np.float64(eig.trace)
+                out[f"factor.{i}"] = covariance_factor(eig.values, eig.vectors)
         return out
 
-    def compute(self, ctx):
-        """``[means..., stds..., fids...]`` of the set (see :func:`baseline_vector`)."""
+    @staticmethod
+    def reference(ctx, i, name):
+        """T's statistics of layer ``i`` as stored: compact, or full (older baselines)."""
         import numpy as np
 
         from forensics.errors import InputError
-        from forensics.setstats import GaussianStats, baseline_vector, mean_std_fid_features
+        from forensics.setstats import CompactStats, GaussianStats
+
+        ex = ctx.extras
+        try:
+            n = int(np.asarray(ex[f"n.{i}"]).reshape(-1)[0])
+            if f"trace.{i}" in ex:
+                if f"factor.{i}" not in ex and f"rows.{i}" not in ex:
+                    raise KeyError(f"factor.{i}")
+                return CompactStats(ex[f"mu.{i}"], float(ex[f"trace.{i}"]), n,
+                                    factor=ex.get(f"factor.{i}"), rows=ex.get(f"rows.{i}")), None
+            return GaussianStats(ex[f"mu.{i}"], ex[f"cov.{i}"], n), ex.get(f"root.{i}")
+        except KeyError:
+            raise InputError(f"the baseline's setstats arrays lack layer {i} ({name}); "
+                             f"rebuild the baseline") from None
+
+    def compute(self, ctx):
+        """``[means..., stds..., fids...]`` of the set (see :func:`baseline_vector`)."""
+        from forensics.setstats import baseline_vector, mean_std_fid_features
 
         features = {}
         for i, (name, X) in enumerate(zip(ctx.layers, ctx.embeddings, strict=True)):
-            try:
-                ref = GaussianStats(ctx.extras[f"mu.{i}"], ctx.extras[f"cov.{i}"],
-                                    int(np.asarray(ctx.extras[f"n.{i}"]).reshape(-1)[0]))
-            except KeyError:
-                raise InputError(f"the baseline's setstats arrays lack layer {i} ({name}); "
-                                 f"rebuild the baseline") from None
-            features[name] = mean_std_fid_features(X, ref, ctx.extras.get(f"root.{i}"))
+            ref, root = self.reference(ctx, i, name)
+            features[name] = mean_std_fid_features(X, ref, root)
         return baseline_vector(features, ctx.layers)
 
     def entry_layers(self, dims):
@@ -90,27 +128,6 @@ class SetStatsFingerprint:
 
 #: Principal axes kept per layer by the projected-mean fingerprints.
 PROJ_DIM = 64
-
-
-def exact_pca(T, k):
-    """Mean and the ``k`` leading principal axes ``(k, D)`` of ``T`` (n, D), exactly.
-
-    The eigendecomposition of T's covariance (no randomised solver, so no seed): axes in
-    decreasing order of variance, each signed so that its largest-magnitude entry is
-    positive (a deterministic orientation).
-    """
-    import numpy as np
-
-    X = np.asarray(T, dtype=np.float64)
-    mean = X.mean(axis=0)
-    Xc = X - mean
-    cov = Xc.T @ Xc / max(len(X) - 1, 1)
-    vals, vecs = np.linalg.eigh(cov)
-    order = np.argsort(vals)[::-1][:k]
-    axes = vecs[:, order].T.copy()
-    big = np.argmax(np.abs(axes), axis=1)
-    axes *= np.where(axes[np.arange(len(axes)), big] < 0, -1.0, 1.0)[:, None]
-    return mean, axes
 
 
 class ProjMeanFingerprint:
@@ -142,8 +159,7 @@ class ProjMeanFingerprint:
         """T's mean and leading principal axes for each layer of :meth:`pca_layers`."""
         out = {}
         for i in self.pca_layers(len(ctx.layers)):
-            T = ctx.train[i]
-            mean, axes = exact_pca(T, min(self.dim, T.shape[1]))
+            mean, axes = ctx.pca(i, min(self.dim, ctx.train[i].shape[1]))
             out[f"mean.{i}"], out[f"axes.{i}"] = mean, axes
         return out
 
@@ -311,12 +327,16 @@ class ResidMeanFingerprint(ProjMeanFingerprint):
             T = np.asarray(ctx.train[i], dtype=np.float64)
             return (T - out[f"mean.{i}"]) @ out[f"axes.{i}"].T
 
-        A = np.hstack([proj(i) for i in content])
-        gram = A.T @ A
-        lam = RESID_RIDGE * float(np.trace(gram)) / gram.shape[0]
-        gram[np.diag_indices_from(gram)] += lam if lam > 0 else 1.0
-        for i in self.selected(n):
-            out[f"coef.{i}"] = np.linalg.solve(gram, A.T @ proj(i))
+        def ridge():
+            A = np.hstack([proj(i) for i in content])
+            gram = A.T @ A
+            lam = RESID_RIDGE * float(np.trace(gram)) / gram.shape[0]
+            gram[np.diag_indices_from(gram)] += lam if lam > 0 else 1.0
+            return {i: np.linalg.solve(gram, A.T @ proj(i)) for i in self.selected(n)}
+
+        key = ("resid-ridge", self.dim, RESID_RIDGE, tuple(content), tuple(self.selected(n)))
+        for i, coef in ctx.shared(key, ridge).items():
+            out[f"coef.{i}"] = coef
         return out
 
     def compute(self, ctx):

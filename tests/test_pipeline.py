@@ -7,6 +7,7 @@ sklearn's handwritten digits (upscaled to 32x32); embeddings are cached across t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import forensics
 from forensics import pipeline
 from forensics.demo import _write_pngs, digit_images
+from forensics.embed import embed_folder
 from forensics.errors import BankError, InputError, InsufficientDataError, UnknownNameError
 from forensics.synth import synth_folder
 from refbank import Bank
@@ -74,9 +76,131 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
     loaded = pipeline.load_baseline("digits", bank=bank)
     assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
     extras = loaded.extras(forensics.fingerprints.get("setstats"))
-    np.testing.assert_allclose(extras["cov.3"], extras["cov.3"].T)
+    T3 = embed_folder(world["folders"]["T"], "vit-tiny-demo", weights="random:0", **COMMON,
+                      cache_dir=world["cache"]).arrays[3]
+    np.testing.assert_allclose(extras["factor.3"] @ extras["factor.3"].T,
+                               np.cov(T3, rowvar=False), rtol=1e-9, atol=1e-12)
     assert extras["mu.0"].shape == (96,) and int(extras["n.0"].reshape(-1)[0]) == 240
+    # Arrays shared by fingerprints are stored once, beside the engine's files.
+    files = sorted(p.name for p in loaded.folder.iterdir())
+    assert files == ["arrays.npz", "fingerprint-arrays.json", "fingerprint-arrays.npz",
+                     "meta.json", "train_manifest.json"]
     assert bank.verify().ok
+
+
+def _store_the_old_way(bank_path, T_layers):
+    """Rewrite a bank's baseline as fp stored it before arrays were shared: one file per
+    fingerprint, and setstats' full covariance and its square root per layer."""
+    from forensics.setstats import gaussian_stats, psd_sqrt
+
+    loaded = pipeline.load_baseline("digits", bank=Bank(bank_path))
+    for name in forensics.fingerprints.names():
+        fp = forensics.fingerprints.get(name)
+        if not forensics.fingerprints.needs_extras(fp):
+            continue
+        arrays = dict(loaded.extras(fp))
+        if name == "setstats":
+            arrays = {}
+            for i, T in enumerate(T_layers):
+                st = gaussian_stats(T)
+                arrays.update({f"mu.{i}": st.mu, f"cov.{i}": st.cov, f"n.{i}": st.n,
+                               f"root.{i}": psd_sqrt(st.cov)})
+        forensics.fingerprints.save_extras(loaded.folder, name, arrays)
+    for f in ("fingerprint-arrays.npz", "fingerprint-arrays.json"):
+        (loaded.folder / f).unlink()
+
+
+def test_a_baseline_stored_the_old_way_gives_the_same_vectors_and_answers(world, tmp_path):
+    import shutil
+
+    shutil.copytree(world["bank"].path, tmp_path / "bank")
+    T = embed_folder(world["folders"]["T"], "vit-tiny-demo", weights="random:0", **COMMON,
+                     cache_dir=world["cache"]).arrays
+    _store_the_old_way(tmp_path / "bank", T)
+    kw_old = dict(world["kw"], bank=Bank(tmp_path / "bank"))
+    query = world["folders"]["query_noise"]
+    new = pipeline.compute_curve(query, baseline="digits", **world["kw"]).fingerprints
+    old = pipeline.compute_curve(query, baseline="digits", **kw_old).fingerprints
+    assert sorted(new) == sorted(old) and len(new) >= 7
+    for name in new:
+        if name == "setstats":  # FIDs: the compact form is exact, the old root's round-off
+            np.testing.assert_allclose(new[name], old[name], rtol=1e-7, atol=1e-9)
+        else:
+            np.testing.assert_array_equal(new[name], old[name])
+    for fingerprint in new:
+        a, b = (pipeline.attribute(query, fingerprint=fingerprint, n_boot=2, **kw)
+                for kw in (world["kw"], kw_old))
+        assert a.decision.to_dict() | {"score": 0, "reason": ""} == \
+            b.decision.to_dict() | {"score": 0, "reason": ""}
+        assert [m.curve_id for m in a.ranking] == [m.curve_id for m in b.ranking]
+        np.testing.assert_allclose([m.score for m in a.ranking], [m.score for m in b.ranking],
+                                   rtol=1e-7)
+
+
+class _LegacyMean:
+    """A third-party fingerprint written before shared arrays: it computes its own."""
+
+    name = "legacy-mean"
+    description = "set mean minus T's mean, every layer"
+    default_matcher = "cosine"
+
+    def prepare(self, ctx):
+        return {f"mean.{i}": np.asarray(T, dtype=np.float64).mean(axis=0)
+                for i, T in enumerate(ctx.train)}
+
+    def compute(self, ctx):
+        return np.concatenate([np.asarray(X, dtype=np.float64).mean(axis=0)
+                               - ctx.extras[f"mean.{i}"] for i, X in enumerate(ctx.embeddings)])
+
+    def entry_layers(self, dims):
+        return np.repeat(np.arange(len(dims)), dims)
+
+
+def test_a_fingerprint_preparing_its_arrays_the_old_way_still_works(world, tmp_path):
+    import types
+
+    from forensics import plugins
+    from forensics.hookspecs import hookimpl
+
+    mod = types.ModuleType("legacy_fp")
+    mod.register_fingerprints = hookimpl(lambda register: register(_LegacyMean()))
+    plugins.get_plugin_manager().register(mod, name="legacy_fp")
+    kw = dict(world["kw"], bank=Bank(tmp_path / "bank"))
+    f = world["folders"]
+    pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
+                            weights="random:0", n_cells=2, **kw)
+    for kind in ("noise", "shuffle"):
+        pipeline.enroll(f[f"gen_{kind}"], baseline="digits", model=f"{kind}-m", family=kind,
+                        per_curve=N, **kw)
+    a = pipeline.attribute(f["query_shuffle"], fingerprint="legacy-mean", n_boot=0, **kw)
+    assert a.ranking[0].family == "shuffle"
+    loaded = pipeline.load_baseline("digits", bank=kw["bank"])
+    mine = loaded.extras(_LegacyMean())
+    T = embed_folder(f["T"], "vit-tiny-demo", weights="random:0", **COMMON,
+                     cache_dir=world["cache"]).arrays
+    np.testing.assert_array_equal(mine["mean.5"], T[5].astype(np.float64).mean(axis=0))
+    # Its means are proj-mean's and setstats' too: stored once for all three.
+    index = json.loads((loaded.folder / "fingerprint-arrays.json").read_text())["fingerprints"]
+    assert index["legacy-mean"]["mean.5"] == index["proj-mean"]["mean.5"] == \
+        index["setstats"]["mu.5"]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_baseline_build_shows_progress_for_every_long_step(world, tmp_path, capsys, progress):
+    f = world["folders"]
+    kw = dict(world["kw"], bank=Bank(tmp_path / "bank"), progress=progress)
+    capsys.readouterr()
+    pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
+                            weights="random:0", n_cells=2, **kw)
+    err = capsys.readouterr().err
+    stages = ("baseline layers", "fingerprint arrays", "storing in the bank")  # T, P cached
+    if progress:
+        assert all(s in err for s in stages), err
+        n = sum(forensics.fingerprints.needs_extras(forensics.fingerprints.get(name))
+                for name in forensics.fingerprints.names())
+        assert "8/8" in err and f"{n}/{n}" in err  # every layer, every fingerprint with arrays
+    else:
+        assert err == ""
 
 
 def test_same_baseline_under_another_name_and_taken_name_are_refused(world):
@@ -223,6 +347,125 @@ def test_small_sets_work_with_fingerprints_that_need_no_ct(world):
             pipeline.attribute(f["tiny"], fingerprint=name, n_boot=0, **kw)
 
 
+NASTY_MODEL = '<i>m</i>"&\'<script>alert(1)</script>'
+NASTY_FILE = "<img src=x onerror=alert(1)>.png"
+
+
+@pytest.fixture(scope="module")
+def case_report(world, tmp_path_factory):
+    """``attribute --report`` on a bank and a suspect folder whose names hold HTML."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("case")
+    shutil.copytree(world["bank"].path, root / "bank")
+    kw = dict(world["kw"], bank=Bank(root / "bank"))
+    f = world["folders"]
+    pipeline.enroll(f["gen_noise"], baseline="digits", model=NASTY_MODEL, family="x<y>",
+                    per_curve=N, allow_duplicate=True, **kw)
+    suspect = root / "suspect<b>"
+    shutil.copytree(f["query_shuffle"], suspect)
+    first = sorted(suspect.iterdir())[0]
+    first.rename(suspect / NASTY_FILE)
+    result = pipeline.attribute(suspect, n_boot=3, top=6, report=root / "report", **kw)
+    return {"result": result, "dir": root / "report", "suspect": suspect, "kw": kw}
+
+
+def _verdict(result):
+    d = result.decision
+    return ("Decision: UNKNOWN (no enrolled family is close enough)" if d.unknown
+            else f"Decision: family {d.family}, model {d.model}")
+
+
+def _links(text):
+    """Every src and href attribute value of the page's tags."""
+    from html.parser import HTMLParser
+
+    found = []
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.extend(v or "" for k, v in attrs if k in ("src", "href"))
+
+    Parser().feed(text)
+    return found
+
+
+def test_the_case_report_is_one_self_contained_escaped_file(case_report):
+    from forensics.images import scan_folder
+
+    text = (case_report["dir"] / "report.html").read_text()
+    result = case_report["result"]
+    assert text.startswith("<!DOCTYPE html>") and _verdict(result) in text
+    assert "<script" not in text.lower() and NASTY_FILE not in text and "<img src=x" not in text
+    assert "&lt;i&gt;m&lt;/i&gt;&quot;&amp;&#x27;&lt;script&gt;" in text  # the model name
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in text and "suspect&lt;b&gt;" in text
+    # Nothing is fetched: every image is inlined, no link leaves the file.
+    links = _links(text)
+    assert len(links) == len(scan_folder(case_report["suspect"])) + 1  # thumbnails + picture
+    assert all(v.startswith("data:image/png;base64,") for v in links)
+    assert "url(" not in text and "@import" not in text
+    manifest = scan_folder(case_report["suspect"])
+    assert text.count('<img src="data:image/png;base64,') == len(manifest)  # thumbnails
+    assert 'class="picture" alt="attribution picture" src="data:image/png;base64,' in text
+    assert all(e.sha256 in text for e in manifest.entries) and manifest.sha256 in text
+    row = case_report["kw"]["bank"].get_baseline("digits")
+    assert row["baseline_id"] in text and row["files_sha256"] in text
+    d = result.decision
+    assert f"{d.confidence:.6g}" in text and f"{result.calibration.threshold:.6g}" in text
+    for m in result.ranking:
+        assert m.curve_id in text
+    prov = result.to_dict()["provenance"]
+    assert prov["embedding"]["torch_version"] in text  # the provenance, rendered generically
+    assert prov["attribution"]["fingerprint"] == "resid-early" and ">resid-early<" in text
+
+
+def test_the_picture_of_a_vector_fingerprint_shows_scores_threshold_and_layers(case_report):
+    from PIL import Image
+
+    with Image.open(case_report["dir"] / "attribution.png") as im:
+        assert im.size[0] >= 1400  # two panels: ranked scores, per-layer distances
+
+
+def test_layer_distances_are_zscore_units_per_layer():
+    from forensics.report import layer_distances
+
+    bank = np.array([[0.0, 0.0, 0.0, 5.0], [2.0, 4.0, 2.0, 5.0], [1.0, 2.0, 1.0, 5.0]])
+    q = np.array([1.0, 2.0, 3.0, 7.0])
+    sd = bank.std(axis=0)
+    out = layer_distances(q, bank[:1], bank, np.array([0, 0, 1, 1]), 3)
+    np.testing.assert_allclose(out[0, 0], np.sqrt(((1 / sd[0]) ** 2 + (2 / sd[1]) ** 2) / 2))
+    np.testing.assert_allclose(out[0, 1], 3 / sd[2])  # entry 3 has no spread: left out
+    assert np.isnan(out[0, 2])
+
+
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+
+
+def _open_in_chromium(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
+    """The page's DOM after loading in headless Chromium, and its console messages."""
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=3000", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout, [ln for ln in out.stderr.splitlines() if ":CONSOLE" in ln]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
+def test_the_case_report_opens_in_a_headless_browser_without_console_errors(case_report,
+                                                                            tmp_path):
+    # The check sees console errors: a page with a failing script and a missing image.
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><p>x</p><img src="missing.png"><script>nope();</script>')
+    assert len(_open_in_chromium(bad, tmp_path)[1]) >= 1
+    dom, console = _open_in_chromium(case_report["dir"] / "report.html", tmp_path)
+    assert console == []
+    assert _verdict(case_report["result"]) in dom
+    assert "&lt;i&gt;m&lt;/i&gt;" in dom and "<i>m</i>" not in dom  # shown as text
+
+
 def test_bootstrap_is_seeded(world):
     runs = [pipeline.attribute(world["folders"]["query_noise"], n_boot=5, seed=s,
                                **world["kw"]).bootstrap for s in (3, 3)]
@@ -352,8 +595,8 @@ def test_cli_build_enroll_curve_attribute_with_json(world, tmp_path, monkeypatch
     attr = answer["provenance"]["attribution"]
     assert attr["fingerprint"] == forensics.fingerprints.DEFAULT_FINGERPRINT
     assert attr["matcher"] == "zscore"
-    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["attribution.json",
-                                                                    "attribution.png"]
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "attribution.json", "attribution.png", "report.html"]
     text = _fp("attribute", f["query_noise"], "--device", "cpu", "--n-boot", "0",
                "--fingerprint", "paper", "--matcher", "l2", "--drop-layers", "none").stdout
     assert "Decision: family noise, model noise" in text

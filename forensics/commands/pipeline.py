@@ -227,8 +227,9 @@ def attribute_cmd(
                                    help="Share of genuine curves accepted to be called unknown."),
     tau: float = _tau(),
     report: Path = typer.Option(None, "--report",
-                                help="Write attribution.json and attribution.png here "
-                                     "(re-check it later with fp case verify DIR)."),
+                                help="Write attribution.json, attribution.png and "
+                                     "report.html (a self-contained case report) here; "
+                                     "re-check it later with fp case verify DIR."),
     allow_unverified: bool = typer.Option(
         False, "--allow-unverified",
         help="Use bank rows and baseline files that fail their SHA-256 (refused otherwise); "

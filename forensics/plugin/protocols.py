@@ -279,6 +279,17 @@ class BuildContext(Protocol):
     def baseline(self) -> Any:
         """The ``forensics.baseline.Baseline`` just built from them."""
 
+    def pca(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """T's mean and ``k`` leading principal axes ``(k, D)`` of layer ``i``, exactly;
+        computed once per baseline for every fingerprint that asks."""
+
+    def covariance(self, i: int) -> Any:
+        """T's mean and covariance eigendecomposition of layer ``i``, computed once."""
+
+    def shared(self, key: Any, compute: Any) -> Any:
+        """``compute()``, run once per ``key`` for this baseline and reused by every
+        fingerprint (an array several fingerprints return is also stored once)."""
+
 
 @runtime_checkable
 class Fingerprint(Named, Protocol):
