@@ -231,7 +231,7 @@ def render(data: dict[str, Any], picture: bytes | None, rows: Sequence[dict[str,
         rows: the bank curve rows the suspect was compared with.
         evidence: a :class:`forensics.report.Evidence` (manifest, baseline row), or None.
     """
-    from forensics import __version__
+    from forensics._version import __version__
 
     prov = data.get("provenance") or {}
     att = prov.get("attribution") or {}

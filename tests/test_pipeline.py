@@ -120,7 +120,9 @@ def test_a_baseline_stored_the_old_way_gives_the_same_vectors_and_answers(world,
     kw_old = dict(world["kw"], bank=Bank(tmp_path / "bank"))
     query = world["folders"]["query_noise"]
     new = pipeline.compute_curve(query, baseline="digits", **world["kw"]).fingerprints
-    old = pipeline.compute_curve(query, baseline="digits", **kw_old).fingerprints
+    # The files were rewritten after the bank hashed them: let them through on purpose.
+    old_baseline = pipeline.load_baseline("digits", bank=kw_old["bank"], allow_unverified=True)
+    old = pipeline.compute_curve(query, baseline=old_baseline, **kw_old).fingerprints
     assert sorted(new) == sorted(old) and len(new) >= 7
     for name in new:
         if name == "setstats":  # FIDs: the compact form is exact, the old root's round-off
@@ -129,7 +131,7 @@ def test_a_baseline_stored_the_old_way_gives_the_same_vectors_and_answers(world,
             np.testing.assert_array_equal(new[name], old[name])
     for fingerprint in new:
         a, b = (pipeline.attribute(query, fingerprint=fingerprint, n_boot=2, **kw)
-                for kw in (world["kw"], kw_old))
+                for kw in (world["kw"], dict(kw_old, allow_unverified=True)))
         assert a.decision.to_dict() | {"score": 0, "reason": ""} == \
             b.decision.to_dict() | {"score": 0, "reason": ""}
         assert [m.curve_id for m in a.ranking] == [m.curve_id for m in b.ranking]

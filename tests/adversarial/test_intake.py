@@ -427,11 +427,10 @@ def test_damaged_baseline_file_does_not_promise_a_rebuild(in_world, tmp_path):
 
 
 def test_deleted_fingerprint_file_is_called_missing(in_world, tmp_path):
-    from forensics.fingerprints import extras_file
 
     bank = tmp_path / "bank"
     shutil.copytree(in_world["bank"], bank)
-    (extras,) = bank.rglob(extras_file("resid-early"))
+    (extras,) = bank.rglob("fingerprint-arrays.npz")  # every fingerprint's arrays
     extras.unlink()
     msg = _one_error_line(runner.invoke(app, ["attribute", str(in_world["q"]), "-q",
                                               "--bank", str(bank)]))
