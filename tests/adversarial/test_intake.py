@@ -427,7 +427,6 @@ def test_damaged_baseline_file_does_not_promise_a_rebuild(in_world, tmp_path):
 
 
 def test_deleted_fingerprint_file_is_called_missing(in_world, tmp_path):
-
     bank = tmp_path / "bank"
     shutil.copytree(in_world["bank"], bank)
     (extras,) = bank.rglob("fingerprint-arrays.npz")  # every fingerprint's arrays
