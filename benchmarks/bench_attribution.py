@@ -21,8 +21,14 @@ Steps, all through fp's public Python API:
    ``forensics.compute_curve`` on subsets of the embeddings; ranking, calibration and
    decisions from ``forensics.attribute``'s own functions, exactly as ``fp attribute``.
 
-Prints the table (markdown), the wall time, a SHA-256 of the table (two runs must print
-the same), and last the best method by re-drawn top-1.
+5. the second stage (``attribution_extra.py``): the second development set (cross-code
+   queries; VAE and CVAE never enrolled), published peers side by side (``peers.py``),
+   top-1 and open-set AUROC against suspect-set size, the calibration of ``fp
+   attribute``'s confidence (with ``docs/reliability.png``) and post-processed suspects.
+
+Prints the tables (markdown), the wall time and load average, a SHA-256 of the tables (two
+runs must print the same), and last the best method by the worst of within-code re-drawn
+and cross-code top-1.
 
 Usage::
 
