@@ -110,6 +110,7 @@ class DemoRow:
     decided_model: str | None
     unknown: bool
     confidence: float | None
+    stability: float | None
     nearest_family: str
     score: float
     threshold: float | None
@@ -309,7 +310,8 @@ def run_demo(
         d = a.decision
         correct = (not d.unknown and d.family == gen.family) if gen.enrolled else d.unknown
         rows.append(DemoRow(gen.label, gen.model, gen.checkpoint, gen.family, gen.enrolled,
-                            d.family, d.model, d.unknown, d.confidence, d.nearest_family,
+                            d.family, d.model, d.unknown, d.confidence, d.stability,
+                            d.nearest_family,
                             d.score, d.threshold, bool(correct)))
         say(f"attributed {gen.label}: " + ("unknown" if d.unknown else f"{d.family}/{d.model}"))
     timings["attribute"] = time.perf_counter() - t0

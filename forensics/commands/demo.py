@@ -43,10 +43,11 @@ def register(app: typer.Typer) -> None:
             return
         _print_table(
             ["generator", "true family", "decided family", "model", "unknown", "confidence",
-             "correct?"],
+             "stability", "correct?"],
             [[r.generator + ("" if r.enrolled else " (never enrolled)"), r.true_family,
               r.decided_family or "-", r.decided_model or "-", "yes" if r.unknown else "no",
               "-" if r.confidence is None else f"{r.confidence:.2f}",
+              "-" if r.stability is None else f"{r.stability:.2f}",
               "yes" if r.correct else "NO"] for r in result.rows],
             title=f"fp demo: attribution of fresh samples ({result.encoder}, "
                   f"weights {result.weights}, fingerprint {result.fingerprint})",
