@@ -36,6 +36,9 @@ from forensics.errors import InputError
 SIZES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 #: Simulated suspects per enrolled curve and size.
 DRAWS = 16
+#: Most enrolled curves left out in turn (a seeded choice beyond it), so that a bank of
+#: thousands of curves still calibrates in seconds.
+MAX_CURVES = 100
 #: Key suffix of the per-image variance stored beside a fingerprint's vector.
 VAR_SUFFIX = "#var"
 
@@ -135,6 +138,7 @@ def simulate(
     sizes: Sequence[int] = SIZES,
     draws: int = DRAWS,
     seed: int = 0,
+    max_curves: int = MAX_CURVES,
 ) -> Simulation:
     """Leave-one-curve-out suspects of every enrolled curve (see the module docstring).
 
@@ -147,6 +151,8 @@ def simulate(
         sizes: suspect sizes to simulate (sizes above a curve's own are skipped).
         draws: suspects per curve and size.
         seed: seed of the draws.
+        max_curves: most curves left out in turn; beyond it a seeded choice of curves is
+            (each still ranked against every other curve of the bank).
 
     Raises:
         InputError: shapes disagree, or fewer than two families.
@@ -162,7 +168,9 @@ def simulate(
     rng = np.random.default_rng(seed)
     size, best, margin, right = [], [], [], []
     idx = np.arange(len(V))
-    for c in range(len(V)):
+    left_out = idx if len(V) <= max_curves else np.sort(
+        rng.choice(len(V), int(max_curves), replace=False))
+    for c in left_out:
         keep = idx != c
         others = [fam[i] for i in idx[keep]]
         if fam[c] not in others:

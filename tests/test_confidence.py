@@ -74,6 +74,15 @@ def test_simulation_is_seeded_and_skips_sizes_above_the_curve():
     assert (a.size == 64).sum() == len(V)  # the whole curve: one draw, no noise
 
 
+def test_large_banks_leave_out_a_seeded_choice_of_curves():
+    rng = np.random.default_rng(4)
+    _, V, S, labels = _world(rng, n_fam=3, n_curves=4, per=64)
+    sim = C.simulate(V, S, [64] * len(V), labels, SCORE, seed=1, max_curves=5)
+    assert (sim.size == 64).sum() == 5  # one whole-curve draw per curve left out
+    again = C.simulate(V, S, [64] * len(V), labels, SCORE, seed=1, max_curves=5)
+    np.testing.assert_array_equal(sim.best, again.best)
+
+
 def test_a_perfect_simulation_still_gives_probabilities_below_one():
     rng = np.random.default_rng(3)
     _, V, S, labels = _world(rng, n_fam=3, spread=0.01, noise=0.01)
