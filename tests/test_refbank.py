@@ -508,6 +508,15 @@ def test_refbank_never_imports_torch(bank, bid):
     assert out.stdout.strip() == ""
 
 
+def test_a_process_that_reads_the_bank_exits_cleanly(bank, bid):
+    """pyarrow's threaded read of an in-memory buffer could abort the process at exit."""
+    bank.add_curves([curve_row(bid)])
+    code = "import sys\nfrom refbank import Bank\nBank(sys.argv[1]).curves()\n"
+    codes = [subprocess.run([sys.executable, "-c", code, str(bank.path)], env=_run_env(),
+                            capture_output=True).returncode for _ in range(12)]
+    assert codes == [0] * 12
+
+
 def test_resolve_baseline(bank):
     with pytest.raises(BankError, match="no baselines.*fp baseline build"):
         bank.resolve_baseline()
