@@ -546,3 +546,20 @@ def test_readme_documents_every_column():
 
     for name, *_ in CURVE_COLUMNS + BASELINE_COLUMNS:
         assert f"`{name}`" in section, f"README's 'Reference bank' section must list {name}"
+
+
+def test_tables_are_read_on_one_thread(bank, bid, monkeypatch):
+    """The read that aborted processes at exit (see above) is never threaded."""
+    import pyarrow.parquet as pq
+
+    bank.add_curves([curve_row(bid)])
+    seen = []
+    real = pq.read_table
+
+    def spy(source, **kwargs):
+        seen.append(kwargs.get("use_threads", True))
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    assert len(bank.curves()) == 1
+    assert seen and not any(seen)
