@@ -89,14 +89,22 @@ class Grid:
         return np.array(V), np.array(S), fam
 
 
+def by_arch(emb) -> dict[str, np.ndarray]:
+    """Row indices of each architecture's images (the first folder of their paths)."""
+    out: dict[str, list[int]] = {}
+    for i, (rel, *_rest) in enumerate(emb.manifest.entries):
+        out.setdefault(rel.split("/")[0], []).append(i)
+    return {a: np.asarray(rows) for a, rows in out.items()}
+
+
 def _grid(emb, xemb, rows_all: np.ndarray, rows_x: np.ndarray) -> Grid:
+    """Rows (features or images) of the zoo's and the second code base's images."""
     index = {}
     for i, (rel, *_rest) in enumerate(emb.manifest.entries):
         arch, name = rel.split("/")
         e, p = name[:-4].split("_")
         index[(arch, int(e[1:]), int(p))] = i
-    xrows = {a: rows_x[[i for i, (rel, *_r) in enumerate(xemb.manifest.entries)
-                        if rel.split("/")[0] == a]] for a in XARCHS + XUNKNOWN}
+    xrows = {a: rows_x[r] for a, r in by_arch(xemb).items()}
     return Grid(rows_all, index, xrows)
 
 
@@ -116,15 +124,20 @@ def nearest_family(score, q, V, fam) -> tuple[str, float]:
     return f, best
 
 
+def _query(g: Grid, arch: str, cfg, n=None, rng=None) -> np.ndarray:
+    """The vector of a configuration's query of ``arch`` (``n`` of its images at random)."""
+    r = g.rows(arch, *cfg["query"])
+    if n is not None and n < len(r):
+        r = rng.choice(r, n, replace=False)
+    return g.X[r].mean(axis=0)
+
+
 def top1_grid(g: Grid, score, cfgs, n=None, rng=None) -> float:
     ok = []
     for cfg in cfgs:
         V, _, fam = g.bank(cfg)
         for a in B.ARCHS:
-            r = g.rows(a, *cfg["query"])
-            if n is not None and n < len(r):
-                r = rng.choice(r, n, replace=False)
-            ok.append(nearest_family(score, g.X[r].mean(axis=0), V, fam)[0] == a)
+            ok.append(nearest_family(score, _query(g, a, cfg, n, rng), V, fam)[0] == a)
     return float(np.mean(ok))
 
 
@@ -134,12 +147,7 @@ def open_set_grid(g: Grid, score, cfgs, n=None, rng=None) -> float:
     for cfg in cfgs:
         V, _, fam = g.bank(cfg)
         fam = np.array(fam)
-        qs = []
-        for a in B.ARCHS:
-            r = g.rows(a, *cfg["query"])
-            if n is not None and n < len(r):
-                r = rng.choice(r, n, replace=False)
-            qs.append(g.X[r].mean(axis=0))
+        qs = [_query(g, a, cfg, n, rng) for a in B.ARCHS]
         pos, neg = [], []
         for out in B.ARCHS:
             keep = fam != out
@@ -180,9 +188,7 @@ def cross_code_table(sets, xemb, methods) -> tuple[list[str], dict]:
     from forensics.images import Manifest
 
     per_arch = {}
-    for a in XARCHS + XUNKNOWN:
-        rows = np.array([i for i, (rel, *_r) in enumerate(xemb.manifest.entries)
-                         if rel.split("/")[0] == a])
+    for a, rows in by_arch(xemb).items():
         sub = Embeddings(list(xemb.layers), [x[rows] for x in xemb.arrays],
                          Manifest(xemb.manifest.root, [xemb.manifest.entries[i] for i in rows]),
                          xemb.encoder_info)
@@ -223,9 +229,9 @@ def cross_code_table(sets, xemb, methods) -> tuple[list[str], dict]:
 
 
 def peer_rows(grid_default: Grid, pix: Grid, res: Grid, nnp: Grid, nnf: Grid,
-              feats_pool: Grid, imgs: dict, cfg_train, draws_train) -> list[tuple]:
+              feats_pool: Grid, images: Grid, cfg_train, draws_train) -> list[tuple]:
     """(method, protocol, re-drawn, cross-code) of every peer and of fp's default."""
-    cfgs = [c for c in B.redraws()]
+    cfgs = B.redraws()
     rows = []
     for name, g, score in (
             ("Marra et al. 2019: mean noise residual, correlation", res, peers.correlation),
@@ -237,8 +243,9 @@ def peer_rows(grid_default: Grid, pix: Grid, res: Grid, nnp: Grid, nnf: Grid,
                      xcode_grid(g, score)[0]))
     for name, g in (("linear probe, FID-Inception pool (2048), majority vote", feats_pool),
                     ("linear probe, fp's resid-early rows, majority vote", grid_default)):
-        rows.append((name, *probe(g, cfg_train, draws_train)))
-    rows.append(("small CNN from scratch, majority vote", *cnn(imgs, cfg_train, draws_train)))
+        rows.append((name, *trained(g, probe, cfg_train, draws_train)))
+    rows.append(("small CNN from scratch, majority vote",
+                 *trained(images, cnn, cfg_train, draws_train)))
     return rows
 
 
@@ -252,34 +259,32 @@ def _train(g: Grid, cfg) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(X), np.array(y)
 
 
-def probe(g: Grid, cfg, draws) -> tuple[float, float, float]:
-    """Linear probe trained on each configuration's enrolled images; majority vote."""
-    def run(c):
-        X, y = _train(g, c)
-        model = peers.linear_probe(X, y)
-        return [peers.majority(model.predict(g.X[g.rows(a, *c["query"])]))[0] == i
-                for i, a in enumerate(B.ARCHS)], model
+def trained(g: Grid, train, cfg, draws) -> tuple[float, float, float]:
+    """A per-image classifier trained on each configuration's enrolled images, majority vote.
 
-    proto, model = run(cfg)
+    ``train(X, y)`` returns the classifier as a function of images' rows -> labels.
+    Returns (protocol, re-drawn, cross-code) top-1; cross-code uses the protocol's model.
+    """
+    def run(c):
+        label = train(*_train(g, c))
+        return [peers.majority(label(g.X[g.rows(a, *c["query"])]))[0] == i
+                for i, a in enumerate(B.ARCHS)], label
+
+    proto, label = run(cfg)
     redrawn = [ok for c in draws for ok in run(c)[0]]
-    xc = [B.ARCHS[peers.majority(model.predict(g.x[a]))[0]] == a for a in XARCHS]
+    xc = [B.ARCHS[peers.majority(label(g.x[a]))[0]] == a for a in XARCHS]
     return float(np.mean(proto)), float(np.mean(redrawn)), float(np.mean(xc))
 
 
-def cnn(imgs: dict, cfg, draws) -> tuple[float, float, float]:
-    """The CNN trained on each configuration's enrolled images; majority vote."""
-    grid, x = imgs["grid"], imgs["x"]
+def probe(X: np.ndarray, y: np.ndarray):
+    """A linear probe's labelling function."""
+    return peers.linear_probe(X, y).predict
 
-    def run(c):
-        X, y = _train(grid, c)
-        model = peers.CNNAttributor(len(B.ARCHS), epochs=2, seed=0).fit(X, y)
-        return [peers.majority(model.proba(grid.X[grid.rows(a, *c["query"])]).argmax(1))[0] == i
-                for i, a in enumerate(B.ARCHS)], model
 
-    proto, model = run(cfg)
-    redrawn = [ok for c in draws for ok in run(c)[0]]
-    xc = [B.ARCHS[peers.majority(model.proba(x[a]).argmax(1))[0]] == a for a in XARCHS]
-    return float(np.mean(proto)), float(np.mean(redrawn)), float(np.mean(xc))
+def cnn(X: np.ndarray, y: np.ndarray):
+    """The small CNN's labelling function (2 epochs from scratch)."""
+    model = peers.CNNAttributor(len(B.ARCHS), epochs=2, seed=0).fit(X, y)
+    return lambda images: model.proba(images).argmax(1)
 
 
 def size_table(g: Grid, cfgs, reps: int = 3) -> list[str]:
@@ -346,17 +351,10 @@ def _reliability(data, png: Path) -> None:
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     for kind, label in (("within", "within-code re-drawn"), ("cross", "cross-code")):
         d = np.array(data[kind], dtype=float)
-        edges = np.linspace(0, 1, 11)
-        which = np.minimum((d[:, 1] * 10).astype(int), 9)
-        xs, ys, ns = [], [], []
-        for b in range(10):
-            k = which == b
-            if k.sum() >= 5:
-                xs.append(d[k, 1].mean())
-                ys.append(d[k, 2].mean())
-                ns.append(k.sum())
-        ax.plot(xs, ys, "o-", label=f"{label} ({len(d)} suspects)")
-        del edges
+        which = np.minimum((d[:, 1] * 10).astype(int), 9)  # ten equal-width bins
+        shown = [b for b in range(10) if (which == b).sum() >= 5]
+        ax.plot([d[which == b, 1].mean() for b in shown], [d[which == b, 2].mean() for b in shown],
+                "o-", label=f"{label} ({len(d)} suspects)")
     ax.set_xlabel("confidence (fp attribute)")
     ax.set_ylabel("share right")
     ax.set_xlim(0, 1)
@@ -376,12 +374,11 @@ def transform_table(work: Path, loaded, encoder: str, cache: Path, g: Grid) -> l
     rng = np.random.default_rng(0)
     src = work / "transform-src"
     picks = {}
+    start, pos = B.PROTOCOL["query"]
+    names = [f"e{e:02d}_{p:03d}.png" for e in range(start, start + B.WINDOW)
+             for p in B.positions(pos)]  # the order of Grid.rows
     for a in B.ARCHS:
-        rows = g.rows(a, *B.PROTOCOL["query"])
-        picks[a] = np.sort(rng.choice(len(rows), N_TRANSFORM, replace=False))
-        names = [f"e{e:02d}_{p:03d}.png" for e in range(B.PROTOCOL["query"][0],
-                                                        B.PROTOCOL["query"][0] + B.WINDOW)
-                 for p in B.positions(B.PROTOCOL["query"][1])]
+        picks[a] = np.sort(rng.choice(len(names), N_TRANSFORM, replace=False))
         for i in picks[a]:
             B._link(work / "all" / a / names[i], src / a / names[i])
     V, _, fam = g.bank(B.PROTOCOL)
@@ -398,10 +395,9 @@ def transform_table(work: Path, loaded, encoder: str, cache: Path, g: Grid) -> l
             synth_folder(kind, src, out, seed=0, force=True, **params)
         emb = embed_folder(out, encoder, cache_dir=cache, device="cpu", progress=False)
         rows = per_image(loaded, "resid-early", emb)
-        got = []
-        for a in B.ARCHS:
-            k = [i for i, (rel, *_r) in enumerate(emb.manifest.entries) if rel.startswith(a + "/")]
-            got.append(nearest_family(zscore, rows[k].mean(axis=0), V, fam)[0])
+        arch_rows = by_arch(emb)
+        got = [nearest_family(zscore, rows[arch_rows[a]].mean(axis=0), V, fam)[0]
+               for a in B.ARCHS]
         acc = np.mean([x == a for x, a in zip(got, B.ARCHS, strict=True)])
         lines.append(f"| {label} | {acc:.3f} | {', '.join(x[:6] for x in got)} |")
     return lines
@@ -463,14 +459,9 @@ def run(work: Path, zoo: Path, emb, sets, methods, encoder: str, cache: Path,
                  np.asarray(xemb.arrays[-1], np.float64))
     pix = _grid(emb, xemb, pix_all, pix_x)
     B.log(f"peer features ({time.perf_counter() - t0:.0f} s)")
-    raw = _grid(emb, xemb, imgs.reshape(len(imgs), -1), ximgs.reshape(len(ximgs), -1))
-    raw_grid = Grid(imgs, raw.index, {a: ximgs[[i for i, (rel, *_r) in
-                                                 enumerate(xemb.manifest.entries)
-                                                 if rel.split("/")[0] == a]]
-                                      for a in XARCHS + XUNKNOWN})
+    raw = _grid(emb, xemb, imgs, ximgs)  # the images themselves, for the CNN
     train_draws = B.redraws()[::126] if quick else B.redraws()[::63]
-    prows = peer_rows(default, pix, res, nnp, nnf, pool, {"grid": raw_grid, "x": raw_grid.x},
-                      B.PROTOCOL, train_draws)
+    prows = peer_rows(default, pix, res, nnp, nnf, pool, raw, B.PROTOCOL, train_draws)
     lines += ["", f"Peers, side by side (same enrolled images and queries; trained methods are "
                   f"trained on each configuration's enrolled images, re-drawn over "
                   f"{len(train_draws)} configurations, training-free ones over all 126):", "",

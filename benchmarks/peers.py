@@ -84,7 +84,7 @@ def _grey01(images: np.ndarray) -> list[np.ndarray]:
 # -- trained per-image classifiers ------------------------------------------------------------
 
 
-def majority(labels: Sequence, n_classes: int | None = None) -> tuple[int, float]:
+def majority(labels: Sequence) -> tuple[int, float]:
     """The most frequent label (ties: the smallest) and its share."""
     c = Counter(int(v) for v in labels)
     best = min(c, key=lambda k: (-c[k], k))
