@@ -13,7 +13,7 @@ set's vector is the mean of its rows and thousands of suspect sets cost seconds:
   early encoder layers), a CNN trained from scratch and linear probes on the frozen
   encoder (``peers.py``), on the protocol, re-drawn configurations and cross-code;
 - **size**: top-1 and open-set AUROC of fp's default against suspect-set size;
-- **calibration**: ``fp attribute``'s confidence (``forensics.confidence``) against how
+- **calibration**: ``fp attribute``'s confidence (``forensics.stats.confidence``) against how
   often it is right, per size, with a reliability diagram;
 - **post-processing**: JPEG 90/75/50, half-size and back, a 90% centre crop, mild noise
   (``fp synth``), queried against the clean bank.
@@ -57,7 +57,7 @@ def xcode_folder(zoo: Path, work: Path) -> Path:
 
 def per_image(loaded, fp_name: str, emb) -> np.ndarray:
     """A fingerprint's per-image vectors of every image of ``emb`` (its ``per_image``)."""
-    from forensics import fingerprints as fpmod
+    from forensics.stats import fingerprints as fpmod
 
     fp = fpmod.get(fp_name)
     ctx = fpmod.FingerprintContext(list(loaded.row["layers"]), [], list(emb.arrays),
@@ -118,7 +118,7 @@ def zscore(q: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 
 def nearest_family(score, q, V, fam) -> tuple[str, float]:
-    from forensics.confidence import family_scores, margin_of
+    from forensics.stats.confidence import family_scores, margin_of
 
     f, best, _ = margin_of(family_scores(score(q, V), fam))
     return f, best
@@ -183,9 +183,9 @@ def xcode_unknown_auroc(g: Grid, score) -> float:
 def cross_code_table(sets, xemb, methods) -> tuple[list[str], dict]:
     """Every fingerprint x matcher on the second code base, through compute_curve."""
     import forensics
-    from forensics.embed import Embeddings
+    from forensics.data.embed import Embeddings
+    from forensics.data.images import Manifest
     from forensics.errors import InsufficientDataError
-    from forensics.images import Manifest
 
     per_arch = {}
     for a, rows in by_arch(xemb).items():
@@ -205,7 +205,7 @@ def cross_code_table(sets, xemb, methods) -> tuple[list[str], dict]:
     out = {}
     for m in methods:
         R, meta = m.bank(enrolled), B._meta(fams)
-        from forensics.attribute import calibrate_unknown
+        from forensics.stats.attribution import calibrate_unknown
 
         cal = calibrate_unknown(R, fams, m.matcher, ())
         right, refused, flagged = 0, 0, []
@@ -301,7 +301,7 @@ def size_table(g: Grid, cfgs, reps: int = 3) -> list[str]:
 
 def calibration(g: Grid, cfgs, png: Path | None, reps: int = 3) -> tuple[list[str], dict]:
     """Confidence of fp attribute (fitted on each bank) against correctness."""
-    from forensics import confidence as C
+    from forensics.stats import confidence as C
 
     rng = np.random.default_rng(0)
     data = {"within": [], "cross": []}
@@ -368,8 +368,8 @@ def _reliability(data, png: Path) -> None:
 
 def transform_table(work: Path, loaded, encoder: str, cache: Path, g: Grid) -> list[str]:
     """Protocol queries post-processed by ``fp synth``, against the clean bank."""
-    from forensics.embed import embed_folder
-    from forensics.synth import synth_folder
+    from forensics.data.embed import embed_folder
+    from forensics.paper.synth import synth_folder
 
     rng = np.random.default_rng(0)
     src = work / "transform-src"
@@ -406,7 +406,7 @@ def transform_table(work: Path, loaded, encoder: str, cache: Path, g: Grid) -> l
 def run(work: Path, zoo: Path, emb, sets, methods, encoder: str, cache: Path,
         docs: Path | None, quick: bool) -> tuple[list[str], dict]:
     """Every stage; returns the markdown lines and a summary for the last line."""
-    from forensics.embed import embed_folder
+    from forensics.data.embed import embed_folder
 
     t0 = time.perf_counter()
     loaded = sets.baseline

@@ -19,7 +19,7 @@ Steps, all through fp's public Python API:
    disjoint), and the open set (each family left out of the bank in turn: how often its
    query is flagged unknown, and the AUROC of the unknown score). Vectors come from
    ``forensics.compute_curve`` on subsets of the embeddings; ranking, calibration and
-   decisions from ``forensics.attribute``'s own functions, exactly as ``fp attribute``.
+   decisions from ``forensics.stats.attribution``'s own functions, exactly as ``fp attribute``.
 
 5. the second stage (``attribution_extra.py``): the second development set (cross-code
    queries; VAE and CVAE never enrolled), published peers side by side (``peers.py``),
@@ -160,7 +160,7 @@ class Sets:
 
     def __init__(self, emb, bank, fingerprints):
         import forensics
-        from forensics.images import Manifest
+        from forensics.data.images import Manifest
 
         self.emb, self.fps = emb, list(fingerprints)
         self.baseline = forensics.load_baseline(BASELINE, bank=bank)  # loaded once
@@ -177,7 +177,7 @@ class Sets:
     def vectors(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every fingerprint's vector of the images ``rows`` (``forensics.compute_curve``)."""
         import forensics
-        from forensics.embed import Embeddings
+        from forensics.data.embed import Embeddings
 
         e = self.emb
         sub = Embeddings(list(e.layers), [a[rows] for a in e.arrays],
@@ -211,8 +211,8 @@ class Method:
     """One fingerprint x matcher, with fp attribute's layer mask and matcher resolution."""
 
     def __init__(self, fp_name: str, matcher: str, dims: list[int], drop=(0,)):
-        from forensics import fingerprints as fpmod
-        from forensics.attribute import keep_mask
+        from forensics.stats import fingerprints as fpmod
+        from forensics.stats.attribution import keep_mask
 
         self.fp = fpmod.get(fp_name)
         keep = keep_mask(len(dims), drop)
@@ -228,7 +228,7 @@ class Method:
         return np.stack([self.vec(v) for v in enrolled])
 
     def ranking(self, q: dict, R: np.ndarray, meta: list[dict]):
-        from forensics.attribute import rank
+        from forensics.stats.attribution import rank
 
         return rank(self.vec(q), R, meta, self.matcher, drop_layers=())
 
@@ -239,7 +239,7 @@ class Method:
 
     def open_set(self, enrolled, fams, queries) -> tuple[float, float, float]:
         """(AUROC of the unknown score, left-out flagged, in-bank falsely flagged)."""
-        from forensics.attribute import calibrate_unknown
+        from forensics.stats.attribution import calibrate_unknown
 
         R_all, meta_all = self.bank(enrolled), _meta(fams)
         pos, neg, flag_out, flag_in = [], [], [], []
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     import forensics
-    from forensics import fingerprints as fpmod
-    from forensics.embed import embed_folder
+    from forensics.data.embed import embed_folder
+    from forensics.stats import fingerprints as fpmod
     from refbank import Bank
 
     encoder = f"fid-inception@{args.size}"

@@ -45,8 +45,8 @@ def log(msg: str) -> None:
 
 def folders(work: Path) -> dict[str, Path]:
     """T, P, and per family an enrolment folder (2 curves) and a query folder (written once)."""
-    from forensics.demo import _write_pngs, digit_images
-    from forensics.synth import synth_folder
+    from forensics.paper.demo import _write_pngs, digit_images
+    from forensics.paper.synth import synth_folder
 
     f = {"T": work / "T", "P": work / "P"}
     marker = work / ".complete"
@@ -77,8 +77,8 @@ def tree_bytes(path: Path) -> int:
 def _time_stages() -> dict[str, float]:
     """Seconds of the last build's stages: the engine (partition, P distances) and the
     fingerprints' arrays; wraps the two functions every fp version builds them with."""
-    import forensics.pipeline as pipeline
-    from forensics.baseline import Baseline
+    import forensics.steps.pipeline as pipeline
+    from forensics.stats.baseline import Baseline
 
     stages: dict[str, float] = {}
 
@@ -99,8 +99,8 @@ def _time_stages() -> dict[str, float]:
 def measure(work: Path, repeat: int, out: Path) -> dict:
     """Build from cache ``repeat`` times, measure the bank, save vectors and rankings."""
     import forensics
-    from forensics.embed import embed_folder
-    from forensics.fingerprints import names
+    from forensics.data.embed import embed_folder
+    from forensics.stats.fingerprints import names
 
     f = folders(work)
     cache = work / "cache"

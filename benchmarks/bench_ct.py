@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> float:
     import sklearn.decomposition  # noqa: F401
     import torch
 
-    from forensics.baseline import Baseline, load_or_build
+    from forensics.stats.baseline import Baseline, load_or_build
 
     print(f"setting: T={args.n_train} P={args.n_held} Q={args.n_gen} D={args.dim} "
           f"layers={args.layers} seed={args.seed} cpu_threads={torch.get_num_threads()} "

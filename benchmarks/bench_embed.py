@@ -5,7 +5,7 @@ a temporary folder, then measures on the same images:
 
 - bare: ``encoder.forward`` over pre-transformed batches already in memory (every layer,
   pooled, copied back to numpy);
-- end to end: :func:`forensics.embed.embed_folder` with the cache off — scanning, hashing
+- end to end: :func:`forensics.data.embed.embed_folder` with the cache off — scanning, hashing
   and validating the folder, loading the model, decoding and transforming in DataLoader
   workers, the forward pass and assembling the output (what ``fp embed`` does, minus the
   interpreter start-up).
@@ -74,7 +74,7 @@ def bare_run(loaded, folder: Path, batch_size: int) -> Callable[[], None]:
     """A function running ``loaded.forward`` over in-memory, pre-transformed batches."""
     import torch
 
-    from forensics.images import load_rgb
+    from forensics.data.images import load_rgb
 
     files = sorted(folder.glob("*.png"))
     batches = [
@@ -111,8 +111,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from forensics.embed import default_num_workers, embed_folder, get_encoder
-    from forensics.encoders import resolve_device
+    from forensics.data.embed import default_num_workers, embed_folder, get_encoder
+    from forensics.plugin.encoders import resolve_device
 
     device = resolve_device(args.device)
     workers = default_num_workers(device) if args.num_workers is None else args.num_workers

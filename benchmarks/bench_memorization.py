@@ -121,7 +121,7 @@ def main() -> None:
     import torch
     from sklearn.datasets import load_digits
 
-    from forensics.measures import run_measure
+    from forensics.steps.memorize import run_measure
 
     torch.set_num_threads(1)
     labels = load_digits().target

@@ -1,6 +1,6 @@
 """Allow ``python -m forensics``."""
 
-from forensics.cli import main
+from forensics.cli.app import main
 
 if __name__ == "__main__":
     main()

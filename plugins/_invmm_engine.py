@@ -401,7 +401,7 @@ def _load_image(item: Any, size: int, channels: int) -> tuple[np.ndarray, str, s
 
     from PIL import Image, ImageOps
 
-    from forensics.images import read_image_file
+    from forensics.data.images import read_image_file
 
     if isinstance(item, Image.Image):
         img, name = item, f"<image {id(item)}>"
@@ -835,7 +835,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
 
 
 def _folder_images(folder: Path) -> list[Path]:
-    from forensics.images import list_image_files
+    from forensics.data.images import list_image_files
 
     if folder.is_file():
         return [folder]

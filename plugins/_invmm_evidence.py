@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from forensics.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from forensics.data.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 
 EVIDENCE_DIR = "evidence"
 

@@ -179,7 +179,7 @@ class EncoderEmbedding:
 
     def __init__(self, encoder: str, device: torch.device, weights: str | None,
                  pool: str | None) -> None:
-        from forensics import plugins
+        from forensics.plugin import manager as plugins
 
         try:
             enc = plugins.get("encoders", encoder)

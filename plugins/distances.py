@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 #: Default working-memory budget of one block of the search, in bytes.
 DEFAULT_CHUNK_BYTES = 32 * 2**20

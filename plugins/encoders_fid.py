@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 LAYERS: tuple[str, ...] = (
     "conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1",
@@ -101,8 +101,8 @@ class FidInceptionEncoder:
         """Load the TorchScript (the packaged file for ``hub``, or a TorchScript PATH)."""
         import torch
 
-        from forensics.encoders import TorchEncoder, check_pool, file_sha256, parse_weights
         from forensics.errors import InputError
+        from forensics.plugin.encoders import TorchEncoder, check_pool, file_sha256, parse_weights
 
         check_pool(pool)
         spec = parse_weights(weights, self.default_weights)

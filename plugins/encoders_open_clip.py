@@ -13,7 +13,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, replace
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 
 @contextlib.contextmanager
@@ -64,7 +64,7 @@ class ClipEncoder:
 
     def layer_dims(self, pool: str = "cls") -> list[int]:
         """Embedding size of each layer, from a shape-only forward pass (no weights)."""
-        from forensics.encoders import meta_layer_dims
+        from forensics.plugin.encoders import meta_layer_dims
 
         visual, cfg = self._meta()
         size = cfg.get("size", 224)
@@ -76,7 +76,7 @@ class ClipEncoder:
         """Build the image tower with ``weights`` (hub, file or random:SEED) on ``device``."""
         import open_clip
 
-        from forensics.encoders import (
+        from forensics.plugin.encoders import (
             TorchEncoder,
             check_pool,
             file_sha256,
@@ -107,13 +107,13 @@ class ClipEncoder:
         )
 
     def _build(self, spec):
-        from forensics.encoders import (
+        from forensics.errors import InputError
+        from forensics.plugin.encoders import (
             hub_guard,
             load_state_dict_file,
             load_weights_into,
             seeded,
         )
-        from forensics.errors import InputError
 
         if spec.kind == "hub":
             if not self.tag:
@@ -159,7 +159,7 @@ def clip_taps(visual):
 
 def _extractor(visual, pool: str, name: str = "this model"):
     """``x -> [pooled layer outputs]`` for an open_clip image tower, through forward hooks."""
-    from forensics.encoders import tap_extractor
+    from forensics.plugin.encoders import tap_extractor
 
     return tap_extractor(visual, *clip_taps(visual), pool, name)
 

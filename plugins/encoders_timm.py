@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 _DEMO_KWARGS = (
     ("patch_size", 4),
@@ -49,7 +49,7 @@ class TimmEncoder:
 
         import timm
 
-        from forensics.encoders import hub_guard
+        from forensics.plugin.encoders import hub_guard
 
         kwargs = {k: dict(v) if k == "pretrained_cfg_overlay" else v for k, v in self.kwargs}
         # An hf-hub: model's architecture is in its hub config, needed even without weights.
@@ -98,7 +98,7 @@ class TimmEncoder:
 
     def layer_dims(self, pool: str = "cls") -> list[int]:
         """Embedding size of each layer, from a shape-only forward pass (no weights)."""
-        from forensics.encoders import meta_layer_dims
+        from forensics.plugin.encoders import meta_layer_dims
 
         model = self._meta_model()
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))
@@ -108,7 +108,7 @@ class TimmEncoder:
         """Build the model with ``weights`` (hub, file or random:SEED) on ``device``."""
         from timm.data import create_transform, resolve_data_config
 
-        from forensics.encoders import (
+        from forensics.plugin.encoders import (
             TorchEncoder,
             check_pool,
             file_sha256,
@@ -138,13 +138,13 @@ class TimmEncoder:
         )
 
     def _build(self, spec, notes: list[str]):
-        from forensics.encoders import (
+        from forensics.errors import InputError
+        from forensics.plugin.encoders import (
             hub_guard,
             load_state_dict_file,
             load_weights_into,
             seeded,
         )
-        from forensics.errors import InputError
 
         if spec.kind == "hub":
             if not self.has_pretrained:
@@ -225,7 +225,7 @@ def timm_taps(model):
 
 def _extractor(model, pool: str, name: str = "this model"):
     """``x -> [pooled layer outputs]`` for a timm model, through forward hooks."""
-    from forensics.encoders import tap_extractor
+    from forensics.plugin.encoders import tap_extractor
 
     return tap_extractor(model.forward_features, *timm_taps(model), pool, name)
 

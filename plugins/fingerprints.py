@@ -1,9 +1,9 @@
 """Built-in fingerprints: the paper's C_T-layer curve, its mean/std/FID baseline, set means.
 
-See :mod:`forensics.fingerprints` for the protocol. ``paper`` is the curve itself (one
+See :mod:`forensics.stats.fingerprints` for the protocol. ``paper`` is the curve itself (one
 C_T value per layer, matched by the ``l2`` / ``cosine`` / ``combined`` matchers).
 ``setstats`` is the simple set summary He et al. (2024) compare against
-(:mod:`forensics.setstats`): per layer the set's feature mean, standard deviation and FID
+(:mod:`forensics.stats.setstats`): per layer the set's feature mean, standard deviation and FID
 against T, laid out ``[means..., stds..., fids...]`` and matched by the authors' rule.
 T's per-layer Gaussian statistics are computed once when a baseline is built.
 
@@ -20,12 +20,15 @@ architectures this attributes far better than the C_T curve (``docs/attribution.
 
 from __future__ import annotations
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 
 def exact_pca(T, k):
-    """Mean and ``k`` leading principal axes of ``T`` (:func:`forensics.fingerprints.exact_pca`)."""
-    from forensics.fingerprints import exact_pca as core
+    """Mean and ``k`` leading principal axes of ``T``.
+
+    See :func:`forensics.stats.fingerprints.exact_pca`.
+    """
+    from forensics.stats.fingerprints import exact_pca as core
 
     return core(T, k)
 
@@ -57,7 +60,7 @@ class SetStatsFingerprint:
         import numpy as np
 
         from forensics.errors import InsufficientDataError
-        from forensics.setstats import covariance_factor
+        from forensics.stats.setstats import covariance_factor
 
         out = {}
         for i, name in enumerate(ctx.layers):
@@ -87,7 +90,7 @@ class SetStatsFingerprint:
         import numpy as np
 
         from forensics.errors import InputError
-        from forensics.setstats import CompactStats, GaussianStats
+        from forensics.stats.setstats import CompactStats, GaussianStats
 
         ex = ctx.extras
         try:
@@ -104,7 +107,7 @@ class SetStatsFingerprint:
 
     def compute(self, ctx):
         """``[means..., stds..., fids...]`` of the set (see :func:`baseline_vector`)."""
-        from forensics.setstats import baseline_vector, mean_std_fid_features
+        from forensics.stats.setstats import baseline_vector, mean_std_fid_features
 
         features = {}
         for i, (name, X) in enumerate(zip(ctx.layers, ctx.embeddings, strict=True)):
@@ -121,7 +124,7 @@ class SetStatsFingerprint:
 
     def matcher(self, name, dims):
         """The authors' rule for ``l2`` / ``cosine`` / ``combined`` on this layout."""
-        from forensics.setstats import baseline_matchers
+        from forensics.stats.setstats import baseline_matchers
 
         return {m.name: m for m in baseline_matchers(dims)}.get(name)
 
@@ -374,7 +377,7 @@ class PerImage:
     """Mixin: declares ``per_image`` (the set's vector is the mean of ``image_rows``).
 
     Enrolment then stores the per-image variance with each curve, and attribution
-    calibrates its confidence on the bank (:mod:`forensics.confidence`). The ``-ct``
+    calibrates its confidence on the bank (:mod:`forensics.stats.confidence`). The ``-ct``
     variants do not declare it: a set's C_T is no mean of per-image values.
     """
 

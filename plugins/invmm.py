@@ -32,7 +32,7 @@ from fp_plugins._invmm_params import (  # noqa: F401  (re-exported: the measure'
     resolve_params,
 )
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 #: The default similarity: SSCD, the official one (its TorchScript file must be present).
 DEFAULT_SIMILARITY = "sscd"
@@ -101,7 +101,7 @@ class InvMM:
         """
         from fp_plugins import _invmm_engine
 
-        from forensics.ct import check_seed
+        from forensics.stats.ct import check_seed
 
         seed = check_seed(seed)
         return _invmm_engine.run(

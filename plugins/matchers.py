@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 
 def _as_2d(query: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

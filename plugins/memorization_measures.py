@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from forensics.errors import InputError
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 
 def _caption(image: Any) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 
 def _input_error(message: str):
@@ -197,7 +197,7 @@ class GivenPartitioner:
         n_cells: int | None = None,
     ) -> GivenPartition:
         """Take ``labels`` (n_T,) as T's cells; ``n_cells`` defaults to ``max(labels) + 1``."""
-        from forensics.ct import check_labels
+        from forensics.stats.ct import check_labels
 
         if labels is None:
             raise _input_error("the 'given' partitioner needs T's cell labels (T_cells)")

@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch):
     """Every test starts from freshly loaded plugins with no third-party ones."""
-    from forensics import plugins
+    from forensics.plugin import manager as plugins
 
     monkeypatch.setenv("FP_LOAD_PLUGINS", "")
     plugins.reset()
@@ -82,7 +82,7 @@ def load_test_plugin(name: str):
     """
     import importlib.util
 
-    from forensics import plugins
+    from forensics.plugin import manager as plugins
 
     module_name = f"tests.plugins.{name}"
     registered = plugins.get_plugin_manager().get_plugin(module_name)

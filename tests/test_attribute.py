@@ -8,7 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from forensics.attribute import (
+from forensics.errors import BankError, InputError
+from forensics.stats.attribution import (
     Match,
     attribute_curve,
     bootstrap_confidence,
@@ -18,8 +19,7 @@ from forensics.attribute import (
     keep_mask,
     rank,
 )
-from forensics.curve import Curve, make_provenance
-from forensics.errors import BankError, InputError
+from forensics.stats.curve import Curve, make_provenance
 
 L = 6
 LAYERS = [f"layer{i}" for i in range(L)]
@@ -297,7 +297,7 @@ def test_attribute_curve_json():
 def test_report_folder_has_json_and_png(tmp_path):
     from PIL import Image
 
-    from forensics.report import write_report
+    from forensics.steps.reports import write_report
 
     vecs, fams, protos = synthetic_bank()
     rows = bank_rows(vecs, fams)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from forensics.cli import app
+from forensics.cli.app import app
 from refbank import Bank
 
 runner = CliRunner()

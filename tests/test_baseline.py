@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from forensics.baseline import Baseline, array_digest, baseline_key, ct_score, load_or_build
 from forensics.errors import FpError, InputError
+from forensics.stats.baseline import Baseline, array_digest, baseline_key, ct_score, load_or_build
 
 
 def blobs(n, dim=16, seed=0, layer=0):

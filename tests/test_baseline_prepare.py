@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from forensics import fingerprints as fpmod
-from forensics.fingerprints import FingerprintContext, PrepareContext
-from forensics.setstats import (
+from forensics.stats import fingerprints as fpmod
+from forensics.stats.fingerprints import FingerprintContext, PrepareContext
+from forensics.stats.setstats import (
     CompactStats,
     covariance_factor,
     frechet_distance,

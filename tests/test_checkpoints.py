@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from forensics.embed import embed_arrays, get_encoder
-from forensics.encoders import unwrap_state_dict
+from forensics.data.embed import embed_arrays, get_encoder
 from forensics.errors import OfflineError, UnknownNameError
+from forensics.plugin.encoders import unwrap_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def _fake_hub_repo(cache, repo, demo_state):
 def test_hf_hub_names_load_from_the_hub_cache(tmp_path, monkeypatch, digits, demo_state):
     import huggingface_hub.constants as hf_constants
 
-    import forensics.encoders as encoders
+    import forensics.plugin.encoders as encoders
 
     monkeypatch.setattr(encoders, "hub_reachable", lambda timeout=3.0: False)  # no network
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from forensics import __version__
-from forensics.cli import app
+from forensics.cli.app import app
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def test_list_matchers_json():
 
 @pytest.mark.parametrize("kind", ["encoders", "distances", "partitioners", "matchers"])
 def test_list_every_kind_json(kind):
-    from forensics.plugins import names
+    from forensics.plugin.manager import names
 
     result = runner.invoke(app, ["list", kind, "--json"])
     assert result.exit_code == 0, result.output
@@ -56,7 +56,7 @@ def test_usage_error_exits_2():
 
 def test_import_is_light():
     code = (
-        "import sys, forensics.cli; "
+        "import sys, forensics.cli.app; "
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -66,7 +66,7 @@ def test_import_is_light():
 def test_help_and_version_are_fast_and_light():
     code = (
         "import sys\n"
-        "from forensics.cli import app\n"
+        "from forensics.cli.app import app\n"
         "for args in (['--help'], ['--version']):\n"
         "    try:\n"
         "        app(args, prog_name='fp')\n"
@@ -101,7 +101,7 @@ def test_python_m_forensics_help():
 
 
 def test_fp_error_prints_error_and_exits_1(monkeypatch):
-    from forensics import plugins
+    from forensics.plugin import manager as plugins
 
     env = dict(os.environ, FP_LOAD_PLUGINS="")
     out = subprocess.run(
@@ -120,7 +120,7 @@ def test_fp_error_prints_error_and_exits_1(monkeypatch):
 
 
 def test_debug_shows_traceback(monkeypatch):
-    from forensics import plugins
+    from forensics.plugin import manager as plugins
 
     def boom(kind):
         raise plugins.UnknownNameError("bad")

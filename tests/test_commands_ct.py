@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from forensics.cli import app
+from forensics.cli.app import app
 
 runner = CliRunner()
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"

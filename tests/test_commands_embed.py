@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from forensics.cli import app
-from forensics.embed import Embeddings
+from forensics.cli.app import app
+from forensics.data.embed import Embeddings
 
 runner = CliRunner()
 

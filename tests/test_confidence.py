@@ -1,4 +1,4 @@
-"""Calibrated confidence and the size-aware unknown threshold (forensics.confidence)."""
+"""Calibrated confidence and the size-aware unknown threshold (forensics.stats.confidence)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from fp_plugins.matchers import ZScoreMatcher
 
-from forensics import confidence as C
 from forensics.errors import InputError
+from forensics.stats import confidence as C
 
 K = 16
 SCORE = ZScoreMatcher().score

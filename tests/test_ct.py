@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forensics import plugins
-from forensics.baseline import ct_score
-from forensics.ct import (
+from forensics.errors import InputError, InsufficientDataError
+from forensics.plugin import manager as plugins
+from forensics.stats.baseline import ct_score
+from forensics.stats.ct import (
     CellStat,
     CTResult,
     ct_from_distances,
@@ -20,7 +21,6 @@ from forensics.ct import (
     needed_count,
     zu,
 )
-from forensics.errors import InputError, InsufficientDataError
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"
@@ -238,7 +238,7 @@ def test_result_to_dict_shape():
 
 
 def test_is_constant():
-    from forensics.ct import is_constant
+    from forensics.stats.ct import is_constant
 
     row = np.array([1.0, -2.0, 3.0])
     X = np.tile(row, (10000, 1))

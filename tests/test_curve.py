@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from forensics import __version__
-from forensics.curve import Curve, make_provenance
 from forensics.errors import InputError
+from forensics.stats.curve import Curve, make_provenance
 
 LAYERS = ["b0", "b1", "b2"]
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from forensics.curvefiles import read_layerchoice
+from forensics.data.curvefiles import read_layerchoice
 from forensics.errors import InputError
 
 FAMILIES = {"ContraGAN", "BigGAN", "SNGAN", "ddpm", "ddim", "pndm"}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from forensics.cli import app
-from forensics.demo import GENERATORS, digit_images
+from forensics.cli.app import app
+from forensics.paper.demo import GENERATORS, digit_images
 
 
 def test_digits_are_real_upscaled_images():

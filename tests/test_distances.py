@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from forensics import plugins
 from forensics.errors import InputError, UnknownNameError
+from forensics.plugin import manager as plugins
 
 NAMES = ["euclidean", "sqeuclidean", "cosine", "abscosine"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from forensics import hookspecs
-from forensics.plugins import KINDS
+from forensics.plugin import hookspecs
+from forensics.plugin.manager import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = sorted(KINDS.values())

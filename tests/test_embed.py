@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from forensics import plugins
-from forensics.embed import Embeddings, embed_arrays, embed_folder, get_encoder
+from forensics.data.embed import Embeddings, embed_arrays, embed_folder, get_encoder
 from forensics.errors import InputError, OfflineError, UnknownNameError
+from forensics.plugin import manager as plugins
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_mean_pool_is_the_mean_of_patch_tokens(digits):
     """Recompute the last block's pooled outputs by hand from the timm model."""
     import torch
 
-    from forensics.embed import get_encoder
+    from forensics.data.embed import get_encoder
 
     loaded = get_encoder("vit-tiny-demo").load("random:0", "cpu", "mean")
     images = [Image.fromarray(d).convert("RGB") for d in digits[:2]]
@@ -221,7 +221,7 @@ def test_weights_files_that_do_not_fit_or_need_pickle_are_refused(tmp_path, digi
 def test_unreachable_hub_fails_fast_and_explains_the_options(tmp_path, monkeypatch, digits):
     import huggingface_hub.constants as hf_constants
 
-    import forensics.encoders as encoders
+    import forensics.plugin.encoders as encoders
 
     monkeypatch.setattr(encoders, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -236,7 +236,7 @@ def test_unreachable_hub_fails_fast_and_explains_the_options(tmp_path, monkeypat
 def test_device_errors():
     import torch
 
-    from forensics.encoders import resolve_device
+    from forensics.plugin.encoders import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(InputError, match="auto, cpu, cuda"):
@@ -289,7 +289,7 @@ def test_second_run_hits_the_cache(tmp_path, digit_folder, digits):
 
 
 def test_file_changed_after_scan_is_an_error(digit_folder, digits):
-    from forensics.images import scan_folder
+    from forensics.data.images import scan_folder
 
     manifest = scan_folder(digit_folder)
     Image.fromarray(255 - digits[0]).save(digit_folder / "0.png")

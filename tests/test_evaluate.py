@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from forensics.cli import app
-from forensics.curvefiles import read_layerchoice
+from forensics.cli.app import app
+from forensics.data.curvefiles import read_layerchoice
 from forensics.errors import InputError, InsufficientDataError, UnknownNameError
-from forensics.evaluate import bootstrap_ci, evaluate, evaluate_curves, truncate3
+from forensics.steps.evaluate import bootstrap_ci, evaluate, evaluate_curves, truncate3
 from refbank import Bank
 
 # Table 1 of He et al. (2024), C_T-layer rows: (file, matcher, printed accuracy, correct of 6).
@@ -63,7 +63,7 @@ def test_table1_small_misses(shared_dir):
 
 
 def test_builtin_matchers_follow_the_papers_formula():
-    from forensics import plugins
+    from forensics.plugin import manager as plugins
 
     rng = np.random.default_rng(3)
     q, refs = rng.normal(size=11), rng.normal(size=(7, 11))
@@ -317,9 +317,9 @@ def enrolled(tmp_path_factory):
     import torch
     from threadpoolctl import threadpool_limits
 
-    from forensics import pipeline
-    from forensics.demo import _write_pngs, digit_images
-    from forensics.synth import synth_folder
+    from forensics.paper.demo import _write_pngs, digit_images
+    from forensics.paper.synth import synth_folder
+    from forensics.steps import pipeline
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # thread pools cost more than these small jobs on a shared CPU
@@ -348,8 +348,8 @@ def enrolled(tmp_path_factory):
 
 
 def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
-    from forensics.pipeline import load_baseline
-    from forensics.setstats import baseline_matchers
+    from forensics.stats.setstats import baseline_matchers
+    from forensics.steps.pipeline import load_baseline
     from refbank.bank import curve_fingerprints
 
     result = fp("evaluate", "--fingerprint", "paper", "--json", "--seed", "3", bank=enrolled.path)
@@ -379,8 +379,8 @@ def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
 
 
 def test_evaluate_defaults_to_fps_own_fingerprint(enrolled):
-    from forensics.fingerprints import DEFAULT_FINGERPRINT, get
-    from forensics.pipeline import load_baseline
+    from forensics.stats.fingerprints import DEFAULT_FINGERPRINT, get
+    from forensics.steps.pipeline import load_baseline
     from refbank.bank import curve_fingerprints
 
     data = json.loads(fp("evaluate", "--json", "--n-boot", "0", bank=enrolled.path).output)
@@ -405,7 +405,8 @@ def test_evaluate_defaults_to_fps_own_fingerprint(enrolled):
 
 
 def test_evaluate_every_fingerprint_with_every_matcher(enrolled):
-    from forensics import fingerprints, plugins
+    from forensics.plugin import manager as plugins
+    from forensics.stats import fingerprints
 
     for name in fingerprints.names():
         result = fp("evaluate", "--fingerprint", name, "--matcher", "all", "--json",
@@ -435,7 +436,7 @@ def test_evaluate_fingerprint_errors(shared_dir, tmp_path, enrolled):
 
 
 def test_evaluate_with_a_plugin_matcher_skips_it_for_the_baseline_method(enrolled):
-    from forensics.setstats import _cos_rows
+    from forensics.stats.setstats import _cos_rows
 
     class Dot:
         name = "dot"
@@ -444,7 +445,7 @@ def test_evaluate_with_a_plugin_matcher_skips_it_for_the_baseline_method(enrolle
         def score(self, query, refs):
             return _cos_rows(query, refs)
 
-    from forensics.evaluate import evaluate_bank
+    from forensics.steps.evaluate import evaluate_bank
 
     out = evaluate_bank(enrolled, matchers=[Dot(), "l2"], n_boot=0)
     assert set(out["matchers"]) == {"dot", "l2"}

@@ -60,7 +60,7 @@ def test_example_encoder_embeds_by_name(installed, tmp_path):
     result = _run(installed, "embed", str(folder), "--encoder", "pixel-proj", "--out", str(out),
                   "--no-cache", "--quiet", "--num-workers", "0")
     assert result.returncode == 0, result.stderr
-    from forensics.embed import Embeddings
+    from forensics.data.embed import Embeddings
 
     emb = Embeddings.load(out)
     assert emb.layers == ["pixels", "proj", "stats"]

@@ -12,8 +12,8 @@ from fp_plugins.fingerprints import (
 )
 from fp_plugins.matchers import ZScoreMatcher
 
-from forensics import fingerprints as fpmod
-from forensics.fingerprints import FingerprintContext, PrepareContext
+from forensics.stats import fingerprints as fpmod
+from forensics.stats.fingerprints import FingerprintContext, PrepareContext
 
 
 def _layers(rng, dims, n):

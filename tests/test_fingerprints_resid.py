@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from fp_plugins.fingerprints import RESID_DIM, RESID_RIDGE, ResidMeanFingerprint, exact_pca
 
-from forensics import fingerprints as fpmod
 from forensics.errors import InputError
-from forensics.fingerprints import FingerprintContext, PrepareContext
+from forensics.stats import fingerprints as fpmod
+from forensics.stats.fingerprints import FingerprintContext, PrepareContext
 
 DIMS = [3, 300, 5, 8, 6, 4]  # L = 6: early layers 0..3, content layers 4 and 5
 

@@ -10,7 +10,7 @@ import typer
 import typer.rich_utils
 from typer.testing import CliRunner
 
-from forensics.cli import app
+from forensics.cli.app import app
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from forensics.data.images import Manifest, load_rgb, scan_folder, to_rgb
 from forensics.errors import InputError
-from forensics.images import Manifest, load_rgb, scan_folder, to_rgb
 
 
 def _png(arr: np.ndarray, **kw) -> bytes:

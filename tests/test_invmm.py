@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from forensics import plugins
-from forensics.cli import app
+from forensics.cli.app import app
 from forensics.errors import InputError, OfflineError, UnknownNameError
-from forensics.hookspecs import hookimpl
+from forensics.plugin import manager as plugins
+from forensics.plugin.hookspecs import hookimpl
 
 runner = CliRunner()
 torch = pytest.importorskip("torch")

@@ -19,9 +19,9 @@ import pytest
 from test_invmm import FAST, _digits, _scheduler, _tiny_unet, _write_images
 from typer.testing import CliRunner
 
-from forensics import plugins
-from forensics.cli import app
+from forensics.cli.app import app
 from forensics.errors import InputError
+from forensics.plugin import manager as plugins
 
 runner = CliRunner()
 torch = pytest.importorskip("torch")
@@ -293,7 +293,7 @@ def test_evidence_per_image_scores_and_members_auroc(pixel, imgs, tmp_path):
 
 
 def test_auroc_counts_ties_half_and_inf_as_least_memorized():
-    from forensics.measures import auroc
+    from forensics.steps.memorize import auroc
 
     assert auroc([0.1, math.inf], [0.2, math.inf]) == 0.625
     assert auroc([3.0], [1.0, 2.0], more_memorized="higher") == 1.0
@@ -424,7 +424,7 @@ def test_memorize_dispatches_to_every_measure(pixel, imgs, text_pipe, tmp_path):
 def test_a_third_party_measure_gets_the_cli(imgs, tmp_path):
     import types
 
-    from forensics.hookspecs import hookimpl
+    from forensics.plugin.hookspecs import hookimpl
 
     class Brightness:
         name = "brightness"

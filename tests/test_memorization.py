@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from forensics import pipeline
-from forensics.baseline import Baseline
-from forensics.cli import app
-from forensics.demo import _write_pngs, digit_images
+from forensics.cli.app import app
 from forensics.errors import InputError
-from forensics.memorization import (
+from forensics.paper.demo import _write_pngs, digit_images
+from forensics.paper.synth import synth_folder
+from forensics.stats.baseline import Baseline
+from forensics.stats.memorization import (
     closest_pairs,
     copying_layers,
     likely_copies,
@@ -29,7 +29,7 @@ from forensics.memorization import (
     pick_layer,
     sample_closeness,
 )
-from forensics.synth import synth_folder
+from forensics.steps import pipeline
 from refbank import Bank
 
 runner = CliRunner()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from forensics import plugins
 from forensics.errors import InputError, InsufficientDataError
+from forensics.plugin import manager as plugins
 
 
 def blobs(n: int, dim: int = 12, seed: int = 0) -> np.ndarray:

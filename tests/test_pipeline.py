@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import forensics
-from forensics import pipeline
-from forensics.demo import _write_pngs, digit_images
-from forensics.embed import embed_folder
+from forensics.data.embed import embed_folder
 from forensics.errors import BankError, InputError, InsufficientDataError, UnknownNameError
-from forensics.synth import synth_folder
+from forensics.paper.demo import _write_pngs, digit_images
+from forensics.paper.synth import synth_folder
+from forensics.steps import pipeline
 from refbank import Bank
 from refbank.bank import curve_fingerprints
 
@@ -75,7 +75,7 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
                                       "resid-ct", "resid-early", "setstats"]
     loaded = pipeline.load_baseline("digits", bank=bank)
     assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
-    extras = loaded.extras(forensics.fingerprints.get("setstats"))
+    extras = loaded.extras(forensics.stats.fingerprints.get("setstats"))
     T3 = embed_folder(world["folders"]["T"], "vit-tiny-demo", weights="random:0", **COMMON,
                       cache_dir=world["cache"]).arrays[3]
     np.testing.assert_allclose(extras["factor.3"] @ extras["factor.3"].T,
@@ -91,12 +91,12 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
 def _store_the_old_way(bank_path, T_layers):
     """Rewrite a bank's baseline as fp stored it before arrays were shared: one file per
     fingerprint, and setstats' full covariance and its square root per layer."""
-    from forensics.setstats import gaussian_stats, psd_sqrt
+    from forensics.stats.setstats import gaussian_stats, psd_sqrt
 
     loaded = pipeline.load_baseline("digits", bank=Bank(bank_path))
-    for name in forensics.fingerprints.names():
-        fp = forensics.fingerprints.get(name)
-        if not forensics.fingerprints.needs_extras(fp):
+    for name in forensics.stats.fingerprints.names():
+        fp = forensics.stats.fingerprints.get(name)
+        if not forensics.stats.fingerprints.needs_extras(fp):
             continue
         arrays = dict(loaded.extras(fp))
         if name == "setstats":
@@ -105,7 +105,7 @@ def _store_the_old_way(bank_path, T_layers):
                 st = gaussian_stats(T)
                 arrays.update({f"mu.{i}": st.mu, f"cov.{i}": st.cov, f"n.{i}": st.n,
                                f"root.{i}": psd_sqrt(st.cov)})
-        forensics.fingerprints.save_extras(loaded.folder, name, arrays)
+        forensics.stats.fingerprints.save_extras(loaded.folder, name, arrays)
     for f in ("fingerprint-arrays.npz", "fingerprint-arrays.json"):
         (loaded.folder / f).unlink()
 
@@ -161,8 +161,8 @@ class _LegacyMean:
 def test_a_fingerprint_preparing_its_arrays_the_old_way_still_works(world, tmp_path):
     import types
 
-    from forensics import plugins
-    from forensics.hookspecs import hookimpl
+    from forensics.plugin import manager as plugins
+    from forensics.plugin.hookspecs import hookimpl
 
     mod = types.ModuleType("legacy_fp")
     mod.register_fingerprints = hookimpl(lambda register: register(_LegacyMean()))
@@ -198,8 +198,8 @@ def test_baseline_build_shows_progress_for_every_long_step(world, tmp_path, caps
     stages = ("baseline layers", "fingerprint arrays", "storing in the bank")  # T, P cached
     if progress:
         assert all(s in err for s in stages), err
-        n = sum(forensics.fingerprints.needs_extras(forensics.fingerprints.get(name))
-                for name in forensics.fingerprints.names())
+        n = sum(forensics.stats.fingerprints.needs_extras(forensics.stats.fingerprints.get(name))
+                for name in forensics.stats.fingerprints.names())
         assert "8/8" in err and f"{n}/{n}" in err  # every layer, every fingerprint with arrays
     else:
         assert err == ""
@@ -223,7 +223,7 @@ def test_near_copies_of_training_images_are_far_below_zero_fresh_digits_near_it(
 
 
 def test_curve_provenance_records_inputs_encoder_baseline_and_parameters(world):
-    from forensics.images import scan_folder
+    from forensics.data.images import scan_folder
 
     f, kw, row = world["folders"], world["kw"], world["row"]
     res = pipeline.compute_curve(f["query_noise"], **kw)  # the bank's only baseline
@@ -268,7 +268,7 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
             var = np.asarray(fps[name + "#var"])
             assert var.shape == np.shape(fps[name]) and (var > 0).all()
     # The first chunk is exactly the first 60 images in path order.
-    from forensics.images import Manifest, scan_folder
+    from forensics.data.images import Manifest, scan_folder
 
     m = scan_folder(world["folders"]["gen_noise"])
     assert rows[0]["manifest_sha256"] == Manifest(m.root, m.entries[:N]).sha256
@@ -393,7 +393,7 @@ def _links(text):
 
 
 def test_the_case_report_is_one_self_contained_escaped_file(case_report):
-    from forensics.images import scan_folder
+    from forensics.data.images import scan_folder
 
     text = (case_report["dir"] / "report.html").read_text()
     result = case_report["result"]
@@ -429,7 +429,7 @@ def test_the_picture_of_a_vector_fingerprint_shows_scores_threshold_and_layers(c
 
 
 def test_layer_distances_are_zscore_units_per_layer():
-    from forensics.report import layer_distances
+    from forensics.steps.reports import layer_distances
 
     bank = np.array([[0.0, 0.0, 0.0, 5.0], [2.0, 4.0, 2.0, 5.0], [1.0, 2.0, 1.0, 5.0]])
     q = np.array([1.0, 2.0, 3.0, 7.0])
@@ -489,7 +489,7 @@ def test_refusals(world, tmp_path):
 
 
 def test_embeddings_of_another_encoder_are_refused(world):
-    from forensics.embed import embed_folder
+    from forensics.data.embed import embed_folder
 
     other = embed_folder(world["folders"]["tiny"], "vit-tiny-demo", weights="random:1",
                          cache_dir=world["cache"], progress=False, device="cpu")
@@ -549,13 +549,13 @@ def test_tampered_fingerprints_fail_verification(world, tmp_path):
     assert [p.id for p in report.problems] == [table.column("curve_id")[0].as_py()]
 
 
-def test_lazy_api_and_callable_attribute_module():
-    code = ("import sys, forensics; f = forensics.enroll; import forensics.attribute as m; "
-            "print(callable(forensics.attribute), m is forensics.attribute, "
-            "f.__module__, 'torch' in sys.modules)")
+def test_lazy_api_loads_steps_on_first_use_and_attribute_is_the_pipeline_step():
+    code = ("import sys, forensics; f = forensics.enroll; a = forensics.attribute; "
+            "import forensics.steps.pipeline as p; "
+            "print(a is p.attribute, f.__module__, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
-    assert out.stdout.split() == ["True", "True", "forensics.pipeline", "False"], out.stderr
+    assert out.stdout.split() == ["True", "forensics.steps.pipeline", "False"], out.stderr
 
 
 # -- the commands -----------------------------------------------------------------------------
@@ -564,7 +564,7 @@ def test_lazy_api_and_callable_attribute_module():
 def _fp(*args: str, ok: bool = True):
     from typer.testing import CliRunner
 
-    from forensics.cli import app
+    from forensics.cli.app import app
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     if ok:
@@ -595,7 +595,7 @@ def test_cli_build_enroll_curve_attribute_with_json(world, tmp_path, monkeypatch
     assert len(answer["ranking"]) == 2 and set(answer) >= {"curve", "provenance"}
     # The command matches on the library's default method, and records it.
     attr = answer["provenance"]["attribution"]
-    assert attr["fingerprint"] == forensics.fingerprints.DEFAULT_FINGERPRINT
+    assert attr["fingerprint"] == forensics.stats.fingerprints.DEFAULT_FINGERPRINT
     assert attr["matcher"] == "zscore"
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
         "attribution.json", "attribution.png", "report.html"]

@@ -8,10 +8,10 @@ from conftest import load_test_plugin
 from test_plugins import _plugin_module
 from typer.testing import CliRunner
 
-from forensics import plugins
-from forensics.cli import app
+from forensics.cli.app import app
 from forensics.errors import PluginError
 from forensics.plugin import checks, protocols
+from forensics.plugin import manager as plugins
 
 KINDS_CALLED = ["distances", "partitioners", "matchers", "fingerprints", "memorization_measures"]
 
@@ -24,7 +24,7 @@ def _problems(kind: str, obj, **kw) -> str:
 
 
 def test_contracts_cover_every_hook():
-    from forensics import hookspecs
+    from forensics.plugin import hookspecs
 
     hooks = sorted(n for n in vars(hookspecs) if n.startswith("register_"))
     assert sorted(c.hook for c in protocols.CONTRACTS.values()) == hooks
@@ -34,7 +34,7 @@ def test_contracts_cover_every_hook():
 def test_the_engines_fingerprint_contexts_have_the_contracts_members():
     from dataclasses import fields
 
-    from forensics.fingerprints import FingerprintContext, PrepareContext
+    from forensics.stats.fingerprints import FingerprintContext, PrepareContext
 
     for engine, protocol in ((FingerprintContext, protocols.SetContext),
                              (PrepareContext, protocols.BuildContext)):

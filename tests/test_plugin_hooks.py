@@ -16,12 +16,13 @@ import pytest
 from conftest import TEST_PLUGINS, load_test_plugin
 from typer.testing import CliRunner
 
-from forensics import hookspecs, pipeline, plugins
-from forensics.baseline import Baseline, ct_score, load_or_build
-from forensics.cli import app
-from forensics.demo import _write_pngs, digit_images
-from forensics.plugin import checks
-from forensics.synth import synth_folder
+from forensics.cli.app import app
+from forensics.paper.demo import _write_pngs, digit_images
+from forensics.paper.synth import synth_folder
+from forensics.plugin import checks, hookspecs
+from forensics.plugin import manager as plugins
+from forensics.stats.baseline import Baseline, ct_score, load_or_build
+from forensics.steps import pipeline
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"
 #: hook -> its spec-only plugin module in tests/plugins/.

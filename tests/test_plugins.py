@@ -6,9 +6,10 @@ import types
 
 import pytest
 
-from forensics import hookspecs, plugins
 from forensics.errors import PluginConflictError, UnknownNameError
-from forensics.hookspecs import hookimpl
+from forensics.plugin import hookspecs
+from forensics.plugin import manager as plugins
+from forensics.plugin.hookspecs import hookimpl
 
 
 def _plugin_module(name: str, kind_hook: str, *objs) -> types.ModuleType:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from forensics.report import Evidence
-from forensics.report_html import LIST_SHOWN, nested, render
+from forensics.steps.report_html import LIST_SHOWN, nested, render
+from forensics.steps.reports import Evidence
 
 
 def _answer(unknown=False, **provenance):

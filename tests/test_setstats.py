@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from forensics.errors import InputError, InsufficientDataError
-from forensics.evaluate import evaluate
-from forensics.setstats import (
+from forensics.stats.setstats import (
     GaussianStats,
     baseline_matchers,
     baseline_vector,
@@ -16,6 +15,7 @@ from forensics.setstats import (
     mean_std_fid_features,
     set_features,
 )
+from forensics.steps.evaluate import evaluate
 
 
 def _g(mu, cov):
@@ -148,7 +148,7 @@ def test_baseline_identifies_families_end_to_end():
 
 @pytest.mark.parametrize("n, d", [(40, 120), (300, 30)])
 def test_fid_to_a_prerooted_reference_equals_the_sqrtm_formula(n, d):
-    from forensics.setstats import frechet_to_reference, psd_sqrt
+    from forensics.stats.setstats import frechet_to_reference, psd_sqrt
 
     rng = np.random.default_rng(n)
     T = rng.normal(size=(500, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from forensics.cli import app
+from forensics.cli.app import app
 from forensics.errors import InputError
-from forensics.synth import KINDS, image_rng, synth_folder, transform
+from forensics.paper.synth import KINDS, image_rng, synth_folder, transform
 
 runner = CliRunner()
 

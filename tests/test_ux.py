@@ -15,7 +15,7 @@ import test_bank_cli
 from typer.testing import CliRunner
 
 import forensics
-from forensics.cli import app
+from forensics.cli.app import app
 from refbank import Bank
 
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_shell_completion_is_offered():
 
 
 def test_cache_info_and_clear(tmp_path):
-    from forensics.embed import embed_arrays
+    from forensics.data.embed import embed_arrays
 
     cache = tmp_path / "cache"
     images = np.zeros((4, 8, 8), dtype=np.uint8) + np.arange(4, dtype=np.uint8)[:, None, None]
@@ -127,7 +127,7 @@ def test_cache_info_and_clear(tmp_path):
 
 
 def test_lazy_public_functions_show_their_real_signatures():
-    from forensics import evaluate, pipeline
+    from forensics.steps import evaluate, pipeline
 
     assert inspect.signature(forensics.attribute) == inspect.signature(pipeline.attribute)
     assert "fingerprint" in inspect.signature(forensics.attribute).parameters
@@ -187,7 +187,7 @@ def test_a_table_written_without_descriptions_still_reads_and_grows(filled):
 
 
 def test_docs_no_longer_call_combined_the_default():
-    from forensics import pipeline
+    from forensics.steps import pipeline
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Attribution: confidence and unknown")[1].split("\n## ")[0]

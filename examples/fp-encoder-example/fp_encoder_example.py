@@ -6,7 +6,7 @@ nothing heavy at top level; numpy and torch are imported inside ``load()``.
 
 from __future__ import annotations
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 LAYERS = ["pixels", "proj", "stats"]
 DIMS = [64, 32, 6]
@@ -61,8 +61,8 @@ class PixelProjEncoder:
         return list(DIMS)
 
     def load(self, weights, device, pool):
-        from forensics.encoders import parse_weights
         from forensics.errors import InputError
+        from forensics.plugin.encoders import parse_weights
 
         spec = parse_weights(weights, self.default_weights)
         if spec.kind != "random":

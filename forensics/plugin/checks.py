@@ -316,7 +316,7 @@ def _call_matcher(m: Any, query: np.ndarray | None = None,
 def _tiny_baseline() -> tuple[Any, list[str], list[np.ndarray], list[np.ndarray],
                               list[list[np.ndarray]]]:
     """A seeded four-layer baseline of the default distance and partitioner, and sets."""
-    from forensics.baseline import Baseline
+    from forensics.stats.baseline import Baseline
 
     rng = np.random.default_rng(0)
     names = [f"layer{i}" for i in range(4)]
@@ -327,7 +327,7 @@ def _tiny_baseline() -> tuple[Any, list[str], list[np.ndarray], list[np.ndarray]
 
 
 def _call_fingerprint(fp: Any) -> list[str]:
-    from forensics import fingerprints as fpmod
+    from forensics.stats import fingerprints as fpmod
 
     problems: list[str] = []
     engine, names, T, P, sets = _tiny_baseline()
@@ -480,7 +480,7 @@ def check_registered(kinds: Iterable[str] | None = None, *, names: Sequence[str]
     Returns:
         One :class:`CheckResult` per object, by kind then name.
     """
-    from forensics.plugins import registry
+    from forensics.plugin.manager import registry
 
     results = []
     for kind in (list(CONTRACTS) if kinds is None else list(kinds)):

@@ -105,7 +105,7 @@ class Encoder(Named, Protocol):
         """The encoder ready to embed.
 
         ``weights`` is a spec (``hub``, a file path, ``random:SEED``; parse it with
-        ``forensics.encoders.parse_weights``), ``device`` a torch device string, ``pool``
+        ``forensics.plugin.encoders.parse_weights``), ``device`` a torch device string, ``pool``
         ``cls`` or ``mean``.
         """
 
@@ -229,7 +229,7 @@ class Matcher(Named, Protocol):
 class SetContext(Protocol):
     """What :meth:`Fingerprint.compute` sees of one image set.
 
-    The engine passes a ``forensics.fingerprints.FingerprintContext``.
+    The engine passes a ``forensics.stats.fingerprints.FingerprintContext``.
     """
 
     @property
@@ -246,7 +246,7 @@ class SetContext(Protocol):
 
     @property
     def baseline(self) -> Any:
-        """The ``forensics.baseline.Baseline`` the set was measured against."""
+        """The ``forensics.stats.baseline.Baseline`` the set was measured against."""
 
     @property
     def extras(self) -> dict[str, np.ndarray]:
@@ -260,7 +260,7 @@ class SetContext(Protocol):
 class BuildContext(Protocol):
     """What ``FingerprintOptions.prepare`` sees when a baseline is built.
 
-    The engine passes a ``forensics.fingerprints.PrepareContext``.
+    The engine passes a ``forensics.stats.fingerprints.PrepareContext``.
     """
 
     @property
@@ -277,7 +277,7 @@ class BuildContext(Protocol):
 
     @property
     def baseline(self) -> Any:
-        """The ``forensics.baseline.Baseline`` just built from them."""
+        """The ``forensics.stats.baseline.Baseline`` just built from them."""
 
     def pca(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """T's mean and ``k`` leading principal axes ``(k, D)`` of layer ``i``, exactly;

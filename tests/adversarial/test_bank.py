@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from forensics import pipeline
 from forensics.errors import BankError, InputError
+from forensics.steps import pipeline
 from refbank import Bank
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +114,7 @@ def test_a_reader_never_sees_an_error_while_another_process_appends(bank, bid):
 def fp(*args: object):
     from typer.testing import CliRunner
 
-    from forensics.cli import app
+    from forensics.cli.app import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -276,9 +276,9 @@ def world(tmp_path_factory):
     another working folder), with two families of two curves each, and query folders."""
     from safetensors.torch import save_file
 
-    from forensics.demo import _write_pngs, digit_images
-    from forensics.embed import get_encoder
-    from forensics.synth import synth_folder
+    from forensics.data.embed import get_encoder
+    from forensics.paper.demo import _write_pngs, digit_images
+    from forensics.paper.synth import synth_folder
 
     root = tmp_path_factory.mktemp("adversarial")
     images = digit_images()

@@ -26,12 +26,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from forensics import pipeline
-from forensics.cli import app
-from forensics.demo import _write_pngs, digit_images
-from forensics.embed import embed_folder
+from forensics.cli.app import app
+from forensics.data.embed import embed_folder
+from forensics.data.images import MAX_BYTES_ENV, scan_folder
 from forensics.errors import FpWarning, InputError
-from forensics.images import MAX_BYTES_ENV, scan_folder
+from forensics.paper.demo import _write_pngs, digit_images
+from forensics.steps import pipeline
 
 runner = CliRunner()
 EMBED = ["--encoder", "vit-tiny-demo", "--weights", "random:0", "-q"]
@@ -224,7 +224,7 @@ def world(tmp_path_factory, digits):
                       ("b", order[150:200]), ("q", order[200:225])):
         _write_pngs(digits, ids, root / name)
         folders[name] = root / name
-    from forensics.synth import synth_folder
+    from forensics.paper.synth import synth_folder
 
     synth_folder("shuffle", folders["b"], root / "b2", seed=1, grid=4)
     cache = root / "cache" / "embeddings"
@@ -359,12 +359,12 @@ def test_embed_out_folder_and_bank_under_a_file(tmp_path, folder):
 @pytest.fixture
 def no_embedding(monkeypatch):
     """Any embedding fails the test: the refusal must come before it."""
-    import forensics.embed
+    import forensics.data.embed
 
     def boom(*args, **kwargs):
         raise AssertionError("images were embedded before a cheap check failed")
 
-    monkeypatch.setattr(forensics.embed, "embed_folder", boom)
+    monkeypatch.setattr(forensics.data.embed, "embed_folder", boom)
 
 
 def test_bad_baseline_name_and_newer_bank_are_refused_before_embedding(
@@ -392,12 +392,12 @@ def test_attribute_checks_its_options_before_embedding(in_world, no_embedding):
 
 
 def test_fp_embed_checks_the_encoder_name_before_scanning(folder, tmp_path, monkeypatch):
-    import forensics.embed
+    import forensics.data.embed
 
     def no_scan(*args, **kwargs):
         raise AssertionError("the folder was scanned before the encoder name was checked")
 
-    monkeypatch.setattr(forensics.embed, "scan_folder", no_scan)
+    monkeypatch.setattr(forensics.data.embed, "scan_folder", no_scan)
     msg = _one_error_line(runner.invoke(app, ["embed", str(folder), "--encoder", "vit-nope",
                                               "--out", str(tmp_path / "o.npz")]))
     assert "vit-nope" in msg and "vit-tiny-demo" in msg  # the valid names are listed
@@ -438,14 +438,14 @@ def test_deleted_fingerprint_file_is_called_missing(in_world, tmp_path):
 
 
 def test_raw_library_warnings_are_hidden_and_ctrl_c_is_one_line(monkeypatch, folder, tmp_path):
-    import forensics.embed
+    import forensics.data.embed
 
     def noisy(*args, **kwargs):
         warnings.warn("Palette images with Transparency expressed in bytes", UserWarning,
                       stacklevel=2)
         raise InputError("the real problem")
 
-    monkeypatch.setattr(forensics.embed, "embed_folder", noisy)
+    monkeypatch.setattr(forensics.data.embed, "embed_folder", noisy)
     args = ["embed", str(folder), *EMBED, "--out", str(tmp_path / "o.npz")]
     result = runner.invoke(app, args)
     assert result.stderr == "Error: the real problem\n"
@@ -453,7 +453,7 @@ def test_raw_library_warnings_are_hidden_and_ctrl_c_is_one_line(monkeypatch, fol
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(forensics.embed, "embed_folder", interrupted)
+    monkeypatch.setattr(forensics.data.embed, "embed_folder", interrupted)
     result = runner.invoke(app, args)
     assert result.exit_code == 130
     assert result.stderr == "Interrupted (Ctrl-C); stopped before finishing.\n"
@@ -463,12 +463,12 @@ def test_a_real_sigint_gives_one_line_and_status_130(tmp_path, folder):
     """SIGINT in a subprocess while a command works (its step sleeps until interrupted)."""
     script = (
         "import sys, time\n"
-        "import forensics.embed\n"
+        "import forensics.data.embed\n"
         "def slow(*a, **k):\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(60)\n"
-        "forensics.embed.embed_folder = slow\n"
-        "from forensics.cli import main\n"
+        "forensics.data.embed.embed_folder = slow\n"
+        "from forensics.cli.app import main\n"
         "sys.argv = ['fp', 'embed', sys.argv[1], '--encoder', 'vit-tiny-demo', '--out', "
         "sys.argv[2]]\n"
         "main()\n"

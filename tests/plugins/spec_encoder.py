@@ -3,7 +3,7 @@ colour statistics. Heavy imports live inside the methods."""
 
 from __future__ import annotations
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 LAYERS = ["blocks", "colour"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 
 def _pixels(image):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from forensics.hookspecs import hookimpl
+from forensics.plugin.hookspecs import hookimpl
 
 
 class HalvesPartition:

@@ -1,0 +1,144 @@
+"""The ``fp`` command line.
+
+This module builds the Typer app and nothing else: each command lives in a module of
+:mod:`forensics.cli.commands` and imports its heavy dependencies inside the command body, so
+``fp --help`` and ``fp --version`` import no torch, sklearn, scipy or pyarrow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from forensics._version import __version__
+from forensics.cli.output import json_error, keep_help_literal, walk
+from forensics.errors import FpError, FpWarning
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
+
+#: Modules under ``forensics.cli.commands`` whose ``register(app)`` adds commands.
+COMMAND_MODULES: tuple[str, ...] = (
+    "forensics.cli.commands.plugins",
+    "forensics.cli.commands.synth",
+    "forensics.cli.commands.bank",
+    "forensics.cli.commands.baseline",
+    "forensics.cli.commands.ct",
+    "forensics.cli.commands.encoders",
+    "forensics.cli.commands.embed",
+    "forensics.cli.commands.pipeline",
+    "forensics.cli.commands.demo",
+    "forensics.cli.commands.invmm",
+    "forensics.cli.commands.evaluate",
+    "forensics.cli.commands.memorization",
+    "forensics.cli.commands.cache",
+    "forensics.cli.commands.case",
+)
+
+
+def _debug_enabled(ctx: click.Context | None) -> bool:
+    if os.environ.get("FP_DEBUG"):
+        return True
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+class FpGroup(TyperGroup):
+    """A Typer group that turns :class:`FpError` into ``Error: ...`` and exit status 1.
+
+    Ctrl-C prints one line and exits with status 130. :class:`FpWarning` is printed as
+    ``Warning: ...``; other libraries' warnings (Pillow, torch) are hidden unless
+    ``--debug``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for command in walk(self):
+            keep_help_literal(command)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:  # noqa: D102
+        words = args[: args.index("--")] if "--" in args else args
+        ctx.meta["fp.json"] = "--json" in words
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):  # noqa: D102
+        debug = bool(os.environ.get("FP_DEBUG") or ctx.params.get("debug"))
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("always", FpWarning)
+                warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except FpError as exc:
+                if debug or _debug_enabled(ctx):
+                    raise
+                if not json_error(ctx, exc, exc.exit_code):
+                    click.echo(f"Error: {exc}", err=True)
+                ctx.exit(exc.exit_code)
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                click.echo("Interrupted (Ctrl-C); stopped before finishing.", err=True)
+                ctx.exit(INTERRUPTED_EXIT)
+            except Exception as exc:
+                # Typer may use its own copy of click: recognise a usage error by class name.
+                if any(c.__name__ == "UsageError" for c in type(exc).__mro__):
+                    code = getattr(exc, "exit_code", 2)
+                    if json_error(ctx, exc, code):
+                        ctx.exit(code)
+                raise
+
+
+app = typer.Typer(
+    cls=FpGroup,
+    name="fp",
+    help="Forensics for generative image models: C_T-layer curves, attribution, memorization.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"fp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # Idle OpenMP threads that spin steal the CPU from the next small fit (KMeans, PCA);
+    # on a shared or small machine that made fits tens of times slower. Users may override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    app(prog_name="fp")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

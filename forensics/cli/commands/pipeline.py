@@ -1,0 +1,285 @@
+"""Investigator commands: ``fp baseline build``, ``fp curve``, ``fp enroll``, ``fp attribute``.
+
+Each one is a thin shell around :mod:`forensics.steps.pipeline`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from forensics.cli.commands.bank import _print_table, bank_option, echo_json, printable
+from forensics.cli.commands.baseline import baseline_app
+from forensics.cli.commands.embed import Pool, echo_skipped, skip_bad_option
+
+
+def _device() -> Any:
+    return typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+
+
+def _batch() -> Any:
+    return typer.Option(64, "--batch-size", min=1, help="Images per forward pass.")
+
+
+def _no_cache() -> Any:
+    return typer.Option(False, "--no-cache", help="Do not use the embedding cache.")
+
+
+def _quiet() -> Any:
+    return typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _weights() -> Any:
+    return typer.Option(None, "--weights",
+                        help="Where the baseline's encoder weights are now, if they moved "
+                             "(their SHA-256 must match) [default: as at build time].")
+
+
+def _tau() -> Any:
+    return typer.Option(None, "--tau", min=0.0,
+                        help="Cell threshold on the set's share [default: 20/m].")
+
+
+def _common(device: str, batch_size: int, no_cache: bool, quiet: bool,
+            as_json: bool = False, skip_bad: bool = False) -> dict[str, Any]:
+    from forensics.data.embed import DEFAULT_CACHE
+
+    return {"device": device, "batch_size": batch_size,
+            "cache_dir": None if no_cache else DEFAULT_CACHE,
+            "progress": not (quiet or as_json), "skip_bad": skip_bad}
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def parse_drop_layers(text: str) -> tuple[int, ...]:
+    """``"0"``, ``"0,3"``, ``""`` or ``"none"`` -> layer indices.
+
+    Raises:
+        InputError: an entry is not an integer.
+    """
+    from forensics.errors import InputError
+
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--drop-layers {text!r}: give layer indices like 0 or 0,3, "
+                         f"or none") from None
+
+
+def build_cmd(
+    name: str = typer.Argument(..., help="Name of the new baseline."),
+    train: Path = typer.Option(..., "--train", help="Folder of training images T."),
+    heldout: Path = typer.Option(..., "--heldout",
+                                 help="Folder of held-out images P (same distribution as T)."),
+    encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder name (fp list encoders)."),
+    weights: str = typer.Option(None, "--weights",
+                                help="hub, a local file, or random:SEED [default: the "
+                                     "encoder's]."),
+    pool: Pool = typer.Option(Pool.cls, "--pool", help="Transformer layers: cls or mean."),
+    distance: str = typer.Option("abscosine", "--distance", help="Distance (fp list distances)."),
+    partitioner: str = typer.Option("kmeans", "--partitioner", help="Partitioner."),
+    n_cells: int = typer.Option(10, "--n-cells", min=1, help="Cells per layer."),
+    pca_dim: int = typer.Option(64, "--pca-dim", min=1, help="PCA dimensions before KMeans."),
+    n_init: int = typer.Option(10, "--n-init", min=1, help="KMeans restarts."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
+    notes: str = typer.Option(None, "--notes", help="Free text stored with the baseline."),
+    device: str = _device(),
+    batch_size: int = _batch(),
+    no_cache: bool = _no_cache(),
+    quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored row as JSON."),
+    bank: Path | None = bank_option(),
+) -> None:
+    """Embed T and P, build the baseline once (PCA, cells, P->T distances) and store it."""
+    import json
+
+    from forensics.steps.pipeline import build_baseline
+
+    row = build_baseline(
+        name, train, heldout, encoder=encoder, weights=weights, pool=pool.value,
+        distance=distance, partitioner=partitioner, seed=seed, n_cells=n_cells,
+        pca_dim=pca_dim, n_init=n_init, bank=bank, notes=notes,
+        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    for which, skipped in json.loads(row.get("params_json") or "{}").get("skipped", {}).items():
+        for relpath, reason in skipped:
+            _err(f"skipped {which} {relpath}: {reason}")
+    if as_json:
+        echo_json(row)
+        return
+    typer.echo(f"Baseline {row['name']!r} ({row['baseline_id']}): {row['n_train']} training and "
+               f"{row['n_heldout']} held-out images, {len(row['layers'])} layers of "
+               f"{row['encoder']}.")
+
+
+def curve_cmd(
+    folder: Path = typer.Argument(..., help="Folder of images."),
+    baseline: str = typer.Option(None, "--baseline", "-b",
+                                 help="Baseline name [default: the bank's only one]."),
+    tau: float = _tau(),
+    details: bool = typer.Option(False, "--details",
+                                 help="With --json: per-image cell, distance, nearest T index."),
+    plot: Path = typer.Option(None, "--plot", help="Also save the curve as a PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    weights: str = _weights(),
+    device: str = _device(),
+    batch_size: int = _batch(),
+    no_cache: bool = _no_cache(),
+    quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
+    bank: Path | None = bank_option(),
+) -> None:
+    """The C_T-layer curve of a folder against a stored baseline."""
+    from forensics.steps.pipeline import compute_curve
+
+    res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=details,
+                        weights=weights,
+                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    echo_skipped(res.embeddings.manifest)
+    curve = res.curve
+    if plot is not None:
+        from forensics.steps.reports import plot_curves
+
+        plot_curves(curve.layers, curve.values, [], plot,
+                    title=f"{folder} vs baseline {res.baseline.name} ({len(res.rows)} images)")
+    if as_json:
+        echo_json(res.to_dict(details=details))
+        return
+    _print_table(["layer", "C_T", "cells kept", "status"],
+                 [[r.layer, "-" if r.ct != r.ct else f"{r.ct:.4f}",
+                   sum(c.kept for c in r.cells), r.status] for r in res.results],
+                 title=f"C_T of {folder} ({len(res.rows)} images) vs baseline {res.baseline.name}")
+    if plot is not None:
+        typer.echo(f"Plot: {plot}")
+
+
+def enroll_cmd(
+    folder: Path = typer.Argument(..., help="Folder of one generator's images."),
+    baseline: str = typer.Option(None, "--baseline", "-b",
+                                 help="Baseline name [default: the bank's only one]."),
+    model: str = typer.Option(..., "--model", "-m", help="Generator name."),
+    family: str = typer.Option(..., "--family", "-f", help="Architecture family."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="Checkpoint or release."),
+    per_curve: int = typer.Option(500, "--per-curve", min=2,
+                                  help="Images per curve (the paper: 500); the folder is split."),
+    split: str = typer.Option("enroll", "--split", help="Split tag stored with the curves."),
+    source: str = typer.Option(None, "--source", help="Where the images came from."),
+    notes: str = typer.Option(None, "--notes", help="Free text."),
+    tau: float = _tau(),
+    allow_duplicate: bool = typer.Option(
+        False, "--allow-duplicate",
+        help="Enroll images that are enrolled against this baseline already (refused "
+             "otherwise); the new curves record which ones they repeat."),
+    as_json: bool = typer.Option(False, "--json", help="Print the new rows as JSON."),
+    weights: str = _weights(),
+    device: str = _device(),
+    batch_size: int = _batch(),
+    no_cache: bool = _no_cache(),
+    quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
+    bank: Path | None = bank_option(),
+) -> None:
+    """Split a generator's images into curves of --per-curve images; store each with provenance."""
+    from forensics.steps.pipeline import enroll, open_bank
+
+    b = open_bank(bank)
+    ids = enroll(folder, baseline=baseline, model=model, family=family, checkpoint=checkpoint,
+                 per_curve=per_curve, split=split, bank=b, tau=tau, source=source, notes=notes,
+                 weights=weights, allow_duplicate=allow_duplicate, echo=_err,
+                 **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    if as_json:
+        echo_json(b.curves(curve_id=ids))
+        return
+    typer.echo(f"Enrolled {len(ids)} curve(s) of {printable(model)} ({printable(family)}) in "
+               f"{b.path}: {', '.join(ids)}")
+
+
+def attribute_cmd(
+    folder: Path = typer.Argument(..., help="Folder of suspect images."),
+    baseline: str = typer.Option(None, "--baseline", "-b",
+                                 help="Baseline name [default: the one the bank's curves use]."),
+    matcher: str = typer.Option(None, "--matcher",
+                                help="zscore, l2, cosine, combined or a plugin's [default: the "
+                                     "fingerprint's: zscore for resid-* and proj-mean*, "
+                                     "combined for paper and setstats]."),
+    fingerprint: str = typer.Option(None, "--fingerprint",
+                                    help="What is matched: resid-early (the early layers' "
+                                         "set means with the image content regressed out, "
+                                         "the default), resid-ct, proj-mean-ct, proj-mean-early, "
+                                         "proj-mean, paper (the C_T curve; --fingerprint paper "
+                                         "--matcher combined is the paper's method), setstats "
+                                         "(mean/std/FID), or a plugin's (fp list fingerprints)."),
+    top: int = typer.Option(5, "--top", min=1, help="Matches to list."),
+    drop_layers: str = typer.Option("0", "--drop-layers",
+                                    help="Layer indices left out of matching, e.g. 0 or 0,3, "
+                                         "or none."),
+    n_boot: int = typer.Option(100, "--n-boot", min=0,
+                               help="Bootstrap resamples for the stability figure (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the resampling."),
+    quantile: float = typer.Option(0.05, "--quantile", min=0.0, max=1.0,
+                                   help="Share of genuine curves accepted to be called unknown."),
+    tau: float = _tau(),
+    report: Path = typer.Option(None, "--report",
+                                help="Write attribution.json, attribution.png and "
+                                     "report.html (a self-contained case report) here; "
+                                     "re-check it later with fp case verify DIR."),
+    allow_unverified: bool = typer.Option(
+        False, "--allow-unverified",
+        help="Use bank rows and baseline files that fail their SHA-256 (refused otherwise); "
+             "they are listed in the answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    weights: str = _weights(),
+    device: str = _device(),
+    batch_size: int = _batch(),
+    no_cache: bool = _no_cache(),
+    quiet: bool = _quiet(),
+    skip_bad: bool = skip_bad_option(),
+    bank: Path | None = bank_option(),
+) -> None:
+    """Which enrolled generator made these images? Ranked matches, a decision, a confidence."""
+    from forensics.steps.pipeline import attribute
+
+    result = attribute(folder, baseline=baseline, matcher=matcher, fingerprint=fingerprint,
+                       top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
+                       seed=seed, quantile=quantile, tau=tau, bank=bank, report=report,
+                       weights=weights, allow_unverified=allow_unverified,
+                       **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    for relpath, reason in result.curve.provenance.get("skipped", []):
+        _err(f"skipped {relpath}: {reason}")
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    d = result.decision
+    verdict = "UNKNOWN (no enrolled family is close enough)" if d.unknown else \
+        f"family {printable(d.family)}, model {printable(d.model)}"
+    conf = "" if d.confidence is None else f"   confidence {d.confidence:.2f}"
+    if d.stability is not None:
+        conf += f"   stability {d.stability:.2f}"
+    _print_table(["rank", "curve_id", "model", "family", "score"],
+                 [[m.rank, m.curve_id, m.model, m.family, f"{m.score:.4f}"]
+                  for m in result.ranking],
+                 title=f"{folder}: nearest enrolled curves ({result.parameters['fingerprint']}, "
+                       f"{result.parameters['matcher']})")
+    typer.echo(f"Decision: {verdict}{conf}")
+    typer.echo(f"  {printable(d.reason, 1000)}")
+    if result.calibration.threshold is None:
+        typer.echo(f"  note: {result.calibration.note}")
+    for p in (result.custody or {}).get("unverified", []):
+        typer.echo(f"  warning: used although it fails its hash (--allow-unverified): "
+                   f"{p['table']} {printable(p['id'])}: {p['problem']}", err=True)
+    if report is not None:
+        typer.echo(f"Report: {report}")
+
+
+def register(app: typer.Typer) -> None:
+    baseline_app.command("build")(build_cmd)
+    app.command("curve")(curve_cmd)
+    app.command("enroll")(enroll_cmd)
+    app.command("attribute")(attribute_cmd)

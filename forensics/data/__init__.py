@@ -1,0 +1,1 @@
+"""Files and formats: image intake, embeddings and their cache, curve files, atomic writes."""

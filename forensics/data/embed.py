@@ -1,0 +1,730 @@
+"""Images x encoder -> per-layer embeddings: batched, on any device, cached.
+
+::
+
+    folder ──scan_folder──► Manifest ──┐
+    uint8 array ───────────────────────┼─► decode + transform ─► encoder.forward ─► Embeddings
+                                       │   (DataLoader workers)   (one pass, all layers)
+                              cache ◄──┴── lookup by (image hash, encoder config key)
+
+:func:`embed_folder` and :func:`embed_arrays` share one code path after decoding. The
+embedding cache stores, per encoder configuration (encoder name, weights hash,
+preprocessing, pooling, precision), chunks of ``.npz`` files keyed by image SHA-256, so a
+second run on the same images computes nothing. A damaged chunk (unreadable, misshapen,
+not finite) is set aside with one :class:`~forensics.errors.FpWarning` and its images are
+embedded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forensics._version import __version__
+from forensics.data.atomic import atomic_savez, atomic_write, atomic_write_text
+from forensics.data.images import Manifest, decode_rgb, read_image_file, scan_folder, to_rgb
+from forensics.errors import FpWarning, InputError
+
+#: Version of the cache layout and of the saved-embeddings format.
+FORMAT_VERSION = 1
+#: Rows per cache chunk file.
+CACHE_CHUNK_ROWS = 4096
+
+
+class _DefaultCache:
+    def __repr__(self) -> str:
+        return "<default cache dir>"
+
+
+#: Use :func:`default_cache_dir` (the default of ``cache_dir``); ``None`` disables caching.
+DEFAULT_CACHE = _DefaultCache()
+
+
+def default_cache_dir() -> Path:
+    """``$FP_CACHE_DIR/embeddings``, or the platform's user cache dir ``fp/embeddings``."""
+    root = os.environ.get("FP_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "embeddings"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("fp")) / "embeddings"
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Return ``path`` if a ``.npz`` or ``.parquet`` file can be written there.
+
+    Raises:
+        InputError: another suffix, a folder of that name, or a file where a parent folder
+            should be.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".npz", ".parquet"):
+        raise InputError(f"--out {path}: use a .npz or .parquet file name")
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder; give the name of a file to write")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"--out {path}: {parent} is a file, not a folder; choose another path")
+    return path
+
+
+@dataclass
+class Embeddings:
+    """Per-layer embeddings of N images.
+
+    Attributes:
+        layers: layer names, in network order.
+        arrays: one float32 ``(N, D_l)`` array per layer.
+        manifest: the images (``None`` for in-memory arrays).
+        encoder_info: provenance: name, family, weights spec, weights_sha256,
+            weights_loading (what was done to fit a local checkpoint),
+            preprocessing, pool, precision, fp/torch versions.
+    """
+
+    layers: list[str]
+    arrays: list[np.ndarray]
+    manifest: Manifest | None = None
+    encoder_info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.arrays[0].shape[0]) if self.arrays else 0
+
+    def layer(self, name: str) -> np.ndarray:
+        """The ``(N, D)`` array of one layer, by name."""
+        try:
+            return self.arrays[self.layers.index(name)]
+        except ValueError:
+            raise InputError(f"no layer {name!r}; layers: {', '.join(self.layers)}") from None
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": "fp-embeddings",
+            "version": FORMAT_VERSION,
+            "layers": self.layers,
+            "encoder_info": self.encoder_info,
+            "manifest": self.manifest.to_dict() if self.manifest is not None else None,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``.npz`` or ``.parquet`` (chosen by the suffix), atomically.
+
+        ``.npz``: arrays ``layer_000``, ``layer_001``, ... and ``meta`` (a JSON string with
+        layers, encoder_info and the manifest). ``.parquet``: one row per image, columns
+        ``image`` (relative path, or row index), ``sha256``, and one fixed-size float32 list
+        column per layer; the same JSON in the schema metadata key ``fp``.
+        """
+        path = check_output_path(path)
+        suffix = path.suffix.lower()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".npz":
+            arrays = {f"layer_{i:03d}": a for i, a in enumerate(self.arrays)}
+            atomic_savez(path, {"meta": np.array(json.dumps(self._meta())), **arrays},
+                         fsync=False)
+        else:
+            atomic_write(path, self._write_parquet, fsync=False)
+        return path
+
+    def _write_parquet(self, path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        n = len(self)
+        if self.manifest is not None:
+            images = [e.relpath for e in self.manifest.entries]
+            hashes = [e.sha256 for e in self.manifest.entries]
+        else:
+            images, hashes = [str(i) for i in range(n)], [""] * n
+        columns = {"image": pa.array(images, pa.string()), "sha256": pa.array(hashes, pa.string())}
+        for name, arr in zip(self.layers, self.arrays, strict=True):
+            flat = pa.array(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
+            columns[name] = pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])
+        table = pa.table(columns).replace_schema_metadata({"fp": json.dumps(self._meta())})
+        pq.write_table(table, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Embeddings:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            InputError: the file is missing or not an ``fp`` embeddings file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path} does not exist")
+        try:
+            if path.suffix.lower() == ".parquet":
+                meta, arrays = _read_parquet(path)
+            else:
+                with np.load(path, allow_pickle=False) as data:
+                    meta = json.loads(str(data["meta"]))
+                    arrays = [data[f"layer_{i:03d}"] for i in range(len(meta["layers"]))]
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"{path} is not an fp embeddings file ({exc})") from exc
+        if meta.get("format") != "fp-embeddings":
+            raise InputError(f"{path} is not an fp embeddings file")
+        manifest = Manifest.from_dict(meta["manifest"]) if meta.get("manifest") else None
+        return cls(list(meta["layers"]), arrays, manifest, meta.get("encoder_info", {}))
+
+
+def _read_parquet(path: Path) -> tuple[dict[str, Any], list[np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {})[b"fp"])
+    arrays = []
+    for name in meta["layers"]:
+        column = table.column(name).combine_chunks()
+        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        arrays.append(flat.reshape(len(table), -1))
+    return meta, arrays
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def get_encoder(name: str):
+    """Look up an encoder by name; ``NAME@SIZE`` sets the input size where supported.
+
+    Raises:
+        UnknownNameError: unknown name (the message lists valid names).
+        InputError: ``@SIZE`` is malformed or the encoder has a fixed input size.
+    """
+    from forensics.plugin.manager import get
+
+    base, sep, size = name.partition("@")
+    encoder = get("encoders", base)
+    if not sep:
+        return encoder
+    if not size.isdigit():
+        raise InputError(f"encoder {name!r}: the part after '@' must be an input size in pixels")
+    if not hasattr(encoder, "with_input_size"):
+        raise InputError(f"encoder {base!r} has a fixed input size; drop '@{size}'")
+    return encoder.with_input_size(int(size))
+
+
+def encoder_info(encoder, loaded, weights: str | None, pool: str) -> dict[str, Any]:
+    """Provenance of one loaded encoder (also the basis of the cache key)."""
+    import torch
+
+    spec = weights if weights is not None else getattr(encoder, "default_weights", "hub")
+    return {
+        "name": encoder.name,
+        "family": getattr(encoder, "family", ""),
+        "weights": str(spec),
+        "weights_sha256": loaded.weights_sha256,
+        "weights_loading": list(getattr(loaded, "weights_loading", [])),
+        "preprocessing": loaded.preprocess,
+        "pool": pool,
+        "precision": getattr(loaded, "precision", "float32"),
+        "layers": list(loaded.layer_names),
+        "fp_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def cache_key(info: dict[str, Any]) -> str:
+    """Hash of what determines an embedding besides the image itself."""
+    keyed = {k: info[k] for k in ("name", "weights_sha256", "preprocessing", "pool",
+                                  "precision", "layers")}
+    keyed["cache_format"] = FORMAT_VERSION
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class EmbeddingCache:
+    """Cached embeddings of one encoder configuration: ``.npz`` chunks keyed by image hash.
+
+    Each chunk holds ``sha256`` (the image hashes, ``S64``) and ``layer_000``...; chunks are
+    written atomically under ``<cache_dir>/<key>/`` and never modified; ``info.json`` beside
+    them records the configuration and each layer's embedding size. No pickle. A chunk that
+    cannot be read, whose arrays do not have one row per hash or the recorded sizes (or those
+    of the other chunks), or that holds NaN or infinity, is renamed ``damaged-<name>`` (so
+    it is reported once), reported with a :class:`~forensics.errors.FpWarning`, and not used.
+    """
+
+    def __init__(self, cache_dir: Path, key: str, info: dict[str, Any]):
+        self.dir = Path(cache_dir) / key
+        self.n_layers = len(info["layers"])
+        self._index: dict[bytes, tuple[Path, int]] | None = None
+        self._rows: dict[Path, int] = {}
+        self._dims: list[int] | None = None
+        self._info = info
+        #: Chunks found damaged and set aside by this object (file names).
+        self.damaged: list[str] = []
+
+    def index(self) -> dict[bytes, tuple[Path, int]]:
+        """image hash -> (chunk file, row)."""
+        if self._index is None:
+            self._index = {}
+            for chunk in sorted(self.dir.glob("chunk-*.npz")):
+                try:
+                    with np.load(chunk, allow_pickle=False) as data:
+                        hashes = data["sha256"]
+                    if hashes.ndim != 1 or hashes.dtype != np.dtype("S64"):
+                        raise ValueError(f"its image hashes have dtype {hashes.dtype} and "
+                                         f"shape {hashes.shape}")
+                except Exception as exc:  # a damaged zip raises many types  # noqa: BLE001
+                    self.set_aside(chunk, _reason(exc))
+                    continue
+                self._rows[chunk] = len(hashes)
+                for row, h in enumerate(hashes):
+                    self._index[bytes(h)] = (chunk, row)
+        return self._index
+
+    def fetch(self, hashes: Sequence[str], rows: Sequence[int], n: int
+              ) -> tuple[list[np.ndarray] | None, list[int]]:
+        """Cached embeddings of ``hashes`` placed at ``rows`` of ``n``-row arrays.
+
+        Returns:
+            The per-layer arrays (None when no chunk could be used) and the rows whose
+            chunk turned out damaged (they must be embedded again).
+        """
+        index = self.index()
+        by_chunk: dict[Path, list[tuple[int, int]]] = {}
+        for h, row in zip(hashes, rows, strict=True):
+            chunk, src = index[h.encode()]
+            by_chunk.setdefault(chunk, []).append((row, src))
+        out: list[np.ndarray] | None = None
+        lost: list[int] = []
+        for chunk, pairs in by_chunk.items():
+            dst = np.array([p[0] for p in pairs])
+            src = np.array([p[1] for p in pairs])
+            try:
+                layers = self._read_chunk(chunk)
+            except Exception as exc:  # noqa: BLE001 - any failure means a damaged chunk
+                self.set_aside(chunk, _reason(exc))
+                lost.extend(int(r) for r in dst)
+                continue
+            if out is None:
+                out = [np.zeros((n, a.shape[1]), dtype=np.float32) for a in layers]
+            for layer, arr in zip(out, layers, strict=True):
+                layer[dst] = arr[src]
+        return out, sorted(lost)
+
+    def _read_chunk(self, chunk: Path) -> list[np.ndarray]:
+        """Every layer of one chunk, checked against its hashes and the other chunks."""
+        with np.load(chunk, allow_pickle=False) as data:
+            layers = [data[f"layer_{i:03d}"] for i in range(self.n_layers)]
+        rows = self._rows[chunk]
+        for i, a in enumerate(layers):
+            if a.ndim != 2 or a.shape[0] != rows or a.dtype.kind != "f":
+                raise ValueError(f"layer {i} has shape {a.shape} and dtype {a.dtype}, not "
+                                 f"({rows}, D) floats")
+            if not np.isfinite(a).all():
+                raise ValueError(f"layer {i} holds NaN or infinite values")
+        dims = [int(a.shape[1]) for a in layers]
+        if self._dims is None:
+            self._dims = self._recorded_dims() or dims
+        if dims != self._dims:
+            raise ValueError(f"its embedding sizes {dims} differ from the recorded "
+                             f"{self._dims}")
+        return layers
+
+    def _recorded_dims(self) -> list[int] | None:
+        """Embedding sizes recorded in ``info.json`` by the first write (None: unknown)."""
+        try:
+            dims = json.loads((self.dir / "info.json").read_text()).get("dims")
+        except (OSError, ValueError, AttributeError):
+            return None
+        ok = isinstance(dims, list) and len(dims) == self.n_layers
+        return [int(d) for d in dims] if ok and all(isinstance(d, int) for d in dims) else None
+
+    def set_aside(self, chunk: Path, reason: str) -> None:
+        """Rename a damaged chunk out of the way and report it (once)."""
+        target = chunk.with_name(f"damaged-{chunk.name}")
+        try:
+            os.replace(chunk, target)
+            where = f"set aside as {target.name}"
+        except OSError:  # e.g. a read-only cache: it will be reported again next time
+            where = "left in place (it cannot be renamed)"
+        self.damaged.append(chunk.name)
+        if self._index is not None:
+            self._index = {h: v for h, v in self._index.items() if v[0] != chunk}
+        warnings.warn(f"the embedding cache file {chunk} is damaged ({reason}); it is {where} "
+                      f"and its images are embedded again", FpWarning, stacklevel=2)
+
+    def write(self, hashes: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+        """Store one chunk (atomically)."""
+        if not len(hashes):
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info_path = self.dir / "info.json"
+        if not info_path.exists():
+            dims = [int(np.shape(a)[1]) for a in arrays]
+            atomic_write_text(info_path, json.dumps({**self._info, "dims": dims}, indent=2))
+        chunk = self.dir / f"chunk-{uuid.uuid4().hex}.npz"
+        payload = {f"layer_{i:03d}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
+        atomic_savez(chunk, {"sha256": np.array(hashes, dtype="S64"), **payload}, fsync=False)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _cache_entries(cache_dir: Path) -> list[Path]:
+    """The folders of ``cache_dir`` that are embedding caches (hold info.json or chunks)."""
+    if not cache_dir.is_dir():
+        return []
+    return sorted(d for d in cache_dir.iterdir() if d.is_dir() and (
+        (d / "info.json").is_file() or any(d.glob("chunk-*.npz"))))
+
+
+def _cache_entry(folder: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((folder / "info.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    chunks = sorted(folder.glob("chunk-*.npz"))
+    images = 0
+    for chunk in chunks:
+        try:
+            with np.load(chunk, allow_pickle=False) as data:
+                images += int(data["sha256"].shape[0])
+        except (OSError, KeyError, ValueError):
+            continue
+    return {"key": folder.name, "encoder": info.get("name"), "weights": info.get("weights"),
+            "weights_sha256": info.get("weights_sha256"), "pool": info.get("pool"),
+            "n_layers": len(info.get("layers", [])) or None, "n_chunks": len(chunks),
+            "n_images": images,
+            "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
+
+
+def cache_info(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What the embedding cache holds, per encoder configuration.
+
+    Args:
+        cache_dir: the cache folder (None: :func:`default_cache_dir`).
+
+    Returns:
+        ``{"cache_dir", "entries": [{"key", "encoder", "weights", "weights_sha256",
+        "pool", "n_layers", "n_chunks", "n_images", "bytes"}], "bytes"}``.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entries = [_cache_entry(d) for d in _cache_entries(root)]
+    return {"cache_dir": str(root), "entries": entries,
+            "bytes": sum(e["bytes"] for e in entries)}
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None, *,
+                encoder: str | None = None) -> dict[str, Any]:
+    """Delete cached embeddings (every configuration, or those of one encoder).
+
+    Only folders that are embedding caches are removed; anything else in ``cache_dir``
+    is left alone. Embeddings are recomputed on next use.
+
+    Returns:
+        ``{"cache_dir", "removed": [entry dicts as in :func:`cache_info`], "bytes"}``.
+    """
+    import shutil
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    removed = []
+    for folder in _cache_entries(root):
+        entry = _cache_entry(folder)
+        if encoder is not None and entry["encoder"] != encoder:
+            continue
+        shutil.rmtree(folder)
+        removed.append(entry)
+    return {"cache_dir": str(root), "removed": removed,
+            "bytes": sum(e["bytes"] for e in removed)}
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class _FileImages:
+    """Manifest entries -> (row, tensor or None, error) in DataLoader workers."""
+
+    def __init__(self, manifest: Manifest, rows: Sequence[int], transform):
+        self.root = Path(manifest.root)
+        self.items = [(r, manifest.entries[r].relpath, manifest.entries[r].sha256) for r in rows]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        row, relpath, sha = self.items[i]
+        try:
+            data = read_image_file(self.root / relpath)
+            if hashlib.sha256(data).hexdigest() != sha:
+                return row, None, f"{relpath}: changed since it was scanned; run again"
+            return row, self.transform(decode_rgb(data)), ""
+        except (OSError, InputError) as exc:
+            return row, None, f"{relpath}: {exc}"
+
+
+class _ArrayImages:
+    """Rows of a uint8 array -> (row, tensor, "")."""
+
+    def __init__(self, images: np.ndarray, rows: Sequence[int], transform):
+        self.images = images
+        self.rows = list(rows)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        row = self.rows[i]
+        return row, self.transform(to_rgb(Image.fromarray(self.images[row]))), ""
+
+
+def _collate(items):
+    import torch
+
+    good = [(row, t) for row, t, err in items if t is not None]
+    errors = [err for _, t, err in items if t is None]
+    rows = [row for row, _ in good]
+    batch = torch.stack([t for _, t in good]) if good else None
+    return rows, batch, errors
+
+
+def default_num_workers(device: str) -> int:
+    """DataLoader workers: up to 8 on GPU; on CPU one per core beyond the first two."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    if device.startswith("cuda"):
+        return min(8, cpus)
+    return min(4, max(0, cpus - 2))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def embed_folder(
+    folder_or_manifest: str | os.PathLike | Manifest,
+    encoder: str,
+    *,
+    weights: str | None = None,
+    pool: str = "cls",
+    device: str = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    cache_dir: Path | str | None | _DefaultCache = DEFAULT_CACHE,
+    progress: bool = True,
+    skip_bad: bool = False,
+) -> Embeddings:
+    """Embed every image of a folder (or of a manifest) at every layer of ``encoder``.
+
+    Args:
+        folder_or_manifest: a folder (scanned with :func:`~forensics.data.images.scan_folder`)
+            or a manifest from it.
+        encoder: encoder name (``fp encoders list``); ``NAME@SIZE`` sets the input size
+            where the encoder allows it.
+        weights: ``hub``, a local file, or ``random:SEED``; ``None``: the encoder's default
+            (``hub`` for pretrained models).
+        pool: ``cls`` (class token) or ``mean`` (mean of patch tokens) for transformer
+            layers; feature maps are always global-average pooled.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per forward pass.
+        num_workers: DataLoader decoding workers (default: see :func:`default_num_workers`).
+        cache_dir: embedding cache folder; default :func:`default_cache_dir`; ``None``
+            disables the cache.
+        progress: show a progress bar (images/s) on stderr.
+        skip_bad: skip bad image files (recorded in the manifest) instead of failing.
+
+    Returns:
+        The embeddings, rows in manifest order.
+
+    Raises:
+        InputError: bad inputs (see :func:`~forensics.data.images.scan_folder`) or parameters.
+        OfflineError: hub weights are needed but cannot be fetched.
+    """
+    from forensics.plugin.encoders import check_pool
+
+    check_pool(pool)  # names first: scanning a large folder takes a while
+    get_encoder(encoder)
+    if isinstance(folder_or_manifest, Manifest):
+        manifest = folder_or_manifest
+    else:
+        manifest = scan_folder(folder_or_manifest, skip_bad=skip_bad)
+    return _embed(
+        manifest.hashes,
+        lambda rows, transform: _FileImages(manifest, rows, transform),
+        manifest, encoder, weights, pool, device, batch_size, num_workers, cache_dir, progress,
+    )
+
+
+def embed_arrays(
+    images: np.ndarray,
+    encoder: str,
+    *,
+    weights: str | None = None,
+    pool: str = "cls",
+    device: str = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = 0,
+    cache_dir: Path | str | None | _DefaultCache = DEFAULT_CACHE,
+    progress: bool = False,
+) -> Embeddings:
+    """Embed in-memory images: uint8 ``(N, H, W)`` greyscale or ``(N, H, W, 3)`` RGB.
+
+    Same path as :func:`embed_folder` once an image is decoded; the cache keys each image
+    by the SHA-256 of its shape and pixels. Arguments as in :func:`embed_folder`.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or not (
+        images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)
+    ):
+        raise InputError(
+            f"images must be uint8 of shape (N, H, W) or (N, H, W, 3); got {images.dtype} "
+            f"{images.shape}"
+        )
+    if len(images) == 0:
+        raise InputError("no images given (the array is empty)")
+    images = np.ascontiguousarray(images)
+    header = ("x".join(map(str, images.shape[1:])) + "|").encode()
+    hashes = [hashlib.sha256(header + im.tobytes()).hexdigest() for im in images]
+    return _embed(
+        hashes, lambda rows, transform: _ArrayImages(images, rows, transform),
+        None, encoder, weights, pool, device, batch_size, num_workers, cache_dir, progress,
+    )
+
+
+def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, batch_size,
+           num_workers, cache_dir, progress) -> Embeddings:
+    from forensics.plugin.encoders import check_pool, resolve_device
+
+    check_pool(pool)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    encoder = get_encoder(encoder_name)
+    device = resolve_device(device)
+    loaded = encoder.load(weights, device, pool)
+    info = encoder_info(encoder, loaded, weights, pool)
+    if cache_dir is DEFAULT_CACHE:
+        cache_dir = default_cache_dir()
+    cache = EmbeddingCache(Path(cache_dir), cache_key(info), info) if cache_dir else None
+
+    n = len(hashes)
+    cached = cache.index() if cache is not None else {}
+    hit_rows = [r for r, h in enumerate(hashes) if h.encode() in cached]
+    out = None
+    if hit_rows:
+        out, lost = cache.fetch([hashes[r] for r in hit_rows], hit_rows, n)
+        hit_rows = sorted(set(hit_rows) - set(lost))
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    for _attempt in range(2):
+        todo = sorted(set(range(n)) - set(hit_rows))
+        if not todo:
+            break
+        try:
+            out = _compute(make_dataset(todo, loaded.transform), loaded, out, n, hashes, cache,
+                           batch_size, workers, device, progress, len(hit_rows))
+            break
+        except _CachedSizesDiffer as exc:  # every chunk used is wrong: embed all again
+            for chunk in sorted({cache.index()[hashes[r].encode()][0] for r in hit_rows}):
+                cache.set_aside(chunk, str(exc))
+            out, hit_rows = None, []
+    info["cache"] = {"hits": len(hit_rows), "computed": len(todo)}
+    if cache is not None and cache.damaged:
+        info["cache"]["damaged"] = list(cache.damaged)
+    info["num_images"] = n
+    return Embeddings(list(loaded.layer_names), out, manifest, info)
+
+
+def _compute(dataset, loaded, out, n, hashes, cache, batch_size, workers, device, progress,
+             already):
+    """Run the encoder over ``dataset``; fill ``out`` (allocated on the first batch)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, pin_memory=device.startswith("cuda"),
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    errors: list[str] = []
+    pending: list[int] = []
+    bar = _Progress(n, already, enabled=progress)
+    with bar:
+        for rows, batch, bad in loader:
+            errors.extend(bad)
+            if batch is None:
+                continue
+            feats = loaded.forward(batch)
+            if out is not None and [a.shape[1] for a in out] != [f.shape[1] for f in feats]:
+                raise _CachedSizesDiffer(
+                    f"its embedding sizes {[a.shape[1] for a in out]} differ from the "
+                    f"encoder's {[f.shape[1] for f in feats]}")
+            if out is None:
+                out = [np.zeros((n, f.shape[1]), dtype=np.float32) for f in feats]
+            for layer, f in zip(out, feats, strict=True):
+                layer[rows] = f
+            pending.extend(rows)
+            if cache is not None and len(pending) >= CACHE_CHUNK_ROWS:
+                _flush(cache, out, hashes, pending)
+            bar.advance(len(rows))
+    if cache is not None and pending:
+        _flush(cache, out, hashes, pending)
+    if errors:
+        lines = "\n".join(f"  {e}" for e in errors)
+        raise InputError(f"{len(errors)} image(s) could not be read while embedding:\n{lines}")
+    return out
+
+
+class _CachedSizesDiffer(Exception):
+    """Cached rows have other embedding sizes than the encoder computes."""
+
+
+def _flush(cache: EmbeddingCache, out: list[np.ndarray], hashes, pending: list[int]) -> None:
+    rows = np.array(pending, dtype=np.int64)
+    cache.write([hashes[r] for r in pending], [layer[rows] for layer in out])
+    pending.clear()
+
+
+class _Progress:
+    """A Rich progress bar on stderr with images/s; does nothing when disabled."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.enabled = enabled
+        self.total, self.done = total, done
+        self._computed = 0
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("embedding"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("embed", total=self.total, completed=self.done,
+                                            rate="-")
+        return self
+
+    def advance(self, k: int) -> None:
+        self._computed += k
+        if self.enabled:
+            rate = self._computed / max(time.perf_counter() - self._start, 1e-9)
+            self._bar.update(self._task, advance=k, rate=f"{rate:,.0f}")
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._bar.stop()

@@ -1,0 +1,321 @@
+"""``fp demo``: the investigator's job end to end, offline, on real images.
+
+T and P are scikit-learn's handwritten digits (1797 real 8x8 scans, bundled with the
+package), upscaled to 32x32 and split at random (seeded). The "generators" are the
+pathological generative models of He et al. (2024, Sec. 4), made with
+:mod:`forensics.paper.synth` from training images: each family with a few parameter variants as
+checkpoints. The demo builds a baseline, enrolls every generator, then attributes fresh
+samples of each (other source images, other seeds) and of one generator that was never
+enrolled, which should come out ``unknown``::
+
+    digits ─► T, P ─► build_baseline ─► enroll(generators on T images, pool A)
+                                     └─► attribute(fresh samples, pool B; + never enrolled)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forensics.errors import InputError
+
+#: Side of the saved images (the digits are 8x8; the demo encoder takes 32x32).
+IMAGE_SIZE = 32
+BASELINE_NAME = "digits-demo"
+
+
+@dataclass(frozen=True)
+class Generator:
+    """One pathological generator: a :mod:`forensics.paper.synth` kind with fixed parameters."""
+
+    model: str
+    family: str
+    checkpoint: str
+    kind: str
+    params: tuple[tuple[str, Any], ...]
+    enrolled: bool = True
+
+    @property
+    def label(self) -> str:
+        """``model@checkpoint``."""
+        return f"{self.model}@{self.checkpoint}"
+
+
+GENERATORS: tuple[Generator, ...] = (
+    Generator("noisy-copy", "noise", "sigma=8", "noise", (("sigma", 8.0),)),
+    Generator("noisy-copy", "noise", "sigma=24", "noise", (("sigma", 24.0),)),
+    Generator("rotator", "rotate", "max=15", "rotate", (("max_angle", 15.0),)),
+    Generator("rotator", "rotate", "max=45", "rotate", (("max_angle", 45.0),)),
+    Generator("blur-up", "downup", "x2", "downup", (("factor", 2.0),)),
+    Generator("blur-up", "downup", "x4", "downup", (("factor", 4.0),)),
+    Generator("patch-shuffler", "shuffle", "2x2", "shuffle", (("grid", 2),)),
+    Generator("patch-shuffler", "shuffle", "4x4", "shuffle", (("grid", 4),)),
+    Generator("background-swap", "background", "noise", "background", (("mode", "noise"),),
+              enrolled=False),
+)
+
+#: The reduced set of ``--quick``: two families, one checkpoint each, and the stranger.
+QUICK_GENERATORS: tuple[Generator, ...] = (GENERATORS[1], GENERATORS[7], GENERATORS[8])
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How much data the demo uses.
+
+    Attributes:
+        n_train: digits in T; the first ``n_enroll_pool`` feed enrolled generators, the
+            rest feed the fresh query samples.
+        n_heldout: digits in P.
+        n_enroll_pool: see ``n_train``.
+        per_curve: images per curve (enrolled and suspect).
+        curves_per_checkpoint: enrolled curves per generator checkpoint.
+        n_cells: KMeans cells per layer.
+        tau: cell threshold (None: the default 20/m).
+        n_boot: bootstrap resamples per attribution.
+    """
+
+    n_train: int = 1000
+    n_heldout: int = 400
+    n_enroll_pool: int = 600
+    per_curve: int = 100
+    curves_per_checkpoint: int = 2
+    n_cells: int = 5
+    tau: float | None = None
+    n_boot: int = 50
+
+
+FULL = DemoSizes()
+QUICK = DemoSizes(n_train=260, n_heldout=120, n_enroll_pool=160, per_curve=50, n_cells=2,
+                  n_boot=10)
+
+
+@dataclass
+class DemoRow:
+    """The attribution of one generator's fresh samples."""
+
+    generator: str
+    model: str
+    checkpoint: str
+    true_family: str
+    enrolled: bool
+    decided_family: str | None
+    decided_model: str | None
+    unknown: bool
+    confidence: float | None
+    stability: float | None
+    nearest_family: str
+    score: float
+    threshold: float | None
+    correct: bool
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo measured."""
+
+    rows: list[DemoRow]
+    bank: str
+    out: str
+    sizes: DemoSizes
+    encoder: str
+    weights: str
+    fingerprint: str = "paper"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def enrolled_rows(self) -> list[DemoRow]:
+        """Rows of generators that were enrolled."""
+        return [r for r in self.rows if r.enrolled]
+
+    @property
+    def accuracy(self) -> float:
+        """Share of enrolled generators whose family was named correctly."""
+        rows = self.enrolled_rows
+        return sum(r.correct for r in rows) / len(rows) if rows else float("nan")
+
+    @property
+    def strangers_flagged(self) -> bool:
+        """Whether every never-enrolled generator was called unknown."""
+        return all(r.unknown for r in self.rows if not r.enrolled)
+
+    def summary(self) -> str:
+        """One line: accuracy on enrolled families, and the never-enrolled verdict."""
+        rows = self.enrolled_rows
+        strangers = [r for r in self.rows if not r.enrolled]
+        verdicts = ", ".join(
+            f"{r.generator} " + ("flagged unknown" if r.unknown else
+                                 f"NOT flagged (taken for {r.decided_family})")
+            for r in strangers)
+        return (f"enrolled generators attributed to the right family: "
+                f"{sum(r.correct for r in rows)}/{len(rows)} ({self.accuracy:.0%}); "
+                f"never enrolled: {verdicts}; {self.seconds.get('total', 0):.0f} s")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "accuracy": self.accuracy,
+            "strangers_flagged_unknown": self.strangers_flagged,
+            "summary": self.summary(),
+            "bank": self.bank,
+            "out": self.out,
+            "encoder": self.encoder,
+            "weights": self.weights,
+            "fingerprint": self.fingerprint,
+            "sizes": asdict(self.sizes),
+            "seconds": self.seconds,
+        }
+
+
+def digit_images(size: int = IMAGE_SIZE) -> np.ndarray:
+    """scikit-learn's 1797 handwritten digits as uint8 ``(N, size, size)``, bicubic upscaled."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    raw = np.clip(np.rint(load_digits().images * 16.0), 0, 255).astype(np.uint8)
+    bicubic = Image.Resampling.BICUBIC
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), bicubic))
+                     for im in raw])
+
+
+def _write_pngs(images: np.ndarray, ids: np.ndarray, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.fromarray(images[int(i)]).save(folder / f"digit-{int(i):04d}.png")
+
+
+def _generate(gen: Generator, src: Path, dst: Path, seed: int) -> Path:
+    from forensics.paper.synth import synth_folder
+
+    synth_folder(gen.kind, src, dst, seed=seed, **dict(gen.params))
+    return dst
+
+
+def run_demo(
+    out: str | os.PathLike | None = None,
+    *,
+    bank: str | os.PathLike | None = None,
+    encoder: str = "vit-tiny-demo",
+    weights: str | None = "random:0",
+    quick: bool = False,
+    sizes: DemoSizes | None = None,
+    generators: tuple[Generator, ...] | None = None,
+    seed: int = 0,
+    fingerprint: str = "paper",
+    device: str = "cpu",
+    cache_dir: Any = None,
+    progress: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Run the demo: data, baseline, enrolment, attribution; return the results table.
+
+    Args:
+        out: folder for the images and (unless ``bank``) the bank; it must be empty or
+            absent (None: a new temporary folder).
+        bank: bank folder (default ``OUT/bank``; never the user's default bank).
+        encoder: encoder name (default: the small seeded random-init ViT).
+        weights: weights spec of the encoder.
+        quick: fewer generators and images (for tests; about a minute less).
+        sizes: override the data sizes (see :class:`DemoSizes`).
+        generators: override the generators.
+        seed: seed of the split, the sampling and every generator.
+        fingerprint: what attribution matches on (``paper``, ``setstats``, ...).
+        device: torch device.
+        cache_dir: embedding cache (None: the default cache folder).
+        progress: show progress bars on stderr.
+        echo: called with a line per step.
+
+    Raises:
+        InputError: ``out`` is not empty, or the sizes do not fit the 1797 digits.
+    """
+    from forensics.data.embed import DEFAULT_CACHE
+    from forensics.stats.ct import check_seed
+    from forensics.steps import pipeline
+
+    seed = check_seed(seed)
+    say = echo or (lambda _msg: None)
+    sizes = sizes or (QUICK if quick else FULL)
+    gens = generators or (QUICK_GENERATORS if quick else GENERATORS)
+    root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fp-demo-"))
+    if root.exists() and any(root.iterdir()) and out is not None:
+        raise InputError(f"--out {root} is not empty; give a new or empty folder")
+    bank_path = Path(bank) if bank is not None else root / "bank"
+    cache = DEFAULT_CACHE if cache_dir is None else cache_dir
+    common = dict(bank=bank_path, device=device, cache_dir=cache, progress=progress)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    images = digit_images()
+    need = sizes.n_train + sizes.n_heldout
+    if need > len(images) or not 0 < sizes.n_enroll_pool < sizes.n_train:
+        raise InputError(f"the demo sizes need {need} digits (there are {len(images)}) and "
+                         f"0 < n_enroll_pool < n_train")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    train_ids, heldout_ids = order[: sizes.n_train], order[sizes.n_train : need]
+    pool_a, pool_b = train_ids[: sizes.n_enroll_pool], train_ids[sizes.n_enroll_pool :]
+    data = root / "data"
+    _write_pngs(images, train_ids, data / "T")
+    _write_pngs(images, heldout_ids, data / "P")
+    say(f"data: {len(train_ids)} training digits (T), {len(heldout_ids)} held-out (P) "
+        f"under {data}")
+
+    t0 = time.perf_counter()
+    pipeline.build_baseline(BASELINE_NAME, data / "T", data / "P", encoder=encoder,
+                            weights=weights, n_cells=sizes.n_cells, seed=seed,
+                            notes="fp demo: sklearn digits upscaled to 32x32", **common)
+    timings["baseline"] = time.perf_counter() - t0
+    say(f"baseline {BASELINE_NAME!r} built in {timings['baseline']:.0f} s")
+
+    t0 = time.perf_counter()
+    n_enroll = sizes.curves_per_checkpoint * sizes.per_curve
+    queries: list[tuple[Generator, Path]] = []
+    for g, gen in enumerate(gens):
+        stem = f"{gen.model}-{gen.checkpoint}".replace("=", "")
+        if gen.enrolled:
+            if n_enroll > len(pool_a):
+                raise InputError(f"enrolment needs {n_enroll} source digits; pool has "
+                                 f"{len(pool_a)}")
+            src = data / "sources" / f"enroll-{stem}"
+            _write_pngs(images, rng.choice(pool_a, n_enroll, replace=False), src)
+            folder = _generate(gen, src, data / "generated" / f"enroll-{stem}",
+                               seed=seed * 1000 + 2 * g)
+            ids = pipeline.enroll(folder, baseline=BASELINE_NAME, model=gen.model,
+                                  family=gen.family, checkpoint=gen.checkpoint,
+                                  per_curve=sizes.per_curve, tau=sizes.tau,
+                                  source=f"fp demo: synth {gen.kind} {dict(gen.params)}",
+                                  echo=say, **common)
+            say(f"enrolled {gen.label} ({gen.family}): {len(ids)} curve(s)")
+        src = data / "sources" / f"query-{stem}"
+        _write_pngs(images, rng.choice(pool_b, sizes.per_curve, replace=False), src)
+        queries.append((gen, _generate(gen, src, data / "generated" / f"query-{stem}",
+                                       seed=seed * 1000 + 2 * g + 1)))
+    timings["enroll"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rows = []
+    for gen, folder in queries:
+        a = pipeline.attribute(folder, baseline=BASELINE_NAME, n_boot=sizes.n_boot, seed=seed,
+                               tau=sizes.tau, fingerprint=fingerprint, **common)
+        d = a.decision
+        correct = (not d.unknown and d.family == gen.family) if gen.enrolled else d.unknown
+        rows.append(DemoRow(gen.label, gen.model, gen.checkpoint, gen.family, gen.enrolled,
+                            d.family, d.model, d.unknown, d.confidence, d.stability,
+                            d.nearest_family,
+                            d.score, d.threshold, bool(correct)))
+        say(f"attributed {gen.label}: " + ("unknown" if d.unknown else f"{d.family}/{d.model}"))
+    timings["attribute"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+    shutil.rmtree(data / "sources", ignore_errors=True)
+    return DemoResult(rows, str(bank_path), str(root), sizes, encoder, str(weights),
+                      fingerprint, timings)

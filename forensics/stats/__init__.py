@@ -1,0 +1,1 @@
+"""Statistics: arrays in, dataclasses out (C_T, baselines, attribution, confidence, evaluation)."""

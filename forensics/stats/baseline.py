@@ -1,0 +1,593 @@
+"""The baseline: everything about T and P that C_T needs, computed once per layer.
+
+Building a baseline fits, per layer, the partition on the training embeddings T (for
+``kmeans``: PCA then KMeans), groups T's projected points by cell, and measures each
+held-out sample's nearest-neighbour distance to the T samples of its cell, sorted within
+the cell. A query set Q then costs only: project, assign cells, nearest neighbour among
+its cell's T samples, and ranking against the stored P distances::
+
+    T, P (per layer) --build--> Baseline --save/load--> disk (npz + meta.json, by content hash)
+                                   |
+    Q (per layer) -------------> query --> [CTResult per layer]
+
+A baseline is identified by a content hash of its inputs (every T and P array, their cell
+labels) and of its parameters (distance, partitioner and its parameters, seed, format and
+``fp`` version): :func:`load_or_build` reuses a stored one when the hash matches.
+:func:`ct_score` scores one layer through a one-off baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forensics._version import __version__
+from forensics.data.atomic import atomic_savez, atomic_write_text
+from forensics.errors import InputError
+from forensics.plugin.protocols import prepares_reference
+from forensics.stats.ct import (
+    STATUS_CONSTANT,
+    STATUS_OK,
+    CTResult,
+    check_labels,
+    check_m,
+    check_seed,
+    check_tau,
+    constant_message,
+    constant_result,
+    ct_from_distances,
+    is_constant,
+)
+
+#: Version of the stored layout; part of every baseline's id.
+FORMAT = 1
+ARRAYS_FILE = "arrays.npz"
+META_FILE = "meta.json"
+
+#: A query layer whose projection takes fewer multiply-adds than this runs on one BLAS
+#: thread: waking a thread pool for a small product costs more than it saves (several
+#: times more on a busy machine). Paper-sized layers (500 x 768 x 64) use every thread.
+SINGLE_THREAD_WORK = 2**22
+_blas_controller = None
+
+
+@contextmanager
+def _blas_threads_for(work: int) -> Iterator[None]:
+    global _blas_controller
+    if work >= SINGLE_THREAD_WORK:
+        yield
+        return
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+def array_digest(a: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (C order)."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
+    h.update(memoryview(a).cast("B") if a.size else b"")
+    return h.hexdigest()
+
+
+#: Largest magnitude accepted in T, P and Q: sums of squares must stay finite in float64.
+MAX_ABS_VALUE = 1e100
+
+
+def _digest_of(mapping: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()
+
+
+def _matrix(x: Any, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"{what} must be a non-empty 2-D array (samples, features), "
+                         f"got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"{what} holds NaN or infinite values")
+    largest = float(np.abs(arr).max())
+    if largest > MAX_ABS_VALUE:
+        raise InputError(f"{what} holds values as large as {largest:.3g}; PCA, KMeans and "
+                         f"distances need values below {MAX_ABS_VALUE:g} in magnitude (their "
+                         f"squares must stay finite): scale the embeddings down")
+    return arr
+
+
+def _per_layer(cells: Any, n_layers: int, what: str) -> list[Any] | None:
+    """``None``, one label array for every layer, or a list with one per layer."""
+    if cells is None:
+        return None
+    if isinstance(cells, np.ndarray) and cells.ndim == 1:
+        return [cells] * n_layers
+    cells = list(cells)
+    if len(cells) != n_layers:
+        raise InputError(f"{what} must be one label array, or one per layer ({n_layers}), "
+                         f"got {len(cells)}")
+    return cells
+
+
+@dataclass
+class LayerBaseline:
+    """One layer's stored state.
+
+    Attributes:
+        name: layer name.
+        status: ``"ok"``, or ``"constant"`` when every T embedding is the same.
+        message: why the layer is not usable, when it is not.
+        dim: number of raw features.
+        partition: the fitted partition (``None`` for a constant layer).
+        t_points: (n_T, d) T in the partition's space, grouped by cell.
+        t_index: (n_T,) index in the original T of each row of ``t_points``.
+        t_offsets: (k+1,) rows of cell c are ``t_offsets[c]:t_offsets[c+1]``.
+        p_dist: (n_P,) P's nearest-neighbour distances, grouped by cell, sorted within it
+            (NaN in a cell without T samples).
+        p_offsets: (k+1,) as ``t_offsets``, for ``p_dist``.
+    """
+
+    name: str
+    status: str
+    message: str
+    dim: int
+    partition: Any = None
+    t_points: np.ndarray | None = None
+    t_index: np.ndarray | None = None
+    t_offsets: np.ndarray | None = None
+    p_dist: np.ndarray | None = None
+    p_offsets: np.ndarray | None = None
+
+    @property
+    def t_counts(self) -> np.ndarray:
+        """T samples per cell."""
+        return np.diff(self.t_offsets)
+
+    @property
+    def p_cells(self) -> np.ndarray:
+        """Cell of each entry of ``p_dist``."""
+        counts = np.diff(self.p_offsets)
+        return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Numeric state for storage (empty for a constant layer)."""
+        if self.status != STATUS_OK:
+            return {}
+        out = {k: getattr(self, k) for k in
+               ("t_points", "t_index", "t_offsets", "p_dist", "p_offsets")}
+        out.update({f"partition.{k}": v for k, v in self.partition.to_arrays().items()})
+        return out
+
+
+def _group(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stable order grouping ``labels`` by cell, and the (k+1,) cell offsets."""
+    order = np.argsort(labels, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))]).astype(np.int64)
+    return order, offsets
+
+
+def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, seed: int,
+                 params: dict, device: str, T_lab: Any = None, P_lab: Any = None
+                 ) -> LayerBaseline:
+    T = _matrix(T, f"layer {name!r}: T")
+    P = _matrix(P, f"layer {name!r}: P")
+    if P.shape[1] != T.shape[1]:
+        raise InputError(f"layer {name!r}: P has {P.shape[1]} features but T has {T.shape[1]}")
+    if is_constant(T):
+        return LayerBaseline(name, STATUS_CONSTANT, constant_message(name), T.shape[1])
+    if T_lab is not None:
+        T_lab = check_labels(T_lab, T.shape[0], f"layer {name!r}: T_cells")
+        P_lab = check_labels(P_lab, P.shape[0], f"layer {name!r}: P_cells")
+        k = int(max(T_lab.max(), P_lab.max())) + 1
+        partition = partitioner.fit(T, seed=seed, labels=T_lab, n_cells=k, **params)
+    else:
+        partition = partitioner.fit(T, seed=seed, **params)
+    Zt, Zp = partition.transform(T), partition.transform(P)
+    if T_lab is None:
+        T_lab, P_lab = partition.cells(Zt), partition.cells(Zp)
+    k = int(max(partition.n_cells, T_lab.max() + 1, P_lab.max() + 1))
+    t_order, t_off = _group(T_lab, k)
+    t_points = np.ascontiguousarray(Zt[t_order])
+    p_order, p_off = _group(P_lab, k)
+    dP = np.full(P.shape[0], np.nan)
+    for c in range(k):
+        rows = p_order[p_off[c] : p_off[c + 1]]
+        if rows.size and t_off[c + 1] > t_off[c]:
+            dP[rows] = distance.nn(Zp[rows], t_points[t_off[c] : t_off[c + 1]], device=device)
+    by_cell_then_distance = np.lexsort((dP, P_lab))
+    return LayerBaseline(
+        name, STATUS_OK, "", T.shape[1], partition, t_points, t_order.astype(np.int64), t_off,
+        dP[by_cell_then_distance], p_off,
+    )
+
+
+def baseline_key(
+    T_layers: Sequence[np.ndarray],
+    P_layers: Sequence[np.ndarray],
+    layer_names: Sequence[str],
+    *,
+    distance: str = "abscosine",
+    partitioner: str = "kmeans",
+    seed: int = 0,
+    partitioner_params: dict | None = None,
+    T_cells: Any = None,
+    P_cells: Any = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """The id a baseline built from these inputs and parameters gets, and the input hashes.
+
+    Returns:
+        ``(id, inputs)``: a 24-hex-digit id and, per layer, the SHA-256 of T and P (and of
+        their cell labels) with their shapes.
+    """
+    n = len(layer_names)
+    if not (len(T_layers) == len(P_layers) == n) or n == 0:
+        raise InputError(f"need one T and one P array per layer: got {len(T_layers)} T, "
+                         f"{len(P_layers)} P and {n} layer names")
+    if len(set(layer_names)) != n or not all(isinstance(x, str) for x in layer_names):
+        raise InputError("layer names must be distinct strings")
+    T_cells = _per_layer(T_cells, n, "T_cells")
+    P_cells = _per_layer(P_cells, n, "P_cells")
+    inputs = []
+    for i, name in enumerate(layer_names):
+        entry: dict[str, Any] = {"layer": name}
+        for what, arrs in (("T", T_layers), ("P", P_layers), ("T_cells", T_cells),
+                           ("P_cells", P_cells)):
+            if arrs is not None:
+                a = np.asarray(arrs[i])
+                entry[what] = array_digest(a)
+                entry[f"{what}_shape"] = list(a.shape)
+        inputs.append(entry)
+    key = {
+        "format": FORMAT, "fp_version": __version__, "distance": distance,
+        "partitioner": partitioner, "partitioner_params": partitioner_params or {},
+        "seed": int(seed), "inputs": inputs,
+    }
+    return _digest_of(key)[:24], inputs
+
+
+class Baseline:
+    """Per-layer state of T and P, built once and queried with any number of Q sets.
+
+    Build with :meth:`build`, store with :meth:`save`, reload with :meth:`load`, or let
+    :func:`load_or_build` do all three by content hash.
+
+    Attributes:
+        layers: one :class:`LayerBaseline` per layer.
+        meta: every parameter, the seed, the input hashes, the format and ``fp`` version.
+        device: torch device the nearest-neighbour search of queries runs on.
+    """
+
+    def __init__(self, layers: list[LayerBaseline], meta: dict[str, Any], device: str = "cpu"):
+        self.layers = layers
+        self.meta = meta
+        self.device = device
+        self._prepared: dict[tuple[str, str], np.ndarray] = {}  # T rows ready for search
+
+    @property
+    def id(self) -> str:
+        """Content hash of the inputs and parameters."""
+        return self.meta["id"]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers, in order."""
+        return [lb.name for lb in self.layers]
+
+    def _distance(self):
+        from forensics.plugin.manager import get
+
+        return get("distances", self.meta["distance"])
+
+    @classmethod
+    def build(
+        cls,
+        T_layers: Sequence[np.ndarray],
+        P_layers: Sequence[np.ndarray],
+        layer_names: Sequence[str],
+        *,
+        distance: str = "abscosine",
+        partitioner: str = "kmeans",
+        seed: int = 0,
+        partitioner_params: dict | None = None,
+        device: str = "cpu",
+        T_cells: Any = None,
+        P_cells: Any = None,
+        on_layer: Callable[[int, str], None] | None = None,
+        _key: tuple[str, list] | None = None,
+    ) -> Baseline:
+        """Fit the partition of every layer and measure P's distances to T.
+
+        Args:
+            T_layers: per layer, (n_T, D_l) training embeddings.
+            P_layers: per layer, (n, D_l) held-out embeddings.
+            layer_names: per layer, a distinct name.
+            distance: registered distance name.
+            partitioner: registered partitioner name.
+            seed: seed of every random step.
+            partitioner_params: keyword parameters of the partitioner's ``fit``.
+            device: torch device of the nearest-neighbour search.
+            T_cells: for the ``given`` partitioner: T's cell labels, one array for every
+                layer or a list with one per layer.
+            P_cells: as ``T_cells``, for P.
+            on_layer: called with the index and name of each layer once it is built
+                (e.g. to show progress).
+
+        Raises:
+            InputError: mismatched layers, bad arrays or labels, unknown names.
+            InsufficientDataError: too few training samples for the partition.
+        """
+        from forensics.plugin.manager import get
+
+        seed = check_seed(seed)
+        params = dict(partitioner_params or {})
+        dist = get("distances", distance)
+        part = get("partitioners", partitioner)
+        if (T_cells is None) != (P_cells is None):
+            raise InputError("pass both T_cells and P_cells, or neither")
+        if T_cells is not None and partitioner != "given":
+            raise InputError(f"cell labels are used by the 'given' partitioner, not by "
+                             f"{partitioner!r}: drop them or use partitioner='given'")
+        if partitioner == "given" and T_cells is None:
+            raise InputError("the 'given' partitioner needs T_cells and P_cells")
+        key, inputs = _key or baseline_key(
+            T_layers, P_layers, layer_names, distance=distance, partitioner=partitioner,
+            seed=seed, partitioner_params=params, T_cells=T_cells, P_cells=P_cells)
+        n = len(layer_names)
+        t_cells = _per_layer(T_cells, n, "T_cells") or [None] * n
+        p_cells = _per_layer(P_cells, n, "P_cells") or [None] * n
+        layers = []
+        for i, name in enumerate(layer_names):
+            layers.append(_build_layer(name, T_layers[i], P_layers[i], distance=dist,
+                                       partitioner=part, seed=seed, params=params,
+                                       device=device, T_lab=t_cells[i], P_lab=p_cells[i]))
+            if on_layer is not None:
+                on_layer(i, name)
+        meta = {
+            "format": FORMAT, "fp_version": __version__, "id": key, "distance": distance,
+            "partitioner": partitioner, "partitioner_params": params, "seed": int(seed),
+            "inputs": inputs, "layers": [_layer_meta(lb) for lb in layers],
+        }
+        return cls(layers, meta, device)
+
+    def query(
+        self,
+        Q_layers: Sequence[np.ndarray],
+        tau: float | None = None,
+        details: bool = False,
+        *,
+        Q_cells: Any = None,
+    ) -> list[CTResult]:
+        """C_T of a generated set against this baseline, one result per layer.
+
+        Args:
+            Q_layers: per layer, (m, D_l) generated embeddings (same m for every layer).
+            tau: cell threshold on Q's share; default 20/m.
+            details: also return, per generated sample, its cell, its nearest-neighbour
+                distance and the index in T of its nearest training sample.
+            Q_cells: for the ``given`` partitioner: Q's cell labels (one array, or one per
+                layer).
+
+        Returns:
+            One :class:`~forensics.stats.ct.CTResult` per layer, in layer order.
+        """
+        if len(Q_layers) != len(self.layers):
+            raise InputError(f"the baseline has {len(self.layers)} layers "
+                             f"({', '.join(self.layer_names)}) but {len(Q_layers)} Q arrays "
+                             f"were given")
+        q_cells = _per_layer(Q_cells, len(self.layers), "Q_cells") or [None] * len(self.layers)
+        dist = self._distance()
+        return [self._query_layer(lb, Q, tau, details, q_cells[i], dist)
+                for i, (lb, Q) in enumerate(zip(self.layers, Q_layers, strict=True))]
+
+    def _query_layer(self, lb: LayerBaseline, Q: Any, tau: float | None, details: bool,
+                     q_lab: Any, dist: Any) -> CTResult:
+        Q = _matrix(Q, f"layer {lb.name!r}: Q")
+        m = Q.shape[0]
+        check_m(m)
+        tau = check_tau(tau, m)
+        if Q.shape[1] != lb.dim:
+            raise InputError(f"layer {lb.name!r}: Q has {Q.shape[1]} features but the "
+                             f"baseline's T has {lb.dim}: use embeddings of the same layer")
+        if lb.status == STATUS_CONSTANT:
+            return constant_result(m, tau, lb.name)
+        with _blas_threads_for(m * lb.dim * lb.t_points.shape[1]):
+            Zq = lb.partition.transform(Q)
+            if q_lab is None:
+                q_lab = lb.partition.cells(Zq)
+            else:
+                q_lab = check_labels(q_lab, m, f"layer {lb.name!r}: Q_cells")
+            dQ, nn_index = self._nn_in_cells(lb, Zq, q_lab, dist)
+        result = ct_from_distances(dQ, q_lab, lb.p_dist, lb.p_cells, lb.t_counts, tau,
+                                   layer=lb.name)
+        if details:
+            result.details = {"cells": q_lab, "distance": dQ, "nn_index": nn_index}
+        return result
+
+    def _nn_in_cells(self, lb: LayerBaseline, Zq: np.ndarray, q_lab: np.ndarray, dist: Any
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Each query row's distance to, and index in T of, its nearest T row in its cell."""
+        m = Zq.shape[0]
+        dQ = np.full(m, np.nan)
+        nn_index = np.full(m, -1, dtype=np.int64)
+        ref, options = lb.t_points, {}
+        if prepares_reference(dist):  # once per layer, not once per cell and query
+            key = (lb.name, dist.name)
+            if key not in self._prepared:
+                self._prepared[key] = dist.prepare_reference(lb.t_points)
+            # Only a distance that prepares references takes ``prepared`` (the contract).
+            ref, options = self._prepared[key], {"prepared": True}
+        t_off = lb.t_offsets
+        for c in np.unique(q_lab):
+            if c >= t_off.shape[0] - 1 or t_off[c + 1] == t_off[c]:
+                continue
+            rows = np.flatnonzero(q_lab == c)
+            d, i = dist.nn(Zq[rows], ref[t_off[c] : t_off[c + 1]], device=self.device,
+                           return_index=True, **options)
+            dQ[rows] = d
+            nn_index[rows] = lb.t_index[t_off[c] + i]
+        return dQ, nn_index
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Store the baseline in ``directory`` (created): ``arrays.npz`` and ``meta.json``.
+
+        Each file is written to a temporary name and renamed into place; ``meta.json`` comes
+        last and records a digest of the arrays, so a reader never sees a partial baseline.
+        """
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{i}.{k}": np.ascontiguousarray(v) for i, lb in enumerate(self.layers)
+                  for k, v in lb.arrays().items()}
+        digest = _digest_of({k: array_digest(v) for k, v in arrays.items()})
+        atomic_savez(d / ARRAYS_FILE, arrays)
+        atomic_write_text(d / META_FILE, json.dumps(dict(self.meta, arrays=digest), indent=2))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str = "cpu") -> Baseline:
+        """Reload a baseline stored with :meth:`save` (no pickle), checking its integrity.
+
+        Raises:
+            InputError: the folder holds no baseline, a corrupt one, or one of another format.
+        """
+        from forensics.plugin.manager import get
+
+        d = Path(directory)
+        fix = "the baseline's files are damaged or were written by another version of fp"
+        try:
+            meta = json.loads((d / META_FILE).read_text())
+        except FileNotFoundError:
+            raise InputError(f"{d} holds no baseline (no {META_FILE})") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{d / META_FILE} is unreadable ({exc}): {fix}") from None
+        if meta.get("format") != FORMAT:
+            raise InputError(f"{d} holds a baseline of format {meta.get('format')!r}; this fp "
+                             f"reads format {FORMAT}: {fix}")
+        try:
+            with np.load(d / ARRAYS_FILE, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{d / ARRAYS_FILE} is unreadable ({exc}): {fix}") from None
+        if _digest_of({k: array_digest(v) for k, v in arrays.items()}) != meta.get("arrays"):
+            raise InputError(f"{d / ARRAYS_FILE} does not match {META_FILE}: {fix}")
+        part = get("partitioners", meta["partitioner"])
+        layers = []
+        for i, lm in enumerate(meta["layers"]):
+            if lm["status"] != STATUS_OK:
+                layers.append(LayerBaseline(lm["name"], lm["status"], lm["message"], lm["dim"]))
+                continue
+            pre = f"{i}.partition."
+            partition = part.from_arrays(
+                {k[len(pre):]: v for k, v in arrays.items() if k.startswith(pre)},
+                lm["partition"])
+            layers.append(LayerBaseline(
+                lm["name"], lm["status"], lm["message"], lm["dim"], partition,
+                *(arrays[f"{i}.{k}"] for k in
+                  ("t_points", "t_index", "t_offsets", "p_dist", "p_offsets"))))
+        return cls(layers, meta, device)
+
+
+def ct_score(
+    T: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    *,
+    distance: str = "abscosine",
+    partitioner: str | None = None,
+    tau: float | None = None,
+    seed: int = 0,
+    T_cells: np.ndarray | None = None,
+    P_cells: np.ndarray | None = None,
+    Q_cells: np.ndarray | None = None,
+    device: str = "cpu",
+    **partitioner_params: Any,
+) -> CTResult:
+    """C_T of generated embeddings ``Q`` against training ``T`` and held-out ``P`` (one layer).
+
+    Args:
+        T: (n_T, D) training embeddings.
+        P: (n, D) held-out embeddings from T's distribution.
+        Q: (m, D) generated embeddings.
+        distance: name of a registered distance (``abscosine``, ``euclidean``, ...).
+        partitioner: name of a registered partitioner; default ``given`` when cell labels
+            are passed, else ``kmeans``.
+        tau: cell threshold on Q's share; default 20/m.
+        seed: seed of every random step (PCA solver, KMeans).
+        T_cells: cell labels of T, P and Q for the ``given`` partitioner.
+        P_cells: see ``T_cells``.
+        Q_cells: see ``T_cells``.
+        device: torch device of the nearest-neighbour search.
+        **partitioner_params: e.g. ``n_cells``, ``pca_dim``, ``n_init`` for ``kmeans``.
+
+    Returns:
+        The :class:`CTResult`; identical to ``Baseline.build([T], [P], ...).query([Q])[0]``.
+    """
+    has_cells = [x is not None for x in (T_cells, P_cells, Q_cells)]
+    if any(has_cells) and not all(has_cells):
+        raise InputError("pass all of T_cells, P_cells and Q_cells, or none of them")
+    if partitioner is None:
+        partitioner = "given" if all(has_cells) else "kmeans"
+    base = Baseline.build(
+        [T], [P], ["layer"], distance=distance, partitioner=partitioner, seed=seed,
+        partitioner_params=partitioner_params, device=device,
+        T_cells=None if T_cells is None else [T_cells],
+        P_cells=None if P_cells is None else [P_cells],
+    )
+    result = base.query([Q], tau=tau, Q_cells=None if Q_cells is None else [Q_cells])[0]
+    result.layer = ""
+    return result
+
+
+def _layer_meta(lb: LayerBaseline) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": lb.name, "status": lb.status, "message": lb.message,
+                           "dim": lb.dim}
+    if lb.status == STATUS_OK:
+        out["partition"] = dict(lb.partition.params)
+        out["n_cells"] = int(lb.t_offsets.shape[0] - 1)
+        out["n_T"] = int(lb.t_offsets[-1])
+        out["n_P"] = int(lb.p_offsets[-1])
+    return out
+
+
+def load_or_build(
+    cache_dir: str | os.PathLike,
+    T_layers: Sequence[np.ndarray],
+    P_layers: Sequence[np.ndarray],
+    layer_names: Sequence[str],
+    **build_kwargs: Any,
+) -> Baseline:
+    """Load the baseline of these inputs from ``cache_dir/<id>``, building and saving it if absent.
+
+    ``build_kwargs`` are those of :meth:`Baseline.build`. Concurrent callers wait for one
+    build (a file lock per id); a stored baseline that fails its integrity check is rebuilt.
+    """
+    from filelock import FileLock
+
+    device = build_kwargs.get("device", "cpu")
+    key_kwargs = {k: build_kwargs[k] for k in ("distance", "partitioner", "seed",
+                  "partitioner_params", "T_cells", "P_cells") if k in build_kwargs}
+    if key_kwargs.get("partitioner_params") is None:
+        key_kwargs.pop("partitioner_params", None)
+    key = baseline_key(T_layers, P_layers, layer_names, **key_kwargs)
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / key[0]
+    with FileLock(str(root / f"{key[0]}.lock")):
+        if (target / META_FILE).exists():
+            try:
+                return Baseline.load(target, device=device)
+            except InputError:
+                pass  # corrupt or stale: rebuild below
+        baseline = Baseline.build(T_layers, P_layers, layer_names, _key=key, **build_kwargs)
+        baseline.save(target)
+        return baseline

@@ -1,0 +1,339 @@
+"""Fingerprints: what a set of suspect images is matched on.
+
+A fingerprint turns one image set's per-layer statistics into the vector that a matcher
+compares with the enrolled vectors. Fingerprints are plugins (``register_fingerprints``);
+their contract is :class:`forensics.plugin.protocols.Fingerprint` (with the optional
+members of :class:`~forensics.plugin.protocols.FingerprintOptions`). This module holds what
+the engine hands them (:class:`FingerprintContext`, :class:`PrepareContext`) and how it
+uses their optional members. What several fingerprints' ``prepare`` need is computed
+once per baseline: ``ctx.pca(i, k)`` and ``ctx.covariance(i)`` (T's exact PCA and
+covariance eigenbasis of layer ``i``), or ``ctx.shared(key, fn)`` for anything else; an
+array that several fingerprints return is stored once.
+
+Every registered fingerprint is computed and stored when a curve is enrolled, so a bank
+can be matched on any of them later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forensics.data.atomic import atomic_savez, atomic_write_text
+from forensics.errors import InputError
+from forensics.stats.baseline import array_digest
+
+#: The fingerprint used when none is named (measured best on real GAN samples,
+#: docs/attribution.md); ``paper`` is the C_T-layer curve of He et al. (2024).
+DEFAULT_FINGERPRINT = "resid-early"
+#: The paper's fingerprint: the C_T-layer curve (the curves' ``values`` column).
+PAPER_FINGERPRINT = "paper"
+#: The matcher used when neither the user nor the fingerprint names one.
+DEFAULT_MATCHER = "combined"
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass
+class FingerprintContext:
+    """What a fingerprint sees of one image set.
+
+    Attributes:
+        layers: layer names, in order.
+        results: one :class:`~forensics.stats.ct.CTResult` per layer (with ``details`` when the
+            fingerprint asked for them).
+        embeddings: the set's raw embeddings, one ``(m, D_l)`` array per layer.
+        baseline: the :class:`~forensics.stats.baseline.Baseline` the set was measured against.
+        extras: the arrays this fingerprint's ``prepare`` stored with the baseline.
+    """
+
+    layers: list[str]
+    results: list[Any]
+    embeddings: list[np.ndarray]
+    baseline: Any
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def values(self) -> np.ndarray:
+        """C_T per layer (NaN where undefined): the paper's curve."""
+        return np.array([r.ct for r in self.results], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class CovarianceEigen:
+    """T's mean and covariance eigendecomposition of one layer, largest variance first.
+
+    Attributes:
+        mean: (D,) mean of T.
+        values: (r,) eigenvalues of T's covariance (``ddof=1``), in decreasing order.
+        vectors: (D, r) the matching eigenvectors as columns, each signed so that its
+            largest-magnitude entry is positive (a deterministic orientation). ``r = D``,
+            or, when *thin*, ``r = n``: the leading ones only (the rest have no variance).
+        trace: the covariance's trace (the sum of T's per-feature variances).
+        n: number of samples in T.
+    """
+
+    mean: np.ndarray
+    values: np.ndarray
+    vectors: np.ndarray
+    trace: float
+    n: int
+
+
+def covariance_eigen(T: np.ndarray, thin: bool | None = None) -> CovarianceEigen:
+    """:class:`CovarianceEigen` of ``T`` (n, D): exact and deterministic.
+
+    Args:
+        T: (n, D) samples.
+        thin: from the eigendecomposition of the samples' (n, n) Gram matrix,
+            ``O(n^2 D)``: the ``n`` leading eigenpairs only (default when ``n <= D``,
+            where the other ``D - n`` have zero variance); else from the (D, D)
+            covariance, ``O(D^3)``.
+    """
+    X = np.asarray(T, dtype=np.float64)
+    n, d = X.shape
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    if thin if thin is not None else n <= d:
+        # The (n, n) Gram matrix shares the covariance's nonzero eigenvalues; its
+        # eigenvectors map to the covariance's through Xc^T.
+        gram_vals, u = np.linalg.eigh(Xc @ Xc.T)
+        order = np.argsort(gram_vals)[::-1]
+        vecs = Xc.T @ u[:, order]
+        norms = np.linalg.norm(vecs, axis=0)
+        vecs /= np.where(norms > 0, norms, 1.0)
+        vals = np.clip(gram_vals[order], 0.0, None) / max(n - 1, 1)
+        trace = float(np.einsum("ij,ij->", Xc, Xc) / max(n - 1, 1))
+    else:
+        cov = Xc.T @ Xc / max(n - 1, 1)
+        vals, vecs = np.linalg.eigh(cov)
+        order = np.argsort(vals)[::-1]
+        vals, vecs, trace = vals[order], vecs[:, order], float(np.trace(cov))
+    big = np.argmax(np.abs(vecs), axis=0)
+    vecs *= np.where(vecs[big, np.arange(vecs.shape[1])] < 0, -1.0, 1.0)[None, :]
+    return CovarianceEigen(mean, vals, vecs, trace, n)
+
+
+def _thin_enough(n: int, d: int, k: int) -> bool:
+    """Whether the thin decomposition holds ``k`` axes with variance (``k < n <= D``)."""
+    return k < n <= d
+
+
+def exact_pca(T: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and the ``k`` leading principal axes ``(k, D)`` of ``T`` (n, D), exactly.
+
+    From :func:`covariance_eigen` (no randomised solver, so no seed), axes in decreasing
+    order of variance; thin when T has fewer samples than dimensions and ``k < n``.
+    """
+    n, d = np.shape(T)
+    eig = covariance_eigen(T, thin=_thin_enough(n, d, int(k)))
+    return eig.mean, eig.vectors[:, :k].T.copy()
+
+
+@dataclass
+class PrepareContext:
+    """What ``prepare`` sees when a baseline is built: T and P per layer, and the engine.
+
+    Arrays that several fingerprints need are computed once per context and shared,
+    keyed by what they are (:meth:`shared`, :meth:`covariance`, :meth:`pca`); treat
+    them as read-only.
+    """
+
+    layers: list[str]
+    train: list[np.ndarray]
+    heldout: list[np.ndarray]
+    baseline: Any
+    _cache: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, run once per ``key`` for this baseline and then reused."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def covariance(self, i: int, thin: bool | None = None) -> CovarianceEigen:
+        """T's mean and covariance eigendecomposition of layer ``i`` (computed once).
+
+        ``thin`` as for :func:`covariance_eigen` (default: thin when T has fewer samples
+        than dimensions).
+        """
+        n, d = np.shape(self.train[int(i)])
+        thin = n <= d if thin is None else bool(thin)
+        return self.shared(("covariance_eigen", "train", int(i), thin),
+                           lambda: covariance_eigen(self.train[int(i)], thin=thin))
+
+    def pca(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """T's mean and ``k`` leading principal axes ``(k, D)`` of layer ``i``, exactly.
+
+        Equal to :func:`exact_pca` of ``train[i]``; one decomposition serves every ``k``
+        and every fingerprint.
+        """
+        n, d = np.shape(self.train[int(i)])
+        eig = self.covariance(i, thin=_thin_enough(n, d, int(k)))
+        return self.shared(("pca", "train", int(i), int(k)),
+                           lambda: (eig.mean, eig.vectors[:, :int(k)].T.copy()))
+
+
+def get(name: str) -> Any:
+    """The registered fingerprint called ``name`` (the error lists valid names)."""
+    from forensics.plugin.manager import get as get_plugin
+
+    return get_plugin("fingerprints", name)
+
+
+def names() -> list[str]:
+    """Names of every registered fingerprint."""
+    from forensics.plugin.manager import names as plugin_names
+
+    return plugin_names("fingerprints")
+
+
+def extras_file(name: str) -> str:
+    """File name of one fingerprint's baseline arrays in the per-fingerprint layout."""
+    return f"fingerprint-{_SAFE.sub('_', name)}.npz"
+
+
+#: Every fingerprint's baseline arrays, each distinct array once (keys: content hashes).
+SHARED_ARRAYS_FILE = "fingerprint-arrays.npz"
+#: ``{fingerprint: {key: content hash}}``: which stored array each fingerprint gets.
+SHARED_INDEX_FILE = "fingerprint-arrays.json"
+
+
+def _clean(name: str, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    clean = {str(k): np.asarray(v).copy(order="C") for k, v in arrays.items()}
+    for key, value in clean.items():
+        if value.dtype == object:
+            raise InputError(f"fingerprint {name!r}: array {key!r} is not numeric")
+    return clean
+
+
+def save_extras(folder: str | os.PathLike, name: str, arrays: dict[str, np.ndarray]) -> Path:
+    """Store one fingerprint's baseline arrays in ``folder`` atomically (plain ``.npz``)."""
+    target = Path(folder) / extras_file(name)
+    atomic_savez(target, _clean(name, arrays))
+    return target
+
+
+def save_all_extras(folder: str | os.PathLike,
+                    extras: Mapping[str, Mapping[str, np.ndarray]]) -> list[Path]:
+    """Store every fingerprint's baseline arrays in ``folder``, each distinct array once.
+
+    Fingerprints that share an array (the same PCA of T, the same regression) store it
+    once: ``fingerprint-arrays.npz`` holds the arrays by content hash and
+    ``fingerprint-arrays.json`` says which fingerprint gets which, under which key.
+    """
+    store: dict[str, np.ndarray] = {}
+    index: dict[str, dict[str, str]] = {}
+    for name, arrays in extras.items():
+        index[name] = {}
+        for key, value in _clean(name, arrays).items():
+            digest = array_digest(value)
+            store.setdefault(digest, value)
+            index[name][key] = digest
+    folder = Path(folder)
+    atomic_savez(folder / SHARED_ARRAYS_FILE, store)
+    atomic_write_text(folder / SHARED_INDEX_FILE,
+                      json.dumps({"format": 1, "fingerprints": index}, sort_keys=True) + "\n")
+    return [folder / SHARED_ARRAYS_FILE, folder / SHARED_INDEX_FILE]
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    return InputError(f"{path} is unreadable ({exc}); rebuild the baseline")
+
+
+def load_extras(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray] | None:
+    """A fingerprint's stored baseline arrays, or ``None`` when the baseline has none.
+
+    Reads the shared layout (:func:`save_all_extras`), else the per-fingerprint file of
+    baselines built before it.
+    """
+    folder = Path(folder)
+    index_path = folder / SHARED_INDEX_FILE
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())["fingerprints"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _unreadable(index_path, exc) from None
+        if name in index:
+            path = folder / SHARED_ARRAYS_FILE
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    return {k: npz[digest] for k, digest in index[name].items()}
+            except (OSError, ValueError, KeyError) as exc:
+                raise _unreadable(path, exc) from None
+    path = folder / extras_file(name)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def needs_ct(fp: Any) -> bool:
+    """Whether ``fp`` reads C_T (default True: a fingerprint that says nothing may)."""
+    return bool(getattr(fp, "needs_ct", True))
+
+
+def per_image_variance(fp: Any, ctx: FingerprintContext) -> np.ndarray | None:
+    """Per-entry variance of ``fp``'s per-image vectors (None: it has no ``per_image``)."""
+    method = getattr(fp, "per_image", None)
+    if not callable(method):
+        return None
+    rows = np.asarray(method(ctx), dtype=np.float64)
+    return rows.var(axis=0)
+
+
+def needs_extras(fp: Any) -> bool:
+    """Whether ``fp`` stores arrays with each baseline."""
+    return callable(getattr(fp, "prepare", None))
+
+
+def entry_layers(fp: Any, dims: Sequence[int]) -> np.ndarray:
+    """Layer index of each entry of ``fp``'s vector (-1: no layer)."""
+    method = getattr(fp, "entry_layers", None)
+    if method is None:
+        return np.arange(len(dims), dtype=np.int64)
+    return np.asarray(method([int(d) for d in dims]), dtype=np.int64).reshape(-1)
+
+
+def entry_mask(fp: Any, dims: Sequence[int], keep: np.ndarray) -> np.ndarray:
+    """Entries of ``fp``'s vector that belong to kept layers (or to no layer)."""
+    layers = entry_layers(fp, dims)
+    keep = np.asarray(keep, dtype=bool)
+    return np.where(layers < 0, True, keep[np.clip(layers, 0, None)])
+
+
+def resolve_matcher(fp: Any, name: str | None, kept_dims: Sequence[int]) -> tuple[str, Any]:
+    """``(name, matcher object)`` for matching ``fp``'s vectors of the kept layers.
+
+    ``name`` None takes the fingerprint's ``default_matcher`` (else ``combined``). A
+    fingerprint with its own rule for that name supplies the object; otherwise it is the
+    matcher plugin of that name.
+    """
+    from forensics.plugin.manager import get as get_plugin
+
+    name = name or getattr(fp, "default_matcher", None) or DEFAULT_MATCHER
+    own = getattr(fp, "matcher", None)
+    if callable(own):
+        obj = own(name, [int(d) for d in kept_dims])
+        if obj is not None:
+            return name, obj
+    return name, get_plugin("matchers", name)
+
+
+def compute(fp: Any, ctx: FingerprintContext) -> np.ndarray:
+    """Run ``fp.compute`` and check that it gives a 1-D float vector."""
+    vec = np.asarray(fp.compute(ctx), dtype=np.float64)
+    if vec.ndim != 1 or vec.size == 0:
+        raise InputError(f"fingerprint {fp.name!r} must give a non-empty 1-D vector, "
+                         f"got shape {vec.shape}")
+    return vec

@@ -1,0 +1,1 @@
+"""The steps of an investigation in order: baseline, curve, enrol, attribute, report."""
