@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     import forensics
+    from forensics import defaults
     from forensics.data.embed import embed_folder
-    from forensics.stats import fingerprints as fpmod
     from refbank import Bank
 
     encoder = f"fid-inception@{args.size}"
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {fp_name} | {mt} | {top:.3f} | [{lo:.2f}, {hi:.2f}] | {rd:.3f} | "
                      f"{rmin:.2f} | {au_f:.3f} / {au_r:.3f} | {out_f:.2f} / {out_r:.2f} | "
                      f"{in_f:.2f} / {in_r:.2f} |")
-    default = next(r[0] for r in rows if r[0].fp.name == fpmod.DEFAULT_FINGERPRINT
+    default = next(r[0] for r in rows if r[0].fp.name == defaults.FINGERPRINT
                    and r[0].matcher_name == "zscore")
     lines += ["", f"Confusions of {default.label} over the re-drawn queries (rows: truth):", "",
               "| | " + " | ".join(ARCHS) + " |", "|---" * (len(ARCHS) + 1) + "|"]
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(rows, key=lambda r: (min(r[4], cross[r[0].label][0]), r[4], r[1]))
     print(f"best: {best[0].label} (worst of re-drawn {best[4]:.3f} and cross-code "
           f"{cross[best[0].label][0]:.2f}; protocol top-1 {best[1]:.3f}, open-set AUROC "
-          f"{best[6]:.3f} / {best[7]:.3f}); default {fpmod.DEFAULT_FINGERPRINT}")
+          f"{best[6]:.3f} / {best[7]:.3f}); default {defaults.FINGERPRINT}")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -380,7 +380,8 @@ def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
 
 
 def test_evaluate_defaults_to_fps_own_fingerprint(enrolled):
-    from forensics.stats.fingerprints import DEFAULT_FINGERPRINT, get
+    from forensics.defaults import FINGERPRINT as DEFAULT_FINGERPRINT
+    from forensics.stats.fingerprints import get
     from forensics.steps.bank_access import load_baseline
     from refbank.bank import curve_fingerprints
 

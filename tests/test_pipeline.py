@@ -599,7 +599,7 @@ def test_cli_build_enroll_curve_attribute_with_json(world, tmp_path, monkeypatch
     assert len(answer["ranking"]) == 2 and set(answer) >= {"curve", "provenance"}
     # The command matches on the library's default method, and records it.
     attr = answer["provenance"]["attribution"]
-    assert attr["fingerprint"] == forensics.stats.fingerprints.DEFAULT_FINGERPRINT
+    assert attr["fingerprint"] == forensics.defaults.FINGERPRINT
     assert attr["matcher"] == "zscore"
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
         "attribution.json", "attribution.png", "report.html"]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.errors import InputError
 
 #: Split tags used by ``fp``: enrolled (reference) curves and query (suspect) curves.
@@ -37,7 +38,7 @@ LAYERCHOICE_SETTINGS: dict[str, Any] = {
     "encoder": "google/vit-base-patch16-224-in21k",
     "embedding": "CLS token of each hidden state",
     "projection": "PCA to 64 components fitted on T",
-    "partitioner": "kmeans",
+    "partitioner": defaults.PAPER_PARTITIONER,
     "n_cells": 10,
     "tau": "20/m",
     "distance": "1 - |cos|",
@@ -172,8 +173,8 @@ UNKNOWN = "unknown"
 
 #: Bank parameter columns of the authors' settings (tau = 20/m with m = 500).
 _LAYERCHOICE_COLUMNS: dict[str, Any] = {
-    "partitioner": "kmeans",
-    "distance": "abscosine",
+    "partitioner": defaults.PAPER_PARTITIONER,
+    "distance": defaults.PAPER_DISTANCE,
     "tau": 20 / LAYERCHOICE_SETTINGS["m"],
     "pooling": "cls",
 }

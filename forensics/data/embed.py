@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics._version import __version__
 from forensics.data.atomic import atomic_savez, atomic_write, atomic_write_text
 from forensics.data.images import Manifest, decode_rgb, read_image_file, scan_folder, to_rgb
@@ -52,12 +53,12 @@ DEFAULT_CACHE = _DefaultCache()
 
 def default_cache_dir() -> Path:
     """``$FP_CACHE_DIR/embeddings``, or the platform's user cache dir ``fp/embeddings``."""
-    root = os.environ.get("FP_CACHE_DIR")
+    root = os.environ.get(defaults.CACHE_ENV)
     if root:
-        return Path(root).expanduser() / "embeddings"
+        return Path(root).expanduser() / defaults.CACHE_FOLDER
     import platformdirs
 
-    return Path(platformdirs.user_cache_dir("fp")) / "embeddings"
+    return Path(platformdirs.user_cache_dir(defaults.APP_NAME)) / defaults.CACHE_FOLDER
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -512,9 +513,9 @@ def embed_folder(
     encoder: str,
     *,
     weights: str | None = None,
-    pool: str = "cls",
-    device: str = "auto",
-    batch_size: int = 64,
+    pool: str = defaults.POOL,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.BATCH_SIZE,
     num_workers: int | None = None,
     cache_dir: Path | str | None | _DefaultCache = DEFAULT_CACHE,
     progress: bool = True,
@@ -566,9 +567,9 @@ def embed_arrays(
     encoder: str,
     *,
     weights: str | None = None,
-    pool: str = "cls",
-    device: str = "auto",
-    batch_size: int = 64,
+    pool: str = defaults.POOL,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.BATCH_SIZE,
     num_workers: int | None = 0,
     cache_dir: Path | str | None | _DefaultCache = DEFAULT_CACHE,
     progress: bool = False,

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.errors import InputError
 
 #: Side of the saved images (the digits are 8x8; the demo encoder takes 32x32).
@@ -127,7 +128,7 @@ class DemoResult:
     sizes: DemoSizes
     encoder: str
     weights: str
-    fingerprint: str = "paper"
+    fingerprint: str = defaults.DEMO_FINGERPRINT
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -205,13 +206,13 @@ def run_demo(
     out: str | os.PathLike | None = None,
     *,
     bank: str | os.PathLike | None = None,
-    encoder: str = "vit-tiny-demo",
-    weights: str | None = "random:0",
+    encoder: str = defaults.DEMO_ENCODER,
+    weights: str | None = defaults.DEMO_WEIGHTS,
     quick: bool = False,
     sizes: DemoSizes | None = None,
     generators: tuple[Generator, ...] | None = None,
     seed: int = 0,
-    fingerprint: str = "paper",
+    fingerprint: str = defaults.DEMO_FINGERPRINT,
     device: str = "cpu",
     cache_dir: Any = None,
     progress: bool = False,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from forensics import defaults
 from forensics.errors import InputError, OfflineError
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def resolve_device(device: str = "auto") -> str:
+def resolve_device(device: str = defaults.DEVICE) -> str:
     """``auto`` -> ``cuda:0`` when available else ``cpu``; validate ``cpu`` / ``cuda[:N]``.
 
     Raises:

@@ -39,11 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.errors import BankError, InputError
 
-#: Layers the paper leaves out of matching (the first, closest to the pixels).
-DEFAULT_DROP_LAYERS: tuple[int, ...] = (0,)
-DEFAULT_QUANTILE = 0.05
 MIN_WITHIN = 3
 
 
@@ -161,7 +159,7 @@ class Attribution:
 # -- layers and matchers -----------------------------------------------------------------
 
 
-def keep_mask(n_layers: int, drop_layers: Sequence[int] = DEFAULT_DROP_LAYERS) -> np.ndarray:
+def keep_mask(n_layers: int, drop_layers: Sequence[int] = defaults.DROP_LAYERS) -> np.ndarray:
     """Boolean mask of the layers used for matching.
 
     Args:
@@ -222,8 +220,8 @@ def rank(
     query_vec: np.ndarray,
     bank_vectors: np.ndarray,
     meta: Sequence[dict[str, Any]],
-    matcher: Any = "combined",
-    drop_layers: Sequence[int] = DEFAULT_DROP_LAYERS,
+    matcher: Any = defaults.MATCHER,
+    drop_layers: Sequence[int] = defaults.DROP_LAYERS,
     top: int | None = None,
 ) -> list[Match]:
     """Rank enrolled curves by similarity to the suspect curve.
@@ -269,9 +267,9 @@ def rank(
 def calibrate_unknown(
     bank_vectors: np.ndarray,
     families: Sequence[str],
-    matcher: Any = "combined",
-    drop_layers: Sequence[int] = DEFAULT_DROP_LAYERS,
-    quantile: float = DEFAULT_QUANTILE,
+    matcher: Any = defaults.MATCHER,
+    drop_layers: Sequence[int] = defaults.DROP_LAYERS,
+    quantile: float = defaults.QUANTILE,
     min_within: int = MIN_WITHIN,
 ) -> Calibration:
     """Calibrate the ``unknown`` threshold from the bank's own within-family scores.
@@ -387,13 +385,13 @@ def _model_outcome(d: Decision) -> str:
 def bootstrap_confidence(
     curve_fn: Callable[[np.ndarray], np.ndarray],
     n_images: int,
-    n_boot: int = 100,
+    n_boot: int = defaults.N_BOOT,
     seed: int = 0,
     *,
     bank_vectors: np.ndarray,
     meta: Sequence[dict[str, Any]],
-    matcher: Any = "combined",
-    drop_layers: Sequence[int] = DEFAULT_DROP_LAYERS,
+    matcher: Any = defaults.MATCHER,
+    drop_layers: Sequence[int] = defaults.DROP_LAYERS,
     calibration: Calibration | None = None,
     decision: Decision | None = None,
     replace: bool = True,

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics._version import __version__
 from forensics.data.atomic import atomic_savez, atomic_write_text
 from forensics.errors import InputError
@@ -217,8 +218,8 @@ def baseline_key(
     P_layers: Sequence[np.ndarray],
     layer_names: Sequence[str],
     *,
-    distance: str = "abscosine",
-    partitioner: str = "kmeans",
+    distance: str = defaults.DISTANCE,
+    partitioner: str = defaults.PARTITIONER,
     seed: int = 0,
     partitioner_params: dict | None = None,
     T_cells: Any = None,
@@ -296,8 +297,8 @@ class Baseline:
         P_layers: Sequence[np.ndarray],
         layer_names: Sequence[str],
         *,
-        distance: str = "abscosine",
-        partitioner: str = "kmeans",
+        distance: str = defaults.DISTANCE,
+        partitioner: str = defaults.PARTITIONER,
         seed: int = 0,
         partitioner_params: dict | None = None,
         device: str = "cpu",
@@ -335,10 +336,10 @@ class Baseline:
         part = get("partitioners", partitioner)
         if (T_cells is None) != (P_cells is None):
             raise InputError("pass both T_cells and P_cells, or neither")
-        if T_cells is not None and partitioner != "given":
+        if T_cells is not None and partitioner != defaults.GIVEN_PARTITIONER:
             raise InputError(f"cell labels are used by the 'given' partitioner, not by "
                              f"{partitioner!r}: drop them or use partitioner='given'")
-        if partitioner == "given" and T_cells is None:
+        if partitioner == defaults.GIVEN_PARTITIONER and T_cells is None:
             raise InputError("the 'given' partitioner needs T_cells and P_cells")
         key, inputs = _key or baseline_key(
             T_layers, P_layers, layer_names, distance=distance, partitioner=partitioner,
@@ -502,7 +503,7 @@ def ct_score(
     P: np.ndarray,
     Q: np.ndarray,
     *,
-    distance: str = "abscosine",
+    distance: str = defaults.DISTANCE,
     partitioner: str | None = None,
     tau: float | None = None,
     seed: int = 0,
@@ -536,7 +537,7 @@ def ct_score(
     if any(has_cells) and not all(has_cells):
         raise InputError("pass all of T_cells, P_cells and Q_cells, or none of them")
     if partitioner is None:
-        partitioner = "given" if all(has_cells) else "kmeans"
+        partitioner = defaults.GIVEN_PARTITIONER if all(has_cells) else defaults.PARTITIONER
     base = Baseline.build(
         [T], [P], ["layer"], distance=distance, partitioner=partitioner, seed=seed,
         partitioner_params=partitioner_params, device=device,

@@ -32,10 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.errors import InputError, InsufficientDataError
-
-#: A cell enters C_T when it holds more than this many generated samples (tau = 20 / m).
-DEFAULT_MIN_COUNT = 20
 
 STATUS_OK = "ok"
 STATUS_NO_CELLS = "no_cells"
@@ -44,7 +42,7 @@ STATUS_CONSTANT = "constant"
 
 def default_tau(m: int) -> float:
     """The paper's threshold: a cell needs more than 20 of the m generated samples."""
-    return DEFAULT_MIN_COUNT / m
+    return defaults.TAU_MIN_COUNT / m
 
 
 def zu(dq: np.ndarray, dp: np.ndarray) -> float:

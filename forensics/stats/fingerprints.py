@@ -26,17 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.data.atomic import atomic_savez, atomic_write_text
 from forensics.errors import InputError
 from forensics.stats.baseline import array_digest
-
-#: The fingerprint used when none is named (measured best on real GAN samples,
-#: docs/attribution.md); ``paper`` is the C_T-layer curve of He et al. (2024).
-DEFAULT_FINGERPRINT = "resid-early"
-#: The paper's fingerprint: the C_T-layer curve (the curves' ``values`` column).
-PAPER_FINGERPRINT = "paper"
-#: The matcher used when neither the user nor the fingerprint names one.
-DEFAULT_MATCHER = "combined"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -321,7 +314,7 @@ def resolve_matcher(fp: Any, name: str | None, kept_dims: Sequence[int]) -> tupl
     """
     from forensics.plugin.manager import get as get_plugin
 
-    name = name or getattr(fp, "default_matcher", None) or DEFAULT_MATCHER
+    name = name or getattr(fp, "default_matcher", None) or defaults.MATCHER
     own = getattr(fp, "matcher", None)
     if callable(own):
         obj = own(name, [int(d) for d in kept_dims])

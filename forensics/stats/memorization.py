@@ -5,10 +5,11 @@ training set T with those of fresh held-out images, cell by cell; it is a weight
 of Z-scores (Mann-Whitney U), so it reads on a Z-like scale:
 
 * a layer **indicates copying** when its C_T is *clearly below 0*, defined here as
-  ``C_T < threshold`` with ``threshold = -2`` (:data:`DEFAULT_THRESHOLD`): the generated
-  images sit closer to T than fresh samples do by more than two standard deviations of
-  U's null distribution. Layers whose C_T is undefined (no cell with enough generated
-  images, constant embeddings) indicate nothing;
+  ``C_T < threshold`` with ``threshold = -2``
+  (:data:`forensics.defaults.MEMORIZATION_THRESHOLD`): the generated images sit closer to T
+  than fresh samples do by more than two standard deviations of U's null distribution.
+  Layers whose C_T is undefined (no cell with enough generated images, constant
+  embeddings) indicate nothing;
 * **low-level vs high-level**: the first half of the layers (index ``i < L/2``) are the
   *early* layers, which see colours, textures and simple patterns; the rest are the *late*
   layers, which see shapes and meaning. Copying only in early layers is ``low-level``,
@@ -47,13 +48,10 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.errors import InputError
 from forensics.stats.ct import STATUS_OK, CTResult
 
-#: C_T below this marks a layer as indicating copying (a Z-like scale: two "sigmas").
-DEFAULT_THRESHOLD = -2.0
-#: Number of closest generated/training pairs listed and drawn.
-DEFAULT_TOP = 8
 #: A flagged layer whose generated images name fewer distinct nearest training images
 #: than this share of m is reported as a collapse onto hubs (see :func:`nearest_spread`).
 COLLAPSE_SHARE = 0.25
@@ -77,7 +75,7 @@ def _finite(x: float) -> float | None:
 def copying_layers(
     layers: Sequence[str],
     values: Sequence[float],
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = defaults.MEMORIZATION_THRESHOLD,
     collapsed: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Which layers indicate copying, and whether that is low-level or high-level.
@@ -316,7 +314,7 @@ def closest_pairs(
     layer_index: int,
     suspect_manifest: Any = None,
     train_manifest: Any = None,
-    top: int = DEFAULT_TOP,
+    top: int = defaults.MEMORIZATION_TOP,
 ) -> list[dict[str, Any]]:
     """The generated images closest to a training image, with that training image.
 
@@ -387,8 +385,8 @@ def memorization_report(
     *,
     suspect_manifest: Any = None,
     train_manifest: Any = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    top: int = DEFAULT_TOP,
+    threshold: float = defaults.MEMORIZATION_THRESHOLD,
+    top: int = defaults.MEMORIZATION_TOP,
     layer: str | None = None,
 ) -> dict[str, Any]:
     """The whole report as a JSON-ready dict.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from forensics import defaults
 from forensics.errors import InputError, InsufficientDataError
 
 
@@ -322,8 +323,9 @@ def baseline_matchers(dims: Sequence[int]) -> list[BaselineMatcher]:
     if not dims or min(dims) < 1:
         raise InputError(f"layer dimensions must be positive, got {dims}")
     total, k = sum(dims), len(dims)
+    l2, cosine, combined = defaults.PAPER_MATCHERS
     return [
-        BaselineMatcher("l2", 0.0, total, k, "baseline: nearest FID (1/(1+|dFID|))"),
-        BaselineMatcher("cosine", 1.0, total, k, "baseline: cos(mean) + cos(std)"),
-        BaselineMatcher("combined", 0.5, total, k, "baseline: both, alpha = 0.5"),
+        BaselineMatcher(l2, 0.0, total, k, "baseline: nearest FID (1/(1+|dFID|))"),
+        BaselineMatcher(cosine, 1.0, total, k, "baseline: cos(mean) + cos(std)"),
+        BaselineMatcher(combined, 0.5, total, k, "baseline: both, alpha = 0.5"),
     ]

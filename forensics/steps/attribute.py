@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError
 from forensics.stats import fingerprints as fpmod
@@ -33,8 +34,6 @@ from forensics.steps.threads import _one_thread
 if TYPE_CHECKING:
     from forensics.stats.attribution import Attribution
 
-#: Bootstrap resamples of the suspect images behind ``confidence``.
-DEFAULT_N_BOOT = 100
 
 
 def _pick_baseline(b: Any, rows: list[dict[str, Any]], baseline: str | None) -> str | None:
@@ -52,7 +51,7 @@ def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarra
     """The enrolled vectors of fingerprint ``fp`` (the paper's: the ``values`` column)."""
     from refbank.bank import curve_fingerprints
 
-    if fp.name == fpmod.PAPER_FINGERPRINT:
+    if fp.name == defaults.PAPER_FINGERPRINT:
         return refs
     vecs, lacking = [], []
     for r in same_rows:
@@ -101,17 +100,17 @@ def attribute(
     baseline: str | None = None,
     matcher: str | None = None,
     fingerprint: str | None = None,
-    top: int = 5,
-    drop_layers: Sequence[int] = (0,),
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = 0,
-    quantile: float = 0.05,
+    top: int = defaults.TOP,
+    drop_layers: Sequence[int] = defaults.DROP_LAYERS,
+    n_boot: int = defaults.N_BOOT,
+    seed: int = defaults.SEED,
+    quantile: float = defaults.QUANTILE,
     bank: Any = None,
     report: PathLike | None = None,
     tau: float | None = None,
     weights: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.BATCH_SIZE,
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
@@ -168,7 +167,7 @@ def attribute(
     if not all_rows:
         raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
                         f"first: fp enroll DIR --baseline NAME --model M --family F")
-    fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
+    fp = fpmod.get(fingerprint or defaults.FINGERPRINT)
     device = resolve_device(device)
     loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device,
                            allow_unverified=allow_unverified)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError
 from forensics.progress import Stages, stages
@@ -27,17 +28,17 @@ def build_baseline(
     *,
     encoder: str,
     weights: str | None = None,
-    pool: str = "cls",
-    distance: str = "abscosine",
-    partitioner: str = "kmeans",
-    seed: int = 0,
-    n_cells: int = 10,
-    pca_dim: int = 64,
-    n_init: int = 10,
-    device: str = "auto",
+    pool: str = defaults.POOL,
+    distance: str = defaults.DISTANCE,
+    partitioner: str = defaults.PARTITIONER,
+    seed: int = defaults.SEED,
+    n_cells: int = defaults.N_CELLS,
+    pca_dim: int = defaults.PCA_DIM,
+    n_init: int = defaults.N_INIT,
+    device: str = defaults.DEVICE,
     bank: Any = None,
     notes: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = defaults.BATCH_SIZE,
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
@@ -93,7 +94,7 @@ def build_baseline(
     if name in taken:
         raise BankError(f"a baseline named {name!r} is already in the bank at {b.path}; "
                         f"choose another name, or remove it first: fp baseline remove {name}")
-    if partitioner == "given":
+    if partitioner == defaults.GIVEN_PARTITIONER:
         raise InputError("the 'given' partitioner cannot assign new images to cells; "
                          "use --partitioner kmeans")
     device = resolve_device(device)

@@ -8,13 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import InputError, InsufficientDataError
 from forensics.stats import fingerprints as fpmod
 from forensics.steps.bank_access import LoadedBaseline, PathLike, _absolute, load_baseline
-
-#: How tau is chosen when none is given (recorded in provenance).
-TAU_RULE = "20/m"
 
 
 @dataclass
@@ -151,8 +149,6 @@ def _spreads(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
     return out
 
 
-#: The fewest images of a set (C_T-free fingerprints; C_T itself needs far more).
-MIN_IMAGES = 2
 
 
 def _check_tau(tau: float | None) -> None:
@@ -180,9 +176,9 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
              extra: dict[str, Any] | None = None, spreads: bool = False) -> CurveResult:
     from forensics.stats.curve import Curve, make_provenance
 
-    if len(rows) < MIN_IMAGES:
+    if len(rows) < defaults.MIN_IMAGES:
         raise InsufficientDataError(
-            f"{what}: {len(rows)} image(s); a set needs at least {MIN_IMAGES} images")
+            f"{what}: {len(rows)} image(s); a set needs at least {defaults.MIN_IMAGES} images")
     need = details or any(getattr(fp, "needs_details", False) for fp in fps)
     results, Q = _query(loaded, emb, rows, tau, need)
     if any(fpmod.needs_ct(fp) for fp in fps):
@@ -194,7 +190,7 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
         extra = {"skipped": [list(s) for s in emb.manifest.skipped], **(extra or {})}
     params = {
         "partitioner": row["partitioner"], "distance": row["distance"],
-        "tau": float(results[0].tau), "tau_rule": TAU_RULE if tau is None else "given",
+        "tau": float(results[0].tau), "tau_rule": defaults.TAU_RULE if tau is None else "given",
         "pooling": row["pooling"], "seed": row["seed"],
         **{k: loaded.params[k] for k in ("n_cells", "pca_dim", "n_init", "weights")
            if k in loaded.params},
@@ -222,8 +218,8 @@ def compute_curve(
     details: bool = False,
     fingerprints: Sequence[str] | None = None,
     weights: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.BATCH_SIZE,
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,

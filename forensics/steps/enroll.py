@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError, InsufficientDataError
 from forensics.stats.confidence import var_key
@@ -20,9 +21,6 @@ from forensics.steps.bank_access import (
 from forensics.steps.curve import _check_tau, _embed_suspect, _fingerprint_objects, _measure
 from forensics.steps.threads import _one_thread
 
-#: Images per enrolled curve unless told otherwise (as in the paper).
-DEFAULT_PER_CURVE = 500
-
 
 def enroll(
     folder: PathLike,
@@ -31,15 +29,15 @@ def enroll(
     model: str,
     family: str,
     checkpoint: str | None = None,
-    per_curve: int = DEFAULT_PER_CURVE,
+    per_curve: int = defaults.PER_CURVE,
     split: str = "enroll",
     bank: Any = None,
     tau: float | None = None,
     source: str | None = None,
     notes: str | None = None,
     weights: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.BATCH_SIZE,
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,

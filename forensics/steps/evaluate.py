@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.data.curvefiles import SPLITS
 from forensics.errors import InputError, InsufficientDataError
 
 PROTOCOLS = ("split", "loo")
-DEFAULT_MATCHERS = ("l2", "cosine", "combined")
 
 
 def resolve_matchers(matchers: str | Iterable[Any]) -> list[Any]:
@@ -55,7 +55,8 @@ def resolve_matchers(matchers: str | Iterable[Any]) -> list[Any]:
             resolved.append(m)
     names = [m.name for m in resolved]
     if not names:
-        raise InputError("no matcher given; choose one or more of: " + ", ".join(DEFAULT_MATCHERS))
+        raise InputError("no matcher given; choose one or more of: "
+                         + ", ".join(defaults.PAPER_MATCHERS))
     if len(set(names)) != len(names):
         raise InputError(f"matchers must have distinct names, got {names}")
     return resolved
@@ -179,10 +180,10 @@ def evaluate(
     splits: Sequence[str] | None = None,
     *,
     names: Sequence[str] | None = None,
-    matchers: str | Iterable[Any] = DEFAULT_MATCHERS,
+    matchers: str | Iterable[Any] = defaults.PAPER_MATCHERS,
     protocol: str = "split",
     drop_layers: Sequence[int] = (0,),
-    n_boot: int = 1000,
+    n_boot: int = defaults.EVALUATE_N_BOOT,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
@@ -389,8 +390,8 @@ def fingerprint_matchers(fp: Any, matchers: str | Iterable[Any] | None,
     from forensics.stats import fingerprints as fpmod
 
     if matchers is None:
-        matchers = (list(DEFAULT_MATCHERS) if fp.name == fpmod.PAPER_FINGERPRINT
-                    else [getattr(fp, "default_matcher", None) or fpmod.DEFAULT_MATCHER])
+        matchers = (list(defaults.PAPER_MATCHERS) if fp.name == defaults.PAPER_FINGERPRINT
+                    else [getattr(fp, "default_matcher", None) or defaults.MATCHER])
     if isinstance(matchers, str):
         matchers = [matchers]
     names: list[Any] = []
@@ -408,7 +409,7 @@ def evaluate_bank(
     matchers: str | Iterable[Any] | None = None,
     protocol: str = "split",
     drop_layers: Sequence[int] = (0,),
-    n_boot: int = 1000,
+    n_boot: int = defaults.EVALUATE_N_BOOT,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
@@ -440,7 +441,7 @@ def evaluate_bank(
     from forensics.steps.attribute import _reference_vectors
     from forensics.steps.bank_access import open_bank
 
-    fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
+    fp = fpmod.get(fingerprint or defaults.FINGERPRINT)
     bank = open_bank(bank)
     base, rows = select_curves(bank, baseline)
     n_layers = len(base["layers"])
@@ -449,7 +450,7 @@ def evaluate_bank(
     objs = fingerprint_matchers(fp, matchers, [d for d, k in zip(dims, keep, strict=True) if k])
     kw: dict[str, Any] = {"matchers": objs, "protocol": protocol, "n_boot": n_boot,
                           "seed": seed, "level": level}
-    if fp.name == fpmod.PAPER_FINGERPRINT:
+    if fp.name == defaults.PAPER_FINGERPRINT:
         result = evaluate_curves(rows, drop_layers=drop_layers, **kw)
     else:
         vectors = _reference_vectors(fp, rows, np.empty((0, 0)), f" of baseline {base['name']!r}")
@@ -466,19 +467,19 @@ def evaluate_bank(
         "baseline": {"name": base["name"], "baseline_id": base["baseline_id"],
                      "encoder": base["encoder"], "n_layers": n_layers},
         "fingerprint": fp.name,
-        "method": ("C_T-layer curves" if fp.name == fpmod.PAPER_FINGERPRINT
+        "method": ("C_T-layer curves" if fp.name == defaults.PAPER_FINGERPRINT
                    else f"fingerprint {fp.name}: {getattr(fp, 'description', '')}".rstrip(": ")),
         **result,
     }
     out["comparison"] = {
-        "setstats": setstats_comparison(rows, names, protocol=protocol, n_boot=n_boot,
-                                        seed=seed, level=level)
+        SETSTATS: setstats_comparison(rows, names, protocol=protocol, n_boot=n_boot,
+                                      seed=seed, level=level)
     }
     return out
 
 
 #: Name of the fingerprint holding the paper's mean/std/FID baseline vector.
-SETSTATS = "setstats"
+SETSTATS = defaults.SETSTATS_FINGERPRINT
 
 
 def _unavailable(reason: str) -> dict[str, Any]:
@@ -490,7 +491,7 @@ def setstats_comparison(
     matcher_names: Sequence[str],
     *,
     protocol: str = "split",
-    n_boot: int = 1000,
+    n_boot: int = defaults.EVALUATE_N_BOOT,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.steps.bank_access import LoadedBaseline, PathLike, train_manifest
 from forensics.steps.curve import compute_curve
@@ -20,8 +21,8 @@ def memorize(
     report: PathLike | None = None,
     tau: float | None = None,
     weights: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
+    device: str = defaults.DEVICE,
+    batch_size: int = defaults.BATCH_SIZE,
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
@@ -57,8 +58,8 @@ def memorize(
     body = mem.memorization_report(
         res.curve.layers, res.results, loaded.engine.layers,
         suspect_manifest=res.embeddings.manifest, train_manifest=train_manifest(loaded),
-        threshold=mem.DEFAULT_THRESHOLD if threshold is None else threshold,
-        top=mem.DEFAULT_TOP if top is None else top, layer=layer,
+        threshold=defaults.MEMORIZATION_THRESHOLD if threshold is None else threshold,
+        top=defaults.MEMORIZATION_TOP if top is None else top, layer=layer,
     )
     row = loaded.row
     out = {

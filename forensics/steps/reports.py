@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.data.atomic import atomic_write_bytes
 from forensics.errors import InputError
 
@@ -25,7 +26,6 @@ JSON_NAME = "attribution.json"
 PNG_NAME = "attribution.png"
 HTML_NAME = "report.html"
 #: The fingerprint whose picture is the C_T curves (the curves' ``values`` column).
-CURVE_FINGERPRINT = "paper"
 
 
 @dataclass
@@ -224,13 +224,13 @@ def plot_attribution(attribution: Any, rows: Sequence[dict[str, Any]], path: str
     distances of the suspect's vector to its top matches.
     """
     params = attribution.parameters
-    fingerprint = params.get("fingerprint", CURVE_FINGERPRINT)
+    fingerprint = params.get("fingerprint", defaults.PAPER_FINGERPRINT)
     matcher = params.get("matcher", attribution.calibration.matcher)
     dropped = params.get("drop_layers", ())
     curve = attribution.curve
     title = (f"fingerprint {fingerprint}, matcher {matcher}: decision "
              f"{_verdict(attribution)}")
-    if fingerprint == CURVE_FINGERPRINT:
+    if fingerprint == defaults.PAPER_FINGERPRINT:
         by_id = {r["curve_id"]: r for r in rows}
         refs = [(f"#{m.rank} {m.model} ({m.family}) {m.score:.3f}", by_id[m.curve_id]["values"])
                 for m in attribution.ranking if m.curve_id in by_id]

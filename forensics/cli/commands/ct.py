@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from forensics import defaults
 from forensics.errors import InputError
 
 CELL_ARRAYS = ("T_cells", "P_cells", "Q_cells")
@@ -79,14 +80,14 @@ def register(app: typer.Typer) -> None:
         file: Path = typer.Argument(
             ..., help="An .npz with arrays T, P, Q (samples x features); optionally T_cells, "
             "P_cells, Q_cells (cell labels) and a scalar tau."),
-        distance: str = typer.Option("abscosine", "--distance", help="Distance name."),
+        distance: str = typer.Option(defaults.DISTANCE, "--distance", help="Distance name."),
         partitioner: str = typer.Option(
             None, "--partitioner",
             help="Partitioner name (default: given when the file holds cell labels, else kmeans)."),
         tau: float = typer.Option(
             None, "--tau",
             help="Cell threshold on Q's share (default: the file's tau, else 20/m)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
+        seed: int = typer.Option(defaults.SEED, "--seed", help="Seed of every random step."),
         device: str = typer.Option("cpu", "--device", help="Torch device of the NN search."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -96,11 +97,12 @@ def register(app: typer.Typer) -> None:
         data = load_ct_file(file)
         has_cells = "T_cells" in data
         if partitioner is None:
-            partitioner = "given" if has_cells else "kmeans"
-        if partitioner == "given" and not has_cells:
+            partitioner = defaults.GIVEN_PARTITIONER if has_cells else defaults.PARTITIONER
+        if partitioner == defaults.GIVEN_PARTITIONER and not has_cells:
             raise InputError(f"{file} holds no cell labels (T_cells, P_cells, Q_cells) for the "
                              f"'given' partitioner: add them, or use --partitioner kmeans")
-        cells = {k: data[k] for k in CELL_ARRAYS} if partitioner == "given" else {}
+        given = partitioner == defaults.GIVEN_PARTITIONER
+        cells = {k: data[k] for k in CELL_ARRAYS} if given else {}
         result = ct_score(
             data["T"], data["P"], data["Q"], distance=distance, partitioner=partitioner,
             tau=tau if tau is not None else data.get("tau"), seed=seed, device=device, **cells)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from forensics import defaults
+
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
@@ -16,12 +18,15 @@ def register(app: typer.Typer) -> None:
         bank: Path = typer.Option(None, "--bank",
                                   help="Bank folder [default: OUT/bank; never the user's "
                                        "default bank unless given here]."),
-        encoder: str = typer.Option("vit-tiny-demo", "--encoder", "-e", help="Encoder name."),
-        weights: str = typer.Option("random:0", "--weights", help="Encoder weights spec."),
+        encoder: str = typer.Option(defaults.DEMO_ENCODER, "--encoder", "-e",
+                                    help="Encoder name."),
+        weights: str = typer.Option(defaults.DEMO_WEIGHTS, "--weights",
+                                    help="Encoder weights spec."),
         quick: bool = typer.Option(False, "--quick",
                                    help="Two generator families and fewer images (seconds)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling, generators."),
-        fingerprint: str = typer.Option("paper", "--fingerprint",
+        seed: int = typer.Option(defaults.SEED, "--seed",
+                                 help="Seed of the split, sampling, generators."),
+        fingerprint: str = typer.Option(defaults.DEMO_FINGERPRINT, "--fingerprint",
                                         help="What attribution matches on (fp list "
                                              "fingerprints)."),
         device: str = typer.Option("cpu", "--device", help="cpu, auto, cuda or cuda:N."),

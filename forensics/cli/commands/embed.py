@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from forensics import defaults
 from forensics.plugin.encoders import POOLS
 
 #: ``--pool`` choices; follows :data:`forensics.plugin.encoders.POOLS`.
@@ -39,11 +40,12 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, "--weights",
                                     help="hub, a local file, or random:SEED "
                                          "[default: the encoder's default]."),
-        pool: Pool = typer.Option(POOLS[0], "--pool",
+        pool: Pool = typer.Option(Pool(defaults.POOL), "--pool",
                                   help="Transformer layers: class token or mean of patch "
                                        "tokens."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch."),
+        device: str = typer.Option(defaults.DEVICE, "--device", help="auto, cpu, cuda or cuda:N."),
+        batch_size: int = typer.Option(defaults.BATCH_SIZE, "--batch-size", min=1,
+                                       help="Images per batch."),
         num_workers: int = typer.Option(None, "--num-workers", min=0,
                                         help="Decoding workers [default: by device]."),
         skip_bad: bool = skip_bad_option(),

@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from forensics import defaults
+
 
 def _summary(encoder) -> dict:
     return {
@@ -43,7 +45,7 @@ def register(app: typer.Typer) -> None:
     @encoders_app.command("show")
     def show_cmd(
         name: str = typer.Argument(..., help="Encoder name, e.g. vit-b16 or timm:resnet34."),
-        pool: str = typer.Option("cls", "--pool", help="cls or mean."),
+        pool: str = typer.Option(defaults.POOL, "--pool", help="cls or mean."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Show an encoder's layers and their dimensions (no weights are loaded)."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from forensics import defaults
 from forensics.cli.commands.bank import _print_table, bank_option, echo_json, open_bank
 from forensics.cli.commands.pipeline import parse_drop_layers
 
@@ -37,9 +38,10 @@ def _print_result(result: dict[str, Any]) -> None:
         f"{result['n_queries']} queries against {result['n_enrolled']} enrolled; "
         f"dropped layer indices: {', '.join(map(str, dropped)) or 'none'}."
     )
-    setstats = result["comparison"]["setstats"]
+    setstats = result["comparison"][defaults.SETSTATS_FINGERPRINT]
     level = int(round(result["bootstrap"]["level"] * 100))
-    what = "C_T-layer" if result["fingerprint"] == "paper" else result["fingerprint"]
+    paper = result["fingerprint"] == defaults.PAPER_FINGERPRINT
+    what = "C_T-layer" if paper else result["fingerprint"]
     columns = ["matcher", f"{what} accuracy", f"{level}% CI"]
     if setstats["available"]:
         columns += ["mean/std/FID accuracy", f"{level}% CI"]
@@ -77,11 +79,12 @@ def register(app: typer.Typer) -> None:
         fingerprint: str | None = typer.Option(None, "--fingerprint", help=FINGERPRINT_HELP),
         matcher: list[str] | None = typer.Option(None, "--matcher", help=MATCHER_HELP),
         drop_layers: str = typer.Option(
-            "0", "--drop-layers",
+            ",".join(map(str, defaults.DROP_LAYERS)), "--drop-layers",
             help="Layer indices left out of matching, comma-separated, or 'none' "
                  "(default 0: the paper's rule)."),
-        n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples (0: none)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+        n_boot: int = typer.Option(defaults.EVALUATE_N_BOOT, "--n-boot",
+                                   help="Bootstrap resamples (0: none)."),
+        seed: int = typer.Option(defaults.SEED, "--seed", help="Seed of the bootstrap."),
         as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
         bank: Path | None = bank_option(),
     ) -> None:

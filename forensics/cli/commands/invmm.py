@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from forensics import defaults
+
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -109,7 +111,7 @@ def register(app: typer.Typer) -> None:
         images: Path = typer.Argument(..., help="Folder of images (or one image)."),
         model: str = typer.Option(..., "--model", "-m",
                                   help="Diffusers folder (save_pretrained) or hub id."),
-        measure: str = typer.Option("invmm", "--measure",
+        measure: str = typer.Option(defaults.MEASURE, "--measure",
                                     help="invmm | wen | extraction | a plugin's measure."),
         param: list[str] = typer.Option([], "--param", "-p",
                                         help="A measure option, KEY=VALUE (repeatable)."),

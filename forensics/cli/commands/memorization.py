@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from forensics import defaults
 from forensics.cli.commands.bank import _print_table, bank_option, echo_json
 from forensics.cli.commands.embed import skip_bad_option
 from forensics.cli.commands.pipeline import _batch, _common, _device, _no_cache, _quiet, _tau
@@ -54,9 +55,9 @@ def register(app: typer.Typer) -> None:
             None, "--baseline", "-b",
             help="Baseline whose T the generator was trained on [default: the bank's only one]."),
         threshold: float = typer.Option(
-            -2.0, "--threshold",
+            defaults.MEMORIZATION_THRESHOLD, "--threshold",
             help="A layer indicates copying when its C_T is below this (a Z-like scale)."),
-        top: int = typer.Option(8, "--top", min=1,
+        top: int = typer.Option(defaults.MEMORIZATION_TOP, "--top", min=1,
                                 help="Closest generated/training pairs to list and draw."),
         layer: str = typer.Option(
             None, "--layer", help="Layer to find the closest images in [default: lowest C_T]."),

@@ -10,17 +10,22 @@ from typing import Any
 
 import typer
 
+from forensics import defaults
 from forensics.cli.commands.bank import _print_table, bank_option, echo_json, printable
 from forensics.cli.commands.baseline import baseline_app
 from forensics.cli.commands.embed import Pool, echo_skipped, skip_bad_option
 
+#: ``--drop-layers`` as typed: the default layer indices, comma-separated.
+_DROP_LAYERS = ",".join(map(str, defaults.DROP_LAYERS))
+
 
 def _device() -> Any:
-    return typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+    return typer.Option(defaults.DEVICE, "--device", help="auto, cpu, cuda or cuda:N.")
 
 
 def _batch() -> Any:
-    return typer.Option(64, "--batch-size", min=1, help="Images per forward pass.")
+    return typer.Option(defaults.BATCH_SIZE, "--batch-size", min=1,
+                        help="Images per forward pass.")
 
 
 def _no_cache() -> Any:
@@ -82,13 +87,16 @@ def build_cmd(
     weights: str = typer.Option(None, "--weights",
                                 help="hub, a local file, or random:SEED [default: the "
                                      "encoder's]."),
-    pool: Pool = typer.Option(Pool.cls, "--pool", help="Transformer layers: cls or mean."),
-    distance: str = typer.Option("abscosine", "--distance", help="Distance (fp list distances)."),
-    partitioner: str = typer.Option("kmeans", "--partitioner", help="Partitioner."),
-    n_cells: int = typer.Option(10, "--n-cells", min=1, help="Cells per layer."),
-    pca_dim: int = typer.Option(64, "--pca-dim", min=1, help="PCA dimensions before KMeans."),
-    n_init: int = typer.Option(10, "--n-init", min=1, help="KMeans restarts."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random step."),
+    pool: Pool = typer.Option(Pool(defaults.POOL), "--pool",
+                              help="Transformer layers: cls or mean."),
+    distance: str = typer.Option(defaults.DISTANCE, "--distance",
+                                 help="Distance (fp list distances)."),
+    partitioner: str = typer.Option(defaults.PARTITIONER, "--partitioner", help="Partitioner."),
+    n_cells: int = typer.Option(defaults.N_CELLS, "--n-cells", min=1, help="Cells per layer."),
+    pca_dim: int = typer.Option(defaults.PCA_DIM, "--pca-dim", min=1,
+                                help="PCA dimensions before KMeans."),
+    n_init: int = typer.Option(defaults.N_INIT, "--n-init", min=1, help="KMeans restarts."),
+    seed: int = typer.Option(defaults.SEED, "--seed", help="Seed of every random step."),
     notes: str = typer.Option(None, "--notes", help="Free text stored with the baseline."),
     device: str = _device(),
     batch_size: int = _batch(),
@@ -167,7 +175,7 @@ def enroll_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Generator name."),
     family: str = typer.Option(..., "--family", "-f", help="Architecture family."),
     checkpoint: str = typer.Option(None, "--checkpoint", help="Checkpoint or release."),
-    per_curve: int = typer.Option(500, "--per-curve", min=2,
+    per_curve: int = typer.Option(defaults.PER_CURVE, "--per-curve", min=2,
                                   help="Images per curve (the paper: 500); the folder is split."),
     split: str = typer.Option("enroll", "--split", help="Split tag stored with the curves."),
     source: str = typer.Option(None, "--source", help="Where the images came from."),
@@ -217,14 +225,14 @@ def attribute_cmd(
                                          "proj-mean, paper (the C_T curve; --fingerprint paper "
                                          "--matcher combined is the paper's method), setstats "
                                          "(mean/std/FID), or a plugin's (fp list fingerprints)."),
-    top: int = typer.Option(5, "--top", min=1, help="Matches to list."),
-    drop_layers: str = typer.Option("0", "--drop-layers",
+    top: int = typer.Option(defaults.TOP, "--top", min=1, help="Matches to list."),
+    drop_layers: str = typer.Option(_DROP_LAYERS, "--drop-layers",
                                     help="Layer indices left out of matching, e.g. 0 or 0,3, "
                                          "or none."),
-    n_boot: int = typer.Option(100, "--n-boot", min=0,
+    n_boot: int = typer.Option(defaults.N_BOOT, "--n-boot", min=0,
                                help="Bootstrap resamples for the stability figure (0: none)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the resampling."),
-    quantile: float = typer.Option(0.05, "--quantile", min=0.0, max=1.0,
+    seed: int = typer.Option(defaults.SEED, "--seed", help="Seed of the resampling."),
+    quantile: float = typer.Option(defaults.QUANTILE, "--quantile", min=0.0, max=1.0,
                                    help="Share of genuine curves accepted to be called unknown."),
     tau: float = _tau(),
     report: Path = typer.Option(None, "--report",

@@ -1,0 +1,95 @@
+"""Every default of fp, once: the built-in plugins used when none is named, and the numbers.
+
+The engine names a built-in plugin only here; the command line's option defaults and the
+library's keyword defaults read these. Imports nothing (any layer may import it).
+"""
+
+from __future__ import annotations
+
+# -- the paper's settings (He et al. 2024, LayerChoice) -----------------------------------
+
+#: The paper's nearest-neighbour distance.
+PAPER_DISTANCE = "abscosine"
+#: The paper's partitioner (PCA, then KMeans).
+PAPER_PARTITIONER = "kmeans"
+#: The paper's fingerprint: the C_T-layer curve (the bank curves' ``values`` column).
+PAPER_FINGERPRINT = "paper"
+#: The paper's three matchers, in its order (nearest FID, cosine, both).
+PAPER_MATCHERS: tuple[str, ...] = ("l2", "cosine", "combined")
+#: The paper's mean/std/FID set-statistics baseline, as a fingerprint.
+SETSTATS_FINGERPRINT = "setstats"
+
+# -- plugins used when none is named --------------------------------------------------------
+
+#: Distance of a new baseline.
+DISTANCE = PAPER_DISTANCE
+#: Partitioner of a new baseline.
+PARTITIONER = PAPER_PARTITIONER
+#: The partitioner that takes the caller's cell labels (it assigns no new samples).
+GIVEN_PARTITIONER = "given"
+#: What attribution matches on (measured best on real GAN samples, docs/attribution.md).
+FINGERPRINT = "resid-early"
+#: The matcher used when neither the user nor the fingerprint names one.
+MATCHER = "combined"
+#: The memorization measure of ``fp invmm`` and ``fp memorize``.
+MEASURE = "invmm"
+#: The encoder, weights and fingerprint of ``fp demo`` (a tiny seeded ViT: seconds on a CPU).
+DEMO_ENCODER = "vit-tiny-demo"
+DEMO_WEIGHTS = "random:0"
+DEMO_FINGERPRINT = PAPER_FINGERPRINT
+
+# -- baselines ---------------------------------------------------------------------------------
+
+#: Transformer layers: the CLS token (``cls``) or the mean of the tokens (``mean``).
+POOL = "cls"
+#: Cells per layer.
+N_CELLS = 10
+#: PCA dimensions before KMeans.
+PCA_DIM = 64
+#: KMeans restarts.
+N_INIT = 10
+#: Seed of every random step.
+SEED = 0
+
+# -- C_T ---------------------------------------------------------------------------------------
+
+#: A cell enters C_T when it holds more than this many generated samples: tau = 20 / m.
+TAU_MIN_COUNT = 20
+#: How tau is chosen when none is given (recorded in provenance).
+TAU_RULE = f"{TAU_MIN_COUNT}/m"
+
+# -- image sets --------------------------------------------------------------------------------
+
+#: Images per enrolled curve (as in the paper).
+PER_CURVE = 500
+#: The fewest images of a set (C_T-free fingerprints; C_T itself needs far more).
+MIN_IMAGES = 2
+#: Images per forward pass.
+BATCH_SIZE = 64
+#: Where embeddings are computed: ``auto`` picks a GPU when there is one.
+DEVICE = "auto"
+#: Where the embedding cache lives: ``$FP_CACHE_DIR/<CACHE_FOLDER>``, else the platform's
+#: user cache dir ``<APP_NAME>/<CACHE_FOLDER>``.
+CACHE_ENV = "FP_CACHE_DIR"
+APP_NAME = "fp"
+CACHE_FOLDER = "embeddings"
+
+# -- attribution -------------------------------------------------------------------------------
+
+#: Layer indices left out of matching (the paper drops layer 0).
+DROP_LAYERS: tuple[int, ...] = (0,)
+#: Share of genuine curves accepted to be called unknown.
+QUANTILE = 0.05
+#: Bootstrap resamples of the suspect images behind ``stability``.
+N_BOOT = 100
+#: Matches kept in the ranking.
+TOP = 5
+
+# -- evaluation and memorization -----------------------------------------------------------
+
+#: Bootstrap resamples of ``fp evaluate``'s confidence intervals.
+EVALUATE_N_BOOT = 1000
+#: C_T below this flags a layer as copying its training images.
+MEMORIZATION_THRESHOLD = -2.0
+#: Closest generated/training pairs listed by ``fp memorization``.
+MEMORIZATION_TOP = 8
