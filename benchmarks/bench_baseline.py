@@ -77,8 +77,16 @@ def tree_bytes(path: Path) -> int:
 def _time_stages() -> dict[str, float]:
     """Seconds of the last build's stages: the engine (partition, P distances) and the
     fingerprints' arrays; wraps the two functions every fp version builds them with."""
-    import forensics.steps.pipeline as pipeline
+    import importlib
+
     from forensics.stats.baseline import Baseline
+
+    for where in ("forensics.steps.build_baseline", "forensics.steps.pipeline"):  # new, old
+        try:
+            pipeline = importlib.import_module(where)
+            break
+        except ImportError:
+            continue
 
     stages: dict[str, float] = {}
 

@@ -4,7 +4,7 @@ Heavy dependencies (torch, sklearn, scipy, pyarrow) are imported only inside the
 functions that need them, so ``import forensics`` and ``fp --help`` stay instant.
 
 The investigator's steps are importable from here, loaded on first use
-(see :mod:`forensics.steps.pipeline`)::
+(see :mod:`forensics.steps`)::
 
     import forensics
     forensics.build_baseline("cifar", "train/", "heldout/", encoder="vit-b16", bank="bank/")
@@ -23,13 +23,13 @@ from forensics._version import __version__
 
 #: Names exported lazily: name -> module that defines it.
 _LAZY = {
-    "attribute": "forensics.steps.pipeline",
-    "build_baseline": "forensics.steps.pipeline",
-    "compute_curve": "forensics.steps.pipeline",
-    "enroll": "forensics.steps.pipeline",
-    "load_baseline": "forensics.steps.pipeline",
-    "memorize": "forensics.steps.pipeline",
-    "CurveResult": "forensics.steps.pipeline",
+    "attribute": "forensics.steps.attribute",
+    "build_baseline": "forensics.steps.build_baseline",
+    "compute_curve": "forensics.steps.curve",
+    "enroll": "forensics.steps.enroll",
+    "load_baseline": "forensics.steps.bank_access",
+    "memorize": "forensics.steps.memorization",
+    "CurveResult": "forensics.steps.curve",
     "evaluate_bank": "forensics.steps.evaluate",
     "run_demo": "forensics.paper.demo",
 }

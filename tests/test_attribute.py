@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -10,8 +11,8 @@ import pytest
 
 from forensics.errors import BankError, InputError
 from forensics.stats.attribution import (
+    Attribution,
     Match,
-    attribute_curve,
     bootstrap_confidence,
     calibrate_unknown,
     comparable_references,
@@ -270,14 +271,35 @@ def test_comparable_references_and_refusals():
         comparable_references(Curve(LAYERS, vecs[0]), rows)
 
 
-def test_attribute_curve_json():
+def answer(curve, rows, *, matcher="combined", top=5, curve_fn=None, n_boot=100, seed=0,
+           bank=None):
+    """Rank, calibrate, decide and (given ``curve_fn``) bootstrap, as the attribute step does."""
+    refs, meta = comparable_references(curve, rows, bank=bank)
+    ranking = rank(curve.values, refs, meta, matcher, (0,))
+    calibration = calibrate_unknown(refs, [m["family"] for m in meta], matcher, (0,))
+    decision = decide(ranking, calibration)
+    boot = None
+    if curve_fn is not None:
+        boot = bootstrap_confidence(curve_fn, int(curve.provenance["inputs"]["n_images"]),
+                                    n_boot, seed, bank_vectors=refs, meta=meta,
+                                    matcher=matcher, calibration=calibration,
+                                    decision=decision)
+        decision = dataclasses.replace(decision, stability=boot.confidence,
+                                       model_stability=boot.model_confidence)
+    parameters = {"matcher": matcher, "drop_layers": [0], "top": top, "quantile": 0.05,
+                  "n_boot": n_boot if boot is not None else 0, "seed": seed, "bank": bank,
+                  "n_references": len(meta)}
+    return Attribution(decision, ranking[:top], calibration, curve, boot, parameters)
+
+
+def test_attribution_json():
     vecs, fams, protos = synthetic_bank()
     rng = np.random.default_rng(6)
     images = protos["vae"] + rng.normal(0, 0.05, (40, L))
     fn = image_curve_fn(images)
     curve = suspect_curve(fn(np.arange(40)))
-    result = attribute_curve(curve, bank_rows(vecs, fams), top=3, curve_fn=fn, n_boot=20,
-                             seed=1, bank="/bank")
+    result = answer(curve, bank_rows(vecs, fams), top=3, curve_fn=fn, n_boot=20, seed=1,
+                    bank="/bank")
     out = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     d = out["decision"]
     assert d["family"] == "vae" and d["unknown"] is False and d["stability"] == 1.0
@@ -290,7 +312,7 @@ def test_attribute_curve_json():
     assert att["matcher"] == "combined" and att["drop_layers"] == [0] and att["n_boot"] == 20
     assert att["n_references"] == 15 and out["bootstrap"]["outcomes"] == {"vae": 20}
     assert out["calibration"]["threshold"] is not None
-    plain = attribute_curve(curve, bank_rows(vecs, fams), matcher="l2")
+    plain = answer(curve, bank_rows(vecs, fams), matcher="l2")
     assert plain.decision.stability is None and plain.bootstrap is None
 
 
@@ -301,7 +323,7 @@ def test_report_folder_has_json_and_png(tmp_path):
 
     vecs, fams, protos = synthetic_bank()
     rows = bank_rows(vecs, fams)
-    result = attribute_curve(suspect_curve(protos["gan"]), rows, top=3)
+    result = answer(suspect_curve(protos["gan"]), rows, top=3)
     paths = write_report(tmp_path / "report", result, rows)
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(result.to_dict()))
     with Image.open(paths["png"]) as im:

@@ -319,7 +319,8 @@ def enrolled(tmp_path_factory):
 
     from forensics.paper.demo import _write_pngs, digit_images
     from forensics.paper.synth import synth_folder
-    from forensics.steps import pipeline
+    from forensics.steps.build_baseline import build_baseline
+    from forensics.steps.enroll import enroll
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # thread pools cost more than these small jobs on a shared CPU
@@ -332,7 +333,7 @@ def enrolled(tmp_path_factory):
     bank = Bank(root / "bank")
     kw = {"bank": bank, "device": "cpu", "cache_dir": root / "cache", "progress": False}
     with threadpool_limits(limits=1):
-        pipeline.build_baseline("tiny", root / "T", root / "P", encoder="vit-tiny-demo",
+        build_baseline("tiny", root / "T", root / "P", encoder="vit-tiny-demo",
                                 weights="random:0", n_cells=2, **kw)
         for kind, params in (("noise", {"sigma": 24.0}), ("shuffle", {"grid": 4}),
                              ("rotate", {"angle": 90.0})):
@@ -341,7 +342,7 @@ def enrolled(tmp_path_factory):
                 (root / f"{kind}-{split}").mkdir()
                 for f in sorted((root / kind).glob("*.png"))[part]:
                     shutil.copy(f, root / f"{kind}-{split}" / f.name)
-                pipeline.enroll(root / f"{kind}-{split}", baseline="tiny", model=f"{kind}-gen",
+                enroll(root / f"{kind}-{split}", baseline="tiny", model=f"{kind}-gen",
                                 family=kind, per_curve=40, split=split, tau=0.25, **kw)
     torch.set_num_threads(before)
     return bank
@@ -349,7 +350,7 @@ def enrolled(tmp_path_factory):
 
 def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
     from forensics.stats.setstats import baseline_matchers
-    from forensics.steps.pipeline import load_baseline
+    from forensics.steps.bank_access import load_baseline
     from refbank.bank import curve_fingerprints
 
     result = fp("evaluate", "--fingerprint", "paper", "--json", "--seed", "3", bank=enrolled.path)
@@ -380,7 +381,7 @@ def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
 
 def test_evaluate_defaults_to_fps_own_fingerprint(enrolled):
     from forensics.stats.fingerprints import DEFAULT_FINGERPRINT, get
-    from forensics.steps.pipeline import load_baseline
+    from forensics.steps.bank_access import load_baseline
     from refbank.bank import curve_fingerprints
 
     data = json.loads(fp("evaluate", "--json", "--n-boot", "0", bank=enrolled.path).output)

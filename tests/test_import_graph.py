@@ -263,10 +263,10 @@ def test_allowed_layer_edges_still_exist(graph):
 
 
 def test_the_layer_rules_catch_an_upward_edge():
-    edges = {"forensics.stats.ct": {"forensics.steps.pipeline", "forensics.errors"},
+    edges = {"forensics.stats.ct": {"forensics.steps.curve", "forensics.errors"},
              "forensics.stats.baseline": {"forensics.plugin.manager", "forensics.plugin.protocols"},
              "refbank.bank": {"forensics.stats.ct"}}
     assert set(forbidden_edges(edges)) == {
-        ("forensics.stats.ct", "forensics.steps.pipeline"),
+        ("forensics.stats.ct", "forensics.steps.curve"),
         ("forensics.stats.baseline", "forensics.plugin.manager"),
         ("refbank.bank", "forensics.stats.ct")}

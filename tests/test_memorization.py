@@ -29,7 +29,8 @@ from forensics.stats.memorization import (
     pick_layer,
     sample_closeness,
 )
-from forensics.steps import pipeline
+from forensics.steps.bank_access import load_baseline, train_manifest
+from forensics.steps.build_baseline import build_baseline
 from refbank import Bank
 
 runner = CliRunner()
@@ -219,7 +220,7 @@ def digits_world(tmp_path_factory, one_thread):
     synth_folder("noise", root / "src", root / "heavy", seed=1, sigma=100.0)
     synth_folder("noise", root / "src", root / "mid", seed=1, sigma=25.0)
     bank = Bank(root / "bank")
-    pipeline.build_baseline("digits75", root / "T", root / "P", encoder="fid-inception@75",
+    build_baseline("digits75", root / "T", root / "P", encoder="fid-inception@75",
                             n_cells=3, bank=bank, device="cpu", cache_dir=root / "cache")
     return {"root": root, "bank": bank}
 
@@ -281,20 +282,20 @@ def test_verdict_and_closest_pairs_agree_on_noisy_copies(digits_world):
 
 
 def test_training_images_from_a_rescan_or_none(digits_world, tmp_path):
-    loaded = pipeline.load_baseline("digits75", bank=digits_world["bank"])
-    stored = pipeline.train_manifest(loaded)
+    loaded = load_baseline("digits75", bank=digits_world["bank"])
+    stored = train_manifest(loaded)
     assert stored is not None and len(stored) == 300
     assert stored.sha256 == loaded.row["train_manifest_sha256"]
     bare = tmp_path / "bare"  # a baseline folder stored before train_manifest.json existed
     bare.mkdir()
     loaded.folder = bare
-    rescanned = pipeline.train_manifest(loaded)
+    rescanned = train_manifest(loaded)
     assert rescanned is not None and rescanned.entries == stored.entries
     moved = digits_world["root"] / "T-moved"
     shutil.copytree(digits_world["root"] / "T", moved)
     (moved / stored.entries[0].relpath).unlink()
     loaded.params["train_folder"] = str(moved)
-    assert pipeline.train_manifest(loaded) is None  # another T: never mislabel images
+    assert train_manifest(loaded) is None  # another T: never mislabel images
 
 
 def test_cli_text_output_and_errors(digits_world):

@@ -20,7 +20,11 @@ from forensics.data.embed import embed_folder
 from forensics.errors import BankError, InputError, InsufficientDataError, UnknownNameError
 from forensics.paper.demo import _write_pngs, digit_images
 from forensics.paper.synth import synth_folder
-from forensics.steps import pipeline
+from forensics.steps.attribute import attribute
+from forensics.steps.bank_access import load_baseline
+from forensics.steps.build_baseline import build_baseline
+from forensics.steps.curve import compute_curve
+from forensics.steps.enroll import enroll
 from refbank import Bank
 from refbank.bank import curve_fingerprints
 
@@ -52,12 +56,12 @@ def world(tmp_path_factory):
     cache = root / "fpcache" / "embeddings"  # where FP_CACHE_DIR=root/fpcache points
     bank = Bank(root / "bank")
     kw = dict(COMMON, bank=bank, cache_dir=cache)
-    row = pipeline.build_baseline("digits", folders["T"], folders["P"], encoder="vit-tiny-demo",
+    row = build_baseline("digits", folders["T"], folders["P"], encoder="vit-tiny-demo",
                                   weights="random:0", n_cells=2, **kw)
     messages: list[str] = []
     ids = {}
     for kind in ("noise", "shuffle"):
-        ids[kind] = pipeline.enroll(folders[f"gen_{kind}"], baseline="digits", model=f"{kind}-m",
+        ids[kind] = enroll(folders[f"gen_{kind}"], baseline="digits", model=f"{kind}-m",
                                     family=kind, checkpoint="v1", per_curve=N, echo=messages.append,
                                     **kw)
     return {"root": root, "folders": folders, "bank": bank, "cache": cache, "row": row,
@@ -73,7 +77,7 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
     assert params["n_cells"] == 2 and params["weights"] == "random:0"
     assert params["fingerprints"] == ["proj-mean", "proj-mean-ct", "proj-mean-early",
                                       "resid-ct", "resid-early", "setstats"]
-    loaded = pipeline.load_baseline("digits", bank=bank)
+    loaded = load_baseline("digits", bank=bank)
     assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
     extras = loaded.extras(forensics.stats.fingerprints.get("setstats"))
     T3 = embed_folder(world["folders"]["T"], "vit-tiny-demo", weights="random:0", **COMMON,
@@ -93,7 +97,7 @@ def _store_the_old_way(bank_path, T_layers):
     fingerprint, and setstats' full covariance and its square root per layer."""
     from forensics.stats.setstats import gaussian_stats, psd_sqrt
 
-    loaded = pipeline.load_baseline("digits", bank=Bank(bank_path))
+    loaded = load_baseline("digits", bank=Bank(bank_path))
     for name in forensics.stats.fingerprints.names():
         fp = forensics.stats.fingerprints.get(name)
         if not forensics.stats.fingerprints.needs_extras(fp):
@@ -119,10 +123,10 @@ def test_a_baseline_stored_the_old_way_gives_the_same_vectors_and_answers(world,
     _store_the_old_way(tmp_path / "bank", T)
     kw_old = dict(world["kw"], bank=Bank(tmp_path / "bank"))
     query = world["folders"]["query_noise"]
-    new = pipeline.compute_curve(query, baseline="digits", **world["kw"]).fingerprints
+    new = compute_curve(query, baseline="digits", **world["kw"]).fingerprints
     # The files were rewritten after the bank hashed them: let them through on purpose.
-    old_baseline = pipeline.load_baseline("digits", bank=kw_old["bank"], allow_unverified=True)
-    old = pipeline.compute_curve(query, baseline=old_baseline, **kw_old).fingerprints
+    old_baseline = load_baseline("digits", bank=kw_old["bank"], allow_unverified=True)
+    old = compute_curve(query, baseline=old_baseline, **kw_old).fingerprints
     assert sorted(new) == sorted(old) and len(new) >= 7
     for name in new:
         if name == "setstats":  # FIDs: the compact form is exact, the old root's round-off
@@ -130,7 +134,7 @@ def test_a_baseline_stored_the_old_way_gives_the_same_vectors_and_answers(world,
         else:
             np.testing.assert_array_equal(new[name], old[name])
     for fingerprint in new:
-        a, b = (pipeline.attribute(query, fingerprint=fingerprint, n_boot=2, **kw)
+        a, b = (attribute(query, fingerprint=fingerprint, n_boot=2, **kw)
                 for kw in (world["kw"], dict(kw_old, allow_unverified=True)))
         assert a.decision.to_dict() | {"score": 0, "reason": ""} == \
             b.decision.to_dict() | {"score": 0, "reason": ""}
@@ -169,14 +173,14 @@ def test_a_fingerprint_preparing_its_arrays_the_old_way_still_works(world, tmp_p
     plugins.get_plugin_manager().register(mod, name="legacy_fp")
     kw = dict(world["kw"], bank=Bank(tmp_path / "bank"))
     f = world["folders"]
-    pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
+    build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
                             weights="random:0", n_cells=2, **kw)
     for kind in ("noise", "shuffle"):
-        pipeline.enroll(f[f"gen_{kind}"], baseline="digits", model=f"{kind}-m", family=kind,
+        enroll(f[f"gen_{kind}"], baseline="digits", model=f"{kind}-m", family=kind,
                         per_curve=N, **kw)
-    a = pipeline.attribute(f["query_shuffle"], fingerprint="legacy-mean", n_boot=0, **kw)
+    a = attribute(f["query_shuffle"], fingerprint="legacy-mean", n_boot=0, **kw)
     assert a.ranking[0].family == "shuffle"
-    loaded = pipeline.load_baseline("digits", bank=kw["bank"])
+    loaded = load_baseline("digits", bank=kw["bank"])
     mine = loaded.extras(_LegacyMean())
     T = embed_folder(f["T"], "vit-tiny-demo", weights="random:0", **COMMON,
                      cache_dir=world["cache"]).arrays
@@ -192,7 +196,7 @@ def test_baseline_build_shows_progress_for_every_long_step(world, tmp_path, caps
     f = world["folders"]
     kw = dict(world["kw"], bank=Bank(tmp_path / "bank"), progress=progress)
     capsys.readouterr()
-    pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
+    build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo",
                             weights="random:0", n_cells=2, **kw)
     err = capsys.readouterr().err
     stages = ("baseline layers", "fingerprint arrays", "storing in the bank")  # T, P cached
@@ -208,16 +212,16 @@ def test_baseline_build_shows_progress_for_every_long_step(world, tmp_path, caps
 def test_same_baseline_under_another_name_and_taken_name_are_refused(world):
     f, kw = world["folders"], world["kw"]
     with pytest.raises(BankError, match="already in the bank .* as 'digits'"):
-        pipeline.build_baseline("again", f["T"], f["P"], encoder="vit-tiny-demo",
+        build_baseline("again", f["T"], f["P"], encoder="vit-tiny-demo",
                                 weights="random:0", n_cells=2, **kw)
     with pytest.raises(BankError, match="named 'digits' is already"):
-        pipeline.build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo", **kw)
+        build_baseline("digits", f["T"], f["P"], encoder="vit-tiny-demo", **kw)
 
 
 def test_near_copies_of_training_images_are_far_below_zero_fresh_digits_near_it(world):
     f, kw = world["folders"], world["kw"]
-    near = pipeline.compute_curve(f["near_copy"], baseline="digits", **kw).curve.values
-    fresh = pipeline.compute_curve(f["fresh"], baseline="digits", **kw).curve.values
+    near = compute_curve(f["near_copy"], baseline="digits", **kw).curve.values
+    fresh = compute_curve(f["fresh"], baseline="digits", **kw).curve.values
     assert np.all(near < -3.0), near       # closer to T than held-out data: copying
     assert np.all(np.abs(fresh) < 2.5), fresh  # unseen digits behave like P
 
@@ -226,7 +230,7 @@ def test_curve_provenance_records_inputs_encoder_baseline_and_parameters(world):
     from forensics.data.images import scan_folder
 
     f, kw, row = world["folders"], world["kw"], world["row"]
-    res = pipeline.compute_curve(f["query_noise"], **kw)  # the bank's only baseline
+    res = compute_curve(f["query_noise"], **kw)  # the bank's only baseline
     p = res.curve.provenance
     assert p["inputs"]["manifest_sha256"] == scan_folder(f["query_noise"]).sha256
     assert p["inputs"]["n_images"] == N
@@ -239,11 +243,11 @@ def test_curve_provenance_records_inputs_encoder_baseline_and_parameters(world):
     np.testing.assert_array_equal(res.fingerprints["paper"], res.curve.values)
     assert res.fingerprints["setstats"].shape == (2 * 8 * 96 + 8,)
     # Precomputed embeddings give the same curve as the folder.
-    again = pipeline.compute_curve(res.embeddings, **kw)
+    again = compute_curve(res.embeddings, **kw)
     np.testing.assert_array_equal(again.curve.values, res.curve.values)
     # A baseline loaded once measures many sets the same way.
     loaded = forensics.load_baseline("digits", bank=kw["bank"])
-    third = pipeline.compute_curve(res.embeddings, baseline=loaded, cache_dir=None, device="cpu")
+    third = compute_curve(res.embeddings, baseline=loaded, cache_dir=None, device="cpu")
     np.testing.assert_array_equal(third.curve.values, res.curve.values)
     for name, vec in res.fingerprints.items():
         np.testing.assert_array_equal(third.fingerprints[name], vec)
@@ -277,7 +281,7 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
 
 def test_enroll_refuses_too_few_images(world):
     with pytest.raises(InsufficientDataError, match="fewer than --per-curve 500"):
-        pipeline.enroll(world["folders"]["query_noise"], baseline="digits", model="m",
+        enroll(world["folders"]["query_noise"], baseline="digits", model="m",
                         family="f", **world["kw"])
 
 
@@ -326,7 +330,7 @@ def test_attribute_names_the_enrolled_generator(world, kind):
 
 
 def test_attribute_on_the_setstats_fingerprint_with_a_report(world, tmp_path):
-    a = pipeline.attribute(world["folders"]["query_shuffle"], fingerprint="setstats",
+    a = attribute(world["folders"]["query_shuffle"], fingerprint="setstats",
                            matcher="cosine", n_boot=2, drop_layers=(), report=tmp_path / "rep",
                            **world["kw"])
     assert a.decision.nearest_family == "shuffle"
@@ -340,13 +344,13 @@ def test_attribute_on_the_setstats_fingerprint_with_a_report(world, tmp_path):
 def test_small_sets_work_with_fingerprints_that_need_no_ct(world):
     f, kw = world["folders"], world["kw"]
     for name in ("resid-early", "proj-mean-early", "setstats"):
-        a = pipeline.attribute(f["tiny"], fingerprint=name, n_boot=3, **kw)
+        a = attribute(f["tiny"], fingerprint=name, n_boot=3, **kw)
         assert a.curve.provenance["inputs"]["n_images"] == 8
         assert a.decision.nearest_family in ("noise", "shuffle")
         assert np.isnan(a.curve.values).all()  # C_T is undefined at 8 images, and not needed
     for name in ("paper", "resid-ct", "proj-mean-ct"):
         with pytest.raises(InsufficientDataError, match="C_T is undefined"):
-            pipeline.attribute(f["tiny"], fingerprint=name, n_boot=0, **kw)
+            attribute(f["tiny"], fingerprint=name, n_boot=0, **kw)
 
 
 NASTY_MODEL = '<i>m</i>"&\'<script>alert(1)</script>'
@@ -362,13 +366,13 @@ def case_report(world, tmp_path_factory):
     shutil.copytree(world["bank"].path, root / "bank")
     kw = dict(world["kw"], bank=Bank(root / "bank"))
     f = world["folders"]
-    pipeline.enroll(f["gen_noise"], baseline="digits", model=NASTY_MODEL, family="x<y>",
+    enroll(f["gen_noise"], baseline="digits", model=NASTY_MODEL, family="x<y>",
                     per_curve=N, allow_duplicate=True, **kw)
     suspect = root / "suspect<b>"
     shutil.copytree(f["query_shuffle"], suspect)
     first = sorted(suspect.iterdir())[0]
     first.rename(suspect / NASTY_FILE)
-    result = pipeline.attribute(suspect, n_boot=3, top=6, report=root / "report", **kw)
+    result = attribute(suspect, n_boot=3, top=6, report=root / "report", **kw)
     return {"result": result, "dir": root / "report", "suspect": suspect, "kw": kw}
 
 
@@ -469,7 +473,7 @@ def test_the_case_report_opens_in_a_headless_browser_without_console_errors(case
 
 
 def test_bootstrap_is_seeded(world):
-    runs = [pipeline.attribute(world["folders"]["query_noise"], n_boot=5, seed=s,
+    runs = [attribute(world["folders"]["query_noise"], n_boot=5, seed=s,
                                **world["kw"]).bootstrap for s in (3, 3)]
     assert runs[0] == runs[1]
 
@@ -477,15 +481,15 @@ def test_bootstrap_is_seeded(world):
 def test_refusals(world, tmp_path):
     f, kw = world["folders"], world["kw"]
     with pytest.raises(InsufficientDataError, match="C_T is undefined.*needs no C_T"):
-        pipeline.attribute(f["tiny"], fingerprint="paper", n_boot=0, **kw)
+        attribute(f["tiny"], fingerprint="paper", n_boot=0, **kw)
     with pytest.raises(UnknownNameError, match="paper, proj-mean, proj-mean-ct, proj-mean-early, "
                                                "resid-ct, resid-early, setstats"):
-        pipeline.attribute(f["query_noise"], fingerprint="nope", **kw)
+        attribute(f["query_noise"], fingerprint="nope", **kw)
     empty = dict(kw, bank=Bank(tmp_path / "empty"))
     with pytest.raises(BankError, match="no enrolled curves"):
-        pipeline.attribute(f["query_noise"], **empty)
+        attribute(f["query_noise"], **empty)
     with pytest.raises(BankError, match="no baselines"):
-        pipeline.compute_curve(f["query_noise"], **empty)
+        compute_curve(f["query_noise"], **empty)
 
 
 def test_embeddings_of_another_encoder_are_refused(world):
@@ -494,7 +498,7 @@ def test_embeddings_of_another_encoder_are_refused(world):
     other = embed_folder(world["folders"]["tiny"], "vit-tiny-demo", weights="random:1",
                          cache_dir=world["cache"], progress=False, device="cpu")
     with pytest.raises(InputError, match="weights .* but baseline 'digits' uses"):
-        pipeline.compute_curve(other, **world["kw"])
+        compute_curve(other, **world["kw"])
 
 
 def test_a_baseline_without_enrolled_curves_is_refused(world, tmp_path):
@@ -505,12 +509,12 @@ def test_a_baseline_without_enrolled_curves_is_refused(world, tmp_path):
     shutil.copytree(world["bank"].path, bank.path)
     kw = dict(world["kw"], bank=bank)
     f = world["folders"]
-    pipeline.build_baseline("other", f["T"], f["P"], encoder="vit-tiny-demo",
+    build_baseline("other", f["T"], f["P"], encoder="vit-tiny-demo",
                             weights="random:1", n_cells=2, **kw)
     with pytest.raises(BankError, match="measured against the suspect's baseline 'other'"):
-        pipeline.attribute(f["query_noise"], baseline="other", n_boot=0, **kw)
+        attribute(f["query_noise"], baseline="other", n_boot=0, **kw)
     # Without --baseline, the one every enrolled curve uses is taken.
-    assert pipeline.attribute(f["query_noise"], n_boot=0, **kw).parameters["baseline"] == "digits"
+    assert attribute(f["query_noise"], n_boot=0, **kw).parameters["baseline"] == "digits"
 
 
 def test_curves_without_the_fingerprint_are_refused_with_a_way_out(world, tmp_path):
@@ -524,11 +528,11 @@ def test_curves_without_the_fingerprint_are_refused_with_a_way_out(world, tmp_pa
     bank.add_curves([row], allow_duplicate=True)  # as if enrolled before setstats existed
     kw = dict(world["kw"], bank=bank)
     with pytest.raises(BankError, match="no 'setstats' fingerprint .*Re-enroll"):
-        pipeline.attribute(world["folders"]["query_noise"], fingerprint="setstats", **kw)
-    assert pipeline.attribute(world["folders"]["query_noise"], n_boot=0, fingerprint="paper",
+        attribute(world["folders"]["query_noise"], fingerprint="setstats", **kw)
+    assert attribute(world["folders"]["query_noise"], n_boot=0, fingerprint="paper",
                               **kw).ranking
     with pytest.raises(BankError, match="no 'resid-early' fingerprint .*--fingerprint paper"):
-        pipeline.attribute(world["folders"]["query_noise"], n_boot=0, **kw)
+        attribute(world["folders"]["query_noise"], n_boot=0, **kw)
 
 
 def test_tampered_fingerprints_fail_verification(world, tmp_path):
@@ -549,13 +553,13 @@ def test_tampered_fingerprints_fail_verification(world, tmp_path):
     assert [p.id for p in report.problems] == [table.column("curve_id")[0].as_py()]
 
 
-def test_lazy_api_loads_steps_on_first_use_and_attribute_is_the_pipeline_step():
+def test_lazy_api_loads_steps_on_first_use_and_attribute_is_the_attribute_step():
     code = ("import sys, forensics; f = forensics.enroll; a = forensics.attribute; "
-            "import forensics.steps.pipeline as p; "
+            "import forensics.steps.attribute as p; "
             "print(a is p.attribute, f.__module__, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
-    assert out.stdout.split() == ["True", "forensics.steps.pipeline", "False"], out.stderr
+    assert out.stdout.split() == ["True", "forensics.steps.enroll", "False"], out.stderr
 
 
 # -- the commands -----------------------------------------------------------------------------

@@ -22,7 +22,9 @@ from forensics.paper.synth import synth_folder
 from forensics.plugin import checks, hookspecs
 from forensics.plugin import manager as plugins
 from forensics.stats.baseline import Baseline, ct_score, load_or_build
-from forensics.steps import pipeline
+from forensics.steps.attribute import attribute
+from forensics.steps.build_baseline import build_baseline
+from forensics.steps.enroll import enroll
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"
 #: hook -> its spec-only plugin module in tests/plugins/.
@@ -97,10 +99,10 @@ def world(tmp_path_factory):
         folders[f"query_{kind}"] = root / f"query_{kind}"
         synth_folder(kind, folders["query_src"], folders[f"query_{kind}"], seed=2, **params)
     kw = {"bank": root / "bank", "cache_dir": None, "device": "cpu"}
-    pipeline.build_baseline("digits", folders["T"], folders["P"], encoder="spec-blocks",
+    build_baseline("digits", folders["T"], folders["P"], encoder="spec-blocks",
                             n_cells=2, **kw)
     for kind in ("noise", "shuffle"):
-        pipeline.enroll(folders[kind], baseline="digits", model=f"{kind}-m", family=kind,
+        enroll(folders[kind], baseline="digits", model=f"{kind}-m", family=kind,
                         per_curve=N, **kw)
     return {"root": root, "folders": folders, "kw": kw}
 
@@ -177,7 +179,7 @@ def test_hook_register_partitioners(spec_plugins, tmp_path, monkeypatch):
 
 
 def test_hook_register_matchers(world, spec_plugins):
-    answer = pipeline.attribute(world["folders"]["query_noise"], fingerprint="spec-centre",
+    answer = attribute(world["folders"]["query_noise"], fingerprint="spec-centre",
                                 matcher="spec-l1", n_boot=0, **world["kw"])
     assert answer.parameters["matcher"] == "spec-l1"
     assert answer.ranking[0].family == "noise"
@@ -194,7 +196,7 @@ def test_hook_register_fingerprints(world, spec_plugins):
     rows = Bank(world["kw"]["bank"]).curves()
     assert len(rows) == 4 and all(len(curve_fingerprints(r)["spec-centre"]) == 2 for r in rows)
     for kind in ("noise", "shuffle"):
-        answer = pipeline.attribute(world["folders"][f"query_{kind}"], fingerprint="spec-centre",
+        answer = attribute(world["folders"][f"query_{kind}"], fingerprint="spec-centre",
                                     n_boot=4, **world["kw"])
         assert answer.parameters["fingerprint"] == "spec-centre"
         assert answer.parameters["matcher"] == "l2"  # the fingerprint's default

@@ -127,13 +127,23 @@ def test_cache_info_and_clear(tmp_path):
 
 
 def test_lazy_public_functions_show_their_real_signatures():
-    from forensics.steps import evaluate, pipeline
+    from forensics.steps import (
+        attribute,
+        bank_access,
+        build_baseline,
+        curve,
+        enroll,
+        evaluate,
+        memorization,
+    )
 
-    assert inspect.signature(forensics.attribute) == inspect.signature(pipeline.attribute)
+    assert inspect.signature(forensics.attribute) == inspect.signature(attribute.attribute)
     assert "fingerprint" in inspect.signature(forensics.attribute).parameters
-    for name in ("build_baseline", "compute_curve", "enroll", "load_baseline", "memorize"):
+    for module, name in ((build_baseline, "build_baseline"), (curve, "compute_curve"),
+                         (enroll, "enroll"), (bank_access, "load_baseline"),
+                         (memorization, "memorize")):
         assert inspect.signature(getattr(forensics, name)) == \
-            inspect.signature(getattr(pipeline, name))
+            inspect.signature(getattr(module, name))
     assert inspect.signature(forensics.evaluate_bank) == inspect.signature(evaluate.evaluate_bank)
     assert {"memorize", "evaluate_bank"} <= set(forensics.__all__)
 
@@ -187,10 +197,10 @@ def test_a_table_written_without_descriptions_still_reads_and_grows(filled):
 
 
 def test_docs_no_longer_call_combined_the_default():
-    from forensics.steps import pipeline
+    from forensics.steps.attribute import attribute
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Attribution: confidence and unknown")[1].split("\n## ")[0]
     assert "`combined` by default" not in section and "resid-early" in section
-    assert "``combined`` for the built-ins" not in pipeline.attribute.__doc__
-    assert "zscore" in pipeline.attribute.__doc__
+    assert "``combined`` for the built-ins" not in attribute.__doc__
+    assert "zscore" in attribute.__doc__

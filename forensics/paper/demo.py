@@ -240,7 +240,9 @@ def run_demo(
     """
     from forensics.data.embed import DEFAULT_CACHE
     from forensics.stats.ct import check_seed
-    from forensics.steps import pipeline
+    from forensics.steps.attribute import attribute
+    from forensics.steps.build_baseline import build_baseline
+    from forensics.steps.enroll import enroll
 
     seed = check_seed(seed)
     say = echo or (lambda _msg: None)
@@ -271,7 +273,7 @@ def run_demo(
         f"under {data}")
 
     t0 = time.perf_counter()
-    pipeline.build_baseline(BASELINE_NAME, data / "T", data / "P", encoder=encoder,
+    build_baseline(BASELINE_NAME, data / "T", data / "P", encoder=encoder,
                             weights=weights, n_cells=sizes.n_cells, seed=seed,
                             notes="fp demo: sklearn digits upscaled to 32x32", **common)
     timings["baseline"] = time.perf_counter() - t0
@@ -290,7 +292,7 @@ def run_demo(
             _write_pngs(images, rng.choice(pool_a, n_enroll, replace=False), src)
             folder = _generate(gen, src, data / "generated" / f"enroll-{stem}",
                                seed=seed * 1000 + 2 * g)
-            ids = pipeline.enroll(folder, baseline=BASELINE_NAME, model=gen.model,
+            ids = enroll(folder, baseline=BASELINE_NAME, model=gen.model,
                                   family=gen.family, checkpoint=gen.checkpoint,
                                   per_curve=sizes.per_curve, tau=sizes.tau,
                                   source=f"fp demo: synth {gen.kind} {dict(gen.params)}",
@@ -305,7 +307,7 @@ def run_demo(
     t0 = time.perf_counter()
     rows = []
     for gen, folder in queries:
-        a = pipeline.attribute(folder, baseline=BASELINE_NAME, n_boot=sizes.n_boot, seed=seed,
+        a = attribute(folder, baseline=BASELINE_NAME, n_boot=sizes.n_boot, seed=seed,
                                tau=sizes.tau, fingerprint=fingerprint, **common)
         d = a.decision
         correct = (not d.unknown and d.family == gen.family) if gen.enrolled else d.unknown

@@ -10,8 +10,8 @@ curve on a subset of the suspect images::
     decision = decide(ranking, calib)                              # nearest, or unknown
     boot = bootstrap_confidence(curve_fn, n_images, n_boot=100, seed=0, ...)
 
-:func:`attribute_curve` runs these steps and returns an :class:`Attribution` whose
-``to_dict()`` is the JSON of ``fp attribute --json``.
+:func:`forensics.steps.attribute.attribute` runs these steps and returns an
+:class:`Attribution` whose ``to_dict()`` is the JSON of ``fp attribute --json``.
 
 **Unknown.** A new curve of an enrolled family resembles the other curves of its family;
 the bank shows how much: for every enrolled curve whose family has at least two curves,
@@ -524,56 +524,3 @@ def comparable_references(
     vectors = np.asarray([r["values"] for r in same], dtype=np.float64)
     meta = [{k: r.get(k) for k in ("curve_id", "model", "family", "checkpoint")} for r in same]
     return vectors, meta
-
-
-def attribute_curve(
-    curve: Any,
-    rows: Sequence[dict[str, Any]],
-    *,
-    matcher: str = "combined",
-    drop_layers: Sequence[int] = DEFAULT_DROP_LAYERS,
-    top: int = 5,
-    quantile: float = DEFAULT_QUANTILE,
-    curve_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-    n_images: int | None = None,
-    n_boot: int = 100,
-    seed: int = 0,
-    bank: str | None = None,
-    baseline_names: dict[str, str] | None = None,
-) -> Attribution:
-    """Rank, calibrate, decide and (given ``curve_fn``) bootstrap: the whole answer.
-
-    Args:
-        curve: the suspect curve (on all its images).
-        rows: bank curve rows.
-        matcher, drop_layers, top, quantile: see :func:`rank` and :func:`calibrate_unknown`.
-        curve_fn: ``curve_fn(indices) -> (L,)``; without it there is no confidence.
-        n_images: number of suspect images (default: the provenance's ``n_images``).
-        n_boot, seed: bootstrap resamples and seed.
-        bank, baseline_names: for messages and the record.
-    """
-    refs, meta = comparable_references(curve, rows, bank=bank, baseline_names=baseline_names)
-    ranking = rank(curve.values, refs, meta, matcher, drop_layers)
-    calibration = calibrate_unknown(refs, [m["family"] for m in meta], matcher, drop_layers,
-                                    quantile)
-    decision = decide(ranking, calibration)
-    boot = None
-    if curve_fn is not None and n_boot > 0:
-        n = n_images if n_images is not None else int(curve.provenance["inputs"]["n_images"])
-        boot = bootstrap_confidence(
-            curve_fn, n, n_boot, seed, bank_vectors=refs, meta=meta, matcher=matcher,
-            drop_layers=drop_layers, calibration=calibration, decision=decision,
-        )
-        decision = Decision(**{**asdict(decision), "stability": boot.confidence,
-                               "model_stability": boot.model_confidence})
-    parameters = {
-        "matcher": _matcher_name(matcher),
-        "drop_layers": [int(i) for i in drop_layers],
-        "top": top,
-        "quantile": quantile,
-        "n_boot": n_boot if boot is not None else 0,
-        "seed": seed,
-        "bank": bank,
-        "n_references": len(meta),
-    }
-    return Attribution(decision, ranking[:top], calibration, curve, boot, parameters)

@@ -38,7 +38,7 @@ def custody_record(*, bank: Any, loaded: Any, manifest: Any, folder: str | None,
 
     Args:
         bank: the :class:`refbank.Bank` answered from.
-        loaded: the :class:`~forensics.steps.pipeline.LoadedBaseline` measured against.
+        loaded: the :class:`~forensics.steps.bank_access.LoadedBaseline` measured against.
         manifest: the suspect images' :class:`~forensics.data.images.Manifest` (None for
             embeddings given directly).
         folder: the suspect folder (absolute), if any.

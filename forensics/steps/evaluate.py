@@ -437,7 +437,8 @@ def evaluate_bank(
     """
     from forensics.stats import fingerprints as fpmod
     from forensics.stats.attribution import keep_mask
-    from forensics.steps.pipeline import _reference_vectors, open_bank
+    from forensics.steps.attribute import _reference_vectors
+    from forensics.steps.bank_access import open_bank
 
     fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
     bank = open_bank(bank)

@@ -24,7 +24,10 @@ import pyarrow as pa
 import pytest
 
 from forensics.errors import BankError, InputError
-from forensics.steps import pipeline
+from forensics.steps.attribute import attribute as run_attribute
+from forensics.steps.build_baseline import build_baseline
+from forensics.steps.curve import compute_curve
+from forensics.steps.enroll import enroll
 from refbank import Bank
 
 REPO = Path(__file__).resolve().parents[2]
@@ -299,12 +302,12 @@ def world(tmp_path_factory):
     here = os.getcwd()
     os.chdir(root)
     try:
-        pipeline.build_baseline("digits", "T", "P", encoder="vit-tiny-demo",
+        build_baseline("digits", "T", "P", encoder="vit-tiny-demo",
                                 weights="w.safetensors", n_cells=2, n_init=2, bank=bank,
                                 cache_dir=cache, **KW)
     finally:
         os.chdir(here)
-    ids = {kind: pipeline.enroll(f[f"gen_{kind}"], baseline="digits", model=f"{kind}-m",
+    ids = {kind: enroll(f[f"gen_{kind}"], baseline="digits", model=f"{kind}-m",
                                  family=kind, per_curve=N, bank=bank, cache_dir=cache, **KW)
            for kind in ("noise", "shuffle")}
     return {"root": root, "f": f, "bank": bank, "cache": cache, "ids": ids}
@@ -316,7 +319,7 @@ def copy_bank(world, tmp_path) -> Bank:
 
 
 def attribute(world, bank: Bank, folder: Path, **kw):
-    return pipeline.attribute(folder, bank=bank, cache_dir=world["cache"], n_boot=kw.pop(
+    return run_attribute(folder, bank=bank, cache_dir=world["cache"], n_boot=kw.pop(
         "n_boot", 0), **KW, **kw)
 
 
@@ -367,7 +370,7 @@ def test_changed_baseline_files_are_refused_when_used(world, tmp_path):
     target = sorted(p for p in folder.rglob("*.json") if p.is_file())[0]
     target.write_text(target.read_text() + " ")
     for call in (lambda: attribute(world, bank, world["f"]["query_noise"]),
-                 lambda: pipeline.compute_curve(world["f"]["query_noise"], bank=bank,
+                 lambda: compute_curve(world["f"]["query_noise"], bank=bank,
                                                 cache_dir=world["cache"], **KW)):
         with pytest.raises(BankError, match="were changed"):
             call()
@@ -386,10 +389,10 @@ def test_the_same_images_cannot_be_enrolled_twice_under_another_family(world, tm
         raise AssertionError("embedded before refusing")
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "_embed_suspect", no_embedding)
+        m.setattr("forensics.steps.enroll._embed_suspect", no_embedding)
         for per in (N, 40):
             with pytest.raises(BankError, match="--allow-duplicate") as err:
-                pipeline.enroll(world["f"]["gen_noise"], baseline="digits", model="other",
+                enroll(world["f"]["gen_noise"], baseline="digits", model="other",
                                 family="rotate", per_curve=per, bank=bank,
                                 cache_dir=world["cache"], **KW)
             assert any(cid in str(err.value) for cid in world["ids"]["noise"])
@@ -397,7 +400,7 @@ def test_the_same_images_cannot_be_enrolled_twice_under_another_family(world, tm
                 "--per-curve", N, "--bank", bank.path, "--device", "cpu", "-q")
     assert result.exit_code == 1 and "already enrolled" in result.output
     assert len(bank.curves()) == 4
-    new = pipeline.enroll(world["f"]["gen_noise"], baseline="digits", model="other",
+    new = enroll(world["f"]["gen_noise"], baseline="digits", model="other",
                           family="rotate", per_curve=N, bank=bank, allow_duplicate=True,
                           cache_dir=world["cache"], **KW)
     recorded = [json.loads(r["params_json"])["duplicate_of"] for r in bank.curves(curve_id=new)]
@@ -488,7 +491,7 @@ def test_case_verify_names_bank_rows_and_files_changed_since(case, world):
     rewrite_curves(bank, lambda r: r.update(family="rotate") if r["curve_id"] == noise[0]
                    else None)
     bank.remove_curves([shuffle[0]])
-    new = pipeline.enroll(world["f"]["query_shuffle"], baseline="digits", model="late",
+    new = enroll(world["f"]["query_shuffle"], baseline="digits", model="late",
                           family="shuffle", per_curve=N, bank=bank, cache_dir=world["cache"],
                           **KW)
     folder = bank.baseline_dir(bank.get_baseline("digits")["baseline_id"])

@@ -31,7 +31,10 @@ from forensics.data.embed import embed_folder
 from forensics.data.images import MAX_BYTES_ENV, scan_folder
 from forensics.errors import FpWarning, InputError
 from forensics.paper.demo import _write_pngs, digit_images
-from forensics.steps import pipeline
+from forensics.steps.attribute import attribute
+from forensics.steps.build_baseline import build_baseline
+from forensics.steps.curve import compute_curve
+from forensics.steps.enroll import enroll
 
 runner = CliRunner()
 EMBED = ["--encoder", "vit-tiny-demo", "--weights", "random:0", "-q"]
@@ -229,11 +232,11 @@ def world(tmp_path_factory, digits):
     synth_folder("shuffle", folders["b"], root / "b2", seed=1, grid=4)
     cache = root / "cache" / "embeddings"
     kw = dict(device="cpu", progress=False, cache_dir=cache, bank=root / "bank")
-    pipeline.build_baseline("digits", folders["T"], folders["P"], encoder="vit-tiny-demo",
+    build_baseline("digits", folders["T"], folders["P"], encoder="vit-tiny-demo",
                             weights="random:0", n_cells=1, **kw)
-    pipeline.enroll(folders["a"], baseline="digits", model="plain", family="real",
+    enroll(folders["a"], baseline="digits", model="plain", family="real",
                     per_curve=25, **kw)
-    pipeline.enroll(root / "b2", baseline="digits", model="shuf", family="shuffle",
+    enroll(root / "b2", baseline="digits", model="shuf", family="shuffle",
                     per_curve=25, **kw)
     return {"root": root, "bank": root / "bank", "cache": root / "cache", **folders}
 
@@ -405,10 +408,10 @@ def test_fp_embed_checks_the_encoder_name_before_scanning(folder, tmp_path, monk
 
 def test_python_api_checks_tau_and_seed_before_embedding(in_world, no_embedding):
     q = in_world["q"]
-    for call in (lambda: pipeline.compute_curve(q, tau=-1.0),
-                 lambda: pipeline.enroll(q, baseline=None, model="m", family="f", tau=-1.0),
-                 lambda: pipeline.attribute(q, tau=float("nan")),
-                 lambda: pipeline.attribute(q, seed=-5)):
+    for call in (lambda: compute_curve(q, tau=-1.0),
+                 lambda: enroll(q, baseline=None, model="m", family="f", tau=-1.0),
+                 lambda: attribute(q, tau=float("nan")),
+                 lambda: attribute(q, seed=-5)):
         with pytest.raises(InputError, match="tau must be|--seed -5"):
             call()
 

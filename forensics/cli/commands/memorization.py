@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         below --threshold), whether that is low-level (early layers) or high-level (late
         layers), and the generated images closest to a training image.
         """
-        from forensics.steps.pipeline import memorize
+        from forensics.steps.memorization import memorize
 
         out = memorize(folder, baseline=baseline, bank=bank, threshold=threshold, top=top,
                        layer=layer, report=report, tau=tau,

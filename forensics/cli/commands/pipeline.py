@@ -1,6 +1,6 @@
 """Investigator commands: ``fp baseline build``, ``fp curve``, ``fp enroll``, ``fp attribute``.
 
-Each one is a thin shell around :mod:`forensics.steps.pipeline`.
+Each one is a thin shell around one step of :mod:`forensics.steps`.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def build_cmd(
     """Embed T and P, build the baseline once (PCA, cells, P->T distances) and store it."""
     import json
 
-    from forensics.steps.pipeline import build_baseline
+    from forensics.steps.build_baseline import build_baseline
 
     row = build_baseline(
         name, train, heldout, encoder=encoder, weights=weights, pool=pool.value,
@@ -137,7 +137,7 @@ def curve_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """The C_T-layer curve of a folder against a stored baseline."""
-    from forensics.steps.pipeline import compute_curve
+    from forensics.steps.curve import compute_curve
 
     res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=details,
                         weights=weights,
@@ -187,7 +187,8 @@ def enroll_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Split a generator's images into curves of --per-curve images; store each with provenance."""
-    from forensics.steps.pipeline import enroll, open_bank
+    from forensics.steps.bank_access import open_bank
+    from forensics.steps.enroll import enroll
 
     b = open_bank(bank)
     ids = enroll(folder, baseline=baseline, model=model, family=family, checkpoint=checkpoint,
@@ -244,7 +245,7 @@ def attribute_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Which enrolled generator made these images? Ranked matches, a decision, a confidence."""
-    from forensics.steps.pipeline import attribute
+    from forensics.steps.attribute import attribute
 
     result = attribute(folder, baseline=baseline, matcher=matcher, fingerprint=fingerprint,
                        top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,

@@ -1,0 +1,285 @@
+"""Which enrolled generator made these images? Rank, calibrate, decide, bootstrap, report."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from forensics.data.embed import DEFAULT_CACHE, Embeddings
+from forensics.errors import BankError, InputError
+from forensics.stats import fingerprints as fpmod
+from forensics.stats.confidence import var_key
+from forensics.steps.bank_access import (
+    LoadedBaseline,
+    PathLike,
+    _absolute,
+    _absolute_weights,
+    load_baseline,
+    open_bank,
+)
+from forensics.steps.curve import (
+    _check_tau,
+    _embed_suspect,
+    _fingerprint_objects,
+    _measure,
+    _query,
+    _vectors,
+)
+from forensics.steps.threads import _one_thread
+
+if TYPE_CHECKING:
+    from forensics.stats.attribution import Attribution
+
+#: Bootstrap resamples of the suspect images behind ``confidence``.
+DEFAULT_N_BOOT = 100
+
+
+def _pick_baseline(b: Any, rows: list[dict[str, Any]], baseline: str | None) -> str | None:
+    """The baseline to attribute against: given, the bank's only one, or the curves' only one."""
+    if baseline:
+        return baseline
+    used = sorted({r["baseline_id"] for r in rows})
+    if len(b.baselines()) > 1 and len(used) == 1:
+        return used[0]
+    return None
+
+
+def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarray,
+                       where: str) -> np.ndarray:
+    """The enrolled vectors of fingerprint ``fp`` (the paper's: the ``values`` column)."""
+    from refbank.bank import curve_fingerprints
+
+    if fp.name == fpmod.PAPER_FINGERPRINT:
+        return refs
+    vecs, lacking = [], []
+    for r in same_rows:
+        vec = curve_fingerprints(r).get(fp.name)
+        if vec is None:
+            lacking.append(r["curve_id"])
+        vecs.append(vec)
+    if lacking:
+        shown = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
+        raise BankError(
+            f"{len(lacking)} enrolled curve(s){where} have no {fp.name!r} fingerprint ({shown}): "
+            f"they were enrolled before it existed or imported without images. Re-enroll "
+            f"those generators (fp enroll), or match on --fingerprint paper"
+        )
+    sizes = {len(v) for v in vecs}
+    if len(sizes) != 1:
+        raise BankError(f"enrolled {fp.name!r} fingerprints{where} have different lengths "
+                        f"{sorted(sizes)}; run fp bank verify")
+    return np.asarray(vecs, dtype=np.float64)
+
+
+def _confidence_model(fp: Any, rows: list[dict[str, Any]], R: np.ndarray, mask: np.ndarray,
+                      meta: list[dict[str, Any]], matcher: Any, quantile: float,
+                      seed: int) -> Any:
+    """The bank's calibration of confidence (None: ``fp`` has no per-image variances)."""
+    from forensics.stats import confidence
+    from refbank.bank import curve_fingerprints
+
+    variances = [curve_fingerprints(r).get(var_key(fp.name)) for r in rows]
+    families = [m["family"] for m in meta]
+    if any(v is None for v in variances) or len(set(families)) < 2:
+        return None
+    S = np.asarray(variances, dtype=np.float64)
+    if S.shape[1] != mask.shape[0]:
+        return None
+    sim = confidence.simulate(R, S[:, mask], [int(r["n_images"]) for r in rows], families,
+                              matcher.score, seed=seed)
+    if sim.size.size == 0:
+        return None
+    return confidence.fit(sim, quantile=quantile, seed=seed)
+
+
+def attribute(
+    folder: PathLike | Embeddings,
+    *,
+    baseline: str | None = None,
+    matcher: str | None = None,
+    fingerprint: str | None = None,
+    top: int = 5,
+    drop_layers: Sequence[int] = (0,),
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+    quantile: float = 0.05,
+    bank: Any = None,
+    report: PathLike | None = None,
+    tau: float | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    cache_dir: Any = DEFAULT_CACHE,
+    progress: bool = False,
+    skip_bad: bool = False,
+    allow_unverified: bool = False,
+) -> Attribution:
+    """Which enrolled generator made these images? Ranked, calibrated, with confidence.
+
+    Args:
+        folder: the suspect images (or their embeddings).
+        baseline: baseline name or id (None: the bank's only baseline, or the one every
+            enrolled curve uses).
+        matcher: ``zscore``, ``l2``, ``cosine``, ``combined`` or a plugin's (None: the
+            fingerprint's default: ``zscore`` for ``resid-early`` and the other
+            projected-mean fingerprints, ``combined`` for ``paper`` and ``setstats``).
+        fingerprint: what is matched (None: ``resid-early``, the early layers' set means
+            with the image content regressed out, matched by ``zscore``; ``paper``: the C_T-layer
+            curve, with ``matcher="combined"`` the paper's method; ``setstats``: the
+            paper's mean/std/FID baseline; or a plugin's).
+        top: matches kept in the ranking.
+        drop_layers: layer indices left out of matching (the paper drops layer 0).
+        n_boot: bootstrap resamples of the suspect images (0: no confidence).
+        seed: seed of the resampling.
+        quantile: share of genuine curves accepted to be called unknown.
+        bank: the bank.
+        report: a folder to write ``attribution.json``, ``attribution.png`` and the
+            case report ``report.html`` into.
+        tau, weights, device, batch_size, cache_dir, progress, skip_bad: as for
+            :func:`compute_curve`.
+        allow_unverified: use bank rows and baseline files that fail their SHA-256
+            (refused otherwise); they are listed in the answer's
+            ``provenance.custody.unverified``.
+
+    Returns:
+        A :class:`forensics.stats.attribution.Attribution` (``to_dict()`` is the JSON answer; its
+        ``provenance.custody`` is the chain of custody, see :mod:`forensics.steps.case`).
+
+    Raises:
+        BankError: empty bank, no curves for the baseline, or curves that do not match the
+            suspect's encoder, weights or layers, or lack the fingerprint; rows or files
+            that fail their hash.
+        InsufficientDataError: too few suspect images for tau.
+    """
+    from forensics.plugin.encoders import resolve_device
+    from forensics.stats.attribution import keep_mask
+    from forensics.stats.ct import check_seed
+    from refbank.bank import modified_rows, unverified_message
+
+    seed = check_seed(seed)
+    if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
+        raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
+                         f"n_boot {n_boot}, quantile {quantile}")
+    b = open_bank(bank)
+    all_rows = b.curves()
+    if not all_rows:
+        raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
+                        f"first: fp enroll DIR --baseline NAME --model M --family F")
+    fp = fpmod.get(fingerprint or fpmod.DEFAULT_FINGERPRINT)
+    device = resolve_device(device)
+    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device,
+                           allow_unverified=allow_unverified)
+    same = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
+    forged = modified_rows("curves", same)
+    if forged and not allow_unverified:
+        raise BankError(unverified_message(forged, b.path))
+    unverified = loaded.unverified + [dataclasses.asdict(p) for p in forged]
+    _fingerprint_objects([fp.name], loaded, strict=True)
+    keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
+    fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
+    _check_tau(tau)
+    weights = _absolute_weights(weights)
+    emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
+                         cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    settings = {"tau": tau, "weights": weights, "device": device, "batch_size": int(batch_size),
+                "skip_bad": bool(skip_bad), "allow_unverified": bool(allow_unverified)}
+    with _one_thread():
+        return _attribute(b, all_rows, loaded, fp, emb, folder, matcher=matcher, top=top,
+                          drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
+                          report=report, tau=tau, settings=settings, unverified=unverified)
+
+
+def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
+               emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
+               drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
+               report: PathLike | None, tau: float | None, settings: dict[str, Any],
+               unverified: list[dict[str, str]]) -> Attribution:
+    from forensics.stats.attribution import (
+        Attribution,
+        bootstrap_confidence,
+        calibrate_unknown,
+        comparable_references,
+        decide,
+        keep_mask,
+        rank,
+    )
+    from forensics.steps.case import custody_record
+
+    where = f" in the bank at {b.path}"
+    fps = [fp]
+    folder_str = None if isinstance(folder, Embeddings) else str(_absolute(folder))
+    res = _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=False, fps=fps,
+                   what=folder_str or "the embeddings", folder=folder_str)
+    names = {r["baseline_id"]: r["name"] for r in b.baselines()}
+    refs, meta = comparable_references(res.curve, all_rows, bank=str(b.path),
+                                       baseline_names=names)
+    same_rows = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
+    ref_vecs = _reference_vectors(fp, same_rows, refs, where)
+
+    drop = tuple(int(i) for i in drop_layers)
+    keep = keep_mask(len(loaded.row["layers"]), drop)
+    dims = loaded.dims
+    mask = fpmod.entry_mask(fp, dims, keep)
+    if mask.shape[0] != ref_vecs.shape[1]:
+        raise BankError(f"enrolled {fp.name!r} fingerprints have {ref_vecs.shape[1]} values "
+                        f"but the suspect's has {mask.shape[0]}; re-enroll them with this fp")
+    mname, mobj = fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(dims, keep,
+                                                                          strict=True) if k])
+    query, R = res.fingerprints[fp.name][mask], ref_vecs[:, mask]
+    ranking = rank(query, R, meta, mobj, drop_layers=())
+    calibration = calibrate_unknown(R, [m["family"] for m in meta], mobj, (), quantile)
+    calibration = dataclasses.replace(calibration, matcher=mname, drop_layers=drop)
+    model = _confidence_model(fp, same_rows, R, mask, meta, mobj, quantile, seed)
+    if model is not None:
+        calibration = dataclasses.replace(
+            calibration, threshold=model.threshold(len(emb)), confidence=model.to_dict(),
+            note=(f"threshold = {quantile:g}-quantile of the best scores of suspects of "
+                  f"{len(emb)} images simulated from the bank ({model.note})"))
+    decision = decide(ranking, calibration)
+    if model is not None and not decision.unknown:
+        from forensics.stats.confidence import family_scores, margin_of
+
+        _, best, margin = margin_of(family_scores([m.score for m in ranking],
+                                                  [m.family for m in ranking]))
+        decision = dataclasses.replace(decision,
+                                       confidence=model.probability(margin, best, len(emb)))
+
+    boot = None
+    if n_boot > 0:
+        reads_ct = fpmod.needs_ct(fp) or getattr(fp, "needs_details", False)
+
+        def curve_fn(indices: np.ndarray) -> np.ndarray:
+            if reads_ct:
+                results, Q = _query(loaded, emb, np.asarray(indices), tau,
+                                    getattr(fp, "needs_details", False))
+            else:  # the fingerprint reads no C_T: skip the query
+                results, Q = res.results, [np.asarray(a)[indices] for a in emb.arrays]
+            vec = _vectors([fp], loaded, results, Q)[fp.name]
+            return np.nan_to_num(vec, nan=0.0)[mask]  # the authors' rule: NaN counts as 0
+
+        boot = bootstrap_confidence(curve_fn, len(emb), n_boot, seed, bank_vectors=R,
+                                    meta=meta, matcher=mobj, drop_layers=(),
+                                    calibration=calibration, decision=decision)
+        decision = dataclasses.replace(decision, stability=boot.confidence,
+                                       model_stability=boot.model_confidence)
+    parameters = {
+        "fingerprint": fp.name, "matcher": mname, "drop_layers": list(drop), "top": int(top),
+        "quantile": quantile, "n_boot": n_boot if boot is not None else 0, "seed": int(seed),
+        "bank": str(b.path), "baseline": loaded.name, "n_references": len(meta), **settings,
+    }
+    custody = custody_record(bank=b, loaded=loaded, manifest=emb.manifest, folder=folder_str,
+                             rows=same_rows, unverified=unverified)
+    result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
+                         parameters, custody)
+    if report is not None:
+        from forensics.steps.reports import Evidence, write_report
+
+        evidence = Evidence(vector=query, bank_vectors=R,
+                            bank_ids=[str(m["curve_id"]) for m in meta],
+                            entry_layers=fpmod.entry_layers(fp, dims)[mask],
+                            manifest=emb.manifest, baseline=loaded.row)
+        write_report(report, result, same_rows, evidence=evidence)
+    return result
