@@ -26,11 +26,15 @@ of the soft tokens, and a check samples at every guidance scale 1..7 (classifier
 guidance against the empty prompt), succeeding when any scale's least similar sample
 reaches beta.
 
-Several images are optimised together: their noised inputs share one model call per step
-(and per DDIM step), while each keeps its own parameters, Adam state, KL weight, loss
-window and random stream, so its score is what it would be alone (up to float round-off).
-When CUDA runs out of memory, the images of a step are split into smaller model calls
-(the random streams are rewound first), so a run never fails for its batch size.
+By default each image runs its own model calls (its ``noises`` samples per step, as the
+official scripts, which score one image per run): an image's score is then bit-identical
+whatever the other images and the batch. ``batch_size`` > 1 (or ``"auto"``: from free CUDA
+memory) optimises several images together: their noised inputs share one model call per
+step (and per DDIM step), while each keeps its own parameters, Adam state, KL weight, loss
+window and random stream, so its score equals its own run up to float round-off (kernels
+differ with the call's width). When CUDA runs out of memory, the images of a step are split
+into smaller model calls (the random streams are rewound first), so a run never fails for
+its batch size.
 """
 
 from __future__ import annotations
@@ -679,7 +683,7 @@ def _prepare_similarity(spec: str, calibrate: Sequence[Any] | None, params: dict
 
 def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         calibrate: Sequence[Any] | None, device: str | None, seed: int,
-        batch_size: int | None, precision: str, conditioning: str | Path | None,
+        batch_size: int | str | None, precision: str, conditioning: str | Path | None,
         prompt: str | None, encoder_weights: str | None, encoder_pool: str | None,
         progress: Callable[[int], None] | None, params: dict[str, Any]) -> InvMMReport:
     """Score ``images`` with InvMM; see :meth:`fp_plugins.invmm.InvMM.run`."""
@@ -691,8 +695,9 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         raise InputError("InvMM got no images to score")
     if isinstance(calibrate, (str, Path)):
         calibrate = _folder_images(Path(calibrate))
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if batch_size is not None and batch_size != "auto" and (
+            not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"--batch-size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     _prepare_similarity(similarity, calibrate, params)
@@ -723,12 +728,14 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
     uncond = dm.text.encode("") if dm.text is not None else None
     picked = "given"
     if batch_size is None:
+        batch_size, picked = 1, "default (one image per model call: bit-identical scores)"
+    elif batch_size == "auto":
         if dev.type == "cuda":
             x0_shape = tuple(dm.encode(torch.zeros(1, dm.image_channels, dm.image_size,
                                                    dm.image_size, device=dev)).shape)
             batch_size, picked = _probe_batch_size(dm, p, x0_shape), "free memory"
         else:
-            batch_size, picked = 4, "cpu default"
+            batch_size, picked = 4, "auto on cpu"
     chunked = _Chunked(batch_size)
     results: list[dict[str, Any]] = [{} for _ in loaded]
     evidence: list[dict[str, Any]] = [{} for _ in loaded]

@@ -58,7 +58,7 @@ class InvMM:
         calibrate: Sequence[str | Path | Any] | None = None,
         device: str | None = None,
         seed: int = 0,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         precision: str = "auto",
         conditioning: str | Path | None = None,
         prompt: str | None = None,
@@ -82,8 +82,10 @@ class InvMM:
             device: ``cpu``, ``cuda``, ``cuda:1``...; default: CUDA when present.
             seed: base seed; each image's random stream is derived from it and from the
                 image's content, so a score does not depend on the other images.
-            batch_size: images optimised in parallel (default: from free GPU memory on
-                CUDA, 4 on CPU); halved automatically when CUDA runs out of memory.
+            batch_size: images that share one model call. Default 1: each image's score
+                is bit-identical whatever the other images. ``"auto"`` (from free GPU memory
+                on CUDA, 4 on CPU) or N > 1 is faster on a GPU, scores equal up to float
+                round-off; halved automatically when CUDA runs out of memory.
             precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``fp32``,
                 ``bf16`` or ``fp16``.
             conditioning: for a bare ``UNet2DConditionModel`` without text encoder: a

@@ -245,10 +245,12 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
         raise BankError(f"cannot read {path} ({exc.strerror or exc}); check its "
                         f"permissions") from None
     try:
-        # One thread: the tables are small, and a process that exits right after a threaded
-        # read of an in-memory buffer can abort in pyarrow's thread pool ("terminate called
-        # without an active exception"; 35 of 40 bare runs did, 0 of 40 with one thread).
-        table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        # One thread and no pre-buffering (which reads through pyarrow's I/O thread pool):
+        # the tables are small, and a process that exits right after a threaded read of an
+        # in-memory buffer can abort in a thread pool ("terminate called without an active
+        # exception"): 35 of 40 bare runs did; 3 of 150 with one CPU thread, on a loaded
+        # machine; 0 of 150 with pre-buffering off as well.
+        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
     except (OSError, pa.ArrowException) as exc:
         raise BankError(
             f"cannot read {path}: {exc}. The file is damaged; restore the bank from an "

@@ -353,3 +353,34 @@ def test_cuda_bf16_agrees_with_cpu(digits):
     for a, b in zip(cpu.arrays, gpu.arrays, strict=True):
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         assert cos.min() > 0.99
+
+
+def test_one_step_loads_an_encoder_once_and_reloads_a_changed_weights_file(
+        tmp_path, digit_folder, digits, monkeypatch):
+    from safetensors.torch import save_file
+
+    from forensics.data.embed import reusing_encoders
+
+    encoder = get_encoder("vit-tiny-demo")
+    loads = []
+    real = type(encoder).load
+    monkeypatch.setattr(type(encoder), "load",
+                        lambda self, *a, **k: loads.append(a) or real(self, *a, **k))
+    with reusing_encoders():
+        a = _embed(digits, "vit-tiny-demo")
+        b = _embed(digits[:2], "vit-tiny-demo")
+    assert len(loads) == 1
+    np.testing.assert_array_equal(a.arrays[3][:2], b.arrays[3])
+    _embed(digits, "vit-tiny-demo")  # outside the block: loaded again
+    assert len(loads) == 2
+
+    module = real(encoder, "random:0", "cpu", "cls").module
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    with reusing_encoders():
+        first = _embed(digits, "vit-tiny-demo", weights=str(path))
+        state = {k: v * 0.5 for k, v in state.items()}
+        save_file(state, str(path))  # the file changes between two embeddings of one step
+        second = _embed(digits, "vit-tiny-demo", weights=str(path))
+    assert first.encoder_info["weights_sha256"] != second.encoder_info["weights_sha256"]

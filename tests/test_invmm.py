@@ -389,15 +389,26 @@ def test_cli_json_results_ranking_and_provenance(tiny_pixel, tiny_images):
     assert prov["model"]["unet"] == "UNet2DModel" and prov["model"]["space"] == "pixel"
 
 
-def test_runs_are_deterministic_and_independent_of_batching(tiny_pixel, tiny_images):
+def test_runs_are_deterministic_and_independent_of_batching(tiny_pixel, tiny_images, tmp_path):
     base = [str(tiny_images), "--model", str(tiny_pixel), "--device", "cpu", *FAST]
     a = _run_json([*base, "--seed", "1", "--batch-size", "3"])["results"]
     b = _run_json([*base, "--seed", "1", "--batch-size", "3"])["results"]
-    c = _run_json([*base, "--seed", "1", "--batch-size", "1"])["results"]
+    c = _run_json([*base, "--seed", "1"])["results"]
     d = _run_json([*base, "--seed", "2", "--batch-size", "3"])["results"]
     assert a == b
     np.testing.assert_allclose([r["kl"] for r in a], [r["kl"] for r in c], rtol=1e-4)
     assert [r["kl"] for r in a] != [r["kl"] for r in d]
+    # At the default batch an image's score is bit-identical to a run of that image alone.
+    name = sorted(tiny_images.iterdir())[1].name
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / name).write_bytes((tiny_images / name).read_bytes())
+    solo = _run_json([str(alone), "--model", str(tiny_pixel), "--device", "cpu", *FAST,
+                      "--seed", "1"])["results"]
+    mine = [r for r in c if Path(r["image"]).name == name]
+    assert len(solo) == len(mine) == 1
+    assert {k: v for k, v in solo[0].items() if k != "image"} == {
+        k: v for k, v in mine[0].items() if k != "image"}
 
 
 def test_cli_table_lists_every_image(tiny_pixel, tiny_images):

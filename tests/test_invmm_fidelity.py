@@ -384,7 +384,7 @@ def test_bf16_autocast_runs_the_unet_in_bf16_on_cpu(pixel, imgs):
 def test_cuda_picks_the_batch_from_free_memory_and_autocasts(pixel, imgs):
     res = plugins.get("memorization_measures", "invmm").run(
         sorted(imgs.glob("*.png")), pixel, similarity="ncc", beta=0.5, steps=4,
-        check_every=2, noises=2, samples=2, ddim_steps=2, device="cuda")
+        check_every=2, noises=2, samples=2, ddim_steps=2, device="cuda", batch_size="auto")
     prov = res.provenance
     assert prov["batch_size_from"] == "free memory" and prov["batch_size"] >= 1
     assert prov["precision"] in ("bfloat16", "float16")

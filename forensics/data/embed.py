@@ -23,7 +23,8 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,6 +599,48 @@ def embed_arrays(
     )
 
 
+#: Loaded encoders kept while :func:`reusing_encoders` is active (None: not active).
+_reused: dict[tuple, tuple[Any, dict[str, Any]]] | None = None
+
+
+@contextmanager
+def reusing_encoders() -> Iterator[None]:
+    """Within this block, embedding with the same encoder, weights, device and pool loads
+    (and hashes) the encoder once: a step that embeds several folders (T and P) pays for it
+    once. A weights file is loaded again if its size, modification time or inode changed.
+    The loaded models are released when the block ends."""
+    global _reused
+    outer = _reused
+    if outer is None:
+        _reused = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _reused = None
+
+
+def _weights_stamp(weights: str | None) -> tuple | None:
+    """What identifies a weights file's content cheaply (None for hub/random specs)."""
+    if weights is None or not os.path.isfile(weights):
+        return None
+    st = os.stat(weights)
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def _load_encoder(encoder, weights, device, pool) -> tuple[Any, dict[str, Any]]:
+    """The loaded encoder and its provenance, reused inside :func:`reusing_encoders`."""
+    key = (id(encoder), encoder.name, weights, device, pool, _weights_stamp(weights))
+    if _reused is not None and key in _reused:
+        loaded, info = _reused[key]
+        return loaded, dict(info)
+    loaded = encoder.load(weights, device, pool)
+    info = encoder_info(encoder, loaded, weights, pool)
+    if _reused is not None:
+        _reused[key] = (loaded, dict(info))
+    return loaded, info
+
+
 def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, batch_size,
            num_workers, cache_dir, progress) -> Embeddings:
     from forensics.plugin.encoders import check_pool, resolve_device
@@ -607,8 +650,7 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     encoder = get_encoder(encoder_name)
     device = resolve_device(device)
-    loaded = encoder.load(weights, device, pool)
-    info = encoder_info(encoder, loaded, weights, pool)
+    loaded, info = _load_encoder(encoder, weights, device, pool)
     if cache_dir is DEFAULT_CACHE:
         cache_dir = default_cache_dir()
     cache = EmbeddingCache(Path(cache_dir), cache_key(info), info) if cache_dir else None

@@ -73,7 +73,7 @@ def build_baseline(
         BankError: the name is taken, or the same baseline is stored under another name.
         InputError: bad folders or parameters.
     """
-    from forensics.data.embed import embed_folder, get_encoder
+    from forensics.data.embed import embed_folder, get_encoder, reusing_encoders
     from forensics.plugin.encoders import check_pool, resolve_device
     from forensics.plugin.manager import get
     from forensics.stats.baseline import Baseline
@@ -101,8 +101,9 @@ def build_baseline(
     train, heldout, weights = _absolute(train), _absolute(heldout), _absolute_weights(weights)
     embed_kw = dict(weights=weights, pool=pool, device=device, batch_size=batch_size,
                     cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
-    T = embed_folder(train, encoder, **embed_kw)
-    P = embed_folder(heldout, encoder, **embed_kw)
+    with reusing_encoders():
+        T = embed_folder(train, encoder, **embed_kw)
+        P = embed_folder(heldout, encoder, **embed_kw)
     overlap = set(T.manifest.hashes) & set(P.manifest.hashes)
     if overlap:
         raise InputError(f"{len(overlap)} image(s) are in both {train} and {heldout}; the "

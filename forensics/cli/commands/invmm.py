@@ -174,9 +174,10 @@ def register(app: typer.Typer) -> None:
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 [auto]."),
         precision: str = typer.Option(
             "auto", "--precision", help="auto (bf16/fp16 on CUDA) | fp32 | bf16 | fp16."),
-        batch_size: int | None = typer.Option(
+        batch_size: str | None = typer.Option(
             None, "--batch-size",
-            help="Images optimised in parallel [CUDA: from free memory; CPU: 4]."),
+            help="Images per model call: N or auto (from free CUDA memory; faster, scores "
+                 "equal up to float round-off) [1: bit-identical scores]."),
         seed: int = typer.Option(0, "--seed", help="Random seed."),
         members: Path | None = _members_option(),
         out: Path | None = _out_option(),
@@ -189,7 +190,14 @@ def register(app: typer.Typer) -> None:
         "inf" means samples never matched the image within the step budget. Prints one
         row per image, most memorized first.
         """
+        from forensics.errors import InputError
         from forensics.steps.memorize import image_list, run_measure
+
+        if batch_size is not None and batch_size != "auto":
+            if not batch_size.isdigit():
+                raise InputError(f"--batch-size must be a whole number or 'auto', got "
+                                 f"{batch_size!r}")
+            batch_size = int(batch_size)
 
         params = dict(steps=steps, beta=beta, lr=lr, noises=noises, check_every=check_every,
                       window=window, xi=xi, delta=delta, kl_weight=kl_weight, samples=samples,
