@@ -57,9 +57,10 @@ def xcode_folder(zoo: Path, work: Path) -> Path:
 
 def per_image(loaded, fp_name: str, emb) -> np.ndarray:
     """A fingerprint's per-image vectors of every image of ``emb`` (its ``per_image``)."""
+    from forensics.plugin import manager as plugins
     from forensics.stats import fingerprints as fpmod
 
-    fp = fpmod.get(fp_name)
+    fp = plugins.get("fingerprints", fp_name)
     ctx = fpmod.FingerprintContext(list(loaded.row["layers"]), [], list(emb.arrays),
                                    loaded.engine, loaded.extras(fp) or {})
     return np.asarray(fp.per_image(ctx), dtype=np.float64)

@@ -211,14 +211,15 @@ class Method:
     """One fingerprint x matcher, with fp attribute's layer mask and matcher resolution."""
 
     def __init__(self, fp_name: str, matcher: str, dims: list[int], drop=(0,)):
+        from forensics.plugin import manager as plugins
         from forensics.stats import fingerprints as fpmod
         from forensics.stats.attribution import keep_mask
 
-        self.fp = fpmod.get(fp_name)
+        self.fp = plugins.get("fingerprints", fp_name)
         keep = keep_mask(len(dims), drop)
         self.mask = fpmod.entry_mask(self.fp, dims, keep)
         kept = [d for d, k in zip(dims, keep, strict=True) if k]
-        self.matcher_name, self.matcher = fpmod.resolve_matcher(self.fp, matcher, kept)
+        self.matcher_name, self.matcher = plugins.resolve_matcher(self.fp, matcher, kept)
         self.label = f"{fp_name} | {matcher}"
 
     def vec(self, v: dict[str, np.ndarray]) -> np.ndarray:

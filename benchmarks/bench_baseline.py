@@ -108,7 +108,7 @@ def measure(work: Path, repeat: int, out: Path) -> dict:
     """Build from cache ``repeat`` times, measure the bank, save vectors and rankings."""
     import forensics
     from forensics.data.embed import embed_folder
-    from forensics.stats.fingerprints import names
+    from forensics.plugin.manager import names as registered
 
     f = folders(work)
     cache = work / "cache"
@@ -138,7 +138,7 @@ def measure(work: Path, repeat: int, out: Path) -> dict:
         res = forensics.compute_curve(f[f"query_{kind}"], baseline="digits", **kw)
         for name, vec in res.fingerprints.items():
             vectors[f"{kind}/{name}"] = vec
-        for name in names():
+        for name in registered("fingerprints"):
             a = forensics.attribute(f[f"query_{kind}"], fingerprint=name, n_boot=0, **kw)
             d = a.decision
             answers[f"{kind}/{name}"] = {

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> float:
     import sklearn.decomposition  # noqa: F401
     import torch
 
-    from forensics.stats.baseline import Baseline, load_or_build
+    from forensics.steps.baseline_files import load_engine
+    from forensics.steps.engine import load_or_build
 
     print(f"setting: T={args.n_train} P={args.n_held} Q={args.n_gen} D={args.dim} "
           f"layers={args.layers} seed={args.seed} cpu_threads={torch.get_num_threads()} "
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> float:
                                  device=args.device)
             t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         t0 = time.perf_counter()
-        base = Baseline.load(os.path.join(cache, base.id), device=args.device)
+        base = load_engine(os.path.join(cache, base.id), device=args.device)
         t_load = time.perf_counter() - t0
     print(f"    fp baseline, built once: {t_build:.2f} s wall, {c_build:.2f} s CPU (peak RSS "
           f"{mem_build.peak / 2**20:.0f} MiB); reloaded from disk in {t_load:.3f} s")

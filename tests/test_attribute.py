@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from forensics.errors import BankError, InputError
+from forensics.plugin.manager import get
 from forensics.stats.attribution import (
     Attribution,
     Match,
@@ -24,6 +25,14 @@ from forensics.stats.curve import Curve, make_provenance
 
 L = 6
 LAYERS = [f"layer{i}" for i in range(L)]
+
+
+def matcher_of(name):
+    """The registered matcher called ``name`` (stats receives objects, never names)."""
+    return get("matchers", name)
+
+
+COMBINED = matcher_of("combined")
 
 
 def meta_for(families, models=None):
@@ -65,12 +74,12 @@ def test_rank_l2_scores_by_hand_and_layer_zero_dropped():
     refs = np.array([[0.0, 1.0, 2.0], [100.0, 1.0, 3.0], [5.0, 5.0, 5.0]])
     meta = meta_for(["a", "b", "c"])
     # Without layer 0: L2 distances 0, 1, 5 -> scores 1/(1+d) = 1, 1/2, 1/6.
-    ranking = rank(query, refs, meta, matcher="l2")
+    ranking = rank(query, refs, meta, matcher=matcher_of("l2"))
     assert [m.curve_id for m in ranking] == ["c00", "c01", "c02"]
     np.testing.assert_allclose([m.score for m in ranking], [1.0, 0.5, 1 / 6])
     assert [m.rank for m in ranking] == [1, 2, 3] and ranking[0].family == "a"
     # With every layer: distances 100, 1, sqrt(95^2 + 16 + 9).
-    full = rank(query, refs, meta, matcher="l2", drop_layers=())
+    full = rank(query, refs, meta, matcher=matcher_of("l2"), drop_layers=())
     assert full[0].curve_id == "c01"
     np.testing.assert_allclose([m.score for m in full],
                                [0.5, 1 / (1 + np.sqrt(95**2 + 25)), 1 / 101])
@@ -80,9 +89,9 @@ def test_rank_cosine_combined_and_plugin_objects():
     query = np.array([0.0, 1.0, 0.0])
     refs = np.array([[9.0, 2.0, 0.0], [9.0, 1.0, 1.0]])
     meta = meta_for(["a", "b"])
-    cos = rank(query, refs, meta, matcher="cosine")
+    cos = rank(query, refs, meta, matcher=matcher_of("cosine"))
     np.testing.assert_allclose([m.score for m in cos], [1.0, np.sqrt(0.5)])
-    comb = rank(query, refs, meta, matcher="combined")
+    comb = rank(query, refs, meta, matcher=matcher_of("combined"))
     np.testing.assert_allclose(comb[0].score, 0.5 * 1.0 + 0.5 / (1 + 1.0))
 
     class Negative:
@@ -97,19 +106,19 @@ def test_rank_cosine_combined_and_plugin_objects():
 def test_rank_ties_top_and_refusals():
     refs = np.ones((3, 3))
     meta = [{"curve_id": cid, "model": "m", "family": "f"} for cid in ("z", "a", "m")]
-    ranking = rank(np.ones(3), refs, meta, top=2)
+    ranking = rank(np.ones(3), refs, meta, COMBINED, top=2)
     assert [m.curve_id for m in ranking] == ["a", "m"]
     with pytest.raises(BankError, match="no enrolled curves"):
-        rank(np.ones(3), np.empty((0, 3)), [])
+        rank(np.ones(3), np.empty((0, 3)), [], COMBINED)
     with pytest.raises(InputError, match="3 layers"):
-        rank(np.ones(3), np.ones((3, 4)), meta)
+        rank(np.ones(3), np.ones((3, 4)), meta, COMBINED)
     with pytest.raises(InputError, match="suspect curve has no finite value"):
-        rank(np.array([1.0, np.nan, 1.0]), refs, meta)
-    assert rank(np.array([np.nan, 1.0, 1.0]), refs, meta)  # layer 0 is dropped
+        rank(np.array([1.0, np.nan, 1.0]), refs, meta, COMBINED)
+    assert rank(np.array([np.nan, 1.0, 1.0]), refs, meta, COMBINED)  # layer 0 is dropped
     bad = refs.copy()
     bad[1, 2] = np.inf
     with pytest.raises(BankError, match="enrolled curve.* a "):
-        rank(np.ones(3), bad, meta)
+        rank(np.ones(3), bad, meta, COMBINED)
 
 
 # -- calibration and decision -----------------------------------------------------------------
@@ -120,7 +129,7 @@ def test_calibration_by_hand():
     # nearest same-family distances are 1, 1, 2 (A) and 2, 2 (B).
     vecs = np.array([[0.0], [1.0], [3.0], [10.0], [12.0]])
     fams = ["A", "A", "A", "B", "B"]
-    cal = calibrate_unknown(vecs, fams, matcher="l2", drop_layers=(), quantile=0.25)
+    cal = calibrate_unknown(vecs, fams, matcher=matcher_of("l2"), drop_layers=(), quantile=0.25)
     within = 1 / (1 + np.array([1.0, 1.0, 2.0, 2.0, 2.0]))
     np.testing.assert_allclose(cal.threshold, np.quantile(within, 0.25))
     assert cal.n_within == 5 and cal.matcher == "l2" and cal.drop_layers == ()
@@ -132,12 +141,12 @@ def test_calibration_by_hand():
 
 
 def test_calibration_needs_siblings():
-    cal = calibrate_unknown(np.eye(3), ["a", "b", "c"], drop_layers=())
+    cal = calibrate_unknown(np.eye(3), ["a", "b", "c"], COMBINED, drop_layers=())
     assert cal.threshold is None and cal.n_within == 0 and "--per-curve" in cal.note
     with pytest.raises(InputError, match="quantile"):
-        calibrate_unknown(np.eye(3), ["a", "a", "a"], quantile=1.0)
+        calibrate_unknown(np.eye(3), ["a", "a", "a"], COMBINED, quantile=1.0)
     with pytest.raises(InputError, match="one family per curve"):
-        calibrate_unknown(np.eye(3), ["a", "a"])
+        calibrate_unknown(np.eye(3), ["a", "a"], COMBINED)
 
 
 def test_decide_known_unknown_and_uncalibrated():
@@ -158,14 +167,14 @@ def test_decide_known_unknown_and_uncalibrated():
 def test_unenrolled_generator_is_unknown_and_enrolled_one_is_found():
     vecs, fams, protos = synthetic_bank()
     meta = meta_for(fams)
-    cal = calibrate_unknown(vecs, fams)
+    cal = calibrate_unknown(vecs, fams, COMBINED)
     assert cal.threshold is not None and cal.between_above == 0.0
     rng = np.random.default_rng(1)
     suspect = protos["diffusion"] + rng.normal(0, 0.02, L)
-    d = decide(rank(suspect, vecs, meta), cal)
+    d = decide(rank(suspect, vecs, meta, COMBINED), cal)
     assert d.family == "diffusion" and not d.unknown
     stranger = np.full(L, 0.5) + 0.25 * np.cos(3 * np.arange(L))  # no enrolled family
-    d = decide(rank(stranger, vecs, meta), cal)
+    d = decide(rank(stranger, vecs, meta, COMBINED), cal)
     assert d.unknown and d.nearest_family in protos
 
 
@@ -180,11 +189,12 @@ def image_curve_fn(per_image: np.ndarray):
 def test_bootstrap_confident_when_images_agree():
     vecs, fams, protos = synthetic_bank()
     meta = meta_for(fams)
-    cal = calibrate_unknown(vecs, fams)
+    cal = calibrate_unknown(vecs, fams, COMBINED)
     rng = np.random.default_rng(2)
     images = protos["gan"] + rng.normal(0, 0.05, (40, L))
     boot = bootstrap_confidence(image_curve_fn(images), 40, n_boot=30, seed=3,
-                                bank_vectors=vecs, meta=meta, calibration=cal)
+                                bank_vectors=vecs, meta=meta, calibration=cal,
+                                matcher=COMBINED)
     assert boot.confidence == 1.0 and boot.outcomes == {"gan": 30}
     assert boot.n_boot == 30 and boot.seed == 3 and 0 < boot.model_confidence <= 1
 
@@ -199,14 +209,16 @@ def test_bootstrap_unsure_on_a_mixture():
     images = np.vstack([protos["gan"] + rng.normal(0, 0.3, (20, L)),
                         protos["diffusion"] + rng.normal(0, 0.3, (20, L))])
     fn = image_curve_fn(images)
-    boot = bootstrap_confidence(fn, 40, n_boot=60, seed=5, bank_vectors=vecs, meta=meta)
+    boot = bootstrap_confidence(fn, 40, n_boot=60, seed=5, bank_vectors=vecs, meta=meta,
+                                matcher=COMBINED)
     assert sum(boot.outcomes.values()) == 60
     assert set(boot.outcomes) <= {"gan", "diffusion"} and len(boot.outcomes) == 2
     assert 0.05 < boot.confidence < 0.95
-    again = bootstrap_confidence(fn, 40, n_boot=60, seed=5, bank_vectors=vecs, meta=meta)
+    again = bootstrap_confidence(fn, 40, n_boot=60, seed=5, bank_vectors=vecs, meta=meta,
+                                 matcher=COMBINED)
     assert again == boot  # seeded
     sub = bootstrap_confidence(fn, 40, n_boot=10, seed=5, bank_vectors=vecs, meta=meta,
-                               replace=False, fraction=0.5)
+                               matcher=COMBINED, replace=False, fraction=0.5)
     assert sub.replace is False and sum(sub.outcomes.values()) == 10
 
 
@@ -218,7 +230,8 @@ def test_bootstrap_sees_the_indices():
         return np.ones(3)
 
     meta = meta_for(["a"])
-    bootstrap_confidence(fn, 10, n_boot=4, seed=0, bank_vectors=np.ones((1, 3)), meta=meta)
+    bootstrap_confidence(fn, 10, n_boot=4, seed=0, bank_vectors=np.ones((1, 3)), meta=meta,
+                         matcher=COMBINED)
     np.testing.assert_array_equal(seen[0], np.arange(10))  # the decision on all images
     assert len(seen) == 5 and all(s.shape == (10,) and s.max() < 10 for s in seen[1:])
     expected = np.random.default_rng(0).choice(10, size=10, replace=True)
@@ -226,7 +239,7 @@ def test_bootstrap_sees_the_indices():
 
 
 def test_bootstrap_refusals():
-    kw = dict(bank_vectors=np.ones((1, 3)), meta=meta_for(["a"]))
+    kw = dict(bank_vectors=np.ones((1, 3)), meta=meta_for(["a"]), matcher=COMBINED)
     with pytest.raises(InputError, match="n_boot"):
         bootstrap_confidence(lambda i: np.ones(3), 10, n_boot=0, **kw)
     with pytest.raises(InputError, match="2 images"):
@@ -275,14 +288,15 @@ def answer(curve, rows, *, matcher="combined", top=5, curve_fn=None, n_boot=100,
            bank=None):
     """Rank, calibrate, decide and (given ``curve_fn``) bootstrap, as the attribute step does."""
     refs, meta = comparable_references(curve, rows, bank=bank)
-    ranking = rank(curve.values, refs, meta, matcher, (0,))
-    calibration = calibrate_unknown(refs, [m["family"] for m in meta], matcher, (0,))
+    m = matcher_of(matcher)
+    ranking = rank(curve.values, refs, meta, m, (0,))
+    calibration = calibrate_unknown(refs, [x["family"] for x in meta], m, (0,))
     decision = decide(ranking, calibration)
     boot = None
     if curve_fn is not None:
         boot = bootstrap_confidence(curve_fn, int(curve.provenance["inputs"]["n_images"]),
                                     n_boot, seed, bank_vectors=refs, meta=meta,
-                                    matcher=matcher, calibration=calibration,
+                                    matcher=m, calibration=calibration,
                                     decision=decision)
         decision = dataclasses.replace(decision, stability=boot.confidence,
                                        model_stability=boot.model_confidence)

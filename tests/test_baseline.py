@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from forensics.errors import FpError, InputError
-from forensics.stats.baseline import Baseline, array_digest, baseline_key, ct_score, load_or_build
+from forensics.stats.baseline import Baseline, array_digest, baseline_key
+from forensics.steps.baseline_files import load_engine, save_engine
+from forensics.steps.engine import build_engine, ct_score, load_or_build
 
 
 def blobs(n, dim=16, seed=0, layer=0):
@@ -34,7 +36,7 @@ PARAMS = {"n_cells": 3, "n_init": 2}
 
 def test_query_equals_ct_score_per_layer(layers):
     T, P, Q, names = layers
-    base = Baseline.build(T, P, names, partitioner_params=PARAMS, seed=1)
+    base = build_engine(T, P, names, partitioner_params=PARAMS, seed=1)
     results = base.query(Q)
     assert [r.layer for r in results] == names
     assert [r.status for r in results] == ["ok", "constant", "ok"]
@@ -46,7 +48,7 @@ def test_query_equals_ct_score_per_layer(layers):
 
 def test_details_expose_cells_distances_and_nearest_training_sample(layers):
     T, P, Q, names = layers
-    base = Baseline.build(T, P, names, partitioner_params=PARAMS, distance="euclidean")
+    base = build_engine(T, P, names, partitioner_params=PARAMS, distance="euclidean")
     r = base.query(Q, details=True)[0]
     det = r.details
     assert det["cells"].shape == det["distance"].shape == det["nn_index"].shape == (120,)
@@ -62,9 +64,9 @@ def test_details_expose_cells_distances_and_nearest_training_sample(layers):
 
 def test_save_load_round_trip_is_exact(layers, tmp_path):
     T, P, Q, names = layers
-    base = Baseline.build(T, P, names, partitioner_params=PARAMS)
-    base.save(tmp_path / "b")
-    again = Baseline.load(tmp_path / "b")
+    base = build_engine(T, P, names, partitioner_params=PARAMS)
+    save_engine(base, tmp_path / "b")
+    again = load_engine(tmp_path / "b")
     assert again.id == base.id and again.meta == json.loads((tmp_path / "b/meta.json").read_text())
     assert [r.to_dict() for r in again.query(Q, details=True)] == [
         r.to_dict() for r in base.query(Q, details=True)]
@@ -75,7 +77,7 @@ def test_meta_records_parameters_inputs_and_version(layers):
     from forensics import __version__
 
     T, P, _, names = layers
-    base = Baseline.build(T, P, names, partitioner_params=PARAMS, seed=7, distance="cosine")
+    base = build_engine(T, P, names, partitioner_params=PARAMS, seed=7, distance="cosine")
     meta = base.meta
     assert meta["seed"] == 7 and meta["distance"] == "cosine" and meta["partitioner"] == "kmeans"
     assert meta["partitioner_params"] == PARAMS and meta["fp_version"] == __version__
@@ -87,7 +89,7 @@ def test_meta_records_parameters_inputs_and_version(layers):
 def test_id_is_a_content_hash(layers):
     T, P, _, names = layers
     key = baseline_key(T, P, names, partitioner_params=PARAMS)[0]
-    assert Baseline.build(T, P, names, partitioner_params=PARAMS).id == key
+    assert build_engine(T, P, names, partitioner_params=PARAMS).id == key
     assert baseline_key([t.copy() for t in T], P, names, partitioner_params=PARAMS)[0] == key
     T2 = [t.copy() for t in T]
     T2[2][0, 0] += 1e-3
@@ -124,25 +126,25 @@ def test_corrupt_baseline_is_detected_and_rebuilt(layers, tmp_path):
     arrays["0.p_dist"] = arrays["0.p_dist"] + 1.0
     np.savez(folder / "arrays.npz", **arrays)
     with pytest.raises(InputError, match="does not match"):
-        Baseline.load(folder)
+        load_engine(folder)
     rebuilt = load_or_build(tmp_path, T, P, names, partitioner_params=PARAMS)
     assert rebuilt.query(Q)[0].ct == base.query(Q)[0].ct
-    Baseline.load(folder)  # repaired on disk
+    load_engine(folder)  # repaired on disk
 
 
 def test_load_errors_name_the_folder(tmp_path):
     with pytest.raises(InputError, match="holds no baseline"):
-        Baseline.load(tmp_path)
+        load_engine(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({"format": 999}))
     with pytest.raises(InputError, match="format 999"):
-        Baseline.load(tmp_path)
+        load_engine(tmp_path)
 
 
 def test_given_partitioner_baseline(layers):
     T, P, Q, names = layers
     rng = np.random.default_rng(0)
     Tc, Pc, Qc = (rng.integers(0, 3, len(x)) for x in (T[0], P[0], Q[0]))
-    base = Baseline.build([T[0]], [P[0]], ["l"], partitioner="given", distance="euclidean",
+    base = build_engine([T[0]], [P[0]], ["l"], partitioner="given", distance="euclidean",
                           T_cells=Tc, P_cells=Pc)
     r = base.query([Q[0]], Q_cells=Qc)[0]
     single = ct_score(T[0], P[0], Q[0], distance="euclidean", T_cells=Tc, P_cells=Pc, Q_cells=Qc)
@@ -161,22 +163,22 @@ def test_given_partitioner_baseline(layers):
 def test_build_argument_errors(layers, kwargs, match):
     T, P, _, _ = layers
     with pytest.raises(FpError, match=match):
-        Baseline.build(T[:1], P[:1], ["l"], **kwargs)
+        build_engine(T[:1], P[:1], ["l"], **kwargs)
 
 
 def test_input_errors_name_the_layer_and_array(layers):
     T, P, Q, names = layers
     with pytest.raises(InputError, match="need one T and one P array per layer"):
-        Baseline.build(T, P[:2], names)
+        build_engine(T, P[:2], names)
     with pytest.raises(InputError, match="distinct"):
-        Baseline.build(T[:2], P[:2], ["x", "x"])
+        build_engine(T[:2], P[:2], ["x", "x"])
     bad = [t.copy() for t in T]
     bad[2][3, 1] = np.nan
     with pytest.raises(InputError, match="layer 'block2': T holds NaN"):
-        Baseline.build(bad, P, names, partitioner_params=PARAMS)
+        build_engine(bad, P, names, partitioner_params=PARAMS)
     with pytest.raises(InputError, match="layer 'block0': P has 8 features but T has 16"):
-        Baseline.build(T, [P[1], P[1], P[2]], names, partitioner_params=PARAMS)
-    base = Baseline.build(T, P, names, partitioner_params=PARAMS)
+        build_engine(T, [P[1], P[1], P[2]], names, partitioner_params=PARAMS)
+    base = build_engine(T, P, names, partitioner_params=PARAMS)
     with pytest.raises(InputError, match="3 layers"):
         base.query(Q[:2])
     with pytest.raises(InputError, match="layer 'block2': Q has 16 features"):
@@ -185,8 +187,8 @@ def test_input_errors_name_the_layer_and_array(layers):
 
 def test_two_builds_are_bit_identical(layers):
     T, P, Q, names = layers
-    a = Baseline.build(T, P, names, partitioner_params=PARAMS)
-    b = Baseline.build(T, P, names, partitioner_params=PARAMS)
+    a = build_engine(T, P, names, partitioner_params=PARAMS)
+    b = build_engine(T, P, names, partitioner_params=PARAMS)
     for la, lb in zip(a.layers, b.layers, strict=True):
         for k, v in la.arrays().items():
             assert v.tobytes() == lb.arrays()[k].tobytes(), k

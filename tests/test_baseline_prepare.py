@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from forensics.plugin import manager as plugins
 from forensics.stats import fingerprints as fpmod
 from forensics.stats.fingerprints import FingerprintContext, PrepareContext
 from forensics.stats.setstats import (
@@ -20,6 +21,7 @@ from forensics.stats.setstats import (
     gaussian_stats,
     psd_sqrt,
 )
+from forensics.steps import baseline_files
 
 DIMS = (6, 40, 12, 90, 30, 20, 8)
 
@@ -59,7 +61,8 @@ def _old_setstats_extras(T_layers):
 
 
 def _builtins():
-    return [fpmod.get(n) for n in fpmod.names() if fpmod.needs_extras(fpmod.get(n))]
+    fps = [plugins.get("fingerprints", n) for n in plugins.names("fingerprints")]
+    return [fp for fp in fps if fpmod.needs_extras(fp)]
 
 
 def _ctx(layers, Q, extras):
@@ -129,7 +132,7 @@ def _exact_fid(x, T):
 @pytest.mark.parametrize("n", [25, 300])  # fewer and more samples than the widest layer
 def test_setstats_from_the_compact_arrays_equals_the_full_covariance_and_an_exact_fid(n):
     T, P, Q = _layers(n), _layers(40, 1), _layers(30, 2, shift=0.5)
-    fp = fpmod.get("setstats")
+    fp = plugins.get("fingerprints", "setstats")
     new = fp.prepare(PrepareContext([f"l{i}" for i in range(len(DIMS))], T, P, None))
     old = _old_setstats_extras(T)
     # Stored compactly: T's rows or a covariance factor, whichever is smaller.
@@ -171,29 +174,30 @@ def test_arrays_several_fingerprints_return_are_stored_once(tmp_path):
     shared, own = rng.normal(size=(64, 300)), rng.normal(size=(5,))
     extras = {"a": {"axes.0": shared, "x": own}, "b": {"axes.0": shared.copy()},
               "c": {}}
-    fpmod.save_all_extras(tmp_path, extras)
-    with np.load(tmp_path / fpmod.SHARED_ARRAYS_FILE) as npz:
+    baseline_files.save_all_extras(tmp_path, extras)
+    with np.load(tmp_path / baseline_files.SHARED_ARRAYS_FILE) as npz:
         assert len(npz.files) == 2
     for name, arrays in extras.items():
-        back = fpmod.load_extras(tmp_path, name)
+        back = baseline_files.load_extras(tmp_path, name)
         assert sorted(back) == sorted(arrays)
         for k, v in arrays.items():
             np.testing.assert_array_equal(back[k], v)
-    assert fpmod.load_extras(tmp_path, "missing") is None
+    assert baseline_files.load_extras(tmp_path, "missing") is None
 
 
 def test_the_per_fingerprint_files_of_older_baselines_still_load(tmp_path):
     arrays = {"mean.0": np.arange(3.0)}
-    fpmod.save_extras(tmp_path, "old-fp", arrays)
-    np.testing.assert_array_equal(fpmod.load_extras(tmp_path, "old-fp")["mean.0"], arrays["mean.0"])
-    fpmod.save_all_extras(tmp_path, {"new-fp": arrays})  # both layouts in one folder
-    assert fpmod.load_extras(tmp_path, "old-fp") is not None
+    baseline_files.save_extras(tmp_path, "old-fp", arrays)
+    back = baseline_files.load_extras(tmp_path, "old-fp")
+    np.testing.assert_array_equal(back["mean.0"], arrays["mean.0"])
+    baseline_files.save_all_extras(tmp_path, {"new-fp": arrays})  # both layouts in one folder
+    assert baseline_files.load_extras(tmp_path, "old-fp") is not None
 
 
 def test_a_damaged_index_says_to_rebuild(tmp_path):
     from forensics.errors import InputError
 
-    fpmod.save_all_extras(tmp_path, {"a": {"x": np.zeros(2)}})
-    (tmp_path / fpmod.SHARED_INDEX_FILE).write_text("{not json")
+    baseline_files.save_all_extras(tmp_path, {"a": {"x": np.zeros(2)}})
+    (tmp_path / baseline_files.SHARED_INDEX_FILE).write_text("{not json")
     with pytest.raises(InputError, match="rebuild the baseline"):
-        fpmod.load_extras(tmp_path, "a")
+        baseline_files.load_extras(tmp_path, "a")

@@ -12,7 +12,6 @@ import pytest
 
 from forensics.errors import InputError, InsufficientDataError
 from forensics.plugin import manager as plugins
-from forensics.stats.baseline import ct_score
 from forensics.stats.ct import (
     CellStat,
     CTResult,
@@ -21,6 +20,7 @@ from forensics.stats.ct import (
     needed_count,
     zu,
 )
+from forensics.steps.engine import ct_score
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"

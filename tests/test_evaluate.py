@@ -381,12 +381,12 @@ def test_evaluate_fp_curves_with_the_papers_baseline_side_by_side(enrolled):
 
 def test_evaluate_defaults_to_fps_own_fingerprint(enrolled):
     from forensics.defaults import FINGERPRINT as DEFAULT_FINGERPRINT
-    from forensics.stats.fingerprints import get
+    from forensics.plugin.manager import get
     from forensics.steps.bank_access import load_baseline
     from refbank.bank import curve_fingerprints
 
     data = json.loads(fp("evaluate", "--json", "--n-boot", "0", bank=enrolled.path).output)
-    fpo = get(DEFAULT_FINGERPRINT)
+    fpo = get("fingerprints", DEFAULT_FINGERPRINT)
     assert data["fingerprint"] == DEFAULT_FINGERPRINT
     assert list(data["matchers"]) == [fpo.default_matcher]
     # The same predictions as the stored vectors of the kept layers, matched directly.
@@ -408,9 +408,8 @@ def test_evaluate_defaults_to_fps_own_fingerprint(enrolled):
 
 def test_evaluate_every_fingerprint_with_every_matcher(enrolled):
     from forensics.plugin import manager as plugins
-    from forensics.stats import fingerprints
 
-    for name in fingerprints.names():
+    for name in plugins.names("fingerprints"):
         result = fp("evaluate", "--fingerprint", name, "--matcher", "all", "--json",
                     "--n-boot", "0", bank=enrolled.path)
         assert result.exit_code == 0, (name, result.output)

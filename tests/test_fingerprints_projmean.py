@@ -12,6 +12,7 @@ from fp_plugins.fingerprints import (
 )
 from fp_plugins.matchers import ZScoreMatcher
 
+from forensics.plugin import manager as plugins
 from forensics.stats import fingerprints as fpmod
 from forensics.stats.fingerprints import FingerprintContext, PrepareContext
 
@@ -40,7 +41,7 @@ def test_projected_means_of_the_selected_layers(name, n_sel):
     rng = np.random.default_rng(1)
     dims = [3, 70, 5, 8, 6]
     T, P, Q = _layers(rng, dims, 300), _layers(rng, dims, 100), _layers(rng, dims, 40)
-    fp = fpmod.get(name)
+    fp = plugins.get("fingerprints", name)
     extras = fp.prepare(PrepareContext([f"l{i}" for i in dims], T, P, None))
     assert sorted({int(k.split(".")[1]) for k in extras}) == list(range(n_sel))
     assert extras["axes.1"].shape == (64, 70) and extras["axes.0"].shape == (3, 3)
@@ -86,6 +87,6 @@ def test_grouped_zscore_weighs_the_head_apart():
     d = np.sqrt((0.3 * z[:, :2].mean(1) + z[:, 2:].mean(1)) / 1.3)
     np.testing.assert_allclose(g.score(q, refs), 1 / (1 + d), rtol=1e-12)
     fp = ProjMeanCurveFingerprint("x", True, "")
-    name, obj = fpmod.resolve_matcher(fp, None, [4, 4, 4])
+    name, obj = plugins.resolve_matcher(fp, None, [4, 4, 4])
     assert name == "zscore" and obj.n_head == 3 and obj.head_weight == CURVE_WEIGHT
-    assert fpmod.resolve_matcher(fp, "l2", [4])[1].name == "l2"  # other names: the plugins
+    assert plugins.resolve_matcher(fp, "l2", [4])[1].name == "l2"  # other names: the plugins

@@ -7,6 +7,7 @@ import pytest
 from fp_plugins.fingerprints import RESID_DIM, RESID_RIDGE, ResidMeanFingerprint, exact_pca
 
 from forensics.errors import InputError
+from forensics.plugin import manager as plugins
 from forensics.stats import fingerprints as fpmod
 from forensics.stats.fingerprints import FingerprintContext, PrepareContext
 
@@ -56,7 +57,7 @@ def _by_hand(T, Q):
 
 def test_resid_early_is_the_mean_residual_of_a_ridge_fitted_on_T():
     T, P, Q, _ = _world()
-    fp = fpmod.get("resid-early")
+    fp = plugins.get("fingerprints", "resid-early")
     ctx, extras = _ctx(fp, T, P, Q)
     assert sorted({k.split(".")[0] for k in extras}) == ["axes", "coef", "mean"]
     assert extras["axes.1"].shape == (min(RESID_DIM, 300), 300)
@@ -71,11 +72,11 @@ def test_resid_early_is_the_mean_residual_of_a_ridge_fitted_on_T():
 def test_the_residual_removes_what_the_content_explains():
     """Sets of other content but the same generator agree; a low-level shift stands out."""
     T, P, Q, draw = _world()
-    fp = fpmod.get("resid-early")
+    fp = plugins.get("fingerprints", "resid-early")
     ctx, extras = _ctx(fp, T, P, Q)
     other = draw(80, content_shift=1.0)  # other content, the same generator ...
     shifted = draw(80, shift=1.0)  # the same content, early layers shifted
-    plain = fpmod.get("proj-mean-early")
+    plain = plugins.get("fingerprints", "proj-mean-early")
     pe = plain.prepare(PrepareContext(ctx.layers, T, P, None))
 
     def resid(X):
@@ -98,13 +99,13 @@ def test_the_residual_removes_what_the_content_explains():
 def test_resid_ct_puts_the_curve_first_and_weighs_it_apart():
     T, P, Q, _ = _world()
     values = np.array([0.5, np.nan, -1.0, 2.0, 0.0, 3.0])
-    fp = fpmod.get("resid-ct")
+    fp = plugins.get("fingerprints", "resid-ct")
     ctx, _ = _ctx(fp, T, P, Q, values)
     vec = fpmod.compute(fp, ctx)
     np.testing.assert_array_equal(vec[:6], np.nan_to_num(values, nan=0.0))
     np.testing.assert_allclose(vec[6:], _by_hand(T, Q), atol=1e-9)
     assert fpmod.entry_layers(fp, DIMS).shape == vec.shape
-    name, obj = fpmod.resolve_matcher(fp, None, DIMS[1:])
+    name, obj = plugins.resolve_matcher(fp, None, DIMS[1:])
     assert name == "zscore" and obj.n_head == 5
 
 
@@ -123,7 +124,7 @@ def test_a_shallow_encoder_gets_plain_projected_means():
 
 def test_missing_baseline_arrays_name_the_layer_and_the_fix():
     T, P, Q, _ = _world(n_t=300)
-    fp = fpmod.get("resid-early")
+    fp = plugins.get("fingerprints", "resid-early")
     ctx, extras = _ctx(fp, T, P, Q)
     del extras["coef.2"]
     with pytest.raises(InputError, match=r"resid-early arrays lack layer 2 \(l2\).*rebuild"):
@@ -133,7 +134,7 @@ def test_missing_baseline_arrays_name_the_layer_and_the_fix():
 @pytest.mark.parametrize("name", ["resid-early", "proj-mean-early", "proj-mean"])
 def test_per_image_rows_average_to_the_set_vector(name):
     T, P, Q, _ = _world()
-    fp = fpmod.get(name)
+    fp = plugins.get("fingerprints", name)
     ctx, _ = _ctx(fp, T, P, Q)
     rows = fp.per_image(ctx)
     assert rows.shape == (80, fpmod.compute(fp, ctx).size)
@@ -143,6 +144,6 @@ def test_per_image_rows_average_to_the_set_vector(name):
 
 @pytest.mark.parametrize("name", ["paper", "resid-ct", "proj-mean-ct", "setstats"])
 def test_fingerprints_that_are_no_mean_of_images_declare_no_per_image(name):
-    fp = fpmod.get(name)
+    fp = plugins.get("fingerprints", name)
     assert not hasattr(fp, "per_image")
     assert fpmod.per_image_variance(fp, None) is None

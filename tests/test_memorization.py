@@ -18,19 +18,19 @@ from forensics.cli.app import app
 from forensics.errors import InputError
 from forensics.paper.demo import _write_pngs, digit_images
 from forensics.paper.synth import synth_folder
-from forensics.stats.baseline import Baseline
 from forensics.stats.memorization import (
     closest_pairs,
     copying_layers,
     likely_copies,
     memorization_report,
     nearest_spread,
-    pair_labels,
     pick_layer,
     sample_closeness,
 )
 from forensics.steps.bank_access import load_baseline, train_manifest
 from forensics.steps.build_baseline import build_baseline
+from forensics.steps.engine import build_engine
+from forensics.steps.memorization import pair_labels
 from refbank import Bank
 
 runner = CliRunner()
@@ -95,8 +95,8 @@ def synthetic(one_thread):
     sources = np.arange(60)[::-1]
     Q = T[sources] + rng.normal(scale=1e-3, size=(60, 8))
     Q[0] = T[sources[0]]  # one exact copy
-    base = Baseline.build([T, T[:, :4]], [P, P[:, :4]], ["full", "half"], distance="euclidean",
-                          partitioner_params={"n_cells": 2})
+    base = build_engine([T, T[:, :4]], [P, P[:, :4]], ["full", "half"], distance="euclidean",
+                        partitioner_params={"n_cells": 2})
     fresh = rng.normal(size=(60, 8))
     return {"base": base, "sources": sources, "Q": Q, "fresh": fresh}
 
@@ -164,8 +164,8 @@ def test_verdict_agrees_on_copies_fresh_images_and_hubs(synthetic):
     assert none["summary"].startswith("No sign of copying")
     rng = np.random.default_rng(5)
     T, P = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
-    hub_base = Baseline.build([T], [P], ["only"], distance="euclidean",
-                              partitioner_params={"n_cells": 1})
+    hub_base = build_engine([T], [P], ["only"], distance="euclidean",
+                            partitioner_params={"n_cells": 1})
     hub = hub_base.query([T[7] + rng.normal(scale=1e-3, size=(50, 4))], details=True)
     close = sample_closeness(hub[0], hub_base.layers[0])
     assert not likely_copies(close, hub, 0).any()  # 50 images on one training image: a hub
@@ -193,8 +193,8 @@ def test_collapse_onto_a_hub_is_named():
     rng = np.random.default_rng(5)
     T, P = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
     hub = T[7] + rng.normal(scale=1e-3, size=(50, 4))
-    base = Baseline.build([T], [P], ["only"], distance="euclidean",
-                          partitioner_params={"n_cells": 1})
+    base = build_engine([T], [P], ["only"], distance="euclidean",
+                        partitioner_params={"n_cells": 1})
     results = base.query([hub], details=True)
     report = memorization_report(["only"], results, base.layers)
     assert report["copying"]["flagged"] == ["only"] and report["copying"]["copying"] == []

@@ -20,8 +20,11 @@ from forensics.data.embed import embed_folder
 from forensics.errors import BankError, InputError, InsufficientDataError, UnknownNameError
 from forensics.paper.demo import _write_pngs, digit_images
 from forensics.paper.synth import synth_folder
+from forensics.plugin import manager as plugins
+from forensics.stats.fingerprints import needs_extras
 from forensics.steps.attribute import attribute
 from forensics.steps.bank_access import load_baseline
+from forensics.steps.baseline_files import save_extras
 from forensics.steps.build_baseline import build_baseline
 from forensics.steps.curve import compute_curve
 from forensics.steps.enroll import enroll
@@ -79,7 +82,7 @@ def test_build_baseline_stores_row_engine_and_fingerprint_arrays(world):
                                       "resid-ct", "resid-early", "setstats"]
     loaded = load_baseline("digits", bank=bank)
     assert loaded.engine.id == row["baseline_id"] and loaded.dims == [96] * 8
-    extras = loaded.extras(forensics.stats.fingerprints.get("setstats"))
+    extras = loaded.extras(plugins.get("fingerprints", "setstats"))
     T3 = embed_folder(world["folders"]["T"], "vit-tiny-demo", weights="random:0", **COMMON,
                       cache_dir=world["cache"]).arrays[3]
     np.testing.assert_allclose(extras["factor.3"] @ extras["factor.3"].T,
@@ -98,8 +101,8 @@ def _store_the_old_way(bank_path, T_layers):
     from forensics.stats.setstats import gaussian_stats, psd_sqrt
 
     loaded = load_baseline("digits", bank=Bank(bank_path))
-    for name in forensics.stats.fingerprints.names():
-        fp = forensics.stats.fingerprints.get(name)
+    for name in plugins.names("fingerprints"):
+        fp = plugins.get("fingerprints", name)
         if not forensics.stats.fingerprints.needs_extras(fp):
             continue
         arrays = dict(loaded.extras(fp))
@@ -109,7 +112,7 @@ def _store_the_old_way(bank_path, T_layers):
                 st = gaussian_stats(T)
                 arrays.update({f"mu.{i}": st.mu, f"cov.{i}": st.cov, f"n.{i}": st.n,
                                f"root.{i}": psd_sqrt(st.cov)})
-        forensics.stats.fingerprints.save_extras(loaded.folder, name, arrays)
+        save_extras(loaded.folder, name, arrays)
     for f in ("fingerprint-arrays.npz", "fingerprint-arrays.json"):
         (loaded.folder / f).unlink()
 
@@ -202,8 +205,8 @@ def test_baseline_build_shows_progress_for_every_long_step(world, tmp_path, caps
     stages = ("baseline layers", "fingerprint arrays", "storing in the bank")  # T, P cached
     if progress:
         assert all(s in err for s in stages), err
-        n = sum(forensics.stats.fingerprints.needs_extras(forensics.stats.fingerprints.get(name))
-                for name in forensics.stats.fingerprints.names())
+        n = sum(needs_extras(plugins.get("fingerprints", name))
+                for name in plugins.names("fingerprints"))
         assert "8/8" in err and f"{n}/{n}" in err  # every layer, every fingerprint with arrays
     else:
         assert err == ""

@@ -21,9 +21,9 @@ from forensics.paper.demo import _write_pngs, digit_images
 from forensics.paper.synth import synth_folder
 from forensics.plugin import checks, hookspecs
 from forensics.plugin import manager as plugins
-from forensics.stats.baseline import Baseline, ct_score, load_or_build
 from forensics.steps.attribute import attribute
 from forensics.steps.build_baseline import build_baseline
+from forensics.steps.engine import build_engine, ct_score, load_or_build
 from forensics.steps.enroll import enroll
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"
@@ -149,9 +149,9 @@ def test_hook_register_distances(spec_plugins):
     # the engine's query path (a stored baseline searched per cell), unprepared
     rng = np.random.default_rng(0)
     T, P, Q = rng.normal(size=(80, 5)), rng.normal(size=(50, 5)), rng.normal(size=(60, 5))
-    spec = Baseline.build([T], [P], ["x"], distance="spec-euclidean",
+    spec = build_engine([T], [P], ["x"], distance="spec-euclidean",
                           partitioner_params={"n_cells": 2}).query([Q])[0]
-    builtin = Baseline.build([T], [P], ["x"], distance="euclidean",
+    builtin = build_engine([T], [P], ["x"], distance="euclidean",
                              partitioner_params={"n_cells": 2}).query([Q])[0]
     np.testing.assert_allclose(spec.ct, builtin.ct, rtol=1e-12)
     code, text = _fp("ct", str(path), "--distance", "spec-euclidean", "--json")

@@ -245,6 +245,15 @@ def read_image_file(path: str | os.PathLike) -> bytes:
     return data
 
 
+def file_status(path: str | os.PathLike, sha256: str) -> str:
+    """``ok``, ``missing`` or ``changed`` (the file no longer has its manifest hash)."""
+    try:
+        data = read_image_file(path)
+    except InputError:  # gone, unreadable, or no longer a regular file
+        return "missing"
+    return "ok" if hashlib.sha256(data).hexdigest() == sha256 else "changed"
+
+
 def _check_file(path: Path) -> tuple[str, int, str | None]:
     """Hash ``path`` and decode it fully; return (sha256, size, problem or None)."""
     try:

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from forensics import defaults
 from forensics.errors import PluginError, UnknownNameError
-from forensics.plugin import protocols
+from forensics.plugin import manager, protocols
 from forensics.plugin.protocols import CONTRACTS, Pattern, members
 
 #: Types checked for attributes whose Protocol annotation is one of these.
@@ -323,7 +324,10 @@ def _tiny_baseline() -> tuple[Any, list[str], list[np.ndarray], list[np.ndarray]
     T = [rng.normal(size=(60, 8)) for _ in names]
     P = [rng.normal(size=(40, 8)) for _ in names]
     sets = [[rng.normal(loc=0.2 * s, size=(30, 8)) for _ in names] for s in range(4)]
-    return Baseline.build(T, P, names, seed=0), names, T, P, sets
+    engine = Baseline.build(T, P, names, seed=0,
+                            distance=manager.get("distances", defaults.DISTANCE),
+                            partitioner=manager.get("partitioners", defaults.PARTITIONER))
+    return engine, names, T, P, sets
 
 
 def _call_fingerprint(fp: Any) -> list[str]:
@@ -362,7 +366,7 @@ def _call_fingerprint(fp: Any) -> list[str]:
         return problems
     if not _same(vector(sets[0]), vecs[0]):
         problems.append("compute(ctx) gives different results on the same input")
-    resolved = _attempt(problems, "its matcher", lambda: fpmod.resolve_matcher(fp, None, dims))
+    resolved = _attempt(problems, "its matcher", lambda: manager.resolve_matcher(fp, None, dims))
     if resolved is not None:
         clean = [np.nan_to_num(v, nan=0.0) for v in vecs]
         problems += [f"its matcher {resolved[0]!r}: {x}" for x in

@@ -18,13 +18,14 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import pluggy
 
+from forensics import defaults
 from forensics.errors import PluginConflictError, PluginError, UnknownNameError
 from forensics.plugin import hookspecs
 from forensics.plugin.protocols import CONTRACTS
@@ -168,6 +169,22 @@ def get(kind: str, name: str) -> Any:
 def names(kind: str) -> list[str]:
     """Sorted names registered for ``kind``."""
     return sorted(registry(kind))
+
+
+def resolve_matcher(fp: Any, name: str | None, kept_dims: Sequence[int]) -> tuple[str, Any]:
+    """``(name, matcher object)`` for matching ``fp``'s vectors of the kept layers.
+
+    ``name`` None takes the fingerprint's ``default_matcher`` (else ``combined``). A
+    fingerprint with its own rule for that name supplies the object; otherwise it is the
+    matcher plugin of that name.
+    """
+    name = name or getattr(fp, "default_matcher", None) or defaults.MATCHER
+    own = getattr(fp, "matcher", None)
+    if callable(own):
+        obj = own(name, [int(d) for d in kept_dims])
+        if obj is not None:
+            return name, obj
+    return name, get("matchers", name)
 
 
 def plugin_info() -> list[dict[str, Any]]:

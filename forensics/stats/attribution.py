@@ -5,8 +5,8 @@ suspect curve, the bank's rows and, for the confidence, a function that recomput
 curve on a subset of the suspect images::
 
     refs, meta = comparable_references(curve, bank.curves())      # refuse mismatches
-    ranking = rank(curve.values, refs, meta, matcher="combined", drop_layers=(0,))
-    calib = calibrate_unknown(refs, [m["family"] for m in meta], matcher="combined")
+    ranking = rank(curve.values, refs, meta, matcher, drop_layers=(0,))   # a Matcher object
+    calib = calibrate_unknown(refs, [m["family"] for m in meta], matcher)
     decision = decide(ranking, calib)                              # nearest, or unknown
     boot = bootstrap_confidence(curve_fn, n_images, n_boot=100, seed=0, ...)
 
@@ -181,16 +181,8 @@ def keep_mask(n_layers: int, drop_layers: Sequence[int] = defaults.DROP_LAYERS) 
     return mask
 
 
-def _matcher(matcher: Any) -> Any:
-    if isinstance(matcher, str):
-        from forensics.plugin.manager import get
-
-        return get("matchers", matcher)
-    return matcher
-
-
 def _matcher_name(matcher: Any) -> str:
-    return matcher if isinstance(matcher, str) else getattr(matcher, "name", repr(matcher))
+    return getattr(matcher, "name", repr(matcher))
 
 
 def _scores(m: Any, query: np.ndarray, refs: np.ndarray) -> np.ndarray:
@@ -220,7 +212,7 @@ def rank(
     query_vec: np.ndarray,
     bank_vectors: np.ndarray,
     meta: Sequence[dict[str, Any]],
-    matcher: Any = defaults.MATCHER,
+    matcher: Any,
     drop_layers: Sequence[int] = defaults.DROP_LAYERS,
     top: int | None = None,
 ) -> list[Match]:
@@ -230,7 +222,7 @@ def rank(
         query_vec: suspect curve, shape ``(L,)``.
         bank_vectors: enrolled curves, shape ``(N, L)``.
         meta: one dict per enrolled curve with ``curve_id``, ``model``, ``family``.
-        matcher: a matcher name (``l2``, ``cosine``, ``combined``, or a plugin's) or object.
+        matcher: the matcher object (the caller resolves names: ``forensics.plugin.manager``).
         drop_layers: layer indices left out of matching (the paper drops layer 0).
         top: keep only the best ``top`` matches.
 
@@ -253,7 +245,7 @@ def rank(
         )
     mask = keep_mask(q.shape[0], drop_layers)
     _check_finite(q[mask], refs[:, mask], meta)
-    scores = _scores(_matcher(matcher), q[mask], refs[:, mask])
+    scores = _scores(matcher, q[mask], refs[:, mask])
     order = sorted(range(len(meta)), key=lambda i: (-scores[i], str(meta[i]["curve_id"])))
     if top is not None:
         order = order[: max(int(top), 1)]
@@ -267,7 +259,7 @@ def rank(
 def calibrate_unknown(
     bank_vectors: np.ndarray,
     families: Sequence[str],
-    matcher: Any = defaults.MATCHER,
+    matcher: Any,
     drop_layers: Sequence[int] = defaults.DROP_LAYERS,
     quantile: float = defaults.QUANTILE,
     min_within: int = MIN_WITHIN,
@@ -284,7 +276,7 @@ def calibrate_unknown(
     Args:
         bank_vectors: enrolled curves, shape ``(N, L)``.
         families: family of each curve.
-        matcher: matcher name or object (the one used for ranking).
+        matcher: the matcher object (the one used for ranking).
         drop_layers: layers left out (the ones left out in ranking).
         quantile: share of genuine curves one accepts to call unknown, in (0, 1).
         min_within: fewest within-family scores needed; with fewer, no threshold.
@@ -304,7 +296,7 @@ def calibrate_unknown(
         return Calibration(name, drop, quantile, None, 0, note="the bank has no curves")
     mask = keep_mask(refs.shape[1], drop)
     refs = refs[:, mask]
-    m = _matcher(matcher)
+    m = matcher
     labels = np.asarray(fam)
     within, between = [], []
     for i in range(refs.shape[0]):
@@ -390,7 +382,7 @@ def bootstrap_confidence(
     *,
     bank_vectors: np.ndarray,
     meta: Sequence[dict[str, Any]],
-    matcher: Any = defaults.MATCHER,
+    matcher: Any,
     drop_layers: Sequence[int] = defaults.DROP_LAYERS,
     calibration: Calibration | None = None,
     decision: Decision | None = None,

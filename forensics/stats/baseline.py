@@ -6,13 +6,15 @@ held-out sample's nearest-neighbour distance to the T samples of its cell, sorte
 the cell. A query set Q then costs only: project, assign cells, nearest neighbour among
 its cell's T samples, and ranking against the stored P distances::
 
-    T, P (per layer) --build--> Baseline --save/load--> disk (npz + meta.json, by content hash)
+    T, P (per layer) --build--> Baseline   (stored and reloaded by forensics.steps.baseline_files)
                                    |
     Q (per layer) -------------> query --> [CTResult per layer]
 
 A baseline is identified by a content hash of its inputs (every T and P array, their cell
 labels) and of its parameters (distance, partitioner and its parameters, seed, format and
-``fp`` version): :func:`load_or_build` reuses a stored one when the hash matches.
+``fp`` version): :func:`forensics.steps.baseline_files.load_or_build` reuses a stored one
+when the hash matches. Nothing here reads or writes files or looks plugins up by name:
+the distance and the partitioner come in as objects.
 :func:`ct_score` scores one layer through a one-off baseline.
 """
 
@@ -20,18 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from forensics import defaults
 from forensics._version import __version__
-from forensics.data.atomic import atomic_savez, atomic_write_text
 from forensics.errors import InputError
 from forensics.plugin.protocols import prepares_reference
 from forensics.stats.ct import (
@@ -260,8 +259,8 @@ def baseline_key(
 class Baseline:
     """Per-layer state of T and P, built once and queried with any number of Q sets.
 
-    Build with :meth:`build`, store with :meth:`save`, reload with :meth:`load`, or let
-    :func:`load_or_build` do all three by content hash.
+    Build with :meth:`build`; :mod:`forensics.steps.baseline_files` stores and reloads it
+    (``save_engine``, ``load_engine``, or ``load_or_build`` by content hash).
 
     Attributes:
         layers: one :class:`LayerBaseline` per layer.
@@ -269,10 +268,12 @@ class Baseline:
         device: torch device the nearest-neighbour search of queries runs on.
     """
 
-    def __init__(self, layers: list[LayerBaseline], meta: dict[str, Any], device: str = "cpu"):
+    def __init__(self, layers: list[LayerBaseline], meta: dict[str, Any], device: str = "cpu",
+                 distance: Any = None):
         self.layers = layers
         self.meta = meta
         self.device = device
+        self.distance = distance  # the distance plugin named by meta["distance"]
         self._prepared: dict[tuple[str, str], np.ndarray] = {}  # T rows ready for search
 
     @property
@@ -286,9 +287,7 @@ class Baseline:
         return [lb.name for lb in self.layers]
 
     def _distance(self):
-        from forensics.plugin.manager import get
-
-        return get("distances", self.meta["distance"])
+        return self.distance
 
     @classmethod
     def build(
@@ -297,8 +296,8 @@ class Baseline:
         P_layers: Sequence[np.ndarray],
         layer_names: Sequence[str],
         *,
-        distance: str = defaults.DISTANCE,
-        partitioner: str = defaults.PARTITIONER,
+        distance: Any,
+        partitioner: Any,
         seed: int = 0,
         partitioner_params: dict | None = None,
         device: str = "cpu",
@@ -313,8 +312,8 @@ class Baseline:
             T_layers: per layer, (n_T, D_l) training embeddings.
             P_layers: per layer, (n, D_l) held-out embeddings.
             layer_names: per layer, a distinct name.
-            distance: registered distance name.
-            partitioner: registered partitioner name.
+            distance: the distance plugin (its name is recorded in ``meta``).
+            partitioner: the partitioner plugin (its name is recorded in ``meta``).
             seed: seed of every random step.
             partitioner_params: keyword parameters of the partitioner's ``fit``.
             device: torch device of the nearest-neighbour search.
@@ -328,12 +327,10 @@ class Baseline:
             InputError: mismatched layers, bad arrays or labels, unknown names.
             InsufficientDataError: too few training samples for the partition.
         """
-        from forensics.plugin.manager import get
-
         seed = check_seed(seed)
         params = dict(partitioner_params or {})
-        dist = get("distances", distance)
-        part = get("partitioners", partitioner)
+        dist, part = distance, partitioner
+        distance, partitioner = dist.name, part.name
         if (T_cells is None) != (P_cells is None):
             raise InputError("pass both T_cells and P_cells, or neither")
         if T_cells is not None and partitioner != defaults.GIVEN_PARTITIONER:
@@ -359,7 +356,7 @@ class Baseline:
             "partitioner": partitioner, "partitioner_params": params, "seed": int(seed),
             "inputs": inputs, "layers": [_layer_meta(lb) for lb in layers],
         }
-        return cls(layers, meta, device)
+        return cls(layers, meta, device, dist)
 
     def query(
         self,
@@ -439,72 +436,14 @@ class Baseline:
             nn_index[rows] = lb.t_index[t_off[c] + i]
         return dQ, nn_index
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Store the baseline in ``directory`` (created): ``arrays.npz`` and ``meta.json``.
-
-        Each file is written to a temporary name and renamed into place; ``meta.json`` comes
-        last and records a digest of the arrays, so a reader never sees a partial baseline.
-        """
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        arrays = {f"{i}.{k}": np.ascontiguousarray(v) for i, lb in enumerate(self.layers)
-                  for k, v in lb.arrays().items()}
-        digest = _digest_of({k: array_digest(v) for k, v in arrays.items()})
-        atomic_savez(d / ARRAYS_FILE, arrays)
-        atomic_write_text(d / META_FILE, json.dumps(dict(self.meta, arrays=digest), indent=2))
-        return d
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, device: str = "cpu") -> Baseline:
-        """Reload a baseline stored with :meth:`save` (no pickle), checking its integrity.
-
-        Raises:
-            InputError: the folder holds no baseline, a corrupt one, or one of another format.
-        """
-        from forensics.plugin.manager import get
-
-        d = Path(directory)
-        fix = "the baseline's files are damaged or were written by another version of fp"
-        try:
-            meta = json.loads((d / META_FILE).read_text())
-        except FileNotFoundError:
-            raise InputError(f"{d} holds no baseline (no {META_FILE})") from None
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{d / META_FILE} is unreadable ({exc}): {fix}") from None
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{d} holds a baseline of format {meta.get('format')!r}; this fp "
-                             f"reads format {FORMAT}: {fix}")
-        try:
-            with np.load(d / ARRAYS_FILE, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{d / ARRAYS_FILE} is unreadable ({exc}): {fix}") from None
-        if _digest_of({k: array_digest(v) for k, v in arrays.items()}) != meta.get("arrays"):
-            raise InputError(f"{d / ARRAYS_FILE} does not match {META_FILE}: {fix}")
-        part = get("partitioners", meta["partitioner"])
-        layers = []
-        for i, lm in enumerate(meta["layers"]):
-            if lm["status"] != STATUS_OK:
-                layers.append(LayerBaseline(lm["name"], lm["status"], lm["message"], lm["dim"]))
-                continue
-            pre = f"{i}.partition."
-            partition = part.from_arrays(
-                {k[len(pre):]: v for k, v in arrays.items() if k.startswith(pre)},
-                lm["partition"])
-            layers.append(LayerBaseline(
-                lm["name"], lm["status"], lm["message"], lm["dim"], partition,
-                *(arrays[f"{i}.{k}"] for k in
-                  ("t_points", "t_index", "t_offsets", "p_dist", "p_offsets"))))
-        return cls(layers, meta, device)
-
 
 def ct_score(
     T: np.ndarray,
     P: np.ndarray,
     Q: np.ndarray,
     *,
-    distance: str = defaults.DISTANCE,
-    partitioner: str | None = None,
+    distance: Any,
+    partitioner: Any,
     tau: float | None = None,
     seed: int = 0,
     T_cells: np.ndarray | None = None,
@@ -519,9 +458,9 @@ def ct_score(
         T: (n_T, D) training embeddings.
         P: (n, D) held-out embeddings from T's distribution.
         Q: (m, D) generated embeddings.
-        distance: name of a registered distance (``abscosine``, ``euclidean``, ...).
-        partitioner: name of a registered partitioner; default ``given`` when cell labels
-            are passed, else ``kmeans``.
+        distance: the distance plugin (``abscosine``, ``euclidean``, ...).
+        partitioner: the partitioner plugin (``given`` with cell labels, else e.g.
+            ``kmeans``).
         tau: cell threshold on Q's share; default 20/m.
         seed: seed of every random step (PCA solver, KMeans).
         T_cells: cell labels of T, P and Q for the ``given`` partitioner.
@@ -536,8 +475,6 @@ def ct_score(
     has_cells = [x is not None for x in (T_cells, P_cells, Q_cells)]
     if any(has_cells) and not all(has_cells):
         raise InputError("pass all of T_cells, P_cells and Q_cells, or none of them")
-    if partitioner is None:
-        partitioner = defaults.GIVEN_PARTITIONER if all(has_cells) else defaults.PARTITIONER
     base = Baseline.build(
         [T], [P], ["layer"], distance=distance, partitioner=partitioner, seed=seed,
         partitioner_params=partitioner_params, device=device,
@@ -558,37 +495,3 @@ def _layer_meta(lb: LayerBaseline) -> dict[str, Any]:
         out["n_T"] = int(lb.t_offsets[-1])
         out["n_P"] = int(lb.p_offsets[-1])
     return out
-
-
-def load_or_build(
-    cache_dir: str | os.PathLike,
-    T_layers: Sequence[np.ndarray],
-    P_layers: Sequence[np.ndarray],
-    layer_names: Sequence[str],
-    **build_kwargs: Any,
-) -> Baseline:
-    """Load the baseline of these inputs from ``cache_dir/<id>``, building and saving it if absent.
-
-    ``build_kwargs`` are those of :meth:`Baseline.build`. Concurrent callers wait for one
-    build (a file lock per id); a stored baseline that fails its integrity check is rebuilt.
-    """
-    from filelock import FileLock
-
-    device = build_kwargs.get("device", "cpu")
-    key_kwargs = {k: build_kwargs[k] for k in ("distance", "partitioner", "seed",
-                  "partitioner_params", "T_cells", "P_cells") if k in build_kwargs}
-    if key_kwargs.get("partitioner_params") is None:
-        key_kwargs.pop("partitioner_params", None)
-    key = baseline_key(T_layers, P_layers, layer_names, **key_kwargs)
-    root = Path(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / key[0]
-    with FileLock(str(root / f"{key[0]}.lock")):
-        if (target / META_FILE).exists():
-            try:
-                return Baseline.load(target, device=device)
-            except InputError:
-                pass  # corrupt or stale: rebuild below
-        baseline = Baseline.build(T_layers, P_layers, layer_names, _key=key, **build_kwargs)
-        baseline.save(target)
-        return baseline

@@ -16,22 +16,13 @@ can be matched on any of them later.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from forensics import defaults
-from forensics.data.atomic import atomic_savez, atomic_write_text
 from forensics.errors import InputError
-from forensics.stats.baseline import array_digest
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass
@@ -174,103 +165,6 @@ class PrepareContext:
                            lambda: (eig.mean, eig.vectors[:, :int(k)].T.copy()))
 
 
-def get(name: str) -> Any:
-    """The registered fingerprint called ``name`` (the error lists valid names)."""
-    from forensics.plugin.manager import get as get_plugin
-
-    return get_plugin("fingerprints", name)
-
-
-def names() -> list[str]:
-    """Names of every registered fingerprint."""
-    from forensics.plugin.manager import names as plugin_names
-
-    return plugin_names("fingerprints")
-
-
-def extras_file(name: str) -> str:
-    """File name of one fingerprint's baseline arrays in the per-fingerprint layout."""
-    return f"fingerprint-{_SAFE.sub('_', name)}.npz"
-
-
-#: Every fingerprint's baseline arrays, each distinct array once (keys: content hashes).
-SHARED_ARRAYS_FILE = "fingerprint-arrays.npz"
-#: ``{fingerprint: {key: content hash}}``: which stored array each fingerprint gets.
-SHARED_INDEX_FILE = "fingerprint-arrays.json"
-
-
-def _clean(name: str, arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    clean = {str(k): np.asarray(v).copy(order="C") for k, v in arrays.items()}
-    for key, value in clean.items():
-        if value.dtype == object:
-            raise InputError(f"fingerprint {name!r}: array {key!r} is not numeric")
-    return clean
-
-
-def save_extras(folder: str | os.PathLike, name: str, arrays: dict[str, np.ndarray]) -> Path:
-    """Store one fingerprint's baseline arrays in ``folder`` atomically (plain ``.npz``)."""
-    target = Path(folder) / extras_file(name)
-    atomic_savez(target, _clean(name, arrays))
-    return target
-
-
-def save_all_extras(folder: str | os.PathLike,
-                    extras: Mapping[str, Mapping[str, np.ndarray]]) -> list[Path]:
-    """Store every fingerprint's baseline arrays in ``folder``, each distinct array once.
-
-    Fingerprints that share an array (the same PCA of T, the same regression) store it
-    once: ``fingerprint-arrays.npz`` holds the arrays by content hash and
-    ``fingerprint-arrays.json`` says which fingerprint gets which, under which key.
-    """
-    store: dict[str, np.ndarray] = {}
-    index: dict[str, dict[str, str]] = {}
-    for name, arrays in extras.items():
-        index[name] = {}
-        for key, value in _clean(name, arrays).items():
-            digest = array_digest(value)
-            store.setdefault(digest, value)
-            index[name][key] = digest
-    folder = Path(folder)
-    atomic_savez(folder / SHARED_ARRAYS_FILE, store)
-    atomic_write_text(folder / SHARED_INDEX_FILE,
-                      json.dumps({"format": 1, "fingerprints": index}, sort_keys=True) + "\n")
-    return [folder / SHARED_ARRAYS_FILE, folder / SHARED_INDEX_FILE]
-
-
-def _unreadable(path: Path, exc: Exception) -> InputError:
-    return InputError(f"{path} is unreadable ({exc}); rebuild the baseline")
-
-
-def load_extras(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray] | None:
-    """A fingerprint's stored baseline arrays, or ``None`` when the baseline has none.
-
-    Reads the shared layout (:func:`save_all_extras`), else the per-fingerprint file of
-    baselines built before it.
-    """
-    folder = Path(folder)
-    index_path = folder / SHARED_INDEX_FILE
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())["fingerprints"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise _unreadable(index_path, exc) from None
-        if name in index:
-            path = folder / SHARED_ARRAYS_FILE
-            try:
-                with np.load(path, allow_pickle=False) as npz:
-                    return {k: npz[digest] for k, digest in index[name].items()}
-            except (OSError, ValueError, KeyError) as exc:
-                raise _unreadable(path, exc) from None
-    path = folder / extras_file(name)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise _unreadable(path, exc) from None
-
-
 def needs_ct(fp: Any) -> bool:
     """Whether ``fp`` reads C_T (default True: a fingerprint that says nothing may)."""
     return bool(getattr(fp, "needs_ct", True))
@@ -303,24 +197,6 @@ def entry_mask(fp: Any, dims: Sequence[int], keep: np.ndarray) -> np.ndarray:
     layers = entry_layers(fp, dims)
     keep = np.asarray(keep, dtype=bool)
     return np.where(layers < 0, True, keep[np.clip(layers, 0, None)])
-
-
-def resolve_matcher(fp: Any, name: str | None, kept_dims: Sequence[int]) -> tuple[str, Any]:
-    """``(name, matcher object)`` for matching ``fp``'s vectors of the kept layers.
-
-    ``name`` None takes the fingerprint's ``default_matcher`` (else ``combined``). A
-    fingerprint with its own rule for that name supplies the object; otherwise it is the
-    matcher plugin of that name.
-    """
-    from forensics.plugin.manager import get as get_plugin
-
-    name = name or getattr(fp, "default_matcher", None) or defaults.MATCHER
-    own = getattr(fp, "matcher", None)
-    if callable(own):
-        obj = own(name, [int(d) for d in kept_dims])
-        if obj is not None:
-            return name, obj
-    return name, get_plugin("matchers", name)
 
 
 def compute(fp: Any, ctx: FingerprintContext) -> np.ndarray:

@@ -38,11 +38,8 @@ The ``verdict`` combines both and says why they differ when they do.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +59,6 @@ COPY_AGREEMENT = 0.75
 #: In a layer where the images crowd onto few training images, a training image nearest to
 #: this many generated images or more is a hub: those images are not counted as its copies.
 HUB_SIZE = 3
-JSON_NAME = "memorization.json"
-PNG_NAME = "memorization.png"
 
 SCOPES = ("none", "low-level", "high-level", "both")
 
@@ -297,17 +292,6 @@ def verdict(copying: dict[str, Any], copies: np.ndarray, n_defined: int) -> dict
             "summary": summary}
 
 
-def _file_status(path: Path, sha256: str) -> str:
-    """``ok``, ``missing`` or ``changed`` (the file no longer has its manifest hash)."""
-    from forensics.data.images import read_image_file
-
-    try:
-        data = read_image_file(path)
-    except InputError:  # gone, unreadable, or no longer a regular file
-        return "missing"
-    return "ok" if hashlib.sha256(data).hexdigest() == sha256 else "changed"
-
-
 def closest_pairs(
     closeness: dict[str, np.ndarray],
     results: Sequence[CTResult],
@@ -315,6 +299,7 @@ def closest_pairs(
     suspect_manifest: Any = None,
     train_manifest: Any = None,
     top: int = defaults.MEMORIZATION_TOP,
+    file_status: Callable[[Path, str], str] | None = None,
 ) -> list[dict[str, Any]]:
     """The generated images closest to a training image, with that training image.
 
@@ -328,6 +313,8 @@ def closest_pairs(
         suspect_manifest: the generated images' manifest (paths), if known.
         train_manifest: T's manifest (paths), if known.
         top: how many pairs.
+        file_status: ``file_status(path, sha256)`` of a training image: ``ok``, ``missing``
+            or ``changed`` (None: not checked, ``unknown``).
 
     Returns:
         One dict per pair: ``rank, index, image, image_sha256, train_index, train_image,
@@ -373,7 +360,8 @@ def closest_pairs(
             entry = train_manifest.entries[t]
             pair["train_image"] = str(train_manifest.path(t))
             pair["train_sha256"] = entry.sha256
-            pair["train_image_status"] = _file_status(train_manifest.path(t), entry.sha256)
+            if file_status is not None:
+                pair["train_image_status"] = file_status(train_manifest.path(t), entry.sha256)
         pairs.append(pair)
     return pairs
 
@@ -388,6 +376,7 @@ def memorization_report(
     threshold: float = defaults.MEMORIZATION_THRESHOLD,
     top: int = defaults.MEMORIZATION_TOP,
     layer: str | None = None,
+    file_status: Callable[[Path, str], str] | None = None,
 ) -> dict[str, Any]:
     """The whole report as a JSON-ready dict.
 
@@ -401,6 +390,7 @@ def memorization_report(
         threshold: see :func:`copying_layers`.
         top: number of closest pairs.
         layer: layer to rank the images in (default: lowest C_T).
+        file_status: how to check each listed training image (see :func:`closest_pairs`).
 
     Returns:
         ``{"layers": [CTResult dicts with "flagged", "collapsed", "distinct_nearest",
@@ -425,7 +415,8 @@ def memorization_report(
                              collapsed=[d["layer"] for d in rows if d["collapsed"]])
     k = pick_layer(layers, values, layer)
     closeness = sample_closeness(results[k], layer_baselines[k])
-    pairs = closest_pairs(closeness, results, k, suspect_manifest, train_manifest, top)
+    pairs = closest_pairs(closeness, results, k, suspect_manifest, train_manifest, top,
+                          file_status)
     n_defined = int(np.isfinite(np.asarray(values, dtype=np.float64)).sum())
     return {
         "layers": rows,
@@ -440,120 +431,3 @@ def memorization_report(
             "pairs": pairs,
         },
     }
-
-
-# -- the --report folder -------------------------------------------------------------------
-
-
-def _thumbnail(path: str | os.PathLike | None, size: int = 96) -> np.ndarray | None:
-    if path is None:
-        return None
-    from forensics.data.images import load_rgb
-
-    try:
-        image = load_rgb(path)
-    except (OSError, InputError):
-        return None
-    image.thumbnail((size, size))
-    return np.asarray(image)
-
-
-def _short_name(path: str | None, fallback: str, width: int = 18) -> str:
-    """A file's name for a thumbnail label, shortened from the left to ``width`` characters."""
-    if not path:
-        return fallback
-    name = Path(path).name
-    return name if len(name) <= width else "…" + name[-(width - 1):]
-
-
-def pair_labels(pair: dict[str, Any]) -> tuple[str, str]:
-    """Labels of a pair's thumbnails: each image's file name (T's index only when T's
-    manifest is unknown), with its p_quantile or distance."""
-    gen = _short_name(pair["image"], f"#{pair['rank']}")
-    train = _short_name(pair["train_image"], f"T[{pair['train_index']}]")
-    copy = " copy" if pair.get("likely_copy") else ""
-    return (f"{gen}\nq={pair['p_quantile']:.2f}{copy}", f"{train}\nd={pair['distance']:.3g}")
-
-
-def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
-                suspect_root: str | None = None, title: str = "") -> Path:
-    """Save a PNG: the C_T curve (copying layers red, hub crowds orange, threshold dashed) above the
-    closest generated/training image pairs (generated on top, training below)."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from forensics.data.atomic import atomic_write_bytes
-
-    names = [r["layer"] for r in report["layers"]]
-    values = np.array([np.nan if r["ct"] is None else r["ct"] for r in report["layers"]])
-    copying = np.array([r["flagged"] and not r["collapsed"] for r in report["layers"]])
-    crowd = np.array([r["collapsed"] for r in report["layers"]])
-    pairs = report["closest"]["pairs"]
-    ncols = max(len(pairs), 1)
-    fig = Figure(figsize=(max(7.0, 0.45 * len(names) + 3, 1.3 * ncols), 7.2), dpi=110)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(3, ncols, height_ratios=[2.4, 1, 1])
-    ax = fig.add_subplot(grid[0, :])
-    x = np.arange(len(names))
-    n_early = len(report["copying"]["early_layers"])
-    ax.axvspan(-0.5, n_early - 0.5, color="0.93", zorder=0, label="early layers")
-    ax.axhline(0.0, color="0.5", lw=0.8)
-    threshold = report["copying"]["threshold"]
-    ax.axhline(threshold, color="tab:red", lw=0.9, ls="--", label=f"threshold {threshold:g}")
-    ax.plot(x, values, color="black", marker="o", ms=4, lw=1.8, label="C_T")
-    if copying.any():
-        ax.plot(x[copying], values[copying], "o", color="tab:red", ms=7, label="copying")
-    if crowd.any():
-        ax.plot(x[crowd], values[crowd], "o", color="tab:orange", ms=7, label="hub crowd")
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
-    ax.set_xlim(-0.5, len(names) - 0.5)
-    ax.set_ylabel("C_T")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    summary = report.get("verdict", report["copying"])["summary"]
-    ax.set_title(title or summary, fontsize=8, wrap=True)
-    for j, pair in enumerate(pairs):
-        gen = None
-        if pair["image"] is not None and suspect_root is not None:
-            gen = _thumbnail(Path(suspect_root) / pair["image"])
-        train = _thumbnail(pair["train_image"]) if pair["train_image_status"] == "ok" else None
-        for row, (img, label) in enumerate(zip((gen, train), pair_labels(pair), strict=True),
-                                           start=1):
-            sub = fig.add_subplot(grid[row, j])
-            sub.set_xticks([])
-            sub.set_yticks([])
-            if img is None:
-                sub.text(0.5, 0.5, "image\nnot available", ha="center", va="center",
-                         fontsize=6, transform=sub.transAxes)
-            else:
-                sub.imshow(img, cmap="gray" if img.ndim == 2 else None)
-            sub.set_xlabel(label, fontsize=6)
-            if j == 0:
-                sub.set_ylabel("generated" if row == 1 else "nearest in T", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    target = Path(path)
-    atomic_write_bytes(target, buf.getvalue())
-    return target
-
-
-def write_report(outdir: str | os.PathLike, report: dict[str, Any], *,
-                 suspect_root: str | None = None) -> dict[str, Path]:
-    """Write ``memorization.json`` and ``memorization.png`` into ``outdir`` (created).
-
-    Raises:
-        InputError: ``outdir`` is a file.
-    """
-    from forensics.data.atomic import atomic_write_bytes
-
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--report {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(out / JSON_NAME, text.encode())
-    png = plot_report(report, out / PNG_NAME, suspect_root=suspect_root)
-    return {"json": out / JSON_NAME, "png": png}

@@ -11,6 +11,7 @@ import numpy as np
 from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError
+from forensics.plugin import manager
 from forensics.stats import fingerprints as fpmod
 from forensics.stats.confidence import var_key
 from forensics.steps.bank_access import (
@@ -167,7 +168,7 @@ def attribute(
     if not all_rows:
         raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
                         f"first: fp enroll DIR --baseline NAME --model M --family F")
-    fp = fpmod.get(fingerprint or defaults.FINGERPRINT)
+    fp = manager.get("fingerprints", fingerprint or defaults.FINGERPRINT)
     device = resolve_device(device)
     loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device,
                            allow_unverified=allow_unverified)
@@ -178,7 +179,7 @@ def attribute(
     unverified = loaded.unverified + [dataclasses.asdict(p) for p in forged]
     _fingerprint_objects([fp.name], loaded, strict=True)
     keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
-    fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
+    manager.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
     _check_tau(tau)
     weights = _absolute_weights(weights)
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
@@ -225,7 +226,7 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     if mask.shape[0] != ref_vecs.shape[1]:
         raise BankError(f"enrolled {fp.name!r} fingerprints have {ref_vecs.shape[1]} values "
                         f"but the suspect's has {mask.shape[0]}; re-enroll them with this fp")
-    mname, mobj = fpmod.resolve_matcher(fp, matcher, [d for d, k in zip(dims, keep,
+    mname, mobj = manager.resolve_matcher(fp, matcher, [d for d, k in zip(dims, keep,
                                                                           strict=True) if k])
     query, R = res.fingerprints[fp.name][mask], ref_vecs[:, mask]
     ranking = rank(query, R, meta, mobj, drop_layers=())

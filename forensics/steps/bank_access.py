@@ -13,6 +13,7 @@ import numpy as np
 
 from forensics.errors import BankError, InputError
 from forensics.stats import fingerprints as fpmod
+from forensics.steps.baseline_files import load_engine, load_extras
 
 PathLike = str | os.PathLike
 
@@ -79,7 +80,7 @@ class LoadedBaseline:
         if not fpmod.needs_extras(fp):
             return {}
         if fp.name not in self._extras:
-            self._extras[fp.name] = fpmod.load_extras(self.folder, fp.name)
+            self._extras[fp.name] = load_extras(self.folder, fp.name)
         return self._extras[fp.name]
 
 
@@ -102,7 +103,6 @@ def load_baseline(name: str | None = None, *, bank: Any = None, device: str = "c
         InputError: its files are missing or damaged.
     """
 
-    from forensics.stats.baseline import Baseline
     from refbank.bank import modified_rows, unverified_message
 
     b = open_bank(bank)
@@ -113,7 +113,7 @@ def load_baseline(name: str | None = None, *, bank: Any = None, device: str = "c
         raise BankError(unverified_message(problems, b.path))
     folder = b.baseline_dir(row["baseline_id"])
     try:
-        engine = Baseline.load(folder, device=device)
+        engine = load_engine(folder, device=device)
     except InputError as exc:
         raise BankError(f"baseline {row['name']!r} in {b.path} cannot be loaded ({exc}); run "
                         f"fp bank verify, or remove and rebuild it") from None

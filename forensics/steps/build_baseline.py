@@ -9,6 +9,7 @@ from typing import Any
 from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError
+from forensics.plugin import manager
 from forensics.progress import Stages, stages
 from forensics.stats import fingerprints as fpmod
 from forensics.steps.bank_access import (
@@ -18,6 +19,7 @@ from forensics.steps.bank_access import (
     _absolute_weights,
     open_bank,
 )
+from forensics.steps.baseline_files import save_all_extras, save_engine
 from forensics.steps.threads import _one_thread
 
 
@@ -86,8 +88,8 @@ def build_baseline(
     seed = check_seed(seed)
     check_pool(pool)
     get_encoder(encoder)
-    get("distances", distance)
-    get("partitioners", partitioner)
+    dist = get("distances", distance)
+    part = get("partitioners", partitioner)
     b = open_bank(bank)
     b.check_writable()
     taken = {r["name"]: r for r in b.baselines()}
@@ -112,8 +114,8 @@ def build_baseline(
     with stages(progress) as bars:
         layer_done = bars.stage("baseline layers", len(T.layers))
         with _one_thread(max(a.size for a in T.arrays)):
-            engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=distance,
-                                    partitioner=partitioner, seed=seed,
+            engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=dist,
+                                    partitioner=part, seed=seed,
                                     partitioner_params=params, device=device,
                                     on_layer=lambda _i, layer: layer_done(layer))
         for other in taken.values():
@@ -126,9 +128,9 @@ def build_baseline(
                             extras, train, heldout, notes)
 
         def save(folder: Path) -> None:
-            engine.save(folder)
+            save_engine(engine, folder)
             (folder / TRAIN_MANIFEST_FILE).write_text(json.dumps(T.manifest.to_dict()) + "\n")
-            fpmod.save_all_extras(folder, extras)
+            save_all_extras(folder, extras)
 
         stored = bars.stage("storing in the bank", 1)
         b.add_baseline(row, save=save)
@@ -179,7 +181,8 @@ def _prepare_fingerprints(T: Embeddings, P: Embeddings, engine: Any,
                           bars: Stages | None = None) -> dict[str, dict]:
     """Every fingerprint's baseline arrays; one context, so shared arrays are computed once."""
     ctx = fpmod.PrepareContext(list(T.layers), list(T.arrays), list(P.arrays), engine)
-    fps = [fp for fp in (fpmod.get(n) for n in fpmod.names()) if fpmod.needs_extras(fp)]
+    fps = [fp for fp in (manager.get("fingerprints", n) for n in manager.names("fingerprints"))
+           if fpmod.needs_extras(fp)]
     update = (bars or Stages()).stage("fingerprint arrays", len(fps))
     out = {}
     with _one_thread(max(a.size for a in T.arrays)):  # 20x faster on a busy 2-core machine

@@ -11,8 +11,10 @@ import numpy as np
 from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import InputError, InsufficientDataError
+from forensics.plugin import manager
 from forensics.stats import fingerprints as fpmod
 from forensics.steps.bank_access import LoadedBaseline, PathLike, _absolute, load_baseline
+from forensics.steps.baseline_files import extras_file
 
 
 @dataclass
@@ -100,11 +102,11 @@ def _fingerprint_objects(names: Sequence[str] | None, loaded: LoadedBaseline,
                          strict: bool) -> tuple[list[Any], list[str]]:
     """Fingerprints to compute, and notes on those left out (their arrays are missing)."""
     objs, notes = [], []
-    for n in (fpmod.names() if names is None else names):
-        fp = fpmod.get(n)
+    for n in (manager.names("fingerprints") if names is None else names):
+        fp = manager.get("fingerprints", n)
         if loaded.extras(fp) is None:
             if fp.name in loaded.params.get("fingerprints", ()):
-                msg = (f"the file {fpmod.extras_file(fp.name)} of fingerprint {fp.name!r} is "
+                msg = (f"the file {extras_file(fp.name)} of fingerprint {fp.name!r} is "
                        f"missing from baseline {loaded.name!r} ({loaded.folder}), which was "
                        f"built with it; run fp bank verify, restore the bank from an export "
                        f"(fp bank import), or choose another fingerprint (--fingerprint paper)")

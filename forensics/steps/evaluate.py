@@ -387,7 +387,6 @@ def fingerprint_matchers(fp: Any, matchers: str | Iterable[Any] | None,
         authors' rule for ``setstats``), else the matcher plugin.
     """
     from forensics.plugin import manager as plugins
-    from forensics.stats import fingerprints as fpmod
 
     if matchers is None:
         matchers = (list(defaults.PAPER_MATCHERS) if fp.name == defaults.PAPER_FINGERPRINT
@@ -397,7 +396,7 @@ def fingerprint_matchers(fp: Any, matchers: str | Iterable[Any] | None,
     names: list[Any] = []
     for m in matchers:
         names.extend(plugins.names("matchers") if m == "all" else [m])
-    return resolve_matchers([fpmod.resolve_matcher(fp, m, kept_dims)[1] if isinstance(m, str)
+    return resolve_matchers([plugins.resolve_matcher(fp, m, kept_dims)[1] if isinstance(m, str)
                              else m for m in names])
 
 
@@ -436,12 +435,13 @@ def evaluate_bank(
         BankError: as :func:`select_curves`, or curves that lack the fingerprint.
         UnknownNameError: an unknown fingerprint or matcher.
     """
+    from forensics.plugin import manager as plugins
     from forensics.stats import fingerprints as fpmod
     from forensics.stats.attribution import keep_mask
     from forensics.steps.attribute import _reference_vectors
     from forensics.steps.bank_access import open_bank
 
-    fp = fpmod.get(fingerprint or defaults.FINGERPRINT)
+    fp = plugins.get("fingerprints", fingerprint or defaults.FINGERPRINT)
     bank = open_bank(bank)
     base, rows = select_curves(bank, baseline)
     n_layers = len(base["layers"])

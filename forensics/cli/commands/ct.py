@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """C_T of generated embeddings Q against training T and held-out P."""
-        from forensics.stats.baseline import ct_score
+        from forensics.steps.engine import ct_score
 
         data = load_ct_file(file)
         has_cells = "T_cells" in data
