@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from forensics.errors import InputError
+from forensics.jsonable import jsonable
 
 #: Model families, each with the constants of its official script.
 FAMILIES = ("pixel", "latent", "text-to-image")
@@ -151,14 +152,10 @@ class InvMMReport:
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict: ``inf`` scores become ``null`` (with ``"success": false``)."""
 
-        def clean(r: dict[str, Any]) -> dict[str, Any]:
-            return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in r.items()}
-
         return {
             "measure": "invmm",
             "more_memorized": "lower",
-            "results": [clean(r) for r in self.results],
+            "results": [jsonable(r) for r in self.results],
             "ranking": [self.results[i]["image"] for i in self.ranking],
             "provenance": self.provenance,
         }

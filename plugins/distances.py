@@ -25,39 +25,20 @@ For the cosine distances a zero vector has cosine 0 with everything (distance 1)
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from forensics.plugin.hookspecs import hookimpl
+from forensics.threads import torch_threads_for as _cpu_threads
 
 #: Default working-memory budget of one block of the search, in bytes.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-
-#: Searches with fewer multiply-adds (m * n * D) than this run on one CPU thread: for small
-#: blocks, waking torch's thread pool costs more than it saves (much more on a busy machine).
-SINGLE_THREAD_WORK = 2**25
 
 #: Searches this small (m * n * D multiply-adds, on CPU) run in plain numpy: the same
 #: float64 arithmetic without torch's per-call overhead, which dominates a per-cell search
 #: of a few dozen queries (the cached baseline's query path).
 NUMPY_WORK = 2**24
-
-
-@contextmanager
-def _cpu_threads(dev, work: int):
-    import torch
-
-    if dev.type != "cpu" or work >= SINGLE_THREAD_WORK or torch.get_num_threads() == 1:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _as_matrix(x: np.ndarray, what: str) -> np.ndarray:

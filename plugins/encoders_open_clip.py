@@ -76,11 +76,11 @@ class ClipEncoder:
         """Build the image tower with ``weights`` (hub, file or random:SEED) on ``device``."""
         import open_clip
 
+        from forensics.jsonable import jsonable
         from forensics.plugin.encoders import (
             TorchEncoder,
             check_pool,
             file_sha256,
-            jsonable,
             parse_weights,
             state_dict_sha256,
         )

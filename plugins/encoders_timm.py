@@ -108,11 +108,11 @@ class TimmEncoder:
         """Build the model with ``weights`` (hub, file or random:SEED) on ``device``."""
         from timm.data import create_transform, resolve_data_config
 
+        from forensics.jsonable import jsonable
         from forensics.plugin.encoders import (
             TorchEncoder,
             check_pool,
             file_sha256,
-            jsonable,
             parse_weights,
             state_dict_sha256,
         )

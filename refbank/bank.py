@@ -12,7 +12,6 @@ Every change holds the bank's inter-process lock and replaces whole files atomic
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from forensics.errors import BankError, InputError
+from forensics.jsonable import jsonable
 from refbank import store
 from refbank.hashing import canonical_json, file_hashes, listing_sha256, row_hash, tree_sha256
 from refbank.schema import (
@@ -935,19 +935,7 @@ def _filter(table: pa.Table, filters: dict[str, Any], what: str) -> pa.Table:
     return table
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def rows_to_json(rows: Any) -> str:
     """Bank rows (or any structure of them) as strict JSON: datetimes in ISO 8601 and
     non-finite floats as ``null``."""
-    return json.dumps(_plain(rows), indent=2, allow_nan=False)
+    return json.dumps(jsonable(rows), indent=2, allow_nan=False)

@@ -21,8 +21,9 @@ ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
 #: Modules that may import the package root (none: they read forensics._version).
 ALLOWED_ROOT_IMPORTS: set[str] = set()
 
-#: What refbank may import of forensics: the errors and the version, nothing of the engine.
-REFBANK_MAY_IMPORT = {"forensics.errors", "forensics._version"}
+#: What refbank may import of forensics: the errors, the version and the JSON cleaner, nothing
+#: of the engine.
+REFBANK_MAY_IMPORT = {"forensics.errors", "forensics._version", "forensics.jsonable"}
 #: Third-party packages refbank never imports (the bank is pyarrow only).
 REFBANK_NEVER = ("torch", "torchvision", "timm", "open_clip", "sklearn", "scipy")
 #: What plugins never import: the steps and the command line sit above everything they may use.
@@ -30,7 +31,7 @@ PLUGINS_NEVER = ("forensics.steps", "forensics.cli", "forensics.paper")
 
 #: The layers, lowest first, and what each may import (besides itself). Imports point down.
 LAYERS = {
-    "base": set(),  # errors, defaults, progress, _version
+    "base": set(),  # errors, defaults, progress, _version, jsonable, threads
     "plugin": {"base"},  # hook specs, Protocols, the manager, contract checks
     "stats": {"base", "plugin"},  # arrays in, dataclasses out
     "checks": {"base", "plugin", "stats", "data"},  # plugin.checks: the contract, exercised
@@ -43,7 +44,8 @@ LAYERS = {
     "cli": {"base", "plugin", "checks", "stats", "data", "refbank", "steps", "paper"},
     "root": {"base", "steps", "paper"},  # the lazy public API
 }
-BASE = {"forensics._version", "forensics.errors", "forensics.defaults", "forensics.progress"}
+BASE = {"forensics._version", "forensics.errors", "forensics.defaults", "forensics.progress",
+        "forensics.jsonable", "forensics.threads"}
 #: What stats may use of the plugin layer: the contract's types, never the registry.
 STATS_MAY_USE_OF_PLUGIN = {"forensics.plugin.protocols"}
 #: Forbidden edges tolerated for now, each with the reason. Remove an entry once it is gone.

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from forensics.data.atomic import atomic_write, atomic_write_text
-from forensics.data.images import read_image_file
+from forensics.data.images import IMAGE_EXTENSIONS, list_image_files, read_image_file
 from forensics.errors import InputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST = "fp-synth.json"
 BACKGROUND_MODES = ("color", "noise", "checker")
 
@@ -229,14 +227,8 @@ def image_rng(seed: int, relpath: str) -> np.random.Generator:
 
 
 def list_images(src: Path) -> list[Path]:
-    """Image files under ``src`` (recursive, sorted, hidden files and folders skipped)."""
-    found = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                found.append(Path(root, name).relative_to(src))
-    return found
+    """Image files under ``src``, relative, as fp lists them (``list_image_files``)."""
+    return [Path(rel) for rel in list_image_files(Path(src))]
 
 
 def _open(path: Path) -> Image.Image:
@@ -301,7 +293,7 @@ def synth_folder(
         raise InputError(f"output folder {out} is not empty; choose another or pass --force")
     images = list_images(src)
     if not images:
-        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {src}")
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {src}")
     targets: dict[Path, Path] = {}
     for rel in images:
         target = rel.with_suffix(".jpg" if kind == "jpeg" else ".png")

@@ -309,15 +309,6 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` with tuples turned into lists and keys into strings (for JSON)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [jsonable(v) for v in value]
-    return value
-
-
 def pool_output(x, pool: str, fmt: str = "NCHW", prefix_tokens: int = 1):
     """Pool one layer's output to ``(B, D)`` float32.
 

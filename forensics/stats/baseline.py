@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,32 +45,12 @@ from forensics.stats.ct import (
     ct_from_distances,
     is_constant,
 )
+from forensics.threads import blas_threads_for as _blas_threads_for
 
 #: Version of the stored layout; part of every baseline's id.
 FORMAT = 1
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
-
-#: A query layer whose projection takes fewer multiply-adds than this runs on one BLAS
-#: thread: waking a thread pool for a small product costs more than it saves (several
-#: times more on a busy machine). Paper-sized layers (500 x 768 x 64) use every thread.
-SINGLE_THREAD_WORK = 2**22
-_blas_controller = None
-
-
-@contextmanager
-def _blas_threads_for(work: int) -> Iterator[None]:
-    global _blas_controller
-    if work >= SINGLE_THREAD_WORK:
-        yield
-        return
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_controller = ThreadpoolController()
-    with _blas_controller.limit(limits=1, user_api="blas"):
-        yield
-
 
 def array_digest(a: np.ndarray) -> str:
     """SHA-256 of an array's dtype, shape and bytes (C order)."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from forensics.errors import InputError
+from forensics.jsonable import jsonable
 
 #: Parameters that have their own bank column; any others go to the row's ``params``.
 PARAM_KEYS: tuple[str, ...] = ("partitioner", "distance", "tau", "pooling", "seed")
@@ -51,7 +52,7 @@ class Curve:
         return {
             "layers": list(self.layers),
             "values": [float(v) if math.isfinite(v) else None for v in self.values],
-            "provenance": _jsonable(self.provenance),
+            "provenance": jsonable(self.provenance),
         }
 
     @classmethod
@@ -176,23 +177,7 @@ def make_provenance(
         "inputs": inputs,
         "encoder": {"name": encoder, "weights_sha256": weights_sha256},
         "baseline": {"id": baseline_id, "name": baseline_name},
-        "params": _jsonable(params),
+        "params": jsonable(params),
     }
-    prov.update(_jsonable(extra))
+    prov.update(jsonable(extra))
     return prov
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value

@@ -28,7 +28,8 @@ Each folder is embedded once (the embedding cache makes repeats free) and the st
 baseline is only queried: PCA and KMeans are never refitted after ``build_baseline``.
 One module per step: :mod:`.build_baseline`, :mod:`.curve` (``compute_curve``),
 :mod:`.enroll`, :mod:`.memorization` (``memorize``), :mod:`.attribute`; the bank and its
-baselines are opened by :mod:`.bank_access`, and :mod:`.threads` holds the one thread policy.
+baselines are opened by :mod:`.bank_access`; :mod:`.engine` runs the C_T engine on arrays with
+its plugins named, and :mod:`.baseline_files` stores a baseline's files.
 What they call lives in :mod:`forensics.data.images`, :mod:`forensics.data.embed`,
 :mod:`forensics.stats.baseline`, :mod:`forensics.stats.fingerprints`,
 :mod:`forensics.stats.curve`, :mod:`forensics.stats.attribution` and :mod:`refbank`.

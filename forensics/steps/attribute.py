@@ -30,7 +30,7 @@ from forensics.steps.curve import (
     _query,
     _vectors,
 )
-from forensics.steps.threads import _one_thread
+from forensics.threads import _one_thread
 
 if TYPE_CHECKING:
     from forensics.stats.attribution import Attribution

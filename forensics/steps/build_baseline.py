@@ -20,7 +20,7 @@ from forensics.steps.bank_access import (
     open_bank,
 )
 from forensics.steps.baseline_files import save_all_extras, save_engine
-from forensics.steps.threads import _one_thread
+from forensics.threads import _one_thread
 
 
 def build_baseline(

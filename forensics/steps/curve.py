@@ -11,6 +11,7 @@ import numpy as np
 from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import InputError, InsufficientDataError
+from forensics.jsonable import jsonable
 from forensics.plugin import manager
 from forensics.stats import fingerprints as fpmod
 from forensics.steps.bank_access import LoadedBaseline, PathLike, _absolute, load_baseline
@@ -41,14 +42,12 @@ class CurveResult:
 
     def to_dict(self, details: bool = False) -> dict[str, Any]:
         """JSON-ready: the curve (layers, values, provenance), per-layer results, fingerprints."""
-        from forensics.stats.curve import _jsonable
-
         out = self.curve.to_dict()
         out["results"] = [r.to_dict() for r in self.results]
         if not details:
             for r in out["results"]:
                 r.pop("details", None)
-        out["fingerprints"] = _jsonable(dict(self.fingerprints))
+        out["fingerprints"] = jsonable(dict(self.fingerprints))
         return out
 
 

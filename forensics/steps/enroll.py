@@ -19,7 +19,7 @@ from forensics.steps.bank_access import (
     open_bank,
 )
 from forensics.steps.curve import _check_tau, _embed_suspect, _fingerprint_objects, _measure
-from forensics.steps.threads import _one_thread
+from forensics.threads import _one_thread
 
 
 def enroll(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from forensics.data.atomic import atomic_write_bytes, atomic_write_text
 from forensics.data.images import list_image_files
 from forensics.errors import InputError
+from forensics.jsonable import jsonable
 
 SCORES_CSV = "scores.csv"
 REPORT_JSON = "report.json"
@@ -168,16 +168,6 @@ def _plot(path: Path, results: list[dict[str, Any]], members: list[bool], rankin
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def run_measure(name: str, images: Path, model: str, *, members: Path | None = None,
                 out: Path | None = None, options: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
@@ -227,7 +217,7 @@ def run_measure(name: str, images: Path, model: str, *, members: Path | None = N
     if flags is not None:
         body["members"] = members_summary(results, flags, ranking, direction)
         body["members"]["file"] = str(members)
-    body = _clean(body)
+    body = jsonable(body)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

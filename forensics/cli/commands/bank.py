@@ -1,7 +1,8 @@
 """``fp bank list|show|remove|export|import|import-curves|verify|info``: the reference bank.
 
-:func:`bank_option` and :func:`open_bank` are how every command that uses the bank
-(``fp enroll``, ``fp attribute``, ``fp baseline ...``) takes ``--bank`` / ``FP_BANK``.
+:func:`bank_option` is how every command that uses the bank (``fp enroll``, ``fp attribute``,
+``fp baseline ...``) takes ``--bank`` / ``FP_BANK``; each opens it with
+:func:`forensics.steps.bank_access.open_bank`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,6 @@ bank_app = typer.Typer(
 def bank_option() -> Any:
     """The ``--bank`` option (also read from ``FP_BANK``) for any command's signature."""
     return typer.Option(None, "--bank", envvar="FP_BANK", help=BANK_HELP, show_envvar=False)
-
-
-def open_bank(path: Path | None):
-    """Open the bank at ``path`` (None: ``FP_BANK`` or the default location)."""
-    from refbank import Bank
-
-    return Bank(path)
 
 
 def echo_json(data: Any) -> None:
@@ -91,6 +85,8 @@ def list_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """List enrolled curves."""
+    from forensics.steps.bank_access import open_bank
+
     b = open_bank(bank)
     bid = b.get_baseline(baseline)["baseline_id"] if baseline else None
     rows = b.curves(model=model, family=family, baseline_id=bid)
@@ -119,6 +115,8 @@ def show_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Show one curve: every column, and its values per layer."""
+    from forensics.steps.bank_access import open_bank
+
     row = open_bank(bank).get_curve(curve_id)
     if as_json:
         echo_json(row)
@@ -138,6 +136,8 @@ def remove_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Remove curves by id (all or none: an unknown id removes nothing)."""
+    from forensics.steps.bank_access import open_bank
+
     b = open_bank(bank)
     removed = b.remove_curves(curve_ids)
     if as_json:
@@ -154,6 +154,8 @@ def export_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Write the whole bank to one archive file (never overwrites)."""
+    from forensics.steps.bank_access import open_bank
+
     b = open_bank(bank)
     target = b.export(file)
     if as_json:
@@ -177,6 +179,8 @@ def import_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Merge an exported bank into this one, after checking every hash."""
+    from forensics.steps.bank_access import open_bank
+
     b = open_bank(bank)
     report = b.import_(file, max_bytes=None if max_size is None else int(max_size * 1e9))
     if as_json:
@@ -206,6 +210,7 @@ def import_curves_cmd(
 ) -> None:
     """Import curves computed elsewhere (e.g. the paper's own curve files)."""
     from forensics.data.curvefiles import import_curves
+    from forensics.steps.bank_access import open_bank
 
     b = open_bank(bank)
     report = import_curves(b, file, fmt=fmt, baseline=baseline, default_split=split)
@@ -228,6 +233,7 @@ def verify_cmd(
 ) -> None:
     """Check every row hash and baseline file; exit status 1 if anything fails."""
     from forensics.errors import BankError
+    from forensics.steps.bank_access import open_bank
 
     b = open_bank(bank)
     report = b.verify()
@@ -255,6 +261,8 @@ def info_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Show where the bank is, its schema version and how much it holds."""
+    from forensics.steps.bank_access import open_bank
+
     info = open_bank(bank).info()
     if as_json:
         echo_json(info)

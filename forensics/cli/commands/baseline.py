@@ -15,7 +15,6 @@ from forensics.cli.commands.bank import (
     _short_time,
     bank_option,
     echo_json,
-    open_bank,
     printable,
 )
 
@@ -32,6 +31,8 @@ def list_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """List the baselines in the bank."""
+    from forensics.steps.bank_access import open_bank
+
     b = open_bank(bank)
     rows = b.baselines()
     if as_json:
@@ -60,6 +61,8 @@ def show_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Show one baseline: every column and where its files are."""
+    from forensics.steps.bank_access import open_bank
+
     b = open_bank(bank)
     row = b.get_baseline(name)
     row["folder"] = str(b.baseline_dir(row["baseline_id"]))
@@ -84,6 +87,8 @@ def remove_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Remove a baseline and its files (refused while curves use it, unless --with-curves)."""
+    from forensics.steps.bank_access import open_bank
+
     b = open_bank(bank)
     before = len(b.curves())
     row = b.remove_baseline(name, with_curves=with_curves)

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from forensics import defaults
-from forensics.cli.commands.bank import _print_table, bank_option, echo_json, open_bank
+from forensics.cli.commands.bank import _print_table, bank_option, echo_json
 from forensics.cli.commands.pipeline import parse_drop_layers
 
 MATCHER_HELP = ("zscore, l2, cosine, combined, a plugin's, or all (every registered matcher, "
@@ -94,6 +94,7 @@ def register(app: typer.Typer) -> None:
         per matcher: accuracy, a bootstrap confidence interval and a confusion matrix, side
         by side with the paper's mean/std/FID baseline method where the curves carry it.
         """
+        from forensics.steps.bank_access import open_bank
         from forensics.steps.evaluate import evaluate_bank
 
         result = evaluate_bank(
