@@ -51,8 +51,10 @@ test: env
 test-all: env
 	"$(VPY)" -m pytest --run-slow $(PYTEST_ARGS)
 
+# ruff over everything; mypy over forensics/plugin and forensics/stats (pyproject's [tool.mypy]).
 lint: env
 	"$(VPY)" -m ruff check .
+	"$(VPY)" -m mypy
 
 bench: env
 	"$(VPY)" benchmarks/bench_ct.py

@@ -71,7 +71,7 @@ class CheckResult:
 
 
 def _declared_type(member: property) -> str:
-    return str(inspect.signature(member.fget).return_annotation)
+    return str(inspect.signature(member.fget).return_annotation)  # type: ignore[arg-type]
 
 
 def _bind_problem(what: str, func: Any, spec: Callable) -> str | None:
@@ -270,9 +270,10 @@ def _cells(problems: list[str], fitted: Any, Z: np.ndarray, k: int,
     except Exception as exc:
         problems.append(f"cells(transform(T)) raised {type(exc).__name__}: {exc}")
         return None
-    labels = _array(problems, "cells(transform(T))", labels, (Z.shape[0],), "i")
-    if labels is None:
+    checked = _array(problems, "cells(transform(T))", labels, (Z.shape[0],), "i")
+    if checked is None:
         return None
+    labels = checked
     if labels.min() < 0 or labels.max() >= k:
         problems.append(f"cells(...) must give labels in [0, {k}), got {labels.min()}.."
                         f"{labels.max()}")
@@ -350,7 +351,7 @@ def _call_fingerprint(fp: Any) -> list[str]:
         return fpmod.compute(fp, fpmod.FingerprintContext(list(names), results, Q, engine,
                                                           extras))
 
-    vecs = [_attempt(problems, f"compute(ctx) of set {i}", lambda Q=Q: vector(Q))
+    vecs = [_attempt(problems, f"compute(ctx) of set {i}", lambda Q=Q: vector(Q))  # type: ignore[misc]
             for i, Q in enumerate(sets)]
     if any(v is None for v in vecs):
         return problems

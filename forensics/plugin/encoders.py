@@ -423,6 +423,7 @@ class TorchEncoder:
         import torch
 
         x = batch.to(self.device, non_blocking=True)
+        autocast: contextlib.AbstractContextManager[Any]
         if self.device.startswith("cuda"):
             autocast = torch.autocast("cuda", dtype=torch.bfloat16)
         else:

@@ -35,7 +35,9 @@ def _cell(text: str) -> str:
 
 def _signature(name: str, member: object) -> str:
     if isinstance(member, property):
-        return f"{name}: {inspect.signature(member.fget).return_annotation}"
+        fget = member.fget
+        assert fget is not None  # the Protocols declare read-only properties
+        return f"{name}: {inspect.signature(fget).return_annotation}"
     sig = inspect.signature(member)  # type: ignore[arg-type]
     params = list(sig.parameters.values())[1:]
     parts, star = [], False

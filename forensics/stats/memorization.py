@@ -224,11 +224,12 @@ def nearest_spread(result: CTResult) -> dict[str, Any]:
 def nearest_agreement(results: Sequence[CTResult], layer_index: int) -> tuple[np.ndarray, int]:
     """Per generated image, in how many layers its nearest training image is the one of
     layer ``layer_index``; and the number of layers with per-image details."""
-    nn = np.asarray(results[layer_index].details["nn_index"], dtype=np.int64)
+    nn = np.asarray(results[layer_index].details["nn_index"],  # type: ignore[index]
+                    dtype=np.int64)
     detailed = [r for r in results if r.details is not None and r.status == STATUS_OK]
     agree = np.zeros(nn.shape, dtype=np.int64)
     for r in detailed:
-        agree += np.asarray(r.details["nn_index"], dtype=np.int64) == nn
+        agree += np.asarray(r.details["nn_index"], dtype=np.int64) == nn  # type: ignore[index]
     return agree, len(detailed)
 
 
