@@ -109,13 +109,13 @@ class ClipEncoder:
     def _build(self, spec):
         from forensics.errors import InputError
         from forensics.plugin.encoders import (
+            build_model,
             hub_guard,
             load_state_dict_file,
             load_weights_into,
-            seeded,
         )
 
-        if spec.kind == "hub":
+        def hub():
             if not self.tag:
                 raise InputError(
                     f"{self.name!r} names no pretrained tag; use open_clip:{self.arch}:<tag>, "
@@ -123,15 +123,17 @@ class ClipEncoder:
                 )
             with hub_guard(self.name, f"open_clip {self.arch} {self.tag}"):
                 return self._create(pretrained=self.tag)
-        if spec.kind == "random":
-            with seeded(spec.seed):
-                return self._create()
-        visual, cfg = self._create()
-        state = load_state_dict_file(spec.path)
-        if any(k.startswith("visual.") for k in state):
-            state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-        load_weights_into(visual, state, str(spec.path))
-        return visual, cfg
+
+        def from_file(path):
+            visual, cfg = self._create()
+            state = load_state_dict_file(path)
+            if any(k.startswith("visual.") for k in state):
+                state = {k[len("visual."):]: v for k, v in state.items()
+                         if k.startswith("visual.")}
+            load_weights_into(visual, state, str(path))
+            return visual, cfg
+
+        return build_model(spec, hub=hub, create=self._create, from_file=from_file)
 
 
 def clip_taps(visual):

@@ -140,13 +140,13 @@ class TimmEncoder:
     def _build(self, spec, notes: list[str]):
         from forensics.errors import InputError
         from forensics.plugin.encoders import (
+            build_model,
             hub_guard,
             load_state_dict_file,
             load_weights_into,
-            seeded,
         )
 
-        if spec.kind == "hub":
+        def hub():
             if not self.has_pretrained:
                 raise InputError(
                     f"encoder {self.name!r} has no pretrained weights; use --weights "
@@ -154,15 +154,16 @@ class TimmEncoder:
                 )
             with hub_guard(self.name, self.model_name):
                 return self._create(pretrained=True)
-        if spec.kind == "random":
-            with seeded(spec.seed):
-                return self._create()
-        model = self._create()
-        classifier = model.pretrained_cfg.get("classifier") or ()
-        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        state = timm_filter(load_state_dict_file(spec.path, notes), model, notes)
-        load_weights_into(model, state, str(spec.path), ignore=[h + "." for h in heads])
-        return model
+
+        def from_file(path):
+            model = self._create()
+            classifier = model.pretrained_cfg.get("classifier") or ()
+            heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+            state = timm_filter(load_state_dict_file(path, notes), model, notes)
+            load_weights_into(model, state, str(path), ignore=[h + "." for h in heads])
+            return model
+
+        return build_model(spec, hub=hub, create=self._create, from_file=from_file)
 
 
 def timm_filter(state: dict, model, notes: list[str]) -> dict:

@@ -369,10 +369,12 @@ def test_one_step_loads_an_encoder_once_and_reloads_a_changed_weights_file(
     with reusing_encoders():
         a = _embed(digits, "vit-tiny-demo")
         b = _embed(digits[:2], "vit-tiny-demo")
-    assert len(loads) == 1
+        _embed(digits[:2], "vit-tiny-demo@32")  # a sized name: a new encoder object each time
+        _embed(digits[:2], "vit-tiny-demo@32")
+    assert len(loads) == 2
     np.testing.assert_array_equal(a.arrays[3][:2], b.arrays[3])
     _embed(digits, "vit-tiny-demo")  # outside the block: loaded again
-    assert len(loads) == 2
+    assert len(loads) == 3
 
     module = real(encoder, "random:0", "cpu", "cls").module
     state = {k: v.contiguous() for k, v in module.state_dict().items()}

@@ -630,7 +630,8 @@ def _weights_stamp(weights: str | None) -> tuple | None:
 
 def _load_encoder(encoder, weights, device, pool) -> tuple[Any, dict[str, Any]]:
     """The loaded encoder and its provenance, reused inside :func:`reusing_encoders`."""
-    key = (id(encoder), encoder.name, weights, device, pool, _weights_stamp(weights))
+    # By class and name: a sized name (``NAME@SIZE``) makes a new encoder object per lookup.
+    key = (type(encoder), encoder.name, weights, device, pool, _weights_stamp(weights))
     if _reused is not None and key in _reused:
         loaded, info = _reused[key]
         return loaded, dict(info)

@@ -221,6 +221,22 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def build_model(spec: Any, *, hub: Callable[[], Any], create: Callable[[], Any],
+                from_file: Callable[[Any], Any]) -> Any:
+    """The one rule torch encoders build their model by, from a parsed ``--weights`` spec.
+
+    ``hub``: ``hub()`` (pretrained weights; it raises when there are none); ``random:SEED``:
+    ``create()`` with torch's generator seeded; a local file: ``from_file(path)`` (a fresh
+    model with the file's weights loaded into it).
+    """
+    if spec.kind == "hub":
+        return hub()
+    if spec.kind == "random":
+        with seeded(spec.seed):
+            return create()
+    return from_file(spec.path)
+
+
 def resolve_device(device: str = defaults.DEVICE) -> str:
     """``auto`` -> ``cuda:0`` when available else ``cpu``; validate ``cpu`` / ``cuda[:N]``.
 
