@@ -12,7 +12,9 @@ embedding cache stores, per encoder configuration (encoder name, weights hash,
 preprocessing, pooling, precision), chunks of ``.npz`` files keyed by image SHA-256, so a
 second run on the same images computes nothing. A damaged chunk (unreadable, misshapen,
 not finite) is set aside with one :class:`~forensics.errors.FpWarning` and its images are
-embedded again.
+embedded again. With ``ray=``, the images missing from the cache are embedded on a Ray
+cluster (:mod:`forensics.data.ray_embed`) and collected into the arrays and the cache the
+same way.
 """
 
 from __future__ import annotations
