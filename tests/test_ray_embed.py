@@ -59,7 +59,8 @@ def local(folder):
     return embed_folder(folder, ENCODER, cache_dir=None, **KW)
 
 
-def _same_as_local(emb: Embeddings, local: Embeddings) -> None:
+def _same_as_local(emb: Embeddings, local: Embeddings, rtol: float = RTOL,
+                   atol: float = ATOL) -> None:
     assert emb.layers == local.layers
     assert emb.manifest.to_dict() == local.manifest.to_dict()
     strip = ("cache",)
@@ -67,7 +68,7 @@ def _same_as_local(emb: Embeddings, local: Embeddings) -> None:
             == {k: v for k, v in local.encoder_info.items() if k not in strip})
     for a, b in zip(emb.arrays, local.arrays, strict=True):
         assert a.dtype == np.float32 and a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
 def test_fp_embed_on_ray_matches_the_local_run_and_embeds_only_uncached_images(
@@ -118,6 +119,15 @@ def test_a_killed_encoder_worker_is_retried_nothing_lost_or_doubled(
     _same_as_local(emb, local)
     entry, = cache_info(cache)["entries"]
     assert entry["n_images"] == 18
+
+
+@pytest.mark.gpu
+def test_gpu_actors_match_a_local_gpu_run(cluster, folder):
+    kw = {**KW, "device": "auto", "cache_dir": None}
+    local = embed_folder(folder, ENCODER, **{**kw, "device": "cuda"})
+    emb = embed_folder(folder, ENCODER, ray="auto", **kw)
+    assert emb.encoder_info["precision"] == local.encoder_info["precision"] == "bf16-autocast"
+    _same_as_local(emb, local, rtol=2e-2, atol=2e-2)  # bf16: batches cut elsewhere
 
 
 @pytest.mark.parametrize("command", [
@@ -179,3 +189,20 @@ def test_the_steps_pass_ray_and_the_requested_device_to_the_embedding(folder, tm
         _embed_suspect(loaded, folder, weights=None, device="auto", batch_size=4,
                        cache_dir=None, progress=False, skip_bad=False, ray="auto")
     assert seen == [("auto", "auto")] * 2  # the cluster, not this machine, picks the device
+
+
+def test_an_fp_error_on_a_worker_reaches_the_user_as_itself():
+    from forensics.errors import FpError, InputError
+
+    class WorkerFailure(Exception):  # what Ray raises here: the worker's traceback as text
+        pass
+
+    text = ("\x1b[36mray::MapWorker(MapBatches(_EncoderActor)).submit()\x1b[39m\n"
+            '  File "embed.py", line 1, in load\n'
+            "forensics.errors.InputError: --weights /w.pt is neither 'hub', 'random:SEED' "
+            "nor an existing file\n\nThe above exception was the direct cause of the "
+            "following exception:\n\nray.exceptions.UserCodeException: UDF failed")
+    err = ray_embed._cluster_error(WorkerFailure(text))
+    assert type(err) is InputError and str(err).startswith("--weights /w.pt is neither")
+    other = ray_embed._cluster_error(WorkerFailure("Traceback:\nValueError: bad shape\n"))
+    assert type(other) is FpError and "ValueError: bad shape" in str(other)

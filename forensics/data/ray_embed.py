@@ -19,6 +19,7 @@ Ray is optional (``pip install 'fp-forensics[scale]'``) and imported inside func
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -208,7 +209,8 @@ def _quiet_ray_data() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # A failure reaches the user as one fp error (its traceback with --debug).
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def _file_list(items: Sequence[tuple[int, str, str]]):
@@ -307,15 +309,37 @@ def _iterate(results) -> Iterator[dict[str, np.ndarray]]:
 
 
 def _cluster_error(exc: BaseException) -> FpError:
-    """An fp error raised on a worker, or an :class:`FpError` naming what failed."""
-    seen = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, FpError):
-            return cur
-        inner = getattr(cur, "cause", None)
-        cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-    return FpError(f"embedding on the Ray cluster failed: {first}; run with --debug for "
+    """The fp error a worker raised (its traceback text crosses to here, not the object),
+    or an :class:`FpError` naming the failure."""
+    from forensics import errors
+
+    text = _ANSI.sub("", "\n".join(str(e) for e in _chain(exc)))
+    for name, message in _WORKER_FP_ERROR.findall(text):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, FpError):
+            return cls(message.strip())
+    root = _ROOT_ERROR.search(text)
+    what = root[0] if root else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return FpError(f"embedding on the Ray cluster failed: {what}; run with --debug for "
                    f"the workers' traceback")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: ``forensics.errors.InputError: message`` in a worker's traceback, up to a blank line.
+_WORKER_FP_ERROR = re.compile(r"^forensics\.errors\.(\w+): (.*?)(?:\n\s*\n|\Z)", re.M | re.S)
+#: The first ``SomeError: message`` line of a traceback.
+_ROOT_ERROR = re.compile(r"^[\w.]+(?:Error|Exception): .*$", re.M)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, its causes and contexts, and the worker exceptions Ray attaches (``cause``)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo.extend(e for e in (getattr(cur, "cause", None), cur.__cause__, cur.__context__)
+                    if isinstance(e, BaseException))
