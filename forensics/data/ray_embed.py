@@ -129,15 +129,15 @@ class RayEmbedder:
 
         GPU actors: one per GPU, fed by decoding tasks of one CPU each. CPU actors: one per
         4 CPUs (at least one), each with its share of the CPUs and torch running on them
-        (``threads``; ``$OMP_NUM_THREADS`` if set); decoding asks for the same resources,
-        so Ray Data runs it inside the actor (no decoded pixels cross processes).
+        (``threads``; ``$OMP_NUM_THREADS`` if set), decoding their own batches (no
+        decoded pixels cross processes; ``decode_cpus`` is None).
         """
         if self.device == "cuda":
             return {"actors": self.gpus, "num_gpus": 1, "num_cpus": 1, "decode_cpus": 1,
                     "threads": None}
         actors = max(1, self.cpus // 4)
         share = self.cpus // actors
-        return {"actors": actors, "num_gpus": 0, "num_cpus": share, "decode_cpus": share,
+        return {"actors": actors, "num_gpus": 0, "num_cpus": share, "decode_cpus": None,
                 "threads": int(os.environ.get("OMP_NUM_THREADS") or share)}
 
     def describe(self, load: Callable[[str], Any]) -> SimpleNamespace:
@@ -173,12 +173,15 @@ class RayEmbedder:
         plan = self.plan()
         # Ray Data's defaults are the fault tolerance: a task whose worker dies is retried,
         # and a killed actor is restarted and its batch retried.
-        ds = _file_list(items).map_batches(
-            _decode, fn_kwargs={"read": read, "shape": shape}, batch_size=batch_size,
-            batch_format="numpy", num_cpus=plan["decode_cpus"],
-        ).map_batches(
-            _EncoderActor, fn_constructor_kwargs={"load": load, "device": self.device,
-                                                  "threads": plan["threads"], "shape": shape},
+        ds = _file_list(items)
+        if plan["decode_cpus"]:
+            ds = ds.map_batches(_decode, fn_kwargs={"read": read, "shape": shape},
+                                batch_size=batch_size, batch_format="numpy",
+                                num_cpus=plan["decode_cpus"])
+        ds = ds.map_batches(
+            _EncoderActor, fn_constructor_kwargs={
+                "load": load, "device": self.device, "threads": plan["threads"],
+                "shape": shape, "read": None if plan["decode_cpus"] else read},
             compute=ActorPoolStrategy(size=plan["actors"]), batch_size=batch_size,
             batch_format="numpy", num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
         )
@@ -248,14 +251,18 @@ def _decode(batch: dict[str, np.ndarray], read: Callable, shape: tuple[int, ...]
 
 
 class _EncoderActor:
-    """Ray Data actor: one loaded encoder; a decoded batch -> per-layer features."""
+    """Ray Data actor: one loaded encoder; a decoded batch -> per-layer features.
+
+    Given ``read``, it decodes its batches itself (see :func:`_decode`).
+    """
 
     def __init__(self, load: Callable[[str], Any], device: str, threads: int | None,
-                 shape: tuple[int, ...]):
+                 shape: tuple[int, ...], read: Callable | None = None):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
+        self.read, self.shape = read, shape
         self.loaded = load(device)
         probe = self.loaded.forward(torch.zeros((1, *shape)))
         self.dims = [int(f.shape[1]) for f in probe]
@@ -263,6 +270,8 @@ class _EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        if self.read is not None:
+            batch = _decode(batch, self.read, self.shape)
         n = len(batch["row"])
         ok = np.array([e == "" for e in batch["error"]], bool)
         out = {"row": batch["row"], "error": batch["error"]}
