@@ -17,7 +17,7 @@ from forensics.cli.app import app
 
 runner = CliRunner()
 
-HEAVY = ("torch", "timm", "open_clip", "sklearn", "scipy", "pyarrow")
+HEAVY = ("torch", "timm", "open_clip", "sklearn", "scipy", "pyarrow", "ray")
 
 
 def test_version():

@@ -12,11 +12,14 @@ embedding cache stores, per encoder configuration (encoder name, weights hash,
 preprocessing, pooling, precision), chunks of ``.npz`` files keyed by image SHA-256, so a
 second run on the same images computes nothing. A damaged chunk (unreadable, misshapen,
 not finite) is set aside with one :class:`~forensics.errors.FpWarning` and its images are
-embedded again.
+embedded again. With ``ray=``, the images missing from the cache are embedded on a Ray
+cluster (:mod:`forensics.data.ray_embed`) and collected into the arrays and the cache the
+same way.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -459,14 +462,18 @@ class _FileImages:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        row, relpath, sha = self.items[i]
-        try:
-            data = read_image_file(self.root / relpath)
-            if hashlib.sha256(data).hexdigest() != sha:
-                return row, None, f"{relpath}: changed since it was scanned; run again"
-            return row, self.transform(decode_rgb(data)), ""
-        except (OSError, InputError) as exc:
-            return row, None, f"{relpath}: {exc}"
+        return read_item(self.root, self.transform, *self.items[i])
+
+
+def read_item(root: Path, transform, row: int, relpath: str, sha256: str):
+    """One manifest entry -> ``(row, tensor or None, error)``: read, hash-checked, transformed."""
+    try:
+        data = read_image_file(Path(root) / relpath)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return row, None, f"{relpath}: changed since it was scanned; run again"
+        return row, transform(decode_rgb(data)), ""
+    except (OSError, InputError) as exc:
+        return row, None, f"{relpath}: {exc}"
 
 
 class _ArrayImages:
@@ -521,6 +528,7 @@ def embed_folder(
     cache_dir: Path | str | None | _DefaultCache = DEFAULT_CACHE,
     progress: bool = True,
     skip_bad: bool = False,
+    ray: str | None = None,
 ) -> Embeddings:
     """Embed every image of a folder (or of a manifest) at every layer of ``encoder``.
 
@@ -540,6 +548,9 @@ def embed_folder(
             disables the cache.
         progress: show a progress bar (images/s) on stderr.
         skip_bad: skip bad image files (recorded in the manifest) instead of failing.
+        ray: embed the images missing from the cache on a Ray cluster: ``auto`` (a running
+            cluster, else a local one), ``local``, or a cluster address
+            (see :mod:`forensics.data.ray_embed`); ``None``: in this process.
 
     Returns:
         The embeddings, rows in manifest order.
@@ -552,6 +563,10 @@ def embed_folder(
 
     check_pool(pool)  # names first: scanning a large folder takes a while
     get_encoder(encoder)
+    if ray is not None:
+        from forensics.data.ray_embed import require_ray
+
+        require_ray()
     if isinstance(folder_or_manifest, Manifest):
         manifest = folder_or_manifest
     else:
@@ -560,6 +575,7 @@ def embed_folder(
         manifest.hashes,
         lambda rows, transform: _FileImages(manifest, rows, transform),
         manifest, encoder, weights, pool, device, batch_size, num_workers, cache_dir, progress,
+        ray=ray,
     )
 
 
@@ -643,15 +659,26 @@ def _load_encoder(encoder, weights, device, pool) -> tuple[Any, dict[str, Any]]:
 
 
 def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, batch_size,
-           num_workers, cache_dir, progress) -> Embeddings:
+           num_workers, cache_dir, progress, ray=None) -> Embeddings:
     from forensics.plugin.encoders import check_pool, resolve_device
 
     check_pool(pool)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     encoder = get_encoder(encoder_name)
-    device = resolve_device(device)
-    loaded, info = _load_encoder(encoder, weights, device, pool)
+    if ray is None:
+        device = resolve_device(device)
+    else:
+        from forensics.data.ray_embed import RayEmbedder
+
+        runner = RayEmbedder(ray, device)
+        device = runner.device
+        load = functools.partial(load_named_encoder, encoder_name, weights, pool)
+    if ray is not None and device != "cpu":  # loaded on the cluster's GPUs, described here
+        loaded = runner.describe(load)
+        info = encoder_info(encoder, loaded, weights, pool)
+    else:
+        loaded, info = _load_encoder(encoder, weights, device, pool)
     if cache_dir is DEFAULT_CACHE:
         cache_dir = default_cache_dir()
     cache = EmbeddingCache(Path(cache_dir), cache_key(info), info) if cache_dir else None
@@ -668,9 +695,15 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
         todo = sorted(set(range(n)) - set(hit_rows))
         if not todo:
             break
+        dataset = make_dataset(todo, loaded.transform)
+        if ray is None:
+            batches = _local_batches(dataset, loaded, batch_size, workers, device)
+        else:
+            read = functools.partial(read_item, dataset.root, dataset.transform)
+            batches = runner.batches(load, dataset.items, read, dataset.transform,
+                                     batch_size)
         try:
-            out = _compute(make_dataset(todo, loaded.transform), loaded, out, n, hashes, cache,
-                           batch_size, workers, device, progress, len(hit_rows))
+            out = _compute(batches, out, n, hashes, cache, progress, len(hit_rows))
             break
         except _CachedSizesDiffer as exc:  # every chunk used is wrong: embed all again
             for chunk in sorted({cache.index()[hashes[r].encode()][0] for r in hit_rows}):
@@ -683,9 +716,13 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
     return Embeddings(list(loaded.layer_names), out, manifest, info)
 
 
-def _compute(dataset, loaded, out, n, hashes, cache, batch_size, workers, device, progress,
-             already):
-    """Run the encoder over ``dataset``; fill ``out`` (allocated on the first batch)."""
+def load_named_encoder(name: str, weights: str | None, pool: str, device: str):
+    """The encoder ``name`` loaded on ``device`` (what each Ray encoder actor runs)."""
+    return _load_encoder(get_encoder(name), weights, device, pool)[0]
+
+
+def _local_batches(dataset, loaded, batch_size, workers, device):
+    """``(rows, per-layer features, errors)`` per batch, decoded by DataLoader workers."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
@@ -693,15 +730,20 @@ def _compute(dataset, loaded, out, n, hashes, cache, batch_size, workers, device
         collate_fn=_collate, pin_memory=device.startswith("cuda"),
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
+    for rows, batch, bad in loader:
+        yield rows, (loaded.forward(batch) if batch is not None else None), bad
+
+
+def _compute(batches, out, n, hashes, cache, progress, already):
+    """Collect ``batches`` into ``out`` (allocated on the first batch) and the cache."""
     errors: list[str] = []
     pending: list[int] = []
     bar = _Progress(n, already, enabled=progress)
     with bar:
-        for rows, batch, bad in loader:
+        for rows, feats, bad in batches:
             errors.extend(bad)
-            if batch is None:
+            if feats is None:
                 continue
-            feats = loaded.forward(batch)
             if out is not None and [a.shape[1] for a in out] != [f.shape[1] for f in feats]:
                 raise _CachedSizesDiffer(
                     f"its embedding sizes {[a.shape[1] for a in out]} differ from the "

@@ -44,6 +44,7 @@ def build_baseline(
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
+    ray: str | None = None,
 ) -> dict[str, Any]:
     """Embed T (``train``) and P (``heldout``), build the baseline once and store it.
 
@@ -67,6 +68,8 @@ def build_baseline(
         cache_dir: embedding cache (None disables it).
         progress: show progress bars on stderr.
         skip_bad: skip unreadable images instead of failing.
+        ray: embed on a Ray cluster (``auto``, ``local`` or an address; see
+            :func:`~forensics.data.embed.embed_folder`); None: in this process.
 
     Returns:
         The bank's ``baselines`` row of the new baseline.
@@ -99,10 +102,12 @@ def build_baseline(
     if partitioner == defaults.GIVEN_PARTITIONER:
         raise InputError("the 'given' partitioner cannot assign new images to cells; "
                          "use --partitioner kmeans")
+    embed_device = device if ray is not None else None  # Ray actors: the cluster's devices
     device = resolve_device(device)
     train, heldout, weights = _absolute(train), _absolute(heldout), _absolute_weights(weights)
-    embed_kw = dict(weights=weights, pool=pool, device=device, batch_size=batch_size,
-                    cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+    embed_kw = dict(weights=weights, pool=pool, device=embed_device or device,
+                    batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                    skip_bad=skip_bad, ray=ray)
     with reusing_encoders():
         T = embed_folder(train, encoder, **embed_kw)
         P = embed_folder(heldout, encoder, **embed_kw)

@@ -53,7 +53,7 @@ class CurveResult:
 
 def _embed_suspect(loaded: LoadedBaseline, source: Any, *, weights: str | None, device: str,
                    batch_size: int, cache_dir: Any, progress: bool,
-                   skip_bad: bool) -> Embeddings:
+                   skip_bad: bool, ray: str | None = None) -> Embeddings:
     """Embed a folder the way the baseline was embedded, or check given embeddings."""
     from forensics.data.embed import embed_folder
 
@@ -64,7 +64,8 @@ def _embed_suspect(loaded: LoadedBaseline, source: Any, *, weights: str | None, 
         emb = embed_folder(source, row["encoder"],
                            weights=weights if weights is not None else loaded.params.get("weights"),
                            pool=row["pooling"] or "cls", device=device, batch_size=batch_size,
-                           cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
+                           cache_dir=cache_dir, progress=progress, skip_bad=skip_bad,
+                           ray=ray)
     info = emb.encoder_info or {}
     checks = (("encoder", info.get("name"), row["encoder"]),
               ("weights (SHA-256)", info.get("weights_sha256"), row["weights_sha256"]),

@@ -43,6 +43,7 @@ def enroll(
     skip_bad: bool = False,
     allow_duplicate: bool = False,
     echo: Callable[[str], None] | None = None,
+    ray: str | None = None,
 ) -> list[str]:
     """Split a generator's images into curves of ``per_curve`` images and store each.
 
@@ -66,6 +67,8 @@ def enroll(
             (refused otherwise, before embedding); the new rows record the curves they
             repeat (``duplicate_of`` in their parameters).
         echo: called with messages for the user (e.g. images left out).
+        ray: embed on a Ray cluster (``auto``, ``local`` or an address; see
+            :func:`~forensics.data.embed.embed_folder`); None: in this process.
 
     Returns:
         The new curve ids, in order.
@@ -91,6 +94,7 @@ def enroll(
                   "source": source, "notes": notes})
     b = open_bank(bank)
     b.check_writable()
+    embed_device = device if ray is not None else None  # Ray actors: the cluster's devices
     device = resolve_device(device)
     loaded = load_baseline(baseline, bank=b, device=device)
     manifest = scan_folder(folder, skip_bad=skip_bad)
@@ -108,9 +112,9 @@ def enroll(
     if rest:
         say(f"{folder}: {k} curve(s) of {per} images; the last {rest} image(s) in path order "
             f"are left out (fewer than --per-curve {per})")
-    emb = _embed_suspect(loaded, manifest, weights=weights, device=device,
+    emb = _embed_suspect(loaded, manifest, weights=weights, device=embed_device or device,
                          batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-                         skip_bad=skip_bad)
+                         skip_bad=skip_bad, ray=ray)
     fps, missing = _fingerprint_objects(None, loaded, strict=False)
     for msg in missing:
         say(msg + "; curves are stored without it")

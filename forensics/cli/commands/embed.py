@@ -23,6 +23,23 @@ def skip_bad_option() -> Any:
                              "recorded in the output.")
 
 
+def ray_option() -> Any:
+    """The ``--ray ADDRESS`` option of every command that embeds a folder."""
+    return typer.Option(None, "--ray", metavar="ADDRESS",
+                        help="Embed on a Ray cluster: auto (a running cluster, else a local "
+                             "one), local, or HOST:PORT of a head node. Needs "
+                             "'fp-forensics[scale]'; the images must be readable at the same "
+                             "path on every node.")
+
+
+def check_ray(address: str | None) -> None:
+    """Before any work: ``--ray`` needs Ray installed (one ``Error:`` line otherwise)."""
+    if address is not None:
+        from forensics.data.ray_embed import require_ray
+
+        require_ray()
+
+
 def echo_skipped(manifest: Any, what: str = "") -> None:
     """Say on stderr which files of a manifest were left out, and why."""
     for s in getattr(manifest, "skipped", None) or ():
@@ -49,6 +66,7 @@ def register(app: typer.Typer) -> None:
         num_workers: int = typer.Option(None, "--num-workers", min=0,
                                         help="Decoding workers [default: by device]."),
         skip_bad: bool = skip_bad_option(),
+        ray: str = ray_option(),
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not use the cache."),
         cache_dir: Path = typer.Option(None, "--cache-dir",
                                        help="Embedding cache [default: $FP_CACHE_DIR/"
@@ -61,11 +79,12 @@ def register(app: typer.Typer) -> None:
         from forensics.data.embed import DEFAULT_CACHE, check_output_path, embed_folder
 
         check_output_path(out)  # before any work
+        check_ray(ray)
         result = embed_folder(
             folder, encoder, weights=weights, pool=pool.value, device=device,
             batch_size=batch_size, num_workers=num_workers,
             cache_dir=None if no_cache else (cache_dir or DEFAULT_CACHE),
-            progress=not (quiet or as_json), skip_bad=skip_bad,
+            progress=not (quiet or as_json), skip_bad=skip_bad, ray=ray,
         )
         result.save(out)
         info, manifest = result.encoder_info, result.manifest

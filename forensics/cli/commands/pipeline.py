@@ -13,7 +13,13 @@ import typer
 from forensics import defaults
 from forensics.cli.commands.bank import _print_table, bank_option, echo_json, printable
 from forensics.cli.commands.baseline import baseline_app
-from forensics.cli.commands.embed import Pool, echo_skipped, skip_bad_option
+from forensics.cli.commands.embed import (
+    Pool,
+    check_ray,
+    echo_skipped,
+    ray_option,
+    skip_bad_option,
+)
 
 #: ``--drop-layers`` as typed: the default layer indices, comma-separated.
 _DROP_LAYERS = ",".join(map(str, defaults.DROP_LAYERS))
@@ -103,6 +109,7 @@ def build_cmd(
     no_cache: bool = _no_cache(),
     quiet: bool = _quiet(),
     skip_bad: bool = skip_bad_option(),
+    ray: str = ray_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the stored row as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
@@ -111,10 +118,11 @@ def build_cmd(
 
     from forensics.steps.build_baseline import build_baseline
 
+    check_ray(ray)
     row = build_baseline(
         name, train, heldout, encoder=encoder, weights=weights, pool=pool.value,
         distance=distance, partitioner=partitioner, seed=seed, n_cells=n_cells,
-        pca_dim=pca_dim, n_init=n_init, bank=bank, notes=notes,
+        pca_dim=pca_dim, n_init=n_init, bank=bank, notes=notes, ray=ray,
         **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for which, skipped in json.loads(row.get("params_json") or "{}").get("skipped", {}).items():
         for relpath, reason in skipped:
@@ -192,16 +200,18 @@ def enroll_cmd(
     no_cache: bool = _no_cache(),
     quiet: bool = _quiet(),
     skip_bad: bool = skip_bad_option(),
+    ray: str = ray_option(),
     bank: Path | None = bank_option(),
 ) -> None:
     """Split a generator's images into curves of --per-curve images; store each with provenance."""
     from forensics.steps.bank_access import open_bank
     from forensics.steps.enroll import enroll
 
+    check_ray(ray)
     b = open_bank(bank)
     ids = enroll(folder, baseline=baseline, model=model, family=family, checkpoint=checkpoint,
                  per_curve=per_curve, split=split, bank=b, tau=tau, source=source, notes=notes,
-                 weights=weights, allow_duplicate=allow_duplicate, echo=_err,
+                 weights=weights, allow_duplicate=allow_duplicate, echo=_err, ray=ray,
                  **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     if as_json:
         echo_json(b.curves(curve_id=ids))
