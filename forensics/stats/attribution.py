@@ -16,10 +16,11 @@ curve on a subset of the suspect images::
 **Unknown.** A new curve of an enrolled family resembles the other curves of its family;
 the bank shows how much: for every enrolled curve whose family has at least two curves,
 its *within-family score* is its best matcher score against the other curves of its own
-family (leave-one-out). The threshold is the ``quantile`` (default 0.05) of these
-scores. A suspect whose best score is below it is ``unknown``: by construction about a
-``quantile`` share of genuine new curves of enrolled families would be called unknown
-too, while a generator unlike every enrolled family is not forced onto the nearest one.
+family, ranked against the bank without it (leave-one-out). The threshold is the
+``quantile`` (default 0.05) of these scores. A suspect whose best score is below it is
+``unknown``: by construction about a ``quantile`` share of genuine new curves of enrolled
+families would be called unknown too, while a generator unlike every enrolled family is
+not forced onto the nearest one.
 
 **Stability.** The suspect images are resampled ``n_boot`` times (with replacement, the
 same number of images; seeded); each resample's curve is ranked and decided like the
@@ -277,11 +278,14 @@ def calibrate_unknown(
     """Calibrate the ``unknown`` threshold from the bank's own within-family scores.
 
     For each curve whose family has at least two curves, its within-family score is its
-    best score against the *other* curves of its family; the threshold is the
-    ``quantile`` of those scores. Also reported: the median of each curve's best score
-    against other families (``between_median``) and the share of those at or above the
-    threshold (``between_above``: how often a curve would be taken for a close relative
-    of another family; high values mean families overlap).
+    best score against the *other* curves of its family, scored against the bank without
+    that curve (leave-one-out, as a suspect is scored: a matcher such as ``zscore``
+    estimates its spreads from the references, and a curve among them looks closer to its
+    siblings than a new one would); the threshold is the ``quantile`` of those scores.
+    Also reported, scored the same way: the median of each curve's best score against
+    other families (``between_median``) and the share of those at or above the threshold
+    (``between_above``: how often a curve would be taken for a close relative of another
+    family; high values mean families overlap).
 
     Args:
         bank_vectors: enrolled curves, shape ``(N, L)``.
@@ -310,15 +314,17 @@ def calibrate_unknown(
     labels = np.asarray(fam)
     within, between = [], []
     for i in range(refs.shape[0]):
-        s = _scores(m, refs[i], refs)
-        s[i] = -np.inf
-        same = labels == labels[i]
-        same[i] = False
+        # Scored against the bank *without* curve i, as a suspect is: a matcher that
+        # learns from the references (zscore's spreads) must not see the curve it scores.
+        others = np.arange(refs.shape[0]) != i
+        if not others.any():
+            continue
+        s = _scores(m, refs[i], refs[others])
+        same = labels[others] == labels[i]
         if same.any():
             within.append(float(s[same].max()))
-        other = labels != labels[i]
-        if other.any():
-            between.append(float(s[other].max()))
+        if (~same).any():
+            between.append(float(s[~same].max()))
     b_med = float(np.median(between)) if between else None
     if len(within) < min_within:
         return Calibration(
