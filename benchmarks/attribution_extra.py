@@ -352,7 +352,7 @@ def calibration(g: Grid, cfgs, png: Path | None, reps: int = 3) -> tuple[list[st
                         continue
                     q = rows[rng.choice(len(rows), n, replace=False)].mean(axis=0)
                     f, best, margin = C.margin_of(C.family_scores(zscore(q, V), fam))
-                    unknown = best < model.threshold(n)
+                    unknown = best < model.threshold(n) or margin < model.margin_threshold(n)
                     data[kind].append((n, model.probability(margin, best, n), f == a, unknown))
     lines = ["| queries | n | accuracy | mean confidence | ECE | wrong with confidence > 0.9 | "
              "called unknown |", "|---|---|---|---|---|---|---|"]

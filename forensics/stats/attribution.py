@@ -68,7 +68,9 @@ class Calibration:
     """The ``unknown`` threshold and the bank statistics behind it.
 
     ``threshold`` is None when no family has enough curves to calibrate (then nothing
-    is called unknown and ``note`` says why).
+    is called unknown and ``note`` says why). ``margin_threshold``, where set (by the
+    bank's simulated suspects, :mod:`forensics.stats.confidence`), also calls unknown a
+    suspect whose best family leads the next one by less.
     """
 
     matcher: str
@@ -82,6 +84,7 @@ class Calibration:
     between_above: float | None = None
     note: str = ""
     confidence: dict[str, Any] | None = None
+    margin_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -346,8 +349,12 @@ def calibrate_unknown(
 def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> Decision:
     """Nearest enrolled curve's family and model, or ``unknown`` if it is too far.
 
+    Unknown when the best score is below ``calibration.threshold``, or, where the
+    calibration has a ``margin_threshold``, when the best family leads the next one by less.
+
     Args:
-        ranking: output of :func:`rank`, best first.
+        ranking: output of :func:`rank`, best first (the whole ranking: the margin is taken
+            over it).
         calibration: output of :func:`calibrate_unknown`; None or an uncalibrated one
             never yields ``unknown``.
 
@@ -358,14 +365,22 @@ def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> 
         raise BankError("there are no enrolled curves to decide from; enroll some first")
     best = ranking[0]
     threshold = calibration.threshold if calibration is not None else None
-    unknown = threshold is not None and best.score < threshold
+    margin_t = getattr(calibration, "margin_threshold", None) if threshold is not None else None
+    margin = _margin(ranking)
+    far = threshold is not None and best.score < threshold
+    between = margin_t is not None and margin is not None and margin < margin_t
+    unknown = far or between
     if threshold is None:
         why = calibration.note if calibration is not None else "no calibration given"
         reason = f"nearest curve {best.curve_id} (score {best.score:.4g}); unknown disabled: {why}"
-    elif unknown:
+    elif far:
         reason = (f"best score {best.score:.4g} ({best.curve_id}, family {best.family}) is below "
                   f"the threshold {threshold:.4g} calibrated on the bank's within-family "
                   f"scores: no enrolled family is close enough")
+    elif between:
+        reason = (f"family {best.family} leads the next family by {margin:.4g}, less than the "
+                  f"{margin_t:.4g} genuine suspects of this size show: the suspect lies "
+                  f"between enrolled families, like none of them")
     else:
         reason = (f"nearest curve {best.curve_id} scores {best.score:.4g}, at or above the "
                   f"threshold {threshold:.4g}")
@@ -380,6 +395,13 @@ def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> 
         nearest_curve_id=best.curve_id,
         reason=reason,
     )
+
+
+def _margin(ranking: Sequence[Match]) -> float | None:
+    """Best score minus the best score of another family (None with one family)."""
+    best = ranking[0]
+    other = [m.score for m in ranking if m.family != best.family]
+    return float(best.score - max(other)) if other else None
 
 
 def _outcome(d: Decision) -> str:
