@@ -10,8 +10,10 @@ set's vector is the mean of its rows and thousands of suspect sets cost seconds:
   through ``forensics.compute_curve``); VAE and CVAE exist only there and must come out
   unknown;
 - **peers**: Marra et al.'s noise residuals, ManiFPT's nearest-real residuals (pixels and
-  early encoder layers), a CNN trained from scratch and linear probes on the frozen
-  encoder (``peers.py``), on the protocol, re-drawn configurations and cross-code;
+  early encoder layers), a CNN trained from scratch and linear probes on two frozen
+  real-weight encoders, FID-Inception and EfficientNet-Lite0 (``peers.py``; Lite0's
+  features cached in the work folder), on the protocol, re-drawn configurations and
+  cross-code;
 - **size**: top-1 and open-set AUROC of fp's default against suspect-set size;
 - **calibration**: ``fp attribute``'s confidence (``forensics.stats.confidence``) against how
   often it is right, per size, with a reliability diagram;
@@ -37,6 +39,9 @@ SIZES = (8, 16, 32, 64, 128, 256, 512)
 TRANSFORMS = (("jpeg", {"quality": 90}, "JPEG 90"), ("jpeg", {"quality": 75}, "JPEG 75"),
               ("jpeg", {"quality": 50}, "JPEG 50"), ("downup", {"factor": 2.0}, "half and back"),
               ("crop", {"fraction": 0.9}, "90% centre crop"), ("noise", {"sigma": 3.0}, "noise 3"))
+#: Input size of the EfficientNet-Lite0 peer (MNIST digits are 28 px; 64 keeps 29,984 images
+#: within about a quarter of an hour on 2 CPU cores).
+LITE0_SIZE = 64
 #: Query images per architecture for the post-processing table (fixed, seeded choice).
 N_TRANSFORM = 128
 
@@ -230,7 +235,8 @@ def cross_code_table(sets, xemb, methods) -> tuple[list[str], dict]:
 
 
 def peer_rows(grid_default: Grid, pix: Grid, res: Grid, nnp: Grid, nnf: Grid,
-              feats_pool: Grid, images: Grid, cfg_train, draws_train) -> list[tuple]:
+              feats_pool: Grid, lite0: Grid, images: Grid, cfg_train,
+              draws_train) -> list[tuple]:
     """(method, protocol, re-drawn, cross-code) of every peer and of fp's default."""
     cfgs = B.redraws()
     rows = []
@@ -242,7 +248,12 @@ def peer_rows(grid_default: Grid, pix: Grid, res: Grid, nnp: Grid, nnf: Grid,
             ("fp default: resid-early, zscore", grid_default, zscore)):
         rows.append((name, top1_grid(g, score, [B.PROTOCOL]), top1_grid(g, score, cfgs),
                      xcode_grid(g, score)[0]))
+    head = Grid(lite0.X[:, -peers.LITE0_HEAD:], lite0.index,
+                {a: v[:, -peers.LITE0_HEAD:] for a, v in lite0.x.items()})
     for name, g in (("linear probe, FID-Inception pool (2048), majority vote", feats_pool),
+                    ("linear probe, EfficientNet-Lite0 head (1280), majority vote", head),
+                    ("linear probe, EfficientNet-Lite0 stages + head (2064), majority vote",
+                     lite0),
                     ("linear probe, fp's resid-early rows, majority vote", grid_default)):
         rows.append((name, *trained(g, probe, cfg_train, draws_train)))
     rows.append(("small CNN from scratch, majority vote",
@@ -275,6 +286,29 @@ def trained(g: Grid, train, cfg, draws) -> tuple[float, float, float]:
     redrawn = [ok for c in draws for ok in run(c)[0]]
     xc = [B.ARCHS[peers.majority(label(g.x[a]))[0]] == a for a in XARCHS]
     return float(np.mean(proto)), float(np.mean(redrawn)), float(np.mean(xc))
+
+
+def lite0_rows(work: Path, tag: str, names: list[str], images: np.ndarray,
+               size: int = LITE0_SIZE) -> np.ndarray:
+    """EfficientNet-Lite0 features of ``images`` (``peers.Lite0Features``), cached in ``work``.
+
+    The cache (``lite0-<size>-<tag>.npz``) holds the image names and the weights' SHA-256;
+    it is used only when both match, so a changed folder or weights file recomputes.
+    """
+    import hashlib
+
+    weights = peers.lite0_weights()
+    sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    path = work / f"lite0-{size}-{tag}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            if str(z["sha256"]) == sha and list(z["names"]) == list(names):
+                return z["features"].astype(np.float64)
+    feats = peers.Lite0Features(size=size, weights=weights)(images)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, features=feats, names=np.array(names), sha256=np.array(sha))
+    os.replace(tmp, path)
+    return feats.astype(np.float64)
 
 
 def probe(X: np.ndarray, y: np.ndarray):
@@ -319,7 +353,7 @@ def calibration(g: Grid, cfgs, png: Path | None, reps: int = 3) -> tuple[list[st
                         continue
                     q = rows[rng.choice(len(rows), n, replace=False)].mean(axis=0)
                     f, best, margin = C.margin_of(C.family_scores(zscore(q, V), fam))
-                    unknown = best < model.threshold(n)
+                    unknown = best < model.threshold(n) or margin < model.margin_threshold(n)
                     data[kind].append((n, model.probability(margin, best, n), f == a, unknown))
     lines = ["| queries | n | accuracy | mean confidence | ECE | wrong with confidence > 0.9 | "
              "called unknown |", "|---|---|---|---|---|---|---|"]
@@ -459,10 +493,13 @@ def run(work: Path, zoo: Path, emb, sets, methods, encoder: str, cache: Path,
     pool = _grid(emb, xemb, np.asarray(emb.arrays[-1], np.float64),
                  np.asarray(xemb.arrays[-1], np.float64))
     pix = _grid(emb, xemb, pix_all, pix_x)
+    lite0 = _grid(emb, xemb,
+                  lite0_rows(work, "all", [e[0] for e in emb.manifest.entries], imgs),
+                  lite0_rows(work, "xall", [e[0] for e in xemb.manifest.entries], ximgs))
     B.log(f"peer features ({time.perf_counter() - t0:.0f} s)")
     raw = _grid(emb, xemb, imgs, ximgs)  # the images themselves, for the CNN
     train_draws = B.redraws()[::126] if quick else B.redraws()[::63]
-    prows = peer_rows(default, pix, res, nnp, nnf, pool, raw, B.PROTOCOL, train_draws)
+    prows = peer_rows(default, pix, res, nnp, nnf, pool, lite0, raw, B.PROTOCOL, train_draws)
     lines += ["", f"Peers, side by side (same enrolled images and queries; trained methods are "
                   f"trained on each configuration's enrolled images, re-drawn over "
                   f"{len(train_draws)} configurations, training-free ones over all 126):", "",

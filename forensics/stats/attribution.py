@@ -16,10 +16,11 @@ curve on a subset of the suspect images::
 **Unknown.** A new curve of an enrolled family resembles the other curves of its family;
 the bank shows how much: for every enrolled curve whose family has at least two curves,
 its *within-family score* is its best matcher score against the other curves of its own
-family (leave-one-out). The threshold is the ``quantile`` (default 0.05) of these
-scores. A suspect whose best score is below it is ``unknown``: by construction about a
-``quantile`` share of genuine new curves of enrolled families would be called unknown
-too, while a generator unlike every enrolled family is not forced onto the nearest one.
+family, ranked against the bank without it (leave-one-out). The threshold is the
+``quantile`` (default 0.05) of these scores. A suspect whose best score is below it is
+``unknown``: by construction about a ``quantile`` share of genuine new curves of enrolled
+families would be called unknown too, while a generator unlike every enrolled family is
+not forced onto the nearest one.
 
 **Stability.** The suspect images are resampled ``n_boot`` times (with replacement, the
 same number of images; seeded); each resample's curve is ranked and decided like the
@@ -65,7 +66,9 @@ class Calibration:
     """The ``unknown`` threshold and the bank statistics behind it.
 
     ``threshold`` is None when no family has enough curves to calibrate (then nothing
-    is called unknown and ``note`` says why).
+    is called unknown and ``note`` says why). ``margin_threshold``, where set (by the
+    bank's simulated suspects, :mod:`forensics.stats.confidence`), also calls unknown a
+    suspect whose best family leads the next one by less.
     """
 
     matcher: str
@@ -79,6 +82,7 @@ class Calibration:
     between_above: float | None = None
     note: str = ""
     confidence: dict[str, Any] | None = None
+    margin_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -267,11 +271,14 @@ def calibrate_unknown(
     """Calibrate the ``unknown`` threshold from the bank's own within-family scores.
 
     For each curve whose family has at least two curves, its within-family score is its
-    best score against the *other* curves of its family; the threshold is the
-    ``quantile`` of those scores. Also reported: the median of each curve's best score
-    against other families (``between_median``) and the share of those at or above the
-    threshold (``between_above``: how often a curve would be taken for a close relative
-    of another family; high values mean families overlap).
+    best score against the *other* curves of its family, scored against the bank without
+    that curve (leave-one-out, as a suspect is scored: a matcher such as ``zscore``
+    estimates its spreads from the references, and a curve among them looks closer to its
+    siblings than a new one would); the threshold is the ``quantile`` of those scores.
+    Also reported, scored the same way: the median of each curve's best score against
+    other families (``between_median``) and the share of those at or above the threshold
+    (``between_above``: how often a curve would be taken for a close relative of another
+    family; high values mean families overlap).
 
     Args:
         bank_vectors: enrolled curves, shape ``(N, L)``.
@@ -300,15 +307,17 @@ def calibrate_unknown(
     labels = np.asarray(fam)
     within, between = [], []
     for i in range(refs.shape[0]):
-        s = _scores(m, refs[i], refs)
-        s[i] = -np.inf
-        same = labels == labels[i]
-        same[i] = False
+        # Scored against the bank *without* curve i, as a suspect is: a matcher that
+        # learns from the references (zscore's spreads) must not see the curve it scores.
+        others = np.arange(refs.shape[0]) != i
+        if not others.any():
+            continue
+        s = _scores(m, refs[i], refs[others])
+        same = labels[others] == labels[i]
         if same.any():
             within.append(float(s[same].max()))
-        other = labels != labels[i]
-        if other.any():
-            between.append(float(s[other].max()))
+        if (~same).any():
+            between.append(float(s[~same].max()))
     b_med = float(np.median(between)) if between else None
     if len(within) < min_within:
         return Calibration(
@@ -330,8 +339,12 @@ def calibrate_unknown(
 def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> Decision:
     """Nearest enrolled curve's family and model, or ``unknown`` if it is too far.
 
+    Unknown when the best score is below ``calibration.threshold``, or, where the
+    calibration has a ``margin_threshold``, when the best family leads the next one by less.
+
     Args:
-        ranking: output of :func:`rank`, best first.
+        ranking: output of :func:`rank`, best first (the whole ranking: the margin is taken
+            over it).
         calibration: output of :func:`calibrate_unknown`; None or an uncalibrated one
             never yields ``unknown``.
 
@@ -342,14 +355,22 @@ def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> 
         raise BankError("there are no enrolled curves to decide from; enroll some first")
     best = ranking[0]
     threshold = calibration.threshold if calibration is not None else None
-    unknown = threshold is not None and best.score < threshold
+    margin_t = getattr(calibration, "margin_threshold", None) if threshold is not None else None
+    margin = _margin(ranking)
+    far = threshold is not None and best.score < threshold
+    between = margin_t is not None and margin is not None and margin < margin_t
+    unknown = far or between
     if threshold is None:
         why = calibration.note if calibration is not None else "no calibration given"
         reason = f"nearest curve {best.curve_id} (score {best.score:.4g}); unknown disabled: {why}"
-    elif unknown:
+    elif far:
         reason = (f"best score {best.score:.4g} ({best.curve_id}, family {best.family}) is below "
                   f"the threshold {threshold:.4g} calibrated on the bank's within-family "
                   f"scores: no enrolled family is close enough")
+    elif between:
+        reason = (f"family {best.family} leads the next family by {margin:.4g}, less than the "
+                  f"{margin_t:.4g} genuine suspects of this size show: the suspect lies "
+                  f"between enrolled families, like none of them")
     else:
         reason = (f"nearest curve {best.curve_id} scores {best.score:.4g}, at or above the "
                   f"threshold {threshold:.4g}")
@@ -364,6 +385,13 @@ def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> 
         nearest_curve_id=best.curve_id,
         reason=reason,
     )
+
+
+def _margin(ranking: Sequence[Match]) -> float | None:
+    """Best score minus the best score of another family (None with one family)."""
+    best = ranking[0]
+    other = [m.score for m in ranking if m.family != best.family]
+    return float(best.score - max(other)) if other else None
 
 
 def _outcome(d: Decision) -> str:

@@ -15,9 +15,15 @@ right, its best score and the margin to the second family.
   the probability that its decision is right. It describes the generator, not only the
   images given: a suspect of 8 images whose nearest family barely wins gets a low value
   where a 512-image one with the same margin would not.
-- **unknown threshold**: the ``quantile`` of the simulated genuine suspects' best scores
-  (against any family) at the suspect's size (interpolated in ``log n``): the share of
-  genuine suspects of that size one accepts to call unknown, whatever the size.
+- **unknown**: a suspect is unknown when its best score is too low *or* its margin over
+  the second family too small, both judged against the simulated genuine suspects of its
+  size: each is standardised by their mean and spread at that size, and the suspect is
+  unknown when the larger of the two exceeds the ``1 - quantile`` quantile of the same
+  maximum over the genuine draws (so about a ``quantile`` share of genuine suspects of any
+  size is called unknown). As two thresholds: ``best < threshold(n)`` or
+  ``margin < margin_threshold(n)`` (interpolated in ``log n``). A generator unlike every
+  enrolled family scores low; one that falls between two enrolled families (a close
+  relative of both) scores well but has no margin.
 
 Everything is a pure function of arrays; the random draws are seeded.
 """
@@ -71,8 +77,8 @@ class ConfidenceModel:
 
     Attributes:
         weights: the four coefficients (margin, best score, log n, intercept).
-        thresholds: ``{size: quantile of genuine best scores}`` of the simulation.
-        quantile: the quantile behind ``thresholds``.
+        thresholds: ``{size: best-score threshold}``: below it, unknown.
+        quantile: the share of simulated genuine suspects called unknown at each size.
         n_draws: simulated suspects behind the fit.
         sim_accuracy: share of them named right.
         seed: seed of the draws.
@@ -87,6 +93,7 @@ class ConfidenceModel:
     seed: int
     note: str = ""
     sizes: tuple[int, ...] = field(default=SIZES)
+    margin_thresholds: dict[int, float] = field(default_factory=dict)
 
     def probability(self, margin: float, best: float, n: int) -> float:
         """The probability that a decision with this margin, score and size is right."""
@@ -95,20 +102,47 @@ class ConfidenceModel:
         return float(1.0 / (1.0 + np.exp(-z)))
 
     def threshold(self, n: int) -> float | None:
-        """The unknown threshold at suspect size ``n`` (log-interpolated between sizes)."""
-        if not self.thresholds:
-            return None
-        ks = sorted(self.thresholds)
-        x = np.log([float(k) for k in ks])
-        y = np.array([self.thresholds[k] for k in ks])
-        return float(np.interp(np.log(max(int(n), 1)), x, y))
+        """The best-score threshold at suspect size ``n`` (log-interpolated between sizes)."""
+        return _interp(self.thresholds, n)
+
+    def margin_threshold(self, n: int) -> float | None:
+        """The margin threshold at suspect size ``n`` (None for a model without one)."""
+        return _interp(self.margin_thresholds, n)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"weights": list(self.weights), "features": ["margin", "best", "log_n", "1"],
                 "thresholds": {str(k): v for k, v in sorted(self.thresholds.items())},
+                "margin_thresholds": {str(k): v for k, v in
+                                      sorted(self.margin_thresholds.items())},
                 "quantile": self.quantile, "n_draws": self.n_draws,
                 "sim_accuracy": self.sim_accuracy, "seed": self.seed, "note": self.note}
+
+
+def _interp(table: dict[int, float], n: int) -> float | None:
+    if not table:
+        return None
+    ks = sorted(table)
+    x = np.log([float(k) for k in ks])
+    y = np.array([table[k] for k in ks])
+    return float(np.interp(np.log(max(int(n), 1)), x, y))
+
+
+def unknown_thresholds(best: np.ndarray, margin: np.ndarray,
+                       quantile: float) -> tuple[float, float]:
+    """Best-score and margin thresholds that call a ``quantile`` share of genuine suspects
+    unknown between them.
+
+    Each of ``best`` and ``margin`` (of genuine suspects of one size) is standardised by
+    its mean and standard deviation; ``z`` is the larger of the two shortfalls
+    ``(mean - value) / sd``, and its ``1 - quantile`` quantile ``z*`` gives the thresholds
+    ``mean - z* sd`` of each.
+    """
+    b, m = np.asarray(best, dtype=np.float64), np.asarray(margin, dtype=np.float64)
+    mb, sb = b.mean(), max(float(b.std()), 1e-12)
+    mm, sm = m.mean(), max(float(m.std()), 1e-12)
+    z = float(np.quantile(np.maximum((mb - b) / sb, (mm - m) / sm), 1.0 - quantile))
+    return float(mb - z * sb), float(mm - z * sm)
 
 
 def family_scores(scores: np.ndarray, families: Sequence[str]) -> dict[str, float]:
@@ -215,12 +249,15 @@ def fit(sim: Simulation, *, quantile: float = 0.05, seed: int = 0,
     scale[scale == 0] = 1.0
     lr = LogisticRegression(C=C, max_iter=2000).fit(X / scale, y)
     w = lr.coef_.ravel() / scale
-    thresholds = {int(n): float(np.quantile(sim.best[sim.size == n], quantile))
-                  for n in sorted(set(sim.size.tolist()))}
+    thresholds, margin_thresholds = {}, {}
+    for n in sorted(set(sim.size.tolist())):
+        k = sim.size == n
+        thresholds[int(n)], margin_thresholds[int(n)] = unknown_thresholds(
+            sim.best[k], sim.margin[k], quantile)
     return ConfidenceModel(
         weights=(float(w[0]), float(w[1]), float(w[2]), float(lr.intercept_[0])),
         thresholds=thresholds, quantile=quantile, n_draws=int(sim.size.size),
-        sim_accuracy=float(sim.right.mean()), seed=seed,
+        sim_accuracy=float(sim.right.mean()), seed=seed, margin_thresholds=margin_thresholds,
         note=(f"logistic fit on {sim.size.size} leave-one-curve-out suspects simulated from "
               f"the bank's per-image variances (sizes {sorted(set(sim.size.tolist()))})"),
     )

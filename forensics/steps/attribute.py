@@ -236,6 +236,7 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     if model is not None:
         calibration = dataclasses.replace(
             calibration, threshold=model.threshold(len(emb)), confidence=model.to_dict(),
+            margin_threshold=model.margin_threshold(len(emb)),
             note=(f"threshold = {quantile:g}-quantile of the best scores of suspects of "
                   f"{len(emb)} images simulated from the bank ({model.note})"))
     decision = decide(ranking, calibration)
