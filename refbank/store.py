@@ -249,7 +249,8 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
         # the tables are small, and a process that exits right after a threaded read of an
         # in-memory buffer can abort in a thread pool ("terminate called without an active
         # exception"): 35 of 40 bare runs did; 3 of 150 with one CPU thread, on a loaded
-        # machine; 0 of 150 with pre-buffering off as well.
+        # machine; 0 of 150 with pre-buffering off as well (pyarrow still has a rarer exit
+        # race of its own, apache/arrow#34314: 0 of 300 and 1 of 150 runs since).
         table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
     except (OSError, pa.ArrowException) as exc:
         raise BankError(
