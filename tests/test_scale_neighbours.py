@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forensics import plugins
-from forensics.baseline import ct_score
-from forensics.ct import ct_from_distances
+from forensics.plugin import manager as plugins
+from forensics.stats.baseline import ct_score
+from forensics.stats.ct import ct_from_distances
 from forensics.stats.neighbours import CellSearch, searchable
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"

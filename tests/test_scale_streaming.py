@@ -8,8 +8,8 @@ from sklearn.decomposition import PCA
 
 from forensics.data.store import LayerStore, StoreWriter, write_store
 from forensics.errors import InputError
-from forensics.fingerprints import covariance_eigen as in_memory_eigen
 from forensics.stats import streaming
+from forensics.stats.fingerprints import covariance_eigen as in_memory_eigen
 from forensics.stats.kmeans import backend_for, fit_centroids
 
 

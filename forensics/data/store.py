@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forensics.atomic import atomic_write_text
+from forensics.data.atomic import atomic_write_text
 from forensics.errors import InputError
 
 #: Version of the store layout.
