@@ -40,7 +40,7 @@ def faiss_ct(d, distance, candidates=8):
     dist = plugins.get("distances", distance)
     k = int(max(d["T_cells"].max(), d["P_cells"].max(), d["Q_cells"].max())) + 1
     points, _order, offsets = grouped(d["T"], d["T_cells"], k)
-    search = CellSearch(dist, points, offsets, candidates=candidates)
+    search = CellSearch(dist, points, offsets, candidates=candidates, faiss="always")
     dP, _ = search.search(np.asarray(d["P"], dtype=np.float64), d["P_cells"])
     dQ, _ = search.search(np.asarray(d["Q"], dtype=np.float64), d["Q_cells"])
     return ct_from_distances(dQ, d["Q_cells"], dP, d["P_cells"], np.diff(offsets),
@@ -82,7 +82,7 @@ def cells_data(seed=0, n=6000, d=32, k=4, dup=True):
 def test_equals_the_exact_numpy_search(metric, candidates):
     dist = plugins.get("distances", metric)
     points, offsets, Q, labels = cells_data()
-    search = CellSearch(dist, points, offsets, candidates=candidates)
+    search = CellSearch(dist, points, offsets, candidates=candidates, faiss="always")
     d, i = search.search(Q, labels)
     d_ref, i_ref = numpy_path(dist, Q, labels, points, offsets)
     np.testing.assert_array_equal(i, i_ref)
@@ -95,7 +95,7 @@ def test_equals_the_exact_numpy_search(metric, candidates):
 def test_certificate_sends_unsure_queries_to_the_exact_search():
     dist = plugins.get("distances", "euclidean")
     points, offsets, Q, labels = cells_data()
-    search = CellSearch(dist, points, offsets, candidates=4)
+    search = CellSearch(dist, points, offsets, candidates=4, faiss="always")
     search.search(Q, labels)
     # The 11 copies of row 5 tie: 4 candidates cannot prove which of them comes first.
     assert 0 < search.fallbacks < Q.shape[0]
@@ -104,8 +104,8 @@ def test_certificate_sends_unsure_queries_to_the_exact_search():
 def test_two_runs_are_bit_identical():
     dist = plugins.get("distances", "abscosine")
     points, offsets, Q, labels = cells_data(dup=False)
-    a = CellSearch(dist, points, offsets).search(Q, labels)
-    b = CellSearch(dist, points, offsets).search(Q, labels)
+    a = CellSearch(dist, points, offsets, faiss="always").search(Q, labels)
+    b = CellSearch(dist, points, offsets, faiss="always").search(Q, labels)
     for x, y in zip(a, b, strict=True):
         assert x.tobytes() == y.tobytes()
 
@@ -114,18 +114,32 @@ def test_empty_cell_gives_nan_and_no_row():
     dist = plugins.get("distances", "euclidean")
     points = np.random.default_rng(0).normal(size=(50, 4))
     offsets = np.array([0, 50, 50])  # cell 1 is empty
-    d, i = CellSearch(dist, points, offsets).search(points[:3], np.array([0, 1, 2]))
+    d, i = CellSearch(dist, points, offsets, faiss="always").search(points[:3],
+                                                            np.array([0, 1, 2]))
     assert d[0] == 0 and np.isnan(d[1:]).all() and (i[1:] == -1).all()
 
 
 def test_only_known_metrics_are_searched_by_faiss():
+    calls = []
+
     class Other:
         name, description = "other", "no metric"
 
         def nn(self, query, ref, *, device="cpu", return_index=False):
-            raise AssertionError
+            calls.append(len(query))
+            return np.zeros(len(query)), np.zeros(len(query), dtype=np.int64)
 
     assert not searchable(Other())
     assert all(searchable(plugins.get("distances", m)) for m in METRICS)
-    with pytest.raises(ValueError, match="other"):
-        CellSearch(Other(), np.zeros((3, 2)), np.array([0, 3]))
+    points = np.random.default_rng(0).normal(size=(100, 3))
+    search = CellSearch(Other(), points, np.array([0, 100]), faiss="always")
+    search.search(points[:7], np.zeros(7, dtype=np.int64))
+    assert calls == [7]  # the plugin's own search, never FAISS
+
+
+def test_auto_leaves_small_searches_to_the_plugin():
+    dist = plugins.get("distances", "abscosine")
+    points, offsets, Q, labels = cells_data(dup=False)
+    d, i = CellSearch(dist, points, offsets).search(Q, labels)
+    d_ref, i_ref = numpy_path(dist, Q, labels, points, offsets)
+    assert d.tobytes() == d_ref.tobytes() and (i == i_ref).all()

@@ -13,7 +13,10 @@ so when the best float64 candidate beats the ``k``-th float32 value by more than
 no row outside the candidates can be as near. A query without that certificate (or a
 cell of at most ``k`` rows) is searched exactly by the plugin itself, over the whole
 cell. The result is therefore the exact nearest neighbour, whatever FAISS returns, and
-the same on every run.
+the same on every run. Euclidean distances are bit-identical to the plugin's numpy path
+(the same final formula on the same row); a cosine can differ from it in the last bits,
+because the plugin takes it from a matrix product whose rounding depends on how many
+queries share the cell.
 
 Distances FAISS can search are those whose ``metric`` is one of :data:`METRICS`:
 ``cosine`` (``1 - cos``, inner product of unit rows), ``abscosine`` (``1 - |cos|``: both
@@ -29,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from forensics.plugin.protocols import prepares_reference
+
 #: Distance ``metric`` values FAISS can produce candidates for.
 METRICS = ("cosine", "abscosine", "euclidean", "sqeuclidean")
 #: Candidates per query (per sign, for ``abscosine``).
@@ -41,8 +46,7 @@ _U32 = 2.0**-24
 
 def searchable(distance: Any) -> bool:
     """Whether FAISS can find candidates for ``distance`` (its ``metric`` is known)."""
-    return getattr(distance, "metric", None) in METRICS and callable(
-        getattr(distance, "prepare_reference", None))
+    return getattr(distance, "metric", None) in METRICS and prepares_reference(distance)
 
 
 def _faiss():
@@ -57,17 +61,32 @@ class _Cell:
     radius: float
 
 
+#: ``faiss`` modes of :class:`CellSearch`: by size, always (where the metric allows), never.
+MODES = ("auto", "always", "never")
+#: In ``auto`` mode, a cell's search of fewer multiply-adds (queries x rows x features)
+#: than this stays with the plugin's exact search (for the built-ins, its numpy path).
+FAISS_MIN_WORK = 2**24
+
+
 @dataclass
 class CellSearch:
     """Nearest row, within its cell, of each query, over reference rows grouped by cell.
 
+    The one per-cell search of a baseline, at build time (P) and query time (Q). A cell is
+    searched by FAISS candidates (see the module docstring) when ``faiss`` is ``always``,
+    or ``auto`` and the search is large (:data:`FAISS_MIN_WORK`), on CPU, for a distance
+    FAISS can search; otherwise by the distance plugin's own exact ``nn``.
+
     Args:
-        distance: the distance plugin (its ``nn`` is the exact search and the fallback).
+        distance: the distance plugin.
         points: (n, d) reference rows grouped by cell (a baseline's ``t_points``).
         offsets: (k+1,) rows of cell ``c`` are ``offsets[c]:offsets[c+1]``.
         candidates: FAISS candidates per query.
         device: torch device of the plugin's exact search.
         prepared: ``distance.prepare_reference(points)``, if the caller has it.
+        faiss: ``auto``, ``always`` or ``never``.
+        prepared_exact: the plugin's exact search gets the prepared rows (``prepared=True``,
+            as a baseline's queries always did) rather than the raw ones (its build did).
     """
 
     distance: Any
@@ -76,22 +95,41 @@ class CellSearch:
     candidates: int = DEFAULT_CANDIDATES
     device: str = "cpu"
     prepared: np.ndarray | None = None
-    #: Queries answered by the plugin's exact search (no certificate, or a small cell).
+    faiss: str = "auto"
+    prepared_exact: bool = True
+    #: Queries FAISS could not certify, answered by the plugin's exact search.
     fallbacks: int = 0
     _cells: dict[int, _Cell] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not searchable(self.distance):
-            raise ValueError(f"distance {getattr(self.distance, 'name', self.distance)!r} "
-                             f"has no metric FAISS can search")
+        if self.faiss not in MODES:
+            from forensics.errors import InputError
+
+            raise InputError(f"faiss must be one of {', '.join(MODES)}, got {self.faiss!r}")
+        self._options: dict[str, Any] = {}
+        if prepares_reference(self.distance):
+            self._options = {"prepared": True}
+        else:
+            self.prepared, self.prepared_exact = self.points, True
+        self.metric = getattr(self.distance, "metric", None)
+        self._faiss_ok = (self.faiss != "never" and searchable(self.distance)
+                          and str(self.device) == "cpu")
+
+    def _ref(self) -> np.ndarray:
+        """The prepared reference rows (prepared on first use)."""
         if self.prepared is None:
             self.prepared = self.distance.prepare_reference(self.points)
-        self.metric = self.distance.metric
+        return self.prepared
+
+    def _uses_faiss(self, m: int, n: int) -> bool:
+        if not self._faiss_ok or n <= self.candidates:
+            return False
+        return self.faiss == "always" or m * n * self.points.shape[1] > FAISS_MIN_WORK
 
     def _cell(self, c: int) -> _Cell:
         if c not in self._cells:
             faiss = _faiss()
-            ref = self.prepared[self.offsets[c] : self.offsets[c + 1]]
+            ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
             r32 = np.ascontiguousarray(ref, dtype=np.float32)
             inner = self.metric in ("cosine", "abscosine")
             index = (faiss.IndexFlatIP if inner else faiss.IndexFlatL2)(r32.shape[1])
@@ -130,11 +168,10 @@ class CellSearch:
 
     def search_cell(self, c: int, Zc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest row (index within cell ``c``) and its distance for each row of ``Zc``."""
-        lo, hi = int(self.offsets[c]), int(self.offsets[c + 1])
-        n = hi - lo
-        Zc = np.asarray(Zc, dtype=np.float64)
-        if n <= self.candidates:
+        n = int(self.offsets[c + 1] - self.offsets[c])
+        if not self._uses_faiss(Zc.shape[0], n):
             return self._exact(c, Zc)
+        Zc = np.asarray(Zc, dtype=np.float64)
         dist = np.empty(Zc.shape[0])
         index = np.empty(Zc.shape[0], dtype=np.int64)
         for s in range(0, Zc.shape[0], RERANK_BLOCK):
@@ -142,14 +179,17 @@ class CellSearch:
             d, i, ok = self._candidates(c, block)
             if not ok.all():
                 bad = np.flatnonzero(~ok)
+                self.fallbacks += bad.size
                 d[bad], i[bad] = self._exact(c, block[bad])
             dist[s : s + block.shape[0]], index[s : s + block.shape[0]] = d, i
         return dist, index
 
     def _exact(self, c: int, Zc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.fallbacks += Zc.shape[0]
-        ref = self.prepared[self.offsets[c] : self.offsets[c + 1]]
-        return self.distance.nn(Zc, ref, device=self.device, return_index=True, prepared=True)
+        lo, hi = self.offsets[c], self.offsets[c + 1]
+        if self.prepared_exact:
+            return self.distance.nn(Zc, self._ref()[lo:hi], device=self.device,
+                                    return_index=True, **self._options)
+        return self.distance.nn(Zc, self.points[lo:hi], device=self.device, return_index=True)
 
     def _candidates(self, c: int, Zq: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,7 +206,7 @@ class CellSearch:
         else:
             vals, cand = cell.index.search(q32, k)
             bound = vals[:, -1].astype(np.float64)
-        ref = self.prepared[self.offsets[c] : self.offsets[c + 1]]
+        ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
         cand = np.sort(cand, axis=1)  # ties go to the lowest row, as in the exact search
         best_val, best = self._rerank(q, ref, cand)
         eps = (dim + 8) * 2 * _U32

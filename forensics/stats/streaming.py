@@ -13,9 +13,9 @@ An in-memory array is the same code path with one large chunk.
 * :func:`pca`: the mean and leading axes of the partition's PCA. Where scikit-learn's
   ``PCA(svd_solver="auto")`` takes its ``covariance_eigh`` solver (at most 1,000 features
   and at least 10 samples per feature) the streamed covariance gives the same axes to
-  rounding. Below that size T is small (fewer than ``10 D`` rows) and scikit-learn's own
-  solver runs on it as before; beyond 1,000 features the exact covariance is used where
-  scikit-learn would use a randomized solver, and the solver is recorded.
+  rounding. Otherwise scikit-learn's own solver runs on T read whole, as before: T is
+  then small (fewer than ``10 D`` rows), or the layer is wider than 1,000 features (read
+  whole: a streamed form of scikit-learn's randomized solver is not written yet).
 """
 
 from __future__ import annotations
@@ -167,12 +167,6 @@ def covariance_solver(n: int, d: int) -> bool:
     return d <= COVARIANCE_MAX_FEATURES and n >= COVARIANCE_MIN_RATIO * d
 
 
-def small_enough(n: int, d: int) -> bool:
-    """Whether T is small enough to be read whole for scikit-learn's own PCA solvers:
-    fewer than ``10 D`` rows (at most ``10 D^2`` values, bounded by the layer's width)."""
-    return n < COVARIANCE_MIN_RATIO * d
-
-
 @dataclass(frozen=True)
 class PCAFit:
     """A PCA fitted on T: ``mean`` (D,), ``components`` (k, D), and the ``solver`` used."""
@@ -187,14 +181,14 @@ def pca(X, k: int, *, seed: int = 0, chunk_rows: int | None = None,
         on_chunk: Callable[[int], None] | None = None) -> PCAFit:
     """The partition's PCA of ``X`` (n, D) to ``k`` axes, as scikit-learn's auto solver fits it.
 
-    ``solver`` is ``covariance`` (streamed, as scikit-learn's ``covariance_eigh``),
-    ``sklearn`` (T small: scikit-learn's ``full`` or ``randomized`` solver on T read
-    whole, seeded) or ``exact`` (more than 1,000 features: the streamed covariance where
-    scikit-learn would pick its randomized solver). ``eigen``: a decomposition of the
-    same rows already computed (shared with the fingerprints).
+    ``solver`` is ``covariance`` (streamed, scikit-learn's ``covariance_eigh`` rule: at most
+    1,000 features, at least 10 samples per feature) or ``sklearn`` (scikit-learn's own
+    ``full`` or seeded ``randomized`` solver on T read whole: T has fewer than ``10 D`` rows,
+    or more than 1,000 features). ``eigen``: the covariance eigendecomposition of the same
+    rows, if already computed (it is shared with the fingerprints).
     """
     n, d = X.shape
-    if small_enough(n, d):
+    if not covariance_solver(n, d):
         from sklearn.decomposition import PCA
 
         fit = PCA(n_components=int(k), random_state=seed).fit(np.asarray(X, dtype=np.float64))
@@ -202,8 +196,16 @@ def pca(X, k: int, *, seed: int = 0, chunk_rows: int | None = None,
                       np.ascontiguousarray(fit.components_, dtype=np.float64), "sklearn")
     eig = eigen if eigen is not None else covariance_eigen(X, chunk_rows, on_chunk)
     return PCAFit(np.ascontiguousarray(eig.mean),
-                  np.ascontiguousarray(eig.vectors[:, : int(k)].T),
-                  "covariance" if covariance_solver(n, d) else "exact")
+                  np.ascontiguousarray(eig.vectors[:, : int(k)].T), "covariance")
+
+
+#: Bytes of float64 rows one projection step converts at a time.
+TRANSFORM_BYTES = 256 * 2**20
+
+
+def transform_rows(d: int) -> int:
+    """Rows of ``d`` features converted per step of :func:`transform` (256 MiB of float64)."""
+    return max(1, TRANSFORM_BYTES // (8 * max(int(d), 1)))
 
 
 def transform(X, mean: np.ndarray, components: np.ndarray,
