@@ -143,3 +143,14 @@ def test_auto_leaves_small_searches_to_the_plugin():
     d, i = CellSearch(dist, points, offsets).search(Q, labels)
     d_ref, i_ref = numpy_path(dist, Q, labels, points, offsets)
     assert d.tobytes() == d_ref.tobytes() and (i == i_ref).all()
+
+
+@pytest.mark.parametrize("distance", sorted(REFERENCES))
+@pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
+def test_baseline_with_faiss_reproduces_reference_codes(case, distance):
+    d = golden(case)
+    kw = dict(distance=distance, tau=float(d["tau"]), T_cells=d["T_cells"],
+              P_cells=d["P_cells"], Q_cells=d["Q_cells"])
+    faiss = ct_score(d["T"], d["P"], d["Q"], search="always", **kw)
+    np.testing.assert_allclose(faiss.ct, case["expected"][REFERENCES[distance]], rtol=1e-9)
+    assert faiss.ct == ct_score(d["T"], d["P"], d["Q"], search="never", **kw).ct

@@ -6,10 +6,12 @@
             layer-000.npy        (n, D_0) rows in the set's (manifest) order
             layer-001.npy        ...
 
-Each layer is a plain ``.npy`` file opened as a read-only memory map, so a statistic that
-reads one layer a chunk of rows at a time (:mod:`forensics.stats.streaming`) holds one
-chunk in memory, whatever the set's size; gathering rows (a cell's members) is a slice of
-the map. A store is filled a chunk of images at a time (:class:`StoreWriter`);
+Each layer is a plain ``.npy`` file. :meth:`LayerStore.layer` hands out its rows as
+:class:`LayerRows`, which reads the rows asked for (``rows[s:e]``) from the file into a
+fresh array: a statistic that reads one layer a chunk of rows at a time
+(:mod:`forensics.stats.streaming`) holds one chunk in memory, whatever the set's size (a
+memory map would keep every page it touched resident; :meth:`LayerStore.memmap` is there
+for random access). A store is filled a chunk of images at a time (:class:`StoreWriter`);
 ``meta.json`` is written last, atomically, so a store whose filling was interrupted is
 never opened as complete. The embedding cache stays the record of which images were
 already embedded: a store is filled from it and can always be rebuilt from it.
@@ -46,6 +48,61 @@ def hashes_digest(hashes: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+class LayerRows:
+    """One stored layer's rows, read from its ``.npy`` file on demand (no mapping).
+
+    Has ``shape``, ``dtype``, ``ndim`` and ``len``; ``rows[s:e]`` (a step of 1), ``rows[i]``
+    and ``rows[index_array]`` return arrays; ``np.asarray(rows)`` reads every row.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            self._offset = fh.tell()
+        if fortran or len(shape) != 2:
+            raise InputError(f"{self.path} is not a C-ordered 2-D array: fill the store again")
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), 2
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(stop - start, 0), self.shape[1]), dtype=self.dtype)
+        if out.size:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset + start * self._row_bytes)
+                if fh.readinto(memoryview(out).cast("B")) != out.nbytes:
+                    raise InputError(f"{self.path} is shorter than its header says: fill "
+                                     f"the store again")
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                return self._read(start, stop)[::step]
+            return self._read(start, stop)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"row {key} is outside the store's {self.shape[0]}")
+            return self._read(i, i + 1)[0]
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.array(mm[idx])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._read(0, self.shape[0])
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 class LayerStore:
     """A complete store, opened read-only: one memory map per layer.
 
@@ -57,7 +114,7 @@ class LayerStore:
     def __init__(self, root: str | os.PathLike, meta: dict):
         self.root = Path(root)
         self.meta = meta
-        self._maps: dict[int, np.ndarray] = {}
+        self._rows: dict[int, LayerRows] = {}
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> LayerStore:
@@ -93,27 +150,31 @@ class LayerStore:
     def __len__(self) -> int:
         return int(self.meta["n"])
 
-    def layer(self, i: int) -> np.ndarray:
-        """Layer ``i`` as a read-only (n, D_i) memory map.
+    def layer(self, i: int) -> LayerRows:
+        """Layer ``i``'s (n, D_i) rows, read on demand.
 
         Raises:
             InputError: the layer's file is missing or of the wrong shape.
         """
-        if i not in self._maps:
+        if i not in self._rows:
             path = self.root / layer_file(i)
             try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                rows = LayerRows(path)
             except (OSError, ValueError) as exc:
                 raise InputError(f"{path} is unreadable ({exc}); fill the store again") from None
-            if arr.shape != (len(self), self.dims[i]):
-                raise InputError(f"{path} holds shape {arr.shape}, the store says "
+            if rows.shape != (len(self), self.dims[i]):
+                raise InputError(f"{path} holds shape {rows.shape}, the store says "
                                  f"{(len(self), self.dims[i])}: fill the store again")
-            self._maps[i] = arr
-        return self._maps[i]
+            self._rows[i] = rows
+        return self._rows[i]
+
+    def memmap(self, i: int) -> np.ndarray:
+        """Layer ``i`` as a read-only memory map (for random access)."""
+        return np.load(self.layer(i).path, mmap_mode="r", allow_pickle=False)
 
     @property
-    def arrays(self) -> list[np.ndarray]:
-        """Every layer's memory map, in order (what a baseline is built from)."""
+    def arrays(self) -> list[LayerRows]:
+        """Every layer's rows, in order (what a baseline is built from)."""
         return [self.layer(i) for i in range(len(self.layers))]
 
     def nbytes(self) -> int:
