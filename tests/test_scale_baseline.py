@@ -93,3 +93,25 @@ def test_kmeans_backend_is_recorded_when_faiss_runs(data):
         "n_cells": 5, "pca_dim": 8, "n_init": 3, "kmeans": "faiss"})
     assert base.layers[0].partition.params["kmeans"] == "faiss"
     assert base.meta["layers"][0]["partition"]["kmeans"] == "faiss"
+
+
+def test_fingerprint_arrays_from_a_store_equal_the_in_memory_ones(data, tmp_path):
+    from forensics.stats import fingerprints as fpmod
+
+    T = [t for t, _, _ in data] + [data[0][0][:, :20] * 2.0]  # 4 layers: resid has content
+    P = [p for _, p, _ in data] + [data[0][1][:, :20]]
+    names = [f"l{i}" for i in range(len(T))]
+    ts = LayerStore.open(write_store(tmp_path / "T", names, T, chunk_rows=256).root)
+    memory = fpmod.PrepareContext(names, T, P, None, chunk_rows=10**9)
+    shared: dict = {}
+    base = Baseline.build(ts.arrays, P, names, chunk_rows=250, shared=shared,
+                          partitioner_params={"n_cells": 5, "pca_dim": 8, "n_init": 3})
+    streamed = fpmod.PrepareContext(names, ts.arrays, P, base, shared, chunk_rows=250)
+    assert ("covariance_eigen", "train", 0, False) in shared  # T read once for both
+    fps = [fpmod.get(n) for n in fpmod.names() if fpmod.needs_extras(fpmod.get(n))]
+    assert len(fps) >= 5
+    for fp in fps:
+        a, b = fp.prepare(memory), fp.prepare(streamed)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-10, atol=1e-10, err_msg=key)

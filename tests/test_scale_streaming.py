@@ -31,14 +31,29 @@ def test_moments_equal_numpy(chunk_rows):
     assert mom.n == 900
 
 
+def old_covariance_eigen(T):
+    """The in-memory (D, D) decomposition as fp computed it before it was streamed."""
+    X = np.asarray(T, dtype=np.float64)
+    n = X.shape[0]
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    cov = Xc.T @ Xc / max(n - 1, 1)
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1]
+    vals, vecs, trace = vals[order], vecs[:, order], float(np.trace(cov))
+    big = np.argmax(np.abs(vecs), axis=0)
+    vecs *= np.where(vecs[big, np.arange(vecs.shape[1])] < 0, -1.0, 1.0)[None, :]
+    return vals, vecs, mean, trace
+
+
 def test_covariance_eigen_equals_in_memory():
     X = layer(2000)
-    ref = in_memory_eigen(X, thin=False)
-    got = streaming.covariance_eigen(X, chunk_rows=300)
-    np.testing.assert_allclose(got.values, ref.values, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(got.vectors, ref.vectors, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(got.mean, ref.mean, rtol=0, atol=1e-10)
-    assert got.trace == pytest.approx(ref.trace, rel=1e-12) and got.n == ref.n
+    vals, vecs, mean, trace = old_covariance_eigen(X)
+    for got in (streaming.covariance_eigen(X, chunk_rows=300), in_memory_eigen(X, thin=False)):
+        np.testing.assert_allclose(got.values, vals, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(got.vectors, vecs, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(got.mean, mean, rtol=0, atol=1e-10)
+        assert got.trace == pytest.approx(trace, rel=1e-12) and got.n == 2000
 
 
 def test_pca_equals_sklearn_in_its_covariance_regime():

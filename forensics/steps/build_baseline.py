@@ -110,17 +110,19 @@ def build_baseline(
     params = {"n_cells": int(n_cells), "pca_dim": int(pca_dim), "n_init": int(n_init)}
     with stages(progress) as bars:
         layer_done = bars.stage("baseline layers", len(T.layers))
+        shared: dict = {}  # T's covariance per layer: read once for the PCA and fingerprints
         with _one_thread(max(a.size for a in T.arrays)):
             engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=distance,
                                     partitioner=partitioner, seed=seed,
                                     partitioner_params=params, device=device,
-                                    on_layer=lambda _i, layer: layer_done(layer))
+                                    on_layer=lambda _i, layer: layer_done(layer),
+                                    shared=shared, bars=bars)
         for other in taken.values():
             if other["baseline_id"] == engine.id:
                 raise BankError(f"this baseline (same images, encoder and parameters) is "
                                 f"already in the bank at {b.path} as {other['name']!r}; use "
                                 f"--baseline {other['name']}")
-        extras = _prepare_fingerprints(T, P, engine, bars)
+        extras = _prepare_fingerprints(T, P, engine, bars, shared)
         row = _baseline_row(name, T, P, engine, partitioner, distance, pool, seed, params,
                             extras, train, heldout, notes)
 
@@ -175,9 +177,14 @@ def _baseline_row(name: str, T: Embeddings, P: Embeddings, engine: Any, partitio
 
 
 def _prepare_fingerprints(T: Embeddings, P: Embeddings, engine: Any,
-                          bars: Stages | None = None) -> dict[str, dict]:
-    """Every fingerprint's baseline arrays; one context, so shared arrays are computed once."""
-    ctx = fpmod.PrepareContext(list(T.layers), list(T.arrays), list(P.arrays), engine)
+                          bars: Stages | None = None, shared: dict | None = None
+                          ) -> dict[str, dict]:
+    """Every fingerprint's baseline arrays; one context, so shared arrays are computed once.
+
+    ``shared``: what the baseline build computed from T (its covariance per layer).
+    """
+    ctx = fpmod.PrepareContext(list(T.layers), list(T.arrays), list(P.arrays), engine,
+                               shared if shared is not None else {})
     fps = [fp for fp in (fpmod.get(n) for n in fpmod.names()) if fpmod.needs_extras(fp)]
     update = (bars or Stages()).stage("fingerprint arrays", len(fps))
     out = {}
