@@ -57,12 +57,15 @@ class Moments:
 
     Attributes:
         n: rows added.
+        total: (D,) sum of the rows, added row after row in order: the same sum, bit for
+            bit, as ``X.sum(axis=0)`` of the whole array (so :attr:`mean` is ``X.mean(0)``).
         shift: (D,) subtracted from every row before summing (the first chunk's mean).
         s1: (D,) sum of the shifted rows.
         s2: (D, D) sum of the shifted rows' outer products.
     """
 
     n: int = 0
+    total: np.ndarray | None = None
     shift: np.ndarray | None = None
     s1: np.ndarray | None = None
     s2: np.ndarray | None = None
@@ -76,6 +79,10 @@ class Moments:
             d = rows.shape[1]
             self.shift = rows.mean(axis=0)
             self.s1, self.s2 = np.zeros(d), np.zeros((d, d))
+        # numpy sums axis 0 row after row: carrying the running sum in as the first row
+        # keeps that order across chunks.
+        self.total = (np.add.reduce(rows, axis=0) if self.total is None
+                      else np.add.reduce(np.vstack([self.total[None, :], rows]), axis=0))
         c = rows - self.shift
         self.n += rows.shape[0]
         self.s1 += c.sum(axis=0)
@@ -84,8 +91,8 @@ class Moments:
 
     @property
     def mean(self) -> np.ndarray:
-        """(D,) mean of the rows."""
-        return self.shift + self.s1 / self.n
+        """(D,) mean of the rows (equal to ``X.mean(axis=0)`` of the whole array)."""
+        return self.total / self.n
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """(D, D) covariance of the rows (``ddof=1``: the unbiased one)."""
