@@ -284,9 +284,12 @@ class EmbeddingCache:
                     self._index[bytes(h)] = (chunk, row)
         return self._index
 
-    def fetch(self, hashes: Sequence[str], rows: Sequence[int], n: int
-              ) -> tuple[list[np.ndarray] | None, list[int]]:
+    def fetch(self, hashes: Sequence[str], rows: Sequence[int], n: int,
+              allocate: Any = None) -> tuple[list[np.ndarray] | None, list[int]]:
         """Cached embeddings of ``hashes`` placed at ``rows`` of ``n``-row arrays.
+
+        ``allocate(dims)`` makes those arrays (default: zeros in memory); a store's layers
+        take the rows a chunk at a time.
 
         Returns:
             The per-layer arrays (None when no chunk could be used) and the rows whose
@@ -309,7 +312,9 @@ class EmbeddingCache:
                 lost.extend(int(r) for r in dst)
                 continue
             if out is None:
-                out = [np.zeros((n, a.shape[1]), dtype=np.float32) for a in layers]
+                dims = [a.shape[1] for a in layers]
+                out = (allocate(dims) if allocate is not None
+                       else [np.zeros((n, d), dtype=np.float32) for d in dims])
             for layer, arr in zip(out, layers, strict=True):
                 layer[dst] = arr[src]
         return out, sorted(lost)
@@ -520,6 +525,7 @@ def embed_folder(
     cache_dir: Path | str | None | _DefaultCache = DEFAULT_CACHE,
     progress: bool = True,
     skip_bad: bool = False,
+    store: str | os.PathLike | None = None,
 ) -> Embeddings:
     """Embed every image of a folder (or of a manifest) at every layer of ``encoder``.
 
@@ -539,6 +545,10 @@ def embed_folder(
             disables the cache.
         progress: show a progress bar (images/s) on stderr.
         skip_bad: skip bad image files (recorded in the manifest) instead of failing.
+        store: a folder for an on-disk, layer-major store (:mod:`forensics.data.store`):
+            rows go there as they are fetched from the cache or computed, and the
+            returned arrays read them back a chunk at a time (memory stays bounded by
+            the batch and the cache chunk, whatever the number of images).
 
     Returns:
         The embeddings, rows in manifest order.
@@ -559,6 +569,7 @@ def embed_folder(
         manifest.hashes,
         lambda rows, transform: _FileImages(manifest, rows, transform),
         manifest, encoder, weights, pool, device, batch_size, num_workers, cache_dir, progress,
+        store=store,
     )
 
 
@@ -641,7 +652,7 @@ def _load_encoder(encoder, weights, device, pool) -> tuple[Any, dict[str, Any]]:
 
 
 def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, batch_size,
-           num_workers, cache_dir, progress) -> Embeddings:
+           num_workers, cache_dir, progress, store=None) -> Embeddings:
     from forensics.plugin.encoders import check_pool, resolve_device
 
     check_pool(pool)
@@ -655,11 +666,22 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
     cache = EmbeddingCache(Path(cache_dir), cache_key(info), info) if cache_dir else None
 
     n = len(hashes)
+    writer: list[Any] = []
+
+    def allocate(dims: list[int]) -> list[Any]:
+        """Where the rows go: arrays in memory, or the layers of a new store."""
+        if store is None:
+            return [np.zeros((n, d), dtype=np.float32) for d in dims]
+        from forensics.data.store import StoreWriter
+
+        writer[:] = [StoreWriter(store, list(loaded.layer_names), dims, n)]
+        return writer[0].arrays
+
     cached = cache.index() if cache is not None else {}
     hit_rows = [r for r, h in enumerate(hashes) if h.encode() in cached]
     out = None
     if hit_rows:
-        out, lost = cache.fetch([hashes[r] for r in hit_rows], hit_rows, n)
+        out, lost = cache.fetch([hashes[r] for r in hit_rows], hit_rows, n, allocate)
         hit_rows = sorted(set(hit_rows) - set(lost))
     workers = default_num_workers(device) if num_workers is None else num_workers
     for _attempt in range(2):
@@ -668,7 +690,7 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
             break
         try:
             out = _compute(make_dataset(todo, loaded.transform), loaded, out, n, hashes, cache,
-                           batch_size, workers, device, progress, len(hit_rows))
+                           batch_size, workers, device, progress, len(hit_rows), allocate)
             break
         except _CachedSizesDiffer as exc:  # every chunk used is wrong: embed all again
             for chunk in sorted({cache.index()[hashes[r].encode()][0] for r in hit_rows}):
@@ -678,11 +700,13 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
     if cache is not None and cache.damaged:
         info["cache"]["damaged"] = list(cache.damaged)
     info["num_images"] = n
+    if writer:
+        out = writer[0].close(hashes=hashes, encoder=info.get("name")).arrays
     return Embeddings(list(loaded.layer_names), out, manifest, info)
 
 
 def _compute(dataset, loaded, out, n, hashes, cache, batch_size, workers, device, progress,
-             already):
+             already, allocate):
     """Run the encoder over ``dataset``; fill ``out`` (allocated on the first batch)."""
     from torch.utils.data import DataLoader
 
@@ -705,7 +729,7 @@ def _compute(dataset, loaded, out, n, hashes, cache, batch_size, workers, device
                     f"its embedding sizes {[a.shape[1] for a in out]} differ from the "
                     f"encoder's {[f.shape[1] for f in feats]}")
             if out is None:
-                out = [np.zeros((n, f.shape[1]), dtype=np.float32) for f in feats]
+                out = allocate([f.shape[1] for f in feats])
             for layer, f in zip(out, feats, strict=True):
                 layer[rows] = f
             pending.extend(rows)

@@ -14,7 +14,16 @@ memory map would keep every page it touched resident; :meth:`LayerStore.memmap` 
 for random access). A store is filled a chunk of images at a time (:class:`StoreWriter`);
 ``meta.json`` is written last, atomically, so a store whose filling was interrupted is
 never opened as complete. The embedding cache stays the record of which images were
-already embedded: a store is filled from it and can always be rebuilt from it.
+already embedded: a store is filled from it (and from the encoder for images it lacks,
+which then go to the cache too; :func:`forensics.data.embed.embed_folder` with
+``store=``) and can always be rebuilt from it.
+
+Why ``.npy`` files rather than Arrow shards: every statistic reads a layer as float rows
+(whole chunks of consecutive rows, or a cell's rows by index), which a ``.npy`` file
+serves by offset arithmetic with no decoding, no per-shard bookkeeping and nothing but
+numpy; Arrow's strengths (columns of mixed types, compression, zero-copy hand-over to
+other engines) buy nothing for dense float matrices, and the bank already keeps the
+tabular records in Parquet.
 """
 
 from __future__ import annotations
@@ -70,6 +79,11 @@ class LayerRows:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        """Number of values (rows x features)."""
+        return self.shape[0] * self.shape[1]
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((max(stop - start, 0), self.shape[1]), dtype=self.dtype)
@@ -182,8 +196,35 @@ class LayerStore:
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
 
 
+class StoreRows(LayerRows):
+    """A layer of a store being filled: :class:`LayerRows` that also takes row writes.
+
+    ``rows[index] = values`` (a slice or an index array, as ``numpy`` takes them) maps the
+    file only for that write, so the rows written do not stay resident.
+    """
+
+    def __init__(self, path: str | os.PathLike, filled: np.ndarray):
+        super().__init__(path)
+        self._filled = filled
+
+    def __setitem__(self, key, values) -> None:
+        values = np.asarray(values)
+        if not np.all(np.isfinite(values)):
+            raise InputError("embeddings hold NaN or infinite values")
+        mm = np.load(self.path, mmap_mode="r+", allow_pickle=False)
+        try:
+            mm[key] = values
+            mm.flush()
+        finally:
+            del mm
+        self._filled[key] = True
+
+
 class StoreWriter:
-    """Fills a new store a chunk of rows at a time; :meth:`close` makes it complete.
+    """Fills a new store; :meth:`close` makes it complete.
+
+    Rows are written a chunk at a time with :meth:`write`, or through :attr:`arrays` (one
+    :class:`StoreRows` per layer, which take ``rows[index] = values`` as arrays do).
 
     Args:
         root: the store's folder (created; an existing store there is replaced).
@@ -203,10 +244,13 @@ class StoreWriter:
         (self.root / META_FILE).unlink(missing_ok=True)  # incomplete until close()
         self.layers, self.dims, self.n = list(layers), [int(d) for d in dims], int(n)
         self.dtype = np.dtype(dtype)
-        self._maps = [np.lib.format.open_memmap(self.root / layer_file(i), mode="w+",
-                                                dtype=self.dtype, shape=(self.n, d))
-                      for i, d in enumerate(self.dims)]
-        self._filled = np.zeros(self.n, dtype=bool)
+        self._filled = [np.zeros(self.n, dtype=bool) for _ in self.dims]
+        for i, d in enumerate(self.dims):  # sparse files of the right size, header first
+            mm = np.lib.format.open_memmap(self.root / layer_file(i), mode="w+",
+                                           dtype=self.dtype, shape=(self.n, d))
+            del mm
+        self.arrays = [StoreRows(self.root / layer_file(i), self._filled[i])
+                       for i in range(len(self.dims))]
 
     def write(self, start: int, arrays: Sequence[np.ndarray]) -> None:
         """Rows ``start : start + b`` of every layer, one (b, D_l) array per layer."""
@@ -215,18 +259,14 @@ class StoreWriter:
         b = np.shape(arrays[0])[0]
         if start < 0 or start + b > self.n:
             raise InputError(f"rows {start}:{start + b} are outside the store's {self.n}")
-        for mm, a, d in zip(self._maps, arrays, self.dims, strict=True):
-            a = np.asarray(a)
-            if a.shape != (b, d):
+        for rows, a, d in zip(self.arrays, arrays, self.dims, strict=True):
+            if np.shape(a) != (b, d):
                 raise InputError(f"a chunk of {b} rows of {d} features was expected, got "
-                                 f"shape {a.shape}")
-            if not np.all(np.isfinite(a)):
-                raise InputError("embeddings hold NaN or infinite values")
-            mm[start : start + b] = a
-        self._filled[start : start + b] = True
+                                 f"shape {np.shape(a)}")
+            rows[start : start + b] = a
 
     def close(self, hashes: Sequence[str] | None = None, **info) -> LayerStore:
-        """Flush every layer and write ``meta.json`` (last): the store is then complete.
+        """Write ``meta.json`` (last): the store is then complete.
 
         Args:
             hashes: the rows' image hashes (recorded as a digest), if known.
@@ -235,12 +275,9 @@ class StoreWriter:
         Raises:
             InputError: some rows were never written.
         """
-        missing = int((~self._filled).sum())
+        missing = max(int((~f).sum()) for f in self._filled)
         if missing:
             raise InputError(f"{missing} of the store's {self.n} rows were never written")
-        for mm in self._maps:
-            mm.flush()
-        self._maps = []
         meta = {"format": STORE_FORMAT, "layers": self.layers, "dims": self.dims, "n": self.n,
                 "dtype": self.dtype.str, **info}
         if hashes is not None:

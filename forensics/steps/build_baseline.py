@@ -41,6 +41,7 @@ def build_baseline(
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
+    store: PathLike | None = None,
 ) -> dict[str, Any]:
     """Embed T (``train``) and P (``heldout``), build the baseline once and store it.
 
@@ -64,6 +65,10 @@ def build_baseline(
         cache_dir: embedding cache (None disables it).
         progress: show progress bars on stderr.
         skip_bad: skip unreadable images instead of failing.
+        store: a folder for T's and P's embeddings as on-disk, layer-major stores
+            (``store/train``, ``store/heldout``; see :mod:`forensics.data.store`): the
+            build then holds a bounded number of rows of one layer at a time, whatever
+            the number of images. ``None``: in memory. The baseline is the same either way.
 
     Returns:
         The bank's ``baselines`` row of the new baseline.
@@ -101,8 +106,10 @@ def build_baseline(
     embed_kw = dict(weights=weights, pool=pool, device=device, batch_size=batch_size,
                     cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
     with reusing_encoders():
-        T = embed_folder(train, encoder, **embed_kw)
-        P = embed_folder(heldout, encoder, **embed_kw)
+        stores = ((None, None) if store is None
+                  else (Path(store) / "train", Path(store) / "heldout"))
+        T = embed_folder(train, encoder, **embed_kw, store=stores[0])
+        P = embed_folder(heldout, encoder, **embed_kw, store=stores[1])
     overlap = set(T.manifest.hashes) & set(P.manifest.hashes)
     if overlap:
         raise InputError(f"{len(overlap)} image(s) are in both {train} and {heldout}; the "
