@@ -225,7 +225,8 @@ def _group(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, seed: int,
                  params: dict, device: str, T_lab: Any = None, P_lab: Any = None,
                  search: str = "auto", chunk_rows: int | None = None,
-                 shared: dict | None = None, index: int = 0, bars: Any = None
+                 shared: dict | None = None, index: int = 0,
+                 progress: dict[str, Callable[..., None]] | None = None
                  ) -> LayerBaseline:
     from forensics.stats.neighbours import CellSearch
     from forensics.stats.streaming import covariance_eigen, covariance_solver
@@ -236,7 +237,7 @@ def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, 
         raise InputError(f"layer {name!r}: P has {P.shape[1]} features but T has {T.shape[1]}")
     if is_constant(T):
         return LayerBaseline(name, STATUS_CONSTANT, constant_message(name), T.shape[1])
-    stage = bars.stage if bars is not None else None
+    bar = progress or {}
     if T_lab is not None:
         T_lab = check_labels(T_lab, T.shape[0], f"layer {name!r}: T_cells")
         P_lab = check_labels(P_lab, P.shape[0], f"layer {name!r}: P_cells")
@@ -247,16 +248,22 @@ def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, 
         if _declares(partitioner.fit, "chunk_rows"):
             options["chunk_rows"] = chunk_rows
         n, d = T.shape
+        read = False
         if _declares(partitioner.fit, "eigen") and covariance_solver(n, d):
             # T's covariance is read once: the partition's PCA and the fingerprints' share it.
             key = ("covariance_eigen", "train", index, False)
             cache = shared if shared is not None else {}
             if key not in cache:
-                update = (stage(f"PCA {name}", n) if stage else None)
+                update = bar.get("pca")
                 cache[key] = covariance_eigen(
-                    T, chunk_rows, on_chunk=(lambda b: update(advance=b)) if update else None)
+                    T, chunk_rows, on_chunk=(lambda b: update(name, b)) if update else None)
+                read = True
             options["eigen"] = cache[key]
+        if not read and "pca" in bar:
+            bar["pca"](name, n)
         partition = partitioner.fit(T, seed=seed, **options, **params)
+    if "cells" in bar:
+        bar["cells"](name, 1)
     Zt, Zp = partition.transform(T), partition.transform(P)
     if T_lab is None:
         T_lab, P_lab = partition.cells(Zt), partition.cells(Zp)
@@ -265,16 +272,29 @@ def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, 
     t_points = np.ascontiguousarray(Zt[t_order])
     del Zt
     p_off = _group(P_lab, k)[1]
-    update = stage(f"P distances {name}", P.shape[0]) if stage else None
+    update = bar.get("nn")
     cells = CellSearch(distance, t_points, t_off, device=device, faiss=search,
                        prepared_exact=False)
     dP, _rows_in_t = cells.search(Zp, P_lab,
-                                  on_cell=(lambda b: update(advance=b)) if update else None)
+                                  on_cell=(lambda b: update(name, b)) if update else None)
     by_cell_then_distance = np.lexsort((dP, P_lab))
     return LayerBaseline(
         name, STATUS_OK, "", T.shape[1], partition, t_points, t_order.astype(np.int64), t_off,
         dP[by_cell_then_distance], p_off,
     )
+
+
+def _build_bars(bars: Any, T_layers: Sequence[Any], P_layers: Sequence[Any]
+                ) -> dict[str, Callable[..., None]]:
+    """One bar per stage of the build, over every layer: ``update(layer, units)``."""
+    out = {}
+    for key, label, total in (
+            ("pca", "PCA of T (rows)", sum(int(np.shape(t)[0]) for t in T_layers)),
+            ("cells", "cells (KMeans)", len(T_layers)),
+            ("nn", "P distances (rows)", sum(int(np.shape(p)[0]) for p in P_layers))):
+        update = bars.stage(label, total)
+        out[key] = lambda layer, units, _u=update: _u(layer, advance=units)
+    return out
 
 
 def baseline_key(
@@ -427,13 +447,14 @@ class Baseline:
         n = len(layer_names)
         t_cells = _per_layer(T_cells, n, "T_cells") or [None] * n
         p_cells = _per_layer(P_cells, n, "P_cells") or [None] * n
+        progress = _build_bars(bars, T_layers, P_layers) if bars is not None else None
         layers = []
         for i, name in enumerate(layer_names):
             layers.append(_build_layer(name, T_layers[i], P_layers[i], distance=dist,
                                        partitioner=part, seed=seed, params=params,
                                        device=device, T_lab=t_cells[i], P_lab=p_cells[i],
                                        search=search, chunk_rows=chunk_rows, shared=shared,
-                                       index=i, bars=bars))
+                                       index=i, progress=progress))
             if on_layer is not None:
                 on_layer(i, name)
         meta = {
