@@ -12,7 +12,8 @@ from forensics.cli.app import app
 from forensics.data.embed import embed_folder
 from forensics.data.store import LayerStore
 from forensics.paper.demo import _write_pngs, digit_images
-from forensics.steps import pipeline
+from forensics.steps.bank_access import load_baseline
+from forensics.steps.build_baseline import build_baseline
 from refbank import Bank
 
 COMMON = {"device": "cpu", "progress": False}
@@ -31,9 +32,9 @@ def folders(tmp_path_factory):
 def test_store_build_equals_the_in_memory_build(folders, tmp_path):
     cache = tmp_path / "cache"
     kw = dict(COMMON, encoder="vit-tiny-demo", weights="random:0", n_cells=2, cache_dir=cache)
-    memory = pipeline.build_baseline("mem", folders / "T", folders / "P",
+    memory = build_baseline("mem", folders / "T", folders / "P",
                                      bank=Bank(tmp_path / "b1"), **kw)
-    streamed = pipeline.build_baseline("disk", folders / "T", folders / "P",
+    streamed = build_baseline("disk", folders / "T", folders / "P",
                                        bank=Bank(tmp_path / "b2"), store=tmp_path / "store",
                                        **kw)
     assert streamed["baseline_id"] == memory["baseline_id"]
@@ -43,8 +44,8 @@ def test_store_build_equals_the_in_memory_build(folders, tmp_path):
     assert store.layers == T.layers and len(store) == 200
     for i, a in enumerate(T.arrays):
         np.testing.assert_array_equal(store.layer(i)[:], a)
-    a = pipeline.load_baseline("mem", bank=Bank(tmp_path / "b1"))
-    b = pipeline.load_baseline("disk", bank=Bank(tmp_path / "b2"))
+    a = load_baseline("mem", bank=Bank(tmp_path / "b1"))
+    b = load_baseline("disk", bank=Bank(tmp_path / "b2"))
     for la, lb in zip(a.engine.layers, b.engine.layers, strict=True):
         for key, value in la.arrays().items():
             np.testing.assert_array_equal(lb.arrays()[key], value)

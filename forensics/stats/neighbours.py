@@ -55,6 +55,13 @@ def _faiss():
     return faiss
 
 
+def faiss_available() -> bool:
+    """Whether ``faiss`` (the ``faiss-cpu`` package) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
 @dataclass
 class _Cell:
     index: Any
@@ -114,6 +121,12 @@ class CellSearch:
         self.metric = getattr(self.distance, "metric", None)
         self._faiss_ok = (self.faiss != "never" and searchable(self.distance)
                           and str(self.device) == "cpu")
+        if self._faiss_ok and not faiss_available():
+            if self.faiss == "always":
+                from forensics.errors import InputError
+
+                raise InputError("search='always' needs FAISS: pip install faiss-cpu")
+            self._faiss_ok = False  # auto: the plugin's exact search finds the same rows
 
     def _ref(self) -> np.ndarray:
         """The prepared reference rows (prepared on first use)."""
