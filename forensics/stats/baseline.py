@@ -81,10 +81,8 @@ def array_digest(a: np.ndarray, chunk_rows: int | None = None) -> str:
     from forensics.stats.streaming import DEFAULT_CHUNK_ROWS
 
     step = chunk_rows or DEFAULT_CHUNK_ROWS
-    if not isinstance(a, np.ndarray) and hasattr(a, "shape") and len(a.shape) == 2:
-        pass  # rows read on demand below
-    else:
-        a = np.asarray(a)
+    if not (hasattr(a, "shape") and hasattr(a, "dtype") and len(a.shape) == 2):
+        a = np.asarray(a)  # a store's rows stay as they are: read by chunks below
     if len(a.shape) != 2 or a.shape[0] <= step:
         a = np.ascontiguousarray(a)
         h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
@@ -231,8 +229,12 @@ def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, 
     from forensics.stats.neighbours import CellSearch
     from forensics.stats.streaming import covariance_eigen, covariance_solver
 
-    T = _rows(T, f"layer {name!r}: T", chunk_rows)
-    P = _rows(P, f"layer {name!r}: P", chunk_rows)
+    if _declares(partitioner.fit, "chunk_rows"):  # it reads T a chunk at a time itself
+        T = _rows(T, f"layer {name!r}: T", chunk_rows)
+        P = _rows(P, f"layer {name!r}: P", chunk_rows)
+    else:  # a partitioner that takes T as one float64 array gets it so, as it always did
+        T = _matrix(T, f"layer {name!r}: T")
+        P = _matrix(P, f"layer {name!r}: P")
     if P.shape[1] != T.shape[1]:
         raise InputError(f"layer {name!r}: P has {P.shape[1]} features but T has {T.shape[1]}")
     if is_constant(T):
