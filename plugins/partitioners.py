@@ -78,8 +78,8 @@ class KMeansPartition:
         """
         from forensics.stats.streaming import transform, transform_rows
 
-        X = np.asarray(X) if not isinstance(X, np.ndarray) else X
-        if X.ndim != 2:
+        X = X if hasattr(X, "shape") and hasattr(X, "dtype") else np.asarray(X)
+        if len(X.shape) != 2:
             raise _input_error(f"samples must be a 2-D array (samples, features), got shape "
                                f"{X.shape}")
         if X.shape[1] != self.mean.shape[0]:
@@ -144,8 +144,8 @@ class KMeansPartitioner:
         from forensics.stats.kmeans import fit_centroids
         from forensics.stats.streaming import pca
 
-        T = T if isinstance(T, np.ndarray) else _matrix(T, "T")
-        if T.ndim != 2:
+        T = T if hasattr(T, "shape") and hasattr(T, "dtype") else _matrix(T, "T")
+        if len(T.shape) != 2:
             raise _input_error(f"T must be a 2-D array (samples, features), got shape {T.shape}")
         for pname, value in (("n_cells", n_cells), ("pca_dim", pca_dim), ("n_init", n_init)):
             if int(value) != value or value < 1:

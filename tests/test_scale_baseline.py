@@ -115,3 +115,19 @@ def test_fingerprint_arrays_from_a_store_equal_the_in_memory_ones(data, tmp_path
         assert sorted(a) == sorted(b)
         for key in a:
             np.testing.assert_allclose(b[key], a[key], rtol=1e-10, atol=1e-10, err_msg=key)
+
+
+def test_a_store_is_never_read_whole(data, tmp_path, monkeypatch):
+    from forensics.data.store import LayerRows
+
+    def refuse(self, dtype=None, copy=None):
+        raise AssertionError("a whole layer was read")
+
+    T = [t for t, _, _ in data]
+    P = [p for _, p, _ in data]
+    names = [f"l{i}" for i in range(len(T))]
+    ts = LayerStore.open(write_store(tmp_path / "T", names, T).root)
+    ps = LayerStore.open(write_store(tmp_path / "P", names, P).root)
+    monkeypatch.setattr(LayerRows, "__array__", refuse)
+    streamed = build(ts.arrays, ps.arrays, chunk_rows=300)
+    assert streamed.id == build(T, P).id

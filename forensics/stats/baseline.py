@@ -84,7 +84,7 @@ def array_digest(a: np.ndarray, chunk_rows: int | None = None) -> str:
     if not (hasattr(a, "shape") and hasattr(a, "dtype") and len(a.shape) == 2):
         a = np.asarray(a)  # a store's rows stay as they are: read by chunks below
     if len(a.shape) != 2 or a.shape[0] <= step:
-        a = np.ascontiguousarray(a)
+        a = np.ascontiguousarray(a if isinstance(a, np.ndarray) else a[:])
         h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
         h.update(memoryview(a).cast("B") if a.size else b"")
         return h.hexdigest()
@@ -331,7 +331,9 @@ def baseline_key(
         for what, arrs in (("T", T_layers), ("P", P_layers), ("T_cells", T_cells),
                            ("P_cells", P_cells)):
             if arrs is not None:
-                a = np.asarray(arrs[i])
+                a = arrs[i]
+                if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+                    a = np.asarray(a)  # a store's rows are hashed by chunks, not read whole
                 entry[what] = array_digest(a)
                 entry[f"{what}_shape"] = list(a.shape)
         inputs.append(entry)
