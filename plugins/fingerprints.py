@@ -64,22 +64,26 @@ class SetStatsFingerprint:
 
         out = {}
         for i, name in enumerate(ctx.layers):
-            T = np.asarray(ctx.train[i])
-            if not np.issubdtype(T.dtype, np.floating):
-                T = T.astype(np.float64)
+            T = ctx.train[i]
             n, d = T.shape
             if n < 2:
                 raise InsufficientDataError(f"layer {name!r} of T has {n} sample(s); "
                                             f"FID needs at least 2")
-            X = np.asarray(T, dtype=np.float64)
-            mu = X.mean(axis=0)
-            out[f"mu.{i}"], out[f"n.{i}"] = mu, np.int64(n)
-            if n * d * T.dtype.itemsize <= d * min(n - 1, d) * 8:
+            itemsize = np.dtype(T.dtype).itemsize if np.issubdtype(T.dtype, np.floating) else 8
+            out[f"n.{i}"] = np.int64(n)
+            if n * d * itemsize <= d * min(n - 1, d) * 8:
+                # T's rows are smaller than a factor (n <= 2 D): read whole, stored as they are.
+                T = np.asarray(T)
+                if not np.issubdtype(T.dtype, np.floating):
+                    T = T.astype(np.float64)
+                X = np.asarray(T, dtype=np.float64)
+                mu = X.mean(axis=0)
                 Xc = X - mu
-                out[f"rows.{i}"] = T
+                out[f"mu.{i}"], out[f"rows.{i}"] = mu, T
                 out[f"trace.{i}"] = np.float64(np.einsum("ij,ij->", Xc, Xc) / (n - 1))
             else:
-                eig = ctx.covariance(i)
+                eig = ctx.covariance(i)  # streamed over T's rows, shared with the PCA
+                out[f"mu.{i}"] = eig.mean
                 out[f"trace.{i}"] = np.float64(eig.trace)
                 out[f"factor.{i}"] = covariance_factor(eig.values, eig.vectors)
         return out
@@ -326,16 +330,27 @@ class ResidMeanFingerprint(ProjMeanFingerprint):
         if not content:
             return out
 
-        def proj(i):
-            T = np.asarray(ctx.train[i], dtype=np.float64)
-            return (T - out[f"mean.{i}"]) @ out[f"axes.{i}"].T
-
         def ridge():
-            A = np.hstack([proj(i) for i in content])
-            gram = A.T @ A
+            # Sums over chunks of T's rows (every layer read at the same rows): the
+            # predictors' Gram matrix and their products with each early layer.
+            from forensics.stats.streaming import check_chunk_rows
+
+            step = check_chunk_rows(getattr(ctx, "chunk_rows", None))
+            early = self.selected(n)
+            gram, cross = None, {i: 0.0 for i in early}
+
+            def proj(i, s):
+                T = np.asarray(ctx.train[i][s : s + step], dtype=np.float64)
+                return (T - out[f"mean.{i}"]) @ out[f"axes.{i}"].T
+
+            for s in range(0, ctx.train[0].shape[0], step):
+                A = np.hstack([proj(i, s) for i in content])
+                gram = A.T @ A if gram is None else gram + A.T @ A
+                for i in early:
+                    cross[i] = cross[i] + A.T @ proj(i, s)
             lam = RESID_RIDGE * float(np.trace(gram)) / gram.shape[0]
             gram[np.diag_indices_from(gram)] += lam if lam > 0 else 1.0
-            return {i: np.linalg.solve(gram, A.T @ proj(i)) for i in self.selected(n)}
+            return {i: np.linalg.solve(gram, cross[i]) for i in early}
 
         key = ("resid-ridge", self.dim, RESID_RIDGE, tuple(content), tuple(self.selected(n)))
         for i, coef in ctx.shared(key, ridge).items():

@@ -15,7 +15,11 @@ and the partitioner's ``from_arrays(arrays, params)`` rebuilds it.
 (fewer when T has fewer samples or features), then KMeans with ``n_cells`` (10) clusters and
 ``n_init`` (10) restarts fitted on the projected T; both seeded. Samples are assigned to
 the nearest centroid in the projected space, and distances are measured there too, as in the
-paper's code.
+paper's code. T is read a chunk of rows at a time (:mod:`forensics.stats.streaming`): the PCA
+comes from T's streamed covariance where scikit-learn's own solver would use it (at least 10
+samples per feature, at most 1,000 features), else from scikit-learn's solver on T read whole
+(a small T, or a wide layer); KMeans is scikit-learn's up to
+:data:`forensics.stats.kmeans.SKLEARN_MAX_ROWS` projected rows, FAISS's beyond.
 
 ``given`` uses cell labels supplied by the caller (the API of Meehan et al.'s test) and
 leaves the space as it is; it cannot assign new samples, so every set needs its labels.
@@ -68,14 +72,22 @@ class KMeansPartition:
         return int(self.centroids.shape[0])
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        """Project raw samples (len, D) onto the PCA components: (len, d) float64."""
-        X = _matrix(X, "samples")
+        """Project raw samples (len, D) onto the PCA components: (len, d) float64.
+
+        ``X`` is converted to float64 a chunk of rows at a time (it may be a memory map).
+        """
+        from forensics.stats.streaming import transform, transform_rows
+
+        X = X if hasattr(X, "shape") and hasattr(X, "dtype") else np.asarray(X)
+        if len(X.shape) != 2:
+            raise _input_error(f"samples must be a 2-D array (samples, features), got shape "
+                               f"{X.shape}")
         if X.shape[1] != self.mean.shape[0]:
             raise _input_error(
                 f"samples have {X.shape[1]} features but the partition was fitted on "
                 f"{self.mean.shape[0]}: use embeddings of the same layer"
             )
-        return (X - self.mean) @ self.components.T
+        return transform(X, self.mean, self.components, transform_rows(X.shape[1]))
 
     def cells(self, Z: np.ndarray) -> np.ndarray:
         """Cell labels (len,) int64 of projected samples: the nearest centroid."""
@@ -105,26 +117,36 @@ class KMeansPartitioner:
         n_cells: int = 10,
         pca_dim: int = 64,
         n_init: int = 10,
+        kmeans: str = "auto",
+        chunk_rows: int | None = None,
+        eigen=None,
+        on_chunk=None,
     ) -> KMeansPartition:
         """Fit the projection and the cells on the training embeddings ``T`` (n_T, D).
 
         Args:
-            T: training embeddings.
+            T: training embeddings (an array or a memory map, read a chunk at a time).
             seed: seed of the PCA solver and of KMeans.
             n_cells: number of KMeans clusters.
             pca_dim: PCA dimensions (capped at the number of samples and of features).
             n_init: KMeans restarts.
+            kmeans: ``auto`` (scikit-learn up to a size, then FAISS), ``sklearn`` or
+                ``faiss``; a FAISS fit is recorded as ``kmeans: faiss`` in ``params``.
+            chunk_rows: rows of T read at a time.
+            eigen: T's covariance eigendecomposition, if the caller computed it already.
+            on_chunk: called with the rows of each chunk read for the PCA (progress).
 
         Raises:
             InputError: a parameter is out of range.
             InsufficientDataError: T has fewer samples than cells.
         """
-        from sklearn.cluster import KMeans
-        from sklearn.decomposition import PCA
-
         from forensics.errors import InsufficientDataError
+        from forensics.stats.kmeans import fit_centroids
+        from forensics.stats.streaming import pca
 
-        T = _matrix(T, "T")
+        T = T if hasattr(T, "shape") and hasattr(T, "dtype") else _matrix(T, "T")
+        if len(T.shape) != 2:
+            raise _input_error(f"T must be a 2-D array (samples, features), got shape {T.shape}")
         for pname, value in (("n_cells", n_cells), ("pca_dim", pca_dim), ("n_init", n_init)):
             if int(value) != value or value < 1:
                 raise _input_error(
@@ -135,17 +157,16 @@ class KMeansPartitioner:
                 f"T has {T.shape[0]}: supply more training images or lower n_cells"
             )
         dim = int(min(T.shape[0], T.shape[1], pca_dim))
-        pca = PCA(n_components=dim, random_state=seed).fit(T)
-        partition = KMeansPartition(
-            mean=np.ascontiguousarray(pca.mean_, dtype=np.float64),
-            components=np.ascontiguousarray(pca.components_, dtype=np.float64),
-            centroids=np.empty((0, dim)),
-            params={"n_cells": int(n_cells), "pca_dim": int(pca_dim), "n_init": int(n_init),
-                    "seed": int(seed)},
-        )
-        km = KMeans(n_clusters=int(n_cells), n_init=int(n_init), random_state=seed)
-        km.fit(partition.transform(T))
-        partition.centroids = np.ascontiguousarray(km.cluster_centers_, dtype=np.float64)
+        fit = pca(T, dim, seed=seed, chunk_rows=chunk_rows, eigen=eigen, on_chunk=on_chunk)
+        params = {"n_cells": int(n_cells), "pca_dim": int(pca_dim), "n_init": int(n_init),
+                  "seed": int(seed)}
+        partition = KMeansPartition(mean=fit.mean, components=fit.components,
+                                    centroids=np.empty((0, dim)), params=params)
+        centroids, used = fit_centroids(partition.transform(T), int(n_cells),
+                                        n_init=int(n_init), seed=seed, backend=kmeans)
+        partition.centroids = centroids
+        if used != "sklearn":
+            params["kmeans"] = used
         return partition
 
     def from_arrays(self, arrays: dict[str, np.ndarray], params: dict) -> KMeansPartition:

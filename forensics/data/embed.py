@@ -288,9 +288,12 @@ class EmbeddingCache:
                     self._index[bytes(h)] = (chunk, row)
         return self._index
 
-    def fetch(self, hashes: Sequence[str], rows: Sequence[int], n: int
-              ) -> tuple[list[np.ndarray] | None, list[int]]:
+    def fetch(self, hashes: Sequence[str], rows: Sequence[int], n: int,
+              allocate: Any = None) -> tuple[list[np.ndarray] | None, list[int]]:
         """Cached embeddings of ``hashes`` placed at ``rows`` of ``n``-row arrays.
+
+        ``allocate(dims)`` makes those arrays (default: zeros in memory); a store's layers
+        take the rows a chunk at a time.
 
         Returns:
             The per-layer arrays (None when no chunk could be used) and the rows whose
@@ -313,7 +316,9 @@ class EmbeddingCache:
                 lost.extend(int(r) for r in dst)
                 continue
             if out is None:
-                out = [np.zeros((n, a.shape[1]), dtype=np.float32) for a in layers]
+                dims = [a.shape[1] for a in layers]
+                out = (allocate(dims) if allocate is not None
+                       else [np.zeros((n, d), dtype=np.float32) for d in dims])
             for layer, arr in zip(out, layers, strict=True):
                 layer[dst] = arr[src]
         return out, sorted(lost)
@@ -529,6 +534,7 @@ def embed_folder(
     progress: bool = True,
     skip_bad: bool = False,
     ray: str | None = None,
+    store: str | os.PathLike | None = None,
 ) -> Embeddings:
     """Embed every image of a folder (or of a manifest) at every layer of ``encoder``.
 
@@ -551,6 +557,10 @@ def embed_folder(
         ray: embed the images missing from the cache on a Ray cluster: ``auto`` (a running
             cluster, else a local one), ``local``, or a cluster address
             (see :mod:`forensics.data.ray_embed`); ``None``: in this process.
+        store: a folder for an on-disk, layer-major store (:mod:`forensics.data.store`):
+            rows go there as they are fetched from the cache or computed, and the
+            returned arrays read them back a chunk at a time (memory stays bounded by
+            the batch and the cache chunk, whatever the number of images).
 
     Returns:
         The embeddings, rows in manifest order.
@@ -576,6 +586,7 @@ def embed_folder(
         lambda rows, transform: _FileImages(manifest, rows, transform),
         manifest, encoder, weights, pool, device, batch_size, num_workers, cache_dir, progress,
         ray=ray,
+        store=store,
     )
 
 
@@ -659,7 +670,7 @@ def _load_encoder(encoder, weights, device, pool) -> tuple[Any, dict[str, Any]]:
 
 
 def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, batch_size,
-           num_workers, cache_dir, progress, ray=None) -> Embeddings:
+           num_workers, cache_dir, progress, ray=None, store=None) -> Embeddings:
     from forensics.plugin.encoders import check_pool, resolve_device
 
     check_pool(pool)
@@ -684,11 +695,22 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
     cache = EmbeddingCache(Path(cache_dir), cache_key(info), info) if cache_dir else None
 
     n = len(hashes)
+    writer: list[Any] = []
+
+    def allocate(dims: list[int]) -> list[Any]:
+        """Where the rows go: arrays in memory, or the layers of a new store."""
+        if store is None:
+            return [np.zeros((n, d), dtype=np.float32) for d in dims]
+        from forensics.data.store import StoreWriter
+
+        writer[:] = [StoreWriter(store, list(loaded.layer_names), dims, n)]
+        return writer[0].arrays
+
     cached = cache.index() if cache is not None else {}
     hit_rows = [r for r, h in enumerate(hashes) if h.encode() in cached]
     out = None
     if hit_rows:
-        out, lost = cache.fetch([hashes[r] for r in hit_rows], hit_rows, n)
+        out, lost = cache.fetch([hashes[r] for r in hit_rows], hit_rows, n, allocate)
         hit_rows = sorted(set(hit_rows) - set(lost))
     workers = default_num_workers(device) if num_workers is None else num_workers
     for _attempt in range(2):
@@ -703,7 +725,7 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
             batches = runner.batches(load, dataset.items, read, dataset.transform,
                                      batch_size)
         try:
-            out = _compute(batches, out, n, hashes, cache, progress, len(hit_rows))
+            out = _compute(batches, out, n, hashes, cache, progress, len(hit_rows), allocate)
             break
         except _CachedSizesDiffer as exc:  # every chunk used is wrong: embed all again
             for chunk in sorted({cache.index()[hashes[r].encode()][0] for r in hit_rows}):
@@ -713,6 +735,8 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
     if cache is not None and cache.damaged:
         info["cache"]["damaged"] = list(cache.damaged)
     info["num_images"] = n
+    if writer:
+        out = writer[0].close(hashes=hashes, encoder=info.get("name")).arrays
     return Embeddings(list(loaded.layer_names), out, manifest, info)
 
 
@@ -734,8 +758,8 @@ def _local_batches(dataset, loaded, batch_size, workers, device):
         yield rows, (loaded.forward(batch) if batch is not None else None), bad
 
 
-def _compute(batches, out, n, hashes, cache, progress, already):
-    """Collect ``batches`` into ``out`` (allocated on the first batch) and the cache."""
+def _compute(batches, out, n, hashes, cache, progress, already, allocate):
+    """Collect ``batches`` into ``out`` (``allocate(dims)`` on the first batch) and the cache."""
     errors: list[str] = []
     pending: list[int] = []
     bar = _Progress(n, already, enabled=progress)
@@ -749,7 +773,7 @@ def _compute(batches, out, n, hashes, cache, progress, already):
                     f"its embedding sizes {[a.shape[1] for a in out]} differ from the "
                     f"encoder's {[f.shape[1] for f in feats]}")
             if out is None:
-                out = [np.zeros((n, f.shape[1]), dtype=np.float32) for f in feats]
+                out = allocate([f.shape[1] for f in feats])
             for layer, f in zip(out, feats, strict=True):
                 layer[rows] = f
             pending.extend(rows)

@@ -195,7 +195,12 @@ class Partitioner(Named, Protocol):
     """Splits embedding space into cells (``register_partitioners``).
 
     A partitioner that takes the caller's cells declares a ``labels`` keyword in
-    :meth:`fit`: it is then given T's labels (n_T,) int64 and ``n_cells``.
+    :meth:`fit`: it is then given T's labels (n_T,) int64 and ``n_cells``. One that
+    declares ``chunk_rows`` reads T itself a chunk of rows at a time: it is given T (and
+    its partition later P) as stored (an array, a memory map or a store's rows, each with
+    ``shape``, ``dtype`` and row slicing) and the chunk size; one that also declares
+    ``eigen`` is given T's covariance eigendecomposition when the engine has it. Any
+    other partitioner gets T as one float64 array.
     """
 
     def fit(self, T: np.ndarray, *, seed: int = 0, **params: Any) -> FittedPartition:
@@ -269,7 +274,9 @@ class BuildContext(Protocol):
 
     @property
     def train(self) -> list[np.ndarray]:
-        """T, one ``(n_T, D_l)`` array per layer."""
+        """T, one ``(n_T, D_l)`` array per layer; for a large T a store's rows (with
+        ``shape``, ``dtype`` and row slicing): read them a chunk at a time with
+        ``forensics.stats.streaming.row_chunks`` rather than whole."""
 
     @property
     def heldout(self) -> list[np.ndarray]:

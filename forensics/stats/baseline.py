@@ -20,6 +20,7 @@ the distance and the partitioner come in as objects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -31,7 +32,6 @@ import numpy as np
 from forensics import defaults
 from forensics._version import __version__
 from forensics.errors import InputError
-from forensics.plugin.protocols import prepares_reference
 from forensics.stats.ct import (
     STATUS_CONSTANT,
     STATUS_OK,
@@ -52,11 +52,25 @@ FORMAT = 1
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
 
-def array_digest(a: np.ndarray) -> str:
-    """SHA-256 of an array's dtype, shape and bytes (C order)."""
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
-    h.update(memoryview(a).cast("B") if a.size else b"")
+def array_digest(a: np.ndarray, chunk_rows: int | None = None) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (C order).
+
+    A 2-D array with more rows than ``chunk_rows`` (a memory map, a store's rows) is read
+    a chunk of rows at a time; the digest is the same.
+    """
+    from forensics.stats.streaming import DEFAULT_CHUNK_ROWS
+
+    step = chunk_rows or DEFAULT_CHUNK_ROWS
+    if not (hasattr(a, "shape") and hasattr(a, "dtype") and len(a.shape) == 2):
+        a = np.asarray(a)  # a store's rows stay as they are: read by chunks below
+    if len(a.shape) != 2 or a.shape[0] <= step:
+        a = np.ascontiguousarray(a if isinstance(a, np.ndarray) else a[:])
+        h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B") if a.size else b"")
+        return h.hexdigest()
+    h = hashlib.sha256(f"{np.dtype(a.dtype).str}|{tuple(a.shape)}|".encode())
+    for s in range(0, a.shape[0], step):
+        h.update(memoryview(np.ascontiguousarray(a[s : s + step])).cast("B"))
     return h.hexdigest()
 
 
@@ -84,6 +98,36 @@ def _matrix(x: Any, what: str) -> np.ndarray:
                          f"distances need values below {MAX_ABS_VALUE:g} in magnitude (their "
                          f"squares must stay finite): scale the embeddings down")
     return arr
+
+
+def _rows(x: Any, what: str, chunk_rows: int | None = None) -> Any:
+    """Check T or P as :func:`_matrix` does, reading rows a chunk at a time (no copy).
+
+    An array, a memory map or a store's rows (anything with ``shape``, ``dtype`` and row
+    slicing) is returned as it is; anything else becomes an array.
+    """
+    from forensics.stats.streaming import check_rows
+
+    arr = x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
+    shape = tuple(arr.shape)
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        raise InputError(f"{what} must be a non-empty 2-D array (samples, features), "
+                         f"got shape {shape}")
+    dtype = np.dtype(arr.dtype)
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"{what} must hold real numbers, got dtype {dtype}")
+    check_rows(arr, what, MAX_ABS_VALUE, chunk_rows)
+    return arr
+
+
+def _declares(method: Any, name: str) -> bool:
+    """Whether ``method`` takes the keyword ``name`` (new options go only to those that do)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _per_layer(cells: Any, n_layers: int, what: str) -> list[Any] | None:
@@ -157,38 +201,82 @@ def _group(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, seed: int,
-                 params: dict, device: str, T_lab: Any = None, P_lab: Any = None
+                 params: dict, device: str, T_lab: Any = None, P_lab: Any = None,
+                 search: str = "auto", chunk_rows: int | None = None,
+                 shared: dict | None = None, index: int = 0,
+                 progress: dict[str, Callable[..., None]] | None = None
                  ) -> LayerBaseline:
-    T = _matrix(T, f"layer {name!r}: T")
-    P = _matrix(P, f"layer {name!r}: P")
+    from forensics.stats.neighbours import CellSearch
+    from forensics.stats.streaming import covariance_eigen, covariance_solver
+
+    if _declares(partitioner.fit, "chunk_rows"):  # it reads T a chunk at a time itself
+        T = _rows(T, f"layer {name!r}: T", chunk_rows)
+        P = _rows(P, f"layer {name!r}: P", chunk_rows)
+    else:  # a partitioner that takes T as one float64 array gets it so, as it always did
+        T = _matrix(T, f"layer {name!r}: T")
+        P = _matrix(P, f"layer {name!r}: P")
     if P.shape[1] != T.shape[1]:
         raise InputError(f"layer {name!r}: P has {P.shape[1]} features but T has {T.shape[1]}")
     if is_constant(T):
         return LayerBaseline(name, STATUS_CONSTANT, constant_message(name), T.shape[1])
+    bar = progress or {}
     if T_lab is not None:
         T_lab = check_labels(T_lab, T.shape[0], f"layer {name!r}: T_cells")
         P_lab = check_labels(P_lab, P.shape[0], f"layer {name!r}: P_cells")
         k = int(max(T_lab.max(), P_lab.max())) + 1
         partition = partitioner.fit(T, seed=seed, labels=T_lab, n_cells=k, **params)
     else:
-        partition = partitioner.fit(T, seed=seed, **params)
+        options: dict[str, Any] = {}
+        if _declares(partitioner.fit, "chunk_rows"):
+            options["chunk_rows"] = chunk_rows
+        n, d = T.shape
+        read = False
+        if _declares(partitioner.fit, "eigen") and covariance_solver(n, d):
+            # T's covariance is read once: the partition's PCA and the fingerprints' share it.
+            key = ("covariance_eigen", "train", index, False)
+            cache = shared if shared is not None else {}
+            if key not in cache:
+                update = bar.get("pca")
+                on_chunk = None if update is None else functools.partial(update, name)
+                cache[key] = covariance_eigen(T, chunk_rows, on_chunk=on_chunk)
+                read = True
+            options["eigen"] = cache[key]
+        if not read and "pca" in bar:
+            bar["pca"](name, n)
+        partition = partitioner.fit(T, seed=seed, **options, **params)
+    if "cells" in bar:
+        bar["cells"](name, 1)
     Zt, Zp = partition.transform(T), partition.transform(P)
     if T_lab is None:
         T_lab, P_lab = partition.cells(Zt), partition.cells(Zp)
     k = int(max(partition.n_cells, T_lab.max() + 1, P_lab.max() + 1))
     t_order, t_off = _group(T_lab, k)
     t_points = np.ascontiguousarray(Zt[t_order])
-    p_order, p_off = _group(P_lab, k)
-    dP = np.full(P.shape[0], np.nan)
-    for c in range(k):
-        rows = p_order[p_off[c] : p_off[c + 1]]
-        if rows.size and t_off[c + 1] > t_off[c]:
-            dP[rows] = distance.nn(Zp[rows], t_points[t_off[c] : t_off[c + 1]], device=device)
+    del Zt
+    p_off = _group(P_lab, k)[1]
+    update = bar.get("nn")
+    cells = CellSearch(distance, t_points, t_off, device=device, faiss=search,
+                       prepared_exact=False)
+    dP, _rows_in_t = cells.search(Zp, P_lab,
+                                  on_cell=(lambda b: update(name, b)) if update else None)
     by_cell_then_distance = np.lexsort((dP, P_lab))
     return LayerBaseline(
         name, STATUS_OK, "", T.shape[1], partition, t_points, t_order.astype(np.int64), t_off,
         dP[by_cell_then_distance], p_off,
     )
+
+
+def _build_bars(bars: Any, T_layers: Sequence[Any], P_layers: Sequence[Any]
+                ) -> dict[str, Callable[..., None]]:
+    """One bar per stage of the build, over every layer: ``update(layer, units)``."""
+    out = {}
+    for key, label, total in (
+            ("pca", "PCA of T (rows)", sum(int(np.shape(t)[0]) for t in T_layers)),
+            ("cells", "cells (KMeans)", len(T_layers)),
+            ("nn", "P distances (rows)", sum(int(np.shape(p)[0]) for p in P_layers))):
+        update = bars.stage(label, total)
+        out[key] = lambda layer, units, _u=update: _u(layer, advance=units)
+    return out
 
 
 def baseline_key(
@@ -223,7 +311,9 @@ def baseline_key(
         for what, arrs in (("T", T_layers), ("P", P_layers), ("T_cells", T_cells),
                            ("P_cells", P_cells)):
             if arrs is not None:
-                a = np.asarray(arrs[i])
+                a = arrs[i]
+                if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+                    a = np.asarray(a)  # a store's rows are hashed by chunks, not read whole
                 entry[what] = array_digest(a)
                 entry[f"{what}_shape"] = list(a.shape)
         inputs.append(entry)
@@ -248,12 +338,13 @@ class Baseline:
     """
 
     def __init__(self, layers: list[LayerBaseline], meta: dict[str, Any], device: str = "cpu",
-                 distance: Any = None):
+                 distance: Any = None, search: str = "auto"):
         self.layers = layers
         self.meta = meta
         self.device = device
         self.distance = distance  # the distance plugin named by meta["distance"]
-        self._prepared: dict[tuple[str, str], np.ndarray] = {}  # T rows ready for search
+        self.search = search
+        self._searches: dict[tuple[str, str], Any] = {}  # per layer: T rows ready for search
 
     @property
     def id(self) -> str:
@@ -283,6 +374,10 @@ class Baseline:
         T_cells: Any = None,
         P_cells: Any = None,
         on_layer: Callable[[int, str], None] | None = None,
+        search: str = "auto",
+        chunk_rows: int | None = None,
+        shared: dict | None = None,
+        bars: Any = None,
         _key: tuple[str, list] | None = None,
     ) -> Baseline:
         """Fit the partition of every layer and measure P's distances to T.
@@ -301,6 +396,16 @@ class Baseline:
             P_cells: as ``T_cells``, for P.
             on_layer: called with the index and name of each layer once it is built
                 (e.g. to show progress).
+            search: nearest-neighbour search of each cell (:mod:`forensics.stats.neighbours`):
+                ``auto`` (FAISS candidates re-ranked in float64 for large cells on CPU, the
+                distance's own exact search otherwise), ``always`` or ``never``; every mode
+                finds the exact nearest neighbour.
+            chunk_rows: rows of T and P read at a time (T and P may be memory maps or a
+                store's rows); ``None``: :data:`forensics.stats.streaming.DEFAULT_CHUNK_ROWS`.
+            shared: a cache of arrays computed from T (T's covariance of each layer), handed
+                on to the fingerprints' ``prepare`` so that T is read once for both.
+            bars: a :class:`forensics.progress.Stages` for progress bars (PCA accumulation,
+                P's distances).
 
         Raises:
             InputError: mismatched layers, bad arrays or labels, unknown names.
@@ -323,11 +428,14 @@ class Baseline:
         n = len(layer_names)
         t_cells = _per_layer(T_cells, n, "T_cells") or [None] * n
         p_cells = _per_layer(P_cells, n, "P_cells") or [None] * n
+        progress = _build_bars(bars, T_layers, P_layers) if bars is not None else None
         layers = []
         for i, name in enumerate(layer_names):
             layers.append(_build_layer(name, T_layers[i], P_layers[i], distance=dist,
                                        partitioner=part, seed=seed, params=params,
-                                       device=device, T_lab=t_cells[i], P_lab=p_cells[i]))
+                                       device=device, T_lab=t_cells[i], P_lab=p_cells[i],
+                                       search=search, chunk_rows=chunk_rows, shared=shared,
+                                       index=i, progress=progress))
             if on_layer is not None:
                 on_layer(i, name)
         meta = {
@@ -335,7 +443,7 @@ class Baseline:
             "partitioner": partitioner, "partitioner_params": params, "seed": int(seed),
             "inputs": inputs, "layers": [_layer_meta(lb) for lb in layers],
         }
-        return cls(layers, meta, device, dist)
+        return cls(layers, meta, device, dist, search=search)
 
     def query(
         self,
@@ -394,26 +502,15 @@ class Baseline:
     def _nn_in_cells(self, lb: LayerBaseline, Zq: np.ndarray, q_lab: np.ndarray, dist: Any
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Each query row's distance to, and index in T of, its nearest T row in its cell."""
-        m = Zq.shape[0]
-        dQ = np.full(m, np.nan)
-        nn_index = np.full(m, -1, dtype=np.int64)
-        ref, options = lb.t_points, {}
-        if prepares_reference(dist):  # once per layer, not once per cell and query
-            key = (lb.name, dist.name)
-            if key not in self._prepared:
-                self._prepared[key] = dist.prepare_reference(lb.t_points)
-            # Only a distance that prepares references takes ``prepared`` (the contract).
-            ref, options = self._prepared[key], {"prepared": True}
-        t_off = lb.t_offsets
-        for c in np.unique(q_lab):
-            if c >= t_off.shape[0] - 1 or t_off[c + 1] == t_off[c]:
-                continue
-            rows = np.flatnonzero(q_lab == c)
-            d, i = dist.nn(Zq[rows], ref[t_off[c] : t_off[c + 1]], device=self.device,
-                           return_index=True, **options)
-            dQ[rows] = d
-            nn_index[rows] = lb.t_index[t_off[c] + i]
-        return dQ, nn_index
+        from forensics.stats.neighbours import CellSearch
+
+        key = (lb.name, dist.name)
+        if key not in self._searches:  # once per layer, not once per cell and query
+            self._searches[key] = CellSearch(dist, lb.t_points, lb.t_offsets,
+                                             device=self.device, faiss=self.search)
+        dQ, rows = self._searches[key].search(Zq, q_lab)
+        nn_index = np.where(rows >= 0, lb.t_index[np.clip(rows, 0, None)], -1)
+        return dQ, nn_index.astype(np.int64)
 
 
 def ct_score(
@@ -429,6 +526,7 @@ def ct_score(
     P_cells: np.ndarray | None = None,
     Q_cells: np.ndarray | None = None,
     device: str = "cpu",
+    search: str = "auto",
     **partitioner_params: Any,
 ) -> CTResult:
     """C_T of generated embeddings ``Q`` against training ``T`` and held-out ``P`` (one layer).
@@ -446,6 +544,7 @@ def ct_score(
         P_cells: see ``T_cells``.
         Q_cells: see ``T_cells``.
         device: torch device of the nearest-neighbour search.
+        search: ``auto``, ``always`` or ``never`` (see :meth:`Baseline.build`).
         **partitioner_params: e.g. ``n_cells``, ``pca_dim``, ``n_init`` for ``kmeans``.
 
     Returns:
@@ -456,7 +555,7 @@ def ct_score(
         raise InputError("pass all of T_cells, P_cells and Q_cells, or none of them")
     base = Baseline.build(
         [T], [P], ["layer"], distance=distance, partitioner=partitioner, seed=seed,
-        partitioner_params=partitioner_params, device=device,
+        partitioner_params=partitioner_params, device=device, search=search,
         T_cells=None if T_cells is None else [T_cells],
         P_cells=None if P_cells is None else [P_cells],
     )

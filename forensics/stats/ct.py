@@ -202,10 +202,11 @@ def is_constant(X: np.ndarray, rtol: float = 1e-6, rows: int = 4096) -> bool:
     Reads ``X`` in blocks of ``rows`` and stops at the first block that differs, so a
     varying layer costs one block.
     """
-    X = np.asarray(X)
+    if not (hasattr(X, "shape") and hasattr(X, "dtype")):
+        X = np.asarray(X)  # a store's rows stay as they are: read by blocks below
     if X.shape[0] <= 1:
         return True
-    first = X[0].astype(np.float64)
+    first = np.asarray(X[0]).astype(np.float64)
     tol = rtol * float(np.max(np.abs(first))) if first.size else 0.0
     for s in range(1, X.shape[0], rows):
         if float(np.max(np.abs(X[s : s + rows] - first))) > tol:

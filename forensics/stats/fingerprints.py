@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from forensics.errors import InputError
+from forensics.stats.streaming import CovarianceEigen, orient
+from forensics.stats.streaming import covariance_eigen as streamed_eigen
 
 
 @dataclass
@@ -50,59 +52,34 @@ class FingerprintContext:
         return np.array([r.ct for r in self.results], dtype=np.float64)
 
 
-@dataclass(frozen=True)
-class CovarianceEigen:
-    """T's mean and covariance eigendecomposition of one layer, largest variance first.
-
-    Attributes:
-        mean: (D,) mean of T.
-        values: (r,) eigenvalues of T's covariance (``ddof=1``), in decreasing order.
-        vectors: (D, r) the matching eigenvectors as columns, each signed so that its
-            largest-magnitude entry is positive (a deterministic orientation). ``r = D``,
-            or, when *thin*, ``r = n``: the leading ones only (the rest have no variance).
-        trace: the covariance's trace (the sum of T's per-feature variances).
-        n: number of samples in T.
-    """
-
-    mean: np.ndarray
-    values: np.ndarray
-    vectors: np.ndarray
-    trace: float
-    n: int
-
-
-def covariance_eigen(T: np.ndarray, thin: bool | None = None) -> CovarianceEigen:
+def covariance_eigen(T: np.ndarray, thin: bool | None = None,
+                     chunk_rows: int | None = None) -> CovarianceEigen:
     """:class:`CovarianceEigen` of ``T`` (n, D): exact and deterministic.
 
     Args:
-        T: (n, D) samples.
+        T: (n, D) samples (an array, a memory map or a store's rows).
         thin: from the eigendecomposition of the samples' (n, n) Gram matrix,
             ``O(n^2 D)``: the ``n`` leading eigenpairs only (default when ``n <= D``,
-            where the other ``D - n`` have zero variance); else from the (D, D)
-            covariance, ``O(D^3)``.
+            where the other ``D - n`` have zero variance; T is then read whole, at most
+            ``D`` rows); else from the (D, D) covariance, ``O(n D^2)``, streamed over
+            chunks of ``chunk_rows`` rows (:func:`forensics.stats.streaming.covariance_eigen`).
     """
+    n, d = np.shape(T)
+    if not (thin if thin is not None else n <= d):
+        return streamed_eigen(T, chunk_rows)
     X = np.asarray(T, dtype=np.float64)
-    n, d = X.shape
     mean = X.mean(axis=0)
     Xc = X - mean
-    if thin if thin is not None else n <= d:
-        # The (n, n) Gram matrix shares the covariance's nonzero eigenvalues; its
-        # eigenvectors map to the covariance's through Xc^T.
-        gram_vals, u = np.linalg.eigh(Xc @ Xc.T)
-        order = np.argsort(gram_vals)[::-1]
-        vecs = Xc.T @ u[:, order]
-        norms = np.linalg.norm(vecs, axis=0)
-        vecs /= np.where(norms > 0, norms, 1.0)
-        vals = np.clip(gram_vals[order], 0.0, None) / max(n - 1, 1)
-        trace = float(np.einsum("ij,ij->", Xc, Xc) / max(n - 1, 1))
-    else:
-        cov = Xc.T @ Xc / max(n - 1, 1)
-        vals, vecs = np.linalg.eigh(cov)
-        order = np.argsort(vals)[::-1]
-        vals, vecs, trace = vals[order], vecs[:, order], float(np.trace(cov))
-    big = np.argmax(np.abs(vecs), axis=0)
-    vecs *= np.where(vecs[big, np.arange(vecs.shape[1])] < 0, -1.0, 1.0)[None, :]
-    return CovarianceEigen(mean, vals, vecs, trace, n)
+    # The (n, n) Gram matrix shares the covariance's nonzero eigenvalues; its
+    # eigenvectors map to the covariance's through Xc^T.
+    gram_vals, u = np.linalg.eigh(Xc @ Xc.T)
+    order = np.argsort(gram_vals)[::-1]
+    vecs = Xc.T @ u[:, order]
+    norms = np.linalg.norm(vecs, axis=0)
+    vecs /= np.where(norms > 0, norms, 1.0)
+    vals = np.clip(gram_vals[order], 0.0, None) / max(n - 1, 1)
+    trace = float(np.einsum("ij,ij->", Xc, Xc) / max(n - 1, 1))
+    return CovarianceEigen(mean, vals, orient(vecs), trace, n)
 
 
 def _thin_enough(n: int, d: int, k: int) -> bool:
@@ -127,7 +104,11 @@ class PrepareContext:
 
     Arrays that several fingerprints need are computed once per context and shared,
     keyed by what they are (:meth:`shared`, :meth:`covariance`, :meth:`pca`); treat
-    them as read-only.
+    them as read-only. ``train`` and ``heldout`` may be memory maps or a store's rows
+    (:mod:`forensics.data.store`): read them a chunk of rows at a time
+    (:func:`forensics.stats.streaming.row_chunks`) rather than whole. The baseline build
+    hands its cache on, so T's covariance, read once for the partition's PCA, serves the
+    fingerprints too.
     """
 
     layers: list[str]
@@ -135,6 +116,8 @@ class PrepareContext:
     heldout: list[np.ndarray]
     baseline: Any
     _cache: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: Rows of T read at a time by the streamed statistics (``None``: their default).
+    chunk_rows: int | None = None
 
     def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()``, run once per ``key`` for this baseline and then reused."""
@@ -151,7 +134,8 @@ class PrepareContext:
         n, d = np.shape(self.train[int(i)])
         thin = n <= d if thin is None else bool(thin)
         return self.shared(("covariance_eigen", "train", int(i), thin),
-                           lambda: covariance_eigen(self.train[int(i)], thin=thin))
+                           lambda: covariance_eigen(self.train[int(i)], thin=thin,
+                                                    chunk_rows=self.chunk_rows))
 
     def pca(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """T's mean and ``k`` leading principal axes ``(k, D)`` of layer ``i``, exactly.

@@ -45,6 +45,7 @@ def build_baseline(
     progress: bool = False,
     skip_bad: bool = False,
     ray: str | None = None,
+    store: PathLike | None = None,
 ) -> dict[str, Any]:
     """Embed T (``train``) and P (``heldout``), build the baseline once and store it.
 
@@ -70,6 +71,10 @@ def build_baseline(
         skip_bad: skip unreadable images instead of failing.
         ray: embed on a Ray cluster (``auto``, ``local`` or an address; see
             :func:`~forensics.data.embed.embed_folder`); None: in this process.
+        store: a folder for T's and P's embeddings as on-disk, layer-major stores
+            (``store/train``, ``store/heldout``; see :mod:`forensics.data.store`): the
+            build then holds a bounded number of rows of one layer at a time, whatever
+            the number of images. ``None``: in memory. The baseline is the same either way.
 
     Returns:
         The bank's ``baselines`` row of the new baseline.
@@ -109,8 +114,10 @@ def build_baseline(
                     batch_size=batch_size, cache_dir=cache_dir, progress=progress,
                     skip_bad=skip_bad, ray=ray)
     with reusing_encoders():
-        T = embed_folder(train, encoder, **embed_kw)
-        P = embed_folder(heldout, encoder, **embed_kw)
+        stores = ((None, None) if store is None
+                  else (Path(store) / "train", Path(store) / "heldout"))
+        T = embed_folder(train, encoder, **embed_kw, store=stores[0])
+        P = embed_folder(heldout, encoder, **embed_kw, store=stores[1])
     overlap = set(T.manifest.hashes) & set(P.manifest.hashes)
     if overlap:
         raise InputError(f"{len(overlap)} image(s) are in both {train} and {heldout}; the "
@@ -118,17 +125,19 @@ def build_baseline(
     params = {"n_cells": int(n_cells), "pca_dim": int(pca_dim), "n_init": int(n_init)}
     with stages(progress) as bars:
         layer_done = bars.stage("baseline layers", len(T.layers))
+        shared: dict = {}  # T's covariance per layer: read once for the PCA and fingerprints
         with _one_thread(max(a.size for a in T.arrays)):
             engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=dist,
                                     partitioner=part, seed=seed,
                                     partitioner_params=params, device=device,
-                                    on_layer=lambda _i, layer: layer_done(layer))
+                                    on_layer=lambda _i, layer: layer_done(layer),
+                                    shared=shared, bars=bars)
         for other in taken.values():
             if other["baseline_id"] == engine.id:
                 raise BankError(f"this baseline (same images, encoder and parameters) is "
                                 f"already in the bank at {b.path} as {other['name']!r}; use "
                                 f"--baseline {other['name']}")
-        extras = _prepare_fingerprints(T, P, engine, bars)
+        extras = _prepare_fingerprints(T, P, engine, bars, shared)
         row = _baseline_row(name, T, P, engine, partitioner, distance, pool, seed, params,
                             extras, train, heldout, notes)
 
@@ -183,9 +192,14 @@ def _baseline_row(name: str, T: Embeddings, P: Embeddings, engine: Any, partitio
 
 
 def _prepare_fingerprints(T: Embeddings, P: Embeddings, engine: Any,
-                          bars: Stages | None = None) -> dict[str, dict]:
-    """Every fingerprint's baseline arrays; one context, so shared arrays are computed once."""
-    ctx = fpmod.PrepareContext(list(T.layers), list(T.arrays), list(P.arrays), engine)
+                          bars: Stages | None = None, shared: dict | None = None
+                          ) -> dict[str, dict]:
+    """Every fingerprint's baseline arrays; one context, so shared arrays are computed once.
+
+    ``shared``: what the baseline build computed from T (its covariance per layer).
+    """
+    ctx = fpmod.PrepareContext(list(T.layers), list(T.arrays), list(P.arrays), engine,
+                               shared if shared is not None else {})
     fps = [fp for fp in (manager.get("fingerprints", n) for n in manager.names("fingerprints"))
            if fpmod.needs_extras(fp)]
     update = (bars or Stages()).stage("fingerprint arrays", len(fps))

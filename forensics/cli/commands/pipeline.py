@@ -112,6 +112,9 @@ def build_cmd(
     ray: str = ray_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the stored row as JSON."),
     bank: Path | None = bank_option(),
+    store: Path = typer.Option(None, "--store",
+                               help="Folder for T's and P's embeddings on disk (layer-major "
+                                    "stores): memory stays bounded for large training sets."),
 ) -> None:
     """Embed T and P, build the baseline once (PCA, cells, P->T distances) and store it."""
     import json
@@ -122,7 +125,7 @@ def build_cmd(
     row = build_baseline(
         name, train, heldout, encoder=encoder, weights=weights, pool=pool.value,
         distance=distance, partitioner=partitioner, seed=seed, n_cells=n_cells,
-        pca_dim=pca_dim, n_init=n_init, bank=bank, notes=notes, ray=ray,
+        pca_dim=pca_dim, n_init=n_init, bank=bank, notes=notes, ray=ray, store=store,
         **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for which, skipped in json.loads(row.get("params_json") or "{}").get("skipped", {}).items():
         for relpath, reason in skipped:

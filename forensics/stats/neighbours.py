@@ -1,0 +1,257 @@
+"""Exact nearest neighbours within cells: FAISS finds candidates, float64 decides.
+
+A cell's reference rows are indexed by FAISS (faiss-cpu, an exhaustive ``IndexFlat`` in
+float32). Each query gets its ``k`` best candidates there; their distances are then
+recomputed in float64 with the distance plugin's own preparation of the rows
+(``prepare_reference``: unit rows for the cosines) and the plugin's final formula, and
+the nearest is taken (the lowest row index on ties, as the plugin's exact search does).
+
+The float32 search is only trusted where it provably cannot have missed the nearest row:
+float32 rounding moves a similarity of unit rows by at most ``eps = (D + 8) 2^-23`` and a
+squared distance by at most ``eps (|q| + R)^2`` (``R`` the largest row norm of the cell),
+so when the best float64 candidate beats the ``k``-th float32 value by more than ``eps``
+no row outside the candidates can be as near. A query without that certificate (or a
+cell of at most ``k`` rows) is searched exactly by the plugin itself, over the whole
+cell. The result is therefore the exact nearest neighbour, whatever FAISS returns, and
+the same on every run. Euclidean distances are bit-identical to the plugin's numpy path
+(the same final formula on the same row); a cosine can differ from it in the last bits,
+because the plugin takes it from a matrix product whose rounding depends on how many
+queries share the cell.
+
+Distances FAISS can search are those whose ``metric`` is one of :data:`METRICS`:
+``cosine`` (``1 - cos``, inner product of unit rows), ``abscosine`` (``1 - |cos|``: both
+``+q`` and ``-q`` are searched), ``euclidean`` and ``sqeuclidean`` (squared L2). Any
+other distance is searched by the plugin alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from forensics.plugin.protocols import prepares_reference
+
+#: Distance ``metric`` values FAISS can produce candidates for.
+METRICS = ("cosine", "abscosine", "euclidean", "sqeuclidean")
+#: Candidates per query (per sign, for ``abscosine``).
+DEFAULT_CANDIDATES = 32
+#: Queries re-ranked together (bounds the gathered candidate rows: block x k x D float64).
+RERANK_BLOCK = 4096
+#: Unit round-off of float32.
+_U32 = 2.0**-24
+
+
+def searchable(distance: Any) -> bool:
+    """Whether FAISS can find candidates for ``distance`` (its ``metric`` is known)."""
+    return getattr(distance, "metric", None) in METRICS and prepares_reference(distance)
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def faiss_available() -> bool:
+    """Whether ``faiss`` (the ``faiss-cpu`` package) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+@dataclass
+class _Cell:
+    index: Any
+    radius: float
+
+
+#: ``faiss`` modes of :class:`CellSearch`: by size, always (where the metric allows), never.
+MODES = ("auto", "always", "never")
+#: In ``auto`` mode, a cell's search of fewer multiply-adds (queries x rows x features)
+#: than this stays with the plugin's exact search (for the built-ins, its numpy path).
+FAISS_MIN_WORK = 2**24
+
+
+@dataclass
+class CellSearch:
+    """Nearest row, within its cell, of each query, over reference rows grouped by cell.
+
+    The one per-cell search of a baseline, at build time (P) and query time (Q). A cell is
+    searched by FAISS candidates (see the module docstring) when ``faiss`` is ``always``,
+    or ``auto`` and the search is large (:data:`FAISS_MIN_WORK`), on CPU, for a distance
+    FAISS can search; otherwise by the distance plugin's own exact ``nn``.
+
+    Args:
+        distance: the distance plugin.
+        points: (n, d) reference rows grouped by cell (a baseline's ``t_points``).
+        offsets: (k+1,) rows of cell ``c`` are ``offsets[c]:offsets[c+1]``.
+        candidates: FAISS candidates per query.
+        device: torch device of the plugin's exact search.
+        prepared: ``distance.prepare_reference(points)``, if the caller has it.
+        faiss: ``auto``, ``always`` or ``never``.
+        prepared_exact: the plugin's exact search gets the prepared rows (``prepared=True``,
+            as a baseline's queries always did) rather than the raw ones (its build did).
+    """
+
+    distance: Any
+    points: np.ndarray
+    offsets: np.ndarray
+    candidates: int = DEFAULT_CANDIDATES
+    device: str = "cpu"
+    prepared: np.ndarray | None = None
+    faiss: str = "auto"
+    prepared_exact: bool = True
+    #: Queries FAISS could not certify, answered by the plugin's exact search.
+    fallbacks: int = 0
+    _cells: dict[int, _Cell] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.faiss not in MODES:
+            from forensics.errors import InputError
+
+            raise InputError(f"faiss must be one of {', '.join(MODES)}, got {self.faiss!r}")
+        self._options: dict[str, Any] = {}
+        if prepares_reference(self.distance):
+            self._options = {"prepared": True}
+        else:
+            self.prepared, self.prepared_exact = self.points, True
+        self.metric = getattr(self.distance, "metric", None)
+        self._faiss_ok = (self.faiss != "never" and searchable(self.distance)
+                          and str(self.device) == "cpu")
+        if self._faiss_ok and not faiss_available():
+            if self.faiss == "always":
+                from forensics.errors import InputError
+
+                raise InputError("search='always' needs FAISS: pip install faiss-cpu")
+            self._faiss_ok = False  # auto: the plugin's exact search finds the same rows
+
+    def _ref(self) -> np.ndarray:
+        """The prepared reference rows (prepared on first use)."""
+        if self.prepared is None:
+            self.prepared = self.distance.prepare_reference(self.points)
+        return self.prepared
+
+    def _uses_faiss(self, m: int, n: int) -> bool:
+        if not self._faiss_ok or n <= self.candidates:
+            return False
+        return self.faiss == "always" or m * n * self.points.shape[1] > FAISS_MIN_WORK
+
+    def _cell(self, c: int) -> _Cell:
+        if c not in self._cells:
+            faiss = _faiss()
+            ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
+            r32 = np.ascontiguousarray(ref, dtype=np.float32)
+            inner = self.metric in ("cosine", "abscosine")
+            index = (faiss.IndexFlatIP if inner else faiss.IndexFlatL2)(r32.shape[1])
+            index.add(r32)
+            radius = 1.0 if inner else float(np.sqrt((ref * ref).sum(axis=1).max()))
+            self._cells[c] = _Cell(index, radius)
+        return self._cells[c]
+
+    def search(self, Z: np.ndarray, labels: np.ndarray,
+               on_cell: Callable[[int], None] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Distance to, and row in ``points`` of, each query's nearest row of its cell.
+
+        Args:
+            Z: (m, d) queries, in the space of ``points``.
+            labels: (m,) cell of each query.
+            on_cell: called with the number of queries of each cell once it is searched.
+
+        Returns:
+            (m,) float64 distances (NaN for a query whose cell has no rows) and (m,) int64
+            rows (-1 there).
+        """
+        m = Z.shape[0]
+        dist = np.full(m, np.nan)
+        rows_out = np.full(m, -1, dtype=np.int64)
+        n_cells = self.offsets.shape[0] - 1
+        for c in np.unique(labels):
+            if c >= n_cells or self.offsets[c + 1] == self.offsets[c]:
+                continue
+            rows = np.flatnonzero(labels == c)
+            d, i = self.search_cell(int(c), Z[rows])
+            dist[rows], rows_out[rows] = d, i + self.offsets[c]
+            if on_cell is not None:
+                on_cell(rows.size)
+        return dist, rows_out
+
+    def search_cell(self, c: int, Zc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest row (index within cell ``c``) and its distance for each row of ``Zc``."""
+        n = int(self.offsets[c + 1] - self.offsets[c])
+        if not self._uses_faiss(Zc.shape[0], n):
+            return self._exact(c, Zc)
+        Zc = np.asarray(Zc, dtype=np.float64)
+        dist = np.empty(Zc.shape[0])
+        index = np.empty(Zc.shape[0], dtype=np.int64)
+        for s in range(0, Zc.shape[0], RERANK_BLOCK):
+            block = Zc[s : s + RERANK_BLOCK]
+            d, i, ok = self._candidates(c, block)
+            if not ok.all():
+                bad = np.flatnonzero(~ok)
+                self.fallbacks += bad.size
+                d[bad], i[bad] = self._exact(c, block[bad])
+            dist[s : s + block.shape[0]], index[s : s + block.shape[0]] = d, i
+        return dist, index
+
+    def _exact(self, c: int, Zc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[c], self.offsets[c + 1]
+        if self.prepared_exact:
+            return self.distance.nn(Zc, self._ref()[lo:hi], device=self.device,
+                                    return_index=True, **self._options)
+        return self.distance.nn(Zc, self.points[lo:hi], device=self.device, return_index=True)
+
+    def _candidates(self, c: int, Zq: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cell = self._cell(c)
+        k = self.candidates
+        q = self.distance.prepare_reference(Zq)
+        q32 = np.ascontiguousarray(q, dtype=np.float32)
+        dim = q.shape[1]
+        if self.metric == "abscosine":
+            s_pos, i_pos = cell.index.search(q32, k)
+            s_neg, i_neg = cell.index.search(-q32, k)
+            cand = np.concatenate([i_pos, i_neg], axis=1)
+            bound = np.maximum(s_pos[:, -1], s_neg[:, -1]).astype(np.float64)
+        else:
+            vals, cand = cell.index.search(q32, k)
+            bound = vals[:, -1].astype(np.float64)
+        ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
+        cand = np.sort(cand, axis=1)  # ties go to the lowest row, as in the exact search
+        best_val, best = self._rerank(q, ref, cand)
+        eps = (dim + 8) * 2 * _U32
+        if self.metric in ("cosine", "abscosine"):
+            ok = best_val > bound + eps  # best_val: the (absolute) cosine
+        else:
+            qn = np.sqrt((q * q).sum(axis=1))
+            ok = best_val < bound - eps * (qn + cell.radius) ** 2  # squared distances
+        return self._final(q, ref, best), best, ok
+
+    def _rerank(self, q: np.ndarray, ref: np.ndarray, cand: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Best candidate of each query in float64: (its similarity or squared distance, row)."""
+        rows = ref[cand]  # (b, k, d)
+        if self.metric in ("cosine", "abscosine"):
+            sim = (q[:, None, :] * rows).sum(axis=2)
+            if self.metric == "abscosine":
+                np.abs(sim, out=sim)
+            j = sim.argmax(axis=1)
+        else:
+            diff = q[:, None, :] - rows
+            sim = (diff * diff).sum(axis=2)
+            j = sim.argmin(axis=1)
+        pick = np.arange(q.shape[0])
+        return sim[pick, j], cand[pick, j].astype(np.int64)
+
+    def _final(self, q: np.ndarray, ref: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """The plugin's distance of each query to its chosen row, in float64."""
+        r = ref[best]
+        if self.metric in ("cosine", "abscosine"):
+            s = (q * r).sum(axis=1)
+            return 1.0 - (np.abs(s) if self.metric == "abscosine" else s)
+        diff = q - r
+        sq = (diff * diff).sum(axis=1)
+        return sq if self.metric == "sqeuclidean" else np.sqrt(sq)
