@@ -43,10 +43,23 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _module(*names: str):
+    """The first of ``names`` that imports: this layout's module, then an older fp's."""
+    import importlib
+
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError(f"none of {names} imports")
+
+
 def folders(work: Path) -> dict[str, Path]:
     """T, P, and per family an enrolment folder (2 curves) and a query folder (written once)."""
-    from forensics.paper.demo import _write_pngs, digit_images
-    from forensics.paper.synth import synth_folder
+    demo = _module("forensics.paper.demo", "forensics.demo")
+    _write_pngs, digit_images = demo._write_pngs, demo.digit_images
+    synth_folder = _module("forensics.paper.synth", "forensics.synth").synth_folder
 
     f = {"T": work / "T", "P": work / "P"}
     marker = work / ".complete"
@@ -77,16 +90,9 @@ def tree_bytes(path: Path) -> int:
 def _time_stages() -> dict[str, float]:
     """Seconds of the last build's stages: the engine (partition, P distances) and the
     fingerprints' arrays; wraps the two functions every fp version builds them with."""
-    import importlib
-
-    from forensics.stats.baseline import Baseline
-
-    for where in ("forensics.steps.build_baseline", "forensics.steps.pipeline"):  # new, old
-        try:
-            pipeline = importlib.import_module(where)
-            break
-        except ImportError:
-            continue
+    Baseline = _module("forensics.stats.baseline", "forensics.baseline").Baseline
+    pipeline = _module("forensics.steps.build_baseline", "forensics.steps.pipeline",
+                       "forensics.pipeline")
 
     stages: dict[str, float] = {}
 
@@ -107,8 +113,9 @@ def _time_stages() -> dict[str, float]:
 def measure(work: Path, repeat: int, out: Path) -> dict:
     """Build from cache ``repeat`` times, measure the bank, save vectors and rankings."""
     import forensics
-    from forensics.data.embed import embed_folder
-    from forensics.plugin.manager import names as registered
+
+    embed_folder = _module("forensics.data.embed", "forensics.embed").embed_folder
+    manager = _module("forensics.plugin.manager", "forensics.plugins")
 
     f = folders(work)
     cache = work / "cache"
@@ -138,7 +145,7 @@ def measure(work: Path, repeat: int, out: Path) -> dict:
         res = forensics.compute_curve(f[f"query_{kind}"], baseline="digits", **kw)
         for name, vec in res.fingerprints.items():
             vectors[f"{kind}/{name}"] = vec
-        for name in registered("fingerprints"):
+        for name in manager.names("fingerprints"):
             a = forensics.attribute(f[f"query_{kind}"], fingerprint=name, n_boot=0, **kw)
             d = a.decision
             answers[f"{kind}/{name}"] = {
