@@ -84,11 +84,11 @@ def du(path: Path) -> int:
 
 
 def timed_build(T, P, names, **kw):
-    from forensics.stats.baseline import Baseline
+    from forensics.steps.engine import build_engine
 
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
-        base = Baseline.build(T, P, names, seed=0, **kw)
+        base = build_engine(T, P, names, seed=0, **kw)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return base, wall, cpu, mem.peak
 
@@ -101,7 +101,7 @@ def timed_query(base, Q):
 
 def run_size(n: int, args, root: Path) -> dict:
     from forensics.data.store import LayerStore
-    from forensics.stats.baseline import Baseline
+    from forensics.steps.baseline_files import load_engine, save_engine
 
     names = [f"layer{i}" for i in range(args.layers)]
     folder = root / f"T{n}"
@@ -112,9 +112,9 @@ def run_size(n: int, args, root: Path) -> dict:
     t_gen = time.perf_counter() - t0
     T, P = LayerStore.open(T.root), LayerStore.open(P.root)
     base, wall, cpu, peak = timed_build(T.arrays, P.arrays, names)
-    base.save(folder / "baseline")
+    save_engine(base, folder / "baseline")
     on_disk = du(folder)
-    loaded = Baseline.load(folder / "baseline")
+    loaded = load_engine(folder / "baseline")
     res, t_query = timed_query(loaded, Q)
     _res2, t_query2 = timed_query(loaded, Q)
     cts = [r.ct for r in res]
