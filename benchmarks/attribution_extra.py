@@ -183,6 +183,72 @@ def xcode_unknown_auroc(g: Grid, score) -> float:
     return B.auroc(np.array([-best[a] for a in XUNKNOWN]), np.array([-best[a] for a in XARCHS]))
 
 
+def rule_shortfall(V, S, fam, queries: list[np.ndarray], n: int) -> np.ndarray:
+    """fp's unknown rule on ``queries`` (suspects of ``n`` images) against a bank.
+
+    The rule's score (:func:`forensics.stats.confidence.shortfall`) minus its threshold, both
+    from the bank's own simulated genuine suspects of ``n`` images, as ``fp attribute``
+    fits them: above 0, the suspect is called unknown.
+    """
+    from forensics import defaults
+    from forensics.stats import confidence as C
+
+    sim = C.simulate(V, S, [512] * len(V), fam, zscore, sizes=(n,), seed=0)
+    zstar = float(np.quantile(C.shortfall(sim.best, sim.margin, sim.best, sim.margin),
+                              1.0 - defaults.QUANTILE))
+    bm = np.array([C.margin_of(C.family_scores(zscore(q, V), fam))[1:] for q in queries])
+    return C.shortfall(bm[:, 0], bm[:, 1], sim.best, sim.margin) - zstar
+
+
+def open_set_rule(g: Grid, cfgs, n=None, rng=None) -> tuple[float, float, float]:
+    """fp's unknown rule, each family left out in turn: (AUROC, left-out flagged, false
+    unknown of enrolled families against the whole bank)."""
+    aucs, flag_out, flag_in = [], [], []
+    for cfg in cfgs:
+        V, S, fam = g.bank(cfg)
+        fam = np.array(fam)
+        qs = [_query(g, a, cfg, n, rng) for a in B.ARCHS]
+        size = n or len(g.rows(B.ARCHS[0], *cfg["query"]))
+        flag_in += list(rule_shortfall(V, S, list(fam), qs, size) > 0)
+        pos, neg = [], []
+        for out in B.ARCHS:
+            keep = fam != out
+            z = rule_shortfall(V[keep], S[keep], list(fam[keep]), qs, size)
+            for a, u in zip(B.ARCHS, z, strict=True):
+                (pos if a == out else neg).append(u)
+                if a == out:
+                    flag_out.append(u > 0)
+        aucs.append(B.auroc(np.array(pos), np.array(neg)))
+    return float(np.mean(aucs)), float(np.mean(flag_out)), float(np.mean(flag_in))
+
+
+def xcode_rule(g: Grid) -> tuple[float, int, int]:
+    """fp's unknown rule across code: (AUROC of VAE + CVAE against the 10 shared
+    architectures, VAE/CVAE flagged, shared ones flagged), each at its own size."""
+    V, S, fam = g.bank(B.PROTOCOL)
+    z = {a: float(rule_shortfall(V, S, fam, [g.x[a].mean(axis=0)], len(g.x[a]))[0])
+         for a in XARCHS + XUNKNOWN}
+    return (B.auroc(np.array([z[a] for a in XUNKNOWN]), np.array([z[a] for a in XARCHS])),
+            sum(z[a] > 0 for a in XUNKNOWN), sum(z[a] > 0 for a in XARCHS))
+
+
+def open_set_table(g: Grid, cfgs) -> tuple[list[str], dict]:
+    """fp's default: the shipped unknown rule beside the best score alone."""
+    rp, rr = open_set_rule(g, [B.PROTOCOL]), open_set_rule(g, cfgs)
+    xa, xu, xs = xcode_rule(g)
+    bp, br = open_set_grid(g, zscore, [B.PROTOCOL]), open_set_grid(g, zscore, cfgs)
+    lines = ["| unknown score | AUROC protocol | AUROC re-drawn | left-out family flagged "
+             "(protocol / re-drawn) | false unknown, enrolled (protocol / re-drawn) | "
+             "cross-code AUROC, VAE+CVAE vs the 10 | VAE / CVAE flagged | shared ones flagged |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| best score alone | {bp:.3f} | {br:.3f} | - | - | "
+             f"{xcode_unknown_auroc(g, zscore):.2f} | - | - |",
+             f"| fp's rule: best score or margin, against the bank's simulated genuine suspects | "
+             f"{rp[0]:.3f} | {rr[0]:.3f} | {rp[1]:.2f} / {rr[1]:.2f} | {rp[2]:.2f} / "
+             f"{rr[2]:.2f} | {xa:.2f} | {xu} of 2 | {xs} of 10 |"]
+    return lines, {"rule": (rp[0], rr[0]), "best": (bp, br)}
+
+
 # -- the stages -----------------------------------------------------------------------------
 
 
@@ -324,13 +390,16 @@ def cnn(X: np.ndarray, y: np.ndarray):
 
 def size_table(g: Grid, cfgs, reps: int = 3) -> list[str]:
     rng = np.random.default_rng(0)
-    lines = ["| images per suspect set | within-code re-drawn top-1 | open-set AUROC (re-drawn) | "
-             "cross-code top-1 (10) |", "|---|---|---|---|"]
+    rule_rng = np.random.default_rng(1)  # its own draws: the other columns stay as they were
+    lines = ["| images per suspect set | within-code re-drawn top-1 | open-set AUROC, best score "
+             "(re-drawn) | open-set AUROC, fp's rule (re-drawn) | cross-code top-1 (10) |",
+             "|---|---|---|---|---|"]
     for n in SIZES:
         t = np.mean([top1_grid(g, zscore, cfgs, n, rng) for _ in range(reps)])
         o = np.mean([open_set_grid(g, zscore, cfgs[::3], n, rng) for _ in range(reps)])
+        r = np.mean([open_set_rule(g, cfgs[::3], n, rule_rng)[0] for _ in range(reps)])
         x = np.mean([xcode_grid(g, zscore, n, rng)[0] for _ in range(reps)])
-        lines.append(f"| {n} | {t:.3f} | {o:.3f} | {x:.2f} |")
+        lines.append(f"| {n} | {t:.3f} | {o:.3f} | {r:.3f} | {x:.2f} |")
     return lines
 
 
@@ -464,6 +533,12 @@ def run(work: Path, zoo: Path, emb, sets, methods, encoder: str, cache: Path,
                   f"{len(cfgs)} configurations; suspects drawn at random from each query, 3 "
                   f"draws per size):", ""] + size
     B.log(f"size table ({time.perf_counter() - t0:.0f} s)")
+    ocfgs = B.redraws()[::21 if quick else 3]
+    olines, summary["open"] = open_set_table(default, ocfgs)
+    lines += ["", f"Open set of fp's default (each family left out in turn; protocol and "
+                  f"{len(ocfgs)} re-drawn configurations; cross-code: the protocol's bank):",
+              ""] + olines
+    B.log(f"open-set table ({time.perf_counter() - t0:.0f} s)")
     cal, summary["calibration"] = calibration(
         default, cfgs, None if docs is None else docs / "reliability.png")
     lines += ["", "Confidence of fp attribute (fitted on each bank: leave-one-curve-out "

@@ -165,3 +165,19 @@ def test_small_bank_genuine_suspects_are_named_with_the_size_aware_rule():
             _, best, margin = C.margin_of(C.family_scores(SCORE(q, V), labels))
             unknown.append(best < model.threshold(n) or margin < model.margin_threshold(n))
     assert np.mean(unknown) <= 0.15
+
+
+def test_shortfall_is_the_rule_behind_the_two_thresholds():
+    rng = np.random.default_rng(3)
+    gb, gm = rng.normal(0.6, 0.05, 400), np.abs(rng.normal(0.1, 0.04, 400))
+    tb, tm = C.unknown_thresholds(gb, gm, 0.05)
+    zstar = np.quantile(C.shortfall(gb, gm, gb, gm), 0.95)
+    b, m = rng.normal(0.55, 0.1, 2000), np.abs(rng.normal(0.08, 0.06, 2000))
+    z = C.shortfall(b, m, gb, gm)
+    # away from the boundary (round-off), shortfall > z* is exactly "below a threshold"
+    clear = np.abs(z - zstar) > 1e-9
+    assert np.array_equal((z > zstar)[clear], ((b < tb) | (m < tm))[clear])
+    assert 0.3 < np.mean(z > zstar) < 0.9  # both sides are exercised
+    # larger shortfall for a lower score or a smaller margin, never for a better one
+    assert C.shortfall([0.3], [0.1], gb, gm)[0] > C.shortfall([0.6], [0.1], gb, gm)[0]
+    assert C.shortfall([0.6], [0.0], gb, gm)[0] > C.shortfall([0.6], [0.2], gb, gm)[0]

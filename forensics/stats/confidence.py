@@ -128,6 +128,24 @@ def _interp(table: dict[int, float], n: int) -> float | None:
     return float(np.interp(np.log(max(int(n), 1)), x, y))
 
 
+def shortfall(best: np.ndarray, margin: np.ndarray, genuine_best: np.ndarray,
+              genuine_margin: np.ndarray) -> np.ndarray:
+    """How far each suspect falls short of genuine suspects of its size, in their spreads.
+
+    The larger of ``(mean - best) / sd`` and ``(mean - margin) / sd``, the means and
+    standard deviations taken over the genuine suspects' best scores and margins. The
+    unknown rule calls a suspect unknown when this exceeds its ``1 - quantile`` quantile
+    over the genuine suspects themselves (:func:`unknown_thresholds`); it is the rule's
+    continuous score (larger: more unlike every enrolled family).
+    """
+    gb = np.asarray(genuine_best, dtype=np.float64)
+    gm = np.asarray(genuine_margin, dtype=np.float64)
+    mb, sb = gb.mean(), max(float(gb.std()), 1e-12)
+    mm, sm = gm.mean(), max(float(gm.std()), 1e-12)
+    return np.maximum((mb - np.asarray(best, dtype=np.float64)) / sb,
+                      (mm - np.asarray(margin, dtype=np.float64)) / sm)
+
+
 def unknown_thresholds(best: np.ndarray, margin: np.ndarray,
                        quantile: float) -> tuple[float, float]:
     """Best-score and margin thresholds that call a ``quantile`` share of genuine suspects
@@ -135,13 +153,13 @@ def unknown_thresholds(best: np.ndarray, margin: np.ndarray,
 
     Each of ``best`` and ``margin`` (of genuine suspects of one size) is standardised by
     its mean and standard deviation; ``z`` is the larger of the two shortfalls
-    ``(mean - value) / sd``, and its ``1 - quantile`` quantile ``z*`` gives the thresholds
-    ``mean - z* sd`` of each.
+    ``(mean - value) / sd`` (:func:`shortfall`), and its ``1 - quantile`` quantile ``z*``
+    gives the thresholds ``mean - z* sd`` of each.
     """
     b, m = np.asarray(best, dtype=np.float64), np.asarray(margin, dtype=np.float64)
     mb, sb = b.mean(), max(float(b.std()), 1e-12)
     mm, sm = m.mean(), max(float(m.std()), 1e-12)
-    z = float(np.quantile(np.maximum((mb - b) / sb, (mm - m) / sm), 1.0 - quantile))
+    z = float(np.quantile(shortfall(b, m, b, m), 1.0 - quantile))
     return float(mb - z * sb), float(mm - z * sm)
 
 
