@@ -156,9 +156,30 @@ def run_size(n: int, args, root: Path) -> dict:
         diff = max(abs(a - b) for a, b in zip(cts, cts_f, strict=True))
         print(f"  FAISS KMeans instead of scikit-learn's: build {w3:.1f} s, C_T per layer "
               f"{' '.join(f'{c:.4f}' for c in cts_f)}; max |diff| {diff:.4f}", flush=True)
+    if args.approximate:
+        approximate(args.approximate, base, T, P, Q, names, wall, cts)
     if not args.keep:
         shutil.rmtree(folder)
     return out
+
+
+def approximate(spec: str, base, T, P, Q, names, wall: float, cts) -> None:
+    """The approximate search against the exact build: time, recall of Q's nearest
+    training rows, P's distances and C_T per layer."""
+    ap_base, w, _c, peak = timed_build(T.arrays, P.arrays, names, search=spec)
+    exact_q = base.query(Q, details=True)
+    approx_q = ap_base.query(Q, details=True)
+    recall = [float(np.mean(a.details["nn_index"] == e.details["nn_index"]))
+              for a, e in zip(approx_q, exact_q, strict=True)]
+    excess = [float(np.nanmean(a.p_dist / np.where(e.p_dist > 0, e.p_dist, np.nan)) - 1.0)
+              for a, e in zip(ap_base.layers, base.layers, strict=True)]
+    cts_a = [r.ct for r in approx_q]
+    diff = max(abs(a - b) for a, b in zip(cts, cts_a, strict=True))
+    print(f"  approximate search {ap_base.meta.get('search')}: build {w:.1f} s (exact "
+          f"{wall:.1f} s), peak RSS {peak / 2**30:.2f} GB; recall@1 of Q per layer "
+          f"{' '.join(f'{r:.3f}' for r in recall)}; P's sorted distances above exact by "
+          f"{' '.join(f'{100 * x:.2f}%' for x in excess)}; C_T per layer "
+          f"{' '.join(f'{c:.4f}' for c in cts_a)}; max |diff| {diff:.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--in-memory-max", type=int, default=100_000)
     ap.add_argument("--kmeans-compare", type=int, default=100_000,
                     help="size at which FAISS's KMeans is compared with scikit-learn's")
+    ap.add_argument("--approximate", default=None, metavar="SPEC",
+                    help="also build with this approximate search (e.g. ivf:nprobe=16) and "
+                         "measure it against the exact one")
     ap.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the stores and baselines")
     args = ap.parse_args(argv)

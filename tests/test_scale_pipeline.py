@@ -71,3 +71,25 @@ def test_cli_store_option(folders, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n_train"] == 200
     assert LayerStore.open(tmp_path / "store" / "heldout").meta["n"] == 80
+
+
+def test_cli_approximate_search_is_recorded_and_a_bad_one_refused_first(folders, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("FP_CACHE_DIR", str(tmp_path / "fpcache"))
+    base = ["baseline", "build", "d", "--train", str(folders / "T"), "--heldout",
+            str(folders / "P"), "--encoder", "vit-tiny-demo", "--weights", "random:0",
+            "--n-cells", "2", "--device", "cpu", "--quiet", "--bank", str(tmp_path / "bank")]
+    bad = CliRunner().invoke(app, [*base, "--search", "ivf:nprobe=zero"])
+    assert bad.exit_code != 0 and "nprobe must be a whole number" in bad.output
+    assert "Traceback" not in bad.output
+    assert not (tmp_path / "fpcache").exists()  # refused before anything was embedded
+    ok = CliRunner().invoke(app, [*base, "--json", "--search", "ivf:nlist=4,nprobe=1,min_rows=0"])
+    assert ok.exit_code == 0, ok.output
+    row = json.loads(ok.stdout)
+    assert json.loads(row["params_json"])["search"] == "ivf:nlist=4,nprobe=1,min_rows=0"
+    loaded = load_baseline("d", bank=Bank(tmp_path / "bank"))
+    assert loaded.engine.search == "ivf:nlist=4,nprobe=1,min_rows=0"
+    exact = build_baseline("e", folders / "T", folders / "P", bank=Bank(tmp_path / "bank2"),
+                           encoder="vit-tiny-demo", weights="random:0", n_cells=2,
+                           cache_dir=tmp_path / "fpcache", **COMMON)
+    assert exact["baseline_id"] != row["baseline_id"]

@@ -290,8 +290,12 @@ def baseline_key(
     partitioner_params: dict | None = None,
     T_cells: Any = None,
     P_cells: Any = None,
+    search: str | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The id a baseline built from these inputs and parameters gets, and the input hashes.
+
+    ``search`` enters the id only when it is approximate (``ivf...``): every exact mode
+    gives the same baseline.
 
     Returns:
         ``(id, inputs)``: a 24-hex-digit id and, per layer, the SHA-256 of T and P (and of
@@ -322,7 +326,20 @@ def baseline_key(
         "partitioner": partitioner, "partitioner_params": partitioner_params or {},
         "seed": int(seed), "inputs": inputs,
     }
+    approximate = _approximate_spec(search)
+    if approximate is not None:
+        key["search"] = approximate
     return _digest_of(key)[:24], inputs
+
+
+def _approximate_spec(search: str | None) -> str | None:
+    """The canonical spelling of an approximate search; None for the exact modes."""
+    if search is None:
+        return None
+    from forensics.stats.neighbours import parse_search
+
+    ivf = parse_search(search)
+    return None if ivf is None else ivf.spec
 
 
 class Baseline:
@@ -343,7 +360,8 @@ class Baseline:
         self.meta = meta
         self.device = device
         self.distance = distance  # the distance plugin named by meta["distance"]
-        self.search = search
+        # A baseline built with the approximate search is queried with it: P and Q alike.
+        self.search = meta.get("search") or search
         self._searches: dict[tuple[str, str], Any] = {}  # per layer: T rows ready for search
 
     @property
@@ -398,8 +416,11 @@ class Baseline:
                 (e.g. to show progress).
             search: nearest-neighbour search of each cell (:mod:`forensics.stats.neighbours`):
                 ``auto`` (FAISS candidates re-ranked in float64 for large cells on CPU, the
-                distance's own exact search otherwise), ``always`` or ``never``; every mode
-                finds the exact nearest neighbour.
+                distance's own exact search otherwise), ``always`` or ``never``; every one
+                of these finds the exact nearest neighbour. ``ivf[:nlist=N,nprobe=P,
+                min_rows=R]`` is the approximate search (an inverted-file index for cells
+                of at least R rows; :mod:`forensics.stats.neighbours`): recorded in the
+                parameters and the id, and used by the baseline's queries too.
             chunk_rows: rows of T and P read at a time (T and P may be memory maps or a
                 store's rows); ``None``: :data:`forensics.stats.streaming.DEFAULT_CHUNK_ROWS`.
             shared: a cache of arrays computed from T (T's covariance of each layer), handed
@@ -422,9 +443,11 @@ class Baseline:
                              f"{partitioner!r}: drop them or use partitioner='given'")
         if partitioner == defaults.GIVEN_PARTITIONER and T_cells is None:
             raise InputError("the 'given' partitioner needs T_cells and P_cells")
+        approximate = _approximate_spec(search)  # also checks the spelling, before any work
         key, inputs = _key or baseline_key(
             T_layers, P_layers, layer_names, distance=distance, partitioner=partitioner,
-            seed=seed, partitioner_params=params, T_cells=T_cells, P_cells=P_cells)
+            seed=seed, partitioner_params=params, T_cells=T_cells, P_cells=P_cells,
+            search=search)
         n = len(layer_names)
         t_cells = _per_layer(T_cells, n, "T_cells") or [None] * n
         p_cells = _per_layer(P_cells, n, "P_cells") or [None] * n
@@ -443,6 +466,8 @@ class Baseline:
             "partitioner": partitioner, "partitioner_params": params, "seed": int(seed),
             "inputs": inputs, "layers": [_layer_meta(lb) for lb in layers],
         }
+        if approximate is not None:
+            meta["search"] = approximate
         return cls(layers, meta, device, dist, search=search)
 
     def query(
@@ -544,7 +569,7 @@ def ct_score(
         P_cells: see ``T_cells``.
         Q_cells: see ``T_cells``.
         device: torch device of the nearest-neighbour search.
-        search: ``auto``, ``always`` or ``never`` (see :meth:`Baseline.build`).
+        search: ``auto``, ``always``, ``never`` or ``ivf[:...]`` (see :meth:`Baseline.build`).
         **partitioner_params: e.g. ``n_cells``, ``pca_dim``, ``n_init`` for ``kmeans``.
 
     Returns:

@@ -18,6 +18,16 @@ the same on every run. Euclidean distances are bit-identical to the plugin's num
 because the plugin takes it from a matrix product whose rounding depends on how many
 queries share the cell.
 
+**Approximate search, on request only** (``ivf``, for T far beyond what the exact search
+affords): cells of at least ``min_rows`` rows get an inverted-file index
+(``faiss.IndexIVFFlat``, ``nlist`` lists trained on the cell's rows with a fixed seed,
+``nprobe`` of them searched); its candidates are re-ranked in float64 as above, but
+without the certificate: a nearest row outside the probed lists is missed, and the
+distance found is then larger than the exact one. Smaller cells are searched exactly.
+A baseline built this way records the search in its parameters and id, and its queries
+use the same search, so P and Q are measured alike. ``benchmarks/bench_scale.py
+--approximate`` measures its recall and its effect on C_T.
+
 Distances FAISS can search are those whose ``metric`` is one of :data:`METRICS`:
 ``cosine`` (``1 - cos``, inner product of unit rows), ``abscosine`` (``1 - |cos|``: both
 ``+q`` and ``-q`` are searched), ``euclidean`` and ``sqeuclidean`` (squared L2). Any
@@ -70,6 +80,66 @@ class _Cell:
 
 #: ``faiss`` modes of :class:`CellSearch`: by size, always (where the metric allows), never.
 MODES = ("auto", "always", "never")
+#: The approximate mode: ``ivf`` or ``ivf:nlist=N,nprobe=P,min_rows=R`` (any of the three).
+APPROXIMATE = "ivf"
+#: Inverted lists searched per query by default.
+IVF_NPROBE = 16
+#: Cells of fewer rows than this are searched exactly even in ``ivf`` mode.
+IVF_MIN_ROWS = 50_000
+#: Seed of the inverted lists' training (FAISS k-means).
+IVF_SEED = 0
+
+
+@dataclass(frozen=True)
+class IVF:
+    """Parameters of the approximate search: ``nlist`` None is ``4 sqrt(rows)`` per cell
+    (at most rows / 39, FAISS's least training rows per list)."""
+
+    nlist: int | None = None
+    nprobe: int = IVF_NPROBE
+    min_rows: int = IVF_MIN_ROWS
+
+    @property
+    def spec(self) -> str:
+        """The canonical spelling, recorded in a baseline's parameters."""
+        return (f"{APPROXIMATE}:nlist={self.nlist or 'auto'},nprobe={self.nprobe},"
+                f"min_rows={self.min_rows}")
+
+    def lists(self, rows: int) -> int:
+        """Inverted lists of a cell of ``rows`` rows."""
+        n = self.nlist if self.nlist is not None else int(4 * np.sqrt(rows))
+        return int(max(1, min(n, rows // 39)))
+
+
+def parse_search(search: str) -> IVF | None:
+    """The approximate search's parameters, or None for an exact mode (:data:`MODES`).
+
+    Raises:
+        InputError: neither an exact mode nor a well-formed ``ivf[:key=value,...]``.
+    """
+    from forensics.errors import InputError
+
+    text = str(search).strip()
+    if text in MODES:
+        return None
+    head, _, rest = text.partition(":")
+    if head != APPROXIMATE:
+        raise InputError(f"search must be one of {', '.join(MODES)} or {APPROXIMATE}"
+                         f"[:nlist=N,nprobe=P,min_rows=R], got {search!r}")
+    values: dict[str, int | None] = {}
+    for part in filter(None, (x.strip() for x in rest.split(","))):
+        key, _, value = part.partition("=")
+        if key not in ("nlist", "nprobe", "min_rows") or key in values:
+            raise InputError(f"search {search!r}: unknown or repeated key {key!r}; give "
+                             f"nlist, nprobe and/or min_rows, e.g. ivf:nprobe=32")
+        if key == "nlist" and value == "auto":
+            values[key] = None
+            continue
+        if not value.isdigit() or int(value) < (0 if key == "min_rows" else 1):
+            raise InputError(f"search {search!r}: {key} must be a whole number"
+                             f"{'' if key == 'min_rows' else ' >= 1'}, got {value!r}")
+        values[key] = int(value)
+    return IVF(**values)  # type: ignore[arg-type]
 #: In ``auto`` mode, a cell's search of fewer multiply-adds (queries x rows x features)
 #: than this stays with the plugin's exact search (for the built-ins, its numpy path).
 FAISS_MIN_WORK = 2**24
@@ -91,7 +161,8 @@ class CellSearch:
         candidates: FAISS candidates per query.
         device: torch device of the plugin's exact search.
         prepared: ``distance.prepare_reference(points)``, if the caller has it.
-        faiss: ``auto``, ``always`` or ``never``.
+        faiss: ``auto``, ``always``, ``never`` or the approximate ``ivf[:...]``
+            (:func:`parse_search`).
         prepared_exact: the plugin's exact search gets the prepared rows (``prepared=True``,
             as a baseline's queries always did) rather than the raw ones (its build did).
     """
@@ -106,13 +177,12 @@ class CellSearch:
     prepared_exact: bool = True
     #: Queries FAISS could not certify, answered by the plugin's exact search.
     fallbacks: int = 0
+    #: Queries answered by the approximate search (``ivf`` mode, large cells).
+    approximate: int = 0
     _cells: dict[int, _Cell] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.faiss not in MODES:
-            from forensics.errors import InputError
-
-            raise InputError(f"faiss must be one of {', '.join(MODES)}, got {self.faiss!r}")
+        self.ivf = parse_search(self.faiss)
         self._options: dict[str, Any] = {}
         if prepares_reference(self.distance):
             self._options = {"prepared": True}
@@ -121,6 +191,16 @@ class CellSearch:
         self.metric = getattr(self.distance, "metric", None)
         self._faiss_ok = (self.faiss != "never" and searchable(self.distance)
                           and str(self.device) == "cpu")
+        if self.ivf is not None:
+            from forensics.errors import InputError
+
+            if not searchable(self.distance):
+                raise InputError(f"search={self.faiss!r}: the approximate search needs a "
+                                 f"distance FAISS can search ({', '.join(METRICS)}); "
+                                 f"{getattr(self.distance, 'name', self.distance)!r} is not")
+            if not faiss_available():
+                raise InputError(f"search={self.faiss!r} needs FAISS: pip install faiss-cpu")
+            self._faiss_ok = True  # the index is searched on CPU whatever the device
         if self._faiss_ok and not faiss_available():
             if self.faiss == "always":
                 from forensics.errors import InputError
@@ -134,7 +214,12 @@ class CellSearch:
             self.prepared = self.distance.prepare_reference(self.points)
         return self.prepared
 
+    def _approximate(self, n: int) -> bool:
+        return self.ivf is not None and n >= self.ivf.min_rows and n > self.candidates
+
     def _uses_faiss(self, m: int, n: int) -> bool:
+        if self._approximate(n):
+            return True
         if not self._faiss_ok or n <= self.candidates:
             return False
         return self.faiss == "always" or m * n * self.points.shape[1] > FAISS_MIN_WORK
@@ -145,7 +230,19 @@ class CellSearch:
             ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
             r32 = np.ascontiguousarray(ref, dtype=np.float32)
             inner = self.metric in ("cosine", "abscosine")
-            index = (faiss.IndexFlatIP if inner else faiss.IndexFlatL2)(r32.shape[1])
+            flat = faiss.IndexFlatIP if inner else faiss.IndexFlatL2
+            if self._approximate(r32.shape[0]):
+                assert self.ivf is not None
+                quantizer = flat(r32.shape[1])
+                nlist = self.ivf.lists(r32.shape[0])
+                index = faiss.IndexIVFFlat(
+                    quantizer, r32.shape[1], nlist,
+                    faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2)
+                index.cp.seed = IVF_SEED
+                index.train(r32)
+                index.nprobe = min(self.ivf.nprobe, nlist)
+            else:
+                index = flat(r32.shape[1])
             index.add(r32)
             radius = 1.0 if inner else float(np.sqrt((ref * ref).sum(axis=1).max()))
             self._cells[c] = _Cell(index, radius)
@@ -187,9 +284,12 @@ class CellSearch:
         Zc = np.asarray(Zc, dtype=np.float64)
         dist = np.empty(Zc.shape[0])
         index = np.empty(Zc.shape[0], dtype=np.int64)
+        approximate = self._approximate(n)
         for s in range(0, Zc.shape[0], RERANK_BLOCK):
             block = Zc[s : s + RERANK_BLOCK]
             d, i, ok = self._candidates(c, block)
+            if approximate:  # no certificate: only queries with no candidate at all
+                self.approximate += int(ok.sum())
             if not ok.all():
                 bad = np.flatnonzero(~ok)
                 self.fallbacks += bad.size
@@ -220,6 +320,15 @@ class CellSearch:
             vals, cand = cell.index.search(q32, k)
             bound = vals[:, -1].astype(np.float64)
         ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
+        if self._approximate(ref.shape[0]):
+            # Probed lists can hold fewer than k rows (FAISS pads with -1): pad with the
+            # best candidate; a query with none at all is searched exactly.
+            found = cand.max(axis=1) >= 0
+            first = np.where(found, cand.max(axis=1), 0)[:, None]
+            cand = np.where(cand >= 0, cand, first)
+            cand = np.sort(cand, axis=1)
+            best_val, best = self._rerank(q, ref, cand)
+            return self._final(q, ref, best), best, found
         cand = np.sort(cand, axis=1)  # ties go to the lowest row, as in the exact search
         best_val, best = self._rerank(q, ref, cand)
         eps = (dim + 8) * 2 * _U32

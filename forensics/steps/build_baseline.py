@@ -46,6 +46,7 @@ def build_baseline(
     skip_bad: bool = False,
     ray: str | None = None,
     store: PathLike | None = None,
+    search: str = defaults.SEARCH,
 ) -> dict[str, Any]:
     """Embed T (``train``) and P (``heldout``), build the baseline once and store it.
 
@@ -75,6 +76,10 @@ def build_baseline(
             (``store/train``, ``store/heldout``; see :mod:`forensics.data.store`): the
             build then holds a bounded number of rows of one layer at a time, whatever
             the number of images. ``None``: in memory. The baseline is the same either way.
+        search: nearest-neighbour search of the cells: ``auto`` (exact), or the approximate
+            ``ivf[:nlist=N,nprobe=P,min_rows=R]`` for training sets beyond what the exact
+            search affords (recorded in the baseline's parameters and id; its effect on C_T
+            is measured by ``benchmarks/bench_scale.py --approximate``).
 
     Returns:
         The bank's ``baselines`` row of the new baseline.
@@ -98,6 +103,7 @@ def build_baseline(
     get_encoder(encoder)
     dist = get("distances", distance)
     part = get("partitioners", partitioner)
+    _check_search(search, dist)
     b = open_bank(bank)
     b.check_writable()
     taken = {r["name"]: r for r in b.baselines()}
@@ -131,7 +137,7 @@ def build_baseline(
                                     partitioner=part, seed=seed,
                                     partitioner_params=params, device=device,
                                     on_layer=lambda _i, layer: layer_done(layer),
-                                    shared=shared, bars=bars)
+                                    shared=shared, bars=bars, search=search)
         for other in taken.values():
             if other["baseline_id"] == engine.id:
                 raise BankError(f"this baseline (same images, encoder and parameters) is "
@@ -150,6 +156,15 @@ def build_baseline(
         b.add_baseline(row, save=save)
         stored()
     return b.get_baseline(name)
+
+
+def _check_search(search: str, dist: Any) -> None:
+    """A bad ``search`` is refused before anything is embedded."""
+    from forensics.stats.neighbours import METRICS, parse_search, searchable
+
+    if parse_search(search) is not None and not searchable(dist):
+        raise InputError(f"--search {search}: the approximate search needs a distance FAISS "
+                         f"can search ({', '.join(METRICS)}), not {dist.name!r}")
 
 
 def _baseline_row(name: str, T: Embeddings, P: Embeddings, engine: Any, partitioner: str,
@@ -182,6 +197,7 @@ def _baseline_row(name: str, T: Embeddings, P: Embeddings, engine: Any, partitio
             "train_folder": str(train),
             "heldout_folder": str(heldout),
             "fingerprints": sorted(extras),
+            **({"search": engine.meta["search"]} if "search" in engine.meta else {}),
             **({"skipped": {"train": [list(s) for s in T.manifest.skipped],
                             "heldout": [list(s) for s in P.manifest.skipped]}}
                if T.manifest.skipped or P.manifest.skipped else {}),

@@ -77,7 +77,7 @@ def load_or_build(
 
     device = build_kwargs.get("device", "cpu")
     key_kwargs = {k: build_kwargs[k] for k in ("seed", "partitioner_params", "T_cells",
-                  "P_cells") if k in build_kwargs}
+                  "P_cells", "search") if k in build_kwargs}
     if key_kwargs.get("partitioner_params") is None:
         key_kwargs.pop("partitioner_params", None)
     key_kwargs.update(distance=distance, partitioner=partitioner)

@@ -115,6 +115,10 @@ def build_cmd(
     store: Path = typer.Option(None, "--store",
                                help="Folder for T's and P's embeddings on disk (layer-major "
                                     "stores): memory stays bounded for large training sets."),
+    search: str = typer.Option(defaults.SEARCH, "--search",
+                               help="Nearest-neighbour search of the cells: auto (exact), or "
+                                    "the approximate ivf[:nlist=N,nprobe=P,min_rows=R] for "
+                                    "very large training sets (recorded in the baseline)."),
 ) -> None:
     """Embed T and P, build the baseline once (PCA, cells, P->T distances) and store it."""
     import json
@@ -126,6 +130,7 @@ def build_cmd(
         name, train, heldout, encoder=encoder, weights=weights, pool=pool.value,
         distance=distance, partitioner=partitioner, seed=seed, n_cells=n_cells,
         pca_dim=pca_dim, n_init=n_init, bank=bank, notes=notes, ray=ray, store=store,
+        search=search,
         **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for which, skipped in json.loads(row.get("params_json") or "{}").get("skipped", {}).items():
         for relpath, reason in skipped:
