@@ -36,17 +36,6 @@ def _one_thread(elements: int = 0) -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=1)
 
 
-def layer_workers(elements: int, layers: int) -> int:
-    """Layers of a baseline built at once: where each layer's linear algebra runs on one
-    thread (``elements`` up to :data:`SMALL_WORK`), one layer per CPU core (at most 4);
-    otherwise 1, and each layer uses every thread."""
-    import os
-
-    if elements > SMALL_WORK or layers < 2:
-        return 1
-    return max(1, min(4, os.cpu_count() or 1, layers))
-
-
 #: A query layer whose projection takes fewer multiply-adds than this runs on one BLAS
 #: thread: waking a thread pool for a small product costs more than it saves (several
 #: times more on a busy machine). Paper-sized layers (500 x 768 x 64) use every thread.

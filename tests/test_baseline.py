@@ -194,24 +194,3 @@ def test_two_builds_are_bit_identical(layers):
             assert v.tobytes() == lb.arrays()[k].tobytes(), k
     assert [r.to_dict() for r in a.query(Q, details=True)] == [
         r.to_dict() for r in b.query(Q, details=True)]
-
-
-def _clustered(n, d=16, centres=40, seed=0):
-    rng = np.random.default_rng(seed)
-    c = rng.normal(size=(centres, d)) * 4
-    return c[rng.integers(0, centres, n)] + rng.normal(size=(n, d))
-
-
-def test_layers_built_in_threads_give_the_same_baseline():
-    T = [_clustered(600, d=8 + 4 * i, seed=10 + i) for i in range(4)]
-    P = [_clustered(200, d=8 + 4 * i, seed=20 + i) for i in range(4)]
-    names = [f"l{i}" for i in range(4)]
-    seen = []
-    one = build_engine(T, P, names, workers=1)
-    two = build_engine(T, P, names, workers=3, on_layer=lambda i, name: seen.append(name))
-    assert sorted(seen) == names
-    assert one.id == two.id and one.meta == two.meta
-    for a, b in zip(one.layers, two.layers, strict=True):
-        assert a.arrays().keys() == b.arrays().keys()
-        for key, value in a.arrays().items():
-            np.testing.assert_array_equal(b.arrays()[key], value)

@@ -396,7 +396,6 @@ class Baseline:
         chunk_rows: int | None = None,
         shared: dict | None = None,
         bars: Any = None,
-        workers: int = 1,
         _key: tuple[str, list] | None = None,
     ) -> Baseline:
         """Fit the partition of every layer and measure P's distances to T.
@@ -428,10 +427,6 @@ class Baseline:
                 on to the fingerprints' ``prepare`` so that T is read once for both.
             bars: a :class:`forensics.progress.Stages` for progress bars (PCA accumulation,
                 P's distances).
-            workers: layers built at once, in threads (each layer's work is independent
-                and runs the same code, so the baseline is the same for any number; worth
-                it only where each layer's linear algebra runs on one thread, see
-                :func:`forensics.threads.layer_workers`).
 
         Raises:
             InputError: mismatched layers, bad arrays or labels, unknown names.
@@ -457,23 +452,15 @@ class Baseline:
         t_cells = _per_layer(T_cells, n, "T_cells") or [None] * n
         p_cells = _per_layer(P_cells, n, "P_cells") or [None] * n
         progress = _build_bars(bars, T_layers, P_layers) if bars is not None else None
-        def one(i: int) -> LayerBaseline:
-            built = _build_layer(layer_names[i], T_layers[i], P_layers[i], distance=dist,
-                                 partitioner=part, seed=seed, params=params, device=device,
-                                 T_lab=t_cells[i], P_lab=p_cells[i], search=search,
-                                 chunk_rows=chunk_rows, shared=shared, index=i,
-                                 progress=progress)
+        layers = []
+        for i, name in enumerate(layer_names):
+            layers.append(_build_layer(name, T_layers[i], P_layers[i], distance=dist,
+                                       partitioner=part, seed=seed, params=params,
+                                       device=device, T_lab=t_cells[i], P_lab=p_cells[i],
+                                       search=search, chunk_rows=chunk_rows, shared=shared,
+                                       index=i, progress=progress))
             if on_layer is not None:
-                on_layer(i, layer_names[i])
-            return built
-
-        if int(workers) > 1 and n > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=min(int(workers), n)) as pool:
-                layers = list(pool.map(one, range(n)))  # in layer order
-        else:
-            layers = [one(i) for i in range(n)]
+                on_layer(i, name)
         meta = {
             "format": FORMAT, "fp_version": __version__, "id": key, "distance": distance,
             "partitioner": partitioner, "partitioner_params": params, "seed": int(seed),

@@ -20,7 +20,7 @@ from forensics.steps.bank_access import (
     open_bank,
 )
 from forensics.steps.baseline_files import save_all_extras, save_engine
-from forensics.threads import _one_thread, layer_workers
+from forensics.threads import _one_thread
 
 
 def build_baseline(
@@ -132,14 +132,12 @@ def build_baseline(
     with stages(progress) as bars:
         layer_done = bars.stage("baseline layers", len(T.layers))
         shared: dict = {}  # T's covariance per layer: read once for the PCA and fingerprints
-        largest = max(a.size for a in T.arrays)
-        with _one_thread(largest):
+        with _one_thread(max(a.size for a in T.arrays)):
             engine = Baseline.build(T.arrays, P.arrays, T.layers, distance=dist,
                                     partitioner=part, seed=seed,
                                     partitioner_params=params, device=device,
                                     on_layer=lambda _i, layer: layer_done(layer),
-                                    shared=shared, bars=bars, search=search,
-                                    workers=layer_workers(largest, len(T.layers)))
+                                    shared=shared, bars=bars, search=search)
         for other in taken.values():
             if other["baseline_id"] == engine.id:
                 raise BankError(f"this baseline (same images, encoder and parameters) is "
