@@ -121,7 +121,7 @@ def run_size(n: int, args, root: Path) -> dict:
     Q = suspects(T, args.n_gen, args.dim, args.layers, args.seed)
     t_gen = time.perf_counter() - t0
     T, P = LayerStore.open(T.root), LayerStore.open(P.root)
-    base, wall, cpu, peak = timed_build(T.arrays, P.arrays, names)
+    base, wall, cpu, peak = timed_build(T.arrays, P.arrays, names, search=args.search)
     save_engine(base, folder / "baseline")
     on_disk = du(folder)
     loaded = load_engine(folder / "baseline")
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--in-memory-max", type=int, default=100_000)
     ap.add_argument("--kmeans-compare", type=int, default=100_000,
                     help="size at which FAISS's KMeans is compared with scikit-learn's")
+    ap.add_argument("--search", default="auto",
+                    help="the stores' build's search (auto: exact; ivf[:...]: approximate)")
     ap.add_argument("--approximate", default=None, metavar="SPEC",
                     help="also build with this approximate search (e.g. ivf:nprobe=16) and "
                          "measure it against the exact one")
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     print(f"setting: sizes={sizes} D={args.dim} layers={args.layers} Q={args.n_gen} P=T/4 "
+          f"search={args.search} "
           f"cpu_threads={torch.get_num_threads()} faiss_threads={faiss.omp_get_max_threads()} "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="fp-bench-scale-", dir=args.dir))
