@@ -73,7 +73,8 @@ def test_a_distance_faiss_cannot_search_is_refused():
         CellSearch(Odd(), np.zeros((3, 2)), np.array([0, 3]), faiss="ivf")
 
 
-def test_baseline_records_the_approximate_search_and_queries_with_it(tmp_path):
+def test_baseline_records_the_approximate_search_and_queries_with_it(tmp_path,
+                                                                    monkeypatch):
     T = [clustered(3000, seed=2)]
     P, Q = [clustered(800, seed=3)], [clustered(300, seed=4)]
     params = {"n_cells": 2, "n_init": 1}
@@ -90,6 +91,20 @@ def test_baseline_records_the_approximate_search_and_queries_with_it(tmp_path):
     assert np.all(np.sort(approx.layers[0].p_dist) >= np.sort(exact.layers[0].p_dist) - 1e-12)
     loaded = load_engine(save_engine(approx, tmp_path / "b"))
     assert loaded.search == approx.meta["search"]
-    assert loaded.query(Q)[0].ct == approx.query(Q)[0].ct
+    built = approx.layers[0].ivf_centroids
+    assert built and loaded.layers[0].ivf_centroids.keys() == built.keys()
+    for c, v in built.items():
+        assert v.shape == (16, approx.layers[0].t_points.shape[1])
+        np.testing.assert_array_equal(loaded.layers[0].ivf_centroids[c], v)
+    import faiss
+
+    def no_training(*_a, **_k):
+        raise AssertionError("a stored baseline's lists were trained again")
+
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", no_training)
+    assert loaded.query(Q, details=True)[0].ct == approx.query(Q)[0].ct
+    np.testing.assert_array_equal(loaded.query(Q, details=True)[0].details["nn_index"],
+                                  approx.query(Q, details=True)[0].details["nn_index"])
+    assert "ivf.0" not in "".join(exact.layers[0].arrays())  # exact baselines store none
     with pytest.raises(InputError, match="must be one of"):
         build_engine(T, P, ["l"], search="approximate")

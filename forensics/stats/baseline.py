@@ -24,7 +24,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -159,6 +159,8 @@ class LayerBaseline:
         p_dist: (n_P,) P's nearest-neighbour distances, grouped by cell, sorted within it
             (NaN in a cell without T samples).
         p_offsets: (k+1,) as ``t_offsets``, for ``p_dist``.
+        ivf_centroids: approximate search only: the trained lists' centroids of each cell
+            searched that way (by cell), stored so that queries need not train them again.
     """
 
     name: str
@@ -171,6 +173,7 @@ class LayerBaseline:
     t_offsets: np.ndarray | None = None
     p_dist: np.ndarray | None = None
     p_offsets: np.ndarray | None = None
+    ivf_centroids: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def t_counts(self) -> np.ndarray:
@@ -190,6 +193,7 @@ class LayerBaseline:
         out = {k: getattr(self, k) for k in
                ("t_points", "t_index", "t_offsets", "p_dist", "p_offsets")}
         out.update({f"partition.{k}": v for k, v in self.partition.to_arrays().items()})
+        out.update({f"ivf.{c}": v for c, v in sorted(self.ivf_centroids.items())})
         return out
 
 
@@ -262,7 +266,7 @@ def _build_layer(name: str, T: Any, P: Any, *, distance: Any, partitioner: Any, 
     by_cell_then_distance = np.lexsort((dP, P_lab))
     return LayerBaseline(
         name, STATUS_OK, "", T.shape[1], partition, t_points, t_order.astype(np.int64), t_off,
-        dP[by_cell_then_distance], p_off,
+        dP[by_cell_then_distance], p_off, ivf_centroids=dict(cells.centroids),
     )
 
 
@@ -532,7 +536,8 @@ class Baseline:
         key = (lb.name, dist.name)
         if key not in self._searches:  # once per layer, not once per cell and query
             self._searches[key] = CellSearch(dist, lb.t_points, lb.t_offsets,
-                                             device=self.device, faiss=self.search)
+                                             device=self.device, faiss=self.search,
+                                             centroids=dict(lb.ivf_centroids))
         dQ, rows = self._searches[key].search(Zq, q_lab)
         nn_index = np.where(rows >= 0, lb.t_index[np.clip(rows, 0, None)], -1)
         return dQ, nn_index.astype(np.int64)

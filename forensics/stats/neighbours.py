@@ -179,6 +179,9 @@ class CellSearch:
     fallbacks: int = 0
     #: Queries answered by the approximate search (``ivf`` mode, large cells).
     approximate: int = 0
+    #: ``ivf`` mode: the trained lists' centroids of cells, by cell (a stored baseline's);
+    #: a cell found here is not trained again. Cells trained here are added.
+    centroids: dict[int, np.ndarray] = field(default_factory=dict)
     _cells: dict[int, _Cell] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -233,13 +236,19 @@ class CellSearch:
             flat = faiss.IndexFlatIP if inner else faiss.IndexFlatL2
             if self._approximate(r32.shape[0]):
                 assert self.ivf is not None
+                metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
                 quantizer = flat(r32.shape[1])
-                nlist = self.ivf.lists(r32.shape[0])
-                index = faiss.IndexIVFFlat(
-                    quantizer, r32.shape[1], nlist,
-                    faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2)
-                index.cp.seed = IVF_SEED
-                index.train(r32)
+                given = self.centroids.get(c)
+                if given is not None:  # the lists trained at build time: no training
+                    quantizer.add(np.ascontiguousarray(given, dtype=np.float32))
+                    nlist = int(given.shape[0])
+                    index = faiss.IndexIVFFlat(quantizer, r32.shape[1], nlist, metric)
+                else:
+                    nlist = self.ivf.lists(r32.shape[0])
+                    index = faiss.IndexIVFFlat(quantizer, r32.shape[1], nlist, metric)
+                    index.cp.seed = IVF_SEED
+                    index.train(r32)
+                    self.centroids[c] = quantizer.reconstruct_n(0, nlist)
                 index.nprobe = min(self.ivf.nprobe, nlist)
             else:
                 index = flat(r32.shape[1])

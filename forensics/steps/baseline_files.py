@@ -88,10 +88,13 @@ def load_engine(directory: str | os.PathLike, device: str = "cpu") -> Baseline:
         partition = part.from_arrays(
             {k[len(pre):]: v for k, v in arrays.items() if k.startswith(pre)},
             lm["partition"])
+        ivf = f"{i}.ivf."
         layers.append(LayerBaseline(
             lm["name"], lm["status"], lm["message"], lm["dim"], partition,
             *(arrays[f"{i}.{k}"] for k in
-              ("t_points", "t_index", "t_offsets", "p_dist", "p_offsets"))))
+              ("t_points", "t_index", "t_offsets", "p_dist", "p_offsets")),
+            ivf_centroids={int(k[len(ivf):]): v for k, v in arrays.items()
+                           if k.startswith(ivf)}))
     return Baseline(layers, meta, device, dist)
 
 
