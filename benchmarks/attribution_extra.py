@@ -194,8 +194,7 @@ def rule_shortfall(V, S, fam, queries: list[np.ndarray], n: int) -> np.ndarray:
     from forensics.stats import confidence as C
 
     sim = C.simulate(V, S, [512] * len(V), fam, zscore, sizes=(n,), seed=0)
-    zstar = float(np.quantile(C.shortfall(sim.best, sim.margin, sim.best, sim.margin),
-                              1.0 - defaults.QUANTILE))
+    zstar = C.shortfall_cutoff(sim.best, sim.margin, defaults.QUANTILE)
     bm = np.array([C.margin_of(C.family_scores(zscore(q, V), fam))[1:] for q in queries])
     return C.shortfall(bm[:, 0], bm[:, 1], sim.best, sim.margin) - zstar
 

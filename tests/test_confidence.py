@@ -171,7 +171,8 @@ def test_shortfall_is_the_rule_behind_the_two_thresholds():
     rng = np.random.default_rng(3)
     gb, gm = rng.normal(0.6, 0.05, 400), np.abs(rng.normal(0.1, 0.04, 400))
     tb, tm = C.unknown_thresholds(gb, gm, 0.05)
-    zstar = np.quantile(C.shortfall(gb, gm, gb, gm), 0.95)
+    zstar = C.shortfall_cutoff(gb, gm, 0.05)
+    assert zstar == np.quantile(C.shortfall(gb, gm, gb, gm), 0.95)
     b, m = rng.normal(0.55, 0.1, 2000), np.abs(rng.normal(0.08, 0.06, 2000))
     z = C.shortfall(b, m, gb, gm)
     # away from the boundary (round-off), shortfall > z* is exactly "below a threshold"

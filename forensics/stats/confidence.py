@@ -128,22 +128,31 @@ def _interp(table: dict[int, float], n: int) -> float | None:
     return float(np.interp(np.log(max(int(n), 1)), x, y))
 
 
+def _spreads(best: np.ndarray, margin: np.ndarray) -> tuple[float, float, float, float]:
+    """Mean and standard deviation (at least 1e-12) of genuine best scores and margins."""
+    b, m = np.asarray(best, dtype=np.float64), np.asarray(margin, dtype=np.float64)
+    return float(b.mean()), max(float(b.std()), 1e-12), float(m.mean()), max(float(m.std()),
+                                                                                1e-12)
+
+
 def shortfall(best: np.ndarray, margin: np.ndarray, genuine_best: np.ndarray,
               genuine_margin: np.ndarray) -> np.ndarray:
     """How far each suspect falls short of genuine suspects of its size, in their spreads.
 
     The larger of ``(mean - best) / sd`` and ``(mean - margin) / sd``, the means and
     standard deviations taken over the genuine suspects' best scores and margins. The
-    unknown rule calls a suspect unknown when this exceeds its ``1 - quantile`` quantile
-    over the genuine suspects themselves (:func:`unknown_thresholds`); it is the rule's
-    continuous score (larger: more unlike every enrolled family).
+    unknown rule calls a suspect unknown when this exceeds :func:`shortfall_cutoff`; it is
+    the rule's continuous score (larger: more unlike every enrolled family).
     """
-    gb = np.asarray(genuine_best, dtype=np.float64)
-    gm = np.asarray(genuine_margin, dtype=np.float64)
-    mb, sb = gb.mean(), max(float(gb.std()), 1e-12)
-    mm, sm = gm.mean(), max(float(gm.std()), 1e-12)
+    mb, sb, mm, sm = _spreads(genuine_best, genuine_margin)
     return np.maximum((mb - np.asarray(best, dtype=np.float64)) / sb,
                       (mm - np.asarray(margin, dtype=np.float64)) / sm)
+
+
+def shortfall_cutoff(best: np.ndarray, margin: np.ndarray, quantile: float) -> float:
+    """``z*``: the ``1 - quantile`` quantile of the genuine suspects' own :func:`shortfall`;
+    a suspect whose shortfall exceeds it is unknown."""
+    return float(np.quantile(shortfall(best, margin, best, margin), 1.0 - quantile))
 
 
 def unknown_thresholds(best: np.ndarray, margin: np.ndarray,
@@ -154,12 +163,10 @@ def unknown_thresholds(best: np.ndarray, margin: np.ndarray,
     Each of ``best`` and ``margin`` (of genuine suspects of one size) is standardised by
     its mean and standard deviation; ``z`` is the larger of the two shortfalls
     ``(mean - value) / sd`` (:func:`shortfall`), and its ``1 - quantile`` quantile ``z*``
-    gives the thresholds ``mean - z* sd`` of each.
+    (:func:`shortfall_cutoff`) gives the thresholds ``mean - z* sd`` of each.
     """
-    b, m = np.asarray(best, dtype=np.float64), np.asarray(margin, dtype=np.float64)
-    mb, sb = b.mean(), max(float(b.std()), 1e-12)
-    mm, sm = m.mean(), max(float(m.std()), 1e-12)
-    z = float(np.quantile(shortfall(b, m, b, m), 1.0 - quantile))
+    mb, sb, mm, sm = _spreads(best, margin)
+    z = shortfall_cutoff(best, margin, quantile)
     return float(mb - z * sb), float(mm - z * sm)
 
 
