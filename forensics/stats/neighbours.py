@@ -140,6 +140,26 @@ def parse_search(search: str) -> IVF | None:
                              f"{'' if key == 'min_rows' else ' >= 1'}, got {value!r}")
         values[key] = int(value)
     return IVF(**values)  # type: ignore[arg-type]
+
+
+def check_search(search: str, distance: Any) -> IVF | None:
+    """:func:`parse_search`, and for the approximate search that FAISS is there and can
+    search ``distance`` (cheap: callers check before any expensive work).
+
+    Raises:
+        InputError: a malformed spec, or an approximate one that cannot run.
+    """
+    from forensics.errors import InputError
+
+    ivf = parse_search(search)
+    if ivf is not None:
+        if not searchable(distance):
+            raise InputError(f"search={search!r}: the approximate search needs a distance "
+                             f"FAISS can search ({', '.join(METRICS)}); "
+                             f"{getattr(distance, 'name', distance)!r} is not")
+        if not faiss_available():
+            raise InputError(f"search={search!r} needs FAISS: pip install faiss-cpu")
+    return ivf
 #: In ``auto`` mode, a cell's search of fewer multiply-adds (queries x rows x features)
 #: than this stays with the plugin's exact search (for the built-ins, its numpy path).
 FAISS_MIN_WORK = 2**24
@@ -185,7 +205,7 @@ class CellSearch:
     _cells: dict[int, _Cell] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.ivf = parse_search(self.faiss)
+        self.ivf = check_search(self.faiss, self.distance)
         self._options: dict[str, Any] = {}
         if prepares_reference(self.distance):
             self._options = {"prepared": True}
@@ -195,14 +215,6 @@ class CellSearch:
         self._faiss_ok = (self.faiss != "never" and searchable(self.distance)
                           and str(self.device) == "cpu")
         if self.ivf is not None:
-            from forensics.errors import InputError
-
-            if not searchable(self.distance):
-                raise InputError(f"search={self.faiss!r}: the approximate search needs a "
-                                 f"distance FAISS can search ({', '.join(METRICS)}); "
-                                 f"{getattr(self.distance, 'name', self.distance)!r} is not")
-            if not faiss_available():
-                raise InputError(f"search={self.faiss!r} needs FAISS: pip install faiss-cpu")
             self._faiss_ok = True  # the index is searched on CPU whatever the device
         if self._faiss_ok and not faiss_available():
             if self.faiss == "always":
@@ -332,8 +344,9 @@ class CellSearch:
         if self._approximate(ref.shape[0]):
             # Probed lists can hold fewer than k rows (FAISS pads with -1): pad with the
             # best candidate; a query with none at all is searched exactly.
-            found = cand.max(axis=1) >= 0
-            first = np.where(found, cand.max(axis=1), 0)[:, None]
+            top = cand.max(axis=1)
+            found = top >= 0
+            first = np.where(found, top, 0)[:, None]
             cand = np.where(cand >= 0, cand, first)
             cand = np.sort(cand, axis=1)
             best_val, best = self._rerank(q, ref, cand)

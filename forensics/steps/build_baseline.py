@@ -103,7 +103,9 @@ def build_baseline(
     get_encoder(encoder)
     dist = get("distances", distance)
     part = get("partitioners", partitioner)
-    _check_search(search, dist)
+    from forensics.stats.neighbours import check_search
+
+    check_search(search, dist)  # a bad --search is refused before anything is embedded
     b = open_bank(bank)
     b.check_writable()
     taken = {r["name"]: r for r in b.baselines()}
@@ -156,15 +158,6 @@ def build_baseline(
         b.add_baseline(row, save=save)
         stored()
     return b.get_baseline(name)
-
-
-def _check_search(search: str, dist: Any) -> None:
-    """A bad ``search`` is refused before anything is embedded."""
-    from forensics.stats.neighbours import METRICS, parse_search, searchable
-
-    if parse_search(search) is not None and not searchable(dist):
-        raise InputError(f"--search {search}: the approximate search needs a distance FAISS "
-                         f"can search ({', '.join(METRICS)}), not {dist.name!r}")
 
 
 def _baseline_row(name: str, T: Embeddings, P: Embeddings, engine: Any, partitioner: str,
