@@ -93,6 +93,7 @@ def build_baseline(
     from forensics.plugin.manager import get
     from forensics.stats.baseline import Baseline
     from forensics.stats.ct import check_seed
+    from forensics.stats.neighbours import check_search
     from refbank.bank import check_labels, check_name
 
     # Every cheap check first: embedding T and P is the expensive step.
@@ -103,8 +104,6 @@ def build_baseline(
     get_encoder(encoder)
     dist = get("distances", distance)
     part = get("partitioners", partitioner)
-    from forensics.stats.neighbours import check_search
-
     check_search(search, dist)  # a bad --search is refused before anything is embedded
     b = open_bank(bank)
     b.check_writable()
