@@ -54,12 +54,16 @@ def test_bench_embed_prints_both_paths_and_the_overhead():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the scale extra")
 def test_bench_ray_embeds_the_same_as_the_local_path():
-    lines = _run("bench_ray.py", "--n", "96", "--n-small", "32", "--repeat", "1",
-                 "--batch-size", "32", "--cpus", "2")
+    lines = _run("bench_ray.py", "--n", "96", "--repeat", "2", "--batch-size", "32",
+                 "--cpus", "2", "--block-rows", "32")
     diff = next(line for line in lines if line.startswith("largest difference"))
     assert float(diff.rsplit(":", 1)[1]) <= 1e-5, diff
     assert any(re.fullmatch(r"overhead \(end to end, 96 images\): -?\d+%", line)
                for line in lines), lines
+    steady = next(line for line in lines if line.startswith("overhead (steady rate)"))
+    assert re.fullmatch(r"overhead \(steady rate\): -?\d+% \(paired by repeat: median "
+                        r"-?\d+%\)", steady), steady
+    assert sum(line.startswith("repeat ") for line in lines) == 4, lines
     assert lines[-1].startswith("load average before:"), lines[-1]
 
 

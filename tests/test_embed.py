@@ -288,6 +288,17 @@ def test_second_run_hits_the_cache(tmp_path, digit_folder, digits):
     assert not list(cache.rglob("*.tmp"))
 
 
+def test_on_batch_is_told_each_computed_batch_and_not_cached_rows(tmp_path, digit_folder):
+    kw = dict(cache_dir=tmp_path / "cache", progress=False, num_workers=0, device="cpu",
+              batch_size=4)
+    sizes: list[int] = []
+    embed_folder(digit_folder, "vit-tiny-demo", on_batch=sizes.append, **kw)
+    assert sizes == [4, 2]  # six images in batches of four, as they are computed
+    sizes.clear()
+    embed_folder(digit_folder, "vit-tiny-demo", on_batch=sizes.append, **kw)
+    assert sizes == []  # all from the cache: nothing embedded
+
+
 def test_file_changed_after_scan_is_an_error(digit_folder, digits):
     from forensics.data.images import scan_folder
 

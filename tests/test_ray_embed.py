@@ -112,9 +112,11 @@ def test_a_killed_encoder_worker_is_retried_nothing_lost_or_doubled(
     _DiesOnce.marker = str(tmp_path / "died")
     monkeypatch.setattr(ray_embed, "_EncoderActor", _DiesOnce)
     cache = tmp_path / "cache"
-    emb = embed_folder(folder, ENCODER, cache_dir=cache, ray="auto",
+    sizes: list[int] = []
+    emb = embed_folder(folder, ENCODER, cache_dir=cache, ray="auto", on_batch=sizes.append,
                        **{**KW, "progress": True})
     assert os.path.exists(_DiesOnce.marker)  # the worker did die
+    assert sum(sizes) == 18  # the retried batch is counted once
     assert emb.encoder_info["cache"] == {"hits": 0, "computed": 18}
     _same_as_local(emb, local)
     entry, = cache_info(cache)["entries"]

@@ -26,7 +26,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -535,6 +535,7 @@ def embed_folder(
     skip_bad: bool = False,
     ray: str | None = None,
     store: str | os.PathLike | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Embeddings:
     """Embed every image of a folder (or of a manifest) at every layer of ``encoder``.
 
@@ -587,6 +588,7 @@ def embed_folder(
         manifest, encoder, weights, pool, device, batch_size, num_workers, cache_dir, progress,
         ray=ray,
         store=store,
+        on_batch=on_batch,
     )
 
 
@@ -670,7 +672,8 @@ def _load_encoder(encoder, weights, device, pool) -> tuple[Any, dict[str, Any]]:
 
 
 def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, batch_size,
-           num_workers, cache_dir, progress, ray=None, store=None) -> Embeddings:
+           num_workers, cache_dir, progress, ray=None, store=None, on_batch=None
+           ) -> Embeddings:
     from forensics.plugin.encoders import check_pool, resolve_device
 
     check_pool(pool)
@@ -725,7 +728,8 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
             batches = runner.batches(load, dataset.items, read, dataset.transform,
                                      batch_size)
         try:
-            out = _compute(batches, out, n, hashes, cache, progress, len(hit_rows), allocate)
+            out = _compute(batches, out, n, hashes, cache, progress, len(hit_rows), allocate,
+                           on_batch)
             break
         except _CachedSizesDiffer as exc:  # every chunk used is wrong: embed all again
             for chunk in sorted({cache.index()[hashes[r].encode()][0] for r in hit_rows}):
@@ -758,7 +762,7 @@ def _local_batches(dataset, loaded, batch_size, workers, device):
         yield rows, (loaded.forward(batch) if batch is not None else None), bad
 
 
-def _compute(batches, out, n, hashes, cache, progress, already, allocate):
+def _compute(batches, out, n, hashes, cache, progress, already, allocate, on_batch=None):
     """Collect ``batches`` into ``out`` (``allocate(dims)`` on the first batch) and the cache."""
     errors: list[str] = []
     pending: list[int] = []
@@ -780,6 +784,8 @@ def _compute(batches, out, n, hashes, cache, progress, already, allocate):
             if cache is not None and len(pending) >= CACHE_CHUNK_ROWS:
                 _flush(cache, out, hashes, pending)
             bar.advance(len(rows))
+            if on_batch is not None:
+                on_batch(len(rows))
     if cache is not None and pending:
         _flush(cache, out, hashes, pending)
     if errors:
