@@ -6,10 +6,11 @@ locally and with ``ray=``, ``--repeat`` times each, alternating which goes first
 run records when each batch of embeddings arrives (``on_batch``), which separates its
 two costs without a model:
 
-- **fixed**: the time until the first batch arrives, less that batch's share at the
-  steady rate (loading the model; for Ray also starting the encoder actor, which imports
-  torch and loads the encoder, and the Ray Data job);
-- **steady rate**: the images that arrive after the first batch over the time they take.
+- **steady rate**: the slope of the images received so far against the time of each
+  arrival (least squares over every arrival);
+- **fixed**: where that line starts, at zero images (loading the model; for Ray also
+  starting the encoder actor, which imports torch and loads the encoder, and the Ray
+  Data job).
 
 It prints every run, the median steady rate of each path, the steady-rate overhead of
 the Ray path (from the medians, and the median of the runs paired by repeat), the
@@ -36,17 +37,25 @@ from bench_embed import make_images
 
 
 def timed_run(embed) -> dict:
-    """Run ``embed(on_batch)``; its wall time, fixed cost, steady rate and result."""
+    """Run ``embed(on_batch)``; its wall time, fixed cost, steady rate and result.
+
+    The steady rate is the least-squares slope of the images received so far against the
+    time of each arrival, and the fixed cost where that line starts (at zero images): a
+    slope over every arrival, so that results which arrive together (Ray Data hands over
+    an encoder task's blocks at once) neither inflate nor deflate it.
+    """
     arrivals: list[tuple[float, int]] = []
     start = time.perf_counter()
-    result = embed(lambda k: arrivals.append((time.perf_counter(), k)))
+    result = embed(lambda k: arrivals.append((time.perf_counter() - start, k)))
     wall = time.perf_counter() - start
-    first_t, first_k = arrivals[0]
-    later = sum(k for _, k in arrivals[1:])
-    span = arrivals[-1][0] - first_t
-    rate = later / span if later and span > 0 else float("nan")
-    fixed = first_t - start - (first_k / rate if rate == rate else 0.0)
-    return {"wall": wall, "fixed": fixed, "rate": rate, "first": first_k,
+    t = np.array([a for a, _ in arrivals])
+    done = np.cumsum([k for _, k in arrivals])
+    if np.ptp(t) > 0:
+        rate, at_zero = np.polyfit(t, done, 1)
+        fixed = -at_zero / rate
+    else:  # everything arrived at once: no rate
+        rate, fixed = float("nan"), float("nan")
+    return {"wall": wall, "fixed": float(fixed), "rate": float(rate), "first": arrivals[0][1],
             "batches": len(arrivals), "result": result}
 
 
@@ -94,9 +103,9 @@ def main() -> None:
                 run = timed_run(lambda on_batch, how=paths[name]: embed_folder(
                     manifest, args.encoder, ray=how, on_batch=on_batch, **kw))
                 runs[name].append(run)
-                print(f"repeat {rep + 1} {name:5s}: {run['wall']:6.1f} s; first batch of "
-                      f"{run['first']} after {run['fixed']:5.1f} s of fixed cost; then "
-                      f"{run['rate']:8,.1f} images/s over {run['batches'] - 1} batches",
+                print(f"repeat {rep + 1} {name:5s}: {run['wall']:6.1f} s; fixed cost "
+                      f"{run['fixed']:5.1f} s, then {run['rate']:8,.1f} images/s "
+                      f"({run['batches']} arrivals, the first of {run['first']} images)",
                       flush=True)
     load_after = os.getloadavg()
 
