@@ -48,8 +48,9 @@ N_CELLS = 10
 PCA_DIM = 64
 #: KMeans restarts.
 N_INIT = 10
-#: Nearest-neighbour search of a baseline's cells: exact (FAISS candidates with a
-#: certificate for large cells). ``ivf[:...]`` is the approximate search, on request only.
+#: Nearest-neighbour search of a baseline's cells: exact (float32 candidates within the
+#: rounding bound, re-ranked in float64, for large cells). ``ivf[:...]`` is the
+#: approximate search (FAISS), on request only.
 SEARCH = "auto"
 #: Seed of every random step.
 SEED = 0

@@ -18,7 +18,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("stats/memorization.py", "given"): "layer_choice 'given' (a layer named by the user)",
     ("cli/commands/invmm.py", "invmm"): "the command's name and its progress label: the "
                                         "command is the InvMM measure's own",
-    # The FAISS search's vocabulary: the formula a distance declares in its ``metric``
+    # The candidate searches' vocabulary: the formula a distance declares in its ``metric``
     # attribute (the kind of index and re-ranking it needs), not a plugin looked up by name.
     ("stats/neighbours.py", "abscosine"): "a distance's declared metric",
     ("stats/neighbours.py", "cosine"): "a distance's declared metric",

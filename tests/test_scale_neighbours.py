@@ -1,4 +1,4 @@
-"""FAISS candidates + float64 re-rank: the exact nearest neighbour, golden C_T to 1e-9."""
+"""Float32 candidates + float64 re-rank: the exact nearest neighbour, golden C_T to 1e-9."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from forensics.plugin import manager as plugins
 from forensics.stats.ct import ct_from_distances
-from forensics.stats.neighbours import CellSearch, searchable
+from forensics.stats.neighbours import MAX_TIES, CellSearch, searchable
 from forensics.steps.engine import ct_score
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ct"
@@ -92,13 +92,35 @@ def test_equals_the_exact_numpy_search(metric, candidates):
         np.testing.assert_allclose(d, d_ref, rtol=0, atol=2e-15)
 
 
-def test_certificate_sends_unsure_queries_to_the_exact_search():
+@pytest.mark.parametrize("metric", METRICS)
+def test_rows_too_many_to_tell_apart_go_to_the_exact_search(metric):
+    dist = plugins.get("distances", metric)
+    rng = np.random.default_rng(3)
+    T = rng.normal(size=(3000, 16)) + 0.3
+    T[200:200 + MAX_TIES + 36] = T[7]  # more copies of row 7 than the product may keep
+    T[1000:1010] = T[9]  # a few copies: told apart in float64, lowest row first
+    points, _, offsets = grouped(T, np.zeros(3000, dtype=np.int64), 1)
+    Q = np.concatenate([T[[7, 7, 9, 9]], rng.normal(size=(50, 16))])
+    labels = np.zeros(Q.shape[0], dtype=np.int64)
+    search = CellSearch(dist, points, offsets, faiss="always")
+    d, i = search.search(Q, labels)
+    d_ref, i_ref = numpy_path(dist, Q, labels, points, offsets)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=0, atol=2e-15)
+    assert search.fallbacks == 2  # the two queries on row 7's copies, nothing else
+
+
+def test_a_query_with_nan_is_left_to_the_exact_search():
     dist = plugins.get("distances", "euclidean")
-    points, offsets, Q, labels = cells_data()
-    search = CellSearch(dist, points, offsets, candidates=4, faiss="always")
-    search.search(Q, labels)
-    # The 11 copies of row 5 tie: 4 candidates cannot prove which of them comes first.
-    assert 0 < search.fallbacks < Q.shape[0]
+    points, offsets, Q, labels = cells_data(dup=False)
+    Q = Q.copy()
+    Q[3, 0] = np.nan
+    search = CellSearch(dist, points, offsets, faiss="always")
+    d, i = search.search(Q, labels)
+    d_ref, i_ref = numpy_path(dist, Q, labels, points, offsets)
+    assert search.fallbacks == 1
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_array_equal(d, d_ref)
 
 
 def test_two_runs_are_bit_identical():
@@ -154,3 +176,11 @@ def test_baseline_with_faiss_reproduces_reference_codes(case, distance):
     faiss = ct_score(d["T"], d["P"], d["Q"], search="always", **kw)
     np.testing.assert_allclose(faiss.ct, case["expected"][REFERENCES[distance]], rtol=1e-9)
     assert faiss.ct == ct_score(d["T"], d["P"], d["Q"], search="never", **kw).ct
+
+
+def test_readme_states_the_search_constants():
+    from forensics.stats.neighbours import FAISS_MIN_WORK
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"a query with more than {MAX_TIES} candidates" in readme
+    assert f"exceeds 2^{FAISS_MIN_WORK.bit_length() - 1}\nmultiply-adds" in readme

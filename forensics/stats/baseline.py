@@ -419,8 +419,9 @@ class Baseline:
             on_layer: called with the index and name of each layer once it is built
                 (e.g. to show progress).
             search: nearest-neighbour search of each cell (:mod:`forensics.stats.neighbours`):
-                ``auto`` (FAISS candidates re-ranked in float64 for large cells on CPU, the
-                distance's own exact search otherwise), ``always`` or ``never``; every one
+                ``auto`` (float32 candidates of one matrix product, re-ranked in float64,
+                for large cells on CPU; the distance's own exact search otherwise),
+                ``always`` or ``never``; every one
                 of these finds the exact nearest neighbour. ``ivf[:nlist=N,nprobe=P,
                 min_rows=R]`` is the approximate search (an inverted-file index for cells
                 of at least R rows; :mod:`forensics.stats.neighbours`): recorded in the

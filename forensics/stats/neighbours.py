@@ -1,22 +1,28 @@
-"""Exact nearest neighbours within cells: FAISS finds candidates, float64 decides.
+"""Exact nearest neighbours within cells: one float32 product proposes, float64 decides.
 
-A cell's reference rows are indexed by FAISS (faiss-cpu, an exhaustive ``IndexFlat`` in
-float32). Each query gets its ``k`` best candidates there; their distances are then
-recomputed in float64 with the distance plugin's own preparation of the rows
-(``prepare_reference``: unit rows for the cosines) and the plugin's final formula, and
-the nearest is taken (the lowest row index on ties, as the plugin's exact search does).
+A cell's reference rows are kept in float32. Each block of queries gets one float32
+matrix product with them (BLAS, through numpy), and the candidates of a query are the
+rows whose float32 score (similarity, or squared distance less ``|q|^2``) is within
+twice the float32 rounding bound of its best: float32 rounding moves a similarity of
+unit rows by at most ``eps = (D + 8) 2^-23`` and a squared distance by at most
+``eps (|q| + R)^2`` (``R`` the largest row norm of the cell), so the exact nearest row is
+always among them. Their distances are then recomputed in float64 with the distance
+plugin's own preparation of the rows (``prepare_reference``: unit rows for the cosines)
+and the plugin's final formula, and the nearest is taken (the lowest row index on ties,
+as the plugin's exact search does). There is one product for ``abscosine`` too (its
+absolute values), and a query has about one candidate, so the re-rank costs next to
+nothing. A query with more than :data:`MAX_TIES` candidates (many rows as near as
+rounding can tell, e.g. duplicates) and a cell of at most ``candidates`` rows are
+searched exactly by the plugin itself, over the whole cell. The result is therefore the
+exact nearest neighbour, and the same on every run. Euclidean distances are
+bit-identical to the plugin's numpy path (the same final formula on the same row); a
+cosine can differ from it in the last bits, because the plugin takes it from a matrix
+product whose rounding depends on how many queries share the cell.
 
-The float32 search is only trusted where it provably cannot have missed the nearest row:
-float32 rounding moves a similarity of unit rows by at most ``eps = (D + 8) 2^-23`` and a
-squared distance by at most ``eps (|q| + R)^2`` (``R`` the largest row norm of the cell),
-so when the best float64 candidate beats the ``k``-th float32 value by more than ``eps``
-no row outside the candidates can be as near. A query without that certificate (or a
-cell of at most ``k`` rows) is searched exactly by the plugin itself, over the whole
-cell. The result is therefore the exact nearest neighbour, whatever FAISS returns, and
-the same on every run. Euclidean distances are bit-identical to the plugin's numpy path
-(the same final formula on the same row); a cosine can differ from it in the last bits,
-because the plugin takes it from a matrix product whose rounding depends on how many
-queries share the cell.
+(This replaced FAISS's exhaustive ``IndexFlat`` search with ``k`` candidates and a
+certificate on the ``k``-th: at the baseline's 64 dimensions its search was no faster
+than the float32 product, ``abscosine`` needed two of them, for ``+q`` and ``-q``, and the
+float64 re-rank of ``k`` candidates per query cost a tenth of a large build.)
 
 **Approximate search, on request only** (``ivf``, for T far beyond what the exact search
 affords): cells of at least ``min_rows`` rows get an inverted-file index
@@ -28,10 +34,10 @@ A baseline built this way records the search in its parameters and id, and its q
 use the same search, so P and Q are measured alike. ``benchmarks/bench_scale.py
 --approximate`` measures its recall and its effect on C_T.
 
-Distances FAISS can search are those whose ``metric`` is one of :data:`METRICS`:
-``cosine`` (``1 - cos``, inner product of unit rows), ``abscosine`` (``1 - |cos|``: both
-``+q`` and ``-q`` are searched), ``euclidean`` and ``sqeuclidean`` (squared L2). Any
-other distance is searched by the plugin alone.
+Distances this search (and FAISS's approximate one) can serve are those whose ``metric``
+is one of :data:`METRICS`: ``cosine`` (``1 - cos``, inner product of unit rows),
+``abscosine`` (``1 - |cos|``), ``euclidean`` and ``sqeuclidean`` (squared L2). Any other
+distance is searched by the plugin alone.
 """
 
 from __future__ import annotations
@@ -44,10 +50,15 @@ import numpy as np
 
 from forensics.plugin.protocols import prepares_reference
 
-#: Distance ``metric`` values FAISS can produce candidates for.
+#: Distance ``metric`` values the candidate searches can serve.
 METRICS = ("cosine", "abscosine", "euclidean", "sqeuclidean")
-#: Candidates per query (per sign, for ``abscosine``).
+#: Candidates per query of the approximate search (per sign, for ``abscosine``); cells of
+#: at most this many rows are searched by the plugin.
 DEFAULT_CANDIDATES = 32
+#: Most candidates of one query in the exact search before the plugin searches it.
+MAX_TIES = 64
+#: Float32 scores computed at once by the exact search (queries x cell rows): 64 MiB.
+PRODUCT_ELEMENTS = 2**24
 #: Queries re-ranked together (bounds the gathered candidate rows: block x k x D float64).
 RERANK_BLOCK = 4096
 #: Unit round-off of float32.
@@ -55,7 +66,7 @@ _U32 = 2.0**-24
 
 
 def searchable(distance: Any) -> bool:
-    """Whether FAISS can find candidates for ``distance`` (its ``metric`` is known)."""
+    """Whether the candidate searches can serve ``distance`` (its ``metric`` is known)."""
     return getattr(distance, "metric", None) in METRICS and prepares_reference(distance)
 
 
@@ -74,8 +85,10 @@ def faiss_available() -> bool:
 
 @dataclass
 class _Cell:
-    index: Any
-    radius: float
+    rows32: np.ndarray  # the prepared rows in float32; times -2 for the L2 metrics
+    radius: float  # largest row norm (1 for the cosines)
+    norms32: np.ndarray | None = None  # squared row norms in float32 (L2 metrics)
+    index: Any = None  # the approximate search's FAISS index
 
 
 #: ``faiss`` modes of :class:`CellSearch`: by size, always (where the metric allows), never.
@@ -170,15 +183,18 @@ class CellSearch:
     """Nearest row, within its cell, of each query, over reference rows grouped by cell.
 
     The one per-cell search of a baseline, at build time (P) and query time (Q). A cell is
-    searched by FAISS candidates (see the module docstring) when ``faiss`` is ``always``,
-    or ``auto`` and the search is large (:data:`FAISS_MIN_WORK`), on CPU, for a distance
-    FAISS can search; otherwise by the distance plugin's own exact ``nn``.
+    searched by float32 candidates (see the module docstring) when ``faiss`` is
+    ``always``, or ``auto`` and the search is large (:data:`FAISS_MIN_WORK`), on CPU, for
+    a distance they can serve; otherwise by the distance plugin's own exact ``nn``. (The
+    parameter keeps its name from when FAISS proposed the exact search's candidates; it
+    now proposes those of the approximate ``ivf`` search only.)
 
     Args:
         distance: the distance plugin.
         points: (n, d) reference rows grouped by cell (a baseline's ``t_points``).
         offsets: (k+1,) rows of cell ``c`` are ``offsets[c]:offsets[c+1]``.
-        candidates: FAISS candidates per query.
+        candidates: the approximate search's candidates per query; cells of at most this
+            many rows are searched by the plugin.
         device: torch device of the plugin's exact search.
         prepared: ``distance.prepare_reference(points)``, if the caller has it.
         faiss: ``auto``, ``always``, ``never`` or the approximate ``ivf[:...]``
@@ -195,7 +211,8 @@ class CellSearch:
     prepared: np.ndarray | None = None
     faiss: str = "auto"
     prepared_exact: bool = True
-    #: Queries FAISS could not certify, answered by the plugin's exact search.
+    #: Queries with too many candidates (:data:`MAX_TIES`), answered by the plugin's
+    #: exact search; in the approximate search, queries with none.
     fallbacks: int = 0
     #: Queries answered by the approximate search (``ivf`` mode, large cells).
     approximate: int = 0
@@ -216,12 +233,6 @@ class CellSearch:
                           and str(self.device) == "cpu")
         if self.ivf is not None:
             self._faiss_ok = True  # the index is searched on CPU whatever the device
-        if self._faiss_ok and not faiss_available():
-            if self.faiss == "always":
-                from forensics.errors import InputError
-
-                raise InputError("search='always' needs FAISS: pip install faiss-cpu")
-            self._faiss_ok = False  # auto: the plugin's exact search finds the same rows
 
     def _ref(self) -> np.ndarray:
         """The prepared reference rows (prepared on first use)."""
@@ -241,13 +252,17 @@ class CellSearch:
 
     def _cell(self, c: int) -> _Cell:
         if c not in self._cells:
-            faiss = _faiss()
             ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
             r32 = np.ascontiguousarray(ref, dtype=np.float32)
             inner = self.metric in ("cosine", "abscosine")
-            flat = faiss.IndexFlatIP if inner else faiss.IndexFlatL2
+            radius = 1.0 if inner else float(np.sqrt((ref * ref).sum(axis=1).max()))
+            cell = _Cell(r32, radius)
+            if not inner:  # q.(-2 r) is -2 (q.r) exactly: one pass less per product
+                cell.rows32, cell.norms32 = r32 * np.float32(-2), (r32 * r32).sum(axis=1)
             if self._approximate(r32.shape[0]):
                 assert self.ivf is not None
+                faiss = _faiss()
+                flat = faiss.IndexFlatIP if inner else faiss.IndexFlatL2
                 metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
                 quantizer = flat(r32.shape[1])
                 given = self.centroids.get(c)
@@ -262,11 +277,9 @@ class CellSearch:
                     index.train(r32)
                     self.centroids[c] = quantizer.reconstruct_n(0, nlist)
                 index.nprobe = min(self.ivf.nprobe, nlist)
-            else:
-                index = flat(r32.shape[1])
-            index.add(r32)
-            radius = 1.0 if inner else float(np.sqrt((ref * ref).sum(axis=1).max()))
-            self._cells[c] = _Cell(index, radius)
+                index.add(r32)
+                cell.index = index
+            self._cells[c] = cell
         return self._cells[c]
 
     def search(self, Z: np.ndarray, labels: np.ndarray,
@@ -308,7 +321,10 @@ class CellSearch:
         approximate = self._approximate(n)
         for s in range(0, Zc.shape[0], RERANK_BLOCK):
             block = Zc[s : s + RERANK_BLOCK]
-            d, i, ok = self._candidates(c, block)
+            if approximate:
+                d, i, ok = self._candidates(c, block)
+            else:
+                d, i, ok = self._product_candidates(c, block)
             if approximate:  # no certificate: only queries with no candidate at all
                 self.approximate += int(ok.sum())
             if not ok.all():
@@ -325,41 +341,79 @@ class CellSearch:
                                     return_index=True, **self._options)
         return self.distance.nn(Zc, self.points[lo:hi], device=self.device, return_index=True)
 
+    def _product_candidates(self, c: int, Zq: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The exact search of a block of queries: (distances, rows, answered).
+
+        One float32 product per slice of queries; a query's candidates are the rows whose
+        float32 score is within twice the rounding bound of its best (so the exact nearest
+        row is among them), re-ranked in float64. A query with more than
+        :data:`MAX_TIES` candidates is not answered here (``answered`` False).
+        """
+        cell = self._cell(c)
+        q = self.distance.prepare_reference(Zq)
+        q32 = np.ascontiguousarray(q, dtype=np.float32)
+        n, dim = cell.rows32.shape
+        eps = (dim + 8) * 2 * _U32
+        inner = self.metric in ("cosine", "abscosine")
+        if inner:
+            slack = np.full(q.shape[0], 2 * eps)
+        else:
+            slack = 2 * eps * (np.sqrt((q * q).sum(axis=1)) + cell.radius) ** 2
+        ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
+        best = np.zeros(q.shape[0], dtype=np.int64)
+        answered = np.ones(q.shape[0], dtype=bool)
+        step = max(1, PRODUCT_ELEMENTS // n)
+        for s in range(0, q.shape[0], step):
+            score = q32[s : s + step] @ cell.rows32.T  # (b, n) float32
+            if inner:  # similarities: the higher the nearer
+                if self.metric == "abscosine":
+                    np.abs(score, out=score)
+                near = score >= (score.max(axis=1) - slack[s : s + step])[:, None]
+            else:  # |r|^2 - 2 q.r, the squared distance less |q|^2: the lower the nearer
+                score += cell.norms32
+                near = score <= (score.min(axis=1) + slack[s : s + step])[:, None]
+            count = near.sum(axis=1)
+            few = (count >= 1) & (count <= MAX_TIES)  # none: NaN in the query
+            answered[s : s + step] = few
+            qi, rj = np.nonzero(near[few])
+            if not qi.size:
+                continue
+            qs = q[s : s + step][few]
+            if inner:
+                sim = (qs[qi] * ref[rj]).sum(axis=1)
+                key = -(np.abs(sim) if self.metric == "abscosine" else sim)
+            else:
+                diff = qs[qi] - ref[rj]
+                key = (diff * diff).sum(axis=1)
+            order = np.lexsort((rj, key, qi))  # per query: nearest, then the lowest row
+            first = order[np.r_[0, np.flatnonzero(np.diff(qi[order])) + 1]]
+            best[s + np.flatnonzero(few)] = rj[first]
+        return self._final(q, ref, best), best, answered
+
     def _candidates(self, c: int, Zq: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The approximate search of a block of queries: (distances, rows, answered)."""
         cell = self._cell(c)
         k = self.candidates
         q = self.distance.prepare_reference(Zq)
         q32 = np.ascontiguousarray(q, dtype=np.float32)
-        dim = q.shape[1]
         if self.metric == "abscosine":
-            s_pos, i_pos = cell.index.search(q32, k)
-            s_neg, i_neg = cell.index.search(-q32, k)
+            _, i_pos = cell.index.search(q32, k)
+            _, i_neg = cell.index.search(-q32, k)
             cand = np.concatenate([i_pos, i_neg], axis=1)
-            bound = np.maximum(s_pos[:, -1], s_neg[:, -1]).astype(np.float64)
         else:
-            vals, cand = cell.index.search(q32, k)
-            bound = vals[:, -1].astype(np.float64)
+            _, cand = cell.index.search(q32, k)
         ref = self._ref()[self.offsets[c] : self.offsets[c + 1]]
-        if self._approximate(ref.shape[0]):
-            # Probed lists can hold fewer than k rows (FAISS pads with -1): pad with the
-            # best candidate; a query with none at all is searched exactly.
-            top = cand.max(axis=1)
-            found = top >= 0
-            first = np.where(found, top, 0)[:, None]
-            cand = np.where(cand >= 0, cand, first)
-            cand = np.sort(cand, axis=1)
-            best_val, best = self._rerank(q, ref, cand)
-            return self._final(q, ref, best), best, found
+        # Probed lists can hold fewer than k rows (FAISS pads with -1): pad with the
+        # best candidate; a query with none at all is searched exactly.
+        top = cand.max(axis=1)
+        found = top >= 0
+        first = np.where(found, top, 0)[:, None]
+        cand = np.where(cand >= 0, cand, first)
         cand = np.sort(cand, axis=1)  # ties go to the lowest row, as in the exact search
-        best_val, best = self._rerank(q, ref, cand)
-        eps = (dim + 8) * 2 * _U32
-        if self.metric in ("cosine", "abscosine"):
-            ok = best_val > bound + eps  # best_val: the (absolute) cosine
-        else:
-            qn = np.sqrt((q * q).sum(axis=1))
-            ok = best_val < bound - eps * (qn + cell.radius) ** 2  # squared distances
-        return self._final(q, ref, best), best, ok
+        _, best = self._rerank(q, ref, cand)
+        return self._final(q, ref, best), best, found
 
     def _rerank(self, q: np.ndarray, ref: np.ndarray, cand: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
