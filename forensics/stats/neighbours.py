@@ -27,9 +27,10 @@ float64 re-rank of ``k`` candidates per query cost a tenth of a large build.)
 **Approximate search, on request only** (``ivf``, for T far beyond what the exact search
 affords): cells of at least ``min_rows`` rows get an inverted-file index
 (``faiss.IndexIVFFlat``, ``nlist`` lists trained on the cell's rows with a fixed seed,
-``nprobe`` of them searched); its candidates are re-ranked in float64 as above, but
-without the certificate: a nearest row outside the probed lists is missed, and the
-distance found is then larger than the exact one. Smaller cells are searched exactly.
+``nprobe`` of them searched); its ``candidates`` best are re-ranked in float64 as above,
+but nothing bounds what it did not look at: a nearest row outside the probed lists is
+missed, and the distance found is then larger than the exact one. Smaller cells are
+searched exactly.
 A baseline built this way records the search in its parameters and id, and its queries
 use the same search, so P and Q are measured alike. ``benchmarks/bench_scale.py
 --approximate`` measures its recall and its effect on C_T.
@@ -325,7 +326,7 @@ class CellSearch:
                 d, i, ok = self._candidates(c, block)
             else:
                 d, i, ok = self._product_candidates(c, block)
-            if approximate:  # no certificate: only queries with no candidate at all
+            if approximate:  # no bound: only queries with no candidate at all are redone
                 self.approximate += int(ok.sum())
             if not ok.all():
                 bad = np.flatnonzero(~ok)
