@@ -174,6 +174,8 @@ def check_search(search: str, distance: Any) -> IVF | None:
         if not faiss_available():
             raise InputError(f"search={search!r} needs FAISS: pip install faiss-cpu")
     return ivf
+
+
 #: In ``auto`` mode, a cell's search of fewer multiply-adds (queries x rows x features)
 #: than this stays with the plugin's exact search (for the built-ins, its numpy path).
 FAISS_MIN_WORK = 2**24
@@ -230,10 +232,10 @@ class CellSearch:
         else:
             self.prepared, self.prepared_exact = self.points, True
         self.metric = getattr(self.distance, "metric", None)
-        self._faiss_ok = (self.faiss != "never" and searchable(self.distance)
+        self._candidates_ok = (self.faiss != "never" and searchable(self.distance)
                           and str(self.device) == "cpu")
         if self.ivf is not None:
-            self._faiss_ok = True  # the index is searched on CPU whatever the device
+            self._candidates_ok = True  # the index is searched on CPU whatever the device
 
     def _ref(self) -> np.ndarray:
         """The prepared reference rows (prepared on first use)."""
@@ -244,10 +246,10 @@ class CellSearch:
     def _approximate(self, n: int) -> bool:
         return self.ivf is not None and n >= self.ivf.min_rows and n > self.candidates
 
-    def _uses_faiss(self, m: int, n: int) -> bool:
+    def _uses_candidates(self, m: int, n: int) -> bool:
         if self._approximate(n):
             return True
-        if not self._faiss_ok or n <= self.candidates:
+        if not self._candidates_ok or n <= self.candidates:
             return False
         return self.faiss == "always" or m * n * self.points.shape[1] > FAISS_MIN_WORK
 
@@ -314,7 +316,7 @@ class CellSearch:
     def search_cell(self, c: int, Zc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest row (index within cell ``c``) and its distance for each row of ``Zc``."""
         n = int(self.offsets[c + 1] - self.offsets[c])
-        if not self._uses_faiss(Zc.shape[0], n):
+        if not self._uses_candidates(Zc.shape[0], n):
             return self._exact(c, Zc)
         Zc = np.asarray(Zc, dtype=np.float64)
         dist = np.empty(Zc.shape[0])
@@ -322,12 +324,11 @@ class CellSearch:
         approximate = self._approximate(n)
         for s in range(0, Zc.shape[0], RERANK_BLOCK):
             block = Zc[s : s + RERANK_BLOCK]
-            if approximate:
+            if approximate:  # no bound: only queries with no candidate at all are redone
                 d, i, ok = self._candidates(c, block)
+                self.approximate += int(ok.sum())
             else:
                 d, i, ok = self._product_candidates(c, block)
-            if approximate:  # no bound: only queries with no candidate at all are redone
-                self.approximate += int(ok.sum())
             if not ok.all():
                 bad = np.flatnonzero(~ok)
                 self.fallbacks += bad.size
@@ -377,19 +378,15 @@ class CellSearch:
             count = near.sum(axis=1)
             few = (count >= 1) & (count <= MAX_TIES)  # none: NaN in the query
             answered[s : s + step] = few
-            qi, rj = np.nonzero(near[few])
+            qi, rj = np.nonzero(near[few])  # rows ascending within each query
             if not qi.size:
                 continue
-            qs = q[s : s + step][few]
-            if inner:
-                sim = (qs[qi] * ref[rj]).sum(axis=1)
-                key = -(np.abs(sim) if self.metric == "abscosine" else sim)
-            else:
-                diff = qs[qi] - ref[rj]
-                key = (diff * diff).sum(axis=1)
-            order = np.lexsort((rj, key, qi))  # per query: nearest, then the lowest row
-            first = order[np.r_[0, np.flatnonzero(np.diff(qi[order])) + 1]]
-            best[s + np.flatnonzero(few)] = rj[first]
+            # One row of candidates per query, padded with its first (lowest) row.
+            counts = count[few]
+            starts = np.cumsum(counts) - counts
+            cand = np.repeat(rj[starts][:, None], counts.max(), axis=1)
+            cand[qi, np.arange(qi.size) - starts[qi]] = rj
+            best[s + np.flatnonzero(few)] = self._rerank(q[s : s + step][few], ref, cand)
         return self._final(q, ref, best), best, answered
 
     def _candidates(self, c: int, Zq: np.ndarray
@@ -413,12 +410,12 @@ class CellSearch:
         first = np.where(found, top, 0)[:, None]
         cand = np.where(cand >= 0, cand, first)
         cand = np.sort(cand, axis=1)  # ties go to the lowest row, as in the exact search
-        _, best = self._rerank(q, ref, cand)
+        best = self._rerank(q, ref, cand)
         return self._final(q, ref, best), best, found
 
-    def _rerank(self, q: np.ndarray, ref: np.ndarray, cand: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Best candidate of each query in float64: (its similarity or squared distance, row)."""
+    def _rerank(self, q: np.ndarray, ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Row of each query's best candidate in float64 (``cand``: (b, k) rows; on ties
+        the first in its row of ``cand``)."""
         rows = ref[cand]  # (b, k, d)
         if self.metric in ("cosine", "abscosine"):
             sim = (q[:, None, :] * rows).sum(axis=2)
@@ -429,8 +426,7 @@ class CellSearch:
             diff = q[:, None, :] - rows
             sim = (diff * diff).sum(axis=2)
             j = sim.argmin(axis=1)
-        pick = np.arange(q.shape[0])
-        return sim[pick, j], cand[pick, j].astype(np.int64)
+        return cand[np.arange(q.shape[0]), j].astype(np.int64)
 
     def _final(self, q: np.ndarray, ref: np.ndarray, best: np.ndarray) -> np.ndarray:
         """The plugin's distance of each query to its chosen row, in float64."""
