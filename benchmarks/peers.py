@@ -234,6 +234,9 @@ class Lite0Features:
         a = np.asarray(images)
         x = torch.from_numpy(a.astype(np.float32) / 127.5 - 1.0)
         x = x[:, None].expand(-1, 3, -1, -1) if a.ndim == 3 else x.permute(0, 3, 1, 2)
+        # One memory layout for grey and RGB input: a channels-last tensor would run other
+        # convolution kernels, whose float32 sums differ in the last bits.
+        x = x.contiguous()
         return torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                                align_corners=False, antialias=True)
 

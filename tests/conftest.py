@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ["FP_LOAD_PLUGINS"] = ""
@@ -22,6 +23,33 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+#: float32's unit round-off.
+U32 = 2.0**-24
+
+
+def assert_close32(actual, expected, *, terms: int) -> None:
+    """Assert two float32 computations of one quantity agree as far as float32 can promise.
+
+    Other kernels, batch shapes, memory layouts or summation orders change float32 results
+    in the last bits, and which ones differ changes from CPU to CPU. A sum of ``terms``
+    rounded products errs by at most about ``terms * u * sum |x_i|`` (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, sec. 3.1), so every entry is held to ``terms * u``
+    times the array's largest magnitude, never to a relative bound per entry that entries
+    near zero cannot meet. ``terms`` is the longest chain of accumulations behind an entry
+    (for a network, roughly its depth times its widest sum). A real fault (another layer,
+    pooling, weight or image) is orders of magnitude above this bound.
+    """
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.array_equal(np.isnan(a), np.isnan(b)), "NaN in different places"
+    a, b = np.nan_to_num(a), np.nan_to_num(b)
+    scale = max(float(np.abs(b).max(initial=0.0)), float(np.finfo(np.float32).tiny))
+    bound = terms * U32 * scale
+    err = float(np.abs(a - b).max(initial=0.0))
+    assert err <= bound, (f"max |difference| {err:.3g} is above what float32 can promise, "
+                          f"{bound:.3g} ({terms} terms x 2^-24 x scale {scale:.3g})")
 
 
 def pytest_addoption(parser):

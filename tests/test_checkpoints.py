@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_close32
 
 from forensics.data.embed import embed_arrays, get_encoder
 from forensics.errors import OfflineError, UnknownNameError
@@ -139,7 +140,7 @@ def test_hf_hub_names_load_from_the_hub_cache(tmp_path, monkeypatch, digits, dem
     reference = embed_arrays(digits, "vit-tiny-demo", weights="random:0", cache_dir=None,
                              device="cpu")
     for a, b in zip(emb.arrays, reference.arrays, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert_close32(a, b, terms=4096)
     with pytest.raises(OfflineError, match="someone/absent"):
         get_encoder("hf-hub:someone/absent").layer_names()
     with pytest.raises(UnknownNameError, match="hf-hub:<owner>/<repo>"):
