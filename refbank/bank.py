@@ -886,6 +886,18 @@ def _fingerprints(value: Any, what: str) -> dict[str, list[float]]:
     return out
 
 
+def curve_params(row: dict[str, Any]) -> dict[str, Any]:
+    """A curve row's parameters: ``params`` of a row about to be stored, or its stored
+    ``params_json`` (``{}`` when none)."""
+    if isinstance(row.get("params"), dict):
+        return row["params"]
+    try:
+        return json.loads(row.get("params_json") or "{}")
+    except ValueError:
+        raise BankError(f"curve {row.get('curve_id')!r} has unreadable params_json; "
+                        f"run fp bank verify") from None
+
+
 def curve_fingerprints(row: dict[str, Any]) -> dict[str, list[float]]:
     """The fingerprint vectors stored with a curve row (``{}`` when none).
 

@@ -29,7 +29,7 @@ from forensics.steps.build_baseline import build_baseline
 from forensics.steps.curve import compute_curve
 from forensics.steps.enroll import enroll
 from refbank import Bank
-from refbank.bank import curve_fingerprints
+from refbank.bank import curve_fingerprints, curve_params
 
 N = 60  # images per curve: with 2 cells a cell holds about 30 > 20 (the default tau)
 COMMON = {"device": "cpu", "progress": False}
@@ -627,3 +627,39 @@ def test_cli_lists_fingerprints():
                                          "proj-mean-early", "resid-ct", "resid-early",
                                          "setstats"]
     assert all(r["plugin"] == "fp_plugins.fingerprints" and r["description"] for r in rows)
+
+
+def test_small_sets_enroll_without_ct_and_only_ct_matching_refuses_them(world, tmp_path):
+    """A curator's 8 samples of a model enroll: the fingerprints that read C_T are left out
+    (said once), the default fingerprint matches them, and C_T matching refuses them."""
+    bank = Bank(tmp_path / "small")
+    shutil.copytree(world["bank"].path, bank.path)
+    kw = dict(world["kw"], bank=bank)
+    small = tmp_path / "small_gen"
+    synth_folder("noise", world["folders"]["tiny"], small, seed=5, sigma=24.0)
+    messages: list[str] = []
+    ids = enroll(small, baseline="digits", model="noise-small", family="noise", per_curve=4,
+                 echo=messages.append, **kw)
+    assert len(ids) == 2
+    said = [m for m in messages if "C_T is undefined" in m]
+    assert len(said) == 1 and "2 of 2 curve(s)" in said[0] and "paper" in said[0], messages
+    rows = bank.curves(curve_id=ids)
+    for row in rows:
+        undefined = curve_params(row)["ct_undefined"]
+        assert undefined["layers"] == row["layers"] and "C_T needs about" in undefined["reason"]
+        stored = curve_fingerprints(row)
+        assert "resid-early" in stored and "setstats" in stored
+        assert not {"paper", "resid-ct", "proj-mean-ct"} & set(stored)
+        assert np.isnan(row["values"]).all()
+    a = attribute(world["folders"]["query_noise"], n_boot=0, **kw)  # the default: no C_T
+    assert a.decision.nearest_family == "noise"
+    assert set(ids) <= {m.curve_id for m in attribute(
+        world["folders"]["query_noise"], n_boot=0, top=10, **kw).ranking}
+    for name in ("paper", "resid-ct"):
+        with pytest.raises(BankError, match=f"2 enrolled curve.* have no C_T, which {name!r}"
+                                            f".*{ids[0]}.*the default, resid-early"):
+            attribute(world["folders"]["query_noise"], n_boot=0, fingerprint=name, **kw)
+    from forensics.steps.evaluate import evaluate_bank
+
+    with pytest.raises(BankError, match="have no C_T"):
+        evaluate_bank(bank=bank, fingerprint="paper", n_boot=0)

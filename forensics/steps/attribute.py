@@ -47,11 +47,34 @@ def _pick_baseline(b: Any, rows: list[dict[str, Any]], baseline: str | None) -> 
     return None
 
 
+def refuse_undefined_ct(fp: Any, rows: list[dict[str, Any]], where: str) -> None:
+    """Refuse to match on a C_T fingerprint when enrolled curves have no C_T (small sets).
+
+    Raises:
+        BankError: naming the curves, why their C_T is undefined, and what to do.
+    """
+    from forensics.steps.enroll import CT_UNDEFINED
+    from refbank.bank import curve_params
+
+    if not fpmod.needs_ct(fp):
+        return
+    small = [(r, curve_params(r)[CT_UNDEFINED]) for r in rows if curve_params(r).get(CT_UNDEFINED)]
+    if small:
+        shown = ", ".join(r["curve_id"] for r, _ in small[:5]) + (" ..." if len(small) > 5
+                                                                 else "")
+        raise BankError(
+            f"{len(small)} enrolled curve(s){where} have no C_T, which {fp.name!r} matches on "
+            f"({shown}): {small[0][1]['reason']}. Match on a fingerprint "
+            f"that reads no C_T (the default, {defaults.FINGERPRINT}), or remove those curves "
+            f"(fp bank remove) and enroll larger sets")
+
+
 def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarray,
                        where: str) -> np.ndarray:
     """The enrolled vectors of fingerprint ``fp`` (the paper's: the ``values`` column)."""
     from refbank.bank import curve_fingerprints
 
+    refuse_undefined_ct(fp, same_rows, where)
     if fp.name == defaults.PAPER_FINGERPRINT:
         return refs
     vecs, lacking = [], []

@@ -173,9 +173,21 @@ def _check_defined(results: list[Any], what: str) -> None:
         )
 
 
+def undefined_layers(results: Sequence[Any]) -> list[str]:
+    """The layers whose C_T is undefined (too few images share a cell)."""
+    return [r.layer for r in results if r.status == "no_cells"]
+
+
 def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: float | None,
              details: bool, fps: Sequence[Any], what: str, folder: str | None,
-             extra: dict[str, Any] | None = None, spreads: bool = False) -> CurveResult:
+             extra: dict[str, Any] | None = None, spreads: bool = False,
+             undefined_ok: bool = False) -> CurveResult:
+    """Measure ``rows`` of ``emb``: the curve, its fingerprints and provenance.
+
+    With ``undefined_ok``, a set too small for C_T at some layer is measured all the same:
+    the curve holds NaN there and the fingerprints that read C_T are left out of
+    ``fingerprints`` (refused otherwise, with what to do).
+    """
     from forensics.stats.curve import Curve, make_provenance
 
     if len(rows) < defaults.MIN_IMAGES:
@@ -183,7 +195,9 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
             f"{what}: {len(rows)} image(s); a set needs at least {defaults.MIN_IMAGES} images")
     need = details or any(getattr(fp, "needs_details", False) for fp in fps)
     results, Q = _query(loaded, emb, rows, tau, need)
-    if any(fpmod.needs_ct(fp) for fp in fps):
+    if undefined_ok and undefined_layers(results):
+        fps = [fp for fp in fps if not fpmod.needs_ct(fp)]
+    elif any(fpmod.needs_ct(fp) for fp in fps):
         _check_defined(results, what)
     vectors = _vectors(fps, loaded, results, Q)
     manifest_sha, _ = _subset_manifest_sha(emb, rows)

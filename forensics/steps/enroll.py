@@ -18,8 +18,17 @@ from forensics.steps.bank_access import (
     load_baseline,
     open_bank,
 )
-from forensics.steps.curve import _check_tau, _embed_suspect, _fingerprint_objects, _measure
+from forensics.steps.curve import (
+    _check_tau,
+    _embed_suspect,
+    _fingerprint_objects,
+    _measure,
+    undefined_layers,
+)
 from forensics.threads import _one_thread
+
+#: Key in a curve's ``params`` naming the layers where its C_T is undefined, and why.
+CT_UNDEFINED = "ct_undefined"
 
 
 def enroll(
@@ -104,7 +113,7 @@ def enroll(
     if n < per:
         raise InsufficientDataError(
             f"{folder} holds {n} image(s), fewer than --per-curve {per}; add images or "
-            f"lower --per-curve (C_T needs more than 20 images in a cell with the default tau)"
+            f"lower --per-curve (--per-curve {n} enrolls them as one curve)"
         )
     k, rest = divmod(n, per)
     if not allow_duplicate:
@@ -123,7 +132,26 @@ def enroll(
     with _one_thread():
         rows = [_enroll_chunk(loaded, emb, c, k, per, fps, folder, tau, manifest.sha256, labels)
                 for c in range(k)]
+    note = _undefined_note(rows, fps)
+    if note:
+        say(note)
     return b.add_curves(rows, allow_duplicate=allow_duplicate)
+
+
+def _undefined_note(rows: list[dict[str, Any]], fps: Sequence[Any]) -> str | None:
+    """One message for the curves whose C_T is undefined at some layer (None: no such)."""
+    from forensics.stats import fingerprints as fpmod
+
+    small = [r for r in rows if r["params"].get(CT_UNDEFINED)]
+    if not small:
+        return None
+    layers = sorted({x for r in small for x in r["params"][CT_UNDEFINED]["layers"]})
+    reading = sorted(fp.name for fp in fps if fpmod.needs_ct(fp))
+    return (f"C_T is undefined for {len(small)} of {len(rows)} curve(s) at {len(layers)} "
+            f"layer(s): {small[0]['params'][CT_UNDEFINED]['reason']}. They are stored "
+            f"without the fingerprints that read C_T "
+            f"({', '.join(reading) or 'none'}); fp attribute's default fingerprint "
+            f"({defaults.FINGERPRINT}) reads no C_T and matches them")
 
 
 def _refuse_enrolled(b: Any, loaded: LoadedBaseline, manifest: Any, k: int, per: int,
@@ -153,9 +181,19 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
         what=f"{folder} (curve {c + 1} of {k}: images {c * per}..{(c + 1) * per - 1})",
         extra={"chunk": {"index": c, "of": k, "start": c * per, "stop": (c + 1) * per,
                          "folder_manifest_sha256": folder_sha}},
-        spreads=True,
+        spreads=True, undefined_ok=True,
     )
     row = res.curve.to_row(**labels)
+    undefined = undefined_layers(res.results)
+    if undefined:  # too few images for C_T there: said once by enroll, refused by C_T matching
+        from forensics.stats.ct import needed_count
+
+        r = next(r for r in res.results if r.layer == undefined[0])
+        need = needed_count(r.tau, r.m)
+        row["params"][CT_UNDEFINED] = {
+            "layers": undefined,
+            "reason": (f"no cell holds {need} of the curve's {per} images (C_T needs about "
+                       f"{need * len(r.cells)} spread over {len(r.cells)} cells)")}
     if res.curve.provenance.get("skipped"):  # the folder's files left out with skip_bad
         row["params"]["skipped"] = res.curve.provenance["skipped"]
     row["params"]["folder_manifest_sha256"] = folder_sha  # the folder the curve was cut from

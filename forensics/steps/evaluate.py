@@ -438,7 +438,7 @@ def evaluate_bank(
     from forensics.plugin import manager as plugins
     from forensics.stats import fingerprints as fpmod
     from forensics.stats.attribution import keep_mask
-    from forensics.steps.attribute import _reference_vectors
+    from forensics.steps.attribute import _reference_vectors, refuse_undefined_ct
     from forensics.steps.bank_access import open_bank
 
     fp = plugins.get("fingerprints", fingerprint or defaults.FINGERPRINT)
@@ -451,6 +451,7 @@ def evaluate_bank(
     kw: dict[str, Any] = {"matchers": objs, "protocol": protocol, "n_boot": n_boot,
                           "seed": seed, "level": level}
     if fp.name == defaults.PAPER_FINGERPRINT:
+        refuse_undefined_ct(fp, rows, f" of baseline {base['name']!r}")
         result = evaluate_curves(rows, drop_layers=drop_layers, **kw)
     else:
         vectors = _reference_vectors(fp, rows, np.empty((0, 0)), f" of baseline {base['name']!r}")
