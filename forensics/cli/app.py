@@ -42,6 +42,17 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+#: The top-level commands as users meet them: ``fp --help`` shows one panel each, in this
+#: order, with the commands in the order given.
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Investigate", ("attribute", "case")),
+    ("Build the bank", ("baseline", "enroll", "bank")),
+    ("Memorization", ("memorization", "memorize", "invmm")),
+    ("Research", ("curve", "ct", "evaluate", "synth", "embed")),
+    ("Set-up", ("encoders", "plugins", "list", "cache", "demo")),
+)
+
+
 def _debug_enabled(ctx: click.Context | None) -> bool:
     if os.environ.get("FP_DEBUG"):
         return True
@@ -65,6 +76,14 @@ class FpGroup(TyperGroup):
         super().__init__(*args, **kwargs)
         for command in walk(self):
             keep_help_literal(command)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The top-level commands in :data:`PANELS` order (Typer lists groups last)."""
+        names = super().list_commands(ctx)
+        if ctx.parent is not None:
+            return names
+        rank = {name: i for i, name in enumerate(n for _, ns in PANELS for n in ns)}
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:  # noqa: D102
         words = args[: args.index("--")] if "--" in args else args
@@ -128,8 +147,24 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
+def _arrange_panels(app: typer.Typer) -> None:
+    """Put every top-level command in its :data:`PANELS` panel."""
+    panel_of = {name: title for title, names in PANELS for name in names}
+
+    def name_of(info) -> str:
+        return info.name or info.typer_instance.info.name
+
+    for infos in (app.registered_commands, app.registered_groups):
+        for info in infos:
+            name = name_of(info)
+            if name not in panel_of:
+                raise RuntimeError(f"command {name!r} has no panel in forensics.cli.app.PANELS")
+            info.rich_help_panel = panel_of[name]
+
+
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
+_arrange_panels(app)
 
 
 def main() -> None:

@@ -44,6 +44,9 @@ def keep_help_literal(command: click.Command) -> None:
 
     def wrapper(ctx: click.Context, formatter: click.HelpFormatter) -> None:
         _escape_help(ctx.find_root().command)
+        for param in command.get_params(ctx):  # on/off flags take no value: no "<bool>"
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
         format_help(ctx, formatter)
 
     command.format_help = wrapper

@@ -153,6 +153,18 @@ def _decision(data: dict[str, Any]) -> str:
             f'<table class="kv"><tbody>{rows}</tbody></table></div>')
 
 
+def _stability(boot: dict[str, Any] | None) -> str:
+    """The bootstrap, named for what it is: stability, not a probability of being right."""
+    if not boot:
+        return '<p class="muted">Not measured (--n-boot 0).</p>'
+    names = {"confidence": "stability (family)", "model_confidence": "stability (model)"}
+    shown = {names.get(k, k): v for k, v in boot.items()}
+    return ('<p class="muted">The share of resamples of the suspect images that give the '
+            'same answer: how much the answer depends on which images were given. It is not '
+            'the probability that the answer is right (that is the confidence above), and it '
+            'can be 1.00 on a wrong answer.</p>' + nested(shown))
+
+
 def _ranking(data: dict[str, Any], rows_by_id: dict[str, dict[str, Any]]) -> str:
     threshold = data["decision"].get("threshold")
     out, classes = [], []
@@ -271,7 +283,7 @@ def render(data: dict[str, Any], picture: bytes | None, rows: Sequence[dict[str,
         f"<h2>Ranking</h2>{_ranking(data, rows_by_id)}",
         f"<h2>Picture</h2>{pic}",
         f"<h2>Calibration of unknown</h2>{nested(data.get('calibration') or {})}",
-        f"<h2>Bootstrap</h2>{nested(data.get('bootstrap') or {'n_boot': 0})}",
+        f"<h2>Stability under resampling</h2>{_stability(data.get('bootstrap'))}",
         f"<h2>Suspect images</h2>{sheet}",
         f"<h2>Files and hashes</h2>{hashes}",
         f"<h2>Bank rows used</h2><p class=muted>{len(rows)} enrolled curve(s) of the "

@@ -20,15 +20,18 @@ def register(app: typer.Typer) -> None:
                                        "default bank unless given here]."),
         encoder: str = typer.Option(defaults.DEMO_ENCODER, "--encoder", "-e",
                                     help="Encoder name."),
-        weights: str = typer.Option(defaults.DEMO_WEIGHTS, "--weights",
-                                    help="Encoder weights spec."),
+        weights: str = typer.Option(None, "--weights",
+                                    help="Encoder weights spec [default: the encoder's own]."),
         quick: bool = typer.Option(False, "--quick",
                                    help="Two generator families and fewer images (seconds)."),
         seed: int = typer.Option(defaults.SEED, "--seed",
                                  help="Seed of the split, sampling, generators."),
-        fingerprint: str = typer.Option(defaults.DEMO_FINGERPRINT, "--fingerprint",
+        fingerprint: str = typer.Option(defaults.FINGERPRINT, "--fingerprint",
                                         help="What attribution matches on (fp list "
                                              "fingerprints)."),
+        compare: str = typer.Option(defaults.DEMO_COMPARE, "--compare",
+                                    help="A second fingerprint attributed beside it (the "
+                                         "paper's C_T curve by default), or none."),
         device: str = typer.Option("cpu", "--device", help="cpu, auto, cuda or cuda:N."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No step-by-step messages."),
@@ -41,21 +44,42 @@ def register(app: typer.Typer) -> None:
             if not (quiet or as_json):
                 typer.echo(msg, err=True)
 
+        compare_fp = None if compare.strip().lower() in ("", "none") else compare
         result = run_demo(out, bank=bank, encoder=encoder, weights=weights, quick=quick,
-                          seed=seed, fingerprint=fingerprint, device=device, echo=say)
+                          seed=seed, fingerprint=fingerprint, compare=compare_fp,
+                          device=device, echo=say)
         if as_json:
             echo_json(result.to_dict())
             return
-        _print_table(
-            ["generator", "true family", "decided family", "model", "unknown", "confidence",
-             "stability", "correct?"],
-            [[r.generator + ("" if r.enrolled else " (never enrolled)"), r.true_family,
-              r.decided_family or "-", r.decided_model or "-", "yes" if r.unknown else "no",
-              "-" if r.confidence is None else f"{r.confidence:.2f}",
-              "-" if r.stability is None else f"{r.stability:.2f}",
-              "yes" if r.correct else "NO"] for r in result.rows],
-            title=f"fp demo: attribution of fresh samples ({result.encoder}, "
-                  f"weights {result.weights}, fingerprint {result.fingerprint})",
-        )
+        how = f"fp: {result.fingerprint}" + (f"; paper's method: {result.compare} curve"
+                                             if result.compare else "")
+        _print_table(*demo_table(result),
+                     title=f"fp demo: attribution of fresh samples ({result.encoder}; {how})")
         typer.echo(result.summary())
         typer.echo(f"Bank: {result.bank}   images: {result.out}/data")
+
+
+def demo_table(result) -> tuple[list[str], list[list[str]]]:
+    """The demo's table: fp's answer and confidence, then the paper's answer, per generator."""
+    def verdict(unknown: bool | None, family: str | None, closest: str | None = None) -> str:
+        if unknown:
+            return "unknown" + (f" (closest: {closest})" if closest else "")
+        return family or "-"
+
+    compared = result.compare is not None
+    head = ["generator", "true family", "fp's answer", "confidence", "right?"]
+    if compared:
+        head += ["paper's method", "right?"]
+    rows = []
+    for r in result.rows:
+        row = [r.generator + ("" if r.enrolled else " (never enrolled)"),
+               r.true_family,
+               verdict(r.unknown, r.decided_family and f"{r.decided_family} / {r.decided_model}",
+                       r.closest_family),
+               "-" if r.confidence is None else f"{r.confidence:.2f}",
+               "yes" if r.correct else "NO"]
+        if compared:
+            row += [verdict(r.paper_unknown, r.paper_family),
+                    "yes" if r.paper_correct else "NO"]
+        rows.append(row)
+    return head, rows

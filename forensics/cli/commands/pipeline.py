@@ -287,8 +287,6 @@ def attribute_cmd(
     verdict = "UNKNOWN (no enrolled family is close enough)" if d.unknown else \
         f"family {printable(d.family)}, model {printable(d.model)}"
     conf = "" if d.confidence is None else f"   confidence {d.confidence:.2f}"
-    if d.stability is not None:
-        conf += f"   stability {d.stability:.2f}"
     _print_table(["rank", "curve_id", "model", "family", "score"],
                  [[m.rank, m.curve_id, m.model, m.family, f"{m.score:.4f}"]
                   for m in result.ranking],
@@ -296,6 +294,11 @@ def attribute_cmd(
                        f"{result.parameters['matcher']})")
     typer.echo(f"Decision: {verdict}{conf}")
     typer.echo(f"  {printable(d.reason, 1000)}")
+    if d.stability is not None and result.bootstrap is not None:
+        typer.echo(f"  stability {d.stability:.2f}: share of {result.bootstrap.n_boot} "
+                   f"resamples of these images giving the same answer. It says how much the "
+                   f"answer depends on which images were given, not whether it is right "
+                   f"(that is the confidence)")
     if result.calibration.threshold is None:
         typer.echo(f"  note: {result.calibration.note}")
     for p in (result.custody or {}).get("unverified", []):
