@@ -663,3 +663,24 @@ def test_small_sets_enroll_without_ct_and_only_ct_matching_refuses_them(world, t
 
     with pytest.raises(BankError, match="have no C_T"):
         evaluate_bank(bank=bank, fingerprint="paper", n_boot=0)
+
+
+def test_enrolment_records_storage_and_the_answer_names_a_mismatch(world, tmp_path):
+    from PIL import Image
+
+    from refbank.bank import curve_params
+
+    for row in world["bank"].curves(curve_id=world["ids"]["noise"]):
+        cond = curve_params(row)["conditions"]
+        assert cond["label"] == "lossless" and cond["formats"] == {"PNG": N}
+    kw = dict(world["kw"], n_boot=0)
+    a = attribute(world["folders"]["query_noise"], **kw)
+    assert a.conditions["suspect"]["label"] == "lossless" and a.conditions["mismatch"] == []
+    jpeg = tmp_path / "jpeg"
+    jpeg.mkdir()
+    for p in sorted(world["folders"]["query_noise"].glob("*.png")):
+        Image.open(p).convert("RGB").save(jpeg / (p.stem + ".jpg"), quality=70)
+    b = attribute(jpeg, **kw)
+    assert b.conditions["suspect"]["label"] == "JPEG q70"
+    assert any("stored as JPEG q70" in s for s in b.conditions["mismatch"])
+    assert b.to_dict()["conditions"] == b.conditions

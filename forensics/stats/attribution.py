@@ -142,6 +142,9 @@ class Attribution:
     bootstrap: Bootstrap | None
     parameters: dict[str, Any]
     custody: dict[str, Any] | None = None  # see forensics.steps.case.custody_record
+    #: How the suspect images were stored (``suspect``, forensics.data.conditions) and where
+    #: that differs from the enrolled curves (``mismatch``: sentences); None for embeddings.
+    conditions: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``fp attribute --json``."""
@@ -156,6 +159,7 @@ class Attribution:
             "curve": curve,
             "calibration": self.calibration.to_dict(),
             "bootstrap": self.bootstrap.to_dict() if self.bootstrap else None,
+            "conditions": self.conditions,
             "provenance": provenance,
         }
 

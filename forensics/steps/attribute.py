@@ -97,6 +97,18 @@ def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarra
     return np.asarray(vecs, dtype=np.float64)
 
 
+def _conditions(emb: Embeddings, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the suspect images were stored, and where that differs from the enrolled curves."""
+    from forensics.data.conditions import manifest_conditions, mismatch
+    from refbank.bank import curve_params
+
+    if emb.manifest is None:
+        return None
+    suspect = manifest_conditions(emb.manifest)
+    return {"suspect": suspect,
+            "mismatch": mismatch(suspect, [curve_params(r).get("conditions") for r in rows])}
+
+
 def _confidence_model(fp: Any, rows: list[dict[str, Any]], R: np.ndarray, mask: np.ndarray,
                       meta: list[dict[str, Any]], matcher: Any, quantile: float,
                       seed: int) -> Any:
@@ -297,7 +309,7 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     custody = custody_record(bank=b, loaded=loaded, manifest=emb.manifest, folder=folder_str,
                              rows=same_rows, unverified=unverified)
     result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
-                         parameters, custody)
+                         parameters, custody, _conditions(emb, same_rows))
     if report is not None:
         from forensics.steps.reports import Evidence, write_report
 

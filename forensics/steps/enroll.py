@@ -197,6 +197,10 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
     if res.curve.provenance.get("skipped"):  # the folder's files left out with skip_bad
         row["params"]["skipped"] = res.curve.provenance["skipped"]
     row["params"]["folder_manifest_sha256"] = folder_sha  # the folder the curve was cut from
+    if emb.manifest is not None:  # how the curve's images were stored
+        from forensics.data.conditions import manifest_conditions
+
+        row["params"]["conditions"] = manifest_conditions(emb.manifest, idx)
     row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
     row["fingerprints"].update({var_key(name): var.tolist()
                                 for name, var in res.spreads.items()})

@@ -145,6 +145,9 @@ def _decision(data: dict[str, Any]) -> str:
         "fingerprint": att.get("fingerprint"),
         "matcher": att.get("matcher"),
         "why": d.get("reason"),
+        "suspects stored as": ((data.get("conditions") or {}).get("suspect") or {}).get("label"),
+        "storage differs": "; ".join((data.get("conditions") or {}).get("mismatch") or [])
+                           or None,
     }
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in facts.items()
                    if v is not None)

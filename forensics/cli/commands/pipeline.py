@@ -299,6 +299,10 @@ def attribute_cmd(
                    f"resamples of these images giving the same answer. It says how much the "
                    f"answer depends on which images were given, not whether it is right "
                    f"(that is the confidence)")
+    if result.conditions:
+        typer.echo(f"  stored as: {result.conditions['suspect']['label']}")
+        for line in result.conditions["mismatch"]:
+            typer.echo(f"  note: {printable(line, 1000)}")
     if result.calibration.threshold is None:
         typer.echo(f"  note: {result.calibration.note}")
     for p in (result.custody or {}).get("unverified", []):

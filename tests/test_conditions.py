@@ -1,0 +1,119 @@
+"""Storage conditions read from the files: JPEG quality, subsampling, and JPEG history."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from forensics.data.conditions import (
+    condition_label,
+    file_condition,
+    manifest_conditions,
+    mismatch,
+    set_conditions,
+)
+from forensics.data.images import scan_folder
+from forensics.stats.conditions import jpeg_lattice, jpeg_quality
+
+
+def _jpeg(im: np.ndarray, **kw) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(im).save(b, "JPEG", **kw)
+    return b.getvalue()
+
+
+def _png(im: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(im).save(b, "PNG")
+    return b.getvalue()
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    """64 real 32x32 colour tiles: crops of scikit-image's photographs."""
+    import skimage.data as data
+
+    tiles = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        im = getattr(data, name)()
+        for k in range(16):
+            y, x = 37 * k % (im.shape[0] - 64), 53 * k % (im.shape[1] - 64)
+            tiles.append(np.asarray(Image.fromarray(im[y:y + 64, x:x + 64]).resize((32, 32))))
+    return np.stack(tiles)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_every_pillow_jpeg_quality_is_read_back_exactly(photos, mode):
+    im = np.asarray(Image.fromarray(photos[0]).convert(mode))
+    for q in range(1, 101):
+        c = file_condition(_jpeg(im, quality=q))
+        assert c.format == "JPEG" and c.lossy and (c.width, c.height) == (32, 32)
+        assert c.jpeg_quality_exact, q
+        # q 98-100 share one table with 8-bit entries of 1: read as 100, the same file
+        assert c.jpeg_quality == q or (q >= 98 and c.jpeg_quality == 100), (q, c)
+
+
+def test_subsampling_and_another_encoders_tables(photos):
+    assert file_condition(_jpeg(photos[0], quality=80, subsampling=0)).subsampling == "4:4:4"
+    assert file_condition(_jpeg(photos[0], quality=80, subsampling=2)).subsampling == "4:2:0"
+    flat = [12] * 64  # no IJG quality gives a flat table: the nearest is named, not exact
+    c = file_condition(_jpeg(photos[0], qtables=[flat, flat]))
+    assert c.jpeg_quality_exact is False and 1 <= c.jpeg_quality <= 100
+    png = file_condition(_png(photos[0]))
+    assert png.format == "PNG" and not png.lossy and png.jpeg_quality is None
+    with pytest.raises(ValueError, match="64 entries"):
+        jpeg_quality([1, 2, 3])
+
+
+def test_a_jpeg_saved_again_as_png_is_seen_and_clean_tiles_are_not(photos):
+    clean = jpeg_lattice([p @ [0.299, 0.587, 0.114] for p in photos.astype(float)])
+    assert not clean.detected and clean.score < clean.threshold / 2
+    for q in (50, 75, 90):
+        again = [_decoded(_jpeg(p, quality=q)).astype(float) @ [0.299, 0.587, 0.114]
+                 for p in photos]
+        found = jpeg_lattice(again)
+        assert found.detected and found.offset == (0, 0), (q, found)
+        assert found.score > 2 * found.threshold
+    cropped = [_decoded(_jpeg(p, quality=75))[3:, 5:].astype(float) @ [0.299, 0.587, 0.114]
+               for p in photos]
+    found = jpeg_lattice(cropped)  # cropped after JPEG: the grid is found where it moved
+    assert found.detected and found.offset == (5, 3), found
+
+
+def test_set_conditions_label_and_mismatch_in_words(photos, tmp_path):
+    clean = set_conditions([_png(p) for p in photos])
+    assert clean["label"] == "lossless" and clean["formats"] == {"PNG": 64}
+    assert clean["sizes"] == {"32x32": 64} and clean["jpeg"] is None
+    again = set_conditions([_png(_decoded(_jpeg(p, quality=75))) for p in photos])
+    assert again["label"] == "lossless, earlier JPEG" and again["jpeg_history"]["detected"]
+    jpeg = set_conditions([_jpeg(p, quality=75) for p in photos])
+    assert jpeg["label"] == "JPEG q75" and jpeg["jpeg"]["qualities"] == [75, 75, 75]
+    assert jpeg["jpeg_history"] is None
+    mixed = {**clean, "formats": {"PNG": 32, "JPEG": 32}, "jpeg": jpeg["jpeg"]}
+    assert condition_label(mixed) == "mixed: JPEG q75 + lossless"
+    said = mismatch(jpeg, [clean, clean])
+    assert len(said) == 1 and "stored as JPEG q75" in said[0] and "lossless (2 curves)" in said[0]
+    assert mismatch(clean, [clean]) == []
+    assert "1 of 2 enrolled curve(s)" in mismatch(clean, [clean, None])[0]
+    big = {**clean, "sizes": {"64x64": 64}}
+    assert any("64x64 px" in s and "32x32" in s for s in mismatch(big, [clean]))
+
+
+def test_manifest_conditions_refuse_a_file_changed_after_listing(photos, tmp_path):
+    from forensics.errors import InputError
+
+    for i, p in enumerate(photos[:4]):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+    manifest = scan_folder(tmp_path)
+    assert manifest_conditions(manifest)["n_images"] == 4
+    assert manifest_conditions(manifest, [1, 2])["n_images"] == 2
+    Image.fromarray(photos[9]).save(tmp_path / "2.png")
+    with pytest.raises(InputError, match="2.png changed"):
+        manifest_conditions(manifest)
