@@ -152,8 +152,8 @@ def jpeg_lattice(luma: Sequence[np.ndarray], threshold: float = LATTICE_THRESHOL
                 h, w = (y.shape[0] - dy) // 8, (y.shape[1] - dx) // 8
                 if h < 1 or w < 1:
                     continue
-                b = y[dy:dy + 8 * h, dx:dx + 8 * w].reshape(h, 8, w, 8).transpose(0, 2, 1, 3)
-                b = b.reshape(-1, 8, 8)
+                grid = y[dy:dy + 8 * h, dx:dx + 8 * w].reshape(h, 8, w, 8)
+                b = grid.transpose(0, 2, 1, 3).reshape(-1, 8, 8)
                 lo, hi = b.min(axis=(1, 2)), b.max(axis=(1, 2))
                 keep = hi - lo >= MIN_BLOCK_RANGE
                 if not keep.any():
