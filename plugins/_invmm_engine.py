@@ -439,6 +439,26 @@ def _generator(seed: int, digest: str, device: torch.device) -> torch.Generator:
 # --------------------------------------------------------------------------- DDIM
 
 
+#: The official code's commit whose samplers ``ddim_sample`` follows (``ddpm/diffusion.py``
+#: ``GaussianDiffusionDDIMSampler``; ``latent-diffusion`` and ``stable-diffusion-v1/-v2``
+#: ``ldm/modules/diffusionmodules/util.py``, whose ``make_ddim_timesteps`` and
+#: ``make_ddim_sampling_parameters`` the authors patched).
+OFFICIAL_COMMIT = "47c65ed12054afb33ebc46cfa09277c47da5f20c"
+
+
+def ldm_timesteps(num_timesteps: int, steps: int) -> tuple[list[int], list[float | None]]:
+    """The patched ``ldm`` DDIM schedule of the official code, ascending.
+
+    Timesteps ``linspace(-1, T-1, S+1)[1:]`` (float64, truncated to integers as the
+    sampler's ``long`` timesteps are); each step's previous alpha-bar is that of the next
+    lower timestep, and the lowest step's is 1 (``None`` here), so sampling ends at the
+    model's x0 prediction. With T = 1000 and S = 50: t = 19, 39, ..., 999.
+    """
+    steps = min(steps, num_timesteps)
+    ts = np.linspace(-1, num_timesteps - 1, steps + 1)[1:].astype(np.int64).tolist()
+    return ts, [None, *ts[:-1]]
+
+
 def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int, *,
                 cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
                 scale: float = 1.0) -> torch.Tensor:
@@ -446,10 +466,10 @@ def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int, *,
 
     Pixel models follow the official ``GaussianDiffusionDDIMSampler``: timesteps
     ``int(linspace(-1, T-1, steps+1))`` from the top, and the clipped x0 prediction at the
-    last one. Latent and text-to-image models follow ``ldm``'s ``DDIMSampler`` (uniform
-    spacing ``arange(0, T, T // steps) + 1``, final x_{prev} decoded), as the official
-    LDM and Stable Diffusion code; with ``uncond``, the output is classifier-free guided at
-    ``scale``.
+    last one. Latent and text-to-image models follow the official code's patched ``ldm``
+    ``DDIMSampler`` (:func:`ldm_timesteps`: the same timesteps, final alpha-bar 1, the
+    last x_prev, unclipped, decoded), as the official LDM and Stable Diffusion scripts;
+    with ``uncond``, the output is classifier-free guided at ``scale``.
     """
     T = dm.num_timesteps
     ac = dm.alphas_cumprod
@@ -466,13 +486,11 @@ def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int, *,
                 a_next = ac[t_next].float()
                 x = x0 * a_next.sqrt() + (1 - a_next).sqrt() * eps
             return dm.decode(x0.clamp(-1, 1))
-        stride = max(T // steps, 1)
-        ts = [min(t + 1, T - 1) for t in range(0, T, stride)]
-        prev = [0, *ts[:-1]]
+        ts, prev = ldm_timesteps(T, steps)
         for t, tp in zip(reversed(ts), reversed(prev), strict=True):
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             x0, eps = dm.x0_eps(x, tt, dm.guided(x, tt, cond, uncond, scale))
-            a_prev = ac[tp].float()
+            a_prev = ac.new_ones(()).float() if tp is None else ac[tp].float()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return dm.decode(x)
 
