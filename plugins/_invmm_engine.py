@@ -66,7 +66,11 @@ from forensics.errors import InputError, OfflineError
 
 _UNETS = ("UNet2DModel", "UNet2DConditionModel")
 _AUTOENCODERS = ("VQModel", "AutoencoderKL")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Precisions by name. ``fp32`` is the default, as in the official DDPM, LDM and Stable
+#: Diffusion v1/v2 code; ``bf16`` and ``fp16`` run the UNet under autocast (losses and the
+#: learned parameters stay float32), ``fp16`` with dynamic loss scaling (a ``GradScaler``
+#: per image, as the official SD3 script).
+PRECISIONS = ("fp32", "bf16", "fp16")
 #: Most images optimised together when the batch is picked from free memory.
 MAX_AUTO_BATCH = 64
 #: Share of the free GPU memory a picked batch may use.
@@ -260,17 +264,12 @@ def _autoencoder(folder: Path, device: torch.device) -> tuple[Any, str, float] |
     return None
 
 
-def _precision(precision: str, device: torch.device) -> torch.dtype | None:
+def _precision(precision: str) -> torch.dtype | None:
     """The autocast dtype for ``precision`` (None: plain float32)."""
     if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise InputError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)} "
+                         f"(fp32 is the official code's)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def load_model(model: str | Path, device: torch.device,
@@ -328,7 +327,7 @@ def load_model(model: str | Path, device: torch.device,
         alphas_cumprod=torch.as_tensor(alphas).double().to(device),
         prediction_type=prediction_type,
         device=device,
-        autocast_dtype=_precision(precision, device),
+        autocast_dtype=_precision(precision),
     )
     ae = _autoencoder(folder, device)
     if ae is not None:
@@ -522,6 +521,8 @@ class _Slot:
     checks: list = field(default_factory=list)
     samples: torch.Tensor | None = None  # the deciding check's samples, on the CPU
     samples_scale: float | None = None
+    scaler: Any = None  # fp16: this image's GradScaler (dynamic loss scaling)
+    skipped_steps: int = 0  # fp16: steps whose scaled gradients overflowed (not applied)
 
     def kl_term(self) -> torch.Tensor:
         return 0.5 * torch.mean(self.mu**2 + self.logvar.exp() - self.logvar - 1)
@@ -554,9 +555,18 @@ def _train_step(dm: DiffusionModel, slots: list[_Slot], noises: int, tau: float)
     rec = ((x0_hat - x0) ** 2).flatten(1).mean(1).view(len(slots), noises).mean(1)
     kls = torch.stack([s.kl_term() for s in slots])
     w = torch.tensor([s.kl_weight for s in slots], device=dm.device)
-    (rec + w * kls).sum().backward()  # each image's gradient is that of its own loss
+    losses = rec + w * kls
+    if slots[0].scaler is not None:  # fp16: each image's loss scaled by its own scaler
+        losses = torch.stack([s.scaler.scale(v) for s, v in zip(slots, losses, strict=True)])
+    losses.sum().backward()  # each image's gradient is that of its own loss
     for s, r in zip(slots, rec.detach().cpu().tolist(), strict=True):
-        s.opt.step()
+        if s.scaler is not None:
+            before = s.scaler.get_scale()
+            s.scaler.step(s.opt)  # skipped when the scaled gradients overflowed
+            s.scaler.update()
+            s.skipped_steps += int(s.scaler.get_scale() < before)
+        else:
+            s.opt.step()
         s.opt.zero_grad(set_to_none=True)
         s.losses.append(r)
 
@@ -677,7 +687,8 @@ def _probe_batch_size(dm: DiffusionModel, p: Any, shape: tuple[int, ...]) -> int
             raise
         raise InputError(
             f"one image's InvMM step ({p.noises} noises) does not fit in the memory of "
-            f"{dev}: lower --noises, or use --precision bf16") from exc
+            f"{dev}: lower --noises, or use --precision bf16 (see README for its effect "
+            f"on scores)") from exc
     per_image = torch.cuda.max_memory_allocated(dev) - base
     del probe
     torch.cuda.empty_cache()
@@ -773,10 +784,12 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             log_coeffs = torch.zeros(p.tokens, dm.text.vocab_size, device=dev,
                                      requires_grad=True)
             learned = [log_coeffs, mu, logvar]
+        scaler = (torch.amp.GradScaler(dev.type)
+                  if dm.autocast_dtype == torch.float16 else None)
         return _Slot(index=i, x0=x0, ref=ref, gen=_generator(seed, loaded[i][2], dev), mu=mu,
                      logvar=logvar, opt=torch.optim.Adam(learned, lr=p.lr),
                      kl_weight=p.kl_weight, losses=deque(maxlen=p.window),
-                     log_coeffs=log_coeffs)
+                     log_coeffs=log_coeffs, scaler=scaler)
 
     def finish(s: _Slot) -> None:
         with torch.no_grad():
@@ -790,6 +803,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             "success_step": s.success_step,
             "success_scale": s.success_scale,
             "steps_run": s.step,
+            "skipped_steps": s.skipped_steps,
             "kl": s.kl,
             "kl_weight": s.kl_weight,
             "similarity": s.similarity,
@@ -846,8 +860,10 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         "calibration": calibration,
         "seed": seed,
         "device": str(dev),
-        "precision": str(dm.autocast_dtype).replace("torch.", "") if dm.autocast_dtype
-        else "float32",
+        "precision": precision,
+        "autocast": str(dm.autocast_dtype).replace("torch.", "") if dm.autocast_dtype
+        else None,
+        "loss_scaling": "dynamic, one GradScaler per image" if precision == "fp16" else None,
         "batch_size": batch_size,
         "batch_size_from": picked,
         "oom_backoffs": chunked.backoffs,

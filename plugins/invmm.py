@@ -59,7 +59,7 @@ class InvMM:
         device: str | None = None,
         seed: int = 0,
         batch_size: int | str | None = None,
-        precision: str = "auto",
+        precision: str = "fp32",
         conditioning: str | Path | None = None,
         prompt: str | None = None,
         encoder_weights: str | None = None,
@@ -86,8 +86,9 @@ class InvMM:
                 is bit-identical whatever the other images. ``"auto"`` (from free GPU memory
                 on CUDA, 4 on CPU) or N > 1 is faster on a GPU, scores equal up to float
                 round-off; halved automatically when CUDA runs out of memory.
-            precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``fp32``,
-                ``bf16`` or ``fp16``.
+            precision: ``fp32`` (default: the official code's), ``bf16`` (UNet under
+                bf16 autocast) or ``fp16`` (fp16 autocast with dynamic loss scaling, a
+                ``GradScaler`` per image); the faster modes move scores (README).
             conditioning: for a bare ``UNet2DConditionModel`` without text encoder: a
                 ``.safetensors`` file holding ``encoder_hidden_states``.
             prompt: text-to-image pipelines: a fixed prompt, encoded by the pipeline's

@@ -375,9 +375,57 @@ def test_bf16_autocast_runs_the_unet_in_bf16_on_cpu(pixel, imgs):
     res = plugins.get("memorization_measures", "invmm").run(
         [imgs / "img00.png"], pixel, similarity="ncc", beta=0.5, steps=2, check_every=2,
         noises=2, samples=2, ddim_steps=2, device="cpu", precision="bf16")
-    assert res.provenance["precision"] == "bfloat16" and math.isfinite(res.results[0]["kl"])
-    with pytest.raises(InputError, match="fp16 needs a CUDA"):
-        eng.load_model(pixel, torch.device("cpu"), precision="fp16")
+    assert res.provenance["precision"] == "bf16" and res.provenance["autocast"] == "bfloat16"
+    assert math.isfinite(res.results[0]["kl"])
+    with pytest.raises(InputError, match="choose one of fp32, bf16, fp16"):
+        eng.load_model(pixel, torch.device("cpu"), precision="auto")
+
+
+def test_fp32_is_the_default_as_in_the_official_code(pixel, imgs):
+    out = _json(["invmm", str(imgs), "--model", str(pixel), "--json", *FAST])
+    prov = out["provenance"]
+    assert prov["precision"] == "fp32" and prov["autocast"] is None
+    assert prov["loss_scaling"] is None
+    assert all(r["skipped_steps"] == 0 for r in out["results"])
+
+
+def test_fp16_scales_each_images_loss_and_skips_overflowing_steps(pixel, imgs, monkeypatch):
+    """fp16 runs under a GradScaler per image: an overflowing step is skipped (mu unchanged),
+    the scale halves, and the other images' steps go on."""
+    from fp_plugins import _invmm_engine as eng
+
+    measure = plugins.get("memorization_measures", "invmm")
+    kw = dict(similarity="ncc", beta=0.5, steps=4, check_every=2, noises=2, samples=2,
+              ddim_steps=2, seed=5, device="cpu")
+    files = sorted(imgs.glob("*.png"))
+    fp16 = measure.run(files, pixel, precision="fp16", **kw)
+    fp32 = measure.run(files, pixel, **kw)
+    assert fp16.provenance["loss_scaling"].startswith("dynamic")
+    assert fp16.provenance["autocast"] == "float16"
+    # GradScaler starts at 2^16 (as the official SD3 script's): the first steps of a tiny
+    # model overflow and are skipped while the scale halves; fp32 skips none
+    for a, b in zip(fp16.results, fp32.results, strict=True):
+        assert 0 <= a["skipped_steps"] < a["steps_run"] and math.isfinite(a["kl"])
+        assert b["skipped_steps"] == 0
+    # an overflow in the first image's gradients: its first step is skipped, not applied
+    real = eng._train_step
+    calls = {"n": 0}
+
+    def overflow_once(dm, slots, noises, tau):
+        calls["n"] += 1
+        real(dm, slots, noises, tau) if calls["n"] > 1 else _poisoned(dm, slots, noises, tau)
+
+    def _poisoned(dm, slots, noises, tau):
+        s = slots[0]
+        mu0 = s.mu.detach().clone()
+        hook = s.mu.register_hook(lambda g: g * float("inf"))
+        real(dm, slots, noises, tau)
+        hook.remove()
+        assert torch.equal(s.mu.detach(), mu0) and s.scaler.get_scale() == 2.0**15
+
+    monkeypatch.setattr(eng, "_train_step", overflow_once)
+    skipped = measure.run(files[:1], pixel, precision="fp16", **kw)
+    assert calls["n"] > 1 and skipped.results[0]["skipped_steps"] >= 1
 
 
 @pytest.mark.gpu
@@ -387,7 +435,7 @@ def test_cuda_picks_the_batch_from_free_memory_and_autocasts(pixel, imgs):
         check_every=2, noises=2, samples=2, ddim_steps=2, device="cuda", batch_size="auto")
     prov = res.provenance
     assert prov["batch_size_from"] == "free memory" and prov["batch_size"] >= 1
-    assert prov["precision"] in ("bfloat16", "float16")
+    assert prov["precision"] == "fp32" and prov["autocast"] is None
 
 
 # --------------------------------------------------------------------------- fp memorize
@@ -450,3 +498,49 @@ def test_a_third_party_measure_gets_the_cli(imgs, tmp_path):
     assert out["members"]["auroc"] == float(scores["img01.png"] > min(
         scores["img00.png"], scores["img02.png"])) or out["members"]["auroc"] in (0.0, 0.5, 1.0)
     assert (tmp_path / "scores.csv").is_file() and (tmp_path / "members.png").is_file()
+
+
+def test_tpr_at_1pct_fpr_is_the_roc_point_sklearn_draws():
+    from sklearn.metrics import roc_curve
+
+    from forensics.steps.memorize import tpr_at_fpr
+
+    rng = np.random.default_rng(0)
+    for n_other in (20, 300):
+        m = np.round(rng.normal(0, 1, 50), 1)  # rounded: ties across the classes
+        o = np.round(rng.normal(1.5, 1, n_other), 1)
+        labels = np.r_[np.ones(50), np.zeros(n_other)]
+        fpr, tpr, _ = roc_curve(labels, -np.r_[m, o])  # lower = member
+        expected = tpr[fpr <= 0.01].max()
+        assert tpr_at_fpr(m.tolist(), o.tolist()) == pytest.approx(expected, abs=1e-12)
+        assert tpr_at_fpr((-m).tolist(), (-o).tolist(), "higher") == pytest.approx(expected)
+    # inf is the least memorized; with 3 non-members only a threshold with none flagged
+    assert tpr_at_fpr([0.1, 0.2, math.inf], [0.15, math.inf, math.inf]) == pytest.approx(1 / 3)
+
+
+def test_cli_prints_auroc_and_auroc_ranking_under_their_names(imgs, tmp_path):
+    import types
+
+    from forensics.plugin.hookspecs import hookimpl
+
+    class Tied:
+        name = "tied"
+        description = "two images tie"
+
+        def score(self, images, model):
+            return [{"image": str(p), "score": s} for p, s in zip(images, (1.0, 1.0, 2.0),
+                                                                   strict=True)]
+
+    mod = types.ModuleType("tied_measure")
+    mod.register_memorization_measures = hookimpl(lambda register: register(Tied()))
+    plugins.get_plugin_manager().register(mod, name="tied_measure")
+    members = tmp_path / "m.txt"
+    members.write_text("img01.png\n")
+    result = runner.invoke(app, ["memorize", str(imgs), "--model", "-", "--measure", "tied",
+                                 "--members", str(members)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    # the member ties img00 (half) and beats img02: 0.75; the ranking puts img00 first: 0.5
+    assert "auroc 0.750 (scores; ties count half)" in out
+    assert "auroc_ranking 0.500 (the ranking, ties broken)" in out
+    assert "TPR at 1% FPR 0.000" in out and "fewer than 100 non-members" in out

@@ -89,6 +89,28 @@ def auroc(members: Sequence[float], others: Sequence[float], more_memorized: str
     return float((less + 0.5 * ties) / (a.size * b.size))
 
 
+def tpr_at_fpr(members: Sequence[float], others: Sequence[float],
+               more_memorized: str = "lower", fpr: float = 0.01) -> float:
+    """Share of members flagged at the most permissive threshold that flags at most ``fpr``
+    of the non-members (the ROC's highest point with FPR <= ``fpr``).
+
+    Flagging is "at least as memorized as the threshold"; a threshold is any observed
+    score, so tied scores are flagged together. With fewer than ``1 / fpr`` non-members
+    this is the TPR at no false positive. ``inf`` scores compare as the largest values.
+    """
+    a = np.asarray(members, dtype=np.float64)
+    b = np.asarray(others, dtype=np.float64)
+    if more_memorized == "higher":
+        a, b = -a, -b
+    elif more_memorized != "lower":
+        raise InputError(f"more_memorized must be 'lower' or 'higher', got {more_memorized!r}")
+    thresholds = np.unique(np.concatenate([a, b]))
+    tp = np.searchsorted(np.sort(a), thresholds, side="right") / a.size
+    fp = np.searchsorted(np.sort(b), thresholds, side="right") / b.size
+    ok = fp <= fpr + 1e-12
+    return float(tp[ok].max()) if ok.any() else 0.0
+
+
 def _ordered(results: list[dict[str, Any]], ranking: list[int] | None,
              more_memorized: str) -> list[int]:
     if ranking is not None:
@@ -107,16 +129,24 @@ def _rank_strength(order: list[int]) -> list[float]:
 
 def members_summary(results: list[dict[str, Any]], members: list[bool],
                     ranking: list[int], more_memorized: str) -> dict[str, Any]:
-    """AUROC of members vs non-members, on the scores and on the measure's ranking."""
+    """Members vs non-members: AUROC and TPR at 1 % FPR, on the scores and on the ranking.
+
+    ``auroc`` and ``tpr_at_1pct_fpr`` use the scores alone (ties, e.g. InvMM's ``inf``,
+    count half); ``auroc_ranking`` and ``tpr_at_1pct_fpr_ranking`` use the measure's
+    ranking, which may break score ties (InvMM orders ``inf`` by best similarity).
+    """
     scores = [float(r["score"]) for r in results]
     pos = _rank_strength(ranking)
     m = [s for s, f in zip(scores, members, strict=True) if f]
     o = [s for s, f in zip(scores, members, strict=True) if not f]
+    pm = [p for p, f in zip(pos, members, strict=True) if f]
+    po = [p for p, f in zip(pos, members, strict=True) if not f]
     return {
         "members": len(m), "non_members": len(o),
         "auroc": auroc(m, o, more_memorized),
-        "auroc_ranking": auroc([p for p, f in zip(pos, members, strict=True) if f],
-                               [p for p, f in zip(pos, members, strict=True) if not f]),
+        "auroc_ranking": auroc(pm, po),
+        "tpr_at_1pct_fpr": tpr_at_fpr(m, o, more_memorized),
+        "tpr_at_1pct_fpr_ranking": tpr_at_fpr(pm, po),
         "members_in_top": sum(members[i] for i in ranking[: len(m)]),
     }
 

@@ -89,8 +89,12 @@ def _print(body: dict[str, Any], out: Path | None) -> None:
     typer.echo(", ".join(b for b in bits if b))
     if "members" in body:
         m = body["members"]
-        typer.echo(f"members vs non-members: AUROC {m['auroc_ranking']:.3f} "
-                   f"({m['members']} members, {m['non_members']} non-members)")
+        typer.echo(f"members vs non-members ({m['members']} members, {m['non_members']} "
+                   f"non-members): auroc {m['auroc']:.3f} (scores; ties count half), "
+                   f"auroc_ranking {m['auroc_ranking']:.3f} (the ranking, ties broken), "
+                   f"TPR at 1% FPR {m['tpr_at_1pct_fpr']:.3f}"
+                   + (" (no false positive allowed: fewer than 100 non-members)"
+                      if m["non_members"] < 100 else ""))
     if out is not None:
         typer.echo(f"Scores and evidence: {out}")
 
@@ -173,7 +177,9 @@ def register(app: typer.Typer) -> None:
             help="Bare UNet2DConditionModel: .safetensors with encoder_hidden_states."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 [auto]."),
         precision: str = typer.Option(
-            "auto", "--precision", help="auto (bf16/fp16 on CUDA) | fp32 | bf16 | fp16."),
+            "fp32", "--precision",
+            help="fp32 (the official code's) | bf16 | fp16 (autocast; fp16 with loss "
+                 "scaling): faster on a GPU, scores move (README)."),
         batch_size: str | None = typer.Option(
             None, "--batch-size",
             help="Images per model call: N or auto (from free CUDA memory; faster, scores "
