@@ -714,7 +714,8 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         calibrate: Sequence[Any] | None, device: str | None, seed: int,
         batch_size: int | str | None, precision: str, conditioning: str | Path | None,
         prompt: str | None, encoder_weights: str | None, encoder_pool: str | None,
-        progress: Callable[[int], None] | None, params: dict[str, Any]) -> InvMMReport:
+        progress: Callable[[int], None] | None, params: dict[str, Any],
+        out: str | Path | None = None) -> InvMMReport:
     """Score ``images`` with InvMM; see :meth:`fp_plugins.invmm.InvMM.run`."""
     import diffusers
 
@@ -767,8 +768,21 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             batch_size, picked = 4, "auto on cpu"
     chunked = _Chunked(batch_size)
     results: list[dict[str, Any]] = [{} for _ in loaded]
-    evidence: list[dict[str, Any]] = [{} for _ in loaded]
+    evidence: list[dict[str, Any] | None] = [{} for _ in loaded]
     queue = list(range(len(loaded)))
+    key = _run_key(dm, p, sim, calibration, seed, precision, dev, learn_tokens, conditioning)
+    resumed = 0
+    if out is not None:
+        from fp_plugins import _invmm_evidence
+
+        for i, (_, name, digest, _) in enumerate(loaded):
+            done_before = _invmm_evidence.read_done(Path(out), i, name, digest, key)
+            if done_before is not None:
+                results[i], evidence[i] = done_before, None
+                resumed += 1
+                if progress is not None:
+                    progress(p.steps)
+        queue = [i for i in queue if evidence[i] is not None]
     active: list[_Slot] = []
     started = time.perf_counter()
 
@@ -817,6 +831,11 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             "checks": s.checks, "samples": s.samples, "samples_scale": s.samples_scale,
             "reference": s.ref.float().cpu(),
         }
+        if out is not None:  # this image's result survives a crash of the rest of the run
+            from fp_plugins import _invmm_evidence
+
+            _invmm_evidence.write_image(Path(out), s.index, results[s.index],
+                                        evidence[s.index], key)
         if progress is not None and s.step < p.steps:
             progress(p.steps - s.step)
 
@@ -868,11 +887,47 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         "batch_size_from": picked,
         "oom_backoffs": chunked.backoffs,
         "seconds": round(time.perf_counter() - started, 3),
+        "run_key": key,
+        "resumed": resumed,
         "versions": {"fp": __version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__},
     }
     return InvMMReport(results=results, ranking=rank(results), provenance=provenance,
-                       evidence=evidence)
+                       evidence=evidence, written_to=None if out is None else str(out))
+
+
+def _weights_stat(folder: Path) -> list[list[Any]]:
+    """(relative path, size, mtime in ns) of the weight files under ``folder``."""
+    rows = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth"):
+            st = f.stat()
+            rows.append([str(f.relative_to(folder)), st.st_size, st.st_mtime_ns])
+    return rows
+
+
+def _run_key(dm: DiffusionModel, p: Any, sim: Any, calibration: Any, seed: int,
+             precision: str, dev: torch.device, learn_tokens: bool,
+             conditioning: str | Path | None) -> str:
+    """A digest of everything an image's result depends on except the image itself.
+
+    The batch size is left out: at batch 1 a resumed run equals an uninterrupted one bit
+    for bit, at larger batches up to float round-off, as batched scores always do.
+    """
+    from forensics._version import __version__
+    from forensics.jsonable import jsonable
+
+    folder = Path(dm.info.get("folder") or ".")
+    model = {k: v for k, v in dm.info.items() if k != "source"}
+    model["weights"] = _weights_stat(folder) if folder.is_dir() else str(folder)
+    if conditioning is not None:
+        model["conditioning"] = hashlib.sha256(Path(conditioning).read_bytes()).hexdigest()
+    body = {"params": params_dict(p), "similarity": sim.provenance(),
+            "calibration": calibration, "seed": seed, "precision": precision,
+            "device": dev.type, "learned_tokens": learn_tokens, "fp": __version__}
+    body["model"] = model
+    text = json.dumps(jsonable(body), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _folder_images(folder: Path) -> list[Path]:

@@ -65,6 +65,7 @@ class InvMM:
         encoder_weights: str | None = None,
         encoder_pool: str | None = None,
         progress: Callable[[int], None] | None = None,
+        out: str | Path | None = None,
         **params: Any,
     ) -> InvMMReport:
         """Score each image; return results, ranking, provenance and per-image evidence.
@@ -96,6 +97,10 @@ class InvMM:
             encoder_weights: ``weights`` passed to the encoder's ``load`` (``encoder:``).
             encoder_pool: ``pool`` passed to the encoder's ``load`` (``encoder:``).
             progress: called with the number of optimisation steps done, as they happen.
+            out: a folder: each image's evidence and ``result.json`` are written there
+                (atomically) as soon as it is scored, and images already scored there by
+                a run with the same settings are read back instead of scored again, so
+                a rerun after a crash resumes where it stopped.
             **params: any field of :class:`InvMMParams`; ``None`` keeps the default.
 
         Raises:
@@ -111,7 +116,7 @@ class InvMM:
             images, model, similarity=similarity, calibrate=calibrate, device=device,
             seed=seed, batch_size=batch_size, precision=precision, conditioning=conditioning,
             prompt=prompt, encoder_weights=encoder_weights, encoder_pool=encoder_pool,
-            progress=progress, params=params,
+            progress=progress, params=params, out=out,
         )
 
     def score(self, images: Sequence[str | Path | Any], model: str | Path,

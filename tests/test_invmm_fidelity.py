@@ -544,3 +544,83 @@ def test_cli_prints_auroc_and_auroc_ranking_under_their_names(imgs, tmp_path):
     assert "auroc 0.750 (scores; ties count half)" in out
     assert "auroc_ranking 0.500 (the ranking, ties broken)" in out
     assert "TPR at 1% FPR 0.000" in out and "fewer than 100 non-members" in out
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def _same_results(a: list[dict], b: list[dict]) -> None:
+    assert [Path(r["image"]).name for r in a] == [Path(r["image"]).name for r in b]
+    strip = lambda r: {k: v for k, v in r.items() if k != "image"}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+def test_a_crashed_run_resumes_with_the_results_of_an_uninterrupted_one(
+        pixel, imgs, tmp_path, monkeypatch):
+    from fp_plugins import _invmm_evidence as evm
+    from safetensors.torch import load_file
+
+    args = ["invmm", str(imgs), "--model", str(pixel), "--json", *FAST, "--seed", "4"]
+    whole = _json([*args, "--out", str(tmp_path / "whole")])
+    real = evm.write_image
+    written = []
+
+    def crash_on_the_third(out, index, result, ev, run_key=None):
+        if len(written) == 2:
+            raise RuntimeError("simulated crash")
+        written.append(index)
+        return real(out, index, result, ev, run_key)
+
+    monkeypatch.setattr(evm, "write_image", crash_on_the_third)
+    crashed = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert crashed.exit_code != 0 and len(written) == 2
+    done = sorted(p.parent.name for p in (tmp_path / "o").rglob("result.json"))
+    assert len(done) == 2 and not (tmp_path / "o" / "report.json").exists()
+    monkeypatch.setattr(evm, "write_image", real)
+    resumed = _json([*args, "--out", str(tmp_path / "o")])
+    assert resumed["provenance"]["resumed"] == 2
+    _same_results(resumed["results"], whole["results"])
+    assert resumed["ranking"] == whole["ranking"] or [Path(p).name for p in resumed[
+        "ranking"]] == [Path(p).name for p in whole["ranking"]]
+    for name in done:
+        a = load_file(str(tmp_path / "o" / "evidence" / name / "params.safetensors"))
+        b = load_file(str(tmp_path / "whole" / "evidence" / name / "params.safetensors"))
+        assert torch.equal(a["mu"], b["mu"]) and torch.equal(a["logvar"], b["logvar"])
+    # other settings never mix with, nor overwrite, what the folder holds
+    other = runner.invoke(app, [*args[:-1], "5", "--out", str(tmp_path / "o")])
+    assert other.exit_code == 1 and "other settings" in other.output
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes(pixel, imgs, tmp_path):
+    """The installed ``fp`` killed (SIGKILL) once the first image is done, then rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fp = os.path.join(os.path.dirname(sys.executable), "fp")
+    args = [fp, "invmm", str(imgs), "--model", str(pixel), "--device", "cpu", "--json",
+            "--steps", "150", "--check-every", "75", "--noises", "2", "--samples", "2",
+            "--similarity", "ncc", "--beta", "0.999", "--ddim-steps", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not list(out.rglob("result.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.rglob("result.json")))
+    assert 1 <= done < 3, done  # killed midway
+    again = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True,
+                           env=env, check=True)
+    resumed = json.loads(again.stdout)
+    whole = json.loads(subprocess.run([*args, "--out", str(tmp_path / "whole")],
+                                      capture_output=True, text=True, env=env,
+                                      check=True).stdout)
+    assert resumed["provenance"]["resumed"] == done
+    _same_results(resumed["results"], whole["results"])

@@ -198,6 +198,15 @@ def _plot(path: Path, results: list[dict[str, Any]], members: list[bool], rankin
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _takes_out(fn: Any) -> bool:
+    import inspect
+
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def run_measure(name: str, images: Path, model: str, *, members: Path | None = None,
                 out: Path | None = None, options: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
@@ -228,6 +237,9 @@ def run_measure(name: str, images: Path, model: str, *, members: Path | None = N
     direction = getattr(measure, "more_memorized", "lower")
     options = dict(options or {})
     if hasattr(measure, "run"):
+        if out is not None and _takes_out(measure.run) and "out" not in options:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            options["out"] = out  # results written as each image finishes; reruns resume
         report = measure.run(files, model, **options)
         results, ranking = report.results, list(report.ranking)
         body = report.to_json()
