@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fp_plugins._invmm_checkpoint import SUFFIXES as SINGLE_FILE_SUFFIXES
 from fp_plugins._invmm_params import GUIDANCE_SCALES, SSCD_SIZE, InvMMReport, params_dict, rank
 from fp_plugins._invmm_params import resolve_params as _resolve_params
 from fp_plugins._invmm_similarity import (
@@ -207,8 +208,10 @@ def _local_folder(model: str | Path) -> Path:
     text = str(model)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise InputError(
-            f"--model {text}: not a diffusers folder nor a hub id (owner/name). Give a folder "
-            f"saved with save_pretrained (holding unet/ and scheduler/)."
+            f"--model {text}: not a diffusers folder, a checkpoint file "
+            f"({', '.join(SINGLE_FILE_SUFFIXES)}) nor a hub id (owner/name). Give a folder "
+            f"saved with save_pretrained (holding unet/ and scheduler/), or a single-file "
+            f"checkpoint with --config."
         )
     from diffusers import DiffusionPipeline
 
@@ -274,16 +277,41 @@ def _precision(precision: str) -> torch.dtype | None:
 
 def load_model(model: str | Path, device: torch.device,
                conditioning: str | Path | None = None, *, prompt: str | None = None,
-               precision: str = "fp32") -> DiffusionModel:
+               precision: str = "fp32", config: str | Path | None = None) -> DiffusionModel:
     """Load a diffusers model: UNet, scheduler, autoencoder and text encoder if any.
+
+    ``model`` is a diffusers folder, a hub id, or a single-file checkpoint with ``config``
+    the folder of its diffusers configs (:mod:`fp_plugins._invmm_checkpoint`).
 
     Raises:
         InputError: the folder does not hold a supported model.
         OfflineError: a hub id could not be fetched.
     """
+    import tempfile
+
+    from fp_plugins import _invmm_checkpoint as ckpt
+
+    path = Path(model).expanduser()
+    if not ckpt.is_single_file(path):
+        if config is not None:
+            raise InputError(f"--config applies to single-file checkpoints "
+                             f"({', '.join(SINGLE_FILE_SUFFIXES)}); {model} is not one")
+        return _load_folder(model, _local_folder(model), device, conditioning, prompt,
+                            precision)
+    with tempfile.TemporaryDirectory(prefix="fp-invmm-") as work:
+        folder, single = ckpt.to_folder(path, config, Path(work))
+        dm = _load_folder(model, folder, device, conditioning, prompt, precision)
+    dm.info["folder"] = str(path)
+    dm.info["single_file"] = single
+    return dm
+
+
+def _load_folder(model: str | Path, folder: Path, device: torch.device,
+                 conditioning: str | Path | None, prompt: str | None,
+                 precision: str) -> DiffusionModel:
     import diffusers
 
-    folder = _local_folder(model)
+    _refuse_unsupported(folder)
     unet_dir = _unet_dir(folder)
     if unet_dir is None:
         raise InputError(
@@ -310,11 +338,7 @@ def load_model(model: str | Path, device: torch.device,
         scheduler = sched_cls.from_pretrained(sched_dir)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the scheduler in {sched_dir}: {exc}") from exc
-    if getattr(unet.config, "num_class_embeds", None) or getattr(
-        unet.config, "class_embed_type", None
-    ) or getattr(unet.config, "addition_embed_type", None):
-        raise InputError(f"{unet_dir}: class- or added-embedding conditioned UNets are not "
-                         f"supported by InvMM")
+    _refuse_class_conditional(unet.config, unet_dir)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None:
         raise InputError(f"scheduler {sched_cls.__name__} of {folder} has no alphas_cumprod")
@@ -360,6 +384,30 @@ def load_model(model: str | Path, device: torch.device,
         "prompt": prompt,
     }
     return dm
+
+
+def _refuse_unsupported(folder: Path) -> None:
+    """Stable Diffusion 3.x folders (a ``transformer/``, no ``unet/``): one clear refusal."""
+    from fp_plugins._invmm_checkpoint import SD3_REFUSAL
+
+    index = folder / "model_index.json"
+    cls_name = _read_json(index).get("_class_name", "") if index.is_file() else ""
+    if str(cls_name).startswith("StableDiffusion3") or (
+            (folder / "transformer" / "config.json").is_file()
+            and not (folder / "unet").is_dir()):
+        raise InputError(f"--model {folder}: {SD3_REFUSAL}")
+
+
+def _refuse_class_conditional(config: Any, unet_dir: Path) -> None:
+    """Class-conditional UNets are refused, naming the config entry that makes them so."""
+    for key in ("num_class_embeds", "class_embed_type", "addition_embed_type"):
+        value = getattr(config, key, None)
+        if value:
+            raise InputError(
+                f"{unet_dir}: a class- or added-embedding conditioned UNet ({key} = "
+                f"{value!r}) is not supported: the official InvMM code inverts unconditional "
+                f"DDPMs and LDMs and text-conditioned Stable Diffusion, and defines no class "
+                f"label to condition on while inverting; fp does not invent one")
 
 
 def _has_text(folder: Path) -> bool:
@@ -715,7 +763,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         batch_size: int | str | None, precision: str, conditioning: str | Path | None,
         prompt: str | None, encoder_weights: str | None, encoder_pool: str | None,
         progress: Callable[[int], None] | None, params: dict[str, Any],
-        out: str | Path | None = None) -> InvMMReport:
+        out: str | Path | None = None, config: str | Path | None = None) -> InvMMReport:
     """Score ``images`` with InvMM; see :meth:`fp_plugins.invmm.InvMM.run`."""
     import diffusers
 
@@ -732,7 +780,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     _prepare_similarity(similarity, calibrate, params)
     dev = _device(device)
-    dm = load_model(model, dev, conditioning, prompt=prompt, precision=precision)
+    dm = load_model(model, dev, conditioning, prompt=prompt, precision=precision, config=config)
     p = _resolve_params(overrides=params, family=dm.family)
     learn_tokens = dm.text is not None and dm.encoder_hidden_states is None and p.tokens > 0
     if learn_tokens and p.tokens > dm.text.max_length - 2:
@@ -919,7 +967,11 @@ def _run_key(dm: DiffusionModel, p: Any, sim: Any, calibration: Any, seed: int,
 
     folder = Path(dm.info.get("folder") or ".")
     model = {k: v for k, v in dm.info.items() if k != "source"}
-    model["weights"] = _weights_stat(folder) if folder.is_dir() else str(folder)
+    if folder.is_dir():
+        model["weights"] = _weights_stat(folder)
+    elif folder.is_file():
+        st = folder.stat()
+        model["weights"] = [[folder.name, st.st_size, st.st_mtime_ns]]
     if conditioning is not None:
         model["conditioning"] = hashlib.sha256(Path(conditioning).read_bytes()).hexdigest()
     body = {"params": params_dict(p), "similarity": sim.provenance(),

@@ -66,14 +66,17 @@ class InvMM:
         encoder_pool: str | None = None,
         progress: Callable[[int], None] | None = None,
         out: str | Path | None = None,
+        config: str | Path | None = None,
         **params: Any,
     ) -> InvMMReport:
         """Score each image; return results, ranking, provenance and per-image evidence.
 
         Args:
             images: image files, or PIL images.
-            model: a local diffusers folder (pipeline saved with ``save_pretrained``) or
-                a hub id.
+            model: a local diffusers folder (pipeline saved with ``save_pretrained``), a
+                hub id, or a single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``...:
+                Stable Diffusion v1/v2 in ``ldm`` layout, or a diffusers-layout UNet state
+                dict) with ``config``.
             similarity: ``sscd`` (default: the official SSCD descriptor, found through
                 ``FP_SSCD`` or the documented file location), ``sscd:PATH``, ``ncc``,
                 ``ssim``, ``torchscript:PATH`` or ``encoder:NAME``. Any similarity other
@@ -97,6 +100,8 @@ class InvMM:
             encoder_weights: ``weights`` passed to the encoder's ``load`` (``encoder:``).
             encoder_pool: ``pool`` passed to the encoder's ``load`` (``encoder:``).
             progress: called with the number of optimisation steps done, as they happen.
+            config: for a single-file ``model``: the folder of its diffusers configs
+                (``model_index.json``, ``unet/``, ``scheduler/``...; no weights needed).
             out: a folder: each image's evidence and ``result.json`` are written there
                 (atomically) as soon as it is scored, and images already scored there by
                 a run with the same settings are read back instead of scored again, so
@@ -116,7 +121,7 @@ class InvMM:
             images, model, similarity=similarity, calibrate=calibrate, device=device,
             seed=seed, batch_size=batch_size, precision=precision, conditioning=conditioning,
             prompt=prompt, encoder_weights=encoder_weights, encoder_pool=encoder_pool,
-            progress=progress, params=params, out=out,
+            progress=progress, params=params, out=out, config=config,
         )
 
     def score(self, images: Sequence[str | Path | Any], model: str | Path,

@@ -44,7 +44,8 @@ class Wen:
 
     def score(self, images: Sequence[Any], model: str | Path, *, generations: int = 4,
               ddim_steps: int = 50, guidance: float = 7.5, seed: int = 0,
-              device: str | None = None, **unused: Any) -> list[dict[str, Any]]:
+              device: str | None = None, config: str | None = None,
+              **unused: Any) -> list[dict[str, Any]]:
         """One dict per image: ``image``, ``prompt``, ``score`` and ``per_generation``.
 
         Raises:
@@ -58,7 +59,7 @@ class Wen:
         from fp_plugins import _invmm_engine as eng
 
         dev = eng.device_of(device)
-        dm = eng.load_model(model, dev)
+        dm = eng.load_model(model, dev, config=config)
         if dm.text is None:
             raise InputError(f"wen needs a text-to-image pipeline (tokenizer/, text_encoder/ "
                              f"and a UNet2DConditionModel); {model} has none")
@@ -104,7 +105,7 @@ class Extraction:
     def score(self, images: Sequence[Any], model: str | Path, *, samples: int = 256,
               threshold: float = 0.1, ddim_steps: int | None = None, seed: int = 0,
               batch_size: int = 32, device: str | None = None, prompt: str | None = None,
-              **unused: Any) -> list[dict[str, Any]]:
+              config: str | None = None, **unused: Any) -> list[dict[str, Any]]:
         """One dict per image: ``image``, ``score`` (distance), ``flagged``, ``nearest``.
 
         Raises:
@@ -119,7 +120,7 @@ class Extraction:
         from fp_plugins._invmm_params import DEFAULTS
 
         dev = eng.device_of(device)
-        dm = eng.load_model(model, dev, prompt=prompt)
+        dm = eng.load_model(model, dev, prompt=prompt, config=config)
         if dm.conditional and dm.encoder_hidden_states is None:
             dm.encoder_hidden_states = dm.text.encode("")  # unconditional generation
         steps = ddim_steps or DEFAULTS[dm.family].ddim_steps

@@ -114,7 +114,8 @@ def register(app: typer.Typer) -> None:
     def memorize_cmd(
         images: Path = typer.Argument(..., help="Folder of images (or one image)."),
         model: str = typer.Option(..., "--model", "-m",
-                                  help="Diffusers folder (save_pretrained) or hub id."),
+                                  help="Diffusers folder (save_pretrained), hub id, or single-file "
+                                       "checkpoint with --config (-p config=DIR)."),
         measure: str = typer.Option(defaults.MEASURE, "--measure",
                                     help="invmm | wen | extraction | a plugin's measure."),
         param: list[str] = typer.Option([], "--param", "-p",
@@ -142,7 +143,8 @@ def register(app: typer.Typer) -> None:
     def invmm_cmd(
         images: Path = typer.Argument(..., help="Folder of images (or one image)."),
         model: str = typer.Option(..., "--model", "-m",
-                                  help="Diffusers folder (save_pretrained) or hub id."),
+                                  help="Diffusers folder (save_pretrained), hub id, or single-file "
+                                       "checkpoint with --config (-p config=DIR)."),
         steps: int | None = typer.Option(None, "--steps", help="Step budget [2000]."),
         similarity: str = typer.Option(
             "sscd", "--similarity",
@@ -175,6 +177,10 @@ def register(app: typer.Typer) -> None:
         conditioning: Path | None = typer.Option(
             None, "--conditioning",
             help="Bare UNet2DConditionModel: .safetensors with encoder_hidden_states."),
+        config: Path | None = typer.Option(
+            None, "--config",
+            help="For a single-file --model (.ckpt, .safetensors, .pt): the folder of its "
+                 "diffusers configs (model_index.json, unet/, scheduler/...)."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 [auto]."),
         precision: str = typer.Option(
             "fp32", "--precision",
@@ -216,6 +222,7 @@ def register(app: typer.Typer) -> None:
                 options=dict(similarity=similarity, calibrate=calibrate, device=device,
                              seed=seed, batch_size=batch_size, precision=precision,
                              conditioning=conditioning, prompt=prompt, progress=progress,
+                             config=config,
                              **params))
         if as_json:
             typer.echo(json.dumps(body, indent=2))
