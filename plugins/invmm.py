@@ -67,6 +67,7 @@ class InvMM:
         progress: Callable[[int], None] | None = None,
         out: str | Path | None = None,
         config: str | Path | None = None,
+        official: str | Path | None = None,
         **params: Any,
     ) -> InvMMReport:
         """Score each image; return results, ranking, provenance and per-image evidence.
@@ -102,6 +103,9 @@ class InvMM:
             progress: called with the number of optimisation steps done, as they happen.
             config: for a single-file ``model``: the folder of its diffusers configs
                 (``model_index.json``, ``unet/``, ``scheduler/``...; no weights needed).
+            official: the results folder of the official code
+                (``<folder>/<image id>/params.pt``): each result gains ``official_score``
+                and ``official_kl``, the provenance a comparison summary ``official``.
             out: a folder: each image's evidence and ``result.json`` are written there
                 (atomically) as soon as it is scored, and images already scored there by
                 a run with the same settings are read back instead of scored again, so
@@ -117,12 +121,22 @@ class InvMM:
         from forensics.stats.ct import check_seed
 
         seed = check_seed(seed)
-        return _invmm_engine.run(
+        found = None
+        if official is not None:  # read and checked before any scoring
+            from fp_plugins._invmm_official import read_folder
+
+            found = read_folder(Path(official), list(images))
+        report = _invmm_engine.run(
             images, model, similarity=similarity, calibrate=calibrate, device=device,
             seed=seed, batch_size=batch_size, precision=precision, conditioning=conditioning,
             prompt=prompt, encoder_weights=encoder_weights, encoder_pool=encoder_pool,
             progress=progress, params=params, out=out, config=config,
         )
+        if found is not None:
+            from fp_plugins._invmm_official import compare
+
+            report.provenance["official"] = compare(report.results, found, Path(official))
+        return report
 
     def score(self, images: Sequence[str | Path | Any], model: str | Path,
               **params: Any) -> list[dict[str, Any]]:

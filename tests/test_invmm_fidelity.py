@@ -624,3 +624,55 @@ def test_a_killed_process_resumes(pixel, imgs, tmp_path):
                                       check=True).stdout)
     assert resumed["provenance"]["resumed"] == done
     _same_results(resumed["results"], whole["results"])
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def test_the_score_histogram_is_written_without_members(pixel, imgs, tmp_path):
+    from PIL import Image
+
+    _json(["invmm", str(imgs), "--model", str(pixel), "--json", *FAST, "--out",
+           str(tmp_path / "o")])
+    assert Image.open(tmp_path / "o" / "scores.png").width > 100
+    assert not (tmp_path / "o" / "members.png").exists()
+
+
+def test_the_official_codes_params_files_are_compared(pixel, imgs, tmp_path):
+    official = tmp_path / "official"
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(1, 1, 8, 8, generator=g) * 0.1, torch.randn(1, 1, 8, 8) * 0.1
+    kl = 0.5 * torch.mean(mu**2 + logvar.exp() - logvar - 1)
+    (official / "img00").mkdir(parents=True)
+    torch.save({"mu": mu, "logvar": logvar, "invmm": kl}, official / "img00" / "params.pt")
+    (official / "img01").mkdir()
+    torch.save({"mu": mu, "logvar": logvar, "invmm": torch.tensor(float("inf")),
+                "log_coeffs": torch.zeros(2, 3), "sim_scores": torch.zeros(7, 8), "step": 1999},
+               official / "img01" / "params.pt")
+    result = runner.invoke(app, ["invmm", str(imgs), "--model", str(pixel), *FAST,
+                                 "--official", str(official)])
+    assert result.exit_code == 0, result.output
+    assert "official results" in result.output and "2 matched" in result.output
+    out = _json(["invmm", str(imgs), "--model", str(pixel), "--json", *FAST,
+                 "--official", str(official)])
+    summary = out["provenance"]["official"]
+    assert summary["matched"] == 2 and summary["missing"] == ["img02"]
+    assert summary["official_kl_vs_stored_score"] < 1e-6
+    by_name = {Path(r["image"]).name: r for r in out["results"]}
+    np.testing.assert_allclose(by_name["img00.png"]["official_score"], float(kl), rtol=1e-6)
+    np.testing.assert_allclose(by_name["img00.png"]["official_kl"], float(kl), rtol=1e-6)
+    assert by_name["img01.png"]["official_score"] is None  # inf: never reached
+    assert by_name["img02.png"]["official_kl"] is None
+    agree = np.mean([(by_name[n]["score"] is not None) == (n == "img00.png")
+                     for n in ("img00.png", "img01.png")])
+    assert summary["success_agreement"] == agree
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"mu": mu, "logvar": logvar, "extra": Evil()}, official / "img00" / "params.pt")
+    bad = runner.invoke(app, ["invmm", str(imgs), "--model", str(pixel), *FAST,
+                              "--official", str(official)])
+    assert bad.exit_code == 1 and "weights_only=True" in bad.output
+    assert "unpickled!" not in bad.output

@@ -95,6 +95,12 @@ def _print(body: dict[str, Any], out: Path | None) -> None:
                    f"TPR at 1% FPR {m['tpr_at_1pct_fpr']:.3f}"
                    + (" (no false positive allowed: fewer than 100 non-members)"
                       if m["non_members"] < 100 else ""))
+    off = prov.get("official")
+    if off:
+        rho = "-" if off["spearman"] is None else f"{off['spearman']:.3f}"
+        typer.echo(f"official results {off['folder']}: {off['matched']} matched, reached/"
+                   f"not reached agree on {off['success_agreement']:.0%}, Spearman {rho} "
+                   f"over {off['both_reached']} both reached")
     if out is not None:
         typer.echo(f"Scores and evidence: {out}")
 
@@ -181,6 +187,9 @@ def register(app: typer.Typer) -> None:
             None, "--config",
             help="For a single-file --model (.ckpt, .safetensors, .pt): the folder of its "
                  "diffusers configs (model_index.json, unet/, scheduler/...)."),
+        official: Path | None = typer.Option(
+            None, "--official",
+            help="The official code's results folder (<id>/params.pt): compare scores."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 [auto]."),
         precision: str = typer.Option(
             "fp32", "--precision",
@@ -222,7 +231,7 @@ def register(app: typer.Typer) -> None:
                 options=dict(similarity=similarity, calibrate=calibrate, device=device,
                              seed=seed, batch_size=batch_size, precision=precision,
                              conditioning=conditioning, prompt=prompt, progress=progress,
-                             config=config,
+                             config=config, official=official,
                              **params))
         if as_json:
             typer.echo(json.dumps(body, indent=2))
