@@ -676,3 +676,44 @@ def test_the_official_codes_params_files_are_compared(pixel, imgs, tmp_path):
                               "--official", str(official)])
     assert bad.exit_code == 1 and "weights_only=True" in bad.output
     assert "unpickled!" not in bad.output
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def test_extraction_generates_from_each_images_caption(text_pipe, tmp_path):
+    from fp_plugins import _invmm_engine as eng
+
+    folder = _write_images(tmp_path / "cap", _digits([0, 1, 2], 8))
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("# image<TAB>caption\nimg00.png\ta zero\nimg01\ta one\n"
+                        "img02.png\ta zero\n")
+    out = _json(["memorize", str(folder), "--model", str(text_pipe), "--measure",
+                 "extraction", "--captions", str(captions), "-p", "samples=3",
+                 "-p", "ddim_steps=2", "--json"])
+    res = out["results"]
+    assert [r["caption"] for r in res] == ["a zero", "a one", "a zero"]
+    # each image against its own caption's generations: recompute "a one" by hand
+    dm = eng.load_model(text_pipe, torch.device("cpu"))
+    gen = eng.seeded_generator(0, "a one", torch.device("cpu"))
+    x_T = torch.randn((3, 2, 4, 4), generator=gen)
+    imgs = eng.ddim_sample(dm, x_T, 2, cond=dm.text.encode("a one").expand(3, -1, -1),
+                           uncond=dm.text.encode("").expand(3, -1, -1), scale=7.5)
+    ref = torch.tensor(np.asarray(_digits([1], 8)[0])).float().div(255).flatten()
+    d = ((imgs.flatten(1).double() - ref.double()) ** 2).mean(1).sqrt()
+    np.testing.assert_allclose(res[1]["score"], float(d.min()), rtol=1e-6)
+    assert res[1]["nearest_sample"] == int(d.argmin())
+    # wen reads the same file instead of the .txt files
+    wen = _json(["memorize", str(folder), "--model", str(text_pipe), "--measure", "wen",
+                 "--captions", str(captions), "-p", "generations=1", "-p", "ddim_steps=2",
+                 "--json"])
+    assert [r["prompt"] for r in wen["results"]] == ["a zero", "a one", "a zero"]
+    assert wen["results"][0]["score"] == wen["results"][2]["score"]
+    captions.write_text("img00.png\ta zero\n")
+    bad = runner.invoke(app, ["memorize", str(folder), "--model", str(text_pipe), "--measure",
+                              "extraction", "--captions", str(captions)])
+    assert bad.exit_code == 1 and "no caption for" in bad.output
+    captions.write_text("img00.png a zero\n")
+    bad = runner.invoke(app, ["memorize", str(folder), "--model", str(text_pipe), "--measure",
+                              "extraction", "--captions", str(captions)])
+    assert bad.exit_code == 1 and "IMAGE<TAB>caption" in bad.output

@@ -127,6 +127,10 @@ def register(app: typer.Typer) -> None:
         param: list[str] = typer.Option([], "--param", "-p",
                                         help="A measure option, KEY=VALUE (repeatable)."),
         members: Path | None = _members_option(),
+        captions: Path | None = typer.Option(
+            None, "--captions",
+            help="IMAGE<TAB>caption per line: extraction generates from each caption, wen "
+                 "scores it (default for wen: img.txt beside img.png)."),
         out: Path | None = _out_option(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -138,8 +142,10 @@ def register(app: typer.Typer) -> None:
         """
         from forensics.steps.memorize import run_measure
 
-        body = run_measure(measure, images, model, members=members, out=out,
-                           options=parse_params(param))
+        options = parse_params(param)
+        if captions is not None:
+            options["captions"] = captions
+        body = run_measure(measure, images, model, members=members, out=out, options=options)
         if as_json:
             typer.echo(json.dumps(body, indent=2))
             return
