@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fp_plugins._invmm_checkpoint import SUFFIXES as SINGLE_FILE_SUFFIXES
 from fp_plugins._invmm_params import GUIDANCE_SCALES, SSCD_SIZE, InvMMReport, params_dict, rank
 from fp_plugins._invmm_params import resolve_params as _resolve_params
 from fp_plugins._invmm_similarity import (
@@ -66,7 +67,11 @@ from forensics.errors import InputError, OfflineError
 
 _UNETS = ("UNet2DModel", "UNet2DConditionModel")
 _AUTOENCODERS = ("VQModel", "AutoencoderKL")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Precisions by name. ``fp32`` is the default, as in the official DDPM, LDM and Stable
+#: Diffusion v1/v2 code; ``bf16`` and ``fp16`` run the UNet under autocast (losses and the
+#: learned parameters stay float32), ``fp16`` with dynamic loss scaling (a ``GradScaler``
+#: per image, as the official SD3 script).
+PRECISIONS = ("fp32", "bf16", "fp16")
 #: Most images optimised together when the batch is picked from free memory.
 MAX_AUTO_BATCH = 64
 #: Share of the free GPU memory a picked batch may use.
@@ -203,8 +208,10 @@ def _local_folder(model: str | Path) -> Path:
     text = str(model)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise InputError(
-            f"--model {text}: not a diffusers folder nor a hub id (owner/name). Give a folder "
-            f"saved with save_pretrained (holding unet/ and scheduler/)."
+            f"--model {text}: not a diffusers folder, a checkpoint file "
+            f"({', '.join(SINGLE_FILE_SUFFIXES)}) nor a hub id (owner/name). Give a folder "
+            f"saved with save_pretrained (holding unet/ and scheduler/), or a single-file "
+            f"checkpoint with --config."
         )
     from diffusers import DiffusionPipeline
 
@@ -260,31 +267,51 @@ def _autoencoder(folder: Path, device: torch.device) -> tuple[Any, str, float] |
     return None
 
 
-def _precision(precision: str, device: torch.device) -> torch.dtype | None:
+def _precision(precision: str) -> torch.dtype | None:
     """The autocast dtype for ``precision`` (None: plain float32)."""
     if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise InputError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)} "
+                         f"(fp32 is the official code's)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def load_model(model: str | Path, device: torch.device,
                conditioning: str | Path | None = None, *, prompt: str | None = None,
-               precision: str = "fp32") -> DiffusionModel:
+               precision: str = "fp32", config: str | Path | None = None) -> DiffusionModel:
     """Load a diffusers model: UNet, scheduler, autoencoder and text encoder if any.
+
+    ``model`` is a diffusers folder, a hub id, or a single-file checkpoint with ``config``
+    the folder of its diffusers configs (:mod:`fp_plugins._invmm_checkpoint`).
 
     Raises:
         InputError: the folder does not hold a supported model.
         OfflineError: a hub id could not be fetched.
     """
+    import tempfile
+
+    from fp_plugins import _invmm_checkpoint as ckpt
+
+    path = Path(model).expanduser()
+    if not ckpt.is_single_file(path):
+        if config is not None:
+            raise InputError(f"--config applies to single-file checkpoints "
+                             f"({', '.join(SINGLE_FILE_SUFFIXES)}); {model} is not one")
+        return _load_folder(model, _local_folder(model), device, conditioning, prompt,
+                            precision)
+    with tempfile.TemporaryDirectory(prefix="fp-invmm-") as work:
+        folder, single = ckpt.to_folder(path, config, Path(work))
+        dm = _load_folder(model, folder, device, conditioning, prompt, precision)
+    dm.info["folder"] = str(path)
+    dm.info["single_file"] = single
+    return dm
+
+
+def _load_folder(model: str | Path, folder: Path, device: torch.device,
+                 conditioning: str | Path | None, prompt: str | None,
+                 precision: str) -> DiffusionModel:
     import diffusers
 
-    folder = _local_folder(model)
+    _refuse_unsupported(folder)
     unet_dir = _unet_dir(folder)
     if unet_dir is None:
         raise InputError(
@@ -311,11 +338,7 @@ def load_model(model: str | Path, device: torch.device,
         scheduler = sched_cls.from_pretrained(sched_dir)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the scheduler in {sched_dir}: {exc}") from exc
-    if getattr(unet.config, "num_class_embeds", None) or getattr(
-        unet.config, "class_embed_type", None
-    ) or getattr(unet.config, "addition_embed_type", None):
-        raise InputError(f"{unet_dir}: class- or added-embedding conditioned UNets are not "
-                         f"supported by InvMM")
+    _refuse_class_conditional(unet.config, unet_dir)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None:
         raise InputError(f"scheduler {sched_cls.__name__} of {folder} has no alphas_cumprod")
@@ -328,7 +351,7 @@ def load_model(model: str | Path, device: torch.device,
         alphas_cumprod=torch.as_tensor(alphas).double().to(device),
         prediction_type=prediction_type,
         device=device,
-        autocast_dtype=_precision(precision, device),
+        autocast_dtype=_precision(precision),
     )
     ae = _autoencoder(folder, device)
     if ae is not None:
@@ -361,6 +384,30 @@ def load_model(model: str | Path, device: torch.device,
         "prompt": prompt,
     }
     return dm
+
+
+def _refuse_unsupported(folder: Path) -> None:
+    """Stable Diffusion 3.x folders (a ``transformer/``, no ``unet/``): one clear refusal."""
+    from fp_plugins._invmm_checkpoint import SD3_REFUSAL
+
+    index = folder / "model_index.json"
+    cls_name = _read_json(index).get("_class_name", "") if index.is_file() else ""
+    if str(cls_name).startswith("StableDiffusion3") or (
+            (folder / "transformer" / "config.json").is_file()
+            and not (folder / "unet").is_dir()):
+        raise InputError(f"--model {folder}: {SD3_REFUSAL}")
+
+
+def _refuse_class_conditional(config: Any, unet_dir: Path) -> None:
+    """Class-conditional UNets are refused, naming the config entry that makes them so."""
+    for key in ("num_class_embeds", "class_embed_type", "addition_embed_type"):
+        value = getattr(config, key, None)
+        if value:
+            raise InputError(
+                f"{unet_dir}: a class- or added-embedding conditioned UNet ({key} = "
+                f"{value!r}) is not supported: the official InvMM code inverts unconditional "
+                f"DDPMs and LDMs and text-conditioned Stable Diffusion, and defines no class "
+                f"label to condition on while inverting; fp does not invent one")
 
 
 def _has_text(folder: Path) -> bool:
@@ -439,6 +486,26 @@ def _generator(seed: int, digest: str, device: torch.device) -> torch.Generator:
 # --------------------------------------------------------------------------- DDIM
 
 
+#: The official code's commit whose samplers ``ddim_sample`` follows (``ddpm/diffusion.py``
+#: ``GaussianDiffusionDDIMSampler``; ``latent-diffusion`` and ``stable-diffusion-v1/-v2``
+#: ``ldm/modules/diffusionmodules/util.py``, whose ``make_ddim_timesteps`` and
+#: ``make_ddim_sampling_parameters`` the authors patched).
+OFFICIAL_COMMIT = "47c65ed12054afb33ebc46cfa09277c47da5f20c"
+
+
+def ldm_timesteps(num_timesteps: int, steps: int) -> tuple[list[int], list[float | None]]:
+    """The patched ``ldm`` DDIM schedule of the official code, ascending.
+
+    Timesteps ``linspace(-1, T-1, S+1)[1:]`` (float64, truncated to integers as the
+    sampler's ``long`` timesteps are); each step's previous alpha-bar is that of the next
+    lower timestep, and the lowest step's is 1 (``None`` here), so sampling ends at the
+    model's x0 prediction. With T = 1000 and S = 50: t = 19, 39, ..., 999.
+    """
+    steps = min(steps, num_timesteps)
+    ts = np.linspace(-1, num_timesteps - 1, steps + 1)[1:].astype(np.int64).tolist()
+    return ts, [None, *ts[:-1]]
+
+
 def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int, *,
                 cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
                 scale: float = 1.0) -> torch.Tensor:
@@ -446,10 +513,10 @@ def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int, *,
 
     Pixel models follow the official ``GaussianDiffusionDDIMSampler``: timesteps
     ``int(linspace(-1, T-1, steps+1))`` from the top, and the clipped x0 prediction at the
-    last one. Latent and text-to-image models follow ``ldm``'s ``DDIMSampler`` (uniform
-    spacing ``arange(0, T, T // steps) + 1``, final x_{prev} decoded), as the official
-    LDM and Stable Diffusion code; with ``uncond``, the output is classifier-free guided at
-    ``scale``.
+    last one. Latent and text-to-image models follow the official code's patched ``ldm``
+    ``DDIMSampler`` (:func:`ldm_timesteps`: the same timesteps, final alpha-bar 1, the
+    last x_prev, unclipped, decoded), as the official LDM and Stable Diffusion scripts;
+    with ``uncond``, the output is classifier-free guided at ``scale``.
     """
     T = dm.num_timesteps
     ac = dm.alphas_cumprod
@@ -466,13 +533,11 @@ def ddim_sample(dm: DiffusionModel, x_T: torch.Tensor, steps: int, *,
                 a_next = ac[t_next].float()
                 x = x0 * a_next.sqrt() + (1 - a_next).sqrt() * eps
             return dm.decode(x0.clamp(-1, 1))
-        stride = max(T // steps, 1)
-        ts = [min(t + 1, T - 1) for t in range(0, T, stride)]
-        prev = [0, *ts[:-1]]
+        ts, prev = ldm_timesteps(T, steps)
         for t, tp in zip(reversed(ts), reversed(prev), strict=True):
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             x0, eps = dm.x0_eps(x, tt, dm.guided(x, tt, cond, uncond, scale))
-            a_prev = ac[tp].float()
+            a_prev = ac.new_ones(()).float() if tp is None else ac[tp].float()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return dm.decode(x)
 
@@ -504,6 +569,8 @@ class _Slot:
     checks: list = field(default_factory=list)
     samples: torch.Tensor | None = None  # the deciding check's samples, on the CPU
     samples_scale: float | None = None
+    scaler: Any = None  # fp16: this image's GradScaler (dynamic loss scaling)
+    skipped_steps: int = 0  # fp16: steps whose scaled gradients overflowed (not applied)
 
     def kl_term(self) -> torch.Tensor:
         return 0.5 * torch.mean(self.mu**2 + self.logvar.exp() - self.logvar - 1)
@@ -536,9 +603,18 @@ def _train_step(dm: DiffusionModel, slots: list[_Slot], noises: int, tau: float)
     rec = ((x0_hat - x0) ** 2).flatten(1).mean(1).view(len(slots), noises).mean(1)
     kls = torch.stack([s.kl_term() for s in slots])
     w = torch.tensor([s.kl_weight for s in slots], device=dm.device)
-    (rec + w * kls).sum().backward()  # each image's gradient is that of its own loss
+    losses = rec + w * kls
+    if slots[0].scaler is not None:  # fp16: each image's loss scaled by its own scaler
+        losses = torch.stack([s.scaler.scale(v) for s, v in zip(slots, losses, strict=True)])
+    losses.sum().backward()  # each image's gradient is that of its own loss
     for s, r in zip(slots, rec.detach().cpu().tolist(), strict=True):
-        s.opt.step()
+        if s.scaler is not None:
+            before = s.scaler.get_scale()
+            s.scaler.step(s.opt)  # skipped when the scaled gradients overflowed
+            s.scaler.update()
+            s.skipped_steps += int(s.scaler.get_scale() < before)
+        else:
+            s.opt.step()
         s.opt.zero_grad(set_to_none=True)
         s.losses.append(r)
 
@@ -659,7 +735,8 @@ def _probe_batch_size(dm: DiffusionModel, p: Any, shape: tuple[int, ...]) -> int
             raise
         raise InputError(
             f"one image's InvMM step ({p.noises} noises) does not fit in the memory of "
-            f"{dev}: lower --noises, or use --precision bf16") from exc
+            f"{dev}: lower --noises, or use --precision bf16 (see README for its effect "
+            f"on scores)") from exc
     per_image = torch.cuda.max_memory_allocated(dev) - base
     del probe
     torch.cuda.empty_cache()
@@ -685,7 +762,8 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         calibrate: Sequence[Any] | None, device: str | None, seed: int,
         batch_size: int | str | None, precision: str, conditioning: str | Path | None,
         prompt: str | None, encoder_weights: str | None, encoder_pool: str | None,
-        progress: Callable[[int], None] | None, params: dict[str, Any]) -> InvMMReport:
+        progress: Callable[[int], None] | None, params: dict[str, Any],
+        out: str | Path | None = None, config: str | Path | None = None) -> InvMMReport:
     """Score ``images`` with InvMM; see :meth:`fp_plugins.invmm.InvMM.run`."""
     import diffusers
 
@@ -702,7 +780,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     _prepare_similarity(similarity, calibrate, params)
     dev = _device(device)
-    dm = load_model(model, dev, conditioning, prompt=prompt, precision=precision)
+    dm = load_model(model, dev, conditioning, prompt=prompt, precision=precision, config=config)
     p = _resolve_params(overrides=params, family=dm.family)
     learn_tokens = dm.text is not None and dm.encoder_hidden_states is None and p.tokens > 0
     if learn_tokens and p.tokens > dm.text.max_length - 2:
@@ -738,8 +816,21 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             batch_size, picked = 4, "auto on cpu"
     chunked = _Chunked(batch_size)
     results: list[dict[str, Any]] = [{} for _ in loaded]
-    evidence: list[dict[str, Any]] = [{} for _ in loaded]
+    evidence: list[dict[str, Any] | None] = [{} for _ in loaded]
     queue = list(range(len(loaded)))
+    key = _run_key(dm, p, sim, calibration, seed, precision, dev, learn_tokens, conditioning)
+    resumed = 0
+    if out is not None:
+        from fp_plugins import _invmm_evidence
+
+        for i, (_, name, digest, _) in enumerate(loaded):
+            done_before = _invmm_evidence.read_done(Path(out), i, name, digest, key)
+            if done_before is not None:
+                results[i], evidence[i] = done_before, None
+                resumed += 1
+                if progress is not None:
+                    progress(p.steps)
+        queue = [i for i in queue if evidence[i] is not None]
     active: list[_Slot] = []
     started = time.perf_counter()
 
@@ -755,10 +846,12 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             log_coeffs = torch.zeros(p.tokens, dm.text.vocab_size, device=dev,
                                      requires_grad=True)
             learned = [log_coeffs, mu, logvar]
+        scaler = (torch.amp.GradScaler(dev.type)
+                  if dm.autocast_dtype == torch.float16 else None)
         return _Slot(index=i, x0=x0, ref=ref, gen=_generator(seed, loaded[i][2], dev), mu=mu,
                      logvar=logvar, opt=torch.optim.Adam(learned, lr=p.lr),
                      kl_weight=p.kl_weight, losses=deque(maxlen=p.window),
-                     log_coeffs=log_coeffs)
+                     log_coeffs=log_coeffs, scaler=scaler)
 
     def finish(s: _Slot) -> None:
         with torch.no_grad():
@@ -772,6 +865,7 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             "success_step": s.success_step,
             "success_scale": s.success_scale,
             "steps_run": s.step,
+            "skipped_steps": s.skipped_steps,
             "kl": s.kl,
             "kl_weight": s.kl_weight,
             "similarity": s.similarity,
@@ -785,6 +879,11 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
             "checks": s.checks, "samples": s.samples, "samples_scale": s.samples_scale,
             "reference": s.ref.float().cpu(),
         }
+        if out is not None:  # this image's result survives a crash of the rest of the run
+            from fp_plugins import _invmm_evidence
+
+            _invmm_evidence.write_image(Path(out), s.index, results[s.index],
+                                        evidence[s.index], key)
         if progress is not None and s.step < p.steps:
             progress(p.steps - s.step)
 
@@ -828,17 +927,59 @@ def run(images: Sequence[Any], model: str | Path, *, similarity: str,
         "calibration": calibration,
         "seed": seed,
         "device": str(dev),
-        "precision": str(dm.autocast_dtype).replace("torch.", "") if dm.autocast_dtype
-        else "float32",
+        "precision": precision,
+        "autocast": str(dm.autocast_dtype).replace("torch.", "") if dm.autocast_dtype
+        else None,
+        "loss_scaling": "dynamic, one GradScaler per image" if precision == "fp16" else None,
         "batch_size": batch_size,
         "batch_size_from": picked,
         "oom_backoffs": chunked.backoffs,
         "seconds": round(time.perf_counter() - started, 3),
+        "run_key": key,
+        "resumed": resumed,
         "versions": {"fp": __version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__},
     }
     return InvMMReport(results=results, ranking=rank(results), provenance=provenance,
-                       evidence=evidence)
+                       evidence=evidence, written_to=None if out is None else str(out))
+
+
+def _weights_stat(folder: Path) -> list[list[Any]]:
+    """(relative path, size, mtime in ns) of the weight files under ``folder``."""
+    rows = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth"):
+            st = f.stat()
+            rows.append([str(f.relative_to(folder)), st.st_size, st.st_mtime_ns])
+    return rows
+
+
+def _run_key(dm: DiffusionModel, p: Any, sim: Any, calibration: Any, seed: int,
+             precision: str, dev: torch.device, learn_tokens: bool,
+             conditioning: str | Path | None) -> str:
+    """A digest of everything an image's result depends on except the image itself.
+
+    The batch size is left out: at batch 1 a resumed run equals an uninterrupted one bit
+    for bit, at larger batches up to float round-off, as batched scores always do.
+    """
+    from forensics._version import __version__
+    from forensics.jsonable import jsonable
+
+    folder = Path(dm.info.get("folder") or ".")
+    model = {k: v for k, v in dm.info.items() if k != "source"}
+    if folder.is_dir():
+        model["weights"] = _weights_stat(folder)
+    elif folder.is_file():
+        st = folder.stat()
+        model["weights"] = [[folder.name, st.st_size, st.st_mtime_ns]]
+    if conditioning is not None:
+        model["conditioning"] = hashlib.sha256(Path(conditioning).read_bytes()).hexdigest()
+    body = {"params": params_dict(p), "similarity": sim.provenance(),
+            "calibration": calibration, "seed": seed, "precision": precision,
+            "device": dev.type, "learned_tokens": learn_tokens, "fp": __version__}
+    body["model"] = model
+    text = json.dumps(jsonable(body), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _folder_images(folder: Path) -> list[Path]:

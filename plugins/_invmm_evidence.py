@@ -7,13 +7,18 @@ Under ``OUT/evidence/<NNN>_<image stem>/``:
 - ``checks.csv``: one row per check: step, KL, KL weight, smoothed reconstruction loss,
   the least similar sample's similarity (per guidance scale for text-to-image), success;
 - ``samples.png``: the image itself, then the samples of the check that decided the score
-  (the successful one, else the one whose least similar sample came closest).
+  (the successful one, else the one whose least similar sample came closest);
+- ``result.json``: the image's result and the key of the run's settings, written last, so
+  its presence means the image is done: a rerun with the same ``--out`` and settings reads
+  it back instead of scoring the image again (:func:`read_done`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -21,8 +26,11 @@ from typing import Any
 import numpy as np
 
 from forensics.data.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from forensics.errors import InputError
+from forensics.jsonable import jsonable
 
 EVIDENCE_DIR = "evidence"
+RESULT_JSON = "result.json"
 
 
 def _folder_name(index: int, image: str) -> str:
@@ -67,21 +75,72 @@ def grid_png(reference: Any, samples: Any) -> bytes:
     return buf.getvalue()
 
 
-def write(report: Any, out: Path) -> list[Path]:
-    """Write every image's evidence under ``out/evidence``; return the folders."""
+def image_folder(out: Path, index: int, image: str) -> Path:
+    """``out/evidence/NNN_<stem>``: where image ``index`` of the run keeps its evidence."""
+    return Path(out) / EVIDENCE_DIR / _folder_name(index, image)
+
+
+def write_image(out: Path, index: int, result: dict[str, Any], ev: dict[str, Any],
+                run_key: str | None = None) -> Path:
+    """Write one image's evidence, then its ``result.json`` (each file atomically)."""
     from safetensors.torch import save_file
 
+    folder = image_folder(out, index, result["image"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: ev[k].contiguous() for k in ("mu", "logvar", "log_coeffs")
+               if ev.get(k) is not None}
+    meta = {"image": str(result["image"]), "score": repr(result["score"]),
+            "success": str(result["success"]), "samples_scale": str(ev["samples_scale"])}
+    atomic_write(folder / "params.safetensors",
+                 lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
+    atomic_write_text(folder / "checks.csv", _checks_csv(ev["checks"]))
+    atomic_write_bytes(folder / "samples.png", grid_png(ev["reference"], ev["samples"]))
+    if run_key is not None:
+        atomic_write_text(folder / RESULT_JSON, json.dumps(
+            {"run_key": run_key, "index": index, "result": jsonable(result)},
+            indent=2, allow_nan=False) + "\n")
+    return folder
+
+
+def read_done(out: Path, index: int, image: str, sha256: str,
+              run_key: str) -> dict[str, Any] | None:
+    """The result a previous run with the same settings wrote for this image, or None.
+
+    Raises:
+        InputError: the folder holds a result of other settings or of another image (so
+            a rerun never mixes two runs' results, nor overwrites one).
+    """
+    folder = image_folder(out, index, image)
+    path = folder / RESULT_JSON
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        result = dict(record["result"])
+        key = record["run_key"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable result of an earlier run ({exc}); remove "
+                         f"{folder} to score the image again") from exc
+    if key != run_key:
+        raise InputError(
+            f"--out {out} holds results of a run with other settings ({path}); resume only "
+            f"with the same model, images, options, seed, precision and device type, or "
+            f"write to another --out")
+    if result.get("sha256") != sha256:
+        raise InputError(f"{path} holds the result of another image than {image} (the "
+                         f"folder's images changed); write to another --out")
+    if result.get("score") is None:
+        result["score"] = math.inf  # JSON null: never reached
+    result["image"] = image
+    return result
+
+
+def write(report: Any, out: Path) -> list[Path]:
+    """Write every image's evidence under ``out/evidence`` (those not written already)."""
     folders = []
     for i, (result, ev) in enumerate(zip(report.results, report.evidence or [], strict=True)):
-        folder = Path(out) / EVIDENCE_DIR / _folder_name(i, result["image"])
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: ev[k].contiguous() for k in ("mu", "logvar", "log_coeffs")
-                   if ev.get(k) is not None}
-        meta = {"image": str(result["image"]), "score": repr(result["score"]),
-                "success": str(result["success"]), "samples_scale": str(ev["samples_scale"])}
-        atomic_write(folder / "params.safetensors",
-                     lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
-        atomic_write_text(folder / "checks.csv", _checks_csv(ev["checks"]))
-        atomic_write_bytes(folder / "samples.png", grid_png(ev["reference"], ev["samples"]))
-        folders.append(folder)
+        if ev is None:  # read back from, or written to, ``out`` during the run
+            folders.append(image_folder(out, i, result["image"]))
+            continue
+        folders.append(write_image(out, i, result, ev))
     return folders

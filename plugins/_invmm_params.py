@@ -148,6 +148,9 @@ class InvMMReport:
     ranking: list[int]
     provenance: dict[str, Any]
     evidence: list[dict[str, Any]] | None = None
+    #: The folder each image's evidence and result were written to as it finished (the
+    #: run's ``out``); :meth:`write_evidence` to it writes nothing again.
+    written_to: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict: ``inf`` scores become ``null`` (with ``"success": false``)."""
@@ -162,6 +165,10 @@ class InvMMReport:
 
     def write_evidence(self, out: Any) -> list[Any]:
         """Write each image's learned parameters, checks and samples under ``out/evidence``."""
-        from fp_plugins._invmm_evidence import write
+        from pathlib import Path
 
+        from fp_plugins._invmm_evidence import image_folder, write
+
+        if self.written_to is not None and Path(self.written_to) == Path(out):
+            return [image_folder(Path(out), i, r["image"]) for i, r in enumerate(self.results)]
         return write(self, out)

@@ -59,20 +59,25 @@ class InvMM:
         device: str | None = None,
         seed: int = 0,
         batch_size: int | str | None = None,
-        precision: str = "auto",
+        precision: str = "fp32",
         conditioning: str | Path | None = None,
         prompt: str | None = None,
         encoder_weights: str | None = None,
         encoder_pool: str | None = None,
         progress: Callable[[int], None] | None = None,
+        out: str | Path | None = None,
+        config: str | Path | None = None,
+        official: str | Path | None = None,
         **params: Any,
     ) -> InvMMReport:
         """Score each image; return results, ranking, provenance and per-image evidence.
 
         Args:
             images: image files, or PIL images.
-            model: a local diffusers folder (pipeline saved with ``save_pretrained``) or
-                a hub id.
+            model: a local diffusers folder (pipeline saved with ``save_pretrained``), a
+                hub id, or a single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``...:
+                Stable Diffusion v1/v2 in ``ldm`` layout, or a diffusers-layout UNet state
+                dict) with ``config``.
             similarity: ``sscd`` (default: the official SSCD descriptor, found through
                 ``FP_SSCD`` or the documented file location), ``sscd:PATH``, ``ncc``,
                 ``ssim``, ``torchscript:PATH`` or ``encoder:NAME``. Any similarity other
@@ -86,8 +91,9 @@ class InvMM:
                 is bit-identical whatever the other images. ``"auto"`` (from free GPU memory
                 on CUDA, 4 on CPU) or N > 1 is faster on a GPU, scores equal up to float
                 round-off; halved automatically when CUDA runs out of memory.
-            precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on CPU), ``fp32``,
-                ``bf16`` or ``fp16``.
+            precision: ``fp32`` (default: the official code's), ``bf16`` (UNet under
+                bf16 autocast) or ``fp16`` (fp16 autocast with dynamic loss scaling, a
+                ``GradScaler`` per image); the faster modes move scores (README).
             conditioning: for a bare ``UNet2DConditionModel`` without text encoder: a
                 ``.safetensors`` file holding ``encoder_hidden_states``.
             prompt: text-to-image pipelines: a fixed prompt, encoded by the pipeline's
@@ -95,6 +101,15 @@ class InvMM:
             encoder_weights: ``weights`` passed to the encoder's ``load`` (``encoder:``).
             encoder_pool: ``pool`` passed to the encoder's ``load`` (``encoder:``).
             progress: called with the number of optimisation steps done, as they happen.
+            config: for a single-file ``model``: the folder of its diffusers configs
+                (``model_index.json``, ``unet/``, ``scheduler/``...; no weights needed).
+            official: the results folder of the official code
+                (``<folder>/<image id>/params.pt``): each result gains ``official_score``
+                and ``official_kl``, the provenance a comparison summary ``official``.
+            out: a folder: each image's evidence and ``result.json`` are written there
+                (atomically) as soon as it is scored, and images already scored there by
+                a run with the same settings are read back instead of scored again, so
+                a rerun after a crash resumes where it stopped.
             **params: any field of :class:`InvMMParams`; ``None`` keeps the default.
 
         Raises:
@@ -106,12 +121,22 @@ class InvMM:
         from forensics.stats.ct import check_seed
 
         seed = check_seed(seed)
-        return _invmm_engine.run(
+        found = None
+        if official is not None:  # read and checked before any scoring
+            from fp_plugins._invmm_official import read_folder
+
+            found = read_folder(Path(official), list(images))
+        report = _invmm_engine.run(
             images, model, similarity=similarity, calibrate=calibrate, device=device,
             seed=seed, batch_size=batch_size, precision=precision, conditioning=conditioning,
             prompt=prompt, encoder_weights=encoder_weights, encoder_pool=encoder_pool,
-            progress=progress, params=params,
+            progress=progress, params=params, out=out, config=config,
         )
+        if found is not None:
+            from fp_plugins._invmm_official import compare
+
+            report.provenance["official"] = compare(report.results, found, Path(official))
+        return report
 
     def score(self, images: Sequence[str | Path | Any], model: str | Path,
               **params: Any) -> list[dict[str, Any]]:

@@ -305,9 +305,9 @@ def test_unknown_similarity_lists_the_choices():
 # --------------------------------------------------------------------------- DDIM
 
 
-def _diffusers_ddim(unet, ddpm_config, x, steps, **overrides):
+def _diffusers_ddim(unet, ddpm_config, x, steps, spacing="leading", **overrides):
     sched = diffusers.DDIMScheduler.from_config(ddpm_config, clip_sample=False,
-                                                timestep_spacing="leading", **overrides)
+                                                timestep_spacing=spacing, **overrides)
     sched.set_timesteps(steps)
     with torch.no_grad():
         for t in sched.timesteps:
@@ -349,18 +349,64 @@ def tiny_latent(tmp_path_factory) -> Path:
     return folder
 
 
-def test_latent_ddim_matches_ldm_spacing_in_diffusers(tiny_latent):
+def _official_ldm_schedule(T: int, S: int, abar: np.ndarray):
+    """The official code's patched ``make_ddim_timesteps`` / ``make_ddim_sampling_parameters``
+    (Maryeon/InvMM at 47c65ed), restated: timesteps ``linspace(-1, T-1, S+1)[1:]``, alpha
+    at each, previous alpha 1 for the first and the earlier timestep's after."""
+    ts = np.linspace(-1, T - 1, S + 1)[1:]
+    idx = ts.astype(np.int64)
+    return idx, abar[idx], np.asarray([1.0, *abar[idx[:-1]]])
+
+
+@pytest.mark.parametrize(("T", "S"), [(1000, 50), (1000, 200), (20, 5), (20, 3), (100, 7)])
+def test_ldm_timesteps_are_the_official_patched_ones(T, S):
+    eng = _engine()
+    ts, prev = eng.ldm_timesteps(T, S)
+    abar = np.linspace(0.99, 0.01, T)
+    idx, alphas, alphas_prev = _official_ldm_schedule(T, S, abar)
+    assert ts == idx.tolist() and len(ts) == S
+    ours_prev = [1.0 if p is None else abar[p] for p in prev]
+    np.testing.assert_array_equal(ours_prev, alphas_prev)
+    np.testing.assert_array_equal(abar[ts], alphas)
+
+
+def test_stable_diffusion_schedule_visits_999_to_19_and_ends_at_alpha_one():
+    eng = _engine()
+    ts, prev = eng.ldm_timesteps(1000, 50)
+    assert ts[::-1][:3] == [999, 979, 959] and ts[0] == 19 and prev[0] is None
+    sd = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                 beta_end=0.012, num_train_timesteps=1000)
+    np.testing.assert_allclose(float(sd.alphas_cumprod[ts[-1]]), 0.00466, atol=5e-6)
+    assert eng.OFFICIAL_COMMIT.startswith("47c65ed")
+
+
+def test_latent_ddim_is_the_patched_ldm_sampler(tiny_latent):
     eng = _engine()
     dm = eng.load_model(tiny_latent, torch.device("cpu"))
     assert dm.latent and dm.image_size == 8 and dm.image_channels == 1
     x_T = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
     ours = eng.ddim_sample(dm, x_T, steps=5)
-    # ldm's DDIMSampler: timesteps arange(0, T, T // S) + 1, first alpha_prev = abar_0
+    # T = 20, S = 5: the official t = 3, 7, 11, 15, 19 and a final alpha-bar of 1, which
+    # diffusers' DDIM gives with "trailing" spacing and set_alpha_to_one
     ref = _diffusers_ddim(dm.unet, diffusers.DDPMScheduler.from_pretrained(
-        tiny_latent / "scheduler").config, x_T, 5, set_alpha_to_one=False, steps_offset=1)
+        tiny_latent / "scheduler").config, x_T, 5, set_alpha_to_one=True, steps_offset=0,
+        spacing="trailing")
     with torch.no_grad():
         expected = ((dm.autoencoder.decode(ref).sample + 1) / 2).clamp(0, 1)
     np.testing.assert_allclose(ours.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    # and by hand, from the official schedule
+    abar = dm.alphas_cumprod.float()
+    idx, alphas, alphas_prev = _official_ldm_schedule(20, 5, abar.numpy())
+    x = x_T.clone()
+    with torch.no_grad():
+        for i in reversed(range(5)):
+            t = torch.full((2,), int(idx[i]), dtype=torch.long)
+            e = dm.unet(x, t).sample
+            a, ap = float(alphas[i]), float(alphas_prev[i])
+            x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
+            x = ap**0.5 * x0 + (1 - ap) ** 0.5 * e
+        by_hand = ((dm.autoencoder.decode(x).sample + 1) / 2).clamp(0, 1)
+    np.testing.assert_allclose(ours.numpy(), by_hand.numpy(), rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- runs

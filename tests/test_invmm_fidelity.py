@@ -375,9 +375,57 @@ def test_bf16_autocast_runs_the_unet_in_bf16_on_cpu(pixel, imgs):
     res = plugins.get("memorization_measures", "invmm").run(
         [imgs / "img00.png"], pixel, similarity="ncc", beta=0.5, steps=2, check_every=2,
         noises=2, samples=2, ddim_steps=2, device="cpu", precision="bf16")
-    assert res.provenance["precision"] == "bfloat16" and math.isfinite(res.results[0]["kl"])
-    with pytest.raises(InputError, match="fp16 needs a CUDA"):
-        eng.load_model(pixel, torch.device("cpu"), precision="fp16")
+    assert res.provenance["precision"] == "bf16" and res.provenance["autocast"] == "bfloat16"
+    assert math.isfinite(res.results[0]["kl"])
+    with pytest.raises(InputError, match="choose one of fp32, bf16, fp16"):
+        eng.load_model(pixel, torch.device("cpu"), precision="auto")
+
+
+def test_fp32_is_the_default_as_in_the_official_code(pixel, imgs):
+    out = _json(["invmm", str(imgs), "--model", str(pixel), "--json", *FAST])
+    prov = out["provenance"]
+    assert prov["precision"] == "fp32" and prov["autocast"] is None
+    assert prov["loss_scaling"] is None
+    assert all(r["skipped_steps"] == 0 for r in out["results"])
+
+
+def test_fp16_scales_each_images_loss_and_skips_overflowing_steps(pixel, imgs, monkeypatch):
+    """fp16 runs under a GradScaler per image: an overflowing step is skipped (mu unchanged),
+    the scale halves, and the other images' steps go on."""
+    from fp_plugins import _invmm_engine as eng
+
+    measure = plugins.get("memorization_measures", "invmm")
+    kw = dict(similarity="ncc", beta=0.5, steps=4, check_every=2, noises=2, samples=2,
+              ddim_steps=2, seed=5, device="cpu")
+    files = sorted(imgs.glob("*.png"))
+    fp16 = measure.run(files, pixel, precision="fp16", **kw)
+    fp32 = measure.run(files, pixel, **kw)
+    assert fp16.provenance["loss_scaling"].startswith("dynamic")
+    assert fp16.provenance["autocast"] == "float16"
+    # GradScaler starts at 2^16 (as the official SD3 script's): the first steps of a tiny
+    # model overflow and are skipped while the scale halves; fp32 skips none
+    for a, b in zip(fp16.results, fp32.results, strict=True):
+        assert 0 <= a["skipped_steps"] < a["steps_run"] and math.isfinite(a["kl"])
+        assert b["skipped_steps"] == 0
+    # an overflow in the first image's gradients: its first step is skipped, not applied
+    real = eng._train_step
+    calls = {"n": 0}
+
+    def overflow_once(dm, slots, noises, tau):
+        calls["n"] += 1
+        real(dm, slots, noises, tau) if calls["n"] > 1 else _poisoned(dm, slots, noises, tau)
+
+    def _poisoned(dm, slots, noises, tau):
+        s = slots[0]
+        mu0 = s.mu.detach().clone()
+        hook = s.mu.register_hook(lambda g: g * float("inf"))
+        real(dm, slots, noises, tau)
+        hook.remove()
+        assert torch.equal(s.mu.detach(), mu0) and s.scaler.get_scale() == 2.0**15
+
+    monkeypatch.setattr(eng, "_train_step", overflow_once)
+    skipped = measure.run(files[:1], pixel, precision="fp16", **kw)
+    assert calls["n"] > 1 and skipped.results[0]["skipped_steps"] >= 1
 
 
 @pytest.mark.gpu
@@ -387,7 +435,7 @@ def test_cuda_picks_the_batch_from_free_memory_and_autocasts(pixel, imgs):
         check_every=2, noises=2, samples=2, ddim_steps=2, device="cuda", batch_size="auto")
     prov = res.provenance
     assert prov["batch_size_from"] == "free memory" and prov["batch_size"] >= 1
-    assert prov["precision"] in ("bfloat16", "float16")
+    assert prov["precision"] == "fp32" and prov["autocast"] is None
 
 
 # --------------------------------------------------------------------------- fp memorize
@@ -450,3 +498,222 @@ def test_a_third_party_measure_gets_the_cli(imgs, tmp_path):
     assert out["members"]["auroc"] == float(scores["img01.png"] > min(
         scores["img00.png"], scores["img02.png"])) or out["members"]["auroc"] in (0.0, 0.5, 1.0)
     assert (tmp_path / "scores.csv").is_file() and (tmp_path / "members.png").is_file()
+
+
+def test_tpr_at_1pct_fpr_is_the_roc_point_sklearn_draws():
+    from sklearn.metrics import roc_curve
+
+    from forensics.steps.memorize import tpr_at_fpr
+
+    rng = np.random.default_rng(0)
+    for n_other in (20, 300):
+        m = np.round(rng.normal(0, 1, 50), 1)  # rounded: ties across the classes
+        o = np.round(rng.normal(1.5, 1, n_other), 1)
+        labels = np.r_[np.ones(50), np.zeros(n_other)]
+        fpr, tpr, _ = roc_curve(labels, -np.r_[m, o])  # lower = member
+        expected = tpr[fpr <= 0.01].max()
+        assert tpr_at_fpr(m.tolist(), o.tolist()) == pytest.approx(expected, abs=1e-12)
+        assert tpr_at_fpr((-m).tolist(), (-o).tolist(), "higher") == pytest.approx(expected)
+    # inf is the least memorized; with 3 non-members only a threshold with none flagged
+    assert tpr_at_fpr([0.1, 0.2, math.inf], [0.15, math.inf, math.inf]) == pytest.approx(1 / 3)
+
+
+def test_cli_prints_auroc_and_auroc_ranking_under_their_names(imgs, tmp_path):
+    import types
+
+    from forensics.plugin.hookspecs import hookimpl
+
+    class Tied:
+        name = "tied"
+        description = "two images tie"
+
+        def score(self, images, model):
+            return [{"image": str(p), "score": s} for p, s in zip(images, (1.0, 1.0, 2.0),
+                                                                   strict=True)]
+
+    mod = types.ModuleType("tied_measure")
+    mod.register_memorization_measures = hookimpl(lambda register: register(Tied()))
+    plugins.get_plugin_manager().register(mod, name="tied_measure")
+    members = tmp_path / "m.txt"
+    members.write_text("img01.png\n")
+    result = runner.invoke(app, ["memorize", str(imgs), "--model", "-", "--measure", "tied",
+                                 "--members", str(members)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    # the member ties img00 (half) and beats img02: 0.75; the ranking puts img00 first: 0.5
+    assert "auroc 0.750 (scores; ties count half)" in out
+    assert "auroc_ranking 0.500 (the ranking, ties broken)" in out
+    assert "TPR at 1% FPR 0.000" in out and "fewer than 100 non-members" in out
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def _same_results(a: list[dict], b: list[dict]) -> None:
+    assert [Path(r["image"]).name for r in a] == [Path(r["image"]).name for r in b]
+    strip = lambda r: {k: v for k, v in r.items() if k != "image"}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+def test_a_crashed_run_resumes_with_the_results_of_an_uninterrupted_one(
+        pixel, imgs, tmp_path, monkeypatch):
+    from fp_plugins import _invmm_evidence as evm
+    from safetensors.torch import load_file
+
+    args = ["invmm", str(imgs), "--model", str(pixel), "--json", *FAST, "--seed", "4"]
+    whole = _json([*args, "--out", str(tmp_path / "whole")])
+    real = evm.write_image
+    written = []
+
+    def crash_on_the_third(out, index, result, ev, run_key=None):
+        if len(written) == 2:
+            raise RuntimeError("simulated crash")
+        written.append(index)
+        return real(out, index, result, ev, run_key)
+
+    monkeypatch.setattr(evm, "write_image", crash_on_the_third)
+    crashed = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert crashed.exit_code != 0 and len(written) == 2
+    done = sorted(p.parent.name for p in (tmp_path / "o").rglob("result.json"))
+    assert len(done) == 2 and not (tmp_path / "o" / "report.json").exists()
+    monkeypatch.setattr(evm, "write_image", real)
+    resumed = _json([*args, "--out", str(tmp_path / "o")])
+    assert resumed["provenance"]["resumed"] == 2
+    _same_results(resumed["results"], whole["results"])
+    assert resumed["ranking"] == whole["ranking"] or [Path(p).name for p in resumed[
+        "ranking"]] == [Path(p).name for p in whole["ranking"]]
+    for name in done:
+        a = load_file(str(tmp_path / "o" / "evidence" / name / "params.safetensors"))
+        b = load_file(str(tmp_path / "whole" / "evidence" / name / "params.safetensors"))
+        assert torch.equal(a["mu"], b["mu"]) and torch.equal(a["logvar"], b["logvar"])
+    # other settings never mix with, nor overwrite, what the folder holds
+    other = runner.invoke(app, [*args[:-1], "5", "--out", str(tmp_path / "o")])
+    assert other.exit_code == 1 and "other settings" in other.output
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes(pixel, imgs, tmp_path):
+    """The installed ``fp`` killed (SIGKILL) once the first image is done, then rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fp = os.path.join(os.path.dirname(sys.executable), "fp")
+    args = [fp, "invmm", str(imgs), "--model", str(pixel), "--device", "cpu", "--json",
+            "--steps", "150", "--check-every", "75", "--noises", "2", "--samples", "2",
+            "--similarity", "ncc", "--beta", "0.999", "--ddim-steps", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not list(out.rglob("result.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.rglob("result.json")))
+    assert 1 <= done < 3, done  # killed midway
+    again = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True,
+                           env=env, check=True)
+    resumed = json.loads(again.stdout)
+    whole = json.loads(subprocess.run([*args, "--out", str(tmp_path / "whole")],
+                                      capture_output=True, text=True, env=env,
+                                      check=True).stdout)
+    assert resumed["provenance"]["resumed"] == done
+    _same_results(resumed["results"], whole["results"])
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def test_the_score_histogram_is_written_without_members(pixel, imgs, tmp_path):
+    from PIL import Image
+
+    _json(["invmm", str(imgs), "--model", str(pixel), "--json", *FAST, "--out",
+           str(tmp_path / "o")])
+    assert Image.open(tmp_path / "o" / "scores.png").width > 100
+    assert not (tmp_path / "o" / "members.png").exists()
+
+
+def test_the_official_codes_params_files_are_compared(pixel, imgs, tmp_path):
+    official = tmp_path / "official"
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(1, 1, 8, 8, generator=g) * 0.1, torch.randn(1, 1, 8, 8) * 0.1
+    kl = 0.5 * torch.mean(mu**2 + logvar.exp() - logvar - 1)
+    (official / "img00").mkdir(parents=True)
+    torch.save({"mu": mu, "logvar": logvar, "invmm": kl}, official / "img00" / "params.pt")
+    (official / "img01").mkdir()
+    torch.save({"mu": mu, "logvar": logvar, "invmm": torch.tensor(float("inf")),
+                "log_coeffs": torch.zeros(2, 3), "sim_scores": torch.zeros(7, 8), "step": 1999},
+               official / "img01" / "params.pt")
+    result = runner.invoke(app, ["invmm", str(imgs), "--model", str(pixel), *FAST,
+                                 "--official", str(official)])
+    assert result.exit_code == 0, result.output
+    assert "official results" in result.output and "2 matched" in result.output
+    out = _json(["invmm", str(imgs), "--model", str(pixel), "--json", *FAST,
+                 "--official", str(official)])
+    summary = out["provenance"]["official"]
+    assert summary["matched"] == 2 and summary["missing"] == ["img02"]
+    assert summary["official_kl_vs_stored_score"] < 1e-6
+    by_name = {Path(r["image"]).name: r for r in out["results"]}
+    np.testing.assert_allclose(by_name["img00.png"]["official_score"], float(kl), rtol=1e-6)
+    np.testing.assert_allclose(by_name["img00.png"]["official_kl"], float(kl), rtol=1e-6)
+    assert by_name["img01.png"]["official_score"] is None  # inf: never reached
+    assert by_name["img02.png"]["official_kl"] is None
+    agree = np.mean([(by_name[n]["score"] is not None) == (n == "img00.png")
+                     for n in ("img00.png", "img01.png")])
+    assert summary["success_agreement"] == agree
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"mu": mu, "logvar": logvar, "extra": Evil()}, official / "img00" / "params.pt")
+    bad = runner.invoke(app, ["invmm", str(imgs), "--model", str(pixel), *FAST,
+                              "--official", str(official)])
+    assert bad.exit_code == 1 and "weights_only=True" in bad.output
+    assert "unpickled!" not in bad.output
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def test_extraction_generates_from_each_images_caption(text_pipe, tmp_path):
+    from fp_plugins import _invmm_engine as eng
+
+    folder = _write_images(tmp_path / "cap", _digits([0, 1, 2], 8))
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("# image<TAB>caption\nimg00.png\ta zero\nimg01\ta one\n"
+                        "img02.png\ta zero\n")
+    out = _json(["memorize", str(folder), "--model", str(text_pipe), "--measure",
+                 "extraction", "--captions", str(captions), "-p", "samples=3",
+                 "-p", "ddim_steps=2", "--json"])
+    res = out["results"]
+    assert [r["caption"] for r in res] == ["a zero", "a one", "a zero"]
+    # each image against its own caption's generations: recompute "a one" by hand
+    dm = eng.load_model(text_pipe, torch.device("cpu"))
+    gen = eng.seeded_generator(0, "a one", torch.device("cpu"))
+    x_T = torch.randn((3, 2, 4, 4), generator=gen)
+    imgs = eng.ddim_sample(dm, x_T, 2, cond=dm.text.encode("a one").expand(3, -1, -1),
+                           uncond=dm.text.encode("").expand(3, -1, -1), scale=7.5)
+    ref = torch.tensor(np.asarray(_digits([1], 8)[0])).float().div(255).flatten()
+    d = ((imgs.flatten(1).double() - ref.double()) ** 2).mean(1).sqrt()
+    np.testing.assert_allclose(res[1]["score"], float(d.min()), rtol=1e-6)
+    assert res[1]["nearest_sample"] == int(d.argmin())
+    # wen reads the same file instead of the .txt files
+    wen = _json(["memorize", str(folder), "--model", str(text_pipe), "--measure", "wen",
+                 "--captions", str(captions), "-p", "generations=1", "-p", "ddim_steps=2",
+                 "--json"])
+    assert [r["prompt"] for r in wen["results"]] == ["a zero", "a one", "a zero"]
+    assert wen["results"][0]["score"] == wen["results"][2]["score"]
+    captions.write_text("img00.png\ta zero\n")
+    bad = runner.invoke(app, ["memorize", str(folder), "--model", str(text_pipe), "--measure",
+                              "extraction", "--captions", str(captions)])
+    assert bad.exit_code == 1 and "no caption for" in bad.output
+    captions.write_text("img00.png a zero\n")
+    bad = runner.invoke(app, ["memorize", str(folder), "--model", str(text_pipe), "--measure",
+                              "extraction", "--captions", str(captions)])
+    assert bad.exit_code == 1 and "IMAGE<TAB>caption" in bad.output

@@ -1,11 +1,12 @@
-"""``fp memorize``: run one memorization measure, write its scores, judge it on known members.
+"""``fp memorize``: run one memorization measure, write its scores, judge it on members.
 
 Any measure registered through ``register_memorization_measures`` runs here: the step
 lists the images, validates ``--members`` before any model is loaded, calls the measure
 (its ``run`` when it has one, for provenance and evidence, else ``score``), and writes
-``scores.csv``, ``report.json`` and, with members, the AUROC and ``members.png``
-(score histograms and ROC). A measure says which end of its score means "more memorized"
-with ``more_memorized = "lower"`` (default) or ``"higher"``.
+``scores.csv``, ``report.json``, ``scores.png`` (the score histogram, always) and, with
+members, the AUROC and ``members.png`` (histograms by membership and the ROC). A measure
+says which end of its score means "more memorized" with ``more_memorized = "lower"``
+(default) or ``"higher"``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from forensics.jsonable import jsonable
 SCORES_CSV = "scores.csv"
 REPORT_JSON = "report.json"
 MEMBERS_PNG = "members.png"
+SCORES_PNG = "scores.png"
 
 
 def image_list(path: Path) -> list[Path]:
@@ -89,6 +91,28 @@ def auroc(members: Sequence[float], others: Sequence[float], more_memorized: str
     return float((less + 0.5 * ties) / (a.size * b.size))
 
 
+def tpr_at_fpr(members: Sequence[float], others: Sequence[float],
+               more_memorized: str = "lower", fpr: float = 0.01) -> float:
+    """Share of members flagged at the most permissive threshold that flags at most ``fpr``
+    of the non-members (the ROC's highest point with FPR <= ``fpr``).
+
+    Flagging is "at least as memorized as the threshold"; a threshold is any observed
+    score, so tied scores are flagged together. With fewer than ``1 / fpr`` non-members
+    this is the TPR at no false positive. ``inf`` scores compare as the largest values.
+    """
+    a = np.asarray(members, dtype=np.float64)
+    b = np.asarray(others, dtype=np.float64)
+    if more_memorized == "higher":
+        a, b = -a, -b
+    elif more_memorized != "lower":
+        raise InputError(f"more_memorized must be 'lower' or 'higher', got {more_memorized!r}")
+    thresholds = np.unique(np.concatenate([a, b]))
+    tp = np.searchsorted(np.sort(a), thresholds, side="right") / a.size
+    fp = np.searchsorted(np.sort(b), thresholds, side="right") / b.size
+    ok = fp <= fpr + 1e-12
+    return float(tp[ok].max()) if ok.any() else 0.0
+
+
 def _ordered(results: list[dict[str, Any]], ranking: list[int] | None,
              more_memorized: str) -> list[int]:
     if ranking is not None:
@@ -107,16 +131,24 @@ def _rank_strength(order: list[int]) -> list[float]:
 
 def members_summary(results: list[dict[str, Any]], members: list[bool],
                     ranking: list[int], more_memorized: str) -> dict[str, Any]:
-    """AUROC of members vs non-members, on the scores and on the measure's ranking."""
+    """Members vs non-members: AUROC and TPR at 1 % FPR, on the scores and on the ranking.
+
+    ``auroc`` and ``tpr_at_1pct_fpr`` use the scores alone (ties, e.g. InvMM's ``inf``,
+    count half); ``auroc_ranking`` and ``tpr_at_1pct_fpr_ranking`` use the measure's
+    ranking, which may break score ties (InvMM orders ``inf`` by best similarity).
+    """
     scores = [float(r["score"]) for r in results]
     pos = _rank_strength(ranking)
     m = [s for s, f in zip(scores, members, strict=True) if f]
     o = [s for s, f in zip(scores, members, strict=True) if not f]
+    pm = [p for p, f in zip(pos, members, strict=True) if f]
+    po = [p for p, f in zip(pos, members, strict=True) if not f]
     return {
         "members": len(m), "non_members": len(o),
         "auroc": auroc(m, o, more_memorized),
-        "auroc_ranking": auroc([p for p, f in zip(pos, members, strict=True) if f],
-                               [p for p, f in zip(pos, members, strict=True) if not f]),
+        "auroc_ranking": auroc(pm, po),
+        "tpr_at_1pct_fpr": tpr_at_fpr(m, o, more_memorized),
+        "tpr_at_1pct_fpr_ranking": tpr_at_fpr(pm, po),
         "members_in_top": sum(members[i] for i in ranking[: len(m)]),
     }
 
@@ -134,25 +166,58 @@ def _csv(results: list[dict[str, Any]], ranking: list[int],
     return buf.getvalue()
 
 
-def _plot(path: Path, results: list[dict[str, Any]], members: list[bool], ranking: list[int],
-          measure: str, summary: dict[str, Any]) -> None:
+def _histogram(ax: Any, results: list[dict[str, Any]], members: list[bool] | None,
+               measure: str, direction: str) -> None:
+    scores = np.array([float(r["score"]) for r in results])
+    finite = np.isfinite(scores)
+    lo, hi = (scores[finite].min(), scores[finite].max()) if finite.any() else (0.0, 1.0)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
+    if members is None:
+        ax.hist(scores[finite], bins=bins, alpha=0.8, label="all images")
+    else:
+        flags = np.array(members)
+        for flag, label in ((True, "members"), (False, "non-members")):
+            ax.hist(scores[(flags == flag) & finite], bins=bins, alpha=0.6, label=label)
+    n_inf = int((~finite).sum())
+    ax.set_title(f"{measure} scores, {len(scores)} images"
+                 + (f" ({n_inf} inf not shown)" if n_inf else ""))
+    ax.set_xlabel(f"score ({direction} = more memorized)")
+    ax.legend()
+
+
+def _png(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_scores(path: Path, results: list[dict[str, Any]], members: list[bool] | None,
+                 measure: str, direction: str) -> None:
+    """The score histogram (split by membership when known), written whatever the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = np.array([float(r["score"]) for r in results])
-    finite = np.isfinite(scores)
+    fig, ax = plt.subplots(1, 1, figsize=(4.8, 3.6))
+    _histogram(ax, results, members, measure, direction)
+    _png(fig, path)
+
+
+def _plot(path: Path, results: list[dict[str, Any]], members: list[bool], ranking: list[int],
+          measure: str, summary: dict[str, Any], direction: str = "lower") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     flags = np.array(members)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    lo, hi = (scores[finite].min(), scores[finite].max()) if finite.any() else (0.0, 1.0)
-    bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
-    for flag, label in ((True, "members"), (False, "non-members")):
-        sel = flags == flag
-        ax1.hist(scores[sel & finite], bins=bins, alpha=0.6, label=label)
-    n_inf = int((~finite).sum())
-    ax1.set_title(f"{measure} scores" + (f" ({n_inf} inf not shown)" if n_inf else ""))
-    ax1.legend()
+    _histogram(ax1, results, members, measure, direction)
     # ROC over the measure's ranking, most memorized first
     tp = np.cumsum([flags[i] for i in ranking]) / flags.sum()
     fp = np.cumsum([not flags[i] for i in ranking]) / (~flags).sum()
@@ -160,12 +225,17 @@ def _plot(path: Path, results: list[dict[str, Any]], members: list[bool], rankin
     ax2.plot([0, 1], [0, 1], ls=":", c="grey")
     ax2.set_xlabel("non-members flagged")
     ax2.set_ylabel("members flagged")
-    ax2.set_title(f"ROC, AUROC {summary['auroc_ranking']:.3f}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    ax2.set_title(f"ROC of the ranking, auroc_ranking {summary['auroc_ranking']:.3f}")
+    _png(fig, path)
+
+
+def _takes_out(fn: Any) -> bool:
+    import inspect
+
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def run_measure(name: str, images: Path, model: str, *, members: Path | None = None,
@@ -198,6 +268,9 @@ def run_measure(name: str, images: Path, model: str, *, members: Path | None = N
     direction = getattr(measure, "more_memorized", "lower")
     options = dict(options or {})
     if hasattr(measure, "run"):
+        if out is not None and _takes_out(measure.run) and "out" not in options:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            options["out"] = out  # results written as each image finishes; reruns resume
         report = measure.run(files, model, **options)
         results, ranking = report.results, list(report.ranking)
         body = report.to_json()
@@ -224,7 +297,8 @@ def run_measure(name: str, images: Path, model: str, *, members: Path | None = N
         atomic_write_text(out / SCORES_CSV, _csv(results, ranking, flags))
         if report is not None and hasattr(report, "write_evidence"):
             report.write_evidence(out)
+        _plot_scores(out / SCORES_PNG, results, flags, name, direction)
         if flags is not None:
-            _plot(out / MEMBERS_PNG, results, flags, ranking, name, body["members"])
+            _plot(out / MEMBERS_PNG, results, flags, ranking, name, body["members"], direction)
         atomic_write_text(out / REPORT_JSON, json.dumps(body, indent=2) + "\n")
     return body

@@ -89,8 +89,18 @@ def _print(body: dict[str, Any], out: Path | None) -> None:
     typer.echo(", ".join(b for b in bits if b))
     if "members" in body:
         m = body["members"]
-        typer.echo(f"members vs non-members: AUROC {m['auroc_ranking']:.3f} "
-                   f"({m['members']} members, {m['non_members']} non-members)")
+        typer.echo(f"members vs non-members ({m['members']} members, {m['non_members']} "
+                   f"non-members): auroc {m['auroc']:.3f} (scores; ties count half), "
+                   f"auroc_ranking {m['auroc_ranking']:.3f} (the ranking, ties broken), "
+                   f"TPR at 1% FPR {m['tpr_at_1pct_fpr']:.3f}"
+                   + (" (no false positive allowed: fewer than 100 non-members)"
+                      if m["non_members"] < 100 else ""))
+    off = prov.get("official")
+    if off:
+        rho = "-" if off["spearman"] is None else f"{off['spearman']:.3f}"
+        typer.echo(f"official results {off['folder']}: {off['matched']} matched, reached/"
+                   f"not reached agree on {off['success_agreement']:.0%}, Spearman {rho} "
+                   f"over {off['both_reached']} both reached")
     if out is not None:
         typer.echo(f"Scores and evidence: {out}")
 
@@ -110,12 +120,17 @@ def register(app: typer.Typer) -> None:
     def memorize_cmd(
         images: Path = typer.Argument(..., help="Folder of images (or one image)."),
         model: str = typer.Option(..., "--model", "-m",
-                                  help="Diffusers folder (save_pretrained) or hub id."),
+                                  help="Diffusers folder (save_pretrained), hub id, or single-file "
+                                       "checkpoint with --config (-p config=DIR)."),
         measure: str = typer.Option(defaults.MEASURE, "--measure",
                                     help="invmm | wen | extraction | a plugin's measure."),
         param: list[str] = typer.Option([], "--param", "-p",
                                         help="A measure option, KEY=VALUE (repeatable)."),
         members: Path | None = _members_option(),
+        captions: Path | None = typer.Option(
+            None, "--captions",
+            help="IMAGE<TAB>caption per line: extraction generates from each caption, wen "
+                 "scores it (default for wen: img.txt beside img.png)."),
         out: Path | None = _out_option(),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -127,8 +142,10 @@ def register(app: typer.Typer) -> None:
         """
         from forensics.steps.memorize import run_measure
 
-        body = run_measure(measure, images, model, members=members, out=out,
-                           options=parse_params(param))
+        options = parse_params(param)
+        if captions is not None:
+            options["captions"] = captions
+        body = run_measure(measure, images, model, members=members, out=out, options=options)
         if as_json:
             typer.echo(json.dumps(body, indent=2))
             return
@@ -138,7 +155,8 @@ def register(app: typer.Typer) -> None:
     def invmm_cmd(
         images: Path = typer.Argument(..., help="Folder of images (or one image)."),
         model: str = typer.Option(..., "--model", "-m",
-                                  help="Diffusers folder (save_pretrained) or hub id."),
+                                  help="Diffusers folder (save_pretrained), hub id, or single-file "
+                                       "checkpoint with --config (-p config=DIR)."),
         steps: int | None = typer.Option(None, "--steps", help="Step budget [2000]."),
         similarity: str = typer.Option(
             "sscd", "--similarity",
@@ -171,9 +189,18 @@ def register(app: typer.Typer) -> None:
         conditioning: Path | None = typer.Option(
             None, "--conditioning",
             help="Bare UNet2DConditionModel: .safetensors with encoder_hidden_states."),
+        config: Path | None = typer.Option(
+            None, "--config",
+            help="For a single-file --model (.ckpt, .safetensors, .pt): the folder of its "
+                 "diffusers configs (model_index.json, unet/, scheduler/...)."),
+        official: Path | None = typer.Option(
+            None, "--official",
+            help="The official code's results folder (<id>/params.pt): compare scores."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 [auto]."),
         precision: str = typer.Option(
-            "auto", "--precision", help="auto (bf16/fp16 on CUDA) | fp32 | bf16 | fp16."),
+            "fp32", "--precision",
+            help="fp32 (the official code's) | bf16 | fp16 (autocast; fp16 with loss "
+                 "scaling): faster on a GPU, scores move (README)."),
         batch_size: str | None = typer.Option(
             None, "--batch-size",
             help="Images per model call: N or auto (from free CUDA memory; faster, scores "
@@ -210,6 +237,7 @@ def register(app: typer.Typer) -> None:
                 options=dict(similarity=similarity, calibrate=calibrate, device=device,
                              seed=seed, batch_size=batch_size, precision=precision,
                              conditioning=conditioning, prompt=prompt, progress=progress,
+                             config=config, official=official,
                              **params))
         if as_json:
             typer.echo(json.dumps(body, indent=2))
