@@ -609,8 +609,12 @@ class Bank:
         from refbank.archive import write_archive
 
         target = Path(path).expanduser()
-        if target.exists():
+        if target.exists() or target.is_symlink():
             raise BankError(f"{target} exists already; export to a new file name")
+        blocker = next((p for p in target.parents if p.exists() or p.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise BankError(f"{target} lies under {blocker}, which is a file, not a folder; "
+                            f"export to a file in a folder")
         if not self.exists():
             raise BankError(f"the bank at {self.path} is empty; there is nothing to export")
         # A bank this process cannot write is read under a shared lock: writers elsewhere

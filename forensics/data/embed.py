@@ -69,18 +69,15 @@ def check_output_path(path: str | os.PathLike) -> Path:
     """Return ``path`` if a ``.npz`` or ``.parquet`` file can be written there.
 
     Raises:
-        InputError: another suffix, a folder of that name, or a file where a parent folder
-            should be.
+        InputError: another suffix, a folder, device, FIFO or socket of that name, or a file
+            where a parent folder should be.
     """
+    from forensics.data.atomic import check_output_file
+
     path = Path(path)
     if path.suffix.lower() not in (".npz", ".parquet"):
         raise InputError(f"--out {path}: use a .npz or .parquet file name")
-    if path.is_dir():
-        raise InputError(f"--out {path} is a folder; give the name of a file to write")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise InputError(f"--out {path}: {parent} is a file, not a folder; choose another path")
-    return path
+    return check_output_file(path, "--out")
 
 
 @dataclass

@@ -516,6 +516,31 @@ def test_case_verify_with_moved_images_and_a_bad_report(case, tmp_path):
     assert result.exit_code == 1 and "no custody record" in result.output
 
 
+def test_an_existing_case_report_is_kept_and_force_moves_it_aside(case, world, monkeypatch):
+    """Case: fp attribute --report DIR where DIR holds a case report (then with --force)."""
+    from forensics.errors import FpWarning
+
+    report = case["report"]
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before refusing")
+
+    with monkeypatch.context() as m:
+        m.setattr("forensics.steps.attribute._embed_suspect", no_embedding)
+        with pytest.raises(InputError, match="holds a report already"):
+            attribute(world, case["bank"], case["images"], skip_bad=True, report=report)
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+    with pytest.warns(FpWarning, match="was moved to"):
+        attribute(world, case["bank"], case["images"], skip_bad=True, report=report,
+                  force=True, seed=4)
+    [aside] = [p for p in report.parent.iterdir() if p.name.startswith("report.replaced-")]
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before  # the old, intact
+    assert json.loads((report / "attribution.json").read_text())["provenance"][
+        "attribution"]["seed"] == 4
+    assert fp("case", "verify", report).exit_code == 0
+
+
 # -- 6. fp bank import checks before it unpacks, and bounds what it unpacks --------------------
 
 

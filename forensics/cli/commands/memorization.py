@@ -63,7 +63,11 @@ def register(app: typer.Typer) -> None:
             None, "--layer", help="Layer to find the closest images in [default: lowest C_T]."),
         tau: float = _tau(),
         report: Path = typer.Option(
-            None, "--report", help="Write memorization.json and memorization.png here."),
+            None, "--report", help="Write memorization.json and memorization.png here "
+                                   "(a folder holding such a report is refused, see --force)."),
+        force: bool = typer.Option(False, "--force",
+                                   help="Write --report where a report is already; the old "
+                                        "one is moved to DIR.replaced-<time>/."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         device: str = _device(),
         batch_size: int = _batch(),
@@ -81,7 +85,7 @@ def register(app: typer.Typer) -> None:
         from forensics.steps.memorization import memorize
 
         out = memorize(folder, baseline=baseline, bank=bank, threshold=threshold, top=top,
-                       layer=layer, report=report, tau=tau,
+                       layer=layer, report=report, tau=tau, force=force,
                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
         for relpath, reason in out["provenance"].get("skipped") or ():
             typer.echo(f"skipped {relpath}: {reason}", err=True)
