@@ -229,6 +229,13 @@ class Bank:
         self._check_version()
         return store.read_table(self.path / BASELINES_FILE, BASELINES_SCHEMA)
 
+    def _tables_for_write(self) -> tuple[pa.Table, pa.Table]:
+        """Both tables with any columns fp does not know, which a rewrite must keep."""
+        self._check_version()
+        return (store.read_table(self.path / CURVES_FILE, CURVES_SCHEMA, keep_unknown=True),
+                store.read_table(self.path / BASELINES_FILE, BASELINES_SCHEMA,
+                                 keep_unknown=True))
+
     def curves(self, **filters: Any) -> list[dict[str, Any]]:
         """Curve rows as dicts, optionally filtered by column equality.
 
@@ -335,7 +342,7 @@ class Bank:
         self.check_writable()
         with self._lock.hold():
             self._ensure_info()
-            current = self.curves_table()
+            current = self._tables_for_write()[0]
             baselines = {b["baseline_id"]: b for b in self.baselines()}
             taken = set(current.column("curve_id").to_pylist())
             for row in prepared:
@@ -353,7 +360,7 @@ class Bank:
                                     "manifest_sha256", "params_json"]).to_pylist()
             self._refuse_duplicates(prepared, known, baselines, allow_duplicate)
             new = _hashed_table(prepared, CURVES_SCHEMA)
-            store.write_table(pa.concat_tables([current, new]), self.path / CURVES_FILE)
+            store.write_table(store.append_rows(current, new), self.path / CURVES_FILE)
         return new.column("curve_id").to_pylist()
 
     def find_duplicates(self, rows: Iterable[dict[str, Any]],
@@ -420,7 +427,7 @@ class Bank:
         wanted = list(dict.fromkeys(ids))
         self.check_writable()
         with self._lock.hold():
-            current = self.curves_table()
+            current = self._tables_for_write()[0]
             present = set(current.column("curve_id").to_pylist())
             missing = [i for i in wanted if i not in present]
             if missing:
@@ -492,8 +499,8 @@ class Bank:
                 raise
             store.fsync_dir(target.parent)
             new = _hashed_table([prepared], BASELINES_SCHEMA)
-            current = self.baselines_table()
-            store.write_table(pa.concat_tables([current, new]), self.path / BASELINES_FILE)
+            current = self._tables_for_write()[1]
+            store.write_table(store.append_rows(current, new), self.path / BASELINES_FILE)
         return bid
 
     def remove_baseline(self, name: str, *, with_curves: bool = False) -> dict[str, Any]:
@@ -511,7 +518,7 @@ class Bank:
         with self._lock.hold():
             row = self.get_baseline(name)
             bid = row["baseline_id"]
-            curves = self.curves_table()
+            curves, table = self._tables_for_write()
             mine = pc.equal(curves.column("baseline_id"), bid)
             n = pc.sum(mine).as_py() or 0
             if n and not with_curves:
@@ -521,7 +528,6 @@ class Bank:
                 )
             if n:
                 store.write_table(curves.filter(pc.invert(mine)), self.path / CURVES_FILE)
-            table = self.baselines_table()
             keep = pc.not_equal(table.column("baseline_id"), bid)
             store.write_table(table.filter(keep), self.path / BASELINES_FILE)
             folder = self.baseline_dir(bid)
@@ -575,6 +581,13 @@ class Bank:
             problem = self.baseline_files(row)[1]
             if problem is not None:
                 add(problem)
+        for file, schema in ((CURVES_FILE, CURVES_SCHEMA), (BASELINES_FILE, BASELINES_SCHEMA)):
+            full = store.read_table(self.path / file, schema, keep_unknown=True)
+            extra = full.column_names[len(schema.names):]
+            if extra:
+                report.warnings.append(
+                    f"{file} holds column(s) fp does not know: {', '.join(extra)}; fp keeps "
+                    f"them when it rewrites the table, but no row hash covers them")
         base_root = self.path / BASELINES_DIR
         if base_root.is_dir():
             for d in sorted(base_root.iterdir()):
@@ -693,14 +706,14 @@ class Bank:
             tmp = store.temp_path(target.parent, row["baseline_id"])
             shutil.copytree(incoming.path / row["path"], tmp)
             store._commit(tmp, target)
+        mine_curves, mine_baselines = self._tables_for_write()
         if new_b:
             table = pa.Table.from_pylist(new_b, schema=BASELINES_SCHEMA)
-            store.write_table(pa.concat_tables([self.baselines_table(), table]),
+            store.write_table(store.append_rows(mine_baselines, table),
                               self.path / BASELINES_FILE)
         if new_c:
             table = pa.Table.from_pylist(new_c, schema=CURVES_SCHEMA)
-            store.write_table(pa.concat_tables([self.curves_table(), table]),
-                              self.path / CURVES_FILE)
+            store.write_table(store.append_rows(mine_curves, table), self.path / CURVES_FILE)
         report.added_baselines = [r["baseline_id"] for r in new_b]
         report.added_curves = [r["curve_id"] for r in new_c]
 

@@ -225,11 +225,19 @@ def write_json(obj: Any, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+def read_table(path: Path, schema: pa.Schema, *, keep_unknown: bool = False) -> pa.Table:
     """Read one bank table through one open handle; an absent file is an empty table.
 
     A reader therefore sees the old file or the new one while another process replaces
     it, never an error.
+
+    Args:
+        path: the Parquet file.
+        schema: the table's schema (:mod:`refbank.schema`).
+        keep_unknown: also return the columns the schema does not know (added by another
+            tool, e.g. a curator's ``analyst_note``), after the known ones, as stored. A
+            writer reads this way so that rewriting the table keeps them; readers of rows
+            get the schema's columns only.
 
     Raises:
         BankError: the file is unreadable, of a newer schema version, or not a bank table.
@@ -260,16 +268,36 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
     version = (table.schema.metadata or {}).get(VERSION_KEY)
     if version is not None:  # files rewritten by other tools may have lost it
         check_version(version.decode(errors="replace"), path)
+    extra = [n for n in table.column_names if n not in schema.names]
+    known = table
     if not table.schema.equals(schema, check_metadata=False):
         try:
-            table = table.select(schema.names).cast(schema)
+            known = table.select(schema.names).cast(schema)
         except (KeyError, pa.ArrowException) as exc:
             raise BankError(
                 f"{path} does not have the columns of an fp bank table ({exc}); "
                 f"see the README's 'Reference bank' section for the schema"
             ) from None
     # The schema exactly, field descriptions included (files of older versions lack them).
-    return pa.Table.from_arrays(table.columns, schema=schema)
+    out = pa.Table.from_arrays(known.columns, schema=schema)
+    if keep_unknown:
+        for name in extra:
+            out = out.append_column(table.schema.field(name), table.column(name))
+    return out
+
+
+def append_rows(current: pa.Table, new: pa.Table) -> pa.Table:
+    """``current`` with the rows of ``new`` after its own; columns ``new`` lacks (unknown
+    columns another tool added) are null in the new rows."""
+    if current.column_names == new.column_names:
+        return pa.concat_tables([current, new])
+    for name in current.column_names:
+        if name not in new.column_names:
+            new = new.append_column(current.schema.field(name).with_nullable(True),
+                                    pa.nulls(new.num_rows, current.schema.field(name).type))
+    out = pa.concat_tables([current, new.select(current.column_names)],
+                           promote_options="permissive")
+    return out.replace_schema_metadata(current.schema.metadata)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -633,3 +633,39 @@ def test_attribute_works_on_a_read_only_bank(world, tmp_path):
         answer = attribute(world, bank, world["f"]["query_noise"], report=tmp_path / "r")
     assert answer.decision.nearest_family == "noise"
     assert (tmp_path / "r" / "attribution.json").is_file()
+
+
+# -- columns another tool added ------------------------------------------------------------
+
+
+def add_column(path: Path, name: str, values: list) -> None:
+    """Add a column to a bank table with pyarrow, as a curator's tool would."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table.append_column(name, pa.array(values, pa.string())), path)
+
+
+def test_bank_writes_keep_columns_fp_does_not_know(bank, bid):
+    """Case: a curator adds an analyst_note column with pyarrow, then fp enroll / fp bank
+    remove / fp baseline build / fp baseline remove rewrite the tables."""
+    import pyarrow.parquet as pq
+
+    ids = bank.add_curves([curve_row(bid), curve_row(bid, model="m2",
+                                                     manifest_sha256="r" * 64)])
+    curves, baselines = bank.path / "curves.parquet", bank.path / "baselines.parquet"
+    add_column(curves, "analyst_note", ["seen twice", "checked"])
+    add_column(baselines, "analyst_note", ["base note"])
+    assert bank.verify().ok
+    assert any("analyst_note" in w for w in bank.verify().warnings)
+    assert "analyst_note" not in bank.curves()[0]  # rows keep their hashed columns only
+    new = bank.add_curves([curve_row(bid, model="m3", manifest_sha256="s" * 64)])
+    notes = dict(zip(*pq.read_table(curves).select(["curve_id", "analyst_note"])
+                     .to_pydict().values(), strict=True))
+    assert notes == {ids[0]: "seen twice", ids[1]: "checked", new[0]: None}
+    bank.remove_curves([ids[1]])
+    assert pq.read_table(curves).column("analyst_note").to_pylist() == ["seen twice", None]
+    bank.add_baseline(baseline_row("second"), save=save_arrays)
+    bank.remove_baseline("second")
+    assert pq.read_table(baselines).column("analyst_note").to_pylist() == ["base note"]
+    assert bank.verify().ok
