@@ -321,9 +321,11 @@ class Bank:
 
         A curve whose images are already enrolled against the same baseline (the same
         ``manifest_sha256``, or the same ``folder_manifest_sha256`` parameter: the folder it
-        was cut from) is refused, under whatever model or family it comes: the same images
-        twice would tip attribution towards the second name. Only manifests that are
-        SHA-256 digests are compared (curves imported without images have none).
+        was cut from, or more than :data:`DUPLICATE_SHARE` of its images by content: the
+        ``image_sha256`` parameter, whatever the files are called) is refused, under
+        whatever model or family it comes: the same images twice would tip attribution
+        towards the second name. Only SHA-256 digests are compared (curves imported
+        without images have none).
 
         Args:
             rows: the curve rows.
@@ -368,19 +370,29 @@ class Bank:
                         ) -> list[tuple[int, dict[str, Any]]]:
         """``(i, enrolled row)`` for each new row ``i`` whose images are enrolled already.
 
+        When the match is by image content, the row returned is the enrolled curve that
+        shares the most images with row ``i``, with ``shared_images``: ``{"n": images
+        shared, "of": images of row i, "curve_ids": every curve sharing some}``.
+
         Args:
             rows: new curve rows (``baseline_id``, ``manifest_sha256``, and optionally
-                ``params`` or ``params_json`` with ``folder_manifest_sha256``).
+                ``params`` or ``params_json`` with ``folder_manifest_sha256`` and
+                ``image_sha256``, the SHA-256 of each image).
             existing: the bank's curve rows (default: read now).
         """
         index: dict[tuple[str, str], dict[str, Any]] = {}
+        by_image: dict[tuple[str, str], dict[str, Any]] = {}
         for row in self.curves() if existing is None else existing:
             for key in _image_keys(row):
                 index.setdefault((row["baseline_id"], key), row)
+            for sha in _image_hashes(row):
+                by_image.setdefault((row["baseline_id"], sha), row)
         found = []
         for i, row in enumerate(rows):
-            hit = next((index[(row["baseline_id"], k)] for k in _image_keys(row)
-                        if (row["baseline_id"], k) in index), None)
+            bid = row["baseline_id"]
+            hit = next((index[(bid, k)] for k in _image_keys(row) if (bid, k) in index), None)
+            if hit is None:
+                hit = _shared_images(bid, _image_hashes(row), by_image)
             if hit is not None:
                 found.append((i, hit))
         return found
@@ -394,7 +406,8 @@ class Bank:
             raise BankError(duplicate_message(f"curve {i + 1} of {len(rows)}", hit, base))
         for i, hit in found:
             params = json.loads(rows[i]["params_json"])
-            params["duplicate_of"] = sorted({*params.get("duplicate_of", []), hit["curve_id"]})
+            repeats = (hit.get("shared_images") or {}).get("curve_ids", [hit["curve_id"]])
+            params["duplicate_of"] = sorted({*params.get("duplicate_of", []), *repeats})
             rows[i]["params_json"] = canonical_json(params)
 
     def _check_against_baseline(self, row: dict[str, Any], baselines: dict[str, dict]) -> None:
@@ -768,14 +781,66 @@ def _image_keys(row: dict[str, Any]) -> list[str]:
     return keys
 
 
+#: Largest share of a new curve's images (by content) that may be enrolled already
+#: against the same baseline: an accident allows a few, a copy of a set many more.
+DUPLICATE_SHARE = 0.05
+
+
+def _image_hashes(row: dict[str, Any]) -> list[str]:
+    """The SHA-256 of each image of a curve (its ``image_sha256`` parameter; [] if none)."""
+    params = row.get("params")
+    if params is None:
+        try:
+            params = json.loads(row.get("params_json") or "{}")
+        except ValueError:
+            params = {}
+    values = params.get("image_sha256") if isinstance(params, dict) else None
+    if not isinstance(values, list):
+        return []
+    return [v for v in values if isinstance(v, str) and _SHA_RE.match(v)]
+
+
+def _shared_images(bid: str, hashes: list[str], by_image: dict[tuple[str, str], dict[str, Any]]
+                   ) -> dict[str, Any] | None:
+    """The enrolled curve sharing the most of ``hashes``, if more than the allowed share is
+    enrolled already (see :data:`DUPLICATE_SHARE`)."""
+    unique = set(hashes)
+    if not unique:
+        return None
+    counts: dict[str, int] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for sha in unique:
+        row = by_image.get((bid, sha))
+        if row is not None:
+            counts[row["curve_id"]] = counts.get(row["curve_id"], 0) + 1
+            rows[row["curve_id"]] = row
+    n = sum(counts.values())
+    if n <= DUPLICATE_SHARE * len(unique):
+        return None
+    top = max(sorted(counts), key=lambda c: counts[c])
+    return {**rows[top], "shared_images": {"n": n, "of": len(unique),
+                                           "curve_ids": sorted(counts)}}
+
+
 def duplicate_message(what: str, hit: dict[str, Any], baseline: str) -> str:
     """The refusal of images enrolled already as curve ``hit``, saying what to do."""
+    shared = hit.get("shared_images")
+    if shared:
+        others = [c for c in shared["curve_ids"] if c != hit["curve_id"]]
+        also = f" (and curve(s) {', '.join(others)})" if others else ""
+        head = (f"{shared['n']} of the {shared['of']} images of {what} (more than "
+                f"{DUPLICATE_SHARE:.0%}) are, by content, images enrolled against baseline "
+                f"{baseline!r} as curve {hit['curve_id']} (model {hit['model']!r}, family "
+                f"{hit['family']!r}){also}, whatever the files are called now")
+    else:
+        head = (f"the images of {what} are already enrolled against baseline {baseline!r} "
+                f"as curve {hit['curve_id']} (model {hit['model']!r}, family "
+                f"{hit['family']!r})")
     return (
-        f"the images of {what} are already enrolled against baseline {baseline!r} as curve "
-        f"{hit['curve_id']} (model {hit['model']!r}, family {hit['family']!r}): the same "
-        f"images under a second name would tip attribution towards it. Remove that curve "
-        f"first (fp bank remove {hit['curve_id']}), or pass --allow-duplicate if this is "
-        f"deliberate (the new curves record which ones they repeat)"
+        f"{head}: the same images under a second name would tip attribution towards it. "
+        f"Remove that curve first (fp bank remove {hit['curve_id']}), or pass "
+        f"--allow-duplicate if this is deliberate (the new curves record which ones they "
+        f"repeat)"
     )
 
 

@@ -669,3 +669,38 @@ def test_bank_writes_keep_columns_fp_does_not_know(bank, bid):
     bank.remove_baseline("second")
     assert pq.read_table(baselines).column("analyst_note").to_pylist() == ["base note"]
     assert bank.verify().ok
+
+
+def test_renamed_copies_of_enrolled_images_are_duplicates(world, tmp_path, monkeypatch):
+    """Case: the enrolled images copied to new names (x-*.png, *_copy.png) and enrolled
+    under another family: refused before embedding, naming the curve and the files; a
+    folder sharing only a few images (at most 5 %) is accepted."""
+    bank = copy_bank(world, tmp_path)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, p in enumerate(sorted(world["f"]["gen_noise"].glob("*.png"))):
+        shutil.copy(p, renamed / (f"x-{i:04d}.png" if i % 2 else f"{p.stem}_copy.png"))
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before refusing")
+
+    with monkeypatch.context() as m:
+        m.setattr("forensics.steps.enroll._embed_suspect", no_embedding)
+        with pytest.raises(BankError, match="by content") as err:
+            enroll(renamed, baseline="digits", model="forger", family="rotate", per_curve=N,
+                   bank=bank, cache_dir=world["cache"], **KW)
+    msg = str(err.value)
+    assert any(cid in msg for cid in world["ids"]["noise"]) and "_copy.png" in msg
+    assert f"{N} of the {N} images" in msg
+    assert len(bank.curves()) == 4
+    # a folder of new images holding 2 enrolled ones of 60 (3 %) is not a duplicate
+    mixed = tmp_path / "mixed"
+    shutil.copytree(world["f"]["query_shuffle"], mixed)
+    for p in sorted(mixed.glob("*.png"))[:2]:
+        p.unlink()
+    for i, p in enumerate(sorted(world["f"]["gen_noise"].glob("*.png"))[:2]):
+        shutil.copy(p, mixed / f"zz-{i}.png")
+    assert len(enroll(mixed, baseline="digits", model="late", family="shuffle", per_curve=N,
+                      bank=bank, cache_dir=world["cache"], **KW)) == 1
+    stored = json.loads(bank.curves(model="late")[0]["params_json"])["image_sha256"]
+    assert len(stored) == N and all(len(h) == 64 for h in stored)
