@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from forensics.errors import BankError, InputError
 from forensics.jsonable import jsonable
-from refbank import store
+from refbank import log, store
 from refbank.hashing import canonical_json, file_hashes, listing_sha256, row_hash, tree_sha256
 from refbank.schema import (
     BASELINES_SCHEMA,
@@ -42,6 +42,7 @@ ENV_VAR = "FP_BANK"
 CURVES_FILE = "curves.parquet"
 BASELINES_FILE = "baselines.parquet"
 INFO_FILE = "bank.json"
+LOG_NAME = log.LOG_FILE
 BASELINES_DIR = "baselines"
 FORMAT = "fp reference bank"
 
@@ -108,10 +109,13 @@ class VerifyReport:
     n_baselines: int
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    log_records: int = 0
+    log_head: dict[str, Any] | None = None
+    signed_by: str | None = None
 
     @property
     def ok(self) -> bool:
-        """True when no row or file failed its check."""
+        """True when no row, file or log record failed its check."""
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,6 +239,37 @@ class Bank:
         return (store.read_table(self.path / CURVES_FILE, CURVES_SCHEMA, keep_unknown=True),
                 store.read_table(self.path / BASELINES_FILE, BASELINES_SCHEMA,
                                  keep_unknown=True))
+
+    def _log(self, op: str, before: tuple[pa.Table, pa.Table], after: tuple[pa.Table, pa.Table],
+             details: dict[str, Any] | None = None) -> None:
+        """Append the record of a change to the bank's log (under the lock, before the
+        tables are replaced); a bank without a log first gets a ``start`` record."""
+        old, new = _log_rows(*before), _log_rows(*after)
+        if not (self.path / log.LOG_FILE).exists() and any(old.values()):
+            log.append(self.path, "start", before={"curves": {}, "baselines": {}}, after=old,
+                       details={"note": "the rows the bank held when its log was started"})
+        log.append(self.path, op, before=old, after=new, details=details)
+
+    def log_problems(self, ids: Iterable[str] | None = None) -> list[Problem]:
+        """Rows (of ``ids``, default all) that do not match the bank's log, and breaks in its
+        chain, as :class:`Problem` s (see :func:`refbank.log.check`)."""
+        if not self.exists():
+            return []
+        wanted = None if ids is None else set(ids)
+        found = log.check(log.read(self.path), log.rows_of(self.curves(), self.baselines()))
+        out = []
+        for ident, problem in found.problems:
+            table, _, key = ident.partition(" ")
+            if table in ("curves", "baselines"):
+                if wanted is None or key in wanted:
+                    out.append(Problem(table, key, f"{problem} (the bank's log)"))
+            else:
+                out.append(Problem("log", ident, problem))
+        return out
+
+    def log_head(self) -> dict[str, Any] | None:
+        """``{"seq", "hash"}`` of the last record of the bank's log (None: no log yet)."""
+        return log.head(self.path)
 
     def curves(self, **filters: Any) -> list[dict[str, Any]]:
         """Curve rows as dicts, optionally filtered by column equality.
@@ -362,7 +397,10 @@ class Bank:
                                     "manifest_sha256", "params_json"]).to_pylist()
             self._refuse_duplicates(prepared, known, baselines, allow_duplicate)
             new = _hashed_table(prepared, CURVES_SCHEMA)
-            store.write_table(store.append_rows(current, new), self.path / CURVES_FILE)
+            table = store.append_rows(current, new)
+            base_table = self.baselines_table()
+            self._log("add_curves", (current, base_table), (table, base_table))
+            store.write_table(table, self.path / CURVES_FILE)
         return new.column("curve_id").to_pylist()
 
     def find_duplicates(self, rows: Iterable[dict[str, Any]],
@@ -449,7 +487,10 @@ class Bank:
                     f"nothing removed. List curves with: fp bank list"
                 )
             keep = pc.invert(pc.is_in(current.column("curve_id"), pa.array(wanted, pa.string())))
-            store.write_table(current.filter(keep), self.path / CURVES_FILE)
+            table = current.filter(keep)
+            base_table = self.baselines_table()
+            self._log("remove_curves", (current, base_table), (table, base_table))
+            store.write_table(table, self.path / CURVES_FILE)
         return wanted
 
     def add_baseline(self, row: dict[str, Any],
@@ -512,8 +553,10 @@ class Bank:
                 raise
             store.fsync_dir(target.parent)
             new = _hashed_table([prepared], BASELINES_SCHEMA)
-            current = self._tables_for_write()[1]
-            store.write_table(store.append_rows(current, new), self.path / BASELINES_FILE)
+            curves, current = self._tables_for_write()
+            table = store.append_rows(current, new)
+            self._log("add_baseline", (curves, current), (curves, table))
+            store.write_table(table, self.path / BASELINES_FILE)
         return bid
 
     def remove_baseline(self, name: str, *, with_curves: bool = False) -> dict[str, Any]:
@@ -539,10 +582,12 @@ class Bank:
                     f"baseline {row['name']!r} still has {n} enrolled curve(s); remove them "
                     f"first (fp bank remove ID...) or pass --with-curves to remove them too"
                 )
+            kept_curves = curves.filter(pc.invert(mine))
+            kept = table.filter(pc.not_equal(table.column("baseline_id"), bid))
+            self._log("remove_baseline", (curves, table), (kept_curves, kept))
             if n:
-                store.write_table(curves.filter(pc.invert(mine)), self.path / CURVES_FILE)
-            keep = pc.not_equal(table.column("baseline_id"), bid)
-            store.write_table(table.filter(keep), self.path / BASELINES_FILE)
+                store.write_table(kept_curves, self.path / CURVES_FILE)
+            store.write_table(kept, self.path / BASELINES_FILE)
             folder = self.baseline_dir(bid)
             if folder.exists():
                 trash = store.temp_path(folder.parent, bid)
@@ -552,15 +597,22 @@ class Bank:
 
     # -- integrity --------------------------------------------------------------------
 
-    def verify(self) -> VerifyReport:
-        """Recompute every row hash and every baseline's file hash.
+    def verify(self, key: str | os.PathLike[str] | None = None) -> VerifyReport:
+        """Recompute every row hash and every baseline's file hash; check the log.
 
         Returns a report listing each row whose stored ``row_sha256`` no longer matches
-        its content, duplicate ids, curves whose baseline is missing, and baselines whose
-        files are missing or changed. It never raises for such problems.
+        its content, duplicate ids, curves whose baseline is missing, baselines whose
+        files are missing or changed, a break in the log's chain, and each row the log
+        does not have, or has with another hash (:func:`refbank.log.check`). It never
+        raises for such problems.
+
+        Args:
+            key: an Ed25519 public key (PEM file): every log record must then be signed
+                by it (see :mod:`refbank.log`).
 
         Raises:
-            BankError: there is no bank at this path (nothing to verify is not "OK").
+            BankError: there is no bank at this path (nothing to verify is not "OK"), or
+                ``key`` is unreadable.
         """
         if not self.exists():
             what = "does not exist" if not self.path.exists() else "holds no fp bank"
@@ -601,6 +653,17 @@ class Bank:
                 report.warnings.append(
                     f"{file} holds column(s) fp does not know: {', '.join(extra)}; fp keeps "
                     f"them when it rewrites the table, but no row hash covers them")
+        public = log.load_public_key(key) if key is not None else None
+        found = log.check(log.read(self.path), log.rows_of(curves, baselines),
+                          public_key=public)
+        report.log_records, report.log_head = found.n_records, found.head
+        report.problems.extend(Problem("log", ident, problem)
+                               for ident, problem in found.problems)
+        report.warnings.extend(found.notes)
+        if public is not None:
+            report.signed_by = log.key_id(public)
+            if not found.n_records:
+                add(Problem("log", LOG_NAME, "there is no log to check signatures of"))
         base_root = self.path / BASELINES_DIR
         if base_root.is_dir():
             for d in sorted(base_root.iterdir()):
@@ -720,18 +783,31 @@ class Bank:
             shutil.copytree(incoming.path / row["path"], tmp)
             store._commit(tmp, target)
         mine_curves, mine_baselines = self._tables_for_write()
+        all_b = store.append_rows(mine_baselines,
+                                  pa.Table.from_pylist(new_b, schema=BASELINES_SCHEMA))
+        all_c = store.append_rows(mine_curves, pa.Table.from_pylist(new_c, schema=CURVES_SCHEMA))
+        if new_b or new_c:
+            self._log("import", (mine_curves, mine_baselines), (all_c, all_b),
+                      details={"source": report.source,
+                               "source_log_head": incoming.log_head()})
         if new_b:
-            table = pa.Table.from_pylist(new_b, schema=BASELINES_SCHEMA)
-            store.write_table(store.append_rows(mine_baselines, table),
-                              self.path / BASELINES_FILE)
+            store.write_table(all_b, self.path / BASELINES_FILE)
         if new_c:
-            table = pa.Table.from_pylist(new_c, schema=CURVES_SCHEMA)
-            store.write_table(store.append_rows(mine_curves, table), self.path / CURVES_FILE)
+            store.write_table(all_c, self.path / CURVES_FILE)
         report.added_baselines = [r["baseline_id"] for r in new_b]
         report.added_curves = [r["curve_id"] for r in new_c]
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _log_rows(curves: pa.Table, baselines: pa.Table) -> log.Rows:
+    """``{"curves": {id: row_sha256}, "baselines": {...}}`` of two tables."""
+    def ids(table: pa.Table, key: str) -> dict[str, str]:
+        return dict(zip(table.column(key).to_pylist(),
+                        table.column(HASH_COLUMN).to_pylist(), strict=True))
+
+    return {"curves": ids(curves, "curve_id"), "baselines": ids(baselines, "baseline_id")}
 
 
 def _same_or_conflict(mine: dict, theirs: dict, what: str, ident: str, where: Path) -> None:

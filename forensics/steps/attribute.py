@@ -184,6 +184,9 @@ def attribute(
                            allow_unverified=allow_unverified)
     same = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
     forged = modified_rows("curves", same)
+    named = {p.id for p in forged}
+    forged += [p for p in b.log_problems([r["curve_id"] for r in same]
+                                         + [loaded.row["baseline_id"]]) if p.id not in named]
     if forged and not allow_unverified:
         raise BankError(unverified_message(forged, b.path))
     unverified = loaded.unverified + [dataclasses.asdict(p) for p in forged]

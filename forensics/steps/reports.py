@@ -25,7 +25,9 @@ JSON_NAME = "attribution.json"
 PNG_NAME = "attribution.png"
 HTML_NAME = "report.html"
 #: The files of a report folder: a folder holding any of them holds a report.
-REPORT_FILES = (JSON_NAME, PNG_NAME, HTML_NAME)
+#: The digest of a report folder: ``sha256sum`` lines over its files, written last.
+SUMS_NAME = "SHA256SUMS"
+REPORT_FILES = (JSON_NAME, PNG_NAME, HTML_NAME, SUMS_NAME)
 #: The fingerprint whose picture is the C_T curves (the curves' ``values`` column).
 
 
@@ -252,7 +254,8 @@ def plot_attribution(attribution: Any, rows: Sequence[dict[str, Any]], path: str
 def write_report(outdir: str | os.PathLike[str], attribution: Any,
                  rows: Sequence[dict[str, Any]], *,
                  evidence: Evidence | None = None, force: bool = False) -> dict[str, Path]:
-    """Write ``attribution.json``, ``attribution.png`` and ``report.html`` into ``outdir``.
+    """Write ``attribution.json``, ``attribution.png``, ``report.html`` into ``outdir``, and
+    last ``SHA256SUMS`` over them (``fp case verify`` checks it: an edited answer fails).
 
     A report already in ``outdir`` is refused; with ``force`` it is moved aside into
     ``<outdir>.replaced-<UTC time>/`` (returned as ``"replaced"``), never deleted.
@@ -266,7 +269,7 @@ def write_report(outdir: str | os.PathLike[str], attribution: Any,
         force: write where a report is already (the old one is moved aside).
 
     Returns:
-        ``{"json": path, "png": path, "html": path}``, and ``"replaced"``: where an
+        ``{"json": path, "png": path, "html": path, "sums": path}``, and ``"replaced"``: where an
         earlier report was moved.
 
     Raises:
@@ -290,7 +293,11 @@ def write_report(outdir: str | os.PathLike[str], attribution: Any,
         out / JSON_NAME, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
     png = plot_attribution(attribution, rows, out / PNG_NAME, evidence)
     html = write_html(out / HTML_NAME, data, png.read_bytes(), rows, evidence or Evidence())
-    paths = {"json": out / JSON_NAME, "png": png, "html": html}
+    from refbank.hashing import file_sha256
+
+    sums = "".join(f"{file_sha256(out / n)}  {n}\n" for n in (JSON_NAME, PNG_NAME, HTML_NAME))
+    atomic_write_bytes(out / SUMS_NAME, sums.encode())
+    paths = {"json": out / JSON_NAME, "png": png, "html": html, "sums": out / SUMS_NAME}
     if replaced is not None:
         paths["replaced"] = replaced
     return paths

@@ -704,3 +704,177 @@ def test_renamed_copies_of_enrolled_images_are_duplicates(world, tmp_path, monke
                       bank=bank, cache_dir=world["cache"], **KW)) == 1
     stored = json.loads(bank.curves(model="late")[0]["params_json"])["image_sha256"]
     assert len(stored) == N and all(len(h) == 64 for h in stored)
+
+
+# -- the answer itself; the bank's log ---------------------------------------------------
+
+
+def test_case_verify_checks_the_answer_itself(case):
+    """Case: the decision (family, confidence) edited in attribution.json."""
+    path = case["report"] / "attribution.json"
+    data = json.loads(path.read_text())
+    data["decision"]["family"], data["decision"]["confidence"] = "rotate", 0.99
+    path.write_text(json.dumps(data, indent=2))
+    assert ("report", "attribution.json", "changed") in _changes(case)
+    (case["report"] / "SHA256SUMS").unlink()
+    assert ("report", "SHA256SUMS", "removed") in _changes(case)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["inputs"].update(folder=None),
+    lambda c: c["inputs"]["files"][0].pop("sha256"),
+    lambda c: c["inputs"].update(files="all.png"),
+    lambda c: c["inputs"]["files"].__setitem__(0, 5),
+    lambda c: c["bank"].update(curves=None),
+    lambda c: c["bank"]["curves"][0].pop("curve_id"),
+    lambda c: c["bank"].update(path=42),
+    lambda c: c["baseline"].update(files=["a", "b"]),
+    lambda c: c.pop("baseline"),
+], ids=["folder-null", "no-sha256", "files-string", "entry-5", "curves-null",
+        "no-curve-id", "path-42", "files-list", "no-baseline"])
+def test_case_verify_refuses_a_malformed_custody_record(case, edit):
+    """Case: fp case verify on a custody record with a field removed, nulled or mistyped."""
+    path = case["report"] / "attribution.json"
+    data = json.loads(path.read_text())
+    edit(data["provenance"]["custody"])
+    path.write_text(json.dumps(data))
+    result = fp("case", "verify", case["report"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("Error: ") and "not a valid fp answer" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def rehash_log(bank: Bank, change) -> None:
+    """Rewrite the bank's log as someone who knows the format would: ``change(record)``,
+    then every record's states, hash and link recomputed (signatures dropped)."""
+    from refbank import log
+
+    records = log.read(bank.path)
+    prev, rows = log.GENESIS, {"curves": {}, "baselines": {}}
+    for rec in records:
+        change(rec)
+        rec["before"] = log.state_digest(rows)
+        rows = log._apply(rows, rec)
+        rec["state"] = log.state_digest(rows)
+        rec["prev"] = prev
+        rec.pop("signature", None)
+        rec["hash"] = prev = log.record_hash(rec)
+    (bank.path / "log.jsonl").write_text(
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def test_a_rehashed_row_fails_against_the_log(world, tmp_path):
+    """Case: a family rewritten and row_sha256 recomputed with refbank.hashing.row_hash."""
+    bank = copy_bank(world, tmp_path)
+    target = world["ids"]["noise"][0]
+    rewrite_curves(bank, lambda r: r.update(family="rotate") if r["curve_id"] == target
+                   else None, rehash=True)
+    report = bank.verify()
+    assert not report.ok
+    assert any(p.id == f"curves {target}" and "rewritten" in p.problem for p in report.problems)
+    result = fp("bank", "verify", "--bank", bank.path)
+    assert result.exit_code == 1 and "rewritten" in result.output
+    with pytest.raises(BankError, match=target):
+        attribute(world, bank, world["f"]["query_noise"])
+    export = tmp_path / "x.tar"
+    bank.export(export)
+    with pytest.raises(BankError, match="failed verification"):
+        Bank(tmp_path / "other").import_(export)
+
+
+def test_a_rewritten_history_is_caught_by_the_answer_head_and_by_signatures(case, world,
+                                                                            tmp_path):
+    """Case: the row rewritten and re-hashed, and the whole log rewritten to match."""
+    bank = case["bank"]
+    target = world["ids"]["noise"][0]
+    rewrite_curves(bank, lambda r: r.update(family="rotate") if r["curve_id"] == target
+                   else None, rehash=True)
+    new_hash = next(r["row_sha256"] for r in bank.curves() if r["curve_id"] == target)
+
+    def forge(rec):
+        for table in ("added", "removed"):
+            if target in rec[table]["curves"]:
+                rec[table]["curves"][target] = new_hash
+
+    rehash_log(bank, forge)
+    # without a key or a recorded head, a consistent rewrite of history cannot be seen ...
+    assert bank.verify().ok
+    # ... but the answer recorded the head, and fp case verify sees the history changed
+    changes = _changes(case)
+    assert any(kind == "bank_log" and change == "rewritten" for kind, _, change in changes)
+
+
+def _keypair(folder: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def test_signed_log_catches_a_rewritten_history(bank, tmp_path, monkeypatch):
+    """Case: every change signed with the curator's key (FP_BANK_KEY); the history then
+    rewritten consistently (rows and log re-hashed) by someone without the key."""
+    private, public = _keypair(tmp_path, "curator")
+    _, other = _keypair(tmp_path, "other")
+    monkeypatch.setenv("FP_BANK_KEY", str(private))
+    bid = bank.add_baseline(baseline_row(), save=save_arrays)
+    [cid] = bank.add_curves([curve_row(bid)])
+    bank.add_curves([curve_row(bid, model="m2", manifest_sha256="r" * 64)])
+    result = fp("bank", "verify", "--key", public, "--bank", bank.path)
+    assert result.exit_code == 0 and "signed by key" in result.output, result.output
+    result = fp("bank", "verify", "--key", other, "--bank", bank.path)
+    assert result.exit_code == 1 and "signed by another key" in result.output
+    rewrite_curves(bank, lambda r: r.update(family="forged"), rehash=True)
+    hashes = {r["curve_id"]: r["row_sha256"] for r in bank.curves()}
+
+    def forge(rec):
+        for cid_, h in list(rec["added"]["curves"].items()):
+            rec["added"]["curves"][cid_] = hashes.get(cid_, h)
+
+    rehash_log(bank, forge)
+    assert bank.verify().ok  # consistent, unsigned: only the key can tell
+    result = fp("bank", "verify", "--key", public, "--bank", bank.path)
+    assert result.exit_code == 1 and "not signed" in result.output, result.output
+    assert cid in bank.curves()[0]["curve_id"]
+
+
+def test_bad_keys_are_one_error(bank, bid, tmp_path, monkeypatch):
+    (tmp_path / "junk.pem").write_text("not a key")
+    result = fp("bank", "verify", "--key", tmp_path / "junk.pem", "--bank", bank.path)
+    assert result.exit_code == 1 and result.output.startswith("Error: --key")
+    monkeypatch.setenv("FP_BANK_KEY", str(tmp_path / "junk.pem"))
+    with pytest.raises(BankError, match="FP_BANK_KEY"):
+        bank.add_curves([curve_row(bid)])
+    assert bank.curves() == []
+
+
+def test_a_writer_killed_between_log_and_table_leaves_a_bank_that_verifies(bank, bid,
+                                                                           monkeypatch):
+    """Case: the writer dies after logging a change and before replacing the table (as kill
+    -9 would): the bank is as before, verify says so; the next change verifies too."""
+    from refbank import store
+
+    bank.add_curves([curve_row(bid)])
+    with monkeypatch.context() as m:
+        def die(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        m.setattr(store, "write_table", die)
+        with pytest.raises(KeyboardInterrupt):
+            bank.add_curves([curve_row(bid, model="m2", manifest_sha256="r" * 64)])
+    report = bank.verify()
+    assert report.ok and any("interrupted" in w for w in report.warnings), report
+    assert len(bank.curves()) == 1
+    bank.add_curves([curve_row(bid, model="m3", manifest_sha256="s" * 64)])
+    report = bank.verify()
+    assert report.ok and report.log_records == 4, report
+    [cid] = [r["curve_id"] for r in bank.curves() if r["model"] == "m3"]
+    bank.remove_curves([cid])
+    assert bank.verify().ok

@@ -228,15 +228,23 @@ def import_curves_cmd(
 
 @bank_app.command("verify")
 def verify_cmd(
+    key: Path = typer.Option(None, "--key",
+                             help="The curator's Ed25519 public key (PEM): every record of "
+                                  "the bank's log must be signed by it."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
-    """Check every row hash and baseline file; exit status 1 if anything fails."""
+    """Check every row hash, baseline file and the bank's log; exit status 1 if anything fails.
+
+    The log chains every change to the one before; rows are checked against it, so a row
+    rewritten and re-hashed by another tool fails. With --key, every record must carry
+    that key's signature.
+    """
     from forensics.errors import BankError
     from forensics.steps.bank_access import open_bank
 
     b = open_bank(bank)
-    report = b.verify()
+    report = b.verify(key=key)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -246,8 +254,13 @@ def verify_cmd(
             typer.echo(f"FAIL {p.table} {p.id}: {p.problem}")
         for w in report.warnings:
             typer.echo(f"warning: {w}")
+        if report.log_head is not None:
+            signed = f", every record signed by key {report.signed_by[:16]}..." \
+                if report.signed_by and report.ok else ""
+            typer.echo(f"Log: {report.log_records} record(s), head {report.log_head['seq']} "
+                       f"{report.log_head['hash']}{signed}.")
         if report.ok:
-            typer.echo("OK: every row and file matches its hash.")
+            typer.echo("OK: every row and file matches its hash and the bank's log.")
     if not report.ok:
         raise BankError(
             f"{len(report.problems)} problem(s) in the bank at {b.path}; restore it from an "
