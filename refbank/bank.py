@@ -395,6 +395,7 @@ class Bank:
                 self._check_against_baseline(row, baselines)
             known = current.select(["curve_id", "model", "family", "baseline_id",
                                     "manifest_sha256", "params_json"]).to_pylist()
+            _warn_look_alikes(prepared, known)
             self._refuse_duplicates(prepared, known, baselines, allow_duplicate)
             new = _hashed_table(prepared, CURVES_SCHEMA)
             table = store.append_rows(current, new)
@@ -965,6 +966,34 @@ def check_labels(values: dict[str, Any]) -> None:
             )
 
 
+def look_alike_key(name: str) -> str:
+    """What a name looks like: compatibility-decomposed, accents and case dropped
+    (``ROTATE``, ``rotaté`` and ``ｒｏｔａｔｅ`` all give ``rotate``)."""
+    decomposed = unicodedata.normalize("NFKD", name)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def _warn_look_alikes(new: list[dict[str, Any]], known: list[dict[str, Any]]) -> None:
+    """Warn when a new family or model differs from an enrolled one only in case, accents
+    or look-alike characters: two names that print alike split one generator in two."""
+    import warnings
+
+    from forensics.errors import FpWarning
+
+    for key in ("family", "model"):
+        seen: dict[str, set[str]] = {}
+        for row in known:
+            seen.setdefault(look_alike_key(row[key]), set()).add(row[key])
+        for name in sorted({r[key] for r in new}):
+            alike = sorted(seen.get(look_alike_key(name), set()) - {name})
+            if alike:
+                warnings.warn(
+                    f"{key} {name!r} looks like the enrolled {key} "
+                    f"{', '.join(repr(a) for a in alike)} (they differ only in case, accents "
+                    f"or look-alike characters) but is another name: if they are the same, "
+                    f"enroll under one spelling", FpWarning, stacklevel=3)
+
+
 def _fresh_id(prefix: str, taken: set[str]) -> str:
     while True:
         ident = prefix + secrets.token_hex(6)
@@ -1005,6 +1034,9 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     for key in ("name", "model", "family"):
         if key in required and (not isinstance(out[key], str) or not out[key].strip()):
             raise InputError(f"{what} field {key!r} must be a non-empty string")
+    for key in LABEL_FIELDS:  # one spelling per name: rotat\u00e9 and rotate\u0301 are one
+        if isinstance(out.get(key), str):
+            out[key] = unicodedata.normalize("NFC", out[key])
     check_labels({k: out.get(k) for k in (*LABEL_FIELDS, *TEXT_FIELDS) if k in schema.names})
     if "values" in out:
         values = [float(v) for v in _tolist(out["values"])]

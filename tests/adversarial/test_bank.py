@@ -878,3 +878,27 @@ def test_a_writer_killed_between_log_and_table_leaves_a_bank_that_verifies(bank,
     [cid] = [r["curve_id"] for r in bank.curves() if r["model"] == "m3"]
     bank.remove_curves([cid])
     assert bank.verify().ok
+
+
+def test_look_alike_family_names_are_normalized_or_warned(bank, bid):
+    """Case: families 'rotat\\u00e9' and 'rotate\\u0301' (NFC, NFD), 'rotate' and 'ROTATE'."""
+    from forensics.errors import FpWarning
+
+    bank.add_curves([curve_row(bid, family="rotat\u00e9")])
+    with warnings_as_list() as caught:
+        bank.add_curves([curve_row(bid, family="rotate\u0301", manifest_sha256="r" * 64)])
+    assert caught == []  # the same name once normalized: nothing to warn about
+    assert {r["family"] for r in bank.curves()} == {"rotat\u00e9"}
+    with pytest.warns(FpWarning, match="looks like the enrolled family 'rotat"):
+        bank.add_curves([curve_row(bid, family="ROTATE", manifest_sha256="s" * 64)])
+    with pytest.warns(FpWarning, match="'ROTATE'"):
+        bank.add_curves([curve_row(bid, family="rotate", manifest_sha256="u" * 64)])
+
+
+@contextlib.contextmanager
+def warnings_as_list():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
