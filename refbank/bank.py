@@ -549,6 +549,9 @@ class Bank:
                 prepared["files_sha256"] = tree_sha256(tmp)
                 prepared["path"] = f"{BASELINES_DIR}/{bid}"
                 store._commit(tmp, target)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise store.write_failed(target, exc) from None
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

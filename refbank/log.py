@@ -204,12 +204,23 @@ def append(folder: Path, op: str, *, before: Rows, after: Rows,
         }
     path = folder / LOG_FILE
     line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    from refbank.store import write_failed
+
     try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(28, "short write")
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # no half record: the log stays as it was
+                raise
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise write_failed(path, exc) from None
     fsync_dir(folder)
     return record
 

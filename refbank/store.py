@@ -194,8 +194,20 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_failed(target: Path, exc: OSError) -> BankError:
+    """The error of a bank write that failed (disk full, file size limit, I/O error)."""
+    return BankError(f"cannot write {target} ({exc.strerror or exc}); nothing was changed in "
+                     f"the bank, which is as it was: free space or raise the limit, then try "
+                     f"again")
+
+
 def write_table(table: pa.Table, target: Path) -> None:
-    """Write a Parquet table atomically: temp file, fsync, rename, fsync folder."""
+    """Write a Parquet table atomically: temp file, fsync, rename, fsync folder.
+
+    Raises:
+        BankError: the write failed (e.g. ``OSError: File too large``); the old table is
+            left in place.
+    """
     tmp = temp_path(target.parent, target.name)
     try:
         with open(tmp, "wb") as f:
@@ -203,6 +215,9 @@ def write_table(table: pa.Table, target: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         _commit(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(target, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -219,6 +234,9 @@ def write_json(obj: Any, target: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         _commit(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(target, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

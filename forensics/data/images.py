@@ -194,9 +194,13 @@ def max_image_bytes() -> int:
     text = os.environ.get(MAX_BYTES_ENV, "").strip()
     if not text:
         return MAX_IMAGE_BYTES
-    if not text.isdigit() or int(text) < 1:
-        raise InputError(f"{MAX_BYTES_ENV}={text!r}: give the largest image file to read as "
-                         f"a whole number of bytes, e.g. {MAX_BYTES_ENV}={2 * MAX_IMAGE_BYTES}")
+    from forensics import defaults
+
+    top = defaults.MAX_IMAGE_BYTES_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= top:
+        raise InputError(f"{MAX_BYTES_ENV}={text[:40]!r}: give the largest image file to read "
+                         f"as a whole number of bytes from 1 to {top}, e.g. "
+                         f"{MAX_BYTES_ENV}={2 * MAX_IMAGE_BYTES}")
     return int(text)
 
 

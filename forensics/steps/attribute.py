@@ -160,16 +160,18 @@ def attribute(
     """
     from forensics.plugin.encoders import resolve_device
     from forensics.stats.attribution import keep_mask
-    from forensics.stats.ct import check_seed
+    from forensics.stats.ct import check_n_boot, check_seed
     from refbank.bank import modified_rows, unverified_message
 
     seed = check_seed(seed)
+    _check_tau(tau)
     if report is not None:
         from forensics.data.atomic import check_report_folder
         from forensics.steps.reports import REPORT_FILES
 
         check_report_folder(report, REPORT_FILES, force=force,
                             inside=None if isinstance(folder, Embeddings) else folder)
+    n_boot = check_n_boot(n_boot)
     if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
         raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
                          f"n_boot {n_boot}, quantile {quantile}")
@@ -193,7 +195,6 @@ def attribute(
     _fingerprint_objects([fp.name], loaded, strict=True)
     keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
     manager.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
-    _check_tau(tau)
     weights = _absolute_weights(weights)
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)

@@ -179,8 +179,13 @@ def import_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Merge an exported bank into this one, after checking every hash."""
+    from forensics import defaults
+    from forensics.errors import InputError
     from forensics.steps.bank_access import open_bank
 
+    if max_size is not None and not max_size <= defaults.MAX_IMPORT_GB:  # inf, nan, 1e308
+        raise InputError(f"--max-size {max_size:g}: give a number of GB from 0 to "
+                         f"{defaults.MAX_IMPORT_GB:,.0f}")
     b = open_bank(bank)
     report = b.import_(file, max_bytes=None if max_size is None else int(max_size * 1e9))
     if as_json:
