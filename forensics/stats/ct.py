@@ -171,7 +171,8 @@ def check_tau(tau: float | None, m: int) -> float:
     """Resolve and validate tau: ``None`` gives ``20 / m``; otherwise a share from 0 to 1.
 
     tau is a share of the generated samples; at 1 no cell can pass it, and above 1 it means
-    nothing (``1e308`` overflowed ``tau * m``).
+    nothing (``1e308`` overflowed ``tau * m``), except as the default ``20 / m`` of fewer
+    than 20 samples.
     """
     if tau is None:
         return default_tau(m)
@@ -180,7 +181,8 @@ def check_tau(tau: float | None, m: int) -> float:
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"tau must be a share of the generated samples (from 0 to 1), "
                          f"got {tau!r}") from None
-    if not (math.isfinite(tau) and 0.0 <= tau <= 1.0):
+    # above 1 no cell can pass; only the default 20/m of a set under 20 images goes there
+    if not (math.isfinite(tau) and 0.0 <= tau <= max(1.0, default_tau(max(int(m), 1)))):
         raise InputError(f"tau must be a share of the generated samples (from 0 to 1), "
                          f"got {tau:g}")
     return tau
