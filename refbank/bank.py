@@ -178,6 +178,22 @@ class Bank:
         """True once something has been written to the bank."""
         return (self.path / INFO_FILE).exists() or (self.path / CURVES_FILE).exists()
 
+    def require(self) -> None:
+        """Refuse to read a bank that is not there (a mistyped ``--bank``) as an empty one.
+
+        Raises:
+            BankError: the path does not exist, or holds no fp bank; the message says how
+                to create one.
+        """
+        if self.exists():
+            return
+        what = "does not exist" if not self.path.exists() else "holds no fp bank"
+        raise BankError(
+            f"the bank path {self.path} {what} (no {INFO_FILE} or {CURVES_FILE}); check "
+            f"--bank / FP_BANK, or create a bank there with: fp baseline build NAME --train "
+            f"DIR --heldout DIR --encoder E --bank {self.path}"
+        )
+
     def writable(self) -> bool:
         """True when this process can write the bank (a real probe, see
         :func:`refbank.store.probe_writable`)."""
@@ -618,12 +634,7 @@ class Bank:
             BankError: there is no bank at this path (nothing to verify is not "OK"), or
                 ``key`` is unreadable.
         """
-        if not self.exists():
-            what = "does not exist" if not self.path.exists() else "holds no fp bank"
-            raise BankError(
-                f"the bank path {self.path} {what} (no {INFO_FILE} or {CURVES_FILE}); "
-                f"check --bank / FP_BANK"
-            )
+        self.require()
         curves = self.curves()
         baselines = self.baselines()
         report = VerifyReport(str(self.path), self.schema_version, len(curves), len(baselines))

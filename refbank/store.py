@@ -40,8 +40,15 @@ def _upgrade_message(where: Path, version: int) -> str:
 
 
 def check_version(version: Any, where: Path) -> int:
-    """Return ``version`` as an int, or raise BankError if it is unreadable or too new."""
+    """Return ``version`` as an int, or raise BankError if it is unreadable or too new.
+
+    Only a whole number (or its digits as text) is a version: ``1.5`` is refused, not read
+    as 1.
+    """
     try:
+        if isinstance(version, bool) or not (
+                isinstance(version, int) or (isinstance(version, str) and version.isdigit())):
+            raise ValueError(version)
         value = int(version)
     except (TypeError, ValueError):
         raise BankError(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,9 @@ def _check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
             f"{kind}; it takes {options}"
         )
     merged = {**allowed, **{k: v for k, v in params.items() if v is not None}}
+    for key, value in merged.items():  # nan would write black images, inf fails later
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{key.replace('_', '-')} {value}: give a finite number")
     if kind == "background" and merged["mode"] not in BACKGROUND_MODES:
         raise InputError(
             f"unknown background mode {merged['mode']!r}; "

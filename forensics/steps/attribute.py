@@ -176,6 +176,7 @@ def attribute(
         raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
                          f"n_boot {n_boot}, quantile {quantile}")
     b = open_bank(bank)
+    b.require()
     all_rows = b.curves()
     if not all_rows:
         raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "

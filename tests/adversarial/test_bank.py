@@ -902,3 +902,37 @@ def warnings_as_list():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield caught
+
+
+# -- smaller: a mistyped bank, a fractional schema version, infinite curve values -------------
+
+
+def test_a_mistyped_bank_path_is_named_not_read_as_empty(tmp_path):
+    """Case: fp bank list / fp attribute --bank with a path that does not exist."""
+    missing = tmp_path / "bnak"
+    for args in (["bank", "list"], ["attribute", tmp_path]):
+        result = fp(*args, "--bank", missing)
+        assert result.exit_code == 1 and "does not exist" in result.output, result.output
+        assert "fp baseline build" in result.output and not missing.exists()
+
+
+def test_a_fractional_schema_version_is_refused(bank, bid):
+    """Case: "schema_version": 1.5 in bank.json."""
+    info = json.loads((bank.path / "bank.json").read_text())
+    info["schema_version"] = 1.5
+    (bank.path / "bank.json").write_text(json.dumps(info))
+    with pytest.raises(BankError, match="unreadable schema version 1.5"):
+        bank.curves()
+    with pytest.raises(BankError, match="unreadable schema version"):
+        bank.add_curves([curve_row(bid)])
+    assert json.loads((bank.path / "bank.json").read_text())["schema_version"] == 1.5
+
+
+def test_import_curves_refuses_values_beyond_a_float(bank, bid, tmp_path):
+    """Case: fp bank import-curves of a file holding 1e999 (read as +inf)."""
+    from forensics.data.curvefiles import read_layerchoice
+
+    path = tmp_path / "F.txt"
+    path.write_text("sd_1: [0.1, 1e999, 0.3]\n")
+    with pytest.raises(InputError, match="1e999 is beyond the range"):
+        read_layerchoice(path)

@@ -180,3 +180,13 @@ def test_a_write_over_the_file_size_limit_is_one_line_and_the_bank_stays(tmp_pat
     assert "Traceback" not in out.stderr
     assert "File too large" in out.stdout and "nothing was changed" in out.stdout
     assert bank.curves() == [] and bank.verify().ok
+
+
+@pytest.mark.parametrize("args", [["noise", "--sigma", "nan"], ["rotate", "--angle", "nan"],
+                                  ["noise", "--sigma", "inf"]])
+def test_synth_refuses_non_finite_parameters(tmp_path, images, args):
+    """Case: fp synth noise --sigma nan / rotate --angle nan (they wrote black images)."""
+    kind, *rest = args
+    msg = one_error(fp("synth", kind, images, tmp_path / "out", *rest))
+    assert "give a finite number" in msg
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

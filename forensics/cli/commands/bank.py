@@ -12,6 +12,8 @@ from typing import Any
 
 import typer
 
+from forensics.errors import SHOWN_MAX, printable  # noqa: F401 - used by other commands
+
 BANK_HELP = (
     "Bank folder (default: $FP_BANK, else the user data folder, e.g. ~/.local/share/fp/bank)."
 )
@@ -33,26 +35,6 @@ def echo_json(data: Any) -> None:
     from refbank.bank import rows_to_json
 
     typer.echo(rows_to_json(data))
-
-
-#: Longest text shown in one table cell or line (the rest is cut, marked with "...").
-SHOWN_MAX = 200
-
-
-def printable(value: Any, limit: int = SHOWN_MAX) -> str:
-    """``value`` as text safe for a terminal: control and format characters (escape
-    sequences, newlines, BEL, bidirectional overrides) shown as Python escapes, and at
-    most ``limit`` characters.
-
-    Bank rows written by other tools, or by older versions, may hold such characters.
-    """
-    import unicodedata
-
-    text = str(value)
-    if any(unicodedata.category(c)[0] == "C" for c in text):
-        text = "".join(repr(c)[1:-1] if unicodedata.category(c)[0] == "C" else c
-                       for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _short_time(value: Any) -> str:
@@ -88,6 +70,7 @@ def list_cmd(
     from forensics.steps.bank_access import open_bank
 
     b = open_bank(bank)
+    b.require()  # a mistyped --bank is not an empty bank
     bid = b.get_baseline(baseline)["baseline_id"] if baseline else None
     rows = b.curves(model=model, family=family, baseline_id=bid)
     if as_json:

@@ -11,6 +11,7 @@ from forensics import defaults
 from forensics.cli.commands.bank import _print_table, bank_option, echo_json
 from forensics.cli.commands.embed import skip_bad_option
 from forensics.cli.commands.pipeline import _batch, _common, _device, _no_cache, _quiet, _tau
+from forensics.errors import printable
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -88,7 +89,7 @@ def register(app: typer.Typer) -> None:
                        layer=layer, report=report, tau=tau, force=force,
                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
         for relpath, reason in out["provenance"].get("skipped") or ():
-            typer.echo(f"skipped {relpath}: {reason}", err=True)
+            typer.echo(f"skipped {printable(relpath, 1000)}: {reason}", err=True)
         if as_json:
             echo_json(out)
             return

@@ -134,7 +134,7 @@ def build_cmd(
         **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for which, skipped in json.loads(row.get("params_json") or "{}").get("skipped", {}).items():
         for relpath, reason in skipped:
-            _err(f"skipped {which} {relpath}: {reason}")
+            _err(f"skipped {which} {printable(relpath, 1000)}: {reason}")
     if as_json:
         echo_json(row)
         return
@@ -287,7 +287,7 @@ def attribute_cmd(
                        weights=weights, allow_unverified=allow_unverified, force=force,
                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for relpath, reason in result.curve.provenance.get("skipped", []):
-        _err(f"skipped {relpath}: {reason}")
+        _err(f"skipped {printable(relpath, 1000)}: {reason}")
     if as_json:
         echo_json(result.to_dict())
         return
