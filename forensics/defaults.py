@@ -93,6 +93,17 @@ TOP = 5
 
 #: Bootstrap resamples of ``fp evaluate``'s confidence intervals.
 EVALUATE_N_BOOT = 1000
+
+# -- bounds on sizes a user can type (beyond them a run would only exhaust memory) --------
+
+#: Most bootstrap resamples ``fp attribute`` and ``fp evaluate`` accept.
+MAX_N_BOOT = 100_000
+#: Largest cell label of ``fp ct``'s given cells (one counter per label up to it).
+MAX_CELL_LABEL = 2**24 - 1
+#: Largest ``FP_MAX_IMAGE_BYTES`` (1 TiB).
+MAX_IMAGE_BYTES_LIMIT = 2**40
+#: Largest ``fp bank import --max-size``, in GB.
+MAX_IMPORT_GB = 1_000_000.0
 #: C_T below this flags a layer as copying its training images.
 MEMORIZATION_THRESHOLD = -2.0
 #: Closest generated/training pairs listed by ``fp memorization``.

@@ -7,6 +7,27 @@ only with ``fp --debug``. Messages say what went wrong *and* what to do about it
 
 from __future__ import annotations
 
+from typing import Any
+
+#: Longest text shown in one table cell or line (the rest is cut, marked with "...").
+SHOWN_MAX = 200
+
+
+def printable(value: Any, limit: int = SHOWN_MAX) -> str:
+    """``value`` as text safe for a terminal: control and format characters (escape
+    sequences, newlines, BEL, bidirectional overrides) shown as Python escapes, and at
+    most ``limit`` characters.
+
+    Bank rows written by other tools, and file names, may hold such characters.
+    """
+    import unicodedata
+
+    text = str(value)
+    if any(unicodedata.category(c)[0] == "C" for c in text):
+        text = "".join(repr(c)[1:-1] if unicodedata.category(c)[0] == "C" else c
+                       for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class FpError(Exception):
     """Base class of every error ``fp`` reports to a user."""

@@ -19,7 +19,7 @@ from refbank import store
 from refbank.hashing import file_sha256
 
 SUMS = "SHA256SUMS"
-_MEMBERS = ("bank.json", "curves.parquet", "baselines.parquet")
+_MEMBERS = ("bank.json", "curves.parquet", "baselines.parquet", "log.jsonl")
 
 
 def _mode(target: Path, write: bool) -> str:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from forensics.errors import BankError, InputError
 from forensics.jsonable import jsonable
-from refbank import store
+from refbank import log, store
 from refbank.hashing import canonical_json, file_hashes, listing_sha256, row_hash, tree_sha256
 from refbank.schema import (
     BASELINES_SCHEMA,
@@ -42,6 +42,7 @@ ENV_VAR = "FP_BANK"
 CURVES_FILE = "curves.parquet"
 BASELINES_FILE = "baselines.parquet"
 INFO_FILE = "bank.json"
+LOG_NAME = log.LOG_FILE
 BASELINES_DIR = "baselines"
 FORMAT = "fp reference bank"
 
@@ -108,10 +109,13 @@ class VerifyReport:
     n_baselines: int
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    log_records: int = 0
+    log_head: dict[str, Any] | None = None
+    signed_by: str | None = None
 
     @property
     def ok(self) -> bool:
-        """True when no row or file failed its check."""
+        """True when no row, file or log record failed its check."""
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +178,22 @@ class Bank:
         """True once something has been written to the bank."""
         return (self.path / INFO_FILE).exists() or (self.path / CURVES_FILE).exists()
 
+    def require(self) -> None:
+        """Refuse to read a bank that is not there (a mistyped ``--bank``) as an empty one.
+
+        Raises:
+            BankError: the path does not exist, or holds no fp bank; the message says how
+                to create one.
+        """
+        if self.exists():
+            return
+        what = "does not exist" if not self.path.exists() else "holds no fp bank"
+        raise BankError(
+            f"the bank path {self.path} {what} (no {INFO_FILE} or {CURVES_FILE}); check "
+            f"--bank / FP_BANK, or create a bank there with: fp baseline build NAME --train "
+            f"DIR --heldout DIR --encoder E --bank {self.path}"
+        )
+
     def writable(self) -> bool:
         """True when this process can write the bank (a real probe, see
         :func:`refbank.store.probe_writable`)."""
@@ -228,6 +248,44 @@ class Bank:
         """The ``baselines`` table (empty when the bank is new)."""
         self._check_version()
         return store.read_table(self.path / BASELINES_FILE, BASELINES_SCHEMA)
+
+    def _tables_for_write(self) -> tuple[pa.Table, pa.Table]:
+        """Both tables with any columns fp does not know, which a rewrite must keep."""
+        self._check_version()
+        return (store.read_table(self.path / CURVES_FILE, CURVES_SCHEMA, keep_unknown=True),
+                store.read_table(self.path / BASELINES_FILE, BASELINES_SCHEMA,
+                                 keep_unknown=True))
+
+    def _log(self, op: str, before: tuple[pa.Table, pa.Table], after: tuple[pa.Table, pa.Table],
+             details: dict[str, Any] | None = None) -> None:
+        """Append the record of a change to the bank's log (under the lock, before the
+        tables are replaced); a bank without a log first gets a ``start`` record."""
+        old, new = _log_rows(*before), _log_rows(*after)
+        if not (self.path / log.LOG_FILE).exists() and any(old.values()):
+            log.append(self.path, "start", before={"curves": {}, "baselines": {}}, after=old,
+                       details={"note": "the rows the bank held when its log was started"})
+        log.append(self.path, op, before=old, after=new, details=details)
+
+    def log_problems(self, ids: Iterable[str] | None = None) -> list[Problem]:
+        """Rows (of ``ids``, default all) that do not match the bank's log, and breaks in its
+        chain, as :class:`Problem` s (see :func:`refbank.log.check`)."""
+        if not self.exists():
+            return []
+        wanted = None if ids is None else set(ids)
+        found = log.check(log.read(self.path), log.rows_of(self.curves(), self.baselines()))
+        out = []
+        for ident, problem in found.problems:
+            table, _, key = ident.partition(" ")
+            if table in ("curves", "baselines"):
+                if wanted is None or key in wanted:
+                    out.append(Problem(table, key, f"{problem} (the bank's log)"))
+            else:
+                out.append(Problem("log", ident, problem))
+        return out
+
+    def log_head(self) -> dict[str, Any] | None:
+        """``{"seq", "hash"}`` of the last record of the bank's log (None: no log yet)."""
+        return log.head(self.path)
 
     def curves(self, **filters: Any) -> list[dict[str, Any]]:
         """Curve rows as dicts, optionally filtered by column equality.
@@ -314,9 +372,11 @@ class Bank:
 
         A curve whose images are already enrolled against the same baseline (the same
         ``manifest_sha256``, or the same ``folder_manifest_sha256`` parameter: the folder it
-        was cut from) is refused, under whatever model or family it comes: the same images
-        twice would tip attribution towards the second name. Only manifests that are
-        SHA-256 digests are compared (curves imported without images have none).
+        was cut from, or more than :data:`DUPLICATE_SHARE` of its images by content: the
+        ``image_sha256`` parameter, whatever the files are called) is refused, under
+        whatever model or family it comes: the same images twice would tip attribution
+        towards the second name. Only SHA-256 digests are compared (curves imported
+        without images have none).
 
         Args:
             rows: the curve rows.
@@ -335,7 +395,7 @@ class Bank:
         self.check_writable()
         with self._lock.hold():
             self._ensure_info()
-            current = self.curves_table()
+            current = self._tables_for_write()[0]
             baselines = {b["baseline_id"]: b for b in self.baselines()}
             taken = set(current.column("curve_id").to_pylist())
             for row in prepared:
@@ -351,9 +411,13 @@ class Bank:
                 self._check_against_baseline(row, baselines)
             known = current.select(["curve_id", "model", "family", "baseline_id",
                                     "manifest_sha256", "params_json"]).to_pylist()
+            _warn_look_alikes(prepared, known)
             self._refuse_duplicates(prepared, known, baselines, allow_duplicate)
             new = _hashed_table(prepared, CURVES_SCHEMA)
-            store.write_table(pa.concat_tables([current, new]), self.path / CURVES_FILE)
+            table = store.append_rows(current, new)
+            base_table = self.baselines_table()
+            self._log("add_curves", (current, base_table), (table, base_table))
+            store.write_table(table, self.path / CURVES_FILE)
         return new.column("curve_id").to_pylist()
 
     def find_duplicates(self, rows: Iterable[dict[str, Any]],
@@ -361,19 +425,29 @@ class Bank:
                         ) -> list[tuple[int, dict[str, Any]]]:
         """``(i, enrolled row)`` for each new row ``i`` whose images are enrolled already.
 
+        When the match is by image content, the row returned is the enrolled curve that
+        shares the most images with row ``i``, with ``shared_images``: ``{"n": images
+        shared, "of": images of row i, "curve_ids": every curve sharing some}``.
+
         Args:
             rows: new curve rows (``baseline_id``, ``manifest_sha256``, and optionally
-                ``params`` or ``params_json`` with ``folder_manifest_sha256``).
+                ``params`` or ``params_json`` with ``folder_manifest_sha256`` and
+                ``image_sha256``, the SHA-256 of each image).
             existing: the bank's curve rows (default: read now).
         """
         index: dict[tuple[str, str], dict[str, Any]] = {}
+        by_image: dict[tuple[str, str], dict[str, Any]] = {}
         for row in self.curves() if existing is None else existing:
             for key in _image_keys(row):
                 index.setdefault((row["baseline_id"], key), row)
+            for sha in _image_hashes(row):
+                by_image.setdefault((row["baseline_id"], sha), row)
         found = []
         for i, row in enumerate(rows):
-            hit = next((index[(row["baseline_id"], k)] for k in _image_keys(row)
-                        if (row["baseline_id"], k) in index), None)
+            bid = row["baseline_id"]
+            hit = next((index[(bid, k)] for k in _image_keys(row) if (bid, k) in index), None)
+            if hit is None:
+                hit = _shared_images(bid, _image_hashes(row), by_image)
             if hit is not None:
                 found.append((i, hit))
         return found
@@ -387,7 +461,8 @@ class Bank:
             raise BankError(duplicate_message(f"curve {i + 1} of {len(rows)}", hit, base))
         for i, hit in found:
             params = json.loads(rows[i]["params_json"])
-            params["duplicate_of"] = sorted({*params.get("duplicate_of", []), hit["curve_id"]})
+            repeats = (hit.get("shared_images") or {}).get("curve_ids", [hit["curve_id"]])
+            params["duplicate_of"] = sorted({*params.get("duplicate_of", []), *repeats})
             rows[i]["params_json"] = canonical_json(params)
 
     def _check_against_baseline(self, row: dict[str, Any], baselines: dict[str, dict]) -> None:
@@ -420,7 +495,7 @@ class Bank:
         wanted = list(dict.fromkeys(ids))
         self.check_writable()
         with self._lock.hold():
-            current = self.curves_table()
+            current = self._tables_for_write()[0]
             present = set(current.column("curve_id").to_pylist())
             missing = [i for i in wanted if i not in present]
             if missing:
@@ -429,7 +504,10 @@ class Bank:
                     f"nothing removed. List curves with: fp bank list"
                 )
             keep = pc.invert(pc.is_in(current.column("curve_id"), pa.array(wanted, pa.string())))
-            store.write_table(current.filter(keep), self.path / CURVES_FILE)
+            table = current.filter(keep)
+            base_table = self.baselines_table()
+            self._log("remove_curves", (current, base_table), (table, base_table))
+            store.write_table(table, self.path / CURVES_FILE)
         return wanted
 
     def add_baseline(self, row: dict[str, Any],
@@ -487,13 +565,18 @@ class Bank:
                 prepared["files_sha256"] = tree_sha256(tmp)
                 prepared["path"] = f"{BASELINES_DIR}/{bid}"
                 store._commit(tmp, target)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise store.write_failed(target, exc) from None
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             store.fsync_dir(target.parent)
             new = _hashed_table([prepared], BASELINES_SCHEMA)
-            current = self.baselines_table()
-            store.write_table(pa.concat_tables([current, new]), self.path / BASELINES_FILE)
+            curves, current = self._tables_for_write()
+            table = store.append_rows(current, new)
+            self._log("add_baseline", (curves, current), (curves, table))
+            store.write_table(table, self.path / BASELINES_FILE)
         return bid
 
     def remove_baseline(self, name: str, *, with_curves: bool = False) -> dict[str, Any]:
@@ -511,7 +594,7 @@ class Bank:
         with self._lock.hold():
             row = self.get_baseline(name)
             bid = row["baseline_id"]
-            curves = self.curves_table()
+            curves, table = self._tables_for_write()
             mine = pc.equal(curves.column("baseline_id"), bid)
             n = pc.sum(mine).as_py() or 0
             if n and not with_curves:
@@ -519,11 +602,12 @@ class Bank:
                     f"baseline {row['name']!r} still has {n} enrolled curve(s); remove them "
                     f"first (fp bank remove ID...) or pass --with-curves to remove them too"
                 )
+            kept_curves = curves.filter(pc.invert(mine))
+            kept = table.filter(pc.not_equal(table.column("baseline_id"), bid))
+            self._log("remove_baseline", (curves, table), (kept_curves, kept))
             if n:
-                store.write_table(curves.filter(pc.invert(mine)), self.path / CURVES_FILE)
-            table = self.baselines_table()
-            keep = pc.not_equal(table.column("baseline_id"), bid)
-            store.write_table(table.filter(keep), self.path / BASELINES_FILE)
+                store.write_table(kept_curves, self.path / CURVES_FILE)
+            store.write_table(kept, self.path / BASELINES_FILE)
             folder = self.baseline_dir(bid)
             if folder.exists():
                 trash = store.temp_path(folder.parent, bid)
@@ -533,22 +617,24 @@ class Bank:
 
     # -- integrity --------------------------------------------------------------------
 
-    def verify(self) -> VerifyReport:
-        """Recompute every row hash and every baseline's file hash.
+    def verify(self, key: str | os.PathLike[str] | None = None) -> VerifyReport:
+        """Recompute every row hash and every baseline's file hash; check the log.
 
         Returns a report listing each row whose stored ``row_sha256`` no longer matches
-        its content, duplicate ids, curves whose baseline is missing, and baselines whose
-        files are missing or changed. It never raises for such problems.
+        its content, duplicate ids, curves whose baseline is missing, baselines whose
+        files are missing or changed, a break in the log's chain, and each row the log
+        does not have, or has with another hash (:func:`refbank.log.check`). It never
+        raises for such problems.
+
+        Args:
+            key: an Ed25519 public key (PEM file): every log record must then be signed
+                by it (see :mod:`refbank.log`).
 
         Raises:
-            BankError: there is no bank at this path (nothing to verify is not "OK").
+            BankError: there is no bank at this path (nothing to verify is not "OK"), or
+                ``key`` is unreadable.
         """
-        if not self.exists():
-            what = "does not exist" if not self.path.exists() else "holds no fp bank"
-            raise BankError(
-                f"the bank path {self.path} {what} (no {INFO_FILE} or {CURVES_FILE}); "
-                f"check --bank / FP_BANK"
-            )
+        self.require()
         curves = self.curves()
         baselines = self.baselines()
         report = VerifyReport(str(self.path), self.schema_version, len(curves), len(baselines))
@@ -575,6 +661,24 @@ class Bank:
             problem = self.baseline_files(row)[1]
             if problem is not None:
                 add(problem)
+        for file, schema in ((CURVES_FILE, CURVES_SCHEMA), (BASELINES_FILE, BASELINES_SCHEMA)):
+            full = store.read_table(self.path / file, schema, keep_unknown=True)
+            extra = full.column_names[len(schema.names):]
+            if extra:
+                report.warnings.append(
+                    f"{file} holds column(s) fp does not know: {', '.join(extra)}; fp keeps "
+                    f"them when it rewrites the table, but no row hash covers them")
+        public = log.load_public_key(key) if key is not None else None
+        found = log.check(log.read(self.path), log.rows_of(curves, baselines),
+                          public_key=public)
+        report.log_records, report.log_head = found.n_records, found.head
+        report.problems.extend(Problem("log", ident, problem)
+                               for ident, problem in found.problems)
+        report.warnings.extend(found.notes)
+        if public is not None:
+            report.signed_by = log.key_id(public)
+            if not found.n_records:
+                add(Problem("log", LOG_NAME, "there is no log to check signatures of"))
         base_root = self.path / BASELINES_DIR
         if base_root.is_dir():
             for d in sorted(base_root.iterdir()):
@@ -609,8 +713,12 @@ class Bank:
         from refbank.archive import write_archive
 
         target = Path(path).expanduser()
-        if target.exists():
+        if target.exists() or target.is_symlink():
             raise BankError(f"{target} exists already; export to a new file name")
+        blocker = next((p for p in target.parents if p.exists() or p.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise BankError(f"{target} lies under {blocker}, which is a file, not a folder; "
+                            f"export to a file in a folder")
         if not self.exists():
             raise BankError(f"the bank at {self.path} is empty; there is nothing to export")
         # A bank this process cannot write is read under a shared lock: writers elsewhere
@@ -689,19 +797,32 @@ class Bank:
             tmp = store.temp_path(target.parent, row["baseline_id"])
             shutil.copytree(incoming.path / row["path"], tmp)
             store._commit(tmp, target)
+        mine_curves, mine_baselines = self._tables_for_write()
+        all_b = store.append_rows(mine_baselines,
+                                  pa.Table.from_pylist(new_b, schema=BASELINES_SCHEMA))
+        all_c = store.append_rows(mine_curves, pa.Table.from_pylist(new_c, schema=CURVES_SCHEMA))
+        if new_b or new_c:
+            self._log("import", (mine_curves, mine_baselines), (all_c, all_b),
+                      details={"source": report.source,
+                               "source_log_head": incoming.log_head()})
         if new_b:
-            table = pa.Table.from_pylist(new_b, schema=BASELINES_SCHEMA)
-            store.write_table(pa.concat_tables([self.baselines_table(), table]),
-                              self.path / BASELINES_FILE)
+            store.write_table(all_b, self.path / BASELINES_FILE)
         if new_c:
-            table = pa.Table.from_pylist(new_c, schema=CURVES_SCHEMA)
-            store.write_table(pa.concat_tables([self.curves_table(), table]),
-                              self.path / CURVES_FILE)
+            store.write_table(all_c, self.path / CURVES_FILE)
         report.added_baselines = [r["baseline_id"] for r in new_b]
         report.added_curves = [r["curve_id"] for r in new_c]
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _log_rows(curves: pa.Table, baselines: pa.Table) -> log.Rows:
+    """``{"curves": {id: row_sha256}, "baselines": {...}}`` of two tables."""
+    def ids(table: pa.Table, key: str) -> dict[str, str]:
+        return dict(zip(table.column(key).to_pylist(),
+                        table.column(HASH_COLUMN).to_pylist(), strict=True))
+
+    return {"curves": ids(curves, "curve_id"), "baselines": ids(baselines, "baseline_id")}
 
 
 def _same_or_conflict(mine: dict, theirs: dict, what: str, ident: str, where: Path) -> None:
@@ -751,14 +872,66 @@ def _image_keys(row: dict[str, Any]) -> list[str]:
     return keys
 
 
+#: Largest share of a new curve's images (by content) that may be enrolled already
+#: against the same baseline: an accident allows a few, a copy of a set many more.
+DUPLICATE_SHARE = 0.05
+
+
+def _image_hashes(row: dict[str, Any]) -> list[str]:
+    """The SHA-256 of each image of a curve (its ``image_sha256`` parameter; [] if none)."""
+    params = row.get("params")
+    if params is None:
+        try:
+            params = json.loads(row.get("params_json") or "{}")
+        except ValueError:
+            params = {}
+    values = params.get("image_sha256") if isinstance(params, dict) else None
+    if not isinstance(values, list):
+        return []
+    return [v for v in values if isinstance(v, str) and _SHA_RE.match(v)]
+
+
+def _shared_images(bid: str, hashes: list[str], by_image: dict[tuple[str, str], dict[str, Any]]
+                   ) -> dict[str, Any] | None:
+    """The enrolled curve sharing the most of ``hashes``, if more than the allowed share is
+    enrolled already (see :data:`DUPLICATE_SHARE`)."""
+    unique = set(hashes)
+    if not unique:
+        return None
+    counts: dict[str, int] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for sha in unique:
+        row = by_image.get((bid, sha))
+        if row is not None:
+            counts[row["curve_id"]] = counts.get(row["curve_id"], 0) + 1
+            rows[row["curve_id"]] = row
+    n = sum(counts.values())
+    if n <= DUPLICATE_SHARE * len(unique):
+        return None
+    top = max(sorted(counts), key=lambda c: counts[c])
+    return {**rows[top], "shared_images": {"n": n, "of": len(unique),
+                                           "curve_ids": sorted(counts)}}
+
+
 def duplicate_message(what: str, hit: dict[str, Any], baseline: str) -> str:
     """The refusal of images enrolled already as curve ``hit``, saying what to do."""
+    shared = hit.get("shared_images")
+    if shared:
+        others = [c for c in shared["curve_ids"] if c != hit["curve_id"]]
+        also = f" (and curve(s) {', '.join(others)})" if others else ""
+        head = (f"{shared['n']} of the {shared['of']} images of {what} (more than "
+                f"{DUPLICATE_SHARE:.0%}) are, by content, images enrolled against baseline "
+                f"{baseline!r} as curve {hit['curve_id']} (model {hit['model']!r}, family "
+                f"{hit['family']!r}){also}, whatever the files are called now")
+    else:
+        head = (f"the images of {what} are already enrolled against baseline {baseline!r} "
+                f"as curve {hit['curve_id']} (model {hit['model']!r}, family "
+                f"{hit['family']!r})")
     return (
-        f"the images of {what} are already enrolled against baseline {baseline!r} as curve "
-        f"{hit['curve_id']} (model {hit['model']!r}, family {hit['family']!r}): the same "
-        f"images under a second name would tip attribution towards it. Remove that curve "
-        f"first (fp bank remove {hit['curve_id']}), or pass --allow-duplicate if this is "
-        f"deliberate (the new curves record which ones they repeat)"
+        f"{head}: the same images under a second name would tip attribution towards it. "
+        f"Remove that curve first (fp bank remove {hit['curve_id']}), or pass "
+        f"--allow-duplicate if this is deliberate (the new curves record which ones they "
+        f"repeat)"
     )
 
 
@@ -807,6 +980,34 @@ def check_labels(values: dict[str, Any]) -> None:
             )
 
 
+def look_alike_key(name: str) -> str:
+    """What a name looks like: compatibility-decomposed, accents and case dropped
+    (``ROTATE``, ``rotaté`` and ``ｒｏｔａｔｅ`` all give ``rotate``)."""
+    decomposed = unicodedata.normalize("NFKD", name)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def _warn_look_alikes(new: list[dict[str, Any]], known: list[dict[str, Any]]) -> None:
+    """Warn when a new family or model differs from an enrolled one only in case, accents
+    or look-alike characters: two names that print alike split one generator in two."""
+    import warnings
+
+    from forensics.errors import FpWarning
+
+    for key in ("family", "model"):
+        seen: dict[str, set[str]] = {}
+        for row in known:
+            seen.setdefault(look_alike_key(row[key]), set()).add(row[key])
+        for name in sorted({r[key] for r in new}):
+            alike = sorted(seen.get(look_alike_key(name), set()) - {name})
+            if alike:
+                warnings.warn(
+                    f"{key} {name!r} looks like the enrolled {key} "
+                    f"{', '.join(repr(a) for a in alike)} (they differ only in case, accents "
+                    f"or look-alike characters) but is another name: if they are the same, "
+                    f"enroll under one spelling", FpWarning, stacklevel=3)
+
+
 def _fresh_id(prefix: str, taken: set[str]) -> str:
     while True:
         ident = prefix + secrets.token_hex(6)
@@ -847,6 +1048,9 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     for key in ("name", "model", "family"):
         if key in required and (not isinstance(out[key], str) or not out[key].strip()):
             raise InputError(f"{what} field {key!r} must be a non-empty string")
+    for key in LABEL_FIELDS:  # one spelling per name: rotat\u00e9 and rotate\u0301 are one
+        if isinstance(out.get(key), str):
+            out[key] = unicodedata.normalize("NFC", out[key])
     check_labels({k: out.get(k) for k in (*LABEL_FIELDS, *TEXT_FIELDS) if k in schema.names})
     if "values" in out:
         values = [float(v) for v in _tolist(out["values"])]

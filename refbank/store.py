@@ -40,8 +40,15 @@ def _upgrade_message(where: Path, version: int) -> str:
 
 
 def check_version(version: Any, where: Path) -> int:
-    """Return ``version`` as an int, or raise BankError if it is unreadable or too new."""
+    """Return ``version`` as an int, or raise BankError if it is unreadable or too new.
+
+    Only a whole number (or its digits as text) is a version: ``1.5`` is refused, not read
+    as 1.
+    """
     try:
+        if isinstance(version, bool) or not (
+                isinstance(version, int) or (isinstance(version, str) and version.isdigit())):
+            raise ValueError(version)
         value = int(version)
     except (TypeError, ValueError):
         raise BankError(
@@ -194,8 +201,20 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_failed(target: Path, exc: OSError) -> BankError:
+    """The error of a bank write that failed (disk full, file size limit, I/O error)."""
+    return BankError(f"cannot write {target} ({exc.strerror or exc}); nothing was changed in "
+                     f"the bank, which is as it was: free space or raise the limit, then try "
+                     f"again")
+
+
 def write_table(table: pa.Table, target: Path) -> None:
-    """Write a Parquet table atomically: temp file, fsync, rename, fsync folder."""
+    """Write a Parquet table atomically: temp file, fsync, rename, fsync folder.
+
+    Raises:
+        BankError: the write failed (e.g. ``OSError: File too large``); the old table is
+            left in place.
+    """
     tmp = temp_path(target.parent, target.name)
     try:
         with open(tmp, "wb") as f:
@@ -203,6 +222,9 @@ def write_table(table: pa.Table, target: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         _commit(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(target, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -219,17 +241,28 @@ def write_json(obj: Any, target: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         _commit(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(target, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
 
 
-def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+def read_table(path: Path, schema: pa.Schema, *, keep_unknown: bool = False) -> pa.Table:
     """Read one bank table through one open handle; an absent file is an empty table.
 
     A reader therefore sees the old file or the new one while another process replaces
     it, never an error.
+
+    Args:
+        path: the Parquet file.
+        schema: the table's schema (:mod:`refbank.schema`).
+        keep_unknown: also return the columns the schema does not know (added by another
+            tool, e.g. a curator's ``analyst_note``), after the known ones, as stored. A
+            writer reads this way so that rewriting the table keeps them; readers of rows
+            get the schema's columns only.
 
     Raises:
         BankError: the file is unreadable, of a newer schema version, or not a bank table.
@@ -260,16 +293,36 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
     version = (table.schema.metadata or {}).get(VERSION_KEY)
     if version is not None:  # files rewritten by other tools may have lost it
         check_version(version.decode(errors="replace"), path)
+    extra = [n for n in table.column_names if n not in schema.names]
+    known = table
     if not table.schema.equals(schema, check_metadata=False):
         try:
-            table = table.select(schema.names).cast(schema)
+            known = table.select(schema.names).cast(schema)
         except (KeyError, pa.ArrowException) as exc:
             raise BankError(
                 f"{path} does not have the columns of an fp bank table ({exc}); "
                 f"see the README's 'Reference bank' section for the schema"
             ) from None
     # The schema exactly, field descriptions included (files of older versions lack them).
-    return pa.Table.from_arrays(table.columns, schema=schema)
+    out = pa.Table.from_arrays(known.columns, schema=schema)
+    if keep_unknown:
+        for name in extra:
+            out = out.append_column(table.schema.field(name), table.column(name))
+    return out
+
+
+def append_rows(current: pa.Table, new: pa.Table) -> pa.Table:
+    """``current`` with the rows of ``new`` after its own; columns ``new`` lacks (unknown
+    columns another tool added) are null in the new rows."""
+    if current.column_names == new.column_names:
+        return pa.concat_tables([current, new])
+    for name in current.column_names:
+        if name not in new.column_names:
+            new = new.append_column(current.schema.field(name).with_nullable(True),
+                                    pa.nulls(new.num_rows, current.schema.field(name).type))
+    out = pa.concat_tables([current, new.select(current.column_names)],
+                           promote_options="permissive")
+    return out.replace_schema_metadata(current.schema.metadata)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -22,6 +22,11 @@ from forensics.errors import FpError, FpWarning
 
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT = 130
+#: What Ctrl-C prints: a change to the bank is all or nothing, so what was reported done
+#: (e.g. "Enrolled ...") is kept.
+INTERRUPTED = ("Interrupted (Ctrl-C); stopped before finishing. Bank changes are all or "
+               "nothing: one already reported (e.g. Enrolled ...) is committed, one not yet "
+               "reported was not made.")
 
 #: Modules under ``forensics.cli.commands`` whose ``register(app)`` adds commands.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -92,6 +97,10 @@ class FpGroup(TyperGroup):
 
     def invoke(self, ctx: click.Context):  # noqa: D102
         debug = bool(os.environ.get("FP_DEBUG") or ctx.params.get("debug"))
+        if not debug:  # e.g. matplotlib's notice of a temporary cache with a read-only home
+            import logging
+
+            logging.getLogger("matplotlib").setLevel(logging.ERROR)
         with warnings.catch_warnings():
             if not debug:
                 warnings.simplefilter("ignore")
@@ -108,7 +117,8 @@ class FpGroup(TyperGroup):
             except KeyboardInterrupt:
                 if debug:
                     raise
-                click.echo("Interrupted (Ctrl-C); stopped before finishing.", err=True)
+                if not json_error(ctx, KeyboardInterrupt(INTERRUPTED), INTERRUPTED_EXIT):
+                    click.echo(INTERRUPTED, err=True)
                 ctx.exit(INTERRUPTED_EXIT)
             except Exception as exc:
                 # Typer may use its own copy of click: recognise a usage error by class name.

@@ -58,7 +58,11 @@ def _parse_value(token: str, where: str) -> float:
         return math.nan
     if not _NUMBER.match(token):
         raise InputError(f"{where}: {token!r} is not a number (expected a float or 'nan')")
-    return float(token)
+    value = float(token)
+    if not math.isfinite(value):  # 1e999 overflows to infinity
+        raise InputError(f"{where}: {token} is beyond the range of a float (about 1.8e308); "
+                         f"write the value as it was measured")
+    return value
 
 
 def _split_of(name: str, where: str, default_split: str | None) -> str:

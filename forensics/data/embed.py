@@ -69,18 +69,15 @@ def check_output_path(path: str | os.PathLike) -> Path:
     """Return ``path`` if a ``.npz`` or ``.parquet`` file can be written there.
 
     Raises:
-        InputError: another suffix, a folder of that name, or a file where a parent folder
-            should be.
+        InputError: another suffix, a folder, device, FIFO or socket of that name, or a file
+            where a parent folder should be.
     """
+    from forensics.data.atomic import check_output_file
+
     path = Path(path)
     if path.suffix.lower() not in (".npz", ".parquet"):
         raise InputError(f"--out {path}: use a .npz or .parquet file name")
-    if path.is_dir():
-        raise InputError(f"--out {path} is a folder; give the name of a file to write")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise InputError(f"--out {path}: {parent} is a file, not a folder; choose another path")
-    return path
+    return check_output_file(path, "--out")
 
 
 @dataclass
@@ -268,6 +265,35 @@ class EmbeddingCache:
         self._info = info
         #: Chunks found damaged and set aside by this object (file names).
         self.damaged: list[str] = []
+        #: Read, never written (a folder this process cannot write; see :meth:`checked`).
+        self.read_only = False
+
+    def checked(self) -> EmbeddingCache | None:
+        """This cache if its folder can be used, before anything is embedded.
+
+        A folder that cannot be created (``FP_CACHE_DIR`` a file or under one, a read-only
+        home) gives None: embedding goes on without a cache. A folder that exists but
+        cannot be written is read and not written. Either way a warning says why.
+        """
+        root = self.dir.parent
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return self
+        except OSError as exc:
+            why = f"{type(exc).__name__}: {exc.strerror or exc}"
+        if self.dir.is_dir() and os.access(self.dir, os.R_OK | os.X_OK):
+            self.read_only = True
+            warnings.warn(f"the embedding cache folder {root} cannot be written ({why}); it is "
+                          f"read but new embeddings are not stored: set FP_CACHE_DIR to a "
+                          f"writable folder", FpWarning, stacklevel=3)
+            return self
+        warnings.warn(f"the embedding cache folder {root} cannot be used ({why}); embedding "
+                      f"without a cache: set FP_CACHE_DIR to a writable folder, or pass "
+                      f"--no-cache", FpWarning, stacklevel=3)
+        return None
 
     def index(self) -> dict[bytes, tuple[Path, int]]:
         """image hash -> (chunk file, row)."""
@@ -367,7 +393,7 @@ class EmbeddingCache:
 
     def write(self, hashes: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
         """Store one chunk (atomically)."""
-        if not len(hashes):
+        if not len(hashes) or self.read_only:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         info_path = self.dir / "info.json"
@@ -696,6 +722,8 @@ def _embed(hashes, make_dataset, manifest, encoder_name, weights, pool, device, 
     if cache_dir is DEFAULT_CACHE:
         cache_dir = default_cache_dir()
     cache = EmbeddingCache(Path(cache_dir), cache_key(info), info) if cache_dir else None
+    if cache is not None:
+        cache = cache.checked()
 
     n = len(hashes)
     writer: list[Any] = []

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from forensics.errors import InputError
+from forensics.errors import InputError, printable
 
 #: File extensions (lower case) that are scanned as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -119,11 +119,18 @@ class Manifest:
         )
 
 
-def list_image_files(root: Path) -> list[str]:
-    """Relative POSIX paths of files with an image extension under ``root``, sorted."""
+def list_image_files(root: Path, links: list[str] | None = None) -> list[str]:
+    """Relative POSIX paths of files with an image extension under ``root``, sorted.
+
+    Symbolic links to folders are not followed (a link can loop, or lead out of the
+    evidence); given a list ``links``, their relative paths are appended to it.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        if links is not None:
+            links.extend(Path(dirpath, d).relative_to(root).as_posix() for d in dirnames
+                         if os.path.islink(os.path.join(dirpath, d)))
         for name in filenames:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath, name).relative_to(root).as_posix())
@@ -151,7 +158,10 @@ def scan_folder(
     max_image_bytes()  # a bad size cap is reported before any file is read
     if not root.is_dir():
         raise InputError(f"{path} is not a folder; give a folder of images")
-    relpaths = list_image_files(root)
+    links: list[str] = []
+    relpaths = list_image_files(root, links)
+    linked = [Skipped(rel, "a symbolic link to a folder; not followed (give that folder, or "
+                           "copy its images in)") for rel in sorted(links)]
     if not relpaths:
         raise InputError(
             f"no images found in {root} (looked recursively for "
@@ -172,12 +182,12 @@ def scan_folder(
         raise InputError(_bad_files_message(root, bad, len(relpaths)))
     if not entries:
         raise InputError(f"none of the {len(relpaths)} image files in {root} can be decoded")
-    return Manifest(root=str(root), entries=entries, skipped=bad)
+    return Manifest(root=str(root), entries=entries, skipped=bad + linked)
 
 
 def _bad_files_message(root: Path, bad: Iterable[Skipped], total: int) -> str:
     bad = list(bad)
-    lines = "\n".join(f"  {s.relpath}: {s.reason}" for s in bad)
+    lines = "\n".join(f"  {printable(s.relpath, 1000)}: {s.reason}" for s in bad)
     return (
         f"{len(bad)} of {total} image files in {root} cannot be used:\n{lines}\n"
         f"Fix or remove them, or use --skip-bad to skip them (skipped files are recorded "
@@ -194,9 +204,13 @@ def max_image_bytes() -> int:
     text = os.environ.get(MAX_BYTES_ENV, "").strip()
     if not text:
         return MAX_IMAGE_BYTES
-    if not text.isdigit() or int(text) < 1:
-        raise InputError(f"{MAX_BYTES_ENV}={text!r}: give the largest image file to read as "
-                         f"a whole number of bytes, e.g. {MAX_BYTES_ENV}={2 * MAX_IMAGE_BYTES}")
+    from forensics import defaults
+
+    top = defaults.MAX_IMAGE_BYTES_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= top:
+        raise InputError(f"{MAX_BYTES_ENV}={text[:40]!r}: give the largest image file to read "
+                         f"as a whole number of bytes from 1 to {top}, e.g. "
+                         f"{MAX_BYTES_ENV}={2 * MAX_IMAGE_BYTES}")
     return int(text)
 
 
@@ -284,6 +298,10 @@ def decode_rgb(data: bytes) -> Image.Image:
         if frames > 1:
             raise InputError(f"an animation of {frames} frames, not one image; save the "
                              f"frame to use as an image of its own")
+        pages = getattr(im, "n_frames", 1) if im.format == "TIFF" else 1
+        if pages > 1:
+            raise InputError(f"a TIFF of {pages} pages, not one image; save the page to use "
+                             f"as an image of its own")
         im.load()
         im = ImageOps.exif_transpose(im)
         return to_rgb(im)
@@ -301,7 +319,8 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 #: Formats whose several frames are an animation (a JPEG's extra MPO frames, such as a
-#: phone's preview, and a TIFF's later pages are not: the first frame is the image).
+#: phone's preview, are not: the first frame is the image). A TIFF of several pages is
+#: refused as well: which page is the image is not for fp to guess.
 _ANIMATED_FORMATS = {"GIF", "PNG", "WEBP"}
 
 _SIGNATURES = (

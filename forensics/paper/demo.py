@@ -292,6 +292,10 @@ def run_demo(
     say = echo or (lambda _msg: None)
     sizes = sizes or (QUICK if quick else FULL)
     gens = generators or (QUICK_GENERATORS if quick else GENERATORS)
+    if out is not None:
+        from forensics.data.atomic import check_output_folder
+
+        check_output_folder(out, "--out")
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fp-demo-"))
     if root.exists() and any(root.iterdir()) and out is not None:
         raise InputError(f"--out {root} is not empty; give a new or empty folder")

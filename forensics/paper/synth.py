@@ -30,13 +30,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from forensics.data.atomic import atomic_write, atomic_write_text
+from forensics.data.atomic import atomic_write, atomic_write_text, check_output_folder
 from forensics.data.images import IMAGE_EXTENSIONS, list_image_files, read_image_file
 from forensics.errors import InputError
 
@@ -179,6 +180,9 @@ def _check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
             f"{kind}; it takes {options}"
         )
     merged = {**allowed, **{k: v for k, v in params.items() if v is not None}}
+    for key, value in merged.items():  # nan would write black images, inf fails later
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{key.replace('_', '-')} {value}: give a finite number")
     if kind == "background" and merged["mode"] not in BACKGROUND_MODES:
         raise InputError(
             f"unknown background mode {merged['mode']!r}; "
@@ -287,8 +291,7 @@ def synth_folder(
     src_abs, out_abs = src.resolve(), out.resolve()
     if out_abs == src_abs or src_abs in out_abs.parents:
         raise InputError(f"output folder {out} must not be inside the source folder {src}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a folder")
+    check_output_folder(out, "output folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(f"output folder {out} is not empty; choose another or pass --force")
     images = list_images(src)

@@ -151,16 +151,40 @@ def check_seed(seed: int, what: str = "--seed") -> int:
     return value
 
 
-def check_tau(tau: float | None, m: int) -> float:
-    """Resolve and validate tau: ``None`` gives ``20 / m``; otherwise a finite tau >= 0.
+def check_n_boot(n_boot: Any) -> int:
+    """``n_boot`` as an int from 0 to :data:`forensics.defaults.MAX_N_BOOT`.
 
-    tau is a share of the generated samples; at 1 or above no cell can pass it.
+    Raises:
+        InputError: not a whole number in that range (1e11 resamples asked for 1.5 TiB).
+    """
+    try:
+        value = int(n_boot)
+    except (TypeError, ValueError, OverflowError):
+        value = -1
+    if value != n_boot or not 0 <= value <= defaults.MAX_N_BOOT:
+        raise InputError(f"--n-boot {n_boot!r}: give a number of resamples from 0 to "
+                         f"{defaults.MAX_N_BOOT}")
+    return value
+
+
+def check_tau(tau: float | None, m: int) -> float:
+    """Resolve and validate tau: ``None`` gives ``20 / m``; otherwise a share from 0 to 1.
+
+    tau is a share of the generated samples; at 1 no cell can pass it, and above 1 it means
+    nothing (``1e308`` overflowed ``tau * m``), except as the default ``20 / m`` of fewer
+    than 20 samples.
     """
     if tau is None:
         return default_tau(m)
-    tau = float(tau)
-    if not (math.isfinite(tau) and tau >= 0.0):
-        raise InputError(f"tau must be a share of the generated samples (>= 0), got {tau}")
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"tau must be a share of the generated samples (from 0 to 1), "
+                         f"got {tau!r}") from None
+    # above 1 no cell can pass; only the default 20/m of a set under 20 images goes there
+    if not (math.isfinite(tau) and 0.0 <= tau <= max(1.0, default_tau(max(int(m), 1)))):
+        raise InputError(f"tau must be a share of the generated samples (from 0 to 1), "
+                         f"got {tau:g}")
     return tau
 
 
@@ -215,10 +239,11 @@ def is_constant(X: np.ndarray, rtol: float = 1e-6, rows: int = 4096) -> bool:
 
 
 def check_labels(cells: np.ndarray, n: int, what: str) -> np.ndarray:
-    """Validate cell labels: (n,) non-negative integers, returned as int64.
+    """Validate cell labels: (n,) integers from 0 to ``MAX_CELL_LABEL``, returned as int64.
 
     Raises:
-        InputError: wrong length, non-integer or negative labels (the message names ``what``).
+        InputError: wrong length, non-integer, negative or too large labels (the message
+            names ``what``).
     """
     arr = np.asarray(cells)
     if arr.ndim != 1 or arr.shape[0] != n:
@@ -226,10 +251,12 @@ def check_labels(cells: np.ndarray, n: int, what: str) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
             raise InputError(f"{what} must hold integer cell labels")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise InputError(f"{what} must hold cell labels >= 0, found {arr.min()}")
-    return arr
+    if arr.size and (arr.min() < 0 or arr.max() > defaults.MAX_CELL_LABEL):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise InputError(f"{what} must hold cell labels from 0 to {defaults.MAX_CELL_LABEL}, "
+                         f"found {bad:g}; number the cells 0, 1, 2, ... (e.g. with "
+                         f"numpy.unique(labels, return_inverse=True))")
+    return arr.astype(np.int64)
 
 
 def ct_from_distances(

@@ -151,6 +151,7 @@ def attribute(
     progress: bool = False,
     skip_bad: bool = False,
     allow_unverified: bool = False,
+    force: bool = False,
 ) -> Attribution:
     """Which enrolled generator made these images? Ranked, calibrated, with confidence.
 
@@ -172,12 +173,15 @@ def attribute(
         quantile: share of genuine curves accepted to be called unknown.
         bank: the bank.
         report: a folder to write ``attribution.json``, ``attribution.png`` and the
-            case report ``report.html`` into.
+            case report ``report.html`` into; one that holds a report already is refused
+            (before any work) unless ``force``.
         tau, weights, device, batch_size, cache_dir, progress, skip_bad: as for
             :func:`compute_curve`.
         allow_unverified: use bank rows and baseline files that fail their SHA-256
             (refused otherwise); they are listed in the answer's
             ``provenance.custody.unverified``.
+        force: write ``report`` where a report is already; the old one is moved into
+            ``<report>.replaced-<UTC time>/``, never deleted.
 
     Returns:
         A :class:`forensics.stats.attribution.Attribution` (``to_dict()`` is the JSON answer; its
@@ -191,14 +195,23 @@ def attribute(
     """
     from forensics.plugin.encoders import resolve_device
     from forensics.stats.attribution import keep_mask
-    from forensics.stats.ct import check_seed
+    from forensics.stats.ct import check_n_boot, check_seed
     from refbank.bank import modified_rows, unverified_message
 
     seed = check_seed(seed)
+    _check_tau(tau)
+    if report is not None:
+        from forensics.data.atomic import check_report_folder
+        from forensics.steps.reports import REPORT_FILES
+
+        check_report_folder(report, REPORT_FILES, force=force,
+                            inside=None if isinstance(folder, Embeddings) else folder)
+    n_boot = check_n_boot(n_boot)
     if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
         raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
                          f"n_boot {n_boot}, quantile {quantile}")
     b = open_bank(bank)
+    b.require()
     all_rows = b.curves()
     if not all_rows:
         raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
@@ -209,13 +222,15 @@ def attribute(
                            allow_unverified=allow_unverified)
     same = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
     forged = modified_rows("curves", same)
+    named = {p.id for p in forged}
+    forged += [p for p in b.log_problems([r["curve_id"] for r in same]
+                                         + [loaded.row["baseline_id"]]) if p.id not in named]
     if forged and not allow_unverified:
         raise BankError(unverified_message(forged, b.path))
     unverified = loaded.unverified + [dataclasses.asdict(p) for p in forged]
     _fingerprint_objects([fp.name], loaded, strict=True)
     keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
     manager.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
-    _check_tau(tau)
     weights = _absolute_weights(weights)
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
@@ -224,14 +239,15 @@ def attribute(
     with _one_thread():
         return _attribute(b, all_rows, loaded, fp, emb, folder, matcher=matcher, top=top,
                           drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
-                          report=report, tau=tau, settings=settings, unverified=unverified)
+                          report=report, tau=tau, settings=settings, unverified=unverified,
+                          force=force)
 
 
 def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
                emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
                drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
                report: PathLike | None, tau: float | None, settings: dict[str, Any],
-               unverified: list[dict[str, str]]) -> Attribution:
+               unverified: list[dict[str, str]], force: bool = False) -> Attribution:
     from forensics.stats.attribution import (
         Attribution,
         bootstrap_confidence,
@@ -317,5 +333,5 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
                             bank_ids=[str(m["curve_id"]) for m in meta],
                             entry_layers=fpmod.entry_layers(fp, dims)[mask],
                             manifest=emb.manifest, baseline=loaded.row)
-        write_report(report, result, same_rows, evidence=evidence)
+        write_report(report, result, same_rows, evidence=evidence, force=force)
     return result

@@ -106,6 +106,7 @@ def load_baseline(name: str | None = None, *, bank: Any = None, device: str = "c
     from refbank.bank import modified_rows, unverified_message
 
     b = open_bank(bank)
+    b.require()
     row = b.resolve_baseline(name)
     files, problem = b.baseline_files(row)
     problems = modified_rows("baselines", [row]) + ([problem] if problem else [])

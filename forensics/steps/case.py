@@ -12,7 +12,10 @@ images and the bank as they are now, and lists every difference::
     check.ok, [c.to_dict() for c in check.changes]
 
 Nothing is recomputed: files and rows are compared by their SHA-256, so a check takes
-the time of reading the images and the baseline's files once.
+the time of reading the images and the baseline's files once. The answer itself is checked
+against the ``SHA256SUMS`` written with the report, its fields against the answer's schema
+(a missing field is a failure), and the bank's log against the head the answer recorded
+(see :mod:`refbank.log`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def custody_record(*, bank: Any, loaded: Any, manifest: Any, folder: str | None,
         "inputs": {"folder": folder, "manifest_sha256": None if manifest is None
                    else manifest.sha256, "files": files, "skipped": skipped},
         "bank": {"path": str(Path(bank.path).resolve()),
+                 "log_head": bank.log_head(),
                  "curves": [{"curve_id": r["curve_id"], "row_sha256": r["row_sha256"],
                              "model": r["model"], "family": r["family"]} for r in rows]},
         "baseline": {"id": row["baseline_id"], "name": row["name"],
@@ -72,9 +76,10 @@ def custody_record(*, bank: Any, loaded: Any, manifest: Any, folder: str | None,
 class Change:
     """One difference between a report and what is there now.
 
-    ``kind`` is ``image``, ``baseline``, ``baseline_file`` or ``curve``; ``change`` is
-    ``removed``, ``changed``, ``added`` or ``unverified`` (its content no longer matches
-    its own hash).
+    ``kind`` is ``report`` (the report's own files against its ``SHA256SUMS``), ``image``,
+    ``baseline``, ``baseline_file``, ``curve`` or ``bank_log``; ``change`` is ``removed``,
+    ``changed``, ``added``, ``unverified`` (its content no longer matches its own hash, or
+    the log) or ``rewritten`` (the bank's history before the answer was rewritten).
     """
 
     kind: str
@@ -127,11 +132,102 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"cannot read {file} as an fp answer ({exc})") from None
-    custody = (data.get("provenance") or {}).get("custody") if isinstance(data, dict) else None
+    provenance = data.get("provenance") if isinstance(data, dict) else None
+    custody = provenance.get("custody") if isinstance(provenance, dict) else None
     if not isinstance(custody, dict) or custody.get("version") != CUSTODY_VERSION:
         raise InputError(f"{file} has no custody record of version {CUSTODY_VERSION}; it was "
                          f"not written by fp attribute of this release: attribute again")
+    problems = schema_problems(data)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise InputError(f"{file} is not a valid fp answer: {'; '.join(problems[:5])}{more}. "
+                         f"It was edited or damaged; nothing in it can be checked")
     return data
+
+
+_HEX64 = r"^[0-9a-f]{64}$"
+# The answer's fields a check reads, and their types: a missing or mistyped one is a failure.
+# "str?" may be null; {"*": spec} is a mapping of any keys; [spec] a list.
+_ENTRY = {"path": "str", "size": "int", "sha256": "sha"}
+_CUSTODY_SPEC: dict[str, Any] = {
+    "version": "int", "fp_version": "str",
+    "inputs": {"folder": "str?", "manifest_sha256": "str?", "files": [_ENTRY],
+               "skipped": [{"path": "str", "reason": "str"}]},
+    "bank": {"path": "str", "log_head": "head?",
+             "curves": [{"curve_id": "str", "row_sha256": "sha", "model": "str",
+                         "family": "str"}]},
+    "baseline": {"id": "str", "name": "str", "row_sha256": "sha", "files_sha256": "sha",
+                 "files": {"*": "sha"}},
+    "unverified": [{"*": "str"}],
+}
+_ANSWER_SPEC: dict[str, Any] = {
+    "decision": {"family": "str?", "model": "str?", "unknown": "bool"},
+    "ranking": [{"curve_id": "str", "family": "str", "model": "str"}],
+    "provenance": {"custody": _CUSTODY_SPEC, "attribution": {"*": "any"}},
+}
+
+
+def schema_problems(data: Any) -> list[str]:
+    """Every field of an answer (``attribution.json``) that is missing or of the wrong type.
+
+    Only the fields :func:`verify_case` reads, and the decision, are checked; a report
+    whose custody record lacks a field cannot be checked, and that is a failure.
+    """
+    import re
+
+    out: list[str] = []
+
+    def walk(value: Any, spec: Any, where: str) -> None:
+        if isinstance(spec, dict):
+            if not isinstance(value, dict):
+                out.append(f"{where or 'the answer'} must be an object, got "
+                           f"{type(value).__name__}")
+                return
+            if "*" in spec:
+                for k, v in value.items():
+                    walk(v, spec["*"], f"{where}.{k}")
+                return
+            for k, sub in spec.items():
+                if k not in value:
+                    if not (isinstance(sub, str) and sub.endswith("?")):
+                        out.append(f"{where}.{k} is missing".lstrip("."))
+                    continue
+                walk(value[k], sub, f"{where}.{k}".lstrip("."))
+            return
+        if isinstance(spec, list):
+            if not isinstance(value, list):
+                out.append(f"{where} must be a list, got {type(value).__name__}")
+                return
+            for i, v in enumerate(value):
+                walk(v, spec[0], f"{where}[{i}]")
+            return
+        kind = spec.rstrip("?")
+        if value is None:
+            if not spec.endswith("?") and kind != "any":
+                out.append(f"{where} is null")
+            return
+        ok = {"any": True, "str": isinstance(value, str), "bool": isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "sha": isinstance(value, str) and re.match(_HEX64, value) is not None,
+              "head": isinstance(value, dict) and isinstance(value.get("seq"), int)
+              and isinstance(value.get("hash"), str)}[kind]
+        if not ok:
+            out.append(f"{where} must be {_KIND_WORDS[kind]}, got {value!r:.40}")
+
+    walk(data, _ANSWER_SPEC, "")
+    custody = ((data.get("provenance") or {}).get("custody") or {}) \
+        if isinstance(data, dict) and isinstance(data.get("provenance"), dict) else {}
+    inputs = custody.get("inputs") if isinstance(custody, dict) else None
+    if isinstance(inputs, dict) and inputs.get("folder") is None and (
+            inputs.get("files") or inputs.get("manifest_sha256") is not None):
+        out.append("provenance.custody.inputs.folder is null although the answer rests on "
+                   "image files")
+    return out
+
+
+_KIND_WORDS = {"str": "a text", "int": "a whole number", "bool": "true or false",
+               "sha": "a SHA-256 (64 hex digits)", "head": "a log head {seq, hash}",
+               "any": "anything"}
 
 
 def verify_case(report: str | os.PathLike[str], *, bank: Any = None,
@@ -163,10 +259,62 @@ def verify_case(report: str | os.PathLike[str], *, bank: Any = None,
     check = CaseCheck(str(report), None if folder is None else str(folder), str(b.path),
                       len(custody["inputs"]["files"]), len(custody["bank"]["curves"]),
                       len(custody["baseline"]["files"]))
+    check.changes.extend(_report_changes(Path(report).expanduser()))
     if folder is not None:
         check.changes.extend(_image_changes(Path(folder), custody["inputs"]))
     check.changes.extend(_bank_changes(b, custody))
+    check.changes.extend(_log_changes(b, custody["bank"].get("log_head")))
     return check
+
+
+def _report_changes(report: Path) -> list[Change]:
+    """The report's own files against the ``SHA256SUMS`` written with them."""
+    from forensics.steps.reports import HTML_NAME, JSON_NAME, PNG_NAME, SUMS_NAME
+
+    folder = report if report.is_dir() else report.parent
+    sums = folder / SUMS_NAME
+    try:
+        text = sums.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return [Change("report", SUMS_NAME, "removed",
+                       "the report's digest is missing: its answer cannot be checked")]
+    listed = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    out = []
+    for name in (JSON_NAME, PNG_NAME, HTML_NAME):
+        if name not in listed:
+            out.append(Change("report", name, "added", f"not listed in {SUMS_NAME}"))
+            continue
+        size, sha = _size_and_sha(folder / name)
+        if size < 0:
+            out.append(Change("report", name, "removed"))
+        elif sha != listed[name]:
+            out.append(Change("report", name, "changed",
+                              "the file differs from the one written with the answer"))
+    return out
+
+
+def _log_changes(b: Any, recorded: dict[str, Any] | None) -> list[Change]:
+    """The bank's log against the head the answer recorded, and the rows against the log."""
+    from refbank import log
+
+    if not b.exists():
+        return []
+    records = log.read(b.path)
+    out = []
+    if recorded is not None:
+        seq = recorded["seq"]
+        have = records[seq] if 0 <= seq < len(records) else None
+        if have is None or have.get("hash") != recorded["hash"]:
+            out.append(Change("bank_log", f"record {seq}", "rewritten",
+                              "the bank's history up to this answer is not the one it was "
+                              "given from"))
+    found = log.check(records, log.rows_of(b.curves(), b.baselines()))
+    out.extend(Change("bank_log", ident, "unverified", problem)
+               for ident, problem in found.problems)
+    return out
 
 
 def _image_changes(root: Path, inputs: dict[str, Any]) -> list[Change]:

@@ -157,8 +157,8 @@ def _check_tau(tau: float | None) -> None:
     """Refuse a bad tau before any image is embedded (the rule itself: ct.check_tau)."""
     from forensics.stats.ct import check_tau
 
-    if tau is not None:
-        check_tau(tau, 1)
+    if tau is not None:  # the bound of a set of 20 or more images: 1
+        check_tau(tau, defaults.TAU_MIN_COUNT)
 
 
 def _check_defined(results: list[Any], what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,6 +133,8 @@ def enroll(
     with _one_thread():
         rows = [_enroll_chunk(loaded, emb, c, k, per, fps, folder, tau, manifest.sha256, labels)
                 for c in range(k)]
+    for c, row in enumerate(rows):  # what the duplicate check compares, per image
+        row["params"]["image_sha256"] = _chunk_hashes(emb.manifest or manifest, c, per)
     note = _undefined_note(rows, fps)
     if note:
         say(note)
@@ -164,11 +167,25 @@ def _refuse_enrolled(b: Any, loaded: LoadedBaseline, manifest: Any, k: int, per:
     rows = [{"baseline_id": bid,
              "manifest_sha256": Manifest(manifest.root, manifest.entries[c * per:(c + 1) * per]
                                          ).sha256,
-             "params": {"folder_manifest_sha256": manifest.sha256}} for c in range(k)]
+             "params": {"folder_manifest_sha256": manifest.sha256,
+                        "image_sha256": _chunk_hashes(manifest, c, per)}} for c in range(k)]
     found = b.find_duplicates(rows)
     if found:
         i, hit = found[0]
-        raise BankError(duplicate_message(f"{folder} (curve {i + 1} of {k})", hit, loaded.name))
+        msg = duplicate_message(f"{folder} (curve {i + 1} of {k})", hit, loaded.name)
+        if hit.get("shared_images"):
+            enrolled = {sha for r in b.curves(baseline_id=bid)
+                        for sha in json.loads(r["params_json"]).get("image_sha256", [])}
+            files = [e.relpath for e in manifest.entries[i * per:(i + 1) * per]
+                     if e.sha256 in enrolled]
+            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+            msg += f". The files: {', '.join(repr(f) for f in files[:5])}{more}"
+        raise BankError(msg)
+
+
+def _chunk_hashes(manifest: Any, c: int, per: int) -> list[str]:
+    """The SHA-256 of each image of chunk ``c`` (the images of one curve), in order."""
+    return [e.sha256 for e in manifest.entries[c * per:(c + 1) * per]]
 
 
 def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: int,

@@ -213,13 +213,12 @@ def evaluate(
         InsufficientDataError: no query or no enrolled vector.
         UnknownNameError: an unknown matcher name.
     """
-    from forensics.stats.ct import check_seed
+    from forensics.stats.ct import check_n_boot, check_seed
 
     seed = check_seed(seed)
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
-    if n_boot < 0:
-        raise InputError(f"n_boot must be >= 0, got {n_boot}")
+    n_boot = check_n_boot(n_boot)
     if not 0.0 < level < 1.0:
         raise InputError(f"level must be within (0, 1), got {level}")
     x = prepare_vectors(vectors, drop_layers)
@@ -438,9 +437,11 @@ def evaluate_bank(
     from forensics.plugin import manager as plugins
     from forensics.stats import fingerprints as fpmod
     from forensics.stats.attribution import keep_mask
+    from forensics.stats.ct import check_n_boot
     from forensics.steps.attribute import _reference_vectors, refuse_undefined_ct
     from forensics.steps.bank_access import open_bank
 
+    check_n_boot(n_boot)  # before anything is read
     fp = plugins.get("fingerprints", fingerprint or defaults.FINGERPRINT)
     bank = open_bank(bank)
     base, rows = select_curves(bank, baseline)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from forensics import defaults
-from forensics.data.atomic import atomic_write_bytes
+from forensics.data.atomic import atomic_write_bytes, check_report_folder, set_aside
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.data.images import file_status, load_rgb
 from forensics.errors import InputError
@@ -26,6 +26,7 @@ from forensics.steps.curve import compute_curve
 #: The report folder's files.
 JSON_NAME = "memorization.json"
 PNG_NAME = "memorization.png"
+REPORT_FILES = (JSON_NAME, PNG_NAME)
 
 
 def memorize(
@@ -44,6 +45,7 @@ def memorize(
     cache_dir: Any = DEFAULT_CACHE,
     progress: bool = False,
     skip_bad: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Does a generator copy its training images? The memorization report of a folder.
 
@@ -55,9 +57,11 @@ def memorize(
         threshold: C_T below this flags a layer (None: -2).
         top: closest generated/training pairs listed (None: 8).
         layer: layer to find the closest images in (None: the lowest C_T).
-        report: a folder to write ``memorization.json`` and ``memorization.png`` into.
+        report: a folder to write ``memorization.json`` and ``memorization.png`` into;
+            one that holds such a report is refused (before any work) unless ``force``.
         tau, weights, device, batch_size, cache_dir, progress, skip_bad: as for
             :func:`compute_curve`.
+        force: write ``report`` where a report is already (the old one is moved aside).
 
     Returns:
         :func:`forensics.stats.memorization.memorization_report`'s dict with ``folder``,
@@ -68,6 +72,9 @@ def memorize(
     """
     from forensics.stats import memorization as mem
 
+    if report is not None:
+        check_report_folder(report, REPORT_FILES, force=force,
+                            inside=None if isinstance(folder, Embeddings) else folder)
     res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=True,
                         fingerprints=[], weights=weights, device=device,
                         batch_size=batch_size, cache_dir=cache_dir, progress=progress,
@@ -91,7 +98,7 @@ def memorize(
     }
     if report is not None:
         root = res.embeddings.manifest.root if res.embeddings.manifest else None
-        write_report(report, out, suspect_root=root)
+        write_report(report, out, suspect_root=root, force=force)
     return out
 
 
@@ -189,16 +196,20 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, *,
 
 
 def write_report(outdir: str | os.PathLike, report: dict[str, Any], *,
-                 suspect_root: str | None = None) -> dict[str, Path]:
+                 suspect_root: str | None = None, force: bool = False) -> dict[str, Path]:
     """Write ``memorization.json`` and ``memorization.png`` into ``outdir`` (created).
 
+    A report already there is refused; with ``force`` it is moved aside into
+    ``<outdir>.replaced-<UTC time>/``.
+
     Raises:
-        InputError: ``outdir`` is a file.
+        InputError: ``outdir`` is a file or lies under one, or holds a report and
+            ``force`` is not given.
     """
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--report {out} is a file; give a folder")
+    out = check_report_folder(outdir, REPORT_FILES, force=force)
     out.mkdir(parents=True, exist_ok=True)
+    if force:
+        set_aside(out, REPORT_FILES)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(out / JSON_NAME, text.encode())
     png = plot_report(report, out / PNG_NAME, suspect_root=suspect_root)

@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 
 from forensics import defaults
-from forensics.data.atomic import atomic_write_bytes
-from forensics.errors import InputError
+from forensics.data.atomic import atomic_write_bytes, check_report_folder, set_aside
 
 JSON_NAME = "attribution.json"
 PNG_NAME = "attribution.png"
 HTML_NAME = "report.html"
+#: The files of a report folder: a folder holding any of them holds a report.
+#: The digest of a report folder: ``sha256sum`` lines over its files, written last.
+SUMS_NAME = "SHA256SUMS"
+REPORT_FILES = (JSON_NAME, PNG_NAME, HTML_NAME, SUMS_NAME)
 #: The fingerprint whose picture is the C_T curves (the curves' ``values`` column).
 
 
@@ -250,8 +253,12 @@ def plot_attribution(attribution: Any, rows: Sequence[dict[str, Any]], path: str
 
 def write_report(outdir: str | os.PathLike[str], attribution: Any,
                  rows: Sequence[dict[str, Any]], *,
-                 evidence: Evidence | None = None) -> dict[str, Path]:
-    """Write ``attribution.json``, ``attribution.png`` and ``report.html`` into ``outdir``.
+                 evidence: Evidence | None = None, force: bool = False) -> dict[str, Path]:
+    """Write ``attribution.json``, ``attribution.png``, ``report.html`` into ``outdir``, and
+    last ``SHA256SUMS`` over them (``fp case verify`` checks it: an edited answer fails).
+
+    A report already in ``outdir`` is refused; with ``force`` it is moved aside into
+    ``<outdir>.replaced-<UTC time>/`` (returned as ``"replaced"``), never deleted.
 
     Args:
         outdir: report folder (created if needed).
@@ -259,22 +266,38 @@ def write_report(outdir: str | os.PathLike[str], attribution: Any,
         rows: bank curve rows holding (at least) the ranked curves' values: every
             reference the suspect was compared with, for the case report.
         evidence: the vectors, images and baseline behind the answer, if known.
+        force: write where a report is already (the old one is moved aside).
 
     Returns:
-        ``{"json": path, "png": path, "html": path}``.
+        ``{"json": path, "png": path, "html": path, "sums": path}``, and ``"replaced"``: where an
+        earlier report was moved.
 
     Raises:
-        InputError: ``outdir`` is a file.
+        InputError: ``outdir`` is a file or lies under one, or holds a report and
+            ``force`` is not given.
     """
     from forensics.steps.report_html import write_html
 
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--report {out} is a file; give a folder")
+    out = check_report_folder(outdir, REPORT_FILES, force=force)
     out.mkdir(parents=True, exist_ok=True)
+    replaced = set_aside(out, REPORT_FILES) if force else None
+    if replaced is not None:
+        import warnings
+
+        from forensics.errors import FpWarning
+
+        warnings.warn(f"the report that was in {out} was moved to {replaced} (--force)",
+                      FpWarning, stacklevel=2)
     data = attribution.to_dict()
     atomic_write_bytes(
         out / JSON_NAME, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
     png = plot_attribution(attribution, rows, out / PNG_NAME, evidence)
     html = write_html(out / HTML_NAME, data, png.read_bytes(), rows, evidence or Evidence())
-    return {"json": out / JSON_NAME, "png": png, "html": html}
+    from refbank.hashing import file_sha256
+
+    sums = "".join(f"{file_sha256(out / n)}  {n}\n" for n in (JSON_NAME, PNG_NAME, HTML_NAME))
+    atomic_write_bytes(out / SUMS_NAME, sums.encode())
+    paths = {"json": out / JSON_NAME, "png": png, "html": html, "sums": out / SUMS_NAME}
+    if replaced is not None:
+        paths["replaced"] = replaced
+    return paths

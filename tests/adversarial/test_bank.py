@@ -516,6 +516,31 @@ def test_case_verify_with_moved_images_and_a_bad_report(case, tmp_path):
     assert result.exit_code == 1 and "no custody record" in result.output
 
 
+def test_an_existing_case_report_is_kept_and_force_moves_it_aside(case, world, monkeypatch):
+    """Case: fp attribute --report DIR where DIR holds a case report (then with --force)."""
+    from forensics.errors import FpWarning
+
+    report = case["report"]
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before refusing")
+
+    with monkeypatch.context() as m:
+        m.setattr("forensics.steps.attribute._embed_suspect", no_embedding)
+        with pytest.raises(InputError, match="holds a report already"):
+            attribute(world, case["bank"], case["images"], skip_bad=True, report=report)
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+    with pytest.warns(FpWarning, match="was moved to"):
+        attribute(world, case["bank"], case["images"], skip_bad=True, report=report,
+                  force=True, seed=4)
+    [aside] = [p for p in report.parent.iterdir() if p.name.startswith("report.replaced-")]
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before  # the old, intact
+    assert json.loads((report / "attribution.json").read_text())["provenance"][
+        "attribution"]["seed"] == 4
+    assert fp("case", "verify", report).exit_code == 0
+
+
 # -- 6. fp bank import checks before it unpacks, and bounds what it unpacks --------------------
 
 
@@ -608,3 +633,306 @@ def test_attribute_works_on_a_read_only_bank(world, tmp_path):
         answer = attribute(world, bank, world["f"]["query_noise"], report=tmp_path / "r")
     assert answer.decision.nearest_family == "noise"
     assert (tmp_path / "r" / "attribution.json").is_file()
+
+
+# -- columns another tool added ------------------------------------------------------------
+
+
+def add_column(path: Path, name: str, values: list) -> None:
+    """Add a column to a bank table with pyarrow, as a curator's tool would."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table.append_column(name, pa.array(values, pa.string())), path)
+
+
+def test_bank_writes_keep_columns_fp_does_not_know(bank, bid):
+    """Case: a curator adds an analyst_note column with pyarrow, then fp enroll / fp bank
+    remove / fp baseline build / fp baseline remove rewrite the tables."""
+    import pyarrow.parquet as pq
+
+    ids = bank.add_curves([curve_row(bid), curve_row(bid, model="m2",
+                                                     manifest_sha256="r" * 64)])
+    curves, baselines = bank.path / "curves.parquet", bank.path / "baselines.parquet"
+    add_column(curves, "analyst_note", ["seen twice", "checked"])
+    add_column(baselines, "analyst_note", ["base note"])
+    assert bank.verify().ok
+    assert any("analyst_note" in w for w in bank.verify().warnings)
+    assert "analyst_note" not in bank.curves()[0]  # rows keep their hashed columns only
+    new = bank.add_curves([curve_row(bid, model="m3", manifest_sha256="s" * 64)])
+    notes = dict(zip(*pq.read_table(curves).select(["curve_id", "analyst_note"])
+                     .to_pydict().values(), strict=True))
+    assert notes == {ids[0]: "seen twice", ids[1]: "checked", new[0]: None}
+    bank.remove_curves([ids[1]])
+    assert pq.read_table(curves).column("analyst_note").to_pylist() == ["seen twice", None]
+    bank.add_baseline(baseline_row("second"), save=save_arrays)
+    bank.remove_baseline("second")
+    assert pq.read_table(baselines).column("analyst_note").to_pylist() == ["base note"]
+    assert bank.verify().ok
+
+
+def test_renamed_copies_of_enrolled_images_are_duplicates(world, tmp_path, monkeypatch):
+    """Case: the enrolled images copied to new names (x-*.png, *_copy.png) and enrolled
+    under another family: refused before embedding, naming the curve and the files; a
+    folder sharing only a few images (at most 5 %) is accepted."""
+    bank = copy_bank(world, tmp_path)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, p in enumerate(sorted(world["f"]["gen_noise"].glob("*.png"))):
+        shutil.copy(p, renamed / (f"x-{i:04d}.png" if i % 2 else f"{p.stem}_copy.png"))
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before refusing")
+
+    with monkeypatch.context() as m:
+        m.setattr("forensics.steps.enroll._embed_suspect", no_embedding)
+        with pytest.raises(BankError, match="by content") as err:
+            enroll(renamed, baseline="digits", model="forger", family="rotate", per_curve=N,
+                   bank=bank, cache_dir=world["cache"], **KW)
+    msg = str(err.value)
+    assert any(cid in msg for cid in world["ids"]["noise"]) and "_copy.png" in msg
+    assert f"{N} of the {N} images" in msg
+    assert len(bank.curves()) == 4
+    # a folder of new images holding 2 enrolled ones of 60 (3 %) is not a duplicate
+    mixed = tmp_path / "mixed"
+    shutil.copytree(world["f"]["query_shuffle"], mixed)
+    for p in sorted(mixed.glob("*.png"))[:2]:
+        p.unlink()
+    for i, p in enumerate(sorted(world["f"]["gen_noise"].glob("*.png"))[:2]):
+        shutil.copy(p, mixed / f"zz-{i}.png")
+    assert len(enroll(mixed, baseline="digits", model="late", family="shuffle", per_curve=N,
+                      bank=bank, cache_dir=world["cache"], **KW)) == 1
+    stored = json.loads(bank.curves(model="late")[0]["params_json"])["image_sha256"]
+    assert len(stored) == N and all(len(h) == 64 for h in stored)
+
+
+# -- the answer itself; the bank's log ---------------------------------------------------
+
+
+def test_case_verify_checks_the_answer_itself(case):
+    """Case: the decision (family, confidence) edited in attribution.json."""
+    path = case["report"] / "attribution.json"
+    data = json.loads(path.read_text())
+    data["decision"]["family"], data["decision"]["confidence"] = "rotate", 0.99
+    path.write_text(json.dumps(data, indent=2))
+    assert ("report", "attribution.json", "changed") in _changes(case)
+    (case["report"] / "SHA256SUMS").unlink()
+    assert ("report", "SHA256SUMS", "removed") in _changes(case)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["inputs"].update(folder=None),
+    lambda c: c["inputs"]["files"][0].pop("sha256"),
+    lambda c: c["inputs"].update(files="all.png"),
+    lambda c: c["inputs"]["files"].__setitem__(0, 5),
+    lambda c: c["bank"].update(curves=None),
+    lambda c: c["bank"]["curves"][0].pop("curve_id"),
+    lambda c: c["bank"].update(path=42),
+    lambda c: c["baseline"].update(files=["a", "b"]),
+    lambda c: c.pop("baseline"),
+], ids=["folder-null", "no-sha256", "files-string", "entry-5", "curves-null",
+        "no-curve-id", "path-42", "files-list", "no-baseline"])
+def test_case_verify_refuses_a_malformed_custody_record(case, edit):
+    """Case: fp case verify on a custody record with a field removed, nulled or mistyped."""
+    path = case["report"] / "attribution.json"
+    data = json.loads(path.read_text())
+    edit(data["provenance"]["custody"])
+    path.write_text(json.dumps(data))
+    result = fp("case", "verify", case["report"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("Error: ") and "not a valid fp answer" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def rehash_log(bank: Bank, change) -> None:
+    """Rewrite the bank's log as someone who knows the format would: ``change(record)``,
+    then every record's states, hash and link recomputed (signatures dropped)."""
+    from refbank import log
+
+    records = log.read(bank.path)
+    prev, rows = log.GENESIS, {"curves": {}, "baselines": {}}
+    for rec in records:
+        change(rec)
+        rec["before"] = log.state_digest(rows)
+        rows = log._apply(rows, rec)
+        rec["state"] = log.state_digest(rows)
+        rec["prev"] = prev
+        rec.pop("signature", None)
+        rec["hash"] = prev = log.record_hash(rec)
+    (bank.path / "log.jsonl").write_text(
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def test_a_rehashed_row_fails_against_the_log(world, tmp_path):
+    """Case: a family rewritten and row_sha256 recomputed with refbank.hashing.row_hash."""
+    bank = copy_bank(world, tmp_path)
+    target = world["ids"]["noise"][0]
+    rewrite_curves(bank, lambda r: r.update(family="rotate") if r["curve_id"] == target
+                   else None, rehash=True)
+    report = bank.verify()
+    assert not report.ok
+    assert any(p.id == f"curves {target}" and "rewritten" in p.problem for p in report.problems)
+    result = fp("bank", "verify", "--bank", bank.path)
+    assert result.exit_code == 1 and "rewritten" in result.output
+    with pytest.raises(BankError, match=target):
+        attribute(world, bank, world["f"]["query_noise"])
+    export = tmp_path / "x.tar"
+    bank.export(export)
+    with pytest.raises(BankError, match="failed verification"):
+        Bank(tmp_path / "other").import_(export)
+
+
+def test_a_rewritten_history_is_caught_by_the_answer_head_and_by_signatures(case, world,
+                                                                            tmp_path):
+    """Case: the row rewritten and re-hashed, and the whole log rewritten to match."""
+    bank = case["bank"]
+    target = world["ids"]["noise"][0]
+    rewrite_curves(bank, lambda r: r.update(family="rotate") if r["curve_id"] == target
+                   else None, rehash=True)
+    new_hash = next(r["row_sha256"] for r in bank.curves() if r["curve_id"] == target)
+
+    def forge(rec):
+        for table in ("added", "removed"):
+            if target in rec[table]["curves"]:
+                rec[table]["curves"][target] = new_hash
+
+    rehash_log(bank, forge)
+    # without a key or a recorded head, a consistent rewrite of history cannot be seen ...
+    assert bank.verify().ok
+    # ... but the answer recorded the head, and fp case verify sees the history changed
+    changes = _changes(case)
+    assert any(kind == "bank_log" and change == "rewritten" for kind, _, change in changes)
+
+
+def _keypair(folder: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def test_signed_log_catches_a_rewritten_history(bank, tmp_path, monkeypatch):
+    """Case: every change signed with the curator's key (FP_BANK_KEY); the history then
+    rewritten consistently (rows and log re-hashed) by someone without the key."""
+    private, public = _keypair(tmp_path, "curator")
+    _, other = _keypair(tmp_path, "other")
+    monkeypatch.setenv("FP_BANK_KEY", str(private))
+    bid = bank.add_baseline(baseline_row(), save=save_arrays)
+    [cid] = bank.add_curves([curve_row(bid)])
+    bank.add_curves([curve_row(bid, model="m2", manifest_sha256="r" * 64)])
+    result = fp("bank", "verify", "--key", public, "--bank", bank.path)
+    assert result.exit_code == 0 and "signed by key" in result.output, result.output
+    result = fp("bank", "verify", "--key", other, "--bank", bank.path)
+    assert result.exit_code == 1 and "signed by another key" in result.output
+    rewrite_curves(bank, lambda r: r.update(family="forged"), rehash=True)
+    hashes = {r["curve_id"]: r["row_sha256"] for r in bank.curves()}
+
+    def forge(rec):
+        for cid_, h in list(rec["added"]["curves"].items()):
+            rec["added"]["curves"][cid_] = hashes.get(cid_, h)
+
+    rehash_log(bank, forge)
+    assert bank.verify().ok  # consistent, unsigned: only the key can tell
+    result = fp("bank", "verify", "--key", public, "--bank", bank.path)
+    assert result.exit_code == 1 and "not signed" in result.output, result.output
+    assert cid in bank.curves()[0]["curve_id"]
+
+
+def test_bad_keys_are_one_error(bank, bid, tmp_path, monkeypatch):
+    (tmp_path / "junk.pem").write_text("not a key")
+    result = fp("bank", "verify", "--key", tmp_path / "junk.pem", "--bank", bank.path)
+    assert result.exit_code == 1 and result.output.startswith("Error: --key")
+    monkeypatch.setenv("FP_BANK_KEY", str(tmp_path / "junk.pem"))
+    with pytest.raises(BankError, match="FP_BANK_KEY"):
+        bank.add_curves([curve_row(bid)])
+    assert bank.curves() == []
+
+
+def test_a_writer_killed_between_log_and_table_leaves_a_bank_that_verifies(bank, bid,
+                                                                           monkeypatch):
+    """Case: the writer dies after logging a change and before replacing the table (as kill
+    -9 would): the bank is as before, verify says so; the next change verifies too."""
+    from refbank import store
+
+    bank.add_curves([curve_row(bid)])
+    with monkeypatch.context() as m:
+        def die(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        m.setattr(store, "write_table", die)
+        with pytest.raises(KeyboardInterrupt):
+            bank.add_curves([curve_row(bid, model="m2", manifest_sha256="r" * 64)])
+    report = bank.verify()
+    assert report.ok and any("interrupted" in w for w in report.warnings), report
+    assert len(bank.curves()) == 1
+    bank.add_curves([curve_row(bid, model="m3", manifest_sha256="s" * 64)])
+    report = bank.verify()
+    assert report.ok and report.log_records == 4, report
+    [cid] = [r["curve_id"] for r in bank.curves() if r["model"] == "m3"]
+    bank.remove_curves([cid])
+    assert bank.verify().ok
+
+
+def test_look_alike_family_names_are_normalized_or_warned(bank, bid):
+    """Case: families 'rotat\\u00e9' and 'rotate\\u0301' (NFC, NFD), 'rotate' and 'ROTATE'."""
+    from forensics.errors import FpWarning
+
+    bank.add_curves([curve_row(bid, family="rotat\u00e9")])
+    with warnings_as_list() as caught:
+        bank.add_curves([curve_row(bid, family="rotate\u0301", manifest_sha256="r" * 64)])
+    assert caught == []  # the same name once normalized: nothing to warn about
+    assert {r["family"] for r in bank.curves()} == {"rotat\u00e9"}
+    with pytest.warns(FpWarning, match="looks like the enrolled family 'rotat"):
+        bank.add_curves([curve_row(bid, family="ROTATE", manifest_sha256="s" * 64)])
+    with pytest.warns(FpWarning, match="'ROTATE'"):
+        bank.add_curves([curve_row(bid, family="rotate", manifest_sha256="u" * 64)])
+
+
+@contextlib.contextmanager
+def warnings_as_list():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+# -- smaller: a mistyped bank, a fractional schema version, infinite curve values -------------
+
+
+def test_a_mistyped_bank_path_is_named_not_read_as_empty(tmp_path):
+    """Case: fp bank list / fp attribute --bank with a path that does not exist."""
+    missing = tmp_path / "bnak"
+    for args in (["bank", "list"], ["attribute", tmp_path]):
+        result = fp(*args, "--bank", missing)
+        assert result.exit_code == 1 and "does not exist" in result.output, result.output
+        assert "fp baseline build" in result.output and not missing.exists()
+
+
+def test_a_fractional_schema_version_is_refused(bank, bid):
+    """Case: "schema_version": 1.5 in bank.json."""
+    info = json.loads((bank.path / "bank.json").read_text())
+    info["schema_version"] = 1.5
+    (bank.path / "bank.json").write_text(json.dumps(info))
+    with pytest.raises(BankError, match="unreadable schema version 1.5"):
+        bank.curves()
+    with pytest.raises(BankError, match="unreadable schema version"):
+        bank.add_curves([curve_row(bid)])
+    assert json.loads((bank.path / "bank.json").read_text())["schema_version"] == 1.5
+
+
+def test_import_curves_refuses_values_beyond_a_float(bank, bid, tmp_path):
+    """Case: fp bank import-curves of a file holding 1e999 (read as +inf)."""
+    from forensics.data.curvefiles import read_layerchoice
+
+    path = tmp_path / "F.txt"
+    path.write_text("sd_1: [0.1, 1e999, 0.3]\n")
+    with pytest.raises(InputError, match="1e999 is beyond the range"):
+        read_layerchoice(path)

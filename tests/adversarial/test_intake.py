@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from forensics.cli.app import app
+from forensics.cli.app import INTERRUPTED, app
 from forensics.data.embed import embed_folder
 from forensics.data.images import MAX_BYTES_ENV, scan_folder
 from forensics.errors import FpWarning, InputError
@@ -459,7 +459,12 @@ def test_raw_library_warnings_are_hidden_and_ctrl_c_is_one_line(monkeypatch, fol
     monkeypatch.setattr(forensics.data.embed, "embed_folder", interrupted)
     result = runner.invoke(app, args)
     assert result.exit_code == 130
-    assert result.stderr == "Interrupted (Ctrl-C); stopped before finishing.\n"
+    assert result.stderr == INTERRUPTED + "\n"
+    assert "already reported (e.g. Enrolled ...) is committed" in INTERRUPTED
+    result = runner.invoke(app, [*args, "--json"])  # under --json: a JSON error object
+    assert result.exit_code == 130
+    error = json.loads(result.stderr)["error"]
+    assert error["exit_code"] == 130 and error["message"] == INTERRUPTED
 
 
 def test_a_real_sigint_gives_one_line_and_status_130(tmp_path, folder):
@@ -485,7 +490,7 @@ def test_a_real_sigint_gives_one_line_and_status_130(tmp_path, folder):
     finally:
         proc.kill()
     assert proc.returncode == 130
-    assert err == "Interrupted (Ctrl-C); stopped before finishing.\n"
+    assert err == INTERRUPTED + "\n"
 
 
 # ---------------------------------------------------------------- fuzz
@@ -532,3 +537,31 @@ def test_fuzz_image_intake_gives_a_result_or_one_error_line(tmp_path, data, suff
     else:
         _one_error_line(result)
         assert not out.exists()
+
+
+# ---------------------------------------------------------------- consistent intake
+
+
+def test_multi_page_tiff_symlinked_folder_and_control_characters(tmp_path, folder, digits):
+    """Case: a 2-page TIFF (refused like an animation), a symlinked sub-folder (recorded
+    in skipped), a file name with an escape sequence and a newline (shown escaped)."""
+    pages = [Image.fromarray(digits[i]) for i in (0, 1)]
+    pages[0].save(folder / "two.tif", save_all=True, append_images=pages[1:])
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(next(folder.glob("*.png")), other / "x.png")
+    os.symlink(other, folder / "linked")
+    (folder / "evil\x1b[2J\nname.png").write_bytes(b"not an image")
+    with pytest.raises(InputError) as err:
+        scan_folder(folder)
+    msg = str(err.value)
+    assert "two.tif: a TIFF of 2 pages, not one image" in msg
+    assert "\x1b" not in msg and "evil\\x1b[2J\\nname.png" in msg
+    manifest = scan_folder(folder, skip_bad=True)
+    skipped = {s.relpath: s.reason for s in manifest.skipped}
+    assert "symbolic link to a folder" in skipped["linked"]
+    assert "linked/x.png" not in {e.relpath for e in manifest.entries}
+    result = runner.invoke(app, ["embed", str(folder), *EMBED, "--skip-bad", "--out",
+                                 str(tmp_path / "o.npz")])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stderr and "skipped linked: a symbolic link" in result.stderr

@@ -12,6 +12,8 @@ from typing import Any
 
 import typer
 
+from forensics.errors import SHOWN_MAX, printable  # noqa: F401 - used by other commands
+
 BANK_HELP = (
     "Bank folder (default: $FP_BANK, else the user data folder, e.g. ~/.local/share/fp/bank)."
 )
@@ -33,26 +35,6 @@ def echo_json(data: Any) -> None:
     from refbank.bank import rows_to_json
 
     typer.echo(rows_to_json(data))
-
-
-#: Longest text shown in one table cell or line (the rest is cut, marked with "...").
-SHOWN_MAX = 200
-
-
-def printable(value: Any, limit: int = SHOWN_MAX) -> str:
-    """``value`` as text safe for a terminal: control and format characters (escape
-    sequences, newlines, BEL, bidirectional overrides) shown as Python escapes, and at
-    most ``limit`` characters.
-
-    Bank rows written by other tools, or by older versions, may hold such characters.
-    """
-    import unicodedata
-
-    text = str(value)
-    if any(unicodedata.category(c)[0] == "C" for c in text):
-        text = "".join(repr(c)[1:-1] if unicodedata.category(c)[0] == "C" else c
-                       for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _short_time(value: Any) -> str:
@@ -88,6 +70,7 @@ def list_cmd(
     from forensics.steps.bank_access import open_bank
 
     b = open_bank(bank)
+    b.require()  # a mistyped --bank is not an empty bank
     bid = b.get_baseline(baseline)["baseline_id"] if baseline else None
     rows = b.curves(model=model, family=family, baseline_id=bid)
     if as_json:
@@ -179,8 +162,13 @@ def import_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Merge an exported bank into this one, after checking every hash."""
+    from forensics import defaults
+    from forensics.errors import InputError
     from forensics.steps.bank_access import open_bank
 
+    if max_size is not None and not max_size <= defaults.MAX_IMPORT_GB:  # inf, nan, 1e308
+        raise InputError(f"--max-size {max_size:g}: give a number of GB from 0 to "
+                         f"{defaults.MAX_IMPORT_GB:,.0f}")
     b = open_bank(bank)
     report = b.import_(file, max_bytes=None if max_size is None else int(max_size * 1e9))
     if as_json:
@@ -228,15 +216,23 @@ def import_curves_cmd(
 
 @bank_app.command("verify")
 def verify_cmd(
+    key: Path = typer.Option(None, "--key",
+                             help="The curator's Ed25519 public key (PEM): every record of "
+                                  "the bank's log must be signed by it."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     bank: Path | None = bank_option(),
 ) -> None:
-    """Check every row hash and baseline file; exit status 1 if anything fails."""
+    """Check every row hash, baseline file and the bank's log; exit status 1 if anything fails.
+
+    The log chains every change to the one before; rows are checked against it, so a row
+    rewritten and re-hashed by another tool fails. With --key, every record must carry
+    that key's signature.
+    """
     from forensics.errors import BankError
     from forensics.steps.bank_access import open_bank
 
     b = open_bank(bank)
-    report = b.verify()
+    report = b.verify(key=key)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -246,8 +242,13 @@ def verify_cmd(
             typer.echo(f"FAIL {p.table} {p.id}: {p.problem}")
         for w in report.warnings:
             typer.echo(f"warning: {w}")
+        if report.log_head is not None:
+            signed = f", every record signed by key {report.signed_by[:16]}..." \
+                if report.signed_by and report.ok else ""
+            typer.echo(f"Log: {report.log_records} record(s), head {report.log_head['seq']} "
+                       f"{report.log_head['hash']}{signed}.")
         if report.ok:
-            typer.echo("OK: every row and file matches its hash.")
+            typer.echo("OK: every row and file matches its hash and the bank's log.")
     if not report.ok:
         raise BankError(
             f"{len(report.problems)} problem(s) in the bank at {b.path}; restore it from an "

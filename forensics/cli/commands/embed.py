@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from forensics import defaults
+from forensics.errors import printable
 from forensics.plugin.encoders import POOLS
 
 #: ``--pool`` choices; follows :data:`forensics.plugin.encoders.POOLS`.
@@ -43,7 +44,7 @@ def check_ray(address: str | None) -> None:
 def echo_skipped(manifest: Any, what: str = "") -> None:
     """Say on stderr which files of a manifest were left out, and why."""
     for s in getattr(manifest, "skipped", None) or ():
-        typer.echo(f"skipped {what}{s.relpath}: {s.reason}", err=True)
+        typer.echo(f"skipped {what}{printable(s.relpath, 1000)}: {s.reason}", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ from forensics import defaults
 from forensics.cli.commands.bank import _print_table, bank_option, echo_json
 from forensics.cli.commands.embed import skip_bad_option
 from forensics.cli.commands.pipeline import _batch, _common, _device, _no_cache, _quiet, _tau
+from forensics.errors import printable
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -63,7 +64,11 @@ def register(app: typer.Typer) -> None:
             None, "--layer", help="Layer to find the closest images in [default: lowest C_T]."),
         tau: float = _tau(),
         report: Path = typer.Option(
-            None, "--report", help="Write memorization.json and memorization.png here."),
+            None, "--report", help="Write memorization.json and memorization.png here "
+                                   "(a folder holding such a report is refused, see --force)."),
+        force: bool = typer.Option(False, "--force",
+                                   help="Write --report where a report is already; the old "
+                                        "one is moved to DIR.replaced-<time>/."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         device: str = _device(),
         batch_size: int = _batch(),
@@ -81,10 +86,10 @@ def register(app: typer.Typer) -> None:
         from forensics.steps.memorization import memorize
 
         out = memorize(folder, baseline=baseline, bank=bank, threshold=threshold, top=top,
-                       layer=layer, report=report, tau=tau,
+                       layer=layer, report=report, tau=tau, force=force,
                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
         for relpath, reason in out["provenance"].get("skipped") or ():
-            typer.echo(f"skipped {relpath}: {reason}", err=True)
+            typer.echo(f"skipped {printable(relpath, 1000)}: {reason}", err=True)
         if as_json:
             echo_json(out)
             return

@@ -134,7 +134,7 @@ def build_cmd(
         **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for which, skipped in json.loads(row.get("params_json") or "{}").get("skipped", {}).items():
         for relpath, reason in skipped:
-            _err(f"skipped {which} {relpath}: {reason}")
+            _err(f"skipped {which} {printable(relpath, 1000)}: {reason}")
     if as_json:
         echo_json(row)
         return
@@ -163,6 +163,10 @@ def curve_cmd(
     """The C_T-layer curve of a folder against a stored baseline."""
     from forensics.steps.curve import compute_curve
 
+    if plot is not None:
+        from forensics.data.atomic import check_output_file
+
+        check_output_file(plot, "--plot")  # before any work
     res = compute_curve(folder, baseline=baseline, bank=bank, tau=tau, details=details,
                         weights=weights,
                         **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
@@ -256,7 +260,11 @@ def attribute_cmd(
     report: Path = typer.Option(None, "--report",
                                 help="Write attribution.json, attribution.png and "
                                      "report.html (a self-contained case report) here; "
-                                     "re-check it later with fp case verify DIR."),
+                                     "re-check it later with fp case verify DIR. A folder "
+                                     "holding a report is refused (see --force)."),
+    force: bool = typer.Option(False, "--force",
+                               help="Write --report where a report is already; the old one "
+                                    "is moved to DIR.replaced-<time>/, never deleted."),
     allow_unverified: bool = typer.Option(
         False, "--allow-unverified",
         help="Use bank rows and baseline files that fail their SHA-256 (refused otherwise); "
@@ -276,10 +284,10 @@ def attribute_cmd(
     result = attribute(folder, baseline=baseline, matcher=matcher, fingerprint=fingerprint,
                        top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
                        seed=seed, quantile=quantile, tau=tau, bank=bank, report=report,
-                       weights=weights, allow_unverified=allow_unverified,
+                       weights=weights, allow_unverified=allow_unverified, force=force,
                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for relpath, reason in result.curve.provenance.get("skipped", []):
-        _err(f"skipped {relpath}: {reason}")
+        _err(f"skipped {printable(relpath, 1000)}: {reason}")
     if as_json:
         echo_json(result.to_dict())
         return
