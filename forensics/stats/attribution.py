@@ -108,6 +108,9 @@ class Decision:
     model_confidence: float | None = None
     stability: float | None = None
     model_stability: float | None = None
+    #: No like-with-like comparison was possible (the suspects' storage condition has no
+    #: enrolled curves): unknown, with the reason, never a family.
+    inconclusive: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

@@ -1,13 +1,7 @@
-"""How suspect images were stored: JPEG quality from quantization tables, and JPEG history.
+"""The JPEG history of lossless image files: arrays in, a dataclass out.
 
-Arrays in, dataclasses out; :mod:`forensics.data.conditions` reads the files.
-
-**JPEG quality.** A JPEG file carries its quantization tables. Encoders built on the IJG
-library (libjpeg, libjpeg-turbo, Pillow, OpenCV, ImageMagick) scale the standard tables of
-ITU-T T.81 Annex K by ``S = 5000 / Q`` (Q < 50) or ``200 - 2 Q`` and round, so the quality
-``Q`` is read back exactly by comparing the file's luminance table with the 100 scaled ones.
-Tables from other encoders match none exactly: the nearest scaled table gives an estimate,
-marked ``exact=False``.
+:mod:`forensics.data.conditions` reads the files (and a JPEG file's quality from its
+tables); :mod:`forensics.steps.storage` puts both together.
 
 **JPEG history of a lossless file** (a JPEG decoded and saved again as PNG). JPEG rounds
 every 8x8 block's DCT coefficients to multiples of the quantization step; decoding adds only
@@ -28,22 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-#: ITU-T T.81 Annex K, table K.1: the standard luminance quantization table (row order).
-STANDARD_LUMA = (
-    16, 11, 10, 16, 24, 40, 51, 61,
-    12, 12, 14, 19, 26, 58, 60, 55,
-    14, 13, 16, 24, 40, 57, 69, 56,
-    14, 17, 22, 29, 51, 87, 80, 62,
-    18, 22, 37, 56, 68, 109, 103, 77,
-    24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101,
-    72, 92, 95, 98, 112, 100, 103, 99,
-)
 #: The DCT coefficients (row, column) whose lattice the JPEG-history test reads.
 LATTICE_FREQUENCIES: tuple[tuple[int, int], ...] = ((0, 1), (1, 0), (1, 1), (0, 2), (2, 0),
                                                     (1, 2), (2, 1))
@@ -54,35 +36,6 @@ LATTICE_STEPS = tuple(range(2, 41))
 LATTICE_THRESHOLD = 12.0
 #: Blocks whose pixels span fewer grey levels than this carry no lattice evidence (flat).
 MIN_BLOCK_RANGE = 8.0
-
-
-@lru_cache(maxsize=1)
-def _ijg_tables() -> np.ndarray:
-    """``(100, 64)``: the IJG-scaled standard luminance table for qualities 1..100."""
-    base = np.asarray(STANDARD_LUMA, dtype=np.int64)
-    out = np.empty((100, 64), dtype=np.int64)
-    for q in range(1, 101):
-        scale = 5000 // q if q < 50 else 200 - 2 * q
-        out[q - 1] = np.clip((base * scale + 50) // 100, 1, 255)  # baseline: 8-bit tables
-    return out
-
-
-def jpeg_quality(luma_table: Sequence[int]) -> tuple[int, bool]:
-    """The JPEG quality of a luminance quantization table (row order) and whether it is exact.
-
-    Returns:
-        ``(quality, exact)``: the IJG quality whose table equals ``luma_table`` (``exact``), or
-        the one nearest to it in summed log ratio (another encoder's table).
-    """
-    table = np.asarray(luma_table, dtype=np.int64).reshape(-1)
-    if table.size != 64:
-        raise ValueError(f"a quantization table has 64 entries, got {table.size}")
-    tables = _ijg_tables()
-    equal = np.flatnonzero((tables == table).all(axis=1))
-    if equal.size:  # several qualities can share a table (e.g. near 100): take the highest
-        return int(equal[-1] + 1), True
-    cost = np.abs(np.log(np.maximum(tables, 1)) - np.log(np.maximum(table, 1))).sum(axis=1)
-    return int(np.argmin(cost) + 1), False
 
 
 def _dct_matrix() -> np.ndarray:

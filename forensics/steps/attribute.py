@@ -97,15 +97,16 @@ def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarra
     return np.asarray(vecs, dtype=np.float64)
 
 
-def _conditions(emb: Embeddings, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """How the suspect images were stored, and where that differs from the enrolled curves."""
-    from forensics.data.conditions import manifest_conditions, mismatch
+def _conditions(suspect: dict[str, Any] | None, selection: Any,
+                rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the suspect images were stored, which curves they were compared with, and where
+    their storage differs from those curves'."""
+    from forensics.steps.storage import mismatch
     from refbank.bank import curve_params
 
-    if emb.manifest is None:
+    if suspect is None:
         return None
-    suspect = manifest_conditions(emb.manifest)
-    return {"suspect": suspect,
+    return {"suspect": suspect, "compared_with": selection.to_dict(),
             "mismatch": mismatch(suspect, [curve_params(r).get("conditions") for r in rows])}
 
 
@@ -152,6 +153,7 @@ def attribute(
     skip_bad: bool = False,
     allow_unverified: bool = False,
     force: bool = False,
+    condition: str | None = None,
 ) -> Attribution:
     """Which enrolled generator made these images? Ranked, calibrated, with confidence.
 
@@ -182,6 +184,9 @@ def attribute(
             ``provenance.custody.unverified``.
         force: write ``report`` where a report is already; the old one is moved into
             ``<report>.replaced-<UTC time>/``, never deleted.
+        condition: compare with the enrolled curves of this storage condition (``clean``,
+            ``jpeg75``, ...; :data:`forensics.defaults.CONDITIONS`) instead of the one read
+            from the suspect files (:mod:`forensics.steps.storage`).
 
     Returns:
         A :class:`forensics.stats.attribution.Attribution` (``to_dict()`` is the JSON answer; its
@@ -196,9 +201,11 @@ def attribute(
     from forensics.plugin.encoders import resolve_device
     from forensics.stats.attribution import keep_mask
     from forensics.stats.ct import check_n_boot, check_seed
+    from forensics.steps.storage import check_condition
     from refbank.bank import modified_rows, unverified_message
 
     seed = check_seed(seed)
+    condition = check_condition(condition)
     _check_tau(tau)
     if report is not None:
         from forensics.data.atomic import check_report_folder
@@ -240,14 +247,15 @@ def attribute(
         return _attribute(b, all_rows, loaded, fp, emb, folder, matcher=matcher, top=top,
                           drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
                           report=report, tau=tau, settings=settings, unverified=unverified,
-                          force=force)
+                          force=force, condition=condition)
 
 
 def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
                emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
                drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
                report: PathLike | None, tau: float | None, settings: dict[str, Any],
-               unverified: list[dict[str, str]], force: bool = False) -> Attribution:
+               unverified: list[dict[str, str]], force: bool = False,
+               condition: str | None = None) -> Attribution:
     from forensics.stats.attribution import (
         Attribution,
         bootstrap_confidence,
@@ -257,13 +265,18 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
         keep_mask,
         rank,
     )
+    from forensics.steps import storage
     from forensics.steps.case import custody_record
+    from forensics.steps.storage import manifest_conditions
 
     where = f" in the bank at {b.path}"
     fps = [fp]
     folder_str = None if isinstance(folder, Embeddings) else str(_absolute(folder))
     res = _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=False, fps=fps,
                    what=folder_str or "the embeddings", folder=folder_str)
+    suspect = None if emb.manifest is None else manifest_conditions(emb.manifest)
+    selection = storage.select(all_rows, suspect, condition)  # like with like
+    pool, all_rows = all_rows, selection.rows
     names = {r["baseline_id"]: r["name"] for r in b.baselines()}
     refs, meta = comparable_references(res.curve, all_rows, bank=str(b.path),
                                        baseline_names=names)
@@ -299,6 +312,18 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
         decision = dataclasses.replace(decision,
                                        confidence=model.probability(margin, best, len(emb)))
 
+    if selection.inconclusive:  # no like-with-like comparison: no family, no confidence
+        decision = dataclasses.replace(
+            decision, family=None, model=None, unknown=True, confidence=None,
+            model_confidence=None, inconclusive=True,
+            reason=f"inconclusive: {selection.inconclusive}")
+    elif condition is not None and suspect is not None and \
+            storage.select(pool, suspect).condition != condition:
+        decision = dataclasses.replace(decision, confidence=None, model_confidence=None)
+        selection.notes.append("no confidence: the suspects read as stored otherwise than "
+                               "the curves they were compared with, and confidence is "
+                               "calibrated like with like only")
+
     boot = None
     if n_boot > 0:
         reads_ct = fpmod.needs_ct(fp) or getattr(fp, "needs_details", False)
@@ -320,12 +345,13 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
     parameters = {
         "fingerprint": fp.name, "matcher": mname, "drop_layers": list(drop), "top": int(top),
         "quantile": quantile, "n_boot": n_boot if boot is not None else 0, "seed": int(seed),
-        "bank": str(b.path), "baseline": loaded.name, "n_references": len(meta), **settings,
+        "bank": str(b.path), "baseline": loaded.name, "n_references": len(meta),
+        "condition": selection.condition, **settings,
     }
     custody = custody_record(bank=b, loaded=loaded, manifest=emb.manifest, folder=folder_str,
                              rows=same_rows, unverified=unverified)
     result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
-                         parameters, custody, _conditions(emb, same_rows))
+                         parameters, custody, _conditions(suspect, selection, same_rows))
     if report is not None:
         from forensics.steps.reports import Evidence, write_report
 

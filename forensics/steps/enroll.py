@@ -54,6 +54,7 @@ def enroll(
     allow_duplicate: bool = False,
     echo: Callable[[str], None] | None = None,
     ray: str | None = None,
+    condition: str | None = None,
 ) -> list[str]:
     """Split a generator's images into curves of ``per_curve`` images and store each.
 
@@ -79,6 +80,9 @@ def enroll(
         echo: called with messages for the user (e.g. images left out).
         ray: embed on a Ray cluster (``auto``, ``local`` or an address; see
             :func:`~forensics.data.embed.embed_folder`); None: in this process.
+        condition: the storage condition the images were put under (one of
+            :data:`forensics.defaults.CONDITIONS`; None: as the generator wrote them),
+            stored as the curves' ``params.condition`` (see :mod:`forensics.steps.storage`).
 
     Returns:
         The new curve ids, in order.
@@ -100,6 +104,10 @@ def enroll(
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"--{what} must be a non-empty name")
     _check_tau(tau)
+    from forensics.steps.storage import check_condition
+
+    if check_condition(condition) == defaults.CLEAN_CONDITION:
+        condition = None
     check_labels({"model": model, "family": family, "checkpoint": checkpoint, "split": split,
                   "source": source, "notes": notes})
     b = open_bank(bank)
@@ -135,6 +143,8 @@ def enroll(
                 for c in range(k)]
     for c, row in enumerate(rows):  # what the duplicate check compares, per image
         row["params"]["image_sha256"] = _chunk_hashes(emb.manifest or manifest, c, per)
+        if condition is not None:
+            row["params"]["condition"] = condition
     note = _undefined_note(rows, fps)
     if note:
         say(note)
@@ -215,7 +225,7 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
         row["params"]["skipped"] = res.curve.provenance["skipped"]
     row["params"]["folder_manifest_sha256"] = folder_sha  # the folder the curve was cut from
     if emb.manifest is not None:  # how the curve's images were stored
-        from forensics.data.conditions import manifest_conditions
+        from forensics.steps.storage import manifest_conditions
 
         row["params"]["conditions"] = manifest_conditions(emb.manifest, idx)
     row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}

@@ -130,7 +130,9 @@ def _thumbnail(path: Path) -> str | None:
 def _decision(data: dict[str, Any]) -> str:
     d, cal = data["decision"], data.get("calibration") or {}
     att = (data.get("provenance") or {}).get("attribution") or {}
-    if d.get("unknown"):
+    if d.get("inconclusive"):
+        verdict = "Decision: INCONCLUSIVE (no enrolled curves stored like these images)"
+    elif d.get("unknown"):
         verdict = "Decision: UNKNOWN (no enrolled family is close enough)"
     else:
         verdict = f"Decision: family {d.get('family')}, model {d.get('model')}"
@@ -146,6 +148,8 @@ def _decision(data: dict[str, Any]) -> str:
         "matcher": att.get("matcher"),
         "why": d.get("reason"),
         "suspects stored as": ((data.get("conditions") or {}).get("suspect") or {}).get("label"),
+        "compared with curves": ((data.get("conditions") or {}).get("compared_with")
+                                 or {}).get("condition"),
         "storage differs": "; ".join((data.get("conditions") or {}).get("mismatch") or [])
                            or None,
     }

@@ -213,18 +213,29 @@ def enroll_cmd(
     quiet: bool = _quiet(),
     skip_bad: bool = skip_bad_option(),
     ray: str = ray_option(),
+    conditions: str = typer.Option(
+        None, "--conditions",
+        help="Also enroll the same images under these storage conditions, comma-separated: "
+             + ", ".join(defaults.CONDITIONS) + " (each a curve of the same model, marked "
+             "with its condition; suspects stored that way are compared with them)."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Split a generator's images into curves of --per-curve images; store each with provenance."""
+    from forensics.paper.conditions import enroll_conditions, parse_conditions
     from forensics.steps.bank_access import open_bank
     from forensics.steps.enroll import enroll
 
     check_ray(ray)
+    names = parse_conditions(conditions)  # checked before any work
     b = open_bank(bank)
-    ids = enroll(folder, baseline=baseline, model=model, family=family, checkpoint=checkpoint,
-                 per_curve=per_curve, split=split, bank=b, tau=tau, source=source, notes=notes,
-                 weights=weights, allow_duplicate=allow_duplicate, echo=_err, ray=ray,
-                 **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    kw = dict(baseline=baseline, model=model, family=family, checkpoint=checkpoint,
+              per_curve=per_curve, split=split, bank=b, tau=tau, notes=notes, weights=weights,
+              allow_duplicate=allow_duplicate, ray=ray,
+              **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    ids = enroll(folder, source=source, echo=_err, **kw)
+    if names:
+        more = enroll_conditions(folder, names, echo=_err, source=source, **kw)
+        ids += [i for name in names for i in more[name]]
     if as_json:
         echo_json(b.curves(curve_id=ids))
         return
@@ -270,6 +281,10 @@ def attribute_cmd(
         help="Use bank rows and baseline files that fail their SHA-256 (refused otherwise); "
              "they are listed in the answer."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    condition: str = typer.Option(
+        None, "--condition",
+        help="Compare with the enrolled curves of this storage condition (clean, "
+             + ", ".join(defaults.CONDITIONS) + ") [default: the one read from the files]."),
     weights: str = _weights(),
     device: str = _device(),
     batch_size: int = _batch(),
@@ -285,6 +300,7 @@ def attribute_cmd(
                        top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
                        seed=seed, quantile=quantile, tau=tau, bank=bank, report=report,
                        weights=weights, allow_unverified=allow_unverified, force=force,
+                       condition=condition,
                        **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
     for relpath, reason in result.curve.provenance.get("skipped", []):
         _err(f"skipped {printable(relpath, 1000)}: {reason}")
@@ -294,6 +310,8 @@ def attribute_cmd(
     d = result.decision
     verdict = "UNKNOWN (no enrolled family is close enough)" if d.unknown else \
         f"family {printable(d.family)}, model {printable(d.model)}"
+    if d.inconclusive:
+        verdict = "INCONCLUSIVE (no enrolled curves stored like these images)"
     conf = "" if d.confidence is None else f"   confidence {d.confidence:.2f}"
     _print_table(["rank", "curve_id", "model", "family", "score"],
                  [[m.rank, m.curve_id, m.model, m.family, f"{m.score:.4f}"]
@@ -308,8 +326,10 @@ def attribute_cmd(
                    f"answer depends on which images were given, not whether it is right "
                    f"(that is the confidence)")
     if result.conditions:
-        typer.echo(f"  stored as: {result.conditions['suspect']['label']}")
-        for line in result.conditions["mismatch"]:
+        used = result.conditions["compared_with"]
+        typer.echo(f"  stored as: {result.conditions['suspect']['label']}; compared with the "
+                   f"{used['condition']} curves ({used['n_curves']})")
+        for line in [*used["notes"], *result.conditions["mismatch"]]:
             typer.echo(f"  note: {printable(line, 1000)}")
     if result.calibration.threshold is None:
         typer.echo(f"  note: {result.calibration.note}")
