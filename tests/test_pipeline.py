@@ -680,13 +680,14 @@ def test_enrolment_records_storage_and_the_answer_names_a_mismatch(world, tmp_pa
     jpeg.mkdir()
     for p in sorted(world["folders"]["query_noise"].glob("*.png")):
         Image.open(p).convert("RGB").save(jpeg / (p.stem + ".jpg"), quality=70)
-    b = attribute(jpeg, **kw)
+    b = attribute(jpeg, **dict(kw, n_boot=3))
     assert b.conditions["suspect"]["label"] == "JPEG q70"
     assert any("stored as JPEG q70" in s for s in b.conditions["mismatch"])
     assert b.to_dict()["conditions"] == b.conditions
     # no enrolled curves stored like these: inconclusive, never a family
     d = b.decision
     assert d.inconclusive and d.unknown and d.family is None and d.confidence is None
+    assert d.stability is None and b.bootstrap is None
     assert "no curves of a JPEG quality within 10" in d.reason and "--conditions jpeg75" in d.reason
 
 
@@ -722,3 +723,21 @@ def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp
         attribute(jpeg, n_boot=0, condition="jpeg7", **kw)
     with pytest.raises(InputError, match="unknown condition 'blur'.*jpeg95"):
         parse_conditions("jpeg90,blur")
+
+
+def test_cli_enrolls_only_the_condition_curves_of_an_enrolled_model(world, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("FP_CACHE_DIR", str(world["cache"].parent))
+    bank = tmp_path / "bank"
+    shutil.copytree(world["bank"].path, bank)
+    gen = world["folders"]["gen_noise"]
+    res = _fp("enroll", gen, "--bank", bank, "--model", "noise-m", "--family", "noise",
+              "--per-curve", N, "--only-conditions", ok=False)
+    assert res.exit_code == 1 and "--only-conditions needs --conditions" in res.stderr
+    res = _fp("enroll", gen, "--bank", bank, "--model", "noise-m", "--family", "noise",
+              "--conditions", "jpeg7", ok=False)
+    assert res.exit_code == 1 and "unknown condition 'jpeg7'" in res.stderr
+    res = _fp("enroll", gen, "--bank", bank, "--model", "noise-m", "--family", "noise",
+              "--per-curve", N, "--conditions", "half", "--only-conditions", "--json", "-q")
+    rows = json.loads(res.stdout)
+    assert len(rows) == 2 and {json.loads(r["params_json"])["condition"] for r in rows} == {"half"}

@@ -325,7 +325,7 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
                                "calibrated like with like only")
 
     boot = None
-    if n_boot > 0:
+    if n_boot > 0 and not selection.inconclusive:  # no answer: nothing to be stable about
         reads_ct = fpmod.needs_ct(fp) or getattr(fp, "needs_details", False)
 
         def curve_fn(indices: np.ndarray) -> np.ndarray:

@@ -218,21 +218,28 @@ def enroll_cmd(
         help="Also enroll the same images under these storage conditions, comma-separated: "
              + ", ".join(defaults.CONDITIONS) + " (each a curve of the same model, marked "
              "with its condition; suspects stored that way are compared with them)."),
+    only_conditions: bool = typer.Option(
+        False, "--only-conditions",
+        help="Enroll only the --conditions curves (the model's clean curves are enrolled "
+             "already)."),
     bank: Path | None = bank_option(),
 ) -> None:
     """Split a generator's images into curves of --per-curve images; store each with provenance."""
+    from forensics.errors import InputError
     from forensics.paper.conditions import enroll_conditions, parse_conditions
     from forensics.steps.bank_access import open_bank
     from forensics.steps.enroll import enroll
 
     check_ray(ray)
     names = parse_conditions(conditions)  # checked before any work
+    if only_conditions and not names:
+        raise InputError("--only-conditions needs --conditions, e.g. --conditions jpeg75")
     b = open_bank(bank)
     kw = dict(baseline=baseline, model=model, family=family, checkpoint=checkpoint,
               per_curve=per_curve, split=split, bank=b, tau=tau, notes=notes, weights=weights,
               allow_duplicate=allow_duplicate, ray=ray,
               **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
-    ids = enroll(folder, source=source, echo=_err, **kw)
+    ids = [] if only_conditions else enroll(folder, source=source, echo=_err, **kw)
     if names:
         more = enroll_conditions(folder, names, echo=_err, source=source, **kw)
         ids += [i for name in names for i in more[name]]
