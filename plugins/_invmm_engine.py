@@ -965,8 +965,9 @@ def _run_key(dm: DiffusionModel, p: Any, sim: Any, calibration: Any, seed: int,
     from forensics._version import __version__
     from forensics.jsonable import jsonable
 
-    folder = Path(dm.info.get("folder") or ".")
+    folder = Path(dm.info.get("folder") or ".").resolve()
     model = {k: v for k, v in dm.info.items() if k != "source"}
+    model["folder"] = str(folder)  # the same model whatever the working directory
     if folder.is_dir():
         model["weights"] = _weights_stat(folder)
     elif folder.is_file():
