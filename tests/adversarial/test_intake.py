@@ -565,3 +565,18 @@ def test_multi_page_tiff_symlinked_folder_and_control_characters(tmp_path, folde
                                  str(tmp_path / "o.npz")])
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stderr and "skipped linked: a symbolic link" in result.stderr
+
+
+def test_cache_info_counts_each_image_once(tmp_path, folder):
+    """Case: two fp embed runs at once on one folder both store its images: fp cache info
+    counts 6 images, not 12."""
+    from forensics.data.embed import cache_info
+
+    cache = tmp_path / "cache"
+    runner.invoke(app, ["embed", str(folder), *EMBED, "--cache-dir", str(cache), "--out",
+                        str(tmp_path / "a.npz")])
+    [entry] = [d for d in cache.iterdir() if d.is_dir()]
+    for chunk in list(entry.glob("chunk-*.npz")):  # what the second run would have written
+        shutil.copy(chunk, entry / f"chunk-copy{chunk.name[6:]}")
+    [info] = cache_info(cache)["entries"]
+    assert info["n_chunks"] >= 2 and info["n_images"] == 6
