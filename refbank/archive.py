@@ -40,11 +40,31 @@ def _bank_files(folder: Path) -> list[str]:
     return names
 
 
+def sweep_stale_exports(place: Path, name: str) -> None:
+    """Remove the temporary files that exports to ``place/name`` killed earlier (SIGTERM,
+    kill -9) left: ``.tmp-<name>-<pid>-<hex>`` whose process is gone."""
+    for p in place.glob(f"{store.TMP_PREFIX}{name}-*"):
+        pid = p.name[len(store.TMP_PREFIX) + len(name) + 1:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def write_archive(folder: Path, target: Path) -> None:
     """Write the bank in ``folder`` to the archive ``target`` (which must not exist)."""
     names = _bank_files(folder)
     sums = "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names).encode()
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_exports(target.parent, target.name)
     tmp = store.temp_path(target.parent, target.name)
     try:
         with tarfile.open(tmp, _mode(target, write=True)) as tar:

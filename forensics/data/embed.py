@@ -424,13 +424,14 @@ def _cache_entry(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         info = {}
     chunks = sorted(folder.glob("chunk-*.npz"))
-    images = 0
+    seen: set[bytes] = set()  # distinct images: two runs at once may both store one
     for chunk in chunks:
         try:
             with np.load(chunk, allow_pickle=False) as data:
-                images += int(data["sha256"].shape[0])
-        except (OSError, KeyError, ValueError):
+                seen.update(bytes(h) for h in data["sha256"])
+        except (OSError, KeyError, ValueError, TypeError):
             continue
+    images = len(seen)
     return {"key": folder.name, "encoder": info.get("name"), "weights": info.get("weights"),
             "weights_sha256": info.get("weights_sha256"), "pool": info.get("pool"),
             "n_layers": len(info.get("layers", [])) or None, "n_chunks": len(chunks),

@@ -936,3 +936,17 @@ def test_import_curves_refuses_values_beyond_a_float(bank, bid, tmp_path):
     path.write_text("sd_1: [0.1, 1e999, 0.3]\n")
     with pytest.raises(InputError, match="1e999 is beyond the range"):
         read_layerchoice(path)
+
+
+def test_an_export_killed_earlier_leaves_no_temporary_file_behind(bank, bid, tmp_path):
+    """Case: SIGTERM or kill -9 during fp bank export left .tmp-<name>-<pid>-* beside it."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".tmp-x.tar.gz-{dead}-abcd1234"
+    stale.write_bytes(b"half an archive")
+    live = out / f".tmp-x.tar.gz-{os.getpid()}-abcd1234"  # a running export's: kept
+    live.write_bytes(b"in progress")
+    bank.export(out / "x.tar.gz")
+    assert not stale.exists() and live.exists() and (out / "x.tar.gz").is_file()

@@ -116,11 +116,24 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-@pytest.mark.parametrize("where", ["file", "under-file", "read-only"])
+@pytest.mark.parametrize("where", ["file", "under-file", "read-only", "home"])
 def test_an_unusable_cache_folder_is_a_warning_not_a_traceback(tmp_path, images, where):
-    """Case: FP_CACHE_DIR a file, under a file, or read-only: embed without (writing) it."""
+    """Case: FP_CACHE_DIR a file, under a file, or read-only; a read-only home without
+    FP_CACHE_DIR: embed without (writing) the cache."""
     cache = tmp_path / "cache"
-    if where == "file":
+    env: dict | None = None
+    if where == "home":
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {"FP_CACHE_DIR": None, "XDG_CACHE_HOME": None, "HOME": str(home)}
+        cache = home / "x"  # only what the finally below undoes
+        (cache / "embeddings").mkdir(parents=True)
+        os.chmod(home, 0o555)
+        subprocess.run(["chattr", "+i", str(home)], capture_output=True, check=False)
+        if _writable(home):
+            pytest.skip("cannot make a folder read-only here")
+        where = "read-only-home"
+    elif where == "file":
         cache.write_text("x")
     elif where == "under-file":
         (tmp_path / "afile").write_text("x")
@@ -133,10 +146,14 @@ def test_an_unusable_cache_folder_is_a_warning_not_a_traceback(tmp_path, images,
                            check=False)
         if _writable(cache / "embeddings"):
             pytest.skip("cannot make a folder read-only here")
+    env = env or {"FP_CACHE_DIR": str(cache)}
     try:
-        result = fp("embed", images, *EMBED, "--out", tmp_path / "e.npz",
-                    env={"FP_CACHE_DIR": str(cache)})
+        result = fp("embed", images, *EMBED, "--out", tmp_path / "e.npz", env=env)
     finally:
+        if where == "read-only-home":
+            subprocess.run(["chattr", "-i", str(tmp_path / "home")], capture_output=True,
+                           check=False)
+            os.chmod(tmp_path / "home", 0o755)
         if where == "read-only":
             subprocess.run(["chattr", "-i", str(cache / "embeddings")], capture_output=True,
                            check=False)
