@@ -269,8 +269,15 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
         fps = curve_fingerprints(r)
         assert sorted(fps) == ["paper", "proj-mean", "proj-mean#var", "proj-mean-ct",
                                "proj-mean-early", "proj-mean-early#var", "resid-ct",
-                               "resid-early", "resid-early#var", "setstats"]
+                               "resid-early", "resid-early#rows", "resid-early#var",
+                               "setstats"]
         assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
+        # the belonging test's per-image rows: projected, float16, one row per image
+        from forensics.stats.belonging import DIM, unpack_rows
+
+        rows_ = unpack_rows(fps["resid-early#rows"], r["n_images"])
+        assert rows_.shape == (N, DIM)
+        np.testing.assert_array_equal(rows_, rows_.astype(np.float16).astype(np.float64))
         for name in ("proj-mean", "proj-mean-early", "resid-early"):  # per-image variances
             var = np.asarray(fps[name + "#var"])
             assert var.shape == np.shape(fps[name]) and (var > 0).all()
@@ -315,7 +322,10 @@ def test_attribute_names_the_enrolled_generator(world, kind):
                             matcher="combined", **world["kw"])
     d = a.decision
     assert (d.family, d.model, d.unknown) == (kind, f"{kind}-m", False)
-    assert d.confidence is None  # the paper's curve has no per-image vectors to calibrate on
+    # the two-level answer's confidence: simulated from the bank's models at the suspect's size
+    assert 0.0 < d.confidence < 1.0 and a.calibration.answer["n"] == N
+    assert d.consistent and d.consistent[0]["model"] == f"{kind}-m" and d.closest is None
+    assert {t.model for t in a.belonging} == {"noise-m", "shuffle-m"}
     own = forensics.attribute(world["folders"][f"query_{kind}"], n_boot=0, **world["kw"])
     assert 0.0 < own.decision.confidence < 1.0  # resid-early: calibrated on the bank
     cal = own.to_dict()["calibration"]
@@ -330,6 +340,17 @@ def test_attribute_names_the_enrolled_generator(world, kind):
     assert data["provenance"]["attribution"]["matcher"] == "combined"
     assert data["provenance"]["attribution"]["drop_layers"] == [0]
     assert data["calibration"]["threshold"] is not None
+
+
+def test_images_of_no_enrolled_model_are_unknown_with_the_closest_family_shown(world):
+    a = forensics.attribute(world["folders"]["fresh"], n_boot=0, **world["kw"])
+    d, data = a.decision, a.to_dict()
+    assert d.unknown and d.family is None and d.model is None and d.consistent == []
+    assert d.closest == d.nearest_family in ("noise", "shuffle")
+    assert "no enrolled model is consistent" in d.reason
+    assert data["decision"]["unknown"] is True and data["decision"]["family"] is None
+    assert all(not t["consistent"] and t["p_value"] < 0.05 for t in data["belonging"])
+    assert 0.0 < d.confidence < 1.0  # the probability that "unknown" is right
 
 
 def test_attribute_on_the_setstats_fingerprint_with_a_report(world, tmp_path):
@@ -381,7 +402,7 @@ def case_report(world, tmp_path_factory):
 
 def _verdict(result):
     d = result.decision
-    return ("Decision: UNKNOWN (no enrolled family is close enough)" if d.unknown
+    return (f"Decision: UNKNOWN (closest family {d.closest}, not the decision)" if d.unknown
             else f"Decision: family {d.family}, model {d.model}")
 
 

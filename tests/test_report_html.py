@@ -10,7 +10,9 @@ def _answer(unknown=False, **provenance):
     decision = {"family": None if unknown else "gan", "model": None if unknown else "sg2",
                 "unknown": unknown, "score": 0.42, "threshold": 0.5, "nearest_family": "gan",
                 "nearest_model": "sg2", "nearest_curve_id": "c_1", "reason": "because",
-                "confidence": 0.87, "model_confidence": 0.5}
+                "confidence": 0.87, "model_confidence": 0.5, "closest": "gan" if unknown else None,
+                "consistent": [] if unknown else [{"model": "sg2", "family": "gan",
+                                                   "p_value": 0.41}]}
     return {
         "decision": decision,
         "ranking": [{"rank": 1, "curve_id": "c_1", "model": "sg2", "family": "gan",
@@ -18,6 +20,9 @@ def _answer(unknown=False, **provenance):
         "curve": {"layers": ["a", "b"], "values": [1.0, None]},
         "calibration": {"threshold": 0.5, "note": "threshold = 0.05-quantile of 9 scores"},
         "bootstrap": None,
+        "belonging": [{"model": "sg2", "family": "gan", "p_value": 0.01 if unknown else 0.41,
+                       "consistent": not unknown, "statistic": 0.1, "null_median": 0.05,
+                       "n_images": 40, "n_curves": 2, "draws": 200, "kind": "mmd"}],
         "provenance": {"inputs": {"n_images": 40, "manifest_sha256": "f" * 64},
                        "attribution": {"fingerprint": "resid-early", "matcher": "zscore"},
                        **provenance},
@@ -29,8 +34,12 @@ def test_the_decision_confidence_and_threshold_are_shown():
     assert "Decision: family gan, model sg2" in text
     assert ">0.87<" in text and ">0.5<" in text and "resid-early" in text
     unknown = render(_answer(unknown=True), None, [])
-    assert "Decision: UNKNOWN (no enrolled family is close enough)" in unknown
+    assert "Decision: UNKNOWN (closest family gan, not the decision)" in unknown
     assert 'class="decision unknown"' in unknown
+    # both levels: the consistent models with their p-values, and the family
+    assert "model level: consistent with" in text and "sg2 (gan, p 0.41)" in text
+    assert "Model level: could an enrolled model have made them?" in text
+    assert "<th>model level: consistent with</th><td>none</td>" in unknown
 
 
 def test_any_provenance_field_is_rendered_as_nested_tables_and_escaped():

@@ -83,6 +83,7 @@ class Calibration:
     note: str = ""
     confidence: dict[str, Any] | None = None
     margin_threshold: float | None = None
+    answer: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -108,6 +109,9 @@ class Decision:
     model_confidence: float | None = None
     stability: float | None = None
     model_stability: float | None = None
+    consistent: list[dict[str, Any]] = field(default_factory=list)
+    closest: str | None = None
+    alpha: float | None = None
     #: No like-with-like comparison was possible (the suspects' storage condition has no
     #: enrolled curves): unknown, with the reason, never a family.
     inconclusive: bool = False
@@ -145,8 +149,10 @@ class Attribution:
     bootstrap: Bootstrap | None
     parameters: dict[str, Any]
     custody: dict[str, Any] | None = None  # see forensics.steps.case.custody_record
-    #: How the suspect images were stored (``suspect``, forensics.data.conditions) and where
-    #: that differs from the enrolled curves (``mismatch``: sentences); None for embeddings.
+    belonging: list[Any] = field(default_factory=list)  # forensics.stats.belonging.Belonging
+    #: How the suspect images were stored (``suspect``, forensics.steps.storage), which
+    #: curves they were compared with, and where their storage differs from those curves'
+    #: (``mismatch``: sentences); None for embeddings.
     conditions: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +168,7 @@ class Attribution:
             "curve": curve,
             "calibration": self.calibration.to_dict(),
             "bootstrap": self.bootstrap.to_dict() if self.bootstrap else None,
+            "belonging": [t.to_dict() for t in self.belonging],
             "conditions": self.conditions,
             "provenance": provenance,
         }
@@ -391,6 +398,70 @@ def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> 
         nearest_model=best.model,
         nearest_curve_id=best.curve_id,
         reason=reason,
+    )
+
+
+def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: float,
+                     gate: Decision | None = None) -> Decision:
+    """The two-level answer: the enrolled models the suspect is consistent with, and their
+    family; or unknown, with the nearest family as ``closest``.
+
+    Model level: every enrolled model whose belonging test
+    (:func:`forensics.stats.belonging.test`) gives ``p >= alpha``, listed in
+    ``consistent`` (highest p first). Family level: the family of the consistent model with
+    the highest p-value, ties going to the one the ranking puts first (``family``,
+    ``model``). When no model is consistent the answer is
+    ``unknown`` (``family`` None) and the ranking's nearest family is ``closest``, never the
+    decision. ``gate``, where given, is the score/margin rule's decision
+    (:func:`decide`): its ``unknown`` also makes the answer unknown.
+
+    Args:
+        ranking: output of :func:`rank`, best first (the whole ranking).
+        tests: one belonging test per enrolled model (``model``, ``family``, ``p_value``).
+        alpha: the level of the tests.
+        gate: the score/margin rule's decision, or None for none.
+
+    Raises:
+        BankError: the ranking is empty.
+    """
+    if not ranking:
+        raise BankError("there are no enrolled curves to decide from; enroll some first")
+    best = ranking[0]
+    ok = sorted((t for t in tests if t.p_value is not None and t.p_value >= alpha),
+                key=lambda t: (-t.p_value, t.model))
+    consistent = [{"model": t.model, "family": t.family, "p_value": t.p_value} for t in ok]
+    order = {m.model: i for i, m in reversed(list(enumerate(ranking)))}
+    chosen = min(ok, key=lambda t: (-t.p_value, order.get(t.model, len(ranking)), t.model)) \
+        if ok else None
+    gated = gate is not None and gate.unknown
+    unknown = chosen is None or gated
+    tested = [t for t in tests if t.p_value is not None]
+    if chosen is None:
+        top = max(tested, key=lambda t: t.p_value, default=None)
+        reason = (f"no enrolled model is consistent with the suspect images at level {alpha:g}"
+                  + (f" (highest p = {top.p_value:.3g}, model {top.model})" if top else
+                     " (no model has two curves to test against)")
+                  + f"; closest family {best.family}")
+    elif gated:
+        reason = (f"consistent with {len(ok)} enrolled model(s), but {gate.reason}")  # type: ignore[union-attr]
+    else:
+        names = ", ".join(f"{t.model} (p = {t.p_value:.3g})" for t in ok[:5])
+        reason = (f"consistent at level {alpha:g} with {names}"
+                  + (" ..." if len(ok) > 5 else "")
+                  + f"; family {chosen.family} (of {chosen.model}, the most consistent)")
+    return Decision(
+        family=None if unknown else chosen.family,  # type: ignore[union-attr]
+        model=None if unknown else chosen.model,  # type: ignore[union-attr]
+        unknown=unknown,
+        score=best.score,
+        threshold=gate.threshold if gate is not None else None,
+        nearest_family=best.family,
+        nearest_model=best.model,
+        nearest_curve_id=best.curve_id,
+        reason=reason,
+        consistent=consistent,
+        closest=best.family if unknown else None,
+        alpha=float(alpha),
     )
 
 

@@ -154,13 +154,18 @@ def needs_ct(fp: Any) -> bool:
     return bool(getattr(fp, "needs_ct", True))
 
 
-def per_image_variance(fp: Any, ctx: FingerprintContext) -> np.ndarray | None:
-    """Per-entry variance of ``fp``'s per-image vectors (None: it has no ``per_image``)."""
+def per_image_rows(fp: Any, ctx: FingerprintContext) -> np.ndarray | None:
+    """``fp``'s per-image vectors ``(m, K)`` (None: it has no ``per_image``)."""
     method = getattr(fp, "per_image", None)
     if not callable(method):
         return None
-    rows = np.asarray(method(ctx), dtype=np.float64)
-    return rows.var(axis=0)
+    return np.asarray(method(ctx), dtype=np.float64)
+
+
+def per_image_variance(fp: Any, ctx: FingerprintContext) -> np.ndarray | None:
+    """Per-entry variance of ``fp``'s per-image vectors (None: it has no ``per_image``)."""
+    rows = per_image_rows(fp, ctx)
+    return None if rows is None else rows.var(axis=0)
 
 
 def needs_extras(fp: Any) -> bool:

@@ -204,7 +204,11 @@ def attribute(
     from forensics.steps.storage import check_condition
     from refbank.bank import modified_rows, unverified_message
 
+    # 1. resolve everything once: inputs, bank, baseline, fingerprint, matcher, the test
     seed = check_seed(seed)
+    if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
+        raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
+                         f"n_boot {n_boot}, quantile {quantile}")
     condition = check_condition(condition)
     _check_tau(tau)
     if report is not None:
@@ -214,9 +218,6 @@ def attribute(
         check_report_folder(report, REPORT_FILES, force=force,
                             inside=None if isinstance(folder, Embeddings) else folder)
     n_boot = check_n_boot(n_boot)
-    if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
-        raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
-                         f"n_boot {n_boot}, quantile {quantile}")
     b = open_bank(bank)
     b.require()
     all_rows = b.curves()
@@ -236,86 +237,174 @@ def attribute(
         raise BankError(unverified_message(forged, b.path))
     unverified = loaded.unverified + [dataclasses.asdict(p) for p in forged]
     _fingerprint_objects([fp.name], loaded, strict=True)
-    keep = keep_mask(len(loaded.row["layers"]), tuple(int(i) for i in drop_layers))
-    manager.resolve_matcher(fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
+    belong_fps, _ = _fingerprint_objects([defaults.BELONG_FINGERPRINT], loaded, strict=False)
+    drop = tuple(int(i) for i in drop_layers)
+    keep = keep_mask(len(loaded.row["layers"]), drop)
+    mname, mobj = manager.resolve_matcher(
+        fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
     weights = _absolute_weights(weights)
+    # 2. embed
     emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
                          cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
     settings = {"tau": tau, "weights": weights, "device": device, "batch_size": int(batch_size),
                 "skip_bad": bool(skip_bad), "allow_unverified": bool(allow_unverified)}
+    plan = _Plan(b, all_rows, same, loaded, fp, mname, mobj, drop, keep,
+                 belong_fps[0] if belong_fps else None)
     with _one_thread():
-        return _attribute(b, all_rows, loaded, fp, emb, folder, matcher=matcher, top=top,
-                          drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
-                          report=report, tau=tau, settings=settings, unverified=unverified,
-                          force=force, condition=condition)
+        return _attribute(plan, emb, folder, top=top, n_boot=n_boot, seed=seed,
+                          quantile=quantile, report=report, tau=tau, settings=settings,
+                          unverified=unverified, force=force, condition=condition)
 
 
-def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, fp: Any,
-               emb: Embeddings, folder: Any, *, matcher: str | None, top: int,
-               drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float,
-               report: PathLike | None, tau: float | None, settings: dict[str, Any],
-               unverified: list[dict[str, str]], force: bool = False,
-               condition: str | None = None) -> Attribution:
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one attribution was resolved to before any image is embedded."""
+
+    bank: Any
+    all_rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # the curves of the suspect's baseline
+    loaded: LoadedBaseline
+    fp: Any
+    matcher_name: str
+    matcher: Any
+    drop: tuple[int, ...]
+    keep: np.ndarray
+    belong_fp: Any  # whose per-image rows the belonging test reads (None: not available)
+
+
+def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
+               seed: int) -> tuple[list[Any], Any, str]:
+    """One belonging test per enrolled model (curves grouped by model), the calibration of
+    the answer's confidence at the suspect's size, and a note."""
+    from forensics.stats import belonging as bt
+    from refbank.bank import curve_fingerprints
+
+    if plan.belong_fp is None or suspect_rows is None:
+        return [], None, (f"the baseline has no {defaults.BELONG_FINGERPRINT!r} arrays: no "
+                          f"belonging test (rebuild the baseline to enable it)")
+    key = bt.rows_key(plan.belong_fp.name)
+    by_model: dict[str, list[np.ndarray]] = {}
+    family: dict[str, str] = {}
+    lacking = 0
+    for r in plan.rows:
+        family.setdefault(r["model"], r["family"])
+        stored = curve_fingerprints(r).get(key)
+        if stored is None:
+            lacking += 1
+            by_model.setdefault(r["model"], [])
+            continue
+        by_model.setdefault(r["model"], []).append(bt.unpack_rows(stored, int(r["n_images"])))
+    tests, models, nulls = [], {}, {}
+    n = len(bt.subset(len(suspect_rows), seed))
+    for model in sorted(by_model):
+        curves = [c for c in by_model[model] if c.shape[1] == suspect_rows.shape[1]]
+        if not curves:
+            continue
+        models[model] = bt.ModelRows(curves)
+        nulls[model] = bt.null(models[model], n, kind=defaults.BELONG_KIND, seed=seed)
+        tests.append(bt.test(models[model], suspect_rows, name=model, family=family[model],
+                             alpha=alpha, kind=defaults.BELONG_KIND, seed=seed,
+                             null_values=nulls[model]))
+    calibration = None
+    if any(v.size for v in nulls.values()):
+        from forensics.stats.answer_confidence import calibrate
+
+        calibration = calibrate(models, family, n, alpha=alpha, kind=defaults.BELONG_KIND,
+                                nulls=nulls, seed=seed)
+    tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
+    note = (f"belonging: {defaults.BELONG_KIND} two-sample test of the suspect's "
+            f"{plan.belong_fp.name} per-image rows against each enrolled model's, null from "
+            f"its own curves (leave-one-curve-out) at the suspect's size, level {alpha:g}")
+    if lacking:
+        note += (f"; {lacking} curve(s) enrolled without per-image rows are left out of it "
+                 f"(re-enroll them)")
+    if not any(t.p_value is not None for t in tests):
+        note += "; no model has two curves with rows (enroll --per-curve to split a folder)"
+    return tests, calibration, note
+
+
+def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: int,
+               seed: int, quantile: float, report: PathLike | None, tau: float | None,
+               settings: dict[str, Any], unverified: list[dict[str, str]],
+               force: bool = False, condition: str | None = None) -> Attribution:
     from forensics.stats.attribution import (
         Attribution,
         bootstrap_confidence,
         calibrate_unknown,
         comparable_references,
         decide,
-        keep_mask,
+        decide_belonging,
         rank,
     )
     from forensics.steps import storage
     from forensics.steps.case import custody_record
-    from forensics.steps.storage import manifest_conditions
 
+    b, loaded, fp, mobj = plan.bank, plan.loaded, plan.fp, plan.matcher
     where = f" in the bank at {b.path}"
-    fps = [fp]
     folder_str = None if isinstance(folder, Embeddings) else str(_absolute(folder))
+    # like with like: the enrolled curves stored as the suspect files read
+    suspect = None if emb.manifest is None else storage.manifest_conditions(emb.manifest)
+    selection = storage.select(plan.all_rows, suspect, condition)
+    chosen = {id(r) for r in selection.rows}
+    pool, plan = plan.all_rows, dataclasses.replace(
+        plan, all_rows=selection.rows, rows=[r for r in plan.rows if id(r) in chosen])
+    # 3. vectors: the suspect's fingerprint and per-image rows, the bank's vectors
+    fps = [fp] + ([plan.belong_fp] if plan.belong_fp is not None
+                  and plan.belong_fp.name != fp.name else [])
     res = _measure(loaded, emb, np.arange(len(emb)), tau=tau, details=False, fps=fps,
-                   what=folder_str or "the embeddings", folder=folder_str)
-    suspect = None if emb.manifest is None else manifest_conditions(emb.manifest)
-    selection = storage.select(all_rows, suspect, condition)  # like with like
-    pool, all_rows = all_rows, selection.rows
+                   what=folder_str or "the embeddings", folder=folder_str, spreads=True)
     names = {r["baseline_id"]: r["name"] for r in b.baselines()}
-    refs, meta = comparable_references(res.curve, all_rows, bank=str(b.path),
+    refs, meta = comparable_references(res.curve, plan.all_rows, bank=str(b.path),
                                        baseline_names=names)
-    same_rows = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
-    ref_vecs = _reference_vectors(fp, same_rows, refs, where)
-
-    drop = tuple(int(i) for i in drop_layers)
-    keep = keep_mask(len(loaded.row["layers"]), drop)
+    ref_vecs = _reference_vectors(fp, plan.rows, refs, where)
     dims = loaded.dims
-    mask = fpmod.entry_mask(fp, dims, keep)
+    mask = fpmod.entry_mask(fp, dims, plan.keep)
     if mask.shape[0] != ref_vecs.shape[1]:
         raise BankError(f"enrolled {fp.name!r} fingerprints have {ref_vecs.shape[1]} values "
                         f"but the suspect's has {mask.shape[0]}; re-enroll them with this fp")
-    mname, mobj = manager.resolve_matcher(fp, matcher, [d for d, k in zip(dims, keep,
-                                                                          strict=True) if k])
     query, R = res.fingerprints[fp.name][mask], ref_vecs[:, mask]
+    # 4. belonging: one calibrated test per enrolled model
+    suspect_rows = (res.image_rows.get(plan.belong_fp.name)
+                    if plan.belong_fp is not None else None)
+    tests, answer_cal, belong_note = _belonging(plan, suspect_rows, quantile, seed)
+    # 5. ranking, and the score/margin rule
     ranking = rank(query, R, meta, mobj, drop_layers=())
     calibration = calibrate_unknown(R, [m["family"] for m in meta], mobj, (), quantile)
-    calibration = dataclasses.replace(calibration, matcher=mname, drop_layers=drop)
-    model = _confidence_model(fp, same_rows, R, mask, meta, mobj, quantile, seed)
+    calibration = dataclasses.replace(calibration, matcher=plan.matcher_name,
+                                      drop_layers=plan.drop)
+    model = _confidence_model(fp, plan.rows, R, mask, meta, mobj, quantile, seed)
     if model is not None:
         calibration = dataclasses.replace(
             calibration, threshold=model.threshold(len(emb)), confidence=model.to_dict(),
             margin_threshold=model.margin_threshold(len(emb)),
             note=(f"threshold = {quantile:g}-quantile of the best scores of suspects of "
                   f"{len(emb)} images simulated from the bank ({model.note})"))
-    decision = decide(ranking, calibration)
-    if model is not None and not decision.unknown:
+    # 6. decision: model level (belonging), family level, confidence
+    rule = decide(ranking, calibration)
+    testable = any(t.p_value is not None for t in tests)
+    if testable:
+        decision = decide_belonging(ranking, tests, quantile,
+                                    gate=rule if defaults.BELONG_GATE else None)
+    else:
+        decision = dataclasses.replace(rule, closest=rule.nearest_family if rule.unknown
+                                       else None, reason=f"{rule.reason} ({belong_note})")
+    if answer_cal is not None:  # the two-level answer: calibrated on the bank's models
+        decision = dataclasses.replace(decision, confidence=answer_cal.probability(
+            decision.unknown, decision.consistent[0]["p_value"] if decision.consistent
+            else None, len({c["family"] for c in decision.consistent})))
+        calibration = dataclasses.replace(calibration, answer=answer_cal.to_dict())
+    elif model is not None and not decision.unknown:
         from forensics.stats.confidence import family_scores, margin_of
 
         _, best, margin = margin_of(family_scores([m.score for m in ranking],
                                                   [m.family for m in ranking]))
         decision = dataclasses.replace(decision,
                                        confidence=model.probability(margin, best, len(emb)))
-
     if selection.inconclusive:  # no like-with-like comparison: no family, no confidence
         decision = dataclasses.replace(
             decision, family=None, model=None, unknown=True, confidence=None,
-            model_confidence=None, inconclusive=True,
+            model_confidence=None, inconclusive=True, consistent=[],
+            closest=decision.closest or decision.nearest_family,
             reason=f"inconclusive: {selection.inconclusive}")
     elif condition is not None and suspect is not None and \
             storage.select(pool, suspect).condition != condition:
@@ -323,7 +412,6 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
         selection.notes.append("no confidence: the suspects read as stored otherwise than "
                                "the curves they were compared with, and confidence is "
                                "calibrated like with like only")
-
     boot = None
     if n_boot > 0 and not selection.inconclusive:  # no answer: nothing to be stable about
         reads_ct = fpmod.needs_ct(fp) or getattr(fp, "needs_details", False)
@@ -339,19 +427,22 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
 
         boot = bootstrap_confidence(curve_fn, len(emb), n_boot, seed, bank_vectors=R,
                                     meta=meta, matcher=mobj, drop_layers=(),
-                                    calibration=calibration, decision=decision)
+                                    calibration=calibration, decision=rule)
         decision = dataclasses.replace(decision, stability=boot.confidence,
                                        model_stability=boot.model_confidence)
+    # 7. report
     parameters = {
-        "fingerprint": fp.name, "matcher": mname, "drop_layers": list(drop), "top": int(top),
-        "quantile": quantile, "n_boot": n_boot if boot is not None else 0, "seed": int(seed),
-        "bank": str(b.path), "baseline": loaded.name, "n_references": len(meta),
+        "fingerprint": fp.name, "matcher": plan.matcher_name, "drop_layers": list(plan.drop),
+        "top": int(top), "quantile": quantile, "n_boot": n_boot if boot is not None else 0,
+        "seed": int(seed), "bank": str(b.path), "baseline": loaded.name,
+        "n_references": len(meta), "belonging": belong_note,
         "condition": selection.condition, **settings,
     }
     custody = custody_record(bank=b, loaded=loaded, manifest=emb.manifest, folder=folder_str,
-                             rows=same_rows, unverified=unverified)
+                             rows=plan.rows, unverified=unverified)
     result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
-                         parameters, custody, _conditions(suspect, selection, same_rows))
+                         parameters, custody, belonging=tests,
+                         conditions=_conditions(suspect, selection, plan.rows))
     if report is not None:
         from forensics.steps.reports import Evidence, write_report
 
@@ -359,5 +450,5 @@ def _attribute(b: Any, all_rows: list[dict[str, Any]], loaded: LoadedBaseline, f
                             bank_ids=[str(m["curve_id"]) for m in meta],
                             entry_layers=fpmod.entry_layers(fp, dims)[mask],
                             manifest=emb.manifest, baseline=loaded.row)
-        write_report(report, result, same_rows, evidence=evidence, force=force)
+        write_report(report, result, plan.rows, evidence=evidence, force=force)
     return result

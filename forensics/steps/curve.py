@@ -30,6 +30,9 @@ class CurveResult:
         fingerprints: ``{name: vector}`` of the fingerprints computed.
         rows: indices into ``embeddings`` of the images behind the curve.
         baseline: the baseline it was measured against.
+        spreads: ``{name: per-entry variance of its per-image vectors}`` (with ``spreads``).
+        image_rows: ``{name: per-image vectors projected for the belonging test}`` (with
+            ``spreads``; :func:`forensics.stats.belonging.project`).
     """
 
     curve: Any
@@ -39,6 +42,7 @@ class CurveResult:
     rows: np.ndarray
     baseline: LoadedBaseline
     spreads: dict[str, np.ndarray] = field(default_factory=dict)
+    image_rows: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self, details: bool = False) -> dict[str, Any]:
         """JSON-ready: the curve (layers, values, provenance), per-layer results, fingerprints."""
@@ -141,14 +145,19 @@ def _vectors(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
 
 
 def _spreads(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
-             Q: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-image variance of every fingerprint that has per-image vectors."""
-    out = {}
+             Q: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-image variance of every fingerprint that has per-image vectors, and the projected
+    rows of the belonging test's (``defaults.BELONG_FINGERPRINT``)."""
+    from forensics.stats.belonging import project
+
+    var, rows = {}, {}
     for fp, ctx in _contexts(fps, loaded, results, Q):
-        var = fpmod.per_image_variance(fp, ctx)
-        if var is not None:
-            out[fp.name] = var
-    return out
+        r = fpmod.per_image_rows(fp, ctx)
+        if r is not None:
+            var[fp.name] = r.var(axis=0)
+            if fp.name == defaults.BELONG_FINGERPRINT:
+                rows[fp.name] = project(r)
+    return var, rows
 
 
 
@@ -221,8 +230,8 @@ def _measure(loaded: LoadedBaseline, emb: Embeddings, rows: np.ndarray, *, tau: 
     )
     values = np.array([r.ct for r in results], dtype=np.float64)
     curve = Curve(list(row["layers"]), values, prov)
-    return CurveResult(curve, results, emb, vectors, np.asarray(rows), loaded,
-                       _spreads(fps, loaded, results, Q) if spreads else {})
+    var, image_rows = _spreads(fps, loaded, results, Q) if spreads else ({}, {})
+    return CurveResult(curve, results, emb, vectors, np.asarray(rows), loaded, var, image_rows)
 
 
 def compute_curve(

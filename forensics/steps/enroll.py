@@ -11,6 +11,7 @@ import numpy as np
 from forensics import defaults
 from forensics.data.embed import DEFAULT_CACHE, Embeddings
 from forensics.errors import BankError, InputError, InsufficientDataError
+from forensics.stats.belonging import pack_rows, rows_key
 from forensics.stats.confidence import var_key
 from forensics.steps.bank_access import (
     LoadedBaseline,
@@ -231,4 +232,6 @@ def _enroll_chunk(loaded: LoadedBaseline, emb: Embeddings, c: int, k: int, per: 
     row["fingerprints"] = {name: vec.tolist() for name, vec in res.fingerprints.items()}
     row["fingerprints"].update({var_key(name): var.tolist()
                                 for name, var in res.spreads.items()})
+    row["fingerprints"].update({rows_key(name): pack_rows(r)
+                                for name, r in res.image_rows.items()})
     return row

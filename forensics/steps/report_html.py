@@ -133,10 +133,15 @@ def _decision(data: dict[str, Any]) -> str:
     if d.get("inconclusive"):
         verdict = "Decision: INCONCLUSIVE (no enrolled curves stored like these images)"
     elif d.get("unknown"):
-        verdict = "Decision: UNKNOWN (no enrolled family is close enough)"
+        closest = d.get("closest") or d.get("nearest_family")
+        verdict = f"Decision: UNKNOWN (closest family {closest}, not the decision)"
     else:
         verdict = f"Decision: family {d.get('family')}, model {d.get('model')}"
+    consistent = d.get("consistent") or []
     facts = {
+        "model level: consistent with": ", ".join(
+            f"{c['model']} ({c['family']}, p {c['p_value']:.3g})" for c in consistent) or "none",
+        "family level": "unknown" if d.get("unknown") else d.get("family"),
         "confidence (family)": d.get("confidence"),
         "confidence (model)": d.get("model_confidence"),
         "best score": d.get("score"),
@@ -183,6 +188,18 @@ def _ranking(data: dict[str, Any], rows_by_id: dict[str, dict[str, Any]]) -> str
         classes.append("" if above else "below")
     return _table(["rank", "model", "family", "checkpoint", "score", "at or above threshold",
                    "curve_id"], out, classes)
+
+
+def _belonging(data: dict[str, Any]) -> str:
+    tests = data.get("belonging") or []
+    if not tests:
+        return '<p class="muted">No belonging test (no enrolled model with two curves of rows).</p>'
+    out = [[t["model"], t["family"], t["p_value"], "yes" if t["consistent"] else "no",
+            t["statistic"], t["null_median"], t["n_images"], t["n_curves"], t["draws"]]
+           for t in tests]
+    return _table(["model", "family", "p-value", "consistent", "statistic", "null median",
+                   "images tested", "curves", "null draws"], out,
+                  ["" if t["consistent"] else "below" for t in tests])
 
 
 def _images(evidence: Any) -> tuple[str, str]:
@@ -287,6 +304,7 @@ def render(data: dict[str, Any], picture: bytes | None, rows: Sequence[dict[str,
         f"{esc(written)} by fp {esc(__version__)}</p>",
         _decision(data),
         f"<h2>Case</h2>{nested(summary)}",
+        f"<h2>Model level: could an enrolled model have made them?</h2>{_belonging(data)}",
         f"<h2>Ranking</h2>{_ranking(data, rows_by_id)}",
         f"<h2>Picture</h2>{pic}",
         f"<h2>Calibration of unknown</h2>{nested(data.get('calibration') or {})}",

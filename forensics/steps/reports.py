@@ -213,7 +213,10 @@ def plot_vector_match(
 
 def _verdict(attribution: Any) -> str:
     d = attribution.decision
-    verdict = "unknown" if d.unknown else f"{d.family} / {d.model}"
+    verdict = (f"unknown (closest {d.closest or d.nearest_family})" if d.unknown
+               else f"{d.family} / {d.model}")
+    if d.consistent or d.alpha is not None:
+        verdict += f"; consistent models: {len(d.consistent)}"
     conf = "" if d.confidence is None else f", confidence {d.confidence:.2f}"
     return f"{verdict}{conf}"
 

@@ -315,8 +315,9 @@ def attribute_cmd(
         echo_json(result.to_dict())
         return
     d = result.decision
-    verdict = "UNKNOWN (no enrolled family is close enough)" if d.unknown else \
-        f"family {printable(d.family)}, model {printable(d.model)}"
+    verdict = (f"UNKNOWN (closest family {printable(d.closest or d.nearest_family)}, not "
+               f"the decision)" if d.unknown else
+               f"family {printable(d.family)}, model {printable(d.model)}")
     if d.inconclusive:
         verdict = "INCONCLUSIVE (no enrolled curves stored like these images)"
     conf = "" if d.confidence is None else f"   confidence {d.confidence:.2f}"
@@ -325,6 +326,15 @@ def attribute_cmd(
                   for m in result.ranking],
                  title=f"{folder}: nearest enrolled curves ({result.parameters['fingerprint']}, "
                        f"{result.parameters['matcher']})")
+    if result.belonging:
+        _print_table(["model", "family", "p-value", "consistent"],
+                     [[t.model, t.family, "-" if t.p_value is None else f"{t.p_value:.3f}",
+                       "yes" if t.consistent else "no"] for t in result.belonging[:top]],
+                     title=f"Could the suspects have come from this model? (level "
+                           f"{result.parameters['quantile']:g})")
+    models = ", ".join(f"{printable(c['model'])} (p {c['p_value']:.3f})"
+                       for c in d.consistent) or "none"
+    typer.echo(f"Model level: consistent with {models}")
     typer.echo(f"Decision: {verdict}{conf}")
     typer.echo(f"  {printable(d.reason, 1000)}")
     if d.stability is not None and result.bootstrap is not None:
