@@ -36,8 +36,10 @@ def test_quick_demo_json(tmp_path, monkeypatch):
         assert 0.5 < r["confidence"] <= 1  # fp's default method is calibrated
         assert r["paper_family"] is not None or r["paper_unknown"]  # the paper's, beside it
         assert "stability" not in r
+        assert [c["model"] for c in r["consistent"]] == [r["model"]]  # the model level
     stranger = rows[2]
     assert stranger["unknown"] and stranger["decided_family"] is None, stranger
+    assert stranger["consistent"] == []  # no enrolled model is consistent with it
     assert stranger["closest_family"] in ("noise", "shuffle")
     assert data["accuracy"] == 1.0 and data["bank"] == str(tmp_path / "d" / "bank")
     assert "called unknown by fp's method" in data["summary"]

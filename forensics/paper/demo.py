@@ -106,8 +106,10 @@ class DemoRow:
     """The attribution of one generator's fresh samples, by fp's method and the paper's.
 
     ``decided_*``, ``unknown``, ``confidence`` and ``correct`` are fp's default method's
-    answer; ``closest_family`` its nearest family (the decision only when not unknown);
-    ``paper_*`` the paper's method's answer (None when it was not run).
+    answer at the family level; ``consistent`` its model level (the enrolled models the
+    suspects are consistent with, and their p-values); ``closest_family`` its nearest
+    family (the decision only when not unknown); ``paper_*`` the paper's method's answer
+    (None when it was not run).
     """
 
     generator: str
@@ -124,6 +126,7 @@ class DemoRow:
     threshold: float | None
     correct: bool
     reason: str = ""
+    consistent: list[dict[str, Any]] = field(default_factory=list)
     paper_family: str | None = None
     paper_unknown: bool | None = None
     paper_correct: bool | None = None
@@ -361,8 +364,11 @@ def run_demo(
 
         d = answer(fingerprint)
         row = DemoRow(gen.label, gen.model, gen.checkpoint, gen.family, gen.enrolled,
-                      d.family, d.model, d.unknown, d.confidence, d.nearest_family, d.score,
-                      d.threshold, _right(d, gen), d.reason)
+                      d.family, d.model, d.unknown, d.confidence,
+                      getattr(d, "closest", None) or d.nearest_family, d.score, d.threshold,
+                      _right(d, gen), d.reason,
+                      [{"model": c["model"], "p_value": c["p_value"]}
+                       for c in getattr(d, "consistent", [])])
         if compare:
             p = answer(compare)
             row.paper_family, row.paper_unknown = p.family, p.unknown

@@ -67,15 +67,17 @@ def demo_table(result) -> tuple[list[str], list[list[str]]]:
         return family or "-"
 
     compared = result.compare is not None
-    head = ["generator", "true family", "fp's answer", "confidence", "right?"]
+    head = ["generator", "true family", "fp: model level", "fp: family level", "confidence",
+            "right?"]
     if compared:
         head += ["paper's method", "right?"]
     rows = []
     for r in result.rows:
+        models = ", ".join(f"{c['model']} (p {c['p_value']:.2f})" for c in r.consistent)
         row = [r.generator + ("" if r.enrolled else " (never enrolled)"),
                r.true_family,
-               verdict(r.unknown, r.decided_family and f"{r.decided_family} / {r.decided_model}",
-                       r.closest_family),
+               models or "none consistent",
+               verdict(r.unknown, r.decided_family, r.closest_family),
                "-" if r.confidence is None else f"{r.confidence:.2f}",
                "yes" if r.correct else "NO"]
         if compared:
