@@ -11,6 +11,7 @@ The investigator's steps are importable from here, loaded on first use
     forensics.enroll("suspect_gen/", name="gen-a", labels={"arch": "GAN"}, baseline="cifar",
                      bank="bank/")
     answer = forensics.attribute("query/", bank="bank/")
+    answers = forensics.attribute_many(["case/a/", "case/b/"], bank="bank/")
     report = forensics.memorize("generated/", baseline="cifar", bank="bank/")
     table = forensics.evaluate_bank("bank/", fingerprint="paper")
 
@@ -24,6 +25,7 @@ from forensics._version import __version__
 #: Names exported lazily: name -> module that defines it.
 _LAZY = {
     "attribute": "forensics.steps.attribute",
+    "attribute_many": "forensics.steps.attribute",
     "build_baseline": "forensics.steps.build_baseline",
     "compute_curve": "forensics.steps.curve",
     "enroll": "forensics.steps.enroll",

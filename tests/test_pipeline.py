@@ -762,3 +762,50 @@ def test_cli_enrolls_only_the_condition_curves_of_an_enrolled_model(world, tmp_p
               "--per-curve", N, "--conditions", "half", "--only-conditions", "--json", "-q")
     rows = json.loads(res.stdout)
     assert len(rows) == 2 and {json.loads(r["params_json"])["condition"] for r in rows} == {"half"}
+
+
+def test_many_suspect_sets_in_one_call_with_reports_and_a_failed_set(world, tmp_path):
+    from forensics.steps.attribute import attribute_many
+
+    f = world["folders"]
+    empty = tmp_path / "empty_set"
+    empty.mkdir()
+    seen = []
+    answers = attribute_many([f["query_noise"], empty, f["query_shuffle"]], n_boot=0,
+                             report=tmp_path / "reports", on_answer=seen.append,
+                             **world["kw"])
+    assert [a.folder for a in answers] == [str(f["query_noise"]), str(empty),
+                                           str(f["query_shuffle"])] and seen == answers
+    assert answers[0].result.decision.family == "noise"
+    assert answers[2].result.decision.family == "shuffle"
+    assert answers[1].result is None and answers[1].error["type"] == "InputError"
+    one = attribute(f["query_noise"], n_boot=0, **world["kw"])  # the same answer as alone
+    assert answers[0].result.decision == one.decision
+    index = (tmp_path / "reports" / "index.html").read_text()
+    assert "query_noise/report.html" in index and "failed:" in index
+    assert (tmp_path / "reports" / "query_noise" / "report.html").exists()
+    assert not (tmp_path / "reports" / "empty_set").exists()
+    line = answers[0].to_dict()
+    assert line["answer"]["decision"]["family"] == "noise" and line["report"].endswith(
+        "query_noise")
+    with pytest.raises(InputError, match="holds a report already"):  # evidence is kept
+        attribute_many([f["query_noise"]], report=tmp_path / "reports", **world["kw"])
+
+
+def test_cli_attributes_several_folders_and_each_sub_folder(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("FP_CACHE_DIR", str(world["cache"].parent))
+    f, bank = world["folders"], world["bank"].path
+    res = _fp("attribute", f["query_noise"], f["query_shuffle"], "--bank", bank, "--n-boot",
+              "0", "--json")
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [x["answer"]["decision"]["family"] for x in lines] == ["noise", "shuffle"]
+    case = tmp_path / "case"
+    for name in ("a", "b"):
+        shutil.copytree(f["query_noise" if name == "a" else "query_shuffle"], case / name)
+    (case / "c").mkdir()  # a seizure with no images: reported, the others go on
+    res = _fp("attribute", case, "--each", "--bank", bank, "--n-boot", "0", ok=False)
+    assert res.exit_code == 1
+    assert "3 suspect sets" in res.stdout and "noise" in res.stdout and "shuffle" in res.stdout
+    assert "Error:" in res.stderr and "c:" in res.stderr
+    res = _fp("attribute", f["query_noise"], "--each", "--bank", bank, ok=False)
+    assert res.exit_code == 1 and "holds no sub-folder" in res.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -198,25 +199,45 @@ def attribute(
             that fail their hash.
         InsufficientDataError: too few suspect images for tau.
     """
+
+    if report is not None:  # before any work
+        _check_report(report, force, folder)
+    run = _prepare(baseline=baseline, matcher=matcher, fingerprint=fingerprint, top=top,
+                   drop_layers=drop_layers, n_boot=n_boot, seed=seed, quantile=quantile,
+                   bank=bank, tau=tau, weights=weights, device=device, batch_size=batch_size,
+                   cache_dir=cache_dir, progress=progress, skip_bad=skip_bad,
+                   allow_unverified=allow_unverified, condition=condition)
+    return run.answer(folder, report=report, force=force)
+
+
+def _check_report(report: PathLike, force: bool, folder: Any) -> None:
+    """Refuse a report folder that holds a report (unless ``force``) or lies in the suspects."""
+    from forensics.data.atomic import check_report_folder
+    from forensics.steps.reports import REPORT_FILES
+
+    check_report_folder(report, REPORT_FILES, force=force,
+                        inside=None if isinstance(folder, Embeddings) else folder)
+
+
+def _prepare(*, baseline: str | None, matcher: str | None, fingerprint: str | None, top: int,
+             drop_layers: Sequence[int], n_boot: int, seed: int, quantile: float, bank: Any,
+             tau: float | None, weights: str | None, device: str, batch_size: int,
+             cache_dir: Any, progress: bool, skip_bad: bool, allow_unverified: bool,
+             condition: str | None) -> _Run:
+    """Resolve everything once, before any image is embedded: the inputs, the bank, the
+    baseline, the fingerprint, the matcher and the belonging test."""
     from forensics.plugin.encoders import resolve_device
     from forensics.stats.attribution import keep_mask
     from forensics.stats.ct import check_n_boot, check_seed
     from forensics.steps.storage import check_condition
     from refbank.bank import modified_rows, unverified_message
 
-    # 1. resolve everything once: inputs, bank, baseline, fingerprint, matcher, the test
     seed = check_seed(seed)
     if int(top) < 1 or int(n_boot) < 0 or not 0.0 <= float(quantile) <= 1.0:
         raise InputError(f"need top >= 1, n_boot >= 0 and 0 <= quantile <= 1; got top {top}, "
                          f"n_boot {n_boot}, quantile {quantile}")
     condition = check_condition(condition)
     _check_tau(tau)
-    if report is not None:
-        from forensics.data.atomic import check_report_folder
-        from forensics.steps.reports import REPORT_FILES
-
-        check_report_folder(report, REPORT_FILES, force=force,
-                            inside=None if isinstance(folder, Embeddings) else folder)
     n_boot = check_n_boot(n_boot)
     b = open_bank(bank)
     b.require()
@@ -243,17 +264,178 @@ def attribute(
     mname, mobj = manager.resolve_matcher(
         fp, matcher, [d for d, k in zip(loaded.dims, keep, strict=True) if k])
     weights = _absolute_weights(weights)
-    # 2. embed
-    emb = _embed_suspect(loaded, folder, weights=weights, device=device, batch_size=batch_size,
-                         cache_dir=cache_dir, progress=progress, skip_bad=skip_bad)
     settings = {"tau": tau, "weights": weights, "device": device, "batch_size": int(batch_size),
                 "skip_bad": bool(skip_bad), "allow_unverified": bool(allow_unverified)}
     plan = _Plan(b, all_rows, same, loaded, fp, mname, mobj, drop, keep,
                  belong_fps[0] if belong_fps else None)
-    with _one_thread():
-        return _attribute(plan, emb, folder, top=top, n_boot=n_boot, seed=seed,
-                          quantile=quantile, report=report, tau=tau, settings=settings,
-                          unverified=unverified, force=force, condition=condition)
+    return _Run(plan, settings, unverified, dict(
+        top=top, n_boot=n_boot, seed=seed, quantile=quantile, tau=tau, condition=condition),
+        dict(weights=weights, device=device, batch_size=batch_size, cache_dir=cache_dir,
+             progress=progress, skip_bad=skip_bad))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """A resolved attribution, ready to answer any number of suspect sets."""
+
+    plan: _Plan
+    settings: dict[str, Any]
+    unverified: list[dict[str, str]]
+    options: dict[str, Any]  # top, n_boot, seed, quantile, tau, condition
+    embedding: dict[str, Any]  # weights, device, batch_size, cache_dir, progress, skip_bad
+
+    def answer(self, folder: PathLike | Embeddings, *, report: PathLike | None = None,
+               force: bool = False) -> Attribution:
+        """Embed one suspect set and answer it."""
+        emb = _embed_suspect(self.plan.loaded, folder, **self.embedding)
+        with _one_thread():
+            return _attribute(self.plan, emb, folder, report=report, settings=self.settings,
+                              unverified=self.unverified, force=force, **self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class SetAnswer:
+    """One suspect set of :func:`attribute_many`: its answer, or why it has none.
+
+    Attributes:
+        folder: the set (a folder, or ``<embeddings #i>``).
+        result: the :class:`~forensics.stats.attribution.Attribution` (None: failed).
+        error: the error's type and message (None: answered).
+        report: where its case report was written (None: none asked).
+    """
+
+    folder: str
+    result: Any = None
+    error: dict[str, str] | None = None
+    report: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """One JSON Lines record: ``{"folder", "answer"}`` or ``{"folder", "error"}``."""
+        out: dict[str, Any] = {"folder": self.folder}
+        if self.result is not None:
+            out["answer"] = self.result.to_dict()
+        else:
+            out["error"] = self.error
+        if self.report is not None:
+            out["report"] = self.report
+        return out
+
+
+def suspect_sets(folders: Sequence[PathLike], each: bool = False) -> list[Path]:
+    """The suspect sets of ``fp attribute DIR [DIR ...]``: the folders themselves, or with
+    ``each`` every sub-folder of each (sorted, hidden ones left out).
+
+    Raises:
+        InputError: a folder is missing, or with ``each`` holds no sub-folder.
+    """
+    out: list[Path] = []
+    for f in folders:
+        path = Path(f)
+        if not path.is_dir():
+            raise InputError(f"{path} is not a folder of images")
+        if not each:
+            out.append(path)
+            continue
+        subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not subs:
+            raise InputError(f"--each: {path} holds no sub-folder (one suspect set per "
+                             f"sub-folder); drop --each to attribute it as one set")
+        out.extend(subs)
+    return out
+
+
+def attribute_many(
+    folders: Sequence[PathLike | Embeddings],
+    *,
+    report: PathLike | None = None,
+    force: bool = False,
+    on_answer: Any = None,
+    **kwargs: Any,
+) -> list[SetAnswer]:
+    """Answer several suspect sets against one bank: everything is resolved once.
+
+    The bank, baseline, fingerprint, matcher and belonging test are loaded once; each set
+    is then embedded and answered. A set that fails (no images, all unreadable, too few)
+    is recorded with its error and the others go on.
+
+    Args:
+        folders: the suspect sets (folders or embeddings), in order.
+        report: a folder for the case reports: one sub-folder per set (named after the set's
+            folder, numbered where names repeat) and ``index.html`` linking them.
+        force: as for :func:`attribute` (the old ``report`` folder is moved aside).
+        on_answer: called with each :class:`SetAnswer` as it is ready.
+        **kwargs: as for :func:`attribute` (baseline, fingerprint, matcher, bank, ...).
+
+    Returns:
+        One :class:`SetAnswer` per set, in order.
+
+    Raises:
+        FpError: what cannot be resolved before any set (bank, baseline, options, the
+            report folder); errors of single sets are recorded instead.
+    """
+    from forensics.data.atomic import check_report_folder
+    from forensics.errors import FpError
+    from forensics.steps.reports import INDEX_NAME, REPORT_FILES
+
+    names = _report_names(folders)
+    if report is not None:  # every report folder checked before any work
+        check_report_folder(report, (INDEX_NAME,), force=force)
+        for f, name in zip(folders, names, strict=True):
+            if not isinstance(f, Embeddings) and _inside(Path(report), Path(f)):
+                raise InputError(f"--report {report} lies inside the suspect folder {f}; "
+                                 f"write it elsewhere")
+            check_report_folder(Path(report) / name, REPORT_FILES, force=force)
+    run = _prepare(**_prepare_kwargs(kwargs))
+    out = []
+    for i, f in enumerate(folders):
+        label = f"<embeddings #{i + 1}>" if isinstance(f, Embeddings) else str(f)
+        where = None if report is None else Path(report) / names[i]
+        try:
+            result = run.answer(f, report=where, force=force)
+            answer = SetAnswer(label, result, None, None if where is None else str(where))
+        except FpError as exc:
+            answer = SetAnswer(label, None, {"type": type(exc).__name__, "message": str(exc)})
+        out.append(answer)
+        if on_answer is not None:
+            on_answer(answer)
+    if report is not None:
+        from forensics.steps.reports import write_index
+
+        write_index(report, out, force=force)
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    p, f = path.resolve(), folder.resolve()
+    return p == f or f in p.parents
+
+
+def _report_names(folders: Sequence[Any]) -> list[str]:
+    """One report sub-folder name per set: its folder's name, numbered where names repeat."""
+    import re
+
+    base = [f"set-{i + 1}" if isinstance(f, Embeddings) else
+            (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(f).name) or f"set-{i + 1}")
+            for i, f in enumerate(folders)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in base:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if base.count(name) == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def _prepare_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`attribute`'s keyword arguments (with its defaults) for :func:`_prepare`."""
+    import inspect
+
+    params = inspect.signature(attribute).parameters
+    unknown = set(kwargs) - set(params) - {"folder", "report", "force"}
+    if unknown:
+        raise TypeError(f"attribute_many() got unexpected keyword argument(s) "
+                        f"{', '.join(sorted(unknown))}")
+    return {name: kwargs.get(name, p.default) for name, p in params.items()
+            if name not in ("folder", "report", "force")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +509,7 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
                seed: int, quantile: float, report: PathLike | None, tau: float | None,
                settings: dict[str, Any], unverified: list[dict[str, str]],
                force: bool = False, condition: str | None = None) -> Attribution:
+    """Answer one embedded suspect set (the steps after embedding, each once)."""
     from forensics.stats.attribution import (
         Attribution,
         bootstrap_confidence,

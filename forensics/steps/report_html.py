@@ -95,6 +95,10 @@ def nested(value: Any) -> str:
     return _fmt(value)
 
 
+class _Raw(str):
+    """Markup that :func:`_table` inserts as it is (a link the page built itself)."""
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
            classes: Sequence[str] | None = None) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
@@ -102,6 +106,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
     for i, row in enumerate(rows):
         cls = f' class="{esc(classes[i])}"' if classes and classes[i] else ""
         cells = "".join(
+            f"<td>{c}</td>" if isinstance(c, _Raw) else
             f"<td class=num>{_fmt(c)}</td>" if isinstance(c, int | float) and
             not isinstance(c, bool) else f"<td>{nested(c)}</td>" for c in row)
         body.append(f"<tr{cls}>{cells}</tr>")
@@ -328,3 +333,45 @@ def write_html(path: str | os.PathLike, data: dict[str, Any], picture: bytes | N
     target = Path(path)
     atomic_write_text(target, render(data, picture, rows, evidence))
     return target
+
+
+def render_index(answers: Sequence[Any]) -> str:
+    """The index page of a batch of case reports: one row per suspect set, linking its
+    report, or saying why it has none."""
+    from forensics._version import __version__
+
+    written = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    rows, classes = [], []
+    for a in answers:
+        if a.result is None:
+            rows.append([a.folder, "-", "-", f"failed: {a.error['message']}", "-", "-"])
+            classes.append("below")
+            continue
+        d = a.result.decision
+        models = ", ".join(f"{c['model']} (p {c['p_value']:.3g})" for c in d.consistent)
+        family = ("INCONCLUSIVE" if d.inconclusive else
+                  f"unknown (closest: {d.closest or d.nearest_family})" if d.unknown
+                  else d.family)
+        link = "-"
+        if a.report is not None:
+            rel = f"{Path(a.report).name}/report.html"
+            link = f'<a href="{esc(rel)}">{esc(rel)}</a>'
+        rows.append([a.folder, a.result.curve.provenance.get("inputs", {}).get("n_images"),
+                     models or "none consistent", family,
+                     "-" if d.confidence is None else f"{d.confidence:.2f}", _Raw(link)])
+        classes.append("")
+    failed = sum(a.result is None for a in answers)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>fp attribution reports</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Attribution reports</h1><p class=muted>{len(answers)} suspect set(s), "
+        f"{failed} without an answer &middot; written {esc(written)} by fp "
+        f"{esc(__version__)}</p>",
+        _table(["suspect set", "images", "model level: consistent with", "family level",
+                "confidence", "report"], rows, classes),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"

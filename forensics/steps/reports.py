@@ -24,6 +24,8 @@ from forensics.data.atomic import atomic_write_bytes, check_report_folder, set_a
 JSON_NAME = "attribution.json"
 PNG_NAME = "attribution.png"
 HTML_NAME = "report.html"
+#: The index page of a batch of case reports (``fp attribute DIR DIR ... --report OUT``).
+INDEX_NAME = "index.html"
 #: The files of a report folder: a folder holding any of them holds a report.
 #: The digest of a report folder: ``sha256sum`` lines over its files, written last.
 SUMS_NAME = "SHA256SUMS"
@@ -304,3 +306,19 @@ def write_report(outdir: str | os.PathLike[str], attribution: Any,
     if replaced is not None:
         paths["replaced"] = replaced
     return paths
+
+
+def write_index(outdir: str | os.PathLike[str], answers: Sequence[Any], *,
+                force: bool = False) -> Path:
+    """Write ``index.html`` for a batch of case reports (one row per suspect set) into
+    ``outdir``; an old index is moved aside with ``force``, refused otherwise."""
+    from forensics.data.atomic import atomic_write_text
+    from forensics.steps.report_html import render_index
+
+    out = check_report_folder(outdir, (INDEX_NAME,), force=force)
+    out.mkdir(parents=True, exist_ok=True)
+    if force:
+        set_aside(out, (INDEX_NAME,))
+    path = out / INDEX_NAME
+    atomic_write_text(path, render_index(answers))
+    return path

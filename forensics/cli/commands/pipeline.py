@@ -251,7 +251,12 @@ def enroll_cmd(
 
 
 def attribute_cmd(
-    folder: Path = typer.Argument(..., help="Folder of suspect images."),
+    folders: list[Path] = typer.Argument(
+        ..., help="Folder(s) of suspect images, one suspect set each (with --each, every "
+                  "sub-folder is one); the bank, baseline and encoder are loaded once."),
+    each: bool = typer.Option(False, "--each",
+                              help="One suspect set per sub-folder of each FOLDER (a case "
+                                   "of many accounts, sites or seizures)."),
     baseline: str = typer.Option(None, "--baseline", "-b",
                                  help="Baseline name [default: the one the bank's curves use]."),
     matcher: str = typer.Option(None, "--matcher",
@@ -279,7 +284,8 @@ def attribute_cmd(
                                 help="Write attribution.json, attribution.png and "
                                      "report.html (a self-contained case report) here; "
                                      "re-check it later with fp case verify DIR. A folder "
-                                     "holding a report is refused (see --force)."),
+                                     "holding a report is refused (see --force). Several "
+                                     "sets: one sub-folder each and index.html."),
     force: bool = typer.Option(False, "--force",
                                help="Write --report where a report is already; the old one "
                                     "is moved to DIR.replaced-<time>/, never deleted."),
@@ -301,14 +307,25 @@ def attribute_cmd(
     bank: Path | None = bank_option(),
 ) -> None:
     """Which enrolled generator made these images? Ranked matches, a decision, a confidence."""
-    from forensics.steps.attribute import attribute
+    from forensics.steps.attribute import attribute, attribute_many, suspect_sets
 
-    result = attribute(folder, baseline=baseline, matcher=matcher, fingerprint=fingerprint,
-                       top=top, drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot,
-                       seed=seed, quantile=quantile, tau=tau, bank=bank, report=report,
-                       weights=weights, allow_unverified=allow_unverified, force=force,
-                       condition=condition,
-                       **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    kw = dict(baseline=baseline, matcher=matcher, fingerprint=fingerprint, top=top,
+              drop_layers=parse_drop_layers(drop_layers), n_boot=n_boot, seed=seed,
+              quantile=quantile, tau=tau, bank=bank, weights=weights,
+              allow_unverified=allow_unverified, condition=condition,
+              **_common(device, batch_size, no_cache, quiet, as_json, skip_bad))
+    if each or len(folders) > 1:
+        sets = suspect_sets(folders, each=each)
+        answers = attribute_many(sets, report=report, force=force,
+                                 on_answer=_echo_json_line if as_json else None, **kw)
+        if not as_json:
+            _print_many(answers, report)
+        failed = [a for a in answers if a.result is None]
+        if failed:
+            raise typer.Exit(1)
+        return
+    folder = folders[0]
+    result = attribute(folder, report=report, force=force, **kw)
     for relpath, reason in result.curve.provenance.get("skipped", []):
         _err(f"skipped {printable(relpath, 1000)}: {reason}")
     if as_json:
@@ -355,6 +372,39 @@ def attribute_cmd(
                    f"{p['table']} {printable(p['id'])}: {p['problem']}", err=True)
     if report is not None:
         typer.echo(f"Report: {report}")
+
+
+def _echo_json_line(answer) -> None:
+    """One suspect set's answer as one line of JSON (JSON Lines), as soon as it is ready."""
+    import json
+
+    from forensics.jsonable import jsonable
+
+    typer.echo(json.dumps(jsonable(answer.to_dict()), allow_nan=False))
+
+
+def _print_many(answers, report: Path | None) -> None:
+    """One row per suspect set; the sets without an answer on stderr, with why."""
+    rows = []
+    for a in answers:
+        if a.result is None:
+            rows.append([a.folder, "-", "-", "FAILED", "-"])
+            continue
+        d = a.result.decision
+        models = ", ".join(f"{c['model']} (p {c['p_value']:.2f})" for c in d.consistent)
+        family = ("INCONCLUSIVE" if d.inconclusive else
+                  f"unknown (closest: {d.closest or d.nearest_family})" if d.unknown
+                  else d.family)
+        rows.append([a.folder, a.result.curve.provenance.get("inputs", {}).get("n_images"),
+                     models or "none consistent", family,
+                     "-" if d.confidence is None else f"{d.confidence:.2f}"])
+    _print_table(["suspect set", "images", "model level", "family level", "confidence"], rows,
+                 title=f"{len(answers)} suspect sets")
+    for a in answers:
+        if a.result is None:
+            _err(f"Error: {printable(a.folder, 1000)}: {a.error['message']}")
+    if report is not None:
+        typer.echo(f"Reports: {report} (index.html)")
 
 
 def register(app: typer.Typer) -> None:
