@@ -29,7 +29,7 @@ SHARED = REPO.parent / "shared"
 U32 = 2.0**-24
 
 
-def assert_close32(actual, expected, *, terms: int) -> None:
+def assert_close32(actual, expected, *, terms: int, scale: float | None = None) -> None:
     """Assert two float32 computations of one quantity agree as far as float32 can promise.
 
     Other kernels, batch shapes, memory layouts or summation orders change float32 results
@@ -39,13 +39,16 @@ def assert_close32(actual, expected, *, terms: int) -> None:
     times the array's largest magnitude, never to a relative bound per entry that entries
     near zero cannot meet. ``terms`` is the longest chain of accumulations behind an entry
     (for a network, roughly its depth times its widest sum). A real fault (another layer,
-    pooling, weight or image) is orders of magnitude above this bound.
+    pooling, weight or image) is orders of magnitude above this bound. ``scale`` replaces
+    the largest magnitude where the quantity has a natural one (1 for a correlation or a
+    cosine, whose value may itself be near zero).
     """
     a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
     assert np.array_equal(np.isnan(a), np.isnan(b)), "NaN in different places"
     a, b = np.nan_to_num(a), np.nan_to_num(b)
-    scale = max(float(np.abs(b).max(initial=0.0)), float(np.finfo(np.float32).tiny))
+    if scale is None:
+        scale = max(float(np.abs(b).max(initial=0.0)), float(np.finfo(np.float32).tiny))
     bound = terms * U32 * scale
     err = float(np.abs(a - b).max(initial=0.0))
     assert err <= bound, (f"max |difference| {err:.3g} is above what float32 can promise, "
