@@ -44,9 +44,16 @@ def fp(*args: str, bank: Bank | Path | None = None):
 
 
 def test_list_empty_bank_says_what_to_do(tmp_path):
-    result = fp("bank", "list", bank=tmp_path / "empty")
+    empty = Bank(tmp_path / "empty")
+    empty.add_baseline({"name": "b", "encoder": "timm:tiny", "weights_sha256": "ab" * 32,
+                        "layers": ["l0"], "train_manifest_sha256": "t" * 64,
+                        "heldout_manifest_sha256": "p" * 64})
+    result = fp("bank", "list", bank=empty.path)
     assert result.exit_code == 0 and "fp enroll" in result.output
-    assert json.loads(fp("bank", "list", "--json", bank=tmp_path / "empty").output) == []
+    assert json.loads(fp("bank", "list", "--json", bank=empty.path).output) == []
+    # a path with no bank is not an empty bank (a mistyped --bank)
+    result = fp("bank", "list", bank=tmp_path / "nowhere")
+    assert result.exit_code == 1 and "does not exist" in result.output
 
 
 def test_list_show_and_filters(filled):
