@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="open set on every k-th re-drawn configuration (and the protocol)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: --boot 5 --redraw-step 21 --open-step 1")
+    ap.add_argument("--belonging", action="store_true",
+                    help="only the belonging test on the three development sets "
+                         "(attribution_sets.py)")
     args = ap.parse_args(argv)
     if args.quick:
         args.boot, args.redraw_step, args.open_step = 5, 21, 1
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder = f"fid-inception@{args.size}"
     cache = work / "cache"
+    if args.belonging:
+        return belonging_stage(work, encoder, cache, args.quick, t_start, tmp)
     zoo = materialize(work)
     f = folders(zoo, work)
     t_data = time.perf_counter()
@@ -459,6 +464,37 @@ def main(argv: list[str] | None = None) -> int:
           f"{best[6]:.3f} / {best[7]:.3f} by best score, fp's unknown rule on the default "
           f"{summary['open']['rule'][0]:.3f} / {summary['open']['rule'][1]:.3f}); default "
           f"{defaults.FINGERPRINT}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start: float,
+                    tmp) -> int:
+    """The three development sets: per-set tables, one summary line per set, the chosen
+    method last (the largest worst-set balanced accuracy)."""
+    import attribution_sets as S
+
+    lines, summary = S.run(work, encoder, cache, quick)
+    worst = summary["worst"]
+    best = max(worst, key=lambda m: (worst[m], m))
+    table = "\n".join(lines + ["", f"By suspect size ({best}; new latents: named right / "
+                                    f"called unknown; others: called unknown):", ""]
+                       + S.size_table(summary["answers"], best))
+    print(table)
+    print()
+    for s, _ in S.SETS.items():
+        f = summary["per"].get((s, best))
+        if f is not None:
+            print(f"{s}: {best}: new latents named right {S._f(f['named_right'])}, genuine "
+                  f"called unknown {S._f(f['genuine_unknown'])}, other run / code base unknown "
+                  f"{S._f(f['unknown_right'])}, wrong above 0.5 "
+                  f"{S._f(f.get('wrong_above_half'))}, ECE {S._f(f.get('ece'))}")
+    print(f"wall time {time.perf_counter() - t_start:.0f} s; load average "
+          f"{os.getloadavg()[0]:.1f}; table sha256 "
+          f"{hashlib.sha256(table.encode()).hexdigest()}")
+    print("chosen: " + best + " (worst-set balanced accuracy " + f"{worst[best]:.3f}; "
+          + ", ".join(f"{m} {v:.3f}" for m, v in sorted(worst.items())) + ")")
     if tmp is not None:
         tmp.cleanup()
     return 0

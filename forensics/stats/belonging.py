@@ -75,17 +75,19 @@ def project(rows: np.ndarray, dim: int = DIM, seed: int = PROJECTION_SEED) -> np
 
 
 def pack_rows(rows: np.ndarray) -> list[float]:
-    """Projected rows as a flat list in float16 precision (what the bank stores)."""
-    return np.asarray(rows, dtype=np.float16).astype(np.float64).ravel().tolist()
+    """Projected rows as a flat list of float16 values (what the bank stores), each written
+    as the shortest decimal that reads back as the same float16 (``20.67``, not
+    ``20.671875``: a third less JSON)."""
+    return [float(str(h)) for h in np.asarray(rows, dtype=np.float16).ravel()]
 
 
 def unpack_rows(values: Sequence[float], n_images: int) -> np.ndarray:
-    """The ``(n_images, dim)`` rows of :func:`pack_rows`.
+    """The ``(n_images, dim)`` rows of :func:`pack_rows` (exactly their float16 values).
 
     Raises:
         InputError: the length is no multiple of ``n_images``.
     """
-    a = np.asarray(values, dtype=np.float64)
+    a = np.asarray(values, dtype=np.float16).astype(np.float64)
     if n_images < 1 or a.size % int(n_images) or a.size == 0:
         raise InputError(f"{a.size} stored values do not make rows of {n_images} images")
     return a.reshape(int(n_images), -1)

@@ -156,7 +156,13 @@ def attribute(
     force: bool = False,
     condition: str | None = None,
 ) -> Attribution:
-    """Which enrolled generator made these images? Ranked, calibrated, with confidence.
+    """Which enrolled generator made these images? Answered at two levels, with confidence.
+
+    Model level: every enrolled model (its curves grouped by ``model``) is tested for
+    belonging (:mod:`forensics.stats.belonging`); ``decision.consistent`` lists those the
+    suspects are consistent with. Family level: the family of the most consistent model,
+    or ``unknown`` with the nearest family as ``decision.closest``. ``decision.confidence``
+    is the probability that this answer is right (:mod:`forensics.stats.answer_confidence`).
 
     Args:
         folder: the suspect images (or their embeddings).
@@ -171,9 +177,10 @@ def attribute(
             paper's mean/std/FID baseline; or a plugin's).
         top: matches kept in the ranking.
         drop_layers: layer indices left out of matching (the paper drops layer 0).
-        n_boot: bootstrap resamples of the suspect images (0: no confidence).
+        n_boot: bootstrap resamples of the suspect images behind ``stability`` (0: none).
         seed: seed of the resampling.
-        quantile: share of genuine curves accepted to be called unknown.
+        quantile: share of genuine suspects accepted to be called unknown: the level of the
+            belonging test of every enrolled model, and of the score/margin rule.
         bank: the bank.
         report: a folder to write ``attribution.json``, ``attribution.png`` and the
             case report ``report.html`` into; one that holds a report already is refused

@@ -1,0 +1,494 @@
+"""The three development sets as per-image rows, and the belonging test measured on them.
+
+Called by ``bench_attribution.py --belonging`` (and after its tables). Each set is turned
+into image folders once (work folder), embedded with the FID InceptionV3 encoder through
+fp's embedding cache, and read back as ``resid-early``'s per-image rows against the set's
+own baseline (T = 3,000 and P = 1,000 of its reference images, seeded). The rows are cached
+in the work folder (``rows-<set>.npz``), so a second run costs seconds.
+
+- **mnist**: the protocol of ``../shared/data/README.md``: per architecture two enrolled
+  curves (epochs 11-26 and 27-42 at grid positions 0-31, one model) and a query (epochs
+  35-50 at positions 32-63, latents never enrolled);
+- **mnist-xcode**: the same bank; queries are the second code base's epochs 9 + 24 (another
+  trained model of every variant, and VAE / CVAE): all must come out unknown;
+- **cifar**: the CIFAR-10 zoo's protocol: per model_id, curve 1 = the first third of its
+  tiles, curve 2 = the second third, query = the last third; closed set against the bank of
+  all 26, and the open set: the ``history`` runs' queries against a bank of the ``current``
+  runs, and each code base's queries against a bank of the other two.
+
+Every figure is computed from the rows by ``forensics.stats.belonging`` (the test fp
+attribute runs), ``forensics.stats.attribution.rank`` and ``forensics.stats.confidence``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import bench_attribution as B
+import numpy as np
+
+#: Suspect sizes measured (each a seeded subset of a query; the query's own size at most).
+SIZES = (16, 32, 64, 128, 256, 512)
+XARCHS = ("ACGAN", "BEGAN", "CGAN", "DRAGAN", "EBGAN", "GAN", "LSGAN", "WGAN", "WGAN_GP",
+          "infoGAN", "VAE", "CVAE")
+
+
+def _save_pngs(images: np.ndarray, folder: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for im, n in zip(images, names, strict=True):
+        p = folder / n
+        if not p.exists():
+            Image.fromarray(im).save(p)
+
+
+def cifar_folders(work: Path) -> tuple[dict[str, Path], list[dict]]:
+    """T, P and one folder per CIFAR model (tiles ``NNN.png`` in grid order)."""
+    z = np.load(B.DATA / "cifar_dev_zoo.npz")
+    models = [json.loads(s) for s in z["models_json"]]
+    root = work / "cifar"
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(z["reference"]))
+    t, p = np.sort(order[:3000]), np.sort(order[3000:4000])
+    ref = z["reference"]
+    _save_pngs(ref[t], root / "T", [f"{i:05d}.png" for i in t])
+    _save_pngs(ref[p], root / "P", [f"{i:05d}.png" for i in p])
+    for m in models:
+        imgs = z[m["key"]]
+        _save_pngs(imgs, root / "gen" / m["key"], [f"{i:03d}.png" for i in range(len(imgs))])
+    return {"T": root / "T", "P": root / "P", "gen": root / "gen"}, models
+
+
+def _rows_of(loaded, emb) -> np.ndarray:
+    import attribution_extra as X
+
+    return X.per_image(loaded, "resid-early", emb).astype(np.float32)
+
+
+#: Grid positions per protocol curve used here: the first 8 of each block of 32 (curves of
+#: 16 epochs x 8 positions = 128 images; the protocol's 512 cost four times the embedding time).
+MNIST_POSITIONS = 8
+
+
+def protocol_subset(work: Path, f: dict[str, Path]) -> Path:
+    """The protocol's folders with the first :data:`MNIST_POSITIONS` positions of each curve
+    (hard links)."""
+    out = work / f"protocol-{MNIST_POSITIONS}"
+    for a in B.ARCHS:
+        for name, (start, (lo, _hi)) in (("enroll1", B.PROTOCOL["enroll"][0]),
+                                         ("enroll2", B.PROTOCOL["enroll"][1]),
+                                         ("query", B.PROTOCOL["query"])):
+            for e in range(start, start + B.WINDOW):
+                for pos in range(lo, lo + MNIST_POSITIONS):
+                    n = f"e{e:02d}_{pos:03d}.png"
+                    B._link(f["protocol"] / a / name / n, out / a / name / n)
+    return out
+
+
+def mnist_rows(work: Path, encoder: str, cache: Path, bank) -> dict:
+    """Per-image rows of the MNIST protocol's folders and of the second code base."""
+    out = work / "rows-mnist.npz"
+    if out.is_file():
+        return dict(np.load(out))
+    import attribution_extra as X
+
+    import forensics
+    from forensics.data.embed import embed_folder
+
+    zoo = B.materialize(work)
+    f = B.folders(zoo, work)
+    common = {"bank": bank, "cache_dir": cache, "device": "cpu", "progress": False}
+    if not any(b["name"] == B.BASELINE for b in bank.baselines()):
+        forensics.build_baseline(B.BASELINE, f["T"], f["P"], encoder=encoder, seed=0, **common)
+    loaded = forensics.load_baseline(B.BASELINE, bank=bank)
+    emb = embed_folder(protocol_subset(work, f), encoder, cache_dir=cache, device="cpu",
+                       progress=False)
+    rows = _rows_of(loaded, emb)
+    data: dict[str, np.ndarray] = {}
+    groups: dict[str, list[int]] = {}
+    for i, (rel, *_r) in enumerate(emb.manifest.entries):
+        arch, part, _name = rel.split("/")
+        groups.setdefault(f"{arch}/{part}", []).append(i)
+    for k, idx in groups.items():
+        data[k] = rows[np.asarray(idx)]
+    xemb = embed_folder(X.xcode_folder(zoo, work), encoder, cache_dir=cache, device="cpu",
+                        progress=False)
+    xrows = _rows_of(loaded, xemb)
+    for a, idx in X.by_arch(xemb).items():
+        data[f"x/{a}"] = xrows[idx]
+    np.savez(out, **data)
+    return data
+
+
+def cifar_rows(work: Path, encoder: str, cache: Path, bank) -> tuple[dict, list[dict]]:
+    """Per-image rows of every CIFAR model's tiles (in grid order), and the models' records."""
+    f, models = cifar_folders(work)
+    out = work / "rows-cifar.npz"
+    if out.is_file():
+        return dict(np.load(out)), models
+    import forensics
+    from forensics.data.embed import embed_folder
+
+    common = {"bank": bank, "cache_dir": cache, "device": "cpu", "progress": False}
+    if not any(b["name"] == "cifar-zoo" for b in bank.baselines()):
+        forensics.build_baseline("cifar-zoo", f["T"], f["P"], encoder=encoder, seed=0, **common)
+    loaded = forensics.load_baseline("cifar-zoo", bank=bank)
+    emb = embed_folder(f["gen"], encoder, cache_dir=cache, device="cpu", progress=False)
+    rows = _rows_of(loaded, emb)
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for i, (rel, *_r) in enumerate(emb.manifest.entries):
+        key, name = rel.split("/")
+        groups.setdefault(key, []).append((int(name[:-4]), i))
+    data = {k: rows[np.asarray([i for _, i in sorted(v)])] for k, v in groups.items()}
+    np.savez(out, **data)
+    return data, models
+
+
+def prepare(work: Path, encoder: str, cache: Path) -> tuple[dict, dict, list[dict]]:
+    """Rows of both MNIST sets and of the CIFAR zoo (built and cached on first use)."""
+    from refbank import Bank
+
+    bank = Bank(work / "bank-sets")
+    t0 = time.perf_counter()
+    m = mnist_rows(work, encoder, cache, bank)
+    B.log(f"MNIST rows ready ({time.perf_counter() - t0:.0f} s)")
+    c, models = cifar_rows(work, encoder, cache, bank)
+    B.log(f"CIFAR rows ready ({time.perf_counter() - t0:.0f} s)")
+    return m, c, models
+
+
+def sanitize(model_id: str) -> str:
+    return "gen__" + re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id)
+
+
+# -- the banks and queries of each set ------------------------------------------------------
+
+
+class Problem:
+    """One bank (model -> curves of rows, family) and its queries (rows, truth, condition).
+
+    ``truth`` of a query is its model's family when that model is in the bank, else None
+    (the right answer is unknown). ``cond`` names the condition it is reported under.
+    """
+
+    def __init__(self, name: str, bank: dict[str, tuple[str, list[np.ndarray]]],
+                 queries: list[tuple[str, np.ndarray, str | None, str]]):
+        self.name, self.bank, self.queries = name, bank, queries
+
+
+def mnist_problems(m: dict) -> list[Problem]:
+    bank = {a: (a, [m[f"{a}/enroll1"], m[f"{a}/enroll2"]]) for a in B.ARCHS}
+    genuine = [(a, m[f"{a}/query"], a, "new latents") for a in B.ARCHS]
+    xcode = [(f"x-{a}", m[f"x/{a}"], None, "another code base") for a in XARCHS]
+    return [Problem("mnist", bank, genuine), Problem("mnist-xcode", bank, xcode)]
+
+
+def _thirds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(rows) // 3
+    return rows[:n], rows[n:2 * n], rows[2 * n:]
+
+
+def cifar_problems(c: dict, models: list[dict]) -> list[Problem]:
+    parts = {m["model_id"]: _thirds(c[m["key"]]) for m in models}
+
+    def bank_of(ms):
+        return {m["model_id"]: (m["model_id"], list(parts[m["model_id"]][:2])) for m in ms}
+
+    out = [Problem("cifar", bank_of(models),
+                   [(m["model_id"], parts[m["model_id"]][2], m["model_id"], "new latents")
+                    for m in models])]
+    current = [m for m in models if m.get("run") != "history"]
+    history = [m for m in models if m.get("run") == "history"]
+    out.append(Problem("cifar-runs", bank_of(current),
+                       [(m["model_id"], parts[m["model_id"]][2], m["model_id"], "new latents")
+                        for m in current]
+                       + [(m["model_id"], parts[m["model_id"]][2], None, "another run")
+                          for m in history]))
+    for base in sorted({m["code_base"] for m in models}):
+        inside = [m for m in models if m["code_base"] != base]
+        out.append(Problem(f"cifar-without-{base.split('/')[-1]}", bank_of(inside),
+                           [(m["model_id"], parts[m["model_id"]][2], None, "another code base")
+                            for m in models if m["code_base"] == base]))
+    return out
+
+
+# -- answering, as fp attribute does -----------------------------------------------------------
+
+
+class Method:
+    """A belonging statistic (or none: the score/margin rule alone), with or without the
+    score/margin rule as a second gate."""
+
+    def __init__(self, kind: str | None, gate: bool):
+        self.kind, self.gate = kind, gate
+        self.label = (f"{kind} test" if kind else "score/margin rule") + \
+            (" + rule gate" if kind and gate else "")
+
+
+class Answerer:
+    """Every query of a problem answered at every size, with the shared per-model nulls."""
+
+    def __init__(self, problem: Problem, mask: np.ndarray, alpha: float = 0.05,
+                 draws: int = 200, seed: int = 0):
+        from forensics.stats import belonging as bt
+
+        self.p, self.alpha, self.draws, self.seed = problem, alpha, draws, seed
+        self.mask = mask
+        self.models = sorted(problem.bank)
+        self.family = {k: problem.bank[k][0] for k in self.models}
+        # what the bank stores: projected rows in float16 precision
+        self.rows = {k: bt.ModelRows([_stored(c) for c in problem.bank[k][1]])
+                     for k in self.models}
+        self.nulls: dict = {}
+        # fingerprint vectors of every curve (the mean of the unprojected rows)
+        self.V, self.S, self.curve_model, self.sizes = [], [], [], []
+        for k in self.models:
+            for c in problem.bank[k][1]:
+                self.V.append(c.mean(axis=0)[mask])
+                self.S.append(c.var(axis=0)[mask])
+                self.curve_model.append(k)
+                self.sizes.append(len(c))
+        self.V, self.S = np.asarray(self.V, np.float64), np.asarray(self.S, np.float64)
+        self.conf = None
+        self.acs: dict = {}
+
+    def null(self, model: str, n: int, kind: str) -> np.ndarray:
+        from forensics.stats import belonging as bt
+
+        key = (model, min(n, bt.MAX_TEST), kind)
+        if key not in self.nulls:
+            self.nulls[key] = bt.null(self.rows[model], n, kind=kind, draws=self.draws,
+                                      seed=self.seed)
+        return self.nulls[key]
+
+    def answer_confidence(self, n: int, kind: str):
+        """The two-level answer's confidence map at size ``n`` (simulated once)."""
+        from forensics.stats import answer_confidence as ac
+        from forensics.stats import belonging as bt
+
+        key = (min(n, bt.MAX_TEST), kind)
+        if key not in self.acs:
+            nulls = {k: self.null(k, n, kind) for k in self.models}
+            self.acs[key] = ac.calibrate(self.rows, self.family, n, alpha=self.alpha,
+                                         kind=kind, nulls=nulls, seed=self.seed)
+        return self.acs[key]
+
+    def confidence_model(self):
+        """fp attribute's score/margin rule and confidence, fitted on this bank."""
+        if self.conf is None:
+            from fp_plugins.matchers import ZScoreMatcher
+
+            from forensics.stats import confidence
+
+            fam = [self.family[k] for k in self.curve_model]
+            sim = confidence.simulate(self.V, self.S, self.sizes, fam, ZScoreMatcher().score,
+                                      seed=self.seed)
+            self.conf = confidence.fit(sim, quantile=self.alpha, seed=self.seed)
+        return self.conf
+
+    def answer(self, rows: np.ndarray, method: Method) -> dict:
+        """The decision on the images ``rows`` (unprojected per-image rows)."""
+        from dataclasses import replace
+
+        from fp_plugins.matchers import ZScoreMatcher
+
+        from forensics.stats import belonging as bt
+        from forensics.stats.attribution import decide, decide_belonging, rank
+        from forensics.stats.confidence import family_scores, margin_of
+
+        n = len(rows)
+        meta = [{"curve_id": f"c{i:03d}", "model": k, "family": self.family[k]}
+                for i, k in enumerate(self.curve_model)]
+        q = rows.mean(axis=0)[self.mask].astype(np.float64)
+        ranking = rank(q, self.V, meta, ZScoreMatcher(), drop_layers=())
+        conf = self.confidence_model()
+        from forensics.stats.attribution import Calibration
+
+        cal = Calibration("zscore", (), self.alpha, conf.threshold(n), 0,
+                          margin_threshold=conf.margin_threshold(n))
+        rule = decide(ranking, cal)
+        tests = []
+        if method.kind is not None:
+            s = _stored(rows)
+            for k in self.models:
+                tests.append(bt.test(self.rows[k], s, name=k, family=self.family[k],
+                                     alpha=self.alpha, kind=method.kind, seed=self.seed,
+                                     null_values=self.null(k, n, method.kind)))
+            d = decide_belonging(ranking, tests, self.alpha, gate=rule if method.gate else None)
+        else:
+            d = rule
+        _, best, margin = margin_of(family_scores([m.score for m in ranking],
+                                                  [m.family for m in ranking]))
+        old = conf.probability(margin, best, n)
+        if method.kind is None:
+            d = replace(d, confidence=None if d.unknown else old)
+        else:
+            ac = self.answer_confidence(n, method.kind)
+            chosen = d.consistent[0]["p_value"] if d.consistent else None
+            d = replace(d, confidence=ac.probability(
+                d.unknown, chosen, len({c["family"] for c in d.consistent})))
+        ps = sorted((t.p_value for t in tests if t.p_value is not None), reverse=True)
+        return {"family": d.family, "unknown": d.unknown, "nearest": d.nearest_family,
+                "n_consistent": len(d.consistent), "p1": ps[0] if ps else None,
+                "p2": ps[1] if len(ps) > 1 else 0.0, "best": best, "margin": margin,
+                "old_conf": old, "confidence": d.confidence, "n": n}
+
+
+def _stored(rows: np.ndarray) -> np.ndarray:
+    """Rows as the bank stores them: projected, float16."""
+    from forensics.stats import belonging as bt
+
+    return bt.unpack_rows(bt.pack_rows(bt.project(rows)), len(rows))
+
+
+def suspects(rows: np.ndarray, sizes=SIZES, reps: int = 3, seed: int = 0):
+    """Seeded subsets of a query at each size (the whole query once at its own size)."""
+    rng = np.random.default_rng(seed)
+    for n in sizes:
+        if n > len(rows):
+            continue
+        for _ in range(1 if n == len(rows) else reps):
+            yield n, rows[np.sort(rng.choice(len(rows), n, replace=False))]
+    if len(rows) not in sizes:
+        yield len(rows), rows
+
+
+def run_problem(problem: Problem, mask: np.ndarray, methods: list[Method],
+                reps: int = 3) -> list[dict]:
+    """Every method's answer on every suspect of the problem."""
+    ans = Answerer(problem, mask)
+    out = []
+    for name, rows, truth, cond in problem.queries:
+        for _n, sub in suspects(rows, reps=reps):
+            for m in methods:
+                a = ans.answer(sub, m)
+                a.update(set=problem.name, query=name, truth=truth, cond=cond,
+                         method=m.label, right=(a["family"] == truth if truth is not None
+                                                else a["unknown"]))
+                out.append(a)
+    return out
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+#: The three development sets of the summary, and which problems feed each.
+SETS = {"mnist protocol": ("mnist",), "mnist cross-code": ("mnist-xcode",),
+        "cifar zoo": ("cifar", "cifar-runs", "cifar-without-")}
+
+
+def _in(a: dict, prefixes) -> bool:
+    return any(a["set"] == p or (p.endswith("-") and a["set"].startswith(p)) for p in prefixes)
+
+
+def figures(answers: list[dict], conf_key: str = "confidence") -> dict:
+    """The summary figures of a list of answers (all sizes pooled)."""
+    from forensics.stats.confidence import expected_calibration_error
+
+    gen = [a for a in answers if a["truth"] is not None]
+    unk = [a for a in answers if a["truth"] is None]
+    out = {"n": len(answers)}
+    out["named_right"] = float(np.mean([a["right"] for a in gen])) if gen else None
+    out["genuine_unknown"] = float(np.mean([a["unknown"] for a in gen])) if gen else None
+    out["unknown_right"] = float(np.mean([a["unknown"] for a in unk])) if unk else None
+    parts = [x for x in (out["named_right"], out["unknown_right"]) if x is not None]
+    out["balanced"] = float(np.mean(parts))
+    conf = [a.get(conf_key) for a in answers]
+    if all(c is not None for c in conf) and answers:
+        p = np.asarray(conf, dtype=np.float64)
+        y = np.asarray([a["right"] for a in answers], dtype=bool)
+        out["wrong_above_half"] = float(np.mean(~y & (p > 0.5)))
+        out["ece"] = expected_calibration_error(p, y)
+    return out
+
+
+def _f(x, fmt=".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def tables(answers: list[dict], methods: list[str], conf_key: str = "confidence") -> tuple[
+        list[str], dict]:
+    """Per-set tables (method x figure), a per-size table, and each method's worst set."""
+    lines = ["| set | method | answers | new latents named right | genuine called unknown | "
+             "other run / code base unknown | balanced | wrong above 0.5 | ECE |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    worst: dict[str, float] = {}
+    per: dict[tuple[str, str], dict] = {}
+    for s, prefixes in SETS.items():
+        for m in methods:
+            sel = [a for a in answers if a["method"] == m and _in(a, prefixes)]
+            if not sel:
+                continue
+            f = figures(sel, conf_key)
+            per[(s, m)] = f
+            worst[m] = min(worst.get(m, 1.0), f["balanced"])
+            lines.append(f"| {s} | {m} | {f['n']} | {_f(f['named_right'])} | "
+                         f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | "
+                         f"{f['balanced']:.3f} | {_f(f.get('wrong_above_half'))} | "
+                         f"{_f(f.get('ece'))} |")
+    return lines, {"worst": worst, "per": per}
+
+
+def size_table(answers: list[dict], method: str) -> list[str]:
+    """Genuine named right / called unknown, and other models called unknown, by size."""
+    sizes = sorted({a["n"] for a in answers if a["method"] == method})
+    lines = ["| set | condition | " + " | ".join(str(n) for n in sizes) + " |",
+             "|---|---" + "|---" * len(sizes) + "|"]
+    for s, prefixes in SETS.items():
+        for cond in ("new latents", "another run", "another code base"):
+            sel = [a for a in answers if a["method"] == method and _in(a, prefixes)
+                   and a["cond"] == cond]
+            if not sel:
+                continue
+            cells = []
+            for n in sizes:
+                at = [a for a in sel if a["n"] == n]
+                if not at:
+                    cells.append("-")
+                elif cond == "new latents":
+                    cells.append(f"{np.mean([a['right'] for a in at]):.2f} / "
+                                 f"{np.mean([a['unknown'] for a in at]):.2f}")
+                else:
+                    cells.append(f"{np.mean([a['unknown'] for a in at]):.2f}")
+            lines.append(f"| {s} | {cond} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def entry_mask(work: Path, baseline: str) -> np.ndarray:
+    """``resid-early``'s matched entries (layer 0 dropped, as fp attribute does)."""
+    import forensics
+    from forensics import defaults
+    from forensics.plugin import manager as plugins
+    from forensics.stats import fingerprints as fpmod
+    from forensics.stats.attribution import keep_mask
+    from refbank import Bank
+
+    loaded = forensics.load_baseline(baseline, bank=Bank(work / "bank-sets"))
+    fp = plugins.get("fingerprints", defaults.FINGERPRINT)
+    return fpmod.entry_mask(fp, loaded.dims, keep_mask(len(loaded.dims), defaults.DROP_LAYERS))
+
+
+METHODS = (Method(None, False), Method("mmd", False), Method("mmd", True),
+           Method("energy", False), Method("energy", True))
+
+
+def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], dict]:
+    """The three sets, every method; markdown lines and the summary (worst set per method)."""
+    t0 = time.perf_counter()
+    m, c, models = prepare(work, encoder, cache)
+    mask_m, mask_c = entry_mask(work, B.BASELINE), entry_mask(work, "cifar-zoo")
+    reps = 1 if quick else 3
+    answers = []
+    for p in mnist_problems(m):
+        answers += run_problem(p, mask_m, list(METHODS), reps=reps)
+        B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
+    for p in cifar_problems(c, models):
+        answers += run_problem(p, mask_c, list(METHODS), reps=reps)
+        B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
+    labels = [x.label for x in METHODS]
+    lines, summary = tables(answers, labels)
+    summary["answers"] = answers
+    return lines, summary
