@@ -509,11 +509,25 @@ def test_refusals(world, tmp_path):
     with pytest.raises(UnknownNameError, match="paper, proj-mean, proj-mean-ct, proj-mean-early, "
                                                "resid-ct, resid-early, setstats"):
         attribute(f["query_noise"], fingerprint="nope", **kw)
-    empty = dict(kw, bank=Bank(tmp_path / "empty"))
+    missing = dict(kw, bank=Bank(tmp_path / "missing"))
+    for step in (attribute, compute_curve):  # a mistyped --bank is not an empty bank
+        with pytest.raises(BankError, match="does not exist"):
+            step(f["query_noise"], **missing)
+    empty = dict(kw, bank=_empty_bank(tmp_path / "empty"))
     with pytest.raises(BankError, match="no enrolled curves"):
         attribute(f["query_noise"], **empty)
     with pytest.raises(BankError, match="no baselines"):
         compute_curve(f["query_noise"], **empty)
+
+
+def _empty_bank(path: Path) -> Bank:
+    """A bank that exists and holds nothing (its only baseline added, then removed)."""
+    bank = Bank(path)
+    bank.add_baseline({"name": "b", "encoder": "timm:tiny", "weights_sha256": "ab" * 32,
+                       "layers": ["l0"], "train_manifest_sha256": "t" * 64,
+                       "heldout_manifest_sha256": "p" * 64})
+    bank.remove_baseline("b")
+    return bank
 
 
 def test_embeddings_of_another_encoder_are_refused(world):
@@ -626,13 +640,14 @@ def test_cli_build_enroll_curve_attribute_with_json(world, tmp_path, monkeypatch
     assert attr["fingerprint"] == forensics.defaults.FINGERPRINT
     assert attr["matcher"] == "zscore"
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
-        "attribution.json", "attribution.png", "report.html"]
+        "SHA256SUMS", "attribution.json", "attribution.png", "report.html"]
     text = _fp("attribute", f["query_noise"], "--device", "cpu", "--n-boot", "0",
                "--fingerprint", "paper", "--matcher", "l2", "--drop-layers", "none").stdout
     assert "Decision: family noise, model noise" in text
 
 
 def test_cli_refusals_say_what_to_do(world, tmp_path):
+    _empty_bank(tmp_path / "empty")
     res = _fp("attribute", world["folders"]["query_noise"], "--bank", tmp_path / "empty",
               ok=False)
     assert res.exit_code == 1 and "Error: the bank at" in res.stderr

@@ -251,10 +251,11 @@ def check_labels(cells: np.ndarray, n: int, what: str) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
             raise InputError(f"{what} must hold integer cell labels")
-    if arr.size and (arr.min() < 0 or arr.max() > defaults.MAX_CELL_LABEL):
-        bad = arr.min() if arr.min() < 0 else arr.max()
+    if arr.size and arr.min() < 0:
+        raise InputError(f"{what} must hold cell labels >= 0, found {arr.min()}")
+    if arr.size and arr.max() > defaults.MAX_CELL_LABEL:
         raise InputError(f"{what} must hold cell labels from 0 to {defaults.MAX_CELL_LABEL}, "
-                         f"found {bad:g}; number the cells 0, 1, 2, ... (e.g. with "
+                         f"found {arr.max():g}; number the cells 0, 1, 2, ... (e.g. with "
                          f"numpy.unique(labels, return_inverse=True))")
     return arr.astype(np.int64)
 
