@@ -515,10 +515,12 @@ def test_a_process_that_reads_the_bank_exits_cleanly(bank, bid):
     runs = [subprocess.run([sys.executable, "-c", code, str(bank.path)], env=_run_env(),
                            capture_output=True, text=True) for _ in range(12)]
     failed = [(r.returncode, r.stderr[-2000:]) for r in runs if r.returncode]
-    # A threaded read aborted 35 of 40 such processes. What remains is pyarrow's own exit
-    # race (apache/arrow#34314, open upstream): 0-3 of 150-300 runs on a loaded machine,
-    # so one abort in 12 is tolerated and two fail the test.
-    assert len(failed) <= 1, failed
+    # A threaded read aborted 35 of 40 such processes (about 10 of these 12). What remains
+    # is pyarrow's own exit race (apache/arrow#34314, open upstream), up to about 2 % of
+    # runs on a loaded machine: two aborts in 12 then happen in about 2.6 % of test runs,
+    # four in about 0.01 %. So up to three are tolerated; the regression still fails.
+    # (`fp` itself ends without pyarrow's native teardown: forensics.cli.app._exit.)
+    assert len(failed) <= 3, failed
 
 
 def test_resolve_baseline(bank):

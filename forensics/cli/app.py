@@ -182,7 +182,37 @@ def main() -> None:
     # Idle OpenMP threads that spin steal the CPU from the next small fit (KMeans, PCA);
     # on a shared or small machine that made fits tens of times slower. Users may override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app(prog_name="fp")
+    try:
+        app(prog_name="fp")
+    except SystemExit as exc:
+        _exit(exc.code)
+    _exit(0)
+
+
+def _exit(code: object) -> None:
+    """End the process with ``code`` once the command is done.
+
+    With pyarrow loaded, the interpreter's own exit runs pyarrow's native teardown, which
+    can abort the process after the work is done and reported ("terminate called without
+    an active exception", apache/arrow#34314, open upstream: 2 of 87 ``fp bank import``
+    runs). So Python's exit handlers run, the output is flushed, and the process ends
+    without the native libraries' teardown.
+    """
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    status = 0 if code is None else int(code)  # type: ignore[call-overload]
+    if "pyarrow" not in sys.modules:
+        sys.exit(status)
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover
