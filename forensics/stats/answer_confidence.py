@@ -153,7 +153,3 @@ def calibrate(models: dict[str, bt.ModelRows], families: dict[str, str], n: int,
     return AnswerConfidence(int(n), unknown_right, weights, len(named), len(unknown),
                             named_right, int(seed))
 
-
-def families_of(decision_consistent: Sequence[dict[str, Any]]) -> int:
-    """Number of families among an answer's consistent models."""
-    return len({c["family"] for c in decision_consistent})
