@@ -6,9 +6,10 @@ fp's embedding cache, and read back as ``resid-early``'s per-image rows against 
 own baseline (T = 3,000 and P = 1,000 of its reference images, seeded). The rows are cached
 in the work folder (``rows-<set>.npz``), so a second run costs seconds.
 
-- **mnist**: the protocol of ``../shared/data/README.md``: per architecture two enrolled
-  curves (epochs 11-26 and 27-42 at grid positions 0-31, one model) and a query (epochs
-  35-50 at positions 32-63, latents never enrolled);
+- **mnist**: the protocol of ``../shared/data/README.md`` at a quarter of its size: per
+  architecture two enrolled curves (epochs 11-26 at grid positions 0-7, epochs 27-42 at
+  8-15: one model, disjoint latents, see :data:`MNIST_POSITIONS`) and a query (epochs
+  35-50 at positions 32-39, latents never enrolled), 128 images each;
 - **mnist-xcode**: the same bank; queries are the second code base's epochs 9 + 24 (another
   trained model of every variant, and VAE / CVAE): all must come out unknown;
 - **cifar**: the CIFAR-10 zoo's protocol: per model_id, curve 1 = the first third of its
@@ -69,21 +70,26 @@ def _rows_of(loaded, emb) -> np.ndarray:
     return X.per_image(loaded, "resid-early", emb).astype(np.float32)
 
 
-#: Grid positions per protocol curve used here: the first 8 of each block of 32 (curves of
-#: 16 epochs x 8 positions = 128 images; the protocol's 512 cost four times the embedding time).
+#: Grid positions per protocol curve used here (curves of 16 epochs x 8 positions = 128
+#: images; the protocol's 512 cost four times the embedding time). The two enrolled curves
+#: take different positions of the enrolled block (0-7 and 8-15): the zoo samples one
+#: fixed noise per position at every epoch, so curves at the same positions would share
+#: their latent codes, and a null drawn from one curve against the other would measure two
+#: checkpoints of the *same* latents, far tighter than a new set of the model is.
 MNIST_POSITIONS = 8
 
 
 def protocol_subset(work: Path, f: dict[str, Path]) -> Path:
-    """The protocol's folders with the first :data:`MNIST_POSITIONS` positions of each curve
-    (hard links)."""
-    out = work / f"protocol-{MNIST_POSITIONS}"
+    """The protocol's folders, :data:`MNIST_POSITIONS` positions per curve, the enrolled
+    curves at disjoint positions (hard links)."""
+    out = work / f"protocol-{MNIST_POSITIONS}-disjoint"
     for a in B.ARCHS:
-        for name, (start, (lo, _hi)) in (("enroll1", B.PROTOCOL["enroll"][0]),
-                                         ("enroll2", B.PROTOCOL["enroll"][1]),
-                                         ("query", B.PROTOCOL["query"])):
+        for name, (start, (lo, _hi)), shift in (("enroll1", B.PROTOCOL["enroll"][0], 0),
+                                                ("enroll2", B.PROTOCOL["enroll"][1],
+                                                 MNIST_POSITIONS),
+                                                ("query", B.PROTOCOL["query"], 0)):
             for e in range(start, start + B.WINDOW):
-                for pos in range(lo, lo + MNIST_POSITIONS):
+                for pos in range(lo + shift, lo + shift + MNIST_POSITIONS):
                     n = f"e{e:02d}_{pos:03d}.png"
                     B._link(f["protocol"] / a / name / n, out / a / name / n)
     return out

@@ -95,11 +95,11 @@ def test_the_answer_has_two_levels_and_unknown_shows_the_closest_family():
     named = decide_belonging(ranking, [_t("m1", "A", 0.4), _t("m2", "B", 0.2)], 0.05)
     assert (named.family, named.model, named.unknown, named.closest) == ("A", "m1", False, None)
     assert [c["model"] for c in named.consistent] == ["m1", "m2"]
-    # the most consistent model names the family, whatever the ranking; ties: the ranking's
-    second = decide_belonging(ranking, [_t("m1", "A", 0.1), _t("m2", "B", 0.3)], 0.05)
+    # of the consistent models, the one the ranking puts first names the family
+    first = decide_belonging(ranking, [_t("m1", "A", 0.1), _t("m2", "B", 0.3)], 0.05)
+    assert (first.family, first.model) == ("A", "m1")
+    second = decide_belonging(ranking, [_t("m1", "A", 0.01), _t("m2", "B", 0.3)], 0.05)
     assert (second.family, second.model) == ("B", "m2")
-    tie = decide_belonging(ranking, [_t("m2", "B", 0.3), _t("m1", "A", 0.3)], 0.05)
-    assert (tie.family, tie.model) == ("A", "m1")
     none = decide_belonging(ranking, [_t("m1", "A", 0.01), _t("m2", "B", None)], 0.05)
     assert none.unknown and none.family is None and none.closest == "A"
     assert none.consistent == [] and "no enrolled model is consistent" in none.reason

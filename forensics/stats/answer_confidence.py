@@ -10,7 +10,8 @@ The bank simulates both cases at the suspect's size ``n``, from its own models:
   ``M``'s own null draws (:func:`forensics.stats.belonging.null`: a set of one curve measured
   against its other curves), so no set is ever tested against its own images;
 - **as a suspect of an enrolled model**: all these p-values decide the answer (right: ``M``'s
-  family);
+  family; the simulation names the family of the most consistent model, standing in for
+  the fingerprint ranking it does not have);
 - **as a suspect of a model not enrolled**: the same set with ``M`` left out of the bank
   (right: unknown).
 
@@ -152,7 +153,3 @@ def calibrate(models: dict[str, bt.ModelRows], families: dict[str, str], n: int,
     return AnswerConfidence(int(n), unknown_right, weights, len(named), len(unknown),
                             named_right, int(seed))
 
-
-def families_of(decision_consistent: Sequence[dict[str, Any]]) -> int:
-    """Number of families among an answer's consistent models."""
-    return len({c["family"] for c in decision_consistent})

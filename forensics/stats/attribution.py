@@ -408,12 +408,14 @@ def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: floa
 
     Model level: every enrolled model whose belonging test
     (:func:`forensics.stats.belonging.test`) gives ``p >= alpha``, listed in
-    ``consistent`` (highest p first). Family level: the family of the consistent model with
-    the highest p-value, ties going to the one the ranking puts first (``family``,
-    ``model``). When no model is consistent the answer is
-    ``unknown`` (``family`` None) and the ranking's nearest family is ``closest``, never the
-    decision. ``gate``, where given, is the score/margin rule's decision
-    (:func:`decide`): its ``unknown`` also makes the answer unknown.
+    ``consistent`` (highest p first). Family level: the family of the consistent model the
+    ranking puts first (``family``, ``model``): a p-value says whether a model could have
+    made the images, the fingerprint's ranking which of those it most resembles (choosing
+    by the highest p named the right family less often on the development sets). When no
+    model is consistent the answer is ``unknown`` (``family`` None) and the ranking's
+    nearest family is ``closest``, never the decision. ``gate``, where given, is the
+    score/margin rule's decision (:func:`decide`): its ``unknown`` also makes the answer
+    unknown.
 
     Args:
         ranking: output of :func:`rank`, best first (the whole ranking).
@@ -431,8 +433,7 @@ def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: floa
                 key=lambda t: (-t.p_value, t.model))
     consistent = [{"model": t.model, "family": t.family, "p_value": t.p_value} for t in ok]
     order = {m.model: i for i, m in reversed(list(enumerate(ranking)))}
-    chosen = min(ok, key=lambda t: (-t.p_value, order.get(t.model, len(ranking)), t.model)) \
-        if ok else None
+    chosen = min(ok, key=lambda t: (order.get(t.model, len(ranking)), t.model)) if ok else None
     gated = gate is not None and gate.unknown
     unknown = chosen is None or gated
     tested = [t for t in tests if t.p_value is not None]
@@ -448,7 +449,7 @@ def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: floa
         names = ", ".join(f"{t.model} (p = {t.p_value:.3g})" for t in ok[:5])
         reason = (f"consistent at level {alpha:g} with {names}"
                   + (" ..." if len(ok) > 5 else "")
-                  + f"; family {chosen.family} (of {chosen.model}, the most consistent)")
+                  + f"; family {chosen.family} (of {chosen.model}, ranked first of them)")
     return Decision(
         family=None if unknown else chosen.family,  # type: ignore[union-attr]
         model=None if unknown else chosen.model,  # type: ignore[union-attr]
