@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, "--weights",
                                     help="Encoder weights spec [default: the encoder's own]."),
         quick: bool = typer.Option(False, "--quick",
-                                   help="Two generator families and fewer images (seconds)."),
+                                   help="Two generator families and fewer images (about 40 s)."),
         seed: int = typer.Option(defaults.SEED, "--seed",
                                  help="Seed of the split, sampling, generators."),
         fingerprint: str = typer.Option(defaults.FINGERPRINT, "--fingerprint",
