@@ -120,6 +120,20 @@ class Decision:
         """JSON-ready form."""
         return asdict(self)
 
+    def model_level(self) -> str:
+        """The model level in words: the consistent models with their p-values, or none."""
+        return ", ".join(f"{c['model']} (p {c['p_value']:.2f})" for c in self.consistent) \
+            or "none consistent"
+
+    def family_level(self) -> str:
+        """The family level in words: the family, ``unknown (closest: F)`` or
+        ``INCONCLUSIVE``."""
+        if self.inconclusive:
+            return "INCONCLUSIVE"
+        if self.unknown:
+            return f"unknown (closest: {self.closest or self.nearest_family})"
+        return str(self.family)
+
 
 @dataclass(frozen=True)
 class Bootstrap:

@@ -348,16 +348,12 @@ def render_index(answers: Sequence[Any]) -> str:
             classes.append("below")
             continue
         d = a.result.decision
-        models = ", ".join(f"{c['model']} (p {c['p_value']:.3g})" for c in d.consistent)
-        family = ("INCONCLUSIVE" if d.inconclusive else
-                  f"unknown (closest: {d.closest or d.nearest_family})" if d.unknown
-                  else d.family)
         link = "-"
         if a.report is not None:
             rel = f"{Path(a.report).name}/report.html"
             link = f'<a href="{esc(rel)}">{esc(rel)}</a>'
         rows.append([a.folder, a.result.curve.provenance.get("inputs", {}).get("n_images"),
-                     models or "none consistent", family,
+                     d.model_level(), d.family_level(),
                      "-" if d.confidence is None else f"{d.confidence:.2f}", _Raw(link)])
         classes.append("")
     failed = sum(a.result is None for a in answers)

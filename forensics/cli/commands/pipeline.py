@@ -391,12 +391,8 @@ def _print_many(answers, report: Path | None) -> None:
             rows.append([a.folder, "-", "-", "FAILED", "-"])
             continue
         d = a.result.decision
-        models = ", ".join(f"{c['model']} (p {c['p_value']:.2f})" for c in d.consistent)
-        family = ("INCONCLUSIVE" if d.inconclusive else
-                  f"unknown (closest: {d.closest or d.nearest_family})" if d.unknown
-                  else d.family)
         rows.append([a.folder, a.result.curve.provenance.get("inputs", {}).get("n_images"),
-                     models or "none consistent", family,
+                     d.model_level(), d.family_level(),
                      "-" if d.confidence is None else f"{d.confidence:.2f}"])
     _print_table(["suspect set", "images", "model level", "family level", "confidence"], rows,
                  title=f"{len(answers)} suspect sets")
