@@ -860,13 +860,7 @@ def _image_keys(row: dict[str, Any]) -> list[str]:
     keys = []
     if _SHA_RE.match(str(row.get("manifest_sha256") or "")):
         keys.append(row["manifest_sha256"])
-    params = row.get("params")
-    if params is None:
-        try:
-            params = json.loads(row.get("params_json") or "{}")
-        except ValueError:
-            params = {}
-    folder = str(params.get("folder_manifest_sha256") or "")
+    folder = str(curve_params(row, strict=False).get("folder_manifest_sha256") or "")
     if _SHA_RE.match(folder):
         keys.append("folder:" + folder)
     return keys
@@ -879,13 +873,7 @@ DUPLICATE_SHARE = 0.05
 
 def _image_hashes(row: dict[str, Any]) -> list[str]:
     """The SHA-256 of each image of a curve (its ``image_sha256`` parameter; [] if none)."""
-    params = row.get("params")
-    if params is None:
-        try:
-            params = json.loads(row.get("params_json") or "{}")
-        except ValueError:
-            params = {}
-    values = params.get("image_sha256") if isinstance(params, dict) else None
+    values = curve_params(row, strict=False).get("image_sha256")
     if not isinstance(values, list):
         return []
     return [v for v in values if isinstance(v, str) and _SHA_RE.match(v)]
@@ -1090,16 +1078,23 @@ def _fingerprints(value: Any, what: str) -> dict[str, list[float]]:
     return out
 
 
-def curve_params(row: dict[str, Any]) -> dict[str, Any]:
+def curve_params(row: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
     """A curve row's parameters: ``params`` of a row about to be stored, or its stored
-    ``params_json`` (``{}`` when none)."""
+    ``params_json`` (``{}`` when none).
+
+    Raises:
+        BankError: unreadable ``params_json`` (with ``strict=False``: ``{}`` instead).
+    """
     if isinstance(row.get("params"), dict):
         return row["params"]
     try:
-        return json.loads(row.get("params_json") or "{}")
+        params = json.loads(row.get("params_json") or "{}")
     except ValueError:
+        if not strict:
+            return {}
         raise BankError(f"curve {row.get('curve_id')!r} has unreadable params_json; "
                         f"run fp bank verify") from None
+    return params if isinstance(params, dict) or strict else {}
 
 
 def curve_fingerprints(row: dict[str, Any]) -> dict[str, list[float]]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
@@ -145,8 +144,3 @@ def luma(data: bytes) -> np.ndarray:
 
     rgb = np.asarray(decode_rgb(data), dtype=np.float64)
     return rgb @ np.array([0.299, 0.587, 0.114])
-
-
-def as_dict(condition: FileCondition) -> dict[str, Any]:
-    """A :class:`FileCondition` as a JSON-ready dict."""
-    return asdict(condition)

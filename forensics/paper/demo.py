@@ -365,10 +365,10 @@ def run_demo(
         d = answer(fingerprint)
         row = DemoRow(gen.label, gen.model, gen.checkpoint, gen.family, gen.enrolled,
                       d.family, d.model, d.unknown, d.confidence,
-                      getattr(d, "closest", None) or d.nearest_family, d.score, d.threshold,
+                      d.closest or d.nearest_family, d.score, d.threshold,
                       _right(d, gen), d.reason,
                       [{"model": c["model"], "p_value": c["p_value"]}
-                       for c in getattr(d, "consistent", [])])
+                       for c in d.consistent])
         if compare:
             p = answer(compare)
             row.paper_family, row.paper_unknown = p.family, p.unknown

@@ -59,7 +59,7 @@ def refuse_undefined_ct(fp: Any, rows: list[dict[str, Any]], where: str) -> None
 
     if not fpmod.needs_ct(fp):
         return
-    small = [(r, curve_params(r)[CT_UNDEFINED]) for r in rows if curve_params(r).get(CT_UNDEFINED)]
+    small = [(r, why) for r in rows if (why := curve_params(r).get(CT_UNDEFINED))]
     if small:
         shown = ", ".join(r["curve_id"] for r, _ in small[:5]) + (" ..." if len(small) > 5
                                                                  else "")

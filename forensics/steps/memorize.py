@@ -74,18 +74,25 @@ def read_members(file: Path, images: Sequence[Path]) -> list[bool]:
     return flags
 
 
+def _lower_is_more(members: Sequence[float], others: Sequence[float], more_memorized: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Both score lists as float64, negated where a higher score is more memorized."""
+    a = np.asarray(members, dtype=np.float64)
+    b = np.asarray(others, dtype=np.float64)
+    if more_memorized == "higher":
+        return -a, -b
+    if more_memorized != "lower":
+        raise InputError(f"more_memorized must be 'lower' or 'higher', got {more_memorized!r}")
+    return a, b
+
+
 def auroc(members: Sequence[float], others: Sequence[float], more_memorized: str = "lower"
           ) -> float:
     """P(a member looks more memorized than a non-member), ties counting one half.
 
     ``inf`` scores compare as the largest values (InvMM's "never reconstructed").
     """
-    a = np.asarray(members, dtype=np.float64)
-    b = np.asarray(others, dtype=np.float64)
-    if more_memorized == "higher":
-        a, b = -a, -b
-    elif more_memorized != "lower":
-        raise InputError(f"more_memorized must be 'lower' or 'higher', got {more_memorized!r}")
+    a, b = _lower_is_more(members, others, more_memorized)
     less = (a[:, None] < b[None, :]).sum()
     ties = (a[:, None] == b[None, :]).sum()
     return float((less + 0.5 * ties) / (a.size * b.size))
@@ -100,12 +107,7 @@ def tpr_at_fpr(members: Sequence[float], others: Sequence[float],
     score, so tied scores are flagged together. With fewer than ``1 / fpr`` non-members
     this is the TPR at no false positive. ``inf`` scores compare as the largest values.
     """
-    a = np.asarray(members, dtype=np.float64)
-    b = np.asarray(others, dtype=np.float64)
-    if more_memorized == "higher":
-        a, b = -a, -b
-    elif more_memorized != "lower":
-        raise InputError(f"more_memorized must be 'lower' or 'higher', got {more_memorized!r}")
+    a, b = _lower_is_more(members, others, more_memorized)
     thresholds = np.unique(np.concatenate([a, b]))
     tp = np.searchsorted(np.sort(a), thresholds, side="right") / a.size
     fp = np.searchsorted(np.sort(b), thresholds, side="right") / b.size
