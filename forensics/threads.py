@@ -18,18 +18,21 @@ from typing import Any
 SMALL_WORK = 4_000_000
 
 
-def _one_thread(elements: int = 0) -> contextlib.AbstractContextManager:
+def _one_thread(elements: int = 0, load: bool = True) -> contextlib.AbstractContextManager:
     """Single-threaded BLAS and OpenMP for small arrays (``elements`` up to SMALL_WORK).
 
     Waking thread pools for a (m, D) x (D, d) product or the SVD of a few thousand rows
-    costs more than the work itself, a hundred times more on a busy machine.
+    costs more than the work itself, a hundred times more on a busy machine. A limit
+    reaches only the libraries loaded when it is set: with ``load`` SciPy's and
+    scikit-learn's are loaded first; without, only what is loaded now (a step that may
+    import them later sets its own limit there).
     """
     if elements > SMALL_WORK:
         return contextlib.nullcontext()
     try:
-        # A limit reaches only libraries already loaded: load SciPy's and scikit-learn's.
-        import scipy.linalg  # noqa: F401
-        import sklearn.cluster  # noqa: F401
+        if load:
+            import scipy.linalg  # noqa: F401
+            import sklearn.cluster  # noqa: F401
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - they come with the dependencies
         return contextlib.nullcontext()

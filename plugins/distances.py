@@ -121,8 +121,6 @@ class NNDistance:
         Raises:
             InputError: wrong shapes, mismatched feature counts or an empty ``ref``.
         """
-        import torch
-
         from forensics.errors import InputError
 
         q = _as_matrix(query, "query")
@@ -137,6 +135,12 @@ class NNDistance:
             raise InputError("the reference set is empty: there is no nearest neighbour")
         dist = np.empty(m, dtype=np.float64)
         index = np.zeros(m, dtype=np.int64)
+        if str(device) == "cpu" and m * n * q.shape[1] <= NUMPY_WORK and m > 0:
+            # without importing torch: a cached suspect's query needs nothing else
+            dist, index = self._search_numpy(q, r, prepared)
+            return (dist, index) if return_index else dist
+        import torch
+
         dev = _device(device)
         if dev.type == "cpu" and m * n * q.shape[1] <= NUMPY_WORK and m > 0:
             dist, index = self._search_numpy(q, r, prepared)

@@ -284,7 +284,9 @@ def read_table(path: Path, schema: pa.Schema, *, keep_unknown: bool = False) -> 
         # exception"): 35 of 40 bare runs did; 3 of 150 with one CPU thread, on a loaded
         # machine; 0 of 150 with pre-buffering off as well (pyarrow still has a rarer exit
         # race of its own, apache/arrow#34314: 0 of 300 and 1 of 150 runs since).
-        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
+        # (ParquetFile, not read_table: the latter imports pyarrow.dataset, and with it
+        # pandas, half a second for every command that reads the bank)
+        table = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
     except (OSError, pa.ArrowException) as exc:
         raise BankError(
             f"cannot read {path}: {exc}. The file is damaged; restore the bank from an "

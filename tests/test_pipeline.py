@@ -824,3 +824,95 @@ def test_cli_attributes_several_folders_and_each_sub_folder(world, tmp_path, mon
     assert "Error:" in res.stderr and "c:" in res.stderr
     res = _fp("attribute", f["query_noise"], "--each", "--bank", bank, ok=False)
     assert res.exit_code == 1 and "holds no sub-folder" in res.stderr
+
+
+# -- the light path: cached suspects, stored calibration --------------------------------------
+
+
+def test_a_cached_set_is_answered_without_torch_or_scikit_learn_and_alike(world):
+    f = world["folders"]
+    first = attribute(f["query_shuffle"], n_boot=0, **world["kw"])  # embeds, stores
+    stored = sorted(p.name for p in (world["bank"].path / "calibration").iterdir())
+    assert {n.split("-")[0] for n in stored} == {"confidence", "belonging"}
+    code = (
+        "import json, sys, forensics\n"
+        f"a = forensics.attribute({str(f['query_shuffle'])!r}, bank={str(world['bank'].path)!r},"
+        f" cache_dir={str(world['cache'])!r}, n_boot=0, device='cpu')\n"
+        "print(json.dumps({'answer': a.to_dict(), 'loaded': sorted(m for m in ('torch', "
+        "'sklearn', 'scipy.stats') if m in sys.modules)}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    got = json.loads(out.stdout)
+    assert got["loaded"] == []  # neither the encoder nor a fit: everything was stored
+    light, full = got["answer"], json.loads(json.dumps(first.to_dict()))
+    for a in (light, full):
+        a["provenance"].pop("created")
+    assert light == full  # the same answer, bit for bit, to the calibrations' hashes
+    assert light["provenance"]["custody"]["calibrations"][0]["kind"] == "confidence"
+
+
+def test_a_damaged_stored_calibration_is_set_aside_and_computed_again(world, tmp_path):
+    from forensics.errors import FpWarning
+
+    bank = tmp_path / "bank"
+    shutil.copytree(world["bank"].path, bank)
+    kw = {**world["kw"], "bank": Bank(bank)}
+    f = world["folders"]
+    first = attribute(f["query_noise"], n_boot=0, **kw)
+    target = next((bank / "calibration").glob("belonging-*.json"))
+    doc = json.loads(target.read_text())
+    model = next(iter(doc["value"]["nulls"]))
+    doc["value"]["nulls"][model][0] = 1e9  # a forged null value
+    target.write_text(json.dumps(doc))
+    with pytest.warns(FpWarning, match="SHA-256 does not match"):
+        again = attribute(f["query_noise"], n_boot=0, **kw)
+    assert (target.parent / f"damaged-{target.name}").exists() and target.exists()
+    assert again.decision == first.decision and again.belonging == first.belonging
+
+
+def test_cached_rows_are_read_without_the_encoder_and_only_when_all_are_there(world, tmp_path,
+                                                                             monkeypatch):
+    from forensics.data import embed as embed_mod
+    from forensics.data.images import scan_folder
+    from forensics.steps.curve import encoder_record
+
+    f = world["folders"]
+    loaded = load_baseline("digits", bank=world["bank"])
+    full = embed_folder(f["query_noise"], "vit-tiny-demo", weights="random:0",
+                        cache_dir=world["cache"], progress=False, device="cpu")
+    monkeypatch.setattr(embed_mod, "_load_encoder", None)  # no encoder may be loaded
+    light = embed_mod.cached_embeddings(scan_folder(f["query_noise"]), encoder_record(loaded),
+                                        world["cache"])
+    assert light is not None and light.layers == full.layers
+    for a, b in zip(light.arrays, full.arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert light.encoder_info["weights_sha256"] == full.encoder_info["weights_sha256"]
+    assert light.encoder_info["cache"] == {"hits": len(full), "computed": 0}
+    mixed = tmp_path / "mixed"
+    shutil.copytree(f["query_noise"], mixed)
+    from PIL import Image
+
+    Image.new("L", (32, 32), 7).save(mixed / "new.png")  # never embedded
+    assert embed_mod.cached_embeddings(scan_folder(mixed), encoder_record(loaded),
+                                       world["cache"]) is None
+    other = {**encoder_record(loaded), "precision": "bfloat16"}  # another configuration
+    assert embed_mod.cached_embeddings(scan_folder(f["query_noise"]), other,
+                                       world["cache"]) is None
+
+
+def test_a_sets_storage_conditions_are_described_once(world, tmp_path, monkeypatch):
+    from forensics.data import images
+    from forensics.data.images import scan_folder
+    from forensics.steps.storage import manifest_conditions
+
+    manifest = scan_folder(world["folders"]["query_noise"])
+    first = manifest_conditions(manifest, cache_dir=tmp_path / "embeddings")
+    assert list((tmp_path / "conditions").glob("*.json"))
+
+    def no_reading(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(images, "read_image_file", no_reading)
+    assert manifest_conditions(manifest, cache_dir=tmp_path / "embeddings") == first
+    with pytest.raises(AssertionError, match="read again"):  # without the store: read
+        manifest_conditions(manifest)

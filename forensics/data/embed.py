@@ -405,6 +405,48 @@ class EmbeddingCache:
         atomic_savez(chunk, {"sha256": np.array(hashes, dtype="S64"), **payload}, fsync=False)
 
 
+def cached_embeddings(manifest: Manifest, expect: dict[str, Any],
+                      cache_dir: Path | str | _DefaultCache) -> Embeddings | None:
+    """Every image of ``manifest`` read from the cache of the configuration ``expect``,
+    without loading the encoder; None when any image is missing, or the cache entry does
+    not record that configuration (the caller embeds as usual).
+
+    ``expect`` holds what :func:`cache_key` reads (``name``, ``weights_sha256``,
+    ``preprocessing``, ``pool``, ``precision``, ``layers``); the entry's ``info.json`` must
+    record the same, and the returned :attr:`Embeddings.encoder_info` is that record, as
+    written when the entry's first image was embedded.
+    """
+    if cache_dir is DEFAULT_CACHE:
+        cache_dir = default_cache_dir()
+    try:
+        key = cache_key(expect)
+    except KeyError:
+        return None
+    folder = Path(cache_dir) / key
+    try:
+        info = json.loads((folder / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or any(info.get(k) != expect.get(k) for k in (
+            "name", "weights_sha256", "preprocessing", "pool", "precision", "layers")):
+        return None
+    cache = EmbeddingCache(Path(cache_dir), key, info)
+    hashes = manifest.hashes
+    index = cache.index()
+    if not hashes or any(h.encode() not in index for h in hashes):
+        return None
+    rows = list(range(len(hashes)))
+    out, lost = cache.fetch(hashes, rows, len(hashes))
+    if lost or out is None:
+        return None
+    info = {k: v for k, v in info.items() if k != "dims"}
+    info["cache"] = {"hits": len(hashes), "computed": 0}
+    if cache.damaged:
+        info["cache"]["damaged"] = list(cache.damaged)
+    info["num_images"] = len(hashes)
+    return Embeddings(list(info["layers"]), out, manifest, info)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -563,6 +605,7 @@ def embed_folder(
     ray: str | None = None,
     store: str | os.PathLike | None = None,
     on_batch: Callable[[int], None] | None = None,
+    expect: dict[str, Any] | None = None,
 ) -> Embeddings:
     """Embed every image of a folder (or of a manifest) at every layer of ``encoder``.
 
@@ -589,6 +632,10 @@ def embed_folder(
             rows go there as they are fetched from the cache or computed, and the
             returned arrays read them back a chunk at a time (memory stays bounded by
             the batch and the cache chunk, whatever the number of images).
+        expect: the encoder configuration the embeddings must have (what
+            :func:`cache_key` reads: a baseline's record of it). When every image is in the
+            cache under it, the rows are read from there without loading the encoder (or
+            importing torch): :func:`cached_embeddings`.
 
     Returns:
         The embeddings, rows in manifest order.
@@ -609,6 +656,10 @@ def embed_folder(
         manifest = folder_or_manifest
     else:
         manifest = scan_folder(folder_or_manifest, skip_bad=skip_bad)
+    if expect is not None and ray is None and store is None and cache_dir is not None:
+        found = cached_embeddings(manifest, expect, cache_dir)
+        if found is not None:
+            return found
     return _embed(
         manifest.hashes,
         lambda rows, transform: _FileImages(manifest, rows, transform),

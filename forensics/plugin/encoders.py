@@ -237,31 +237,45 @@ def build_model(spec: Any, *, hub: Callable[[], Any], create: Callable[[], Any],
     return from_file(spec.path)
 
 
+def check_device(device: str = defaults.DEVICE) -> str:
+    """``device`` spelled the one way (``auto``, ``cpu`` or ``cuda:N``), checked without
+    importing torch: whether CUDA is there is asked only where something runs on it.
+
+    Raises:
+        InputError: not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+    text = (device or "auto").strip().lower()
+    if text in ("auto", "cpu"):
+        return text
+    if text == "cuda" or text.startswith("cuda:"):
+        index = text.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise InputError(f"--device {device!r}: expected cuda or cuda:N")
+        return f"cuda:{int(index)}"
+    raise InputError(f"unknown --device {device!r}; choose auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(device: str = defaults.DEVICE) -> str:
     """``auto`` -> ``cuda:0`` when available else ``cpu``; validate ``cpu`` / ``cuda[:N]``.
 
     Raises:
         InputError: an unknown device, or CUDA asked for but not available.
     """
-    import torch
-
-    text = (device or "auto").strip().lower()
-    if text == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    text = check_device(device)
     if text == "cpu":
         return "cpu"
-    if text == "cuda" or text.startswith("cuda:"):
-        index = text.partition(":")[2] or "0"
-        if not index.isdigit():
-            raise InputError(f"--device {device!r}: expected cuda or cuda:N")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(index) >= count:
-            raise InputError(
-                f"--device {device!r}: {count} CUDA device(s) available; use --device cpu "
-                f"or --device auto"
-            )
-        return f"cuda:{index}"
-    raise InputError(f"unknown --device {device!r}; choose auto, cpu, cuda or cuda:N")
+    import torch
+
+    if text == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    index = text.partition(":")[2]  # cuda:N
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index) >= count:
+        raise InputError(
+            f"--device {device!r}: {count} CUDA device(s) available; use --device cpu "
+            f"or --device auto"
+        )
+    return text
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -79,6 +79,15 @@ class AnswerConfidence:
                 "seed": self.seed, "prior_enrolled": 0.5}
 
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnswerConfidence:
+        """The calibration :meth:`to_dict` wrote (bit-identical: JSON floats round-trip)."""
+        w = d["weights"]
+        return cls(int(d["n"]), d["unknown_right"],
+                   None if w is None else (float(w[0]), float(w[1]), float(w[2])),
+                   int(d["n_named"]), int(d["n_unknown"]), d["named_right"], int(d["seed"]))
+
+
 def _share(right: Sequence[bool]) -> float | None:
     """Share right, with one right and one wrong pseudo-answer added (Laplace's rule):
     a few simulated answers, all right, do not make a certainty."""

@@ -119,6 +119,22 @@ class ConfidenceModel:
                 "sim_accuracy": self.sim_accuracy, "seed": self.seed, "note": self.note}
 
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConfidenceModel:
+        """The model :meth:`to_dict` wrote (bit-identical: JSON floats round-trip)."""
+        return cls(weights=tuple(float(w) for w in d["weights"]),  # type: ignore[arg-type]
+                   thresholds={int(k): _num(v) for k, v in d["thresholds"].items()},
+                   quantile=float(d["quantile"]), n_draws=int(d["n_draws"]),
+                   sim_accuracy=float(d["sim_accuracy"]), seed=int(d["seed"]),
+                   note=str(d["note"]),
+                   margin_thresholds={int(k): _num(v)
+                                      for k, v in d["margin_thresholds"].items()})
+
+
+def _num(v: Any) -> Any:
+    return None if v is None else float(v)
+
+
 def _interp(table: dict[int, float], n: int) -> float | None:
     if not table:
         return None

@@ -71,8 +71,9 @@ def refuse_undefined_ct(fp: Any, rows: list[dict[str, Any]], where: str) -> None
 
 
 def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarray,
-                       where: str) -> np.ndarray:
-    """The enrolled vectors of fingerprint ``fp`` (the paper's: the ``values`` column)."""
+                       where: str, parsed: Any = None) -> np.ndarray:
+    """The enrolled vectors of fingerprint ``fp`` (the paper's: the ``values`` column);
+    ``parsed(row)`` reads a row's fingerprints (default: parsed afresh)."""
     from refbank.bank import curve_fingerprints
 
     refuse_undefined_ct(fp, same_rows, where)
@@ -80,7 +81,7 @@ def _reference_vectors(fp: Any, same_rows: list[dict[str, Any]], refs: np.ndarra
         return refs
     vecs, lacking = [], []
     for r in same_rows:
-        vec = curve_fingerprints(r).get(fp.name)
+        vec = (parsed or curve_fingerprints)(r).get(fp.name)
         if vec is None:
             lacking.append(r["curve_id"])
         vecs.append(vec)
@@ -111,25 +112,38 @@ def _conditions(suspect: dict[str, Any] | None, selection: Any,
             "mismatch": mismatch(suspect, [curve_params(r).get("conditions") for r in rows])}
 
 
-def _confidence_model(fp: Any, rows: list[dict[str, Any]], R: np.ndarray, mask: np.ndarray,
-                      meta: list[dict[str, Any]], matcher: Any, quantile: float,
-                      seed: int) -> Any:
-    """The bank's calibration of confidence (None: ``fp`` has no per-image variances)."""
+def _confidence_model(plan: _Plan, R: np.ndarray, mask: np.ndarray,
+                      meta: list[dict[str, Any]], quantile: float,
+                      seed: int) -> tuple[Any, dict[str, Any]]:
+    """The bank's calibration of the rule's confidence (None: ``fp`` has no per-image
+    variances), computed once per bank state (:mod:`forensics.steps.calibration`)."""
     from forensics.stats import confidence
-    from refbank.bank import curve_fingerprints
+    from forensics.steps.calibration import rows_digest
 
-    variances = [curve_fingerprints(r).get(var_key(fp.name)) for r in rows]
-    families = [m["family"] for m in meta]
-    if any(v is None for v in variances) or len(set(families)) < 2:
-        return None
-    S = np.asarray(variances, dtype=np.float64)
-    if S.shape[1] != mask.shape[0]:
-        return None
-    sim = confidence.simulate(R, S[:, mask], [int(r["n_images"]) for r in rows], families,
-                              matcher.score, seed=seed)
-    if sim.size.size == 0:
-        return None
-    return confidence.fit(sim, quantile=quantile, seed=seed)
+    fp, rows = plan.fp, plan.rows
+
+    def compute() -> Any:
+        variances = [plan.parsed(r).get(var_key(fp.name)) for r in rows]
+        families = [m["family"] for m in meta]
+        if any(v is None for v in variances) or len(set(families)) < 2:
+            return None
+        S = np.asarray(variances, dtype=np.float64)
+        if S.shape[1] != mask.shape[0]:
+            return None
+        with _one_thread():  # loads scikit-learn for the fit, and limits it
+            sim = confidence.simulate(R, S[:, mask], [int(r["n_images"]) for r in rows],
+                                      families, plan.matcher.score, seed=seed)
+            if sim.size.size == 0:
+                return None
+            return confidence.fit(sim, quantile=quantile, seed=seed)
+
+    parts = {"rows": rows_digest(rows), "baseline": plan.loaded.row.get("row_sha256"),
+             "fingerprint": fp.name, "matcher": plan.matcher_name,
+             "entries": np.flatnonzero(mask).tolist(), "families": [m["family"] for m in meta],
+             "quantile": float(quantile), "seed": int(seed)}
+    return plan.store.get("confidence", parts, compute,
+                          lambda m: None if m is None else m.to_dict(),
+                          lambda d: None if d is None else confidence.ConfidenceModel.from_dict(d))
 
 
 def attribute(
@@ -233,7 +247,7 @@ def _prepare(*, baseline: str | None, matcher: str | None, fingerprint: str | No
              condition: str | None) -> _Run:
     """Resolve everything once, before any image is embedded: the inputs, the bank, the
     baseline, the fingerprint, the matcher and the belonging test."""
-    from forensics.plugin.encoders import resolve_device
+    from forensics.plugin.encoders import check_device, resolve_device
     from forensics.stats.attribution import keep_mask
     from forensics.stats.ct import check_n_boot, check_seed
     from forensics.steps.storage import check_condition
@@ -253,8 +267,12 @@ def _prepare(*, baseline: str | None, matcher: str | None, fingerprint: str | No
         raise BankError(f"the bank at {b.path} has no enrolled curves; enroll references "
                         f"first: fp enroll DIR --baseline NAME --model M --family F")
     fp = manager.get("fingerprints", fingerprint or defaults.FINGERPRINT)
-    device = resolve_device(device)
-    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b, device=device,
+    device = check_device(device)  # torch is imported only where something runs on it
+    if device.startswith("cuda"):  # a GPU asked for: is it there? (before any work)
+        device = resolve_device(device)
+    # the suspects' C_T query is small work: with ``auto`` it runs on the CPU
+    loaded = load_baseline(_pick_baseline(b, all_rows, baseline), bank=b,
+                           device="cpu" if device == "auto" else device,
                            allow_unverified=allow_unverified)
     same = [r for r in all_rows if r["baseline_id"] == loaded.row["baseline_id"]]
     forged = modified_rows("curves", same)
@@ -273,8 +291,10 @@ def _prepare(*, baseline: str | None, matcher: str | None, fingerprint: str | No
     weights = _absolute_weights(weights)
     settings = {"tau": tau, "weights": weights, "device": device, "batch_size": int(batch_size),
                 "skip_bad": bool(skip_bad), "allow_unverified": bool(allow_unverified)}
+    from forensics.steps.calibration import CalibrationStore
+
     plan = _Plan(b, all_rows, same, loaded, fp, mname, mobj, drop, keep,
-                 belong_fps[0] if belong_fps else None)
+                 belong_fps[0] if belong_fps else None, CalibrationStore(b.path))
     return _Run(plan, settings, unverified, dict(
         top=top, n_boot=n_boot, seed=seed, quantile=quantile, tau=tau, condition=condition),
         dict(weights=weights, device=device, batch_size=batch_size, cache_dir=cache_dir,
@@ -295,9 +315,10 @@ class _Run:
                force: bool = False) -> Attribution:
         """Embed one suspect set and answer it."""
         emb = _embed_suspect(self.plan.loaded, folder, **self.embedding)
-        with _one_thread():
+        with _one_thread(load=False):  # calibrating loads (and limits) scikit-learn itself
             return _attribute(self.plan, emb, folder, report=report, settings=self.settings,
-                              unverified=self.unverified, force=force, **self.options)
+                              unverified=self.unverified, force=force,
+                              cache_dir=self.embedding["cache_dir"], **self.options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,47 +480,77 @@ class _Plan:
     drop: tuple[int, ...]
     keep: np.ndarray
     belong_fp: Any  # whose per-image rows the belonging test reads (None: not available)
+    store: Any  # the bank's stored calibrations (forensics.steps.calibration)
+    _parsed: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def parsed(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The curve's stored fingerprints, parsed once (by curve id and row hash)."""
+        from refbank.bank import curve_fingerprints
+
+        key = f"{row['curve_id']}:{row.get('row_sha256')}"
+        if key not in self._parsed:
+            self._parsed[key] = curve_fingerprints(row)
+        return self._parsed[key]
 
 
 def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
-               seed: int) -> tuple[list[Any], Any, str]:
+               seed: int) -> tuple[list[Any], Any, str, dict[str, Any] | None]:
     """One belonging test per enrolled model (curves grouped by model), the calibration of
-    the answer's confidence at the suspect's size, and a note."""
+    the answer's confidence at the suspect's size, a note, and the calibration's record.
+
+    The models' nulls and the answer's calibration depend on the bank and the suspect's
+    size only: computed once per bank state and size (:mod:`forensics.steps.calibration`)."""
     from forensics.stats import belonging as bt
-    from refbank.bank import curve_fingerprints
+    from forensics.stats.answer_confidence import AnswerConfidence, calibrate
+    from forensics.steps.calibration import rows_digest
 
     if plan.belong_fp is None or suspect_rows is None:
         return [], None, (f"the baseline has no {defaults.BELONG_FINGERPRINT!r} arrays: no "
-                          f"belonging test (rebuild the baseline to enable it)")
+                          f"belonging test (rebuild the baseline to enable it)"), None
     key = bt.rows_key(plan.belong_fp.name)
     by_model: dict[str, list[np.ndarray]] = {}
     family: dict[str, str] = {}
     lacking = 0
     for r in plan.rows:
         family.setdefault(r["model"], r["family"])
-        stored = curve_fingerprints(r).get(key)
+        stored = plan.parsed(r).get(key)
         if stored is None:
             lacking += 1
             by_model.setdefault(r["model"], [])
             continue
         by_model.setdefault(r["model"], []).append(bt.unpack_rows(stored, int(r["n_images"])))
-    tests, models, nulls = [], {}, {}
+    models = {}
     n = len(bt.subset(len(suspect_rows), seed))
     for model in sorted(by_model):
         curves = [c for c in by_model[model] if c.shape[1] == suspect_rows.shape[1]]
-        if not curves:
-            continue
-        models[model] = bt.ModelRows(curves)
-        nulls[model] = bt.null(models[model], n, kind=defaults.BELONG_KIND, seed=seed)
-        tests.append(bt.test(models[model], suspect_rows, name=model, family=family[model],
-                             alpha=alpha, kind=defaults.BELONG_KIND, seed=seed,
-                             null_values=nulls[model]))
-    calibration = None
-    if any(v.size for v in nulls.values()):
-        from forensics.stats.answer_confidence import calibrate
+        if curves:
+            models[model] = bt.ModelRows(curves)
+    kind = defaults.BELONG_KIND
 
-        calibration = calibrate(models, family, n, alpha=alpha, kind=defaults.BELONG_KIND,
-                                nulls=nulls, seed=seed)
+    def compute() -> tuple[dict[str, np.ndarray], Any]:
+        with _one_thread():  # loads scikit-learn for the fit, and limits it
+            nulls = {m: bt.null(models[m], n, kind=kind, seed=seed) for m in models}
+            cal = (calibrate(models, family, n, alpha=alpha, kind=kind, nulls=nulls,
+                             seed=seed) if any(v.size for v in nulls.values()) else None)
+        return nulls, cal
+
+    def to_json(value: tuple[dict[str, np.ndarray], Any]) -> dict[str, Any]:
+        nulls, cal = value
+        return {"nulls": {m: [float(x) for x in v] for m, v in nulls.items()},
+                "answer": None if cal is None else cal.to_dict()}
+
+    def from_json(d: dict[str, Any]) -> tuple[dict[str, np.ndarray], Any]:
+        return ({m: np.asarray(v, dtype=np.float64) for m, v in d["nulls"].items()},
+                None if d["answer"] is None else AnswerConfidence.from_dict(d["answer"]))
+
+    parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
+             "fingerprint": plan.belong_fp.name, "kind": kind, "alpha": float(alpha),
+             "seed": int(seed), "n": int(n), "draws": bt.DRAWS, "dim": bt.DIM,
+             "models": {m: [len(c) for c in models[m].curves] for m in models}}
+    (nulls, calibration), record = plan.store.get("belonging", parts, compute, to_json,
+                                                  from_json)
+    tests = [bt.test(models[m], suspect_rows, name=m, family=family[m], alpha=alpha,
+                     kind=kind, seed=seed, null_values=nulls[m]) for m in sorted(models)]
     tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
     note = (f"belonging: {defaults.BELONG_KIND} two-sample test of the suspect's "
             f"{plan.belong_fp.name} per-image rows against each enrolled model's, null from "
@@ -509,13 +560,14 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
                  f"(re-enroll them)")
     if not any(t.p_value is not None for t in tests):
         note += "; no model has two curves with rows (enroll --per-curve to split a folder)"
-    return tests, calibration, note
+    return tests, calibration, note, record
 
 
 def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: int,
                seed: int, quantile: float, report: PathLike | None, tau: float | None,
                settings: dict[str, Any], unverified: list[dict[str, str]],
-               force: bool = False, condition: str | None = None) -> Attribution:
+               force: bool = False, condition: str | None = None,
+               cache_dir: Any = None) -> Attribution:
     """Answer one embedded suspect set (the steps after embedding, each once)."""
     from forensics.stats.attribution import (
         Attribution,
@@ -533,7 +585,8 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
     where = f" in the bank at {b.path}"
     folder_str = None if isinstance(folder, Embeddings) else str(_absolute(folder))
     # like with like: the enrolled curves stored as the suspect files read
-    suspect = None if emb.manifest is None else storage.manifest_conditions(emb.manifest)
+    suspect = None if emb.manifest is None else storage.manifest_conditions(
+        emb.manifest, cache_dir=cache_dir)
     selection = storage.select(plan.all_rows, suspect, condition)
     chosen = {id(r) for r in selection.rows}
     pool, plan = plan.all_rows, dataclasses.replace(
@@ -546,7 +599,7 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
     names = {r["baseline_id"]: r["name"] for r in b.baselines()}
     refs, meta = comparable_references(res.curve, plan.all_rows, bank=str(b.path),
                                        baseline_names=names)
-    ref_vecs = _reference_vectors(fp, plan.rows, refs, where)
+    ref_vecs = _reference_vectors(fp, plan.rows, refs, where, plan.parsed)
     dims = loaded.dims
     mask = fpmod.entry_mask(fp, dims, plan.keep)
     if mask.shape[0] != ref_vecs.shape[1]:
@@ -556,13 +609,14 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
     # 4. belonging: one calibrated test per enrolled model
     suspect_rows = (res.image_rows.get(plan.belong_fp.name)
                     if plan.belong_fp is not None else None)
-    tests, answer_cal, belong_note = _belonging(plan, suspect_rows, quantile, seed)
+    tests, answer_cal, belong_note, belong_record = _belonging(plan, suspect_rows, quantile,
+                                                               seed)
     # 5. ranking, and the score/margin rule
     ranking = rank(query, R, meta, mobj, drop_layers=())
     calibration = calibrate_unknown(R, [m["family"] for m in meta], mobj, (), quantile)
     calibration = dataclasses.replace(calibration, matcher=plan.matcher_name,
                                       drop_layers=plan.drop)
-    model = _confidence_model(fp, plan.rows, R, mask, meta, mobj, quantile, seed)
+    model, model_record = _confidence_model(plan, R, mask, meta, quantile, seed)
     if model is not None:
         calibration = dataclasses.replace(
             calibration, threshold=model.threshold(len(emb)), confidence=model.to_dict(),
@@ -630,6 +684,7 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
     }
     custody = custody_record(bank=b, loaded=loaded, manifest=emb.manifest, folder=folder_str,
                              rows=plan.rows, unverified=unverified)
+    custody["calibrations"] = [r for r in (model_record, belong_record) if r is not None]
     result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
                          parameters, custody, belonging=tests,
                          conditions=_conditions(suspect, selection, plan.rows))

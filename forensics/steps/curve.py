@@ -55,6 +55,14 @@ class CurveResult:
         return out
 
 
+def encoder_record(loaded: LoadedBaseline) -> dict[str, Any]:
+    """The encoder configuration a baseline was embedded with (what keys the cache)."""
+    row, params = loaded.row, loaded.params
+    return {"name": row["encoder"], "weights_sha256": row["weights_sha256"],
+            "preprocessing": params.get("preprocessing"), "pool": row["pooling"] or "cls",
+            "precision": params.get("precision"), "layers": list(row["layers"])}
+
+
 def _embed_suspect(loaded: LoadedBaseline, source: Any, *, weights: str | None, device: str,
                    batch_size: int, cache_dir: Any, progress: bool,
                    skip_bad: bool, ray: str | None = None) -> Embeddings:
@@ -69,7 +77,7 @@ def _embed_suspect(loaded: LoadedBaseline, source: Any, *, weights: str | None, 
                            weights=weights if weights is not None else loaded.params.get("weights"),
                            pool=row["pooling"] or "cls", device=device, batch_size=batch_size,
                            cache_dir=cache_dir, progress=progress, skip_bad=skip_bad,
-                           ray=ray)
+                           ray=ray, expect=None if weights is not None else encoder_record(loaded))
     info = emb.encoder_info or {}
     checks = (("encoder", info.get("name"), row["encoder"]),
               ("weights (SHA-256)", info.get("weights_sha256"), row["weights_sha256"]),

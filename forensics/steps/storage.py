@@ -11,6 +11,7 @@ files were stored in several ways, the answer is inconclusive, with the reason.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -265,10 +266,18 @@ def mismatch(suspect: dict[str, Any] | None, enrolled: Sequence[dict[str, Any] |
     return out
 
 
-def manifest_conditions(manifest: Any, rows: Sequence[int] | None = None) -> dict[str, Any]:
+#: Format of the stored descriptions of image sets (part of their key).
+CONDITIONS_FORMAT = 1
+
+
+def manifest_conditions(manifest: Any, rows: Sequence[int] | None = None,
+                        cache_dir: Any = None) -> dict[str, Any]:
     """:func:`set_conditions` of a manifest's images (``rows``: which entries; None: all).
 
-    Each file is read again and must still have its manifest hash.
+    Each file is read again and must still have its manifest hash. With ``cache_dir``
+    (the embedding cache's folder) the description is stored beside it, in
+    ``../conditions/``, keyed by the images' hashes in order and the detector's settings:
+    a set described before is not read again.
 
     Raises:
         InputError: a file is gone or changed since it was listed (named).
@@ -276,6 +285,17 @@ def manifest_conditions(manifest: Any, rows: Sequence[int] | None = None) -> dic
     import hashlib
 
     from forensics.data.images import read_image_file
+
+    idx = list(range(len(manifest))) if rows is None else [int(i) for i in rows]
+    stored = None if cache_dir is None else _stored_conditions(
+        cache_dir, [manifest.entries[i].sha256 for i in idx])
+    if stored is not None and stored.exists():
+        try:
+            found = json.loads(stored.read_text(encoding="utf-8"))
+            if isinstance(found, dict) and found.get("n_images") == len(idx):
+                return found
+        except (OSError, ValueError):
+            pass  # described again below
 
     def files() -> Iterable[bytes]:
         for i in range(len(manifest)) if rows is None else rows:
@@ -288,4 +308,30 @@ def manifest_conditions(manifest: Any, rows: Sequence[int] | None = None) -> dic
                 raise InputError(f"{path} changed while fp was reading the set; run again")
             yield data
 
-    return set_conditions(files())
+    out = json.loads(json.dumps(set_conditions(files())))  # as read back from the store
+    if stored is not None:
+        from forensics.data.atomic import atomic_write_text
+
+        try:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stored, json.dumps(out, sort_keys=True))
+        except OSError:
+            pass  # an unwritable cache: described again next time
+    return out
+
+
+def _stored_conditions(cache_dir: Any, hashes: list[str]) -> Path | None:
+    """Where the description of the images ``hashes`` is stored (None: no cache)."""
+    import hashlib
+
+    from forensics.data.embed import DEFAULT_CACHE, default_cache_dir
+    from forensics.stats import conditions as sc
+
+    root = default_cache_dir() if cache_dir is DEFAULT_CACHE else Path(cache_dir)
+    settings = {"format": CONDITIONS_FORMAT, "lattice_images": LATTICE_IMAGES,
+                "threshold": sc.LATTICE_THRESHOLD, "steps": list(sc.LATTICE_STEPS),
+                "frequencies": [list(f) for f in sc.LATTICE_FREQUENCIES],
+                "min_block_range": sc.MIN_BLOCK_RANGE}
+    key = hashlib.sha256(json.dumps({"settings": settings, "images": hashes},
+                                    sort_keys=True).encode()).hexdigest()
+    return root.parent / "conditions" / f"{key}.json"

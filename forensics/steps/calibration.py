@@ -1,0 +1,149 @@
+"""The bank's calibration of an answer: computed once per bank state, stored beside it.
+
+An answer rests on three things fitted on the bank, not on the suspects: the confidence
+model of the score/margin rule (:mod:`forensics.stats.confidence`, simulated leave-one-curve-out
+suspects), each enrolled model's belonging null at the suspect's size
+(:func:`forensics.stats.belonging.null`) and the calibration of the two-level answer at that
+size (:mod:`forensics.stats.answer_confidence`). They are pure, seeded functions of the
+enrolled rows, so each is computed once per *bank state* and stored as JSON in the bank's
+``calibration/`` folder (or, where the bank cannot be written, in the user cache's
+``calibration/``), under a key that hashes everything it depends on: every curve used
+(its ``row_sha256``), the baseline row, the fingerprint, matcher and entries, the level,
+the seed, the suspect size and this format. Enrolling, removing or editing a curve changes
+the key; nothing stale is ever read.
+
+Each file records its own SHA-256 over its content; a file that fails it, or cannot be
+read, is set aside (``damaged-<name>``) with a warning and computed again. No pickle:
+floats are written as JSON's shortest round-trip decimals, so a stored calibration gives
+bit-identical answers to a computed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from forensics.errors import FpWarning
+
+#: The stored files' format (part of every key: a new format never reads an old file).
+FORMAT = 1
+#: The folder, in the bank (or the user cache), calibrations are stored in.
+FOLDER = "calibration"
+
+
+def calibration_key(kind: str, parts: dict[str, Any]) -> str:
+    """SHA-256 of what a calibration of ``kind`` depends on (``parts``: JSON-ready)."""
+    from forensics._version import __version__
+
+    text = json.dumps({"kind": kind, "format": FORMAT, "fp_version": __version__, **parts},
+                      sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rows_digest(rows: Sequence[dict[str, Any]]) -> str:
+    """SHA-256 of the curves' ids and row hashes, in order (the bank state they give)."""
+    text = "\n".join(f"{r['curve_id']} {r.get('row_sha256')}" for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+class CalibrationStore:
+    """Calibrations of one bank, read and written as ``<folder>/<kind>-<key>.json``.
+
+    Args:
+        bank_path: the bank's folder; its ``calibration/`` folder is used when it can be
+            written, else the user cache's (``$FP_CACHE_DIR/calibration`` or the platform's).
+        enabled: False: nothing is read or written (each calibration is computed).
+    """
+
+    def __init__(self, bank_path: str | os.PathLike | None, enabled: bool = True):
+        self.enabled = enabled and bank_path is not None
+        self.folder: Path | None = None
+        self._memo: dict[str, tuple[Any, dict[str, Any]]] = {}
+        if self.enabled:
+            self.folder = _writable_folder(Path(str(bank_path)))
+
+    def get(self, kind: str, parts: dict[str, Any], compute: Callable[[], Any],
+            to_json: Callable[[Any], Any], from_json: Callable[[Any], Any]
+            ) -> tuple[Any, dict[str, Any]]:
+        """The calibration of ``kind`` for ``parts``: from this process's memory, the
+        store, or ``compute()`` (then stored).
+
+        Returns:
+            The calibration and its record for the chain of custody: ``kind``, ``key`` and
+            the SHA-256 of its JSON content (the same whether computed or read).
+        """
+        key = calibration_key(kind, parts)
+        if key in self._memo:
+            return self._memo[key]
+        path = None if self.folder is None else self.folder / f"{kind}-{key}.json"
+        loaded = self._read(path, key) if path is not None else None
+        if loaded is not None:
+            value, sha = from_json(loaded["value"]), loaded["sha256"]
+        else:
+            value = compute()
+            body = {"format": FORMAT, "key": key, "kind": kind, "value": to_json(value)}
+            sha = _digest(body)
+            if path is not None:
+                self._write(path, body, sha)
+        # the same record whether computed or read: an answer does not depend on the store
+        record = {"kind": kind, "key": key, "sha256": sha}
+        self._memo[key] = (value, record)
+        return value, record
+
+    def _read(self, path: Path, key: str) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            body = {k: doc[k] for k in ("format", "key", "kind", "value")}
+            ok = (doc["format"] == FORMAT and doc["key"] == key
+                  and doc["sha256"] == _digest(body))
+            why = "its SHA-256 does not match its content"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            ok, why = False, f"it cannot be read ({type(exc).__name__})"
+        if ok:
+            return {"value": doc["value"], "sha256": doc["sha256"]}
+        target = path.with_name(f"damaged-{path.name}")
+        try:
+            os.replace(path, target)
+            where = f"set aside as {target.name}"
+        except OSError:
+            where = "left in place"
+        warnings.warn(f"the stored calibration {path} is not used: {why}; it is {where} and "
+                      f"the calibration is computed again", FpWarning, stacklevel=3)
+        return None
+
+    def _write(self, path: Path, body: dict[str, Any], sha: str) -> None:
+        from forensics.data.atomic import atomic_write_text
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({**body, "sha256": sha}, sort_keys=True))
+        except OSError as exc:
+            warnings.warn(f"the calibration could not be stored in {path.parent} "
+                          f"({type(exc).__name__}: {exc.strerror or exc}); it is computed "
+                          f"again at the next call", FpWarning, stacklevel=3)
+
+
+def _writable_folder(bank: Path) -> Path | None:
+    """``<bank>/calibration`` if the bank can be written, else the user cache's."""
+    if os.access(bank, os.W_OK | os.X_OK):
+        return bank / FOLDER
+    from forensics import defaults
+
+    root = os.environ.get(defaults.CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / FOLDER
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(defaults.APP_NAME)) / FOLDER
