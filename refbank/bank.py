@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from forensics.errors import BankError, InputError
 from forensics.jsonable import jsonable
@@ -503,6 +502,8 @@ class Bank:
                     f"no curve {', '.join(map(repr, missing))} in the bank at {self.path}; "
                     f"nothing removed. List curves with: fp bank list"
                 )
+            import pyarrow.compute as pc  # only where rows are filtered
+
             keep = pc.invert(pc.is_in(current.column("curve_id"), pa.array(wanted, pa.string())))
             table = current.filter(keep)
             base_table = self.baselines_table()
@@ -595,6 +596,8 @@ class Bank:
             row = self.get_baseline(name)
             bid = row["baseline_id"]
             curves, table = self._tables_for_write()
+            import pyarrow.compute as pc  # only where rows are filtered
+
             mine = pc.equal(curves.column("baseline_id"), bid)
             n = pc.sum(mine).as_py() or 0
             if n and not with_curves:
@@ -1131,6 +1134,10 @@ def _hashed_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 def _filter(table: pa.Table, filters: dict[str, Any], what: str) -> pa.Table:
+    if all(v is None for v in filters.values()):
+        return table
+    import pyarrow.compute as pc  # a quarter of a second to import: only where filtered
+
     for key, value in filters.items():
         if value is None:
             continue

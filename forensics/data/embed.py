@@ -336,7 +336,7 @@ class EmbeddingCache:
             dst = np.array([p[0] for p in pairs])
             src = np.array([p[1] for p in pairs])
             try:
-                layers = self._read_chunk(chunk)
+                layers = self._read_rows(chunk, src)
             except Exception as exc:  # noqa: BLE001 - any failure means a damaged chunk
                 self.set_aside(chunk, _reason(exc))
                 lost.extend(int(r) for r in dst)
@@ -346,8 +346,55 @@ class EmbeddingCache:
                 out = (allocate(dims) if allocate is not None
                        else [np.zeros((n, d), dtype=np.float32) for d in dims])
             for layer, arr in zip(out, layers, strict=True):
-                layer[dst] = arr[src]
+                layer[dst] = arr
         return out, sorted(lost)
+
+    def _read_rows(self, chunk: Path, src: np.ndarray) -> list[np.ndarray]:
+        """Rows ``src`` of every layer of one chunk, checked as :meth:`_read_chunk` checks
+        a whole chunk (the rows read must be finite).
+
+        A chunk is a plain ``.npz`` (members stored, not compressed): each layer is read
+        in place through a memory map, so taking 512 rows of a 4,096-row chunk reads
+        those rows, not the chunk. Any other layout is read whole.
+        """
+        import struct
+        import zipfile
+
+        layers: list[np.ndarray] = []
+        rows = self._rows[chunk]
+        with open(chunk, "rb") as fh, zipfile.ZipFile(fh) as zf:
+            for i in range(self.n_layers):
+                info = zf.getinfo(f"layer_{i:03d}.npy")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return [a[src] for a in self._read_chunk(chunk)]
+                fh.seek(info.header_offset)
+                head = fh.read(30)
+                if head[:4] != b"PK\x03\x04":
+                    raise ValueError(f"layer {i} has no zip entry header")
+                name_len, extra_len = struct.unpack("<HH", head[26:30])
+                fh.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(fh)
+                if (len(shape) != 2 or shape[0] != rows or dtype.kind != "f" or fortran
+                        or fh.tell() + int(np.prod(shape)) * dtype.itemsize
+                        > info.header_offset + 30 + name_len + extra_len + info.file_size):
+                    raise ValueError(f"layer {i} has shape {shape} and dtype {dtype}, not "
+                                     f"({rows}, D) floats")
+                mm = np.memmap(chunk, dtype=dtype, mode="r", offset=fh.tell(), shape=shape)
+                a = np.array(mm[src])
+                del mm
+                if not np.isfinite(a).all():
+                    raise ValueError(f"layer {i} holds NaN or infinite values")
+                layers.append(a)
+        dims = [int(a.shape[1]) for a in layers]
+        if self._dims is None:
+            self._dims = self._recorded_dims() or dims
+        if dims != self._dims:
+            raise ValueError(f"its embedding sizes {dims} differ from the recorded "
+                             f"{self._dims}")
+        return layers
 
     def _read_chunk(self, chunk: Path) -> list[np.ndarray]:
         """Every layer of one chunk, checked against its hashes and the other chunks."""

@@ -131,9 +131,13 @@ class ModelRows:
 
     Args:
         curves: the rows of each of its curves, ``[(m_i, dim), ...]``.
+        bandwidth2: the kernel's squared bandwidth computed before for these rows (None:
+            computed: the median squared distance between distinct rows).
+        gram_means: ``{kind: mean kernel between distinct rows}`` computed before.
     """
 
-    def __init__(self, curves: Sequence[np.ndarray]):
+    def __init__(self, curves: Sequence[np.ndarray], bandwidth2: float | None = None,
+                 gram_means: dict[str, float] | None = None):
         if not curves:
             raise InputError("a model needs at least one curve of rows")
         arrs = [np.asarray(c, dtype=np.float64) for c in curves]
@@ -147,10 +151,19 @@ class ModelRows:
         self.curves = [(a - self.center) / self.scale for a in arrs]
         self.all = np.concatenate(self.curves)
         self.curve_of = np.concatenate([np.full(len(a), i) for i, a in enumerate(arrs)])
-        d = _sqdist(self.all, self.all)
-        off = d[~np.eye(len(d), dtype=bool)]
-        self.bandwidth2 = float(max(np.median(off), 1e-12))
+        if bandwidth2 is None:
+            d = _sqdist(self.all, self.all)
+            off = d[~np.eye(len(d), dtype=bool)]
+            bandwidth2 = float(max(np.median(off), 1e-12))
+        self.bandwidth2 = float(bandwidth2)
         self._grams: dict[str, np.ndarray] = {}
+        self._means: dict[str, float] = dict(gram_means or {})
+
+    def gram_mean(self, kind: str) -> float:
+        """The mean kernel between distinct rows of the model (computed once per kind)."""
+        if kind not in self._means:
+            self._means[kind] = _mean_offdiag(self.gram(kind))
+        return self._means[kind]
 
     def gram(self, kind: str) -> np.ndarray:
         """The kernel between all of the model's rows (computed once per kind)."""
@@ -191,7 +204,7 @@ def statistic(model: ModelRows, suspect: np.ndarray, kind: str = "mmd") -> float
     """The suspect's distance to all of the model's rows (squared MMD, or energy distance)."""
     _check_kind(kind)
     x = model.standardise(suspect)
-    return _statistic(_gram(kind, x, x, model.bandwidth2), _mean_offdiag(model.gram(kind)),
+    return _statistic(_gram(kind, x, x, model.bandwidth2), model.gram_mean(kind),
                       _gram(kind, x, model.all, model.bandwidth2))
 
 

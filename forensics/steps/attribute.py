@@ -492,6 +492,33 @@ class _Plan:
             self._parsed[key] = curve_fingerprints(row)
         return self._parsed[key]
 
+    def fingerprints(self, row: dict[str, Any]) -> dict[str, Any]:
+        """What an answer reads of a curve of :attr:`rows` (its fingerprint vector and
+        per-image rows), from the bank's arrays: parsed from the rows' JSON once per bank
+        state and stored beside the bank (:meth:`CalibrationStore.get_arrays`)."""
+        from forensics.stats.belonging import ROWS_SUFFIX, rows_key
+        from forensics.steps.calibration import rows_digest
+
+        names = sorted({self.fp.name} | ({rows_key(self.belong_fp.name)}
+                                         if self.belong_fp is not None else set()))
+
+        def compute() -> dict[str, np.ndarray]:
+            out = {}
+            for r in self.rows:
+                fps = self.parsed(r)
+                for name in names:
+                    if fps.get(name) is not None:  # rows: float16, as the bank's values are
+                        out[f"{r['curve_id']}::{name}"] = np.asarray(
+                            fps[name], np.float16 if name.endswith(ROWS_SUFFIX) else np.float64)
+            return out
+
+        arrays = self.store.get_arrays("vectors", {"rows": rows_digest(self.rows),
+                                                   "names": names}, compute)
+        prefix = f"{row['curve_id']}::"
+        if not any(r["curve_id"] == row["curve_id"] for r in self.rows):
+            return self.parsed(row)
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
 
 def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
                seed: int) -> tuple[list[Any], Any, str, dict[str, Any] | None]:
@@ -513,42 +540,49 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
     lacking = 0
     for r in plan.rows:
         family.setdefault(r["model"], r["family"])
-        stored = plan.parsed(r).get(key)
+        stored = plan.fingerprints(r).get(key)
         if stored is None:
             lacking += 1
             by_model.setdefault(r["model"], [])
             continue
         by_model.setdefault(r["model"], []).append(bt.unpack_rows(stored, int(r["n_images"])))
-    models = {}
+    curves_of = {m: [c for c in by_model[m] if c.shape[1] == suspect_rows.shape[1]]
+                 for m in sorted(by_model)}
+    curves_of = {m: c for m, c in curves_of.items() if c}
     n = len(bt.subset(len(suspect_rows), seed))
-    for model in sorted(by_model):
-        curves = [c for c in by_model[model] if c.shape[1] == suspect_rows.shape[1]]
-        if curves:
-            models[model] = bt.ModelRows(curves)
     kind = defaults.BELONG_KIND
 
-    def compute() -> tuple[dict[str, np.ndarray], Any]:
+    def compute() -> tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]:
+        models = {m: bt.ModelRows(c) for m, c in curves_of.items()}
         with _one_thread():  # loads scikit-learn for the fit, and limits it
             nulls = {m: bt.null(models[m], n, kind=kind, seed=seed) for m in models}
             cal = (calibrate(models, family, n, alpha=alpha, kind=kind, nulls=nulls,
                              seed=seed) if any(v.size for v in nulls.values()) else None)
-        return nulls, cal
+        # what a test needs of each model besides its rows, so that it is not computed again
+        kernel = {m: [mr.bandwidth2, mr.gram_mean(kind)] for m, mr in models.items()}
+        return nulls, cal, kernel
 
-    def to_json(value: tuple[dict[str, np.ndarray], Any]) -> dict[str, Any]:
-        nulls, cal = value
+    def to_json(value: tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]
+                ) -> dict[str, Any]:
+        nulls, cal, kernel = value
         return {"nulls": {m: [float(x) for x in v] for m, v in nulls.items()},
-                "answer": None if cal is None else cal.to_dict()}
+                "answer": None if cal is None else cal.to_dict(),
+                "kernel": {m: [float(x) for x in v] for m, v in kernel.items()}}
 
-    def from_json(d: dict[str, Any]) -> tuple[dict[str, np.ndarray], Any]:
+    def from_json(d: dict[str, Any]) -> tuple[dict[str, np.ndarray], Any,
+                                              dict[str, list[float]]]:
         return ({m: np.asarray(v, dtype=np.float64) for m, v in d["nulls"].items()},
-                None if d["answer"] is None else AnswerConfidence.from_dict(d["answer"]))
+                None if d["answer"] is None else AnswerConfidence.from_dict(d["answer"]),
+                d["kernel"])
 
     parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
              "fingerprint": plan.belong_fp.name, "kind": kind, "alpha": float(alpha),
              "seed": int(seed), "n": int(n), "draws": bt.DRAWS, "dim": bt.DIM,
-             "models": {m: [len(c) for c in models[m].curves] for m in models}}
-    (nulls, calibration), record = plan.store.get("belonging", parts, compute, to_json,
-                                                  from_json)
+             "models": {m: [len(c) for c in curves_of[m]] for m in curves_of}}
+    (nulls, calibration, kernel), record = plan.store.get("belonging", parts, compute,
+                                                          to_json, from_json)
+    models = {m: bt.ModelRows(c, bandwidth2=kernel[m][0], gram_means={kind: kernel[m][1]})
+              for m, c in curves_of.items()}
     tests = [bt.test(models[m], suspect_rows, name=m, family=family[m], alpha=alpha,
                      kind=kind, seed=seed, null_values=nulls[m]) for m in sorted(models)]
     tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
@@ -599,7 +633,7 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
     names = {r["baseline_id"]: r["name"] for r in b.baselines()}
     refs, meta = comparable_references(res.curve, plan.all_rows, bank=str(b.path),
                                        baseline_names=names)
-    ref_vecs = _reference_vectors(fp, plan.rows, refs, where, plan.parsed)
+    ref_vecs = _reference_vectors(fp, plan.rows, refs, where, plan.fingerprints)
     dims = loaded.dims
     mask = fpmod.entry_mask(fp, dims, plan.keep)
     if mask.shape[0] != ref_vecs.shape[1]:

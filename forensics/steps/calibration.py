@@ -26,12 +26,15 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forensics.errors import FpWarning
 
+if TYPE_CHECKING:
+    import numpy as np
+
 #: The stored files' format (part of every key: a new format never reads an old file).
-FORMAT = 1
+FORMAT = 2
 #: The folder, in the bank (or the user cache), calibrations are stored in.
 FOLDER = "calibration"
 
@@ -49,6 +52,22 @@ def rows_digest(rows: Sequence[dict[str, Any]]) -> str:
     """SHA-256 of the curves' ids and row hashes, in order (the bank state they give)."""
     text = "\n".join(f"{r['curve_id']} {r.get('row_sha256')}" for r in rows)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+#: The member of a stored ``.npz`` that holds the SHA-256 of the others.
+_SHA = "__sha256__"
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes, in name order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\t{a.dtype.str}\t{a.shape}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -100,6 +119,56 @@ class CalibrationStore:
         self._memo[key] = (value, record)
         return value, record
 
+    def get_arrays(self, kind: str, parts: dict[str, Any],
+                   compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Arrays derived from the bank (e.g. its curves' vectors, parsed once), stored as
+        ``<kind>-<key>.npz`` with their SHA-256 inside (no pickle); as :meth:`get`."""
+        import numpy as np
+
+        key = calibration_key(kind, parts)
+        if key in self._memo:
+            return self._memo[key][0]
+        path = None if self.folder is None else self.folder / f"{kind}-{key}.npz"
+        arrays = self._read_arrays(path) if path is not None and path.is_file() else None
+        if arrays is None:
+            arrays = compute()
+            if path is not None:
+                from forensics.data.atomic import atomic_savez
+
+                sha = np.frombuffer(_arrays_digest(arrays).encode(), dtype=np.uint8)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_savez(path, {**arrays, _SHA: sha}, fsync=False)
+                except OSError:
+                    pass  # computed again next time
+        self._memo[key] = (arrays, {"kind": kind, "key": key})
+        return arrays
+
+    def _read_arrays(self, path: Path) -> dict[str, np.ndarray] | None:
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            sha = arrays.pop(_SHA).tobytes().decode()
+            ok, why = sha == _arrays_digest(arrays), "its SHA-256 does not match its content"
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises many types
+            ok, why = False, f"it cannot be read ({type(exc).__name__})"
+        if ok:
+            return arrays
+        self._set_aside(path, why)
+        return None
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        target = path.with_name(f"damaged-{path.name}")
+        try:
+            os.replace(path, target)
+            where = f"set aside as {target.name}"
+        except OSError:
+            where = "left in place"
+        warnings.warn(f"the stored calibration {path} is not used: {why}; it is {where} and "
+                      f"the calibration is computed again", FpWarning, stacklevel=4)
+
     def _read(self, path: Path, key: str) -> dict[str, Any] | None:
         if not path.is_file():
             return None
@@ -113,14 +182,7 @@ class CalibrationStore:
             ok, why = False, f"it cannot be read ({type(exc).__name__})"
         if ok:
             return {"value": doc["value"], "sha256": doc["sha256"]}
-        target = path.with_name(f"damaged-{path.name}")
-        try:
-            os.replace(path, target)
-            where = f"set aside as {target.name}"
-        except OSError:
-            where = "left in place"
-        warnings.warn(f"the stored calibration {path} is not used: {why}; it is {where} and "
-                      f"the calibration is computed again", FpWarning, stacklevel=3)
+        self._set_aside(path, why)
         return None
 
     def _write(self, path: Path, body: dict[str, Any], sha: str) -> None:
