@@ -925,5 +925,6 @@ def _differences(a, b, where=""):
         return [d for k in sorted(set(a) | set(b)) for d in (
             _differences(a[k], b[k], f"{where}.{k}") if k in a and k in b else [f"{where}.{k}"])]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in _differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: {str(a)[:60]} != {str(b)[:60]}"]
