@@ -293,7 +293,7 @@ class Bank:
             **filters: column=value (or column=[values]), e.g. ``family="sd"``,
                 ``baseline_id=bid``. ``None`` values are ignored.
         """
-        return _filter(self.curves_table(), filters, "curves").to_pylist()
+        return _to_rows(_filter(self.curves_table(), filters, "curves"))
 
     def get_curve(self, curve_id: str) -> dict[str, Any]:
         """One curve row by id.
@@ -310,7 +310,7 @@ class Bank:
 
     def baselines(self) -> list[dict[str, Any]]:
         """Baseline rows as dicts."""
-        return self.baselines_table().to_pylist()
+        return _to_rows(self.baselines_table())
 
     def get_baseline(self, name: str) -> dict[str, Any]:
         """One baseline row, by name or by id.
@@ -1131,6 +1131,34 @@ def _hashed_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     hashes = [row_hash(r) for r in table.to_pylist()]
     table = table.append_column(schema.field(HASH_COLUMN), pa.array(hashes, pa.string()))
     return table.replace_schema_metadata(schema.metadata)
+
+
+def _to_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """``table.to_pylist()``, with time stamps converted here: pyarrow converts a zoned
+    time stamp by importing pandas, half a second for every command that reads the bank.
+    The values are the same (``datetime`` in the column's zone, ``ZoneInfo``)."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    columns = []
+    for field, column in zip(table.schema, table.columns, strict=True):
+        t = field.type
+        if pa.types.is_timestamp(t) and t.tz is not None:
+            per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[t.unit]
+            epoch = datetime(1970, 1, 1, tzinfo=ZoneInfo(t.tz))
+            ints = [v for chunk in column.chunks for v in chunk.view(pa.int64()).to_pylist()]
+            if t.unit == "ns":  # datetime holds microseconds, as pyarrow's conversion does
+                columns.append([None if v is None else epoch + timedelta(microseconds=v // 1000)
+                                for v in ints])
+            else:
+                columns.append([None if v is None else
+                                 epoch + timedelta(microseconds=v * (10**6 // per_second))
+                                 for v in ints])
+        else:
+            columns.append(column.to_pylist())
+    names = table.column_names
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] \
+        if columns else [{} for _ in range(table.num_rows)]
 
 
 def _filter(table: pa.Table, filters: dict[str, Any], what: str) -> pa.Table:
