@@ -1141,8 +1141,8 @@ def _to_rows(table: pa.Table) -> list[dict[str, Any]]:
     from zoneinfo import ZoneInfo
 
     columns = []
-    for field, column in zip(table.schema, table.columns, strict=True):
-        t = field.type
+    for spec, column in zip(table.schema, table.columns, strict=True):
+        t = spec.type
         if pa.types.is_timestamp(t) and t.tz is not None:
             per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[t.unit]
             epoch = datetime(1970, 1, 1, tzinfo=ZoneInfo(t.tz))
