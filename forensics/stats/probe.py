@@ -8,7 +8,8 @@ answer time and reads the suspect set through it:
   on the rows standardised by their pooled spread, one class per enrolled model
   (:func:`fit`). Its answer for a set of images is, per model, the **mean log-probability**
   of that model over the images (:meth:`ProbeFit.scores`); per family, the mean log of the
-  summed probability of its models (:meth:`ProbeFit.family_scores`);
+  mean probability of its models (:meth:`ProbeFit.family_scores`). Classes are weighted
+  alike, and so are families: no model or family is favoured for its number of rows;
 - **open set, calibrated like the belonging null** (:class:`ProbeBank`): for a model with
   two or more curves, the attributor is refitted with one of its curves left out
   (leave-one-curve-out), and ``draws`` sets of the suspect's size drawn from that curve
@@ -106,19 +107,21 @@ class ProbeFit:
         return self.log_proba(rows).mean(axis=0)
 
     def family_scores(self, rows: np.ndarray) -> dict[str, float]:
-        """Each family's mean log of the summed probability of its models."""
+        """Each family's mean log of the mean probability of its models (every family
+        counts alike, however many models it holds)."""
         lp = self.log_proba(rows)
         fam = np.asarray(self.families)
         out = {}
         for f in sorted(set(self.families)):
             cols = lp[:, fam == f]
             top = cols.max(axis=1, keepdims=True)
-            out[f] = float((top[:, 0] + np.log(np.exp(cols - top).sum(axis=1))).mean())
+            out[f] = float((top[:, 0] + np.log(np.exp(cols - top).mean(axis=1))).mean())
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """Provenance: what the attributor was fitted on and how (not its weights)."""
-        return {"method": "multinomial logistic regression on standardised rows (lbfgs)",
+        return {"method": "multinomial logistic regression on standardised rows (lbfgs, "
+                          "classes weighted alike)",
                 "C": self.C, "max_iter": MAX_ITER, "seed": self.seed,
                 "models": list(self.models),
                 "rows_per_model": dict(zip(self.models, self.n_rows, strict=True)),
@@ -146,7 +149,10 @@ def fit(models: Mapping[str, Sequence[np.ndarray]], families: Mapping[str, str],
     scale = np.where(sd > 1e-12, sd, 1.0)
     from sklearn.linear_model import LogisticRegression
 
-    lr = LogisticRegression(C=float(C), max_iter=MAX_ITER, random_state=int(seed))
+    # balanced: every model counts alike, however many images it enrolled (no prior that a
+    # suspect came from the model with the most rows)
+    lr = LogisticRegression(C=float(C), max_iter=MAX_ITER, class_weight="balanced",
+                            random_state=int(seed))
     lr.fit((X - center) / scale, y)
     coef, intercept = lr.coef_, lr.intercept_
     if len(names) == 2:  # sklearn fits one logit for two classes: write it as two
