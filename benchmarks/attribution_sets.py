@@ -226,13 +226,33 @@ def cifar_problems(c: dict, models: list[dict]) -> list[Problem]:
 
 
 class Method:
-    """A belonging statistic (or none: the score/margin rule alone), with or without the
-    score/margin rule as a second gate."""
+    """How a suspect set is answered.
 
-    def __init__(self, kind: str | None, gate: bool):
-        self.kind, self.gate = kind, gate
-        self.label = (f"{kind} test" if kind else "score/margin rule") + \
-            (" + rule gate" if kind and gate else "")
+    ``kind``: the model-level test: ``None`` (the score/margin rule alone), ``"mmd"`` or
+    ``"energy"`` (:mod:`forensics.stats.belonging`), or ``"probe"`` (the per-image
+    attributor's held-out-curve calibrated p-values, :mod:`forensics.stats.probe`);
+    ``gate``: the score/margin rule as a second gate; ``order``: ``"probe"`` chooses among
+    the consistent models by the attributor's mean log-probability instead of the
+    fingerprint ranking; ``closed``: the attributor's top model, unknown only by the gate;
+    ``wide``: the attributor reads the full per-image rows (every matched entry), which the
+    bank does not store: what wider stored rows would buy, outside the selection.
+    """
+
+    def __init__(self, kind: str | None, gate: bool, order: str | None = None,
+                 closed: bool = False, wide: bool = False):
+        self.kind, self.gate, self.closed, self.wide = kind, gate, closed, wide
+        self.order = "probe" if kind == "probe" else order
+        #: whether fp attribute could run it from what the bank stores (the selection's pool)
+        self.stored = not wide
+        if wide:
+            self.label = "probe on full rows (not stored), closed" + (" + rule gate" if gate
+                                                                     else "")
+        elif closed:
+            self.label = "probe, closed set"
+        else:
+            self.label = (f"{kind} test" if kind else "score/margin rule") + \
+                (", probe order" if order and kind != "probe" else "") + \
+                (" + rule gate" if kind and gate else "")
 
 
 class Answerer:
@@ -261,6 +281,35 @@ class Answerer:
         self.V, self.S = np.asarray(self.V, np.float64), np.asarray(self.S, np.float64)
         self.conf = None
         self.acs: dict = {}
+        self._probe = None
+        self._wide = None
+        self.probe_acs: dict = {}
+
+    def probe(self):
+        """The per-image attributor of this bank (on the stored rows), with its refits."""
+        if self._probe is None:
+            from forensics.stats.probe import ProbeBank
+
+            self._probe = ProbeBank({k: self.rows[k].raw for k in self.models}, self.family,
+                                    seed=self.seed)
+        return self._probe
+
+    def wide_probe(self):
+        """The attributor on the full per-image rows (matched entries; not stored)."""
+        if self._wide is None:
+            from forensics.stats.probe import fit
+
+            self._wide = fit({k: [self.full(c) for c in self.p.bank[k][1]] for k in self.models},
+                             self.family, seed=self.seed)
+        return self._wide
+
+    def full(self, rows: np.ndarray) -> np.ndarray:
+        return np.nan_to_num(rows[:, self.mask].astype(np.float64))
+
+    def probe_confidence(self, n: int):
+        if n not in self.probe_acs:
+            self.probe_acs[n] = self.probe().calibrate(n, self.alpha)
+        return self.probe_acs[n]
 
     def null(self, model: str, n: int, kind: str) -> np.ndarray:
         from forensics.stats import belonging as bt
@@ -317,21 +366,44 @@ class Answerer:
         cal = Calibration("zscore", (), self.alpha, conf.threshold(n), 0,
                           margin_threshold=conf.margin_threshold(n))
         rule = decide(ranking, cal)
-        tests = []
-        if method.kind is not None:
-            s = _stored(rows)
+        tests: list = []
+        s = _stored(rows)
+        order = None
+        if method.wide:
+            w = self.wide_probe()
+            j = int(np.argmax(w.scores(self.full(rows))))
+            d = rule if method.gate and rule.unknown else replace(
+                rule, family=w.families[j], model=w.models[j], unknown=False)
+        elif method.order == "probe" or method.closed:
+            pt = self.probe().tests(s, self.alpha)
+            order = [t.model for t in pt]
+        if method.closed and not method.wide:
+            top = pt[0]
+            d = replace(rule, family=top.family, model=top.model, unknown=False)
+        elif method.kind == "probe":
+            tests = pt
+        elif method.kind is not None:
             for k in self.models:
                 tests.append(bt.test(self.rows[k], s, name=k, family=self.family[k],
                                      alpha=self.alpha, kind=method.kind, seed=self.seed,
                                      null_values=self.null(k, n, method.kind)))
-            d = decide_belonging(ranking, tests, self.alpha, gate=rule if method.gate else None)
-        else:
+        if method.kind is not None and not method.closed:
+            d = decide_belonging(ranking, tests, self.alpha,
+                                 gate=rule if method.gate else None, order=order)
+        elif not method.closed:
             d = rule
         _, best, margin = margin_of(family_scores([m.score for m in ranking],
                                                   [m.family for m in ranking]))
         old = conf.probability(margin, best, n)
-        if method.kind is None:
+        if method.closed or method.wide:
+            d = replace(d, confidence=None)
+        elif method.kind is None:
             d = replace(d, confidence=None if d.unknown else old)
+        elif method.kind == "probe":
+            ac = self.probe_confidence(n)
+            chosen = next((c["p_value"] for c in d.consistent if c["model"] == d.model), None)
+            d = replace(d, confidence=ac.probability(
+                d.unknown, chosen, len({c["family"] for c in d.consistent})))
         else:
             ac = self.answer_confidence(n, method.kind)
             chosen = d.consistent[0]["p_value"] if d.consistent else None
@@ -478,7 +550,10 @@ def entry_mask(work: Path, baseline: str) -> np.ndarray:
 
 
 METHODS = (Method(None, False), Method("mmd", False), Method("mmd", True),
-           Method("energy", False), Method("energy", True))
+           Method("energy", False), Method("energy", True), Method("probe", False),
+           Method("probe", True), Method("mmd", False, order="probe"),
+           Method("mmd", True, order="probe"), Method(None, False, closed=True),
+           Method(None, True, closed=True, wide=True))
 
 
 def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], dict]:
@@ -496,5 +571,139 @@ def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], 
         B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
     labels = [x.label for x in METHODS]
     lines, summary = tables(answers, labels)
+    summary["stored"] = [x.label for x in METHODS if x.stored]
     summary["answers"] = answers
+    closed = [("mnist protocol", mnist_problems(m)[0], mask_m),
+              ("cifar zoo", cifar_problems(c, models)[0], mask_c)]
+    lines += ["", "Closed set (every new-latents suspect named, never unknown; sizes pooled "
+              "as above), by reader:", "", "| set | reader | top-1 |", "|---|---|---|"]
+    for s, p, mask in closed:
+        for r, v in closed_readers(p, mask, reps=reps).items():
+            lines.append(f"| {s} | {r} | {v:.3f} |")
+    fam_lines, summary["family_runs"] = family_across_runs(c, models, mask_c)
+    B.log(f"family level across runs ({time.perf_counter() - t0:.0f} s)")
+    summary["family_lines"] = fam_lines
     return lines, summary
+
+
+# -- the family level across runs (CIFAR, leave-one-run-out) ---------------------------------
+
+
+def run_family(m: dict) -> str:
+    """A CIFAR model's family across runs: its code base, loss and architecture (the runs
+    of one loss trained twice or three times in one code base share it)."""
+    return f"{m['code_base'].split('/')[0]} {m['loss_or_arch']} ({m['architecture'].split()[0]})"
+
+
+def family_across_runs(c: dict, models: list[dict], mask: np.ndarray) -> tuple[list[str], dict]:
+    """Leave-one-run-out on CIFAR: every model whose family (:func:`run_family`) holds
+    another run is left out of a bank of the other 25; its query third, and all its tiles,
+    are placed at the family level by the attributor on the stored rows (the mean over
+    images of the log summed probability of the family's models), by the fingerprint
+    ranking's nearest family (``zscore``), and by the attributor on the full per-image rows
+    (which the bank does not store). Top-1 against chance (one family in F, a one-sided
+    binomial test)."""
+    from fp_plugins.matchers import ZScoreMatcher
+    from scipy.stats import binomtest
+
+    from forensics.stats.attribution import rank
+    from forensics.stats.probe import fit
+
+    fam = {m["model_id"]: run_family(m) for m in models}
+    parts = {m["model_id"]: _thirds(c[m["key"]]) for m in models}
+    whole = {m["model_id"]: c[m["key"]] for m in models}
+    runs: dict[str, list[str]] = {}
+    for k, f in fam.items():
+        runs.setdefault(f, []).append(k)
+    left = sorted(k for k in fam if len(runs[fam[k]]) >= 2)
+
+    def full(r):
+        return np.nan_to_num(r[:, mask].astype(np.float64))
+
+    readers = ("attributor, stored rows", "fingerprint ranking (zscore)",
+               "attributor, full rows (not stored)")
+    hits: dict[tuple[str, str], list[bool]] = {}
+    detail = []
+    for k in left:
+        bank = [x for x in fam if x != k]
+        F = len({fam[x] for x in bank})
+        stored = fit({x: [_stored(p) for p in parts[x][:2]] for x in bank},
+                     {x: fam[x] for x in bank})
+        wide = fit({x: [full(p) for p in parts[x][:2]] for x in bank}, {x: fam[x] for x in bank})
+        V = np.asarray([p.mean(axis=0)[mask] for x in bank for p in parts[x][:2]], np.float64)
+        meta = [{"curve_id": f"c{i:03d}", "model": x, "family": fam[x]}
+                for i, x in enumerate(x for x in bank for _ in range(2))]
+        for size, rows in (("query", parts[k][2]), ("all tiles", whole[k])):
+            fs = stored.family_scores(_stored(rows))
+            fw = wide.family_scores(full(rows))
+            named = {
+                readers[0]: max(fs, key=lambda f: (fs[f], f)),
+                readers[1]: rank(rows.mean(axis=0)[mask].astype(np.float64), V, meta,
+                                 ZScoreMatcher(), drop_layers=())[0].family,
+                readers[2]: max(fw, key=lambda f: (fw[f], f)),
+            }
+            for r, f in named.items():
+                hits.setdefault((size, r), []).append(f == fam[k])
+            detail.append((k, size, len(rows), F, named))
+    F = len(set(fam.values()))
+    lines = [f"Leave-one-run-out on CIFAR: {len(left)} runs whose family holds another run "
+             f"(families: code base, loss, architecture; {F} in all, so chance is 1/{F} = "
+             f"{1 / F:.3f}); each left out of a bank of the other {len(fam) - 1} models and "
+             f"placed at the family level.", "",
+             "| reader | suspect | images | family top-1 | right / runs | binomial p vs chance "
+             "| beats chance (p < 0.05) |", "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for size in ("query", "all tiles"):
+        ns = sorted({n for k, s, n, _F, _d in detail if s == size})
+        for r in readers:
+            h = hits[(size, r)]
+            p = float(binomtest(sum(h), len(h), 1.0 / F, alternative="greater").pvalue)
+            summary[(size, r)] = {"top1": float(np.mean(h)), "p": p, "n": len(h)}
+            lines.append(f"| {r} | {size} | {ns[0]}-{ns[-1]} | {np.mean(h):.3f} | "
+                         f"{sum(h)} / {len(h)} | {p:.2g} | {'yes' if p < 0.05 else 'no'} |")
+    lines += ["", "| left-out run | family | " + " | ".join(
+        f"{r} ({s})" for s in ("query", "all tiles") for r in readers[:2]) + " |",
+        "|---|---|" + "---|" * 4]
+    for k in left:
+        cells = []
+        for s in ("query", "all tiles"):
+            d = next(x for x in detail if x[0] == k and x[1] == s)[4]
+            for r in readers[:2]:
+                cells.append("**right**" if d[r] == fam[k] else d[r])
+        lines.append(f"| {k} | {fam[k]} | " + " | ".join(cells) + " |")
+    return lines, summary
+
+
+def closed_readers(problem: Problem, mask: np.ndarray, reps: int = 3) -> dict[str, float]:
+    """Closed-set top-1 (every query named, never unknown) of three readers of one bank:
+    the fingerprint ranking (``zscore``), the attributor on the stored rows (32 projected
+    entries, float16), and the attributor on the full per-image rows (all matched entries
+    of ``resid-early``, which the bank does not store): what wider stored rows would buy."""
+    from fp_plugins.matchers import ZScoreMatcher
+
+    from forensics.stats.attribution import rank
+    from forensics.stats.probe import fit
+
+    def full(r):
+        return np.nan_to_num(r[:, mask].astype(np.float64))
+
+    ks = sorted(problem.bank)
+    fam = {k: problem.bank[k][0] for k in ks}
+    stored = fit({k: [_stored(c) for c in problem.bank[k][1]] for k in ks}, fam)
+    wide = fit({k: [full(c) for c in problem.bank[k][1]] for k in ks}, fam)
+    V = np.asarray([c.mean(axis=0)[mask] for k in ks for c in problem.bank[k][1]], np.float64)
+    meta = [{"curve_id": f"c{i:03d}", "model": k, "family": fam[k]}
+            for i, k in enumerate(k for k in ks for _ in problem.bank[k][1])]
+    right: dict[str, list[bool]] = {"fingerprint ranking (zscore)": [],
+                                    "attributor, stored rows": [],
+                                    "attributor, full rows (not stored)": []}
+    for _name, rows, truth, _cond in problem.queries:
+        for _n, sub in suspects(rows, reps=reps):
+            r = rank(sub.mean(axis=0)[mask].astype(np.float64), V, meta, ZScoreMatcher(),
+                     drop_layers=())
+            right["fingerprint ranking (zscore)"].append(r[0].family == truth)
+            right["attributor, stored rows"].append(
+                stored.families[int(np.argmax(stored.scores(_stored(sub))))] == truth)
+            right["attributor, full rows (not stored)"].append(
+                wide.families[int(np.argmax(wide.scores(full(sub))))] == truth)
+    return {k: float(np.mean(v)) for k, v in right.items()}

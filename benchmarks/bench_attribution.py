@@ -481,7 +481,8 @@ def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start:
     def mean(m: str) -> float:
         return float(np.mean([f["balanced"] for (_s, mm), f in per.items() if mm == m]))
 
-    best = max(worst, key=lambda m: (worst[m], mean(m), m))  # ties: the mean over the sets
+    # the pool: what fp attribute can run from what the bank stores; ties: the mean
+    best = max(summary["stored"], key=lambda m: (worst[m], mean(m), m))
     from forensics import defaults
 
     shipped = S.Method(defaults.BELONG_KIND, defaults.BELONG_GATE).label
@@ -489,6 +490,8 @@ def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start:
         lines += ["", f"By suspect size ({m}{', fp attribute' if m == shipped else ''}; new "
                       f"latents: named right / called unknown; others: called unknown):", ""]
         lines += S.size_table(summary["answers"], m)
+    lines += ["", "The family level across runs (CIFAR, leave-one-run-out):", ""]
+    lines += summary["family_lines"]
     table = "\n".join(lines)
     print(table)
     print()
@@ -504,7 +507,11 @@ def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start:
           f"{hashlib.sha256(table.encode()).hexdigest()}")
     print(f"fp attribute: {shipped}")
     print("chosen: " + best + " (worst-set balanced accuracy, then the mean over the sets: "
-          + "; ".join(f"{m} {v:.3f} / {mean(m):.3f}" for m, v in sorted(worst.items())) + ")")
+          + "; ".join(f"{m} {v:.3f} / {mean(m):.3f}" for m, v in sorted(worst.items())
+                      if m in summary["stored"]) + ")")
+    print("outside the selection (reads what the bank does not store): "
+          + "; ".join(f"{m} {v:.3f} / {mean(m):.3f}" for m, v in sorted(worst.items())
+                      if m not in summary["stored"]))
     if tmp is not None:
         tmp.cleanup()
     return 0

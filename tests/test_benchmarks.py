@@ -92,3 +92,37 @@ def test_attribution_selection_counts_chance_as_chance():
     assert B.select_best(rows, cross, 1386, 10)[0].label == "weak"
     cross = {"strong": (0.6,), "weak": (0.8,)}
     assert B.select_best(rows, cross, 1386, 10)[0].label == "strong"  # worst 0.6 > 0.47
+
+
+def test_the_belonging_benchmark_answers_every_method_on_a_small_bank():
+    """Every method of ``attribution_sets`` answers the same suspects, one way; the
+    attributor on full rows (which the bank does not store) stays outside the selection."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import attribution_sets as S
+    finally:
+        sys.path.remove(str(BENCH))
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 40)) * 0.6
+
+    def rows(i, n):
+        return (rng.standard_normal((n, 40)) + centres[i]).astype(np.float32)
+
+    bank = {f"m{i}": (f"m{i}", [rows(i, 24), rows(i, 24)]) for i in range(3)}
+    queries = [(f"m{i}", rows(i, 20), f"m{i}", "new latents") for i in range(3)]
+    queries.append(("x", rows(3, 20), None, "another code base"))
+    answers = S.run_problem(S.Problem("mnist", bank, queries), np.ones(40, bool),
+                            list(S.METHODS), reps=1)
+    labels = [m.label for m in S.METHODS]
+    assert len(set(labels)) == len(labels)
+    assert {a["method"] for a in answers} == set(labels)
+    assert len(answers) == len(labels) * 4 * 2  # 4 queries at 16 and at their own 20
+    assert [m.label for m in S.METHODS if not m.stored] == \
+        ["probe on full rows (not stored), closed + rule gate"]
+    for a in answers:
+        assert a["unknown"] == (a["family"] is None)
+        assert a["confidence"] is None or 0.0 <= a["confidence"] <= 1.0
+    lines, summary = S.tables(answers, labels)
+    assert set(summary["worst"]) == set(labels) and len(lines) == 2 + len(labels)

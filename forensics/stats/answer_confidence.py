@@ -147,7 +147,15 @@ def calibrate(models: dict[str, bt.ModelRows], families: dict[str, str], n: int,
                     unknown.append(not enrolled)
                 else:
                     named.append((p, float(nf), 1.0, enrolled and fam == families[k]))
-    unknown_right = _share(unknown)
+    return from_simulated(int(n), [(p, nf, r) for p, nf, _c, r in named], unknown, int(seed))
+
+
+def from_simulated(n: int, named: Sequence[tuple[float, float, bool]],
+                   unknown: Sequence[bool], seed: int) -> AnswerConfidence:
+    """The calibration of simulated answers at ``n`` images: ``named`` holds (p-value of
+    the named model, consistent families, right) of each named answer, ``unknown`` whether
+    each unknown answer was right."""
+    unknown_right = _share(list(unknown))
     named_right = _share([r for *_x, r in named])
     weights = None
     if named:
@@ -155,10 +163,9 @@ def calibrate(models: dict[str, bt.ModelRows], families: dict[str, str], n: int,
         if 0 < y.sum() < len(y):
             from sklearn.linear_model import LogisticRegression
 
-            X = np.array([[np.log(max(p, 1e-6)), nf] for p, nf, _c, _r in named])
+            X = np.array([[np.log(max(p, 1e-6)), nf] for p, nf, _r in named])
             lr = LogisticRegression(C=1.0, max_iter=2000).fit(X, y)
             w = lr.coef_.ravel()
             weights = (float(w[0]), float(w[1]), float(lr.intercept_[0]))
     return AnswerConfidence(int(n), unknown_right, weights, len(named), len(unknown),
                             named_right, int(seed))
-

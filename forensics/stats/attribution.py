@@ -416,7 +416,8 @@ def decide(ranking: Sequence[Match], calibration: Calibration | None = None) -> 
 
 
 def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: float,
-                     gate: Decision | None = None) -> Decision:
+                     gate: Decision | None = None,
+                     order: Sequence[str] | None = None) -> Decision:
     """The two-level answer: the enrolled models the suspect is consistent with, and their
     family; or unknown, with the nearest family as ``closest``.
 
@@ -436,6 +437,7 @@ def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: floa
         tests: one belonging test per enrolled model (``model``, ``family``, ``p_value``).
         alpha: the level of the tests.
         gate: the score/margin rule's decision, or None for none.
+        order: models best first, choosing among the consistent ones (None: the ranking).
 
     Raises:
         BankError: the ranking is empty.
@@ -446,8 +448,10 @@ def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: floa
     ok = sorted((t for t in tests if t.p_value is not None and t.p_value >= alpha),
                 key=lambda t: (-t.p_value, t.model))
     consistent = [{"model": t.model, "family": t.family, "p_value": t.p_value} for t in ok]
-    order = {m.model: i for i, m in reversed(list(enumerate(ranking)))}
-    chosen = min(ok, key=lambda t: (order.get(t.model, len(ranking)), t.model)) if ok else None
+    order_of = {m.model: i for i, m in reversed(list(enumerate(ranking)))} if order is None \
+        else {k: i for i, k in reversed(list(enumerate(order)))}
+    chosen = min(ok, key=lambda t: (order_of.get(t.model, len(order_of)), t.model)) \
+        if ok else None
     gated = gate is not None and gate.unknown
     unknown = chosen is None or gated
     tested = [t for t in tests if t.p_value is not None]
@@ -463,7 +467,8 @@ def decide_belonging(ranking: Sequence[Match], tests: Sequence[Any], alpha: floa
         names = ", ".join(f"{t.model} (p = {t.p_value:.3g})" for t in ok[:5])
         reason = (f"consistent at level {alpha:g} with {names}"
                   + (" ..." if len(ok) > 5 else "")
-                  + f"; family {chosen.family} (of {chosen.model}, ranked first of them)")
+                  + f"; family {chosen.family} (of {chosen.model}, ranked first of them"
+                  + (" by the per-image attributor)" if order is not None else ")"))
     return Decision(
         family=None if unknown else chosen.family,  # type: ignore[union-attr]
         model=None if unknown else chosen.model,  # type: ignore[union-attr]
