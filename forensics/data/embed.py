@@ -245,6 +245,10 @@ def cache_key(info: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- cache
 
 
+#: Each cache folder's index, read once per process: folder -> (chunk stamps, index, rows).
+_INDEXES: dict[Path, tuple[tuple, dict[bytes, tuple[Path, int]], dict[Path, int]]] = {}
+
+
 class EmbeddingCache:
     """Cached embeddings of one encoder configuration: ``.npz`` chunks keyed by image hash.
 
@@ -296,10 +300,24 @@ class EmbeddingCache:
         return None
 
     def index(self) -> dict[bytes, tuple[Path, int]]:
-        """image hash -> (chunk file, row)."""
+        """image hash -> (chunk file, row).
+
+        Read once per process and cache folder while its chunks stay as they are (by name,
+        size and modification time): a call that answers many suspect sets lists the
+        folder for each, and reads its hashes once.
+        """
         if self._index is None:
+            chunks = sorted(self.dir.glob("chunk-*.npz"))
+            try:
+                stamp = tuple((c.name, c.stat().st_size, c.stat().st_mtime_ns) for c in chunks)
+            except OSError:
+                stamp = None
+            known = _INDEXES.get(self.dir)
+            if stamp is not None and known is not None and known[0] == stamp:
+                self._index, self._rows = dict(known[1]), dict(known[2])
+                return self._index
             self._index = {}
-            for chunk in sorted(self.dir.glob("chunk-*.npz")):
+            for chunk in chunks:
                 try:
                     with np.load(chunk, allow_pickle=False) as data:
                         hashes = data["sha256"]
@@ -312,6 +330,8 @@ class EmbeddingCache:
                 self._rows[chunk] = len(hashes)
                 for row, h in enumerate(hashes):
                     self._index[bytes(h)] = (chunk, row)
+            if stamp is not None and not self.damaged:
+                _INDEXES[self.dir] = (stamp, dict(self._index), dict(self._rows))
         return self._index
 
     def fetch(self, hashes: Sequence[str], rows: Sequence[int], n: int,
