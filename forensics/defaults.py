@@ -42,6 +42,7 @@ CONDITIONS: dict[str, tuple[str, dict[str, float]]] = {
     "jpeg75": ("jpeg", {"quality": 75}),
     "jpeg50": ("jpeg", {"quality": 50}),
     "half": ("downup", {"factor": 2.0}),
+    "double": ("updown", {"factor": 2.0}),
     "crop90": ("crop", {"fraction": 0.9}),
     "noise3": ("noise", {"sigma": 3.0}),
 }
