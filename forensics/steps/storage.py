@@ -115,7 +115,8 @@ def attributable(condition: str,
 
     Clean curves always answer. Any other condition answers only where its development-set
     figures (``figures``, default :data:`forensics.defaults.CONDITION_FIGURES`) show no
-    wrong answer with confidence above 0.5 and a top-1 at most
+    wrong answer with confidence above 0.5, a top-1 of at least
+    :data:`forensics.defaults.CONDITION_MIN_TOP1` on the worst set and at most
     :data:`forensics.defaults.CONDITION_MAX_DROP` below clean suspects' on every set: an
     inconclusive answer carries no family and no confidence, so no suspect stored under a
     condition gets a confidence above 0.5 unless the figures of that condition support it.
@@ -128,11 +129,12 @@ def attributable(condition: str,
         return (f"attribution under {condition!r} was not measured on the development sets "
                 f"(docs/conditions.md), so no answer under it can be given a confidence; "
                 f"compare anyway with --condition clean (no confidence)")
-    wrong, drop = int(f["wrong_above_half"]), float(f["drop"])
-    if wrong == 0 and drop <= defaults.CONDITION_MAX_DROP:
+    wrong, drop, top1 = int(f["wrong_above_half"]), float(f["drop"]), float(f["top1"])
+    if wrong == 0 and drop <= defaults.CONDITION_MAX_DROP and \
+            top1 >= defaults.CONDITION_MIN_TOP1:
         return None
     return (f"the development sets measured {condition!r} as not attributable: top-1 "
-            f"{float(f['top1']):.2f} on the {f['set']} set ({drop:.2f} below clean "
+            f"{top1:.2f} on the {f['set']} set ({drop:.2f} below clean "
             f"suspects), {wrong} of {int(f['answers'])} answers wrong with confidence above "
             f"0.5 (docs/conditions.md, measured {f['measured']})")
 
