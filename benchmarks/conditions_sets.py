@@ -402,7 +402,7 @@ def curve_figures(answers: list[dict], date: str) -> dict[str, dict]:
     clean = {s: figures([a for a in matched if a["storage"] == "clean" and S._in(a, pre)])
              for s, pre in S.SETS.items()}
     for curves in dict.fromkeys(a["curves"] for a in matched if a["curves"] != "clean"):
-        worst, worst_set, drop, wrong, n = 1.0, "", 0.0, 0, 0
+        worst, worst_set, drop, drop_set, wrong, n = 1.0, "", 0.0, "", 0, 0
         for s, prefixes in S.SETS.items():
             sel = [a for a in matched if a["curves"] == curves and S._in(a, prefixes)]
             if not sel:
@@ -414,8 +414,9 @@ def curve_figures(answers: list[dict], date: str) -> dict[str, dict]:
                 continue
             if f["top1"] < worst:
                 worst, worst_set = f["top1"], s
-            if clean[s]["top1"] is not None:
-                drop = max(drop, clean[s]["top1"] - f["top1"])
+            if clean[s]["top1"] is not None and clean[s]["top1"] - f["top1"] > drop:
+                drop, drop_set = clean[s]["top1"] - f["top1"], s
         out[curves] = {"top1": round(worst, 3), "set": worst_set, "drop": round(drop, 3),
-                       "wrong_above_half": wrong, "answers": n, "measured": date}
+                       "drop_set": drop_set or worst_set, "wrong_above_half": wrong,
+                       "answers": n, "measured": date}
     return out

@@ -54,8 +54,9 @@ JPEG_MATCH = 10
 #: that condition compared with them (``benchmarks/bench_conditions.py --attribution``, which
 #: prints this table; docs/conditions.md): ``top1`` new latents of enrolled models named
 #: right on the worst ``set``, ``drop`` the largest fall of top-1 from clean suspects of the
-#: same set, ``wrong_above_half`` of ``answers`` wrong with confidence above 0.5, and the
-#: date ``measured``. A condition not listed was not measured.
+#: same set (on ``drop_set``), ``wrong_above_half`` of ``answers`` naming a wrong family
+#: with confidence above 0.5, and the date ``measured``. A condition not listed was not
+#: measured.
 CONDITION_FIGURES: dict[str, dict[str, float | int | str]] = {}
 #: A condition is attributable (answered like clean suspects) only where its figures show no
 #: wrong answer above 0.5, top-1 at least ``CONDITION_MIN_TOP1`` on the worst set and at

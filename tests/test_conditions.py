@@ -161,8 +161,8 @@ def test_like_with_like_selection():
 
 
 def _figures(wrong=0, drop=0.0, top1=0.9):
-    return {"top1": top1, "set": "cifar zoo", "drop": drop, "wrong_above_half": wrong,
-            "answers": 40, "measured": "2000-01-01"}
+    return {"top1": top1, "set": "cifar zoo", "drop": drop, "drop_set": "mnist protocol",
+            "wrong_above_half": wrong, "answers": 40, "measured": "2000-01-01"}
 
 
 def test_a_condition_measured_not_attributable_gives_an_inconclusive_answer(
@@ -180,11 +180,12 @@ def test_a_condition_measured_not_attributable_gives_an_inconclusive_answer(
     got = select(rows, suspect)
     assert got.condition == "jpeg75" and got.inconclusive
     assert "measured 'jpeg75' as not attributable" in got.inconclusive
-    assert "3 of 40 answers wrong with confidence above 0.5" in got.inconclusive
+    assert "3 of 40 answers naming a wrong family with confidence above 0.5" in got.inconclusive
     assert "measured 2000-01-01" in got.inconclusive
     # too far below clean suspects' top-1: inconclusive too, with the figure
     monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(drop=0.3)})
-    assert "(0.30 below clean suspects)" in (select(rows, suspect).inconclusive or "")
+    assert "0.30 below clean suspects on the mnist protocol set" in (
+        select(rows, suspect).inconclusive or "")
     # too few named right on the worst set, however close to clean
     monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(top1=0.3)})
     assert "top-1 0.30 on the cifar zoo set" in (select(rows, suspect).inconclusive or "")
@@ -211,7 +212,8 @@ def test_the_shipped_condition_figures_are_well_formed():
 
     for name, f in defaults.CONDITION_FIGURES.items():
         assert name in defaults.CONDITIONS
-        assert set(f) == {"top1", "set", "drop", "wrong_above_half", "answers", "measured"}
+        assert set(f) == {"top1", "set", "drop", "drop_set", "wrong_above_half", "answers",
+                          "measured"}
         assert 0 <= float(f["top1"]) <= 1 and 0 <= int(f["wrong_above_half"]) <= int(f["answers"])
         why = attributable(name)
         assert (why is None) == (int(f["wrong_above_half"]) == 0

@@ -735,8 +735,8 @@ def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp
     from forensics.paper.conditions import enroll_conditions, parse_conditions
     from forensics.steps.storage import curve_condition
 
-    supported = {"top1": 0.9, "set": "cifar zoo", "drop": 0.0, "wrong_above_half": 0,
-                 "answers": 40, "measured": "2000-01-01"}
+    supported = {"top1": 0.9, "set": "cifar zoo", "drop": 0.0, "drop_set": "cifar zoo",
+                 "wrong_above_half": 0, "answers": 40, "measured": "2000-01-01"}
     monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": supported})
 
     bank = Bank(tmp_path / "bank")
@@ -768,7 +768,7 @@ def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp
     d = refused.decision
     assert d.inconclusive and d.family is None and d.confidence is None and d.stability is None
     assert "measured 'jpeg75' as not attributable" in d.reason
-    assert "2 of 40 answers wrong with confidence above 0.5" in d.reason
+    assert "2 of 40 answers naming a wrong family with confidence above 0.5" in d.reason
     with pytest.raises(InputError, match="unknown condition 'jpeg7'"):
         attribute(jpeg, n_boot=0, condition="jpeg7", **kw)
     with pytest.raises(InputError, match="unknown condition 'blur'.*jpeg95"):

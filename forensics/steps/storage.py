@@ -134,9 +134,12 @@ def attributable(condition: str,
             top1 >= defaults.CONDITION_MIN_TOP1:
         return None
     return (f"the development sets measured {condition!r} as not attributable: top-1 "
-            f"{top1:.2f} on the {f['set']} set ({drop:.2f} below clean "
-            f"suspects), {wrong} of {int(f['answers'])} answers wrong with confidence above "
-            f"0.5 (docs/conditions.md, measured {f['measured']})")
+            f"{top1:.2f} on the {f['set']} set, {drop:.2f} below clean suspects on the "
+            f"{f.get('drop_set', f['set'])} set, {wrong} of {int(f['answers'])} answers "
+            f"naming a wrong family with confidence above 0.5 (docs/conditions.md, measured "
+            f"{f['measured']}; needed: top-1 >= {defaults.CONDITION_MIN_TOP1:g}, at most "
+            f"{defaults.CONDITION_MAX_DROP:g} below clean, none wrong above 0.5); compare "
+            f"anyway with --condition clean (no confidence)")
 
 
 def _select(rows: list[dict[str, Any]], suspect: dict[str, Any] | None,
