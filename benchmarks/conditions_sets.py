@@ -23,7 +23,8 @@ baselines and the clean per-image rows) and, per condition of :data:`CONDITIONS`
    (``--condition clean``).
 
 Measured before the rule of :data:`forensics.defaults.CONDITION_FIGURES` (the rule is made
-from these figures): :func:`forensics.steps.storage.select` is called with ``figures={}``.
+from these figures): :func:`forensics.steps.storage.select` is called with
+``apply_figures=False``.
 """
 
 from __future__ import annotations
