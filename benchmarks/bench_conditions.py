@@ -14,6 +14,15 @@ measures, on the generators' own (lossless) samples:
 Prints one table per set, then one summary line per set and a last line over all three::
 
     python benchmarks/bench_conditions.py [--sets-per-generator 2] [--seed 0]
+
+With ``--attribution`` it measures attribution instead (``conditions_sets.py``): per
+condition, on all three sets, top-1, share inconclusive, wrong answers with confidence
+above 0.5 and other models called unknown, with curves enrolled under the condition and
+without; then the table of :data:`forensics.defaults.CONDITION_FIGURES`::
+
+    python benchmarks/bench_conditions.py --attribution --workdir DIR [--conditions a,b]
+
+``DIR`` is the work folder of ``bench_attribution.py --belonging`` (built there if absent).
 """
 
 from __future__ import annotations
@@ -124,11 +133,77 @@ def reference_check(seed: int, n_sets: int) -> list[tuple[bool, float]]:
     return out
 
 
+def attribution(work: Path, conditions: list[str], embed: bool = True) -> None:
+    """Attribution under each condition on the three sets: tables, summary lines, and the
+    measured figures as :data:`forensics.defaults.CONDITION_FIGURES` reads them."""
+    import attribution_sets as S
+    import conditions_sets as C
+
+    t0 = time.perf_counter()
+    encoder, cache = "fid-inception@128", work / "cache"
+    S.prepare(work, encoder, cache)  # the clean sets, their baselines and rows
+    rows, read, _src = C.prepare(work, encoder if embed else None, cache, conditions)
+    _c, models = S.cifar_folders(work)
+    answers = C.Answers(work, rows, read, models).all(conditions)
+    per = C.per_set(answers)
+    print(f"suspects: one per query, its own size (at most {C.MAX_SUSPECT} images); "
+          f"fp attribute's answer (MMD test, score/margin rule as a gate)")
+    for s in S.SETS:
+        print(f"\n## {s}\n")
+        print("\n".join(C.table(per, s)))
+    print()
+    for s in S.SETS:
+        parts = []
+        for cond in conditions:
+            f, w = per.get((s, cond, True)), per.get((s, cond, False)) or per.get((s, cond, True))
+            if f is None or w is None:
+                continue
+            key = "top1" if f["top1"] is not None else "others_unknown"
+            parts.append(f"{cond} {S._f(f[key], '.2f')}/{S._f(w[key], '.2f')} "
+                         f"({f['n_wrong_above_half']}/{w['n_wrong_above_half']} wrong > 0.5)")
+        what = "top-1" if s != "mnist cross-code" else "called unknown"
+        print(f"{s}: {what} matched/without: " + "; ".join(parts))
+    def top1(s: str, cond: str) -> str:
+        f = per.get((s, cond, True))
+        return "not measured" if f is None else S._f(f["top1"], ".2f")
+
+    wrong = sum(f["n_wrong_above_half"] for (_s, _c, m), f in per.items() if m)
+    total = sum(f["n"] for (_s, _c, m), f in per.items() if m)
+    print(f"targets (matched curves): top-1 at JPEG 75 on CIFAR {top1('cifar zoo', 'jpeg75')} "
+          f"(>= 0.85); at JPEG 90 {top1('mnist protocol', 'jpeg90')} on MNIST, "
+          f"{top1('cifar zoo', 'jpeg90')} on CIFAR (>= 0.90); wrong family above 0.5 "
+          f"{wrong} of {total} answers (0)")
+    date = time.strftime("%Y-%m-%d")
+    figures = C.curve_figures(answers, date)
+    print(f"\nCONDITION_FIGURES = {figures!r}")
+    print(f"wall time {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sets-per-generator", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attribution", action="store_true",
+                    help="measure attribution under each condition (conditions_sets.py)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="--attribution: the work folder of bench_attribution.py --belonging "
+                         "(an empty one: the sets are built there first)")
+    ap.add_argument("--conditions", default=None,
+                    help="--attribution: comma-separated conditions (default: all)")
+    ap.add_argument("--no-embed", action="store_true",
+                    help="--attribution: only the conditions and sets already embedded in "
+                         "the work folder (the others print as not measured)")
     args = ap.parse_args(argv)
+    if args.attribution:
+        import conditions_sets as C
+
+        if args.workdir is None:
+            ap.error("--attribution needs --workdir DIR (the work folder of "
+                     "bench_attribution.py --belonging, or an empty folder to build it in)")
+        conds = C.CONDITIONS if args.conditions is None else args.conditions.split(",")
+        attribution(args.workdir.resolve(), ["clean", *[c for c in conds if c != "clean"]],
+                    embed=not args.no_embed)
+        return
     t0 = time.perf_counter()
     sets = generator_sets(args.seed, args.sets_per_generator)
     quality = quality_check(sets)

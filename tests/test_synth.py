@@ -212,7 +212,8 @@ def test_refuses_non_empty_out_without_force(digits_dir, tmp_path):
     [
         (
             ["blur"],
-            "unknown synth kind 'blur'; choose one of: rotate, downup, shuffle, noise, background",
+            "unknown synth kind 'blur'; choose one of: rotate, downup, updown, shuffle, noise, "
+            "background",
         ),
         (
             ["rotate", "--sigma", "3"],
@@ -292,3 +293,22 @@ def test_crop_keeps_the_centre(digits_dir, tmp_path):
     np.testing.assert_array_equal(out, arr[2:8, 2:8])
     with pytest.raises(InputError, match="fraction must be within"):
         transform("crop", Image.fromarray(arr), np.random.default_rng(0), fraction=1.5)
+
+
+
+def test_updown_is_the_bicubic_round_trip_through_double_size(photo_dir, tmp_path):
+    synth_folder("updown", photo_dir, tmp_path / "x2")
+    synth_folder("downup", photo_dir, tmp_path / "half", factor=2)
+    for path in sorted(photo_dir.glob("*.png")):
+        src = Image.open(path)
+        w, h = src.size
+        want = src.resize((2 * w, 2 * h), Image.Resampling.BICUBIC).resize(
+            (w, h), Image.Resampling.BICUBIC)
+        after = _load(tmp_path / "x2" / path.name)
+        np.testing.assert_array_equal(after, np.asarray(want))
+        before = np.asarray(src, dtype=float)
+        up = np.abs(after - before).mean()
+        down = np.abs(_load(tmp_path / "half" / path.name) - before).mean()
+        assert 0 < up < down  # it changes the image, far less than halving does
+    with pytest.raises(InputError, match="updown factor must be > 1"):
+        transform("updown", Image.open(path), np.random.default_rng(0), factor=0.5)

@@ -8,6 +8,8 @@ Each kind turns every image of a source folder into a derived image, as if a
                 resampling, same size, uncovered corners black.
 ``downup``      downsample by ``factor`` then upsample back (bicubic, antialiased); the
                 authors used CIFAR-10 32 -> 8 -> 32, i.e. factor 4.
+``updown``      upsample by ``factor`` then downsample back (bicubic; default 2): an image
+                shown or saved at double size and shrunk again.
 ``shuffle``     cut the image into ``grid`` x ``grid`` patches (16 for grid 4) and put them
                 back in a random order; rows/columns beyond a multiple of ``grid`` stay put.
 ``noise``       add Gaussian noise of std ``sigma`` (0-255 scale; the authors used 25),
@@ -48,6 +50,7 @@ BACKGROUND_MODES = ("color", "noise", "checker")
 KINDS: dict[str, dict[str, Any]] = {
     "rotate": {"angle": None, "max_angle": 30.0},
     "downup": {"factor": 4.0},
+    "updown": {"factor": 2.0},
     "shuffle": {"grid": 4},
     "noise": {"sigma": 25.0},
     "background": {"mode": "color", "threshold": 32},
@@ -69,6 +72,16 @@ def downup(img: Image.Image, factor: float) -> Image.Image:
     small = (max(1, round(w / factor)), max(1, round(h / factor)))
     bicubic = Image.Resampling.BICUBIC
     return img.resize(small, resample=bicubic).resize((w, h), resample=bicubic)
+
+
+def updown(img: Image.Image, factor: float) -> Image.Image:
+    """Upsample by ``factor`` (> 1) and downsample back to the original size (bicubic)."""
+    if not factor > 1:
+        raise InputError(f"updown factor must be > 1, got {factor}")
+    w, h = img.size
+    big = (max(1, round(w * factor)), max(1, round(h * factor)))
+    bicubic = Image.Resampling.BICUBIC
+    return img.resize(big, resample=bicubic).resize((w, h), resample=bicubic)
 
 
 def patch_shuffle(img: Image.Image, grid: int, rng: np.random.Generator) -> Image.Image:
@@ -203,6 +216,8 @@ def _apply(kind: str, img: Image.Image, rng: np.random.Generator, p: dict[str, A
         return rotate(img, angle)
     if kind == "downup":
         return downup(img, float(p["factor"]))
+    if kind == "updown":
+        return updown(img, float(p["factor"]))
     if kind == "shuffle":
         return patch_shuffle(img, int(p["grid"]), rng)
     if kind == "noise":
@@ -262,7 +277,7 @@ def synth_folder(
     """Write the ``kind`` transform of every image under ``src`` to ``out``.
 
     Args:
-        kind: one of :data:`KINDS` (``rotate``, ``downup``, ``shuffle``, ``noise``,
+        kind: one of :data:`KINDS` (``rotate``, ``downup``, ``updown``, ``shuffle``, ``noise``,
             ``background``, ``jpeg``, ``crop``).
         src: folder of images (searched recursively).
         out: output folder; relative paths are kept, every output is a PNG (a JPEG for

@@ -88,7 +88,7 @@ def jpeg_quality_of(suspect: dict[str, Any]) -> int | None:
 
 
 def select(rows: list[dict[str, Any]], suspect: dict[str, Any] | None,
-           condition: str | None = None) -> Selection:
+           condition: str | None = None, *, apply_figures: bool = True) -> Selection:
     """The curves of ``rows`` to compare a suspect set with (see the module docstring).
 
     Args:
@@ -96,7 +96,55 @@ def select(rows: list[dict[str, Any]], suspect: dict[str, Any] | None,
         suspect: :func:`forensics.data.conditions.set_conditions` of the suspect files (None:
             embeddings given, nothing read).
         condition: the condition to compare under, as the user named it (None: read it).
+        apply_figures: make the answer inconclusive under a condition the development
+            sets measured as not attributable, or never measured (:func:`attributable`);
+            False only to measure them.
     """
+    chosen = _select(rows, suspect, condition)
+    if not apply_figures or chosen.inconclusive:
+        return chosen
+    why = attributable(chosen.condition)
+    if why is None:
+        return chosen
+    return Selection(chosen.rows, chosen.condition, chosen.read, inconclusive=why,
+                     notes=chosen.notes)
+
+
+def attributable(condition: str,
+                 figures: dict[str, dict[str, Any]] | None = None) -> str | None:
+    """Why suspects compared with curves of ``condition`` get no answer (None: they do).
+
+    Clean curves always answer. Any other condition answers only where its development-set
+    figures (``figures``, default :data:`forensics.defaults.CONDITION_FIGURES`) show no
+    wrong answer with confidence above 0.5, a top-1 of at least
+    :data:`forensics.defaults.CONDITION_MIN_TOP1` on the worst set and at most
+    :data:`forensics.defaults.CONDITION_MAX_DROP` below clean suspects' on every set: an
+    inconclusive answer carries no family and no confidence, so no suspect stored under a
+    condition gets a confidence above 0.5 unless the figures of that condition support it.
+    """
+    if condition == defaults.CLEAN_CONDITION:
+        return None
+    table = defaults.CONDITION_FIGURES if figures is None else figures
+    f = table.get(condition)
+    if f is None:
+        return (f"attribution under {condition!r} was not measured on the development sets "
+                f"(docs/conditions.md), so no answer under it can be given a confidence; "
+                f"compare anyway with --condition clean (no confidence)")
+    wrong, drop, top1 = int(f["wrong_above_half"]), float(f["drop"]), float(f["top1"])
+    if wrong == 0 and drop <= defaults.CONDITION_MAX_DROP and \
+            top1 >= defaults.CONDITION_MIN_TOP1:
+        return None
+    return (f"the development sets measured {condition!r} as not attributable: top-1 "
+            f"{top1:.2f} on the {f['set']} set, {drop:.2f} below clean suspects on the "
+            f"{f.get('drop_set', f['set'])} set, {wrong} of {int(f['answers'])} answers "
+            f"naming a wrong family with confidence above 0.5 (docs/conditions.md, measured "
+            f"{f['measured']}; needed: top-1 >= {defaults.CONDITION_MIN_TOP1:g}, at most "
+            f"{defaults.CONDITION_MAX_DROP:g} below clean, none wrong above 0.5); compare "
+            f"anyway with --condition clean (no confidence)")
+
+
+def _select(rows: list[dict[str, Any]], suspect: dict[str, Any] | None,
+            condition: str | None) -> Selection:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(curve_condition(r), []).append(r)

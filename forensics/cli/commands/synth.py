@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 #: The kinds of :mod:`forensics.paper.synth` (kept here too so ``--help`` imports no numpy/PIL).
-KINDS_HELP = "rotate | downup | shuffle | noise | background | jpeg | crop"
+KINDS_HELP = "rotate | downup | updown | shuffle | noise | background | jpeg | crop"
 
 
 def register(app: typer.Typer) -> None:
@@ -25,7 +25,9 @@ def register(app: typer.Typer) -> None:
             None, "--max-angle", help="rotate: random angle in [-A, A] per image (default 30)."
         ),
         factor: float | None = typer.Option(
-            None, "--factor", help="downup: down- then up-sampling factor (default 4)."
+            None, "--factor",
+            help="downup: down- then up-sampling factor (default 4); updown: up- then "
+                 "down-sampling factor (default 2).",
         ),
         grid: int | None = typer.Option(
             None, "--grid", help="shuffle: GRID x GRID patches (default 4)."
