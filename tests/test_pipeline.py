@@ -761,6 +761,10 @@ def test_curves_enrolled_under_conditions_are_compared_like_with_like(world, tmp
     assert clean.conditions["compared_with"]["condition"] == "clean"
     forced = attribute(jpeg, n_boot=0, condition="clean", **kw)  # asked: no confidence
     assert forced.parameters["condition"] == "clean" and forced.decision.confidence is None
+    # a bank of clean curves only: JPEG suspects compared with them by request, no confidence
+    only_clean = attribute(jpeg, n_boot=0, condition="clean", **world["kw"])
+    assert only_clean.parameters["condition"] == "clean"
+    assert only_clean.decision.confidence is None and not only_clean.decision.inconclusive
     # the development sets measured the condition as not attributable: inconclusive
     monkeypatch.setattr(defaults, "CONDITION_FIGURES", {"jpeg75": dict(supported,
                                                                        wrong_above_half=2)})

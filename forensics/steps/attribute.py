@@ -684,8 +684,9 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
             model_confidence=None, inconclusive=True, consistent=[],
             closest=decision.closest or decision.nearest_family,
             reason=f"inconclusive: {selection.inconclusive}")
-    elif condition is not None and suspect is not None and \
-            storage.select(pool, suspect).condition != condition:
+    elif condition is not None and suspect is not None and (
+            (read := storage.select(pool, suspect, apply_figures=False)).inconclusive
+            or read.condition != condition):  # named otherwise than the files read
         decision = dataclasses.replace(decision, confidence=None, model_confidence=None)
         selection.notes.append("no confidence: the suspects read as stored otherwise than "
                                "the curves they were compared with, and confidence is "
