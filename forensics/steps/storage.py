@@ -315,7 +315,7 @@ def mismatch(suspect: dict[str, Any] | None, enrolled: Sequence[dict[str, Any] |
 
 
 #: Format of the stored descriptions of image sets (part of their key).
-CONDITIONS_FORMAT = 1
+CONDITIONS_FORMAT = 2
 
 
 def manifest_conditions(manifest: Any, rows: Sequence[int] | None = None,
