@@ -155,6 +155,8 @@ class Bank:
         self.path = Path(path).expanduser() if path is not None else default_bank_path()
         _check_bank_path(self.path)
         self._lock = store.BankLock(self.path, lock_timeout)
+        #: The tables read by this object, by file name: (the file's stamp, the table).
+        self._tables: dict[str, tuple[tuple[int, int, int], pa.Table]] = {}
 
     def __repr__(self) -> str:
         return f"Bank({str(self.path)!r})"
@@ -241,12 +243,29 @@ class Bank:
     def curves_table(self) -> pa.Table:
         """The ``curves`` table (empty when the bank is new)."""
         self._check_version()
-        return store.read_table(self.path / CURVES_FILE, CURVES_SCHEMA)
+        return self._read(CURVES_FILE, CURVES_SCHEMA)
 
     def baselines_table(self) -> pa.Table:
         """The ``baselines`` table (empty when the bank is new)."""
         self._check_version()
-        return store.read_table(self.path / BASELINES_FILE, BASELINES_SCHEMA)
+        return self._read(BASELINES_FILE, BASELINES_SCHEMA)
+
+    def _read(self, name: str, schema: pa.Schema) -> pa.Table:
+        """A table, read again only when its file changed (by modification time, size and
+        inode: every write replaces the file) since this object last read it."""
+        path = self.path / name
+        try:
+            st = path.stat()
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        known = self._tables.get(name)
+        if stamp is not None and known is not None and known[0] == stamp:
+            return known[1]
+        table = store.read_table(path, schema)
+        if stamp is not None:
+            self._tables[name] = (stamp, table)
+        return table
 
     def _tables_for_write(self) -> tuple[pa.Table, pa.Table]:
         """Both tables with any columns fp does not know, which a rewrite must keep."""

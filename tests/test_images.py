@@ -256,3 +256,22 @@ def test_exif_orientation_is_applied(tmp_path):
     assert im.size == (4, 8)  # (width, height): now tall
     out = np.asarray(im)
     assert (out[:4] == (255, 0, 0)).all() and (out[4:] == (0, 0, 255)).all()
+
+
+def test_content_decoded_before_is_hashed_not_decoded_again(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from forensics.data import images
+
+    for i in range(3):
+        Image.new("L", (8, 8), i).save(tmp_path / f"{i}.png")
+    first = images.scan_folder(tmp_path)
+
+    def no_decoding(data):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(images, "decode_rgb", no_decoding)
+    again = images.scan_folder(tmp_path, known=lambda sha: True)  # e.g. in the cache
+    assert [e.sha256 for e in again.entries] == [e.sha256 for e in first.entries]
+    with pytest.raises(AssertionError, match="decoded again"):  # unknown content: decoded
+        images.scan_folder(tmp_path, known=lambda sha: sha != first.entries[0].sha256)

@@ -472,6 +472,26 @@ class EmbeddingCache:
         atomic_savez(chunk, {"sha256": np.array(hashes, dtype="S64"), **payload}, fsync=False)
 
 
+def _expected_cache(expect: dict[str, Any], cache_dir: Path | str | _DefaultCache
+                    ) -> dict[bytes, tuple[Path, int]] | None:
+    """The index of the cache entry of configuration ``expect`` (None: none recorded)."""
+    if cache_dir is DEFAULT_CACHE:
+        cache_dir = default_cache_dir()
+    try:
+        key = cache_key(expect)
+    except KeyError:
+        return None
+    folder = Path(cache_dir) / key
+    try:
+        info = json.loads((folder / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or any(info.get(k) != expect.get(k) for k in (
+            "name", "weights_sha256", "preprocessing", "pool", "precision", "layers")):
+        return None
+    return EmbeddingCache(Path(cache_dir), key, info).index()
+
+
 def cached_embeddings(manifest: Manifest, expect: dict[str, Any],
                       cache_dir: Path | str | _DefaultCache) -> Embeddings | None:
     """Every image of ``manifest`` read from the cache of the configuration ``expect``,
@@ -719,11 +739,14 @@ def embed_folder(
         from forensics.data.ray_embed import require_ray
 
         require_ray()
+    light = expect is not None and ray is None and store is None and cache_dir is not None
     if isinstance(folder_or_manifest, Manifest):
         manifest = folder_or_manifest
-    else:
-        manifest = scan_folder(folder_or_manifest, skip_bad=skip_bad)
-    if expect is not None and ray is None and store is None and cache_dir is not None:
+    else:  # images embedded before were decoded then: hashed, not decoded again
+        index = _expected_cache(expect, cache_dir) if light else None  # type: ignore[arg-type]
+        manifest = scan_folder(folder_or_manifest, skip_bad=skip_bad, known=None
+                               if index is None else (lambda sha: sha.encode() in index))
+    if light:
         found = cached_embeddings(manifest, expect, cache_dir)
         if found is not None:
             return found

@@ -22,7 +22,7 @@ import io
 import json
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +138,8 @@ def list_image_files(root: Path, links: list[str] | None = None) -> list[str]:
 
 
 def scan_folder(
-    path: str | os.PathLike, *, skip_bad: bool = False, threads: int | None = None
+    path: str | os.PathLike, *, skip_bad: bool = False, threads: int | None = None,
+    known: Callable[[str], bool] | None = None,
 ) -> Manifest:
     """Find, hash and validate every image under ``path``.
 
@@ -146,6 +147,8 @@ def scan_folder(
         path: folder to scan recursively for png/jpg/jpeg/webp/bmp/tif/tiff/gif files.
         skip_bad: leave bad files out (recorded in ``Manifest.skipped``) instead of failing.
         threads: decoding threads (default: a few per CPU).
+        known: ``known(sha256)`` is true for content already decoded with success (an
+            image in the embedding cache): such a file is hashed, not decoded again.
 
     Returns:
         The manifest, entries sorted by relative path.
@@ -170,7 +173,8 @@ def scan_folder(
     workers = threads or min(16, 4 * (os.cpu_count() or 1))
     chunks = [relpaths[i:i + 64] for i in range(0, len(relpaths), 64)]  # few, larger tasks
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = pool.map(lambda chunk: [_check_file(root / rel) for rel in chunk], chunks)
+        done = pool.map(lambda chunk: [_check_file(root / rel, known) for rel in chunk],
+                        chunks)
         checked = [result for chunk in done for result in chunk]
     entries, bad = [], []
     for rel, (sha, size, problem) in zip(relpaths, checked, strict=True):
@@ -268,8 +272,10 @@ def file_status(path: str | os.PathLike, sha256: str) -> str:
     return "ok" if hashlib.sha256(data).hexdigest() == sha256 else "changed"
 
 
-def _check_file(path: Path) -> tuple[str, int, str | None]:
-    """Hash ``path`` and decode it fully; return (sha256, size, problem or None)."""
+def _check_file(path: Path, known: Callable[[str], bool] | None = None
+                ) -> tuple[str, int, str | None]:
+    """Hash ``path`` and decode it fully (unless ``known(sha256)``: decoded before);
+    return (sha256, size, problem or None)."""
     try:
         data = read_image_file(path)
     except InputError as exc:
@@ -277,6 +283,8 @@ def _check_file(path: Path) -> tuple[str, int, str | None]:
     sha = hashlib.sha256(data).hexdigest()
     if not data:
         return sha, 0, "empty file (0 bytes)"
+    if known is not None and known(sha):
+        return sha, len(data), None
     try:
         decode_rgb(data)
     except InputError as exc:
