@@ -55,11 +55,14 @@ class CurveResult:
         return out
 
 
-def encoder_record(loaded: LoadedBaseline) -> dict[str, Any]:
-    """The encoder configuration a baseline was embedded with (what keys the cache)."""
+def encoder_record(loaded: LoadedBaseline) -> dict[str, Any] | None:
+    """The encoder configuration a baseline was embedded with (what keys the cache; None:
+    its row does not record it all)."""
     row, params = loaded.row, loaded.params
+    if not row.get("weights_sha256") or row.get("layers") is None:
+        return None
     return {"name": row["encoder"], "weights_sha256": row["weights_sha256"],
-            "preprocessing": params.get("preprocessing"), "pool": row["pooling"] or "cls",
+            "preprocessing": params.get("preprocessing"), "pool": row.get("pooling") or "cls",
             "precision": params.get("precision"), "layers": list(row["layers"])}
 
 
