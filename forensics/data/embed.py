@@ -234,10 +234,13 @@ def encoder_info(encoder, loaded, weights: str | None, pool: str) -> dict[str, A
     }
 
 
+#: What determines an embedding besides the image itself: the fields the cache is keyed by.
+KEYED = ("name", "weights_sha256", "preprocessing", "pool", "precision", "layers")
+
+
 def cache_key(info: dict[str, Any]) -> str:
     """Hash of what determines an embedding besides the image itself."""
-    keyed = {k: info[k] for k in ("name", "weights_sha256", "preprocessing", "pool",
-                                  "precision", "layers")}
+    keyed = {k: info[k] for k in KEYED}
     keyed["cache_format"] = FORMAT_VERSION
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
@@ -473,23 +476,22 @@ class EmbeddingCache:
 
 
 def _expected_cache(expect: dict[str, Any], cache_dir: Path | str | _DefaultCache
-                    ) -> dict[bytes, tuple[Path, int]] | None:
-    """The index of the cache entry of configuration ``expect`` (None: none recorded)."""
+                    ) -> EmbeddingCache | None:
+    """The cache entry of configuration ``expect`` (what :func:`cache_key` reads), if its
+    ``info.json`` records that configuration (None: no such entry)."""
     if cache_dir is DEFAULT_CACHE:
         cache_dir = default_cache_dir()
     try:
         key = cache_key(expect)
     except KeyError:
         return None
-    folder = Path(cache_dir) / key
     try:
-        info = json.loads((folder / "info.json").read_text())
+        info = json.loads((Path(cache_dir) / key / "info.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or any(info.get(k) != expect.get(k) for k in (
-            "name", "weights_sha256", "preprocessing", "pool", "precision", "layers")):
+    if not isinstance(info, dict) or any(info.get(k) != expect.get(k) for k in KEYED):
         return None
-    return EmbeddingCache(Path(cache_dir), key, info).index()
+    return EmbeddingCache(Path(cache_dir), key, info)
 
 
 def cached_embeddings(manifest: Manifest, expect: dict[str, Any],
@@ -503,21 +505,12 @@ def cached_embeddings(manifest: Manifest, expect: dict[str, Any],
     record the same, and the returned :attr:`Embeddings.encoder_info` is that record, as
     written when the entry's first image was embedded.
     """
-    if cache_dir is DEFAULT_CACHE:
-        cache_dir = default_cache_dir()
-    try:
-        key = cache_key(expect)
-    except KeyError:
-        return None
-    folder = Path(cache_dir) / key
-    try:
-        info = json.loads((folder / "info.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or any(info.get(k) != expect.get(k) for k in (
-            "name", "weights_sha256", "preprocessing", "pool", "precision", "layers")):
-        return None
-    cache = EmbeddingCache(Path(cache_dir), key, info)
+    cache = _expected_cache(expect, cache_dir)
+    return None if cache is None else _all_cached(cache, manifest)
+
+
+def _all_cached(cache: EmbeddingCache, manifest: Manifest) -> Embeddings | None:
+    """Every image of ``manifest`` from ``cache`` (None: any is missing or damaged)."""
     hashes = manifest.hashes
     index = cache.index()
     if not hashes or any(h.encode() not in index for h in hashes):
@@ -526,7 +519,7 @@ def cached_embeddings(manifest: Manifest, expect: dict[str, Any],
     out, lost = cache.fetch(hashes, rows, len(hashes))
     if lost or out is None:
         return None
-    info = {k: v for k, v in info.items() if k != "dims"}
+    info = {k: v for k, v in cache._info.items() if k != "dims"}
     info["cache"] = {"hits": len(hashes), "computed": 0}
     if cache.damaged:
         info["cache"]["damaged"] = list(cache.damaged)
@@ -739,15 +732,17 @@ def embed_folder(
         from forensics.data.ray_embed import require_ray
 
         require_ray()
-    light = expect is not None and ray is None and store is None and cache_dir is not None
+    cached = (_expected_cache(expect, cache_dir)
+              if expect is not None and ray is None and store is None and cache_dir is not None
+              else None)
     if isinstance(folder_or_manifest, Manifest):
         manifest = folder_or_manifest
     else:  # images embedded before were decoded then: hashed, not decoded again
-        index = _expected_cache(expect, cache_dir) if light else None  # type: ignore[arg-type]
+        index = None if cached is None else cached.index()
         manifest = scan_folder(folder_or_manifest, skip_bad=skip_bad, known=None
                                if index is None else (lambda sha: sha.encode() in index))
-    if light:
-        found = cached_embeddings(manifest, expect, cache_dir)
+    if cached is not None:
+        found = _all_cached(cached, manifest)
         if found is not None:
             return found
     return _embed(

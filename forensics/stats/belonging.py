@@ -107,7 +107,7 @@ class Belonging:
         n_images: suspect images used by the test.
         n_curves: enrolled curves of the model.
         draws: genuine sets behind the p-value (0: the model has one curve, untestable).
-        kind: ``mmd`` or ``energy``.
+        kind: ``mmd`` or ``energy`` (``probe``: :meth:`forensics.stats.probe.ProbeBank.tests`).
     """
 
     model: str

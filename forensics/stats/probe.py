@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from forensics.errors import InputError
+from forensics.stats.belonging import Belonging
 
 #: Inverse L2 strength of the attributor.
 C = 1.0
@@ -164,30 +165,6 @@ def fit(models: Mapping[str, Sequence[np.ndarray]], families: Mapping[str, str],
                     rows_sha256({k: curves[k] for k in names}), float(C), int(seed))
 
 
-@dataclass(frozen=True)
-class ProbeTest:
-    """The attributor's reading of one enrolled model against the suspect images.
-
-    The fields of :class:`forensics.stats.belonging.Belonging` (``kind`` is ``"probe"``,
-    ``statistic`` the mean log-probability of the model, higher is closer).
-    """
-
-    model: str
-    family: str
-    p_value: float | None
-    consistent: bool
-    statistic: float
-    null_median: float | None
-    n_images: int
-    n_curves: int
-    draws: int
-    kind: str = "probe"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return dict(self.__dict__)
-
-
 def _draw(n_rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` of ``n_rows`` indices: without replacement, or the bootstrap when the curve
     has fewer than ``2 n`` rows (as :func:`forensics.stats.belonging.null` draws)."""
@@ -263,8 +240,10 @@ class ProbeBank:
                                                      / (1 + nv.size))
         return out
 
-    def tests(self, rows: np.ndarray, alpha: float) -> list[ProbeTest]:
-        """One :class:`ProbeTest` per enrolled model, highest mean log-probability first."""
+    def tests(self, rows: np.ndarray, alpha: float) -> list[Belonging]:
+        """One :class:`~forensics.stats.belonging.Belonging` per enrolled model (``kind``
+        ``probe``, ``statistic`` the mean log-probability of the model, higher is closer),
+        highest first."""
         if not 0.0 < alpha < 1.0:
             raise InputError(f"the belonging level must be within (0, 1), got {alpha}")
         x = np.asarray(rows, dtype=np.float64)
@@ -274,9 +253,9 @@ class ProbeBank:
         for k, j in self.col.items():
             nv = self.null(k, len(x))
             p = ps[k]
-            out.append(ProbeTest(k, self.families[k], p, p is not None and p >= alpha,
+            out.append(Belonging(k, self.families[k], p, p is not None and p >= alpha,
                                  float(s[j]), float(np.median(nv)) if nv.size else None,
-                                 len(x), len(self.curves[k]), int(nv.size)))
+                                 len(x), len(self.curves[k]), int(nv.size), "probe"))
         return sorted(out, key=lambda t: (-t.statistic, t.model))
 
     def calibrate(self, n: int, alpha: float, draws: int = SIM_DRAWS) -> Any:
