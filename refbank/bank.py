@@ -1166,13 +1166,10 @@ def _to_rows(table: pa.Table) -> list[dict[str, Any]]:
             per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[t.unit]
             epoch = datetime(1970, 1, 1, tzinfo=ZoneInfo(t.tz))
             ints = [v for chunk in column.chunks for v in chunk.view(pa.int64()).to_pylist()]
-            if t.unit == "ns":  # datetime holds microseconds, as pyarrow's conversion does
-                columns.append([None if v is None else epoch + timedelta(microseconds=v // 1000)
-                                for v in ints])
-            else:
-                columns.append([None if v is None else
-                                 epoch + timedelta(microseconds=v * (10**6 // per_second))
-                                 for v in ints])
+            # datetime holds microseconds (nanoseconds are floored, as pyarrow does)
+            columns.append([None if v is None else
+                            epoch + timedelta(microseconds=v * 10**6 // per_second)
+                            for v in ints])
         else:
             columns.append(column.to_pylist())
     names = table.column_names

@@ -499,6 +499,8 @@ class _Plan:
         from forensics.stats.belonging import ROWS_SUFFIX, rows_key
         from forensics.steps.calibration import rows_digest
 
+        if not any(r["curve_id"] == row["curve_id"] for r in self.rows):
+            return self.parsed(row)
         names = sorted({self.fp.name} | ({rows_key(self.belong_fp.name)}
                                          if self.belong_fp is not None else set()))
 
@@ -515,8 +517,6 @@ class _Plan:
         arrays = self.store.get_arrays("vectors", {"rows": rows_digest(self.rows),
                                                    "names": names}, compute)
         prefix = f"{row['curve_id']}::"
-        if not any(r["curve_id"] == row["curve_id"] for r in self.rows):
-            return self.parsed(row)
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
