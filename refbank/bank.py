@@ -44,6 +44,9 @@ INFO_FILE = "bank.json"
 LOG_NAME = log.LOG_FILE
 BASELINES_DIR = "baselines"
 FORMAT = "fp reference bank"
+#: Prefix of a fingerprint value that is packed per-image rows (float16 bytes in base64;
+#: written by ``forensics.stats.belonging.pack_rows``), not a vector of numbers.
+PACKED_PREFIX = "float16le-base64:"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -1083,16 +1086,23 @@ def _prepare(row: dict[str, Any], schema: pa.Schema, required: tuple[str, ...],
     return out
 
 
-def _fingerprints(value: Any, what: str) -> dict[str, list[float]]:
-    """``{name: [floats]}`` from a row's ``fingerprints`` (None: none)."""
+def _fingerprints(value: Any, what: str) -> dict[str, Any]:
+    """``{name: [floats]}`` from a row's ``fingerprints`` (None: none); packed per-image rows
+    stay the string they are."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InputError(f"{what} field 'fingerprints' must map names to vectors")
-    out = {}
+    out: dict[str, Any] = {}
     for name, vec in value.items():
         if not isinstance(name, str) or not name:
             raise InputError(f"{what} fingerprint names must be non-empty strings")
+        if isinstance(vec, str):  # packed per-image rows (forensics.stats.belonging)
+            if not vec.startswith(PACKED_PREFIX):
+                raise InputError(f"{what} fingerprint {name!r}: a string value must be packed "
+                                 f"rows ({PACKED_PREFIX}...)")
+            out[name] = vec
+            continue
         try:
             out[name] = [float(v) for v in _tolist(vec)]
         except (TypeError, ValueError):
@@ -1119,11 +1129,11 @@ def curve_params(row: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
     return params if isinstance(params, dict) or strict else {}
 
 
-def curve_fingerprints(row: dict[str, Any]) -> dict[str, list[float]]:
+def curve_fingerprints(row: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint vectors stored with a curve row (``{}`` when none).
 
     Non-finite values, stored as ``"NaN"``/``"Infinity"`` in the canonical JSON, come back
-    as floats.
+    as floats; packed per-image rows (a string, :data:`PACKED_PREFIX`) come back as stored.
     """
     text = row.get("fingerprints_json") or "{}"
     try:
@@ -1131,7 +1141,8 @@ def curve_fingerprints(row: dict[str, Any]) -> dict[str, list[float]]:
     except ValueError:
         raise BankError(f"curve {row.get('curve_id')!r} has unreadable fingerprints_json; "
                         f"run fp bank verify") from None
-    return {str(k): [float(v) for v in vec] for k, vec in data.items()}
+    return {str(k): vec if isinstance(vec, str) else [float(v) for v in vec]
+            for k, vec in data.items()}
 
 
 def _tolist(values: Any) -> list:

@@ -59,11 +59,35 @@ def test_large_suspects_are_tested_on_a_seeded_subset():
 
 def test_rows_pack_to_float16_and_back():
     rows = np.random.default_rng(4).standard_normal((7, 5))
-    back = bt.unpack_rows(bt.pack_rows(rows), 7)
+    packed = bt.pack_rows(rows)
+    assert isinstance(packed, str) and packed.startswith(bt.PACKED)
+    back = bt.unpack_rows(packed, 7)
     assert back.shape == (7, 5)
-    np.testing.assert_allclose(back, rows, rtol=1e-3, atol=1e-3)  # float16: 11-bit mantissa
+    # exactly the float16 values: 11 significant bits
+    np.testing.assert_array_equal(back, rows.astype(np.float16).astype(np.float64))
+    # base64 of 2 bytes per value: 4 characters per 3 bytes, and the prefix
+    assert len(packed) == len(bt.PACKED) + 4 * -(-2 * rows.size // 3)
     with pytest.raises(InputError, match="rows of 6 images"):
-        bt.unpack_rows(bt.pack_rows(rows), 6)
+        bt.unpack_rows(packed, 6)
+
+
+def test_rows_stored_as_decimals_before_are_still_read():
+    rows = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float16)
+    decimals = [float(str(h)) for h in rows.ravel()]  # how banks stored projected rows
+    np.testing.assert_array_equal(bt.unpack_rows(decimals, 3), rows.astype(np.float64))
+
+
+@pytest.mark.parametrize("bad", ["float16le-base64:@@@", "float16le-base64:AA==",
+                                 "float32:AAAA", ""])
+def test_damaged_packed_rows_are_refused_in_words(bad):
+    with pytest.raises(InputError, match="stored per-image rows"):
+        bt.packed_values(bad)
+
+
+def test_the_bank_and_the_packer_agree_on_the_prefix():
+    from refbank.bank import PACKED_PREFIX
+
+    assert bt.PACKED == PACKED_PREFIX
 
 
 def test_projection_is_fixed_and_keeps_lengths_on_average():
@@ -123,6 +147,33 @@ def test_the_answer_confidence_is_simulated_from_the_bank_at_the_suspect_size():
     p_named = cal.probability(False, 0.5, 1)
     assert p_named is not None and 0.5 < p_named <= 1.0
     assert cal.to_dict()["prior_enrolled"] == 0.5
+
+
+def test_the_simulated_answer_chooses_as_the_attributor_orders():
+    from forensics.stats import answer_confidence as ac
+
+    rng = np.random.default_rng(7)
+    # overlapping models: most sets are consistent with several
+    models = {f"m{i}": bt.ModelRows(_model(rng, shift=0.1 * i, n=60)) for i in range(4)}
+    families = {k: f"f{k}" for k in models}
+    nulls = {k: bt.null(m, 20, draws=60, seed=0) for k, m in models.items()}
+    kw = dict(alpha=0.05, kind="mmd", nulls=nulls, seed=0, draws=6)
+    seen = []
+
+    def truthful(k, i, idx, enrolled):
+        seen.append((k, i, len(idx), enrolled))
+        return {m: (1.0 if m == k else 0.0) for m in models if enrolled or m != k}
+
+    def liar(k, i, idx, enrolled):
+        return {m: (0.0 if m == k else 1.0) for m in models if enrolled or m != k}
+
+    right = ac.calibrate(models, families, 20, order=truthful, **kw)
+    wrong = ac.calibrate(models, families, 20, order=liar, **kw)
+    # the order changes which consistent model is named, never whether one is
+    assert (right.n_named, right.n_unknown) == (wrong.n_named, wrong.n_unknown)
+    assert right.named_right > wrong.named_right
+    assert {(k, e) for k, _i, _n, e in seen} == {(k, e) for k in models for e in (True, False)}
+    assert {i for _k, i, _n, _e in seen} == {0, 1} and {n for *_x, n, _e in seen} == {20}
 
 
 def test_a_suspect_as_large_as_a_curve_still_gets_a_spread_null():

@@ -272,12 +272,18 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
                                "resid-early", "resid-early#rows", "resid-early#var",
                                "setstats"]
         assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
-        # the belonging test's per-image rows: projected, float16, one row per image
-        from forensics.stats.belonging import DIM, unpack_rows
+        # the per-image rows: every entry, float16, packed; the curve's vector their mean
+        from forensics.stats.belonging import PACKED, unpack_rows
 
+        assert fps["resid-early#rows"].startswith(PACKED)
         rows_ = unpack_rows(fps["resid-early#rows"], r["n_images"])
-        assert rows_.shape == (N, DIM)
+        vec = np.asarray(fps["resid-early"])
+        assert rows_.shape == (N, vec.size)
         np.testing.assert_array_equal(rows_, rows_.astype(np.float16).astype(np.float64))
+        # float16 keeps 11 significant bits: each image's entry is off by at most 2^-11 of
+        # its magnitude, and so is their mean
+        bound = 2.0**-11 * np.abs(rows_).mean(axis=0) + 1e-7
+        assert (np.abs(rows_.mean(axis=0) - vec) <= bound).all()
         for name in ("proj-mean", "proj-mean-early", "resid-early"):  # per-image variances
             var = np.asarray(fps[name + "#var"])
             assert var.shape == np.shape(fps[name]) and (var > 0).all()
@@ -340,6 +346,14 @@ def test_attribute_names_the_enrolled_generator(world, kind):
     assert data["provenance"]["attribution"]["matcher"] == "combined"
     assert data["provenance"]["attribution"]["drop_layers"] == [0]
     assert data["calibration"]["threshold"] is not None
+    # the per-image attributor chose among the consistent models, and says what it read
+    att = data["provenance"]["attribution"]["attributor"]
+    assert att["models"] == ["noise-m", "shuffle-m"] and att["entries"] > 0
+    assert max(att["scores"], key=att["scores"].get) == f"{kind}-m"
+    assert len(att["rows_sha256"]) == 64 and att["rows_per_model"][f"{kind}-m"] == 2 * N
+    assert "by the per-image attributor" in d.reason
+    kinds = [c["kind"] for c in data["provenance"]["custody"]["calibrations"]]
+    assert kinds == ["confidence", "attributor", "belonging"]
 
 
 def test_images_of_no_enrolled_model_are_unknown_with_the_closest_family_shown(world):
@@ -852,7 +866,8 @@ def test_a_cached_set_is_answered_without_torch_or_scikit_learn_and_alike(world)
     attribute(f["query_shuffle"], n_boot=0, **world["kw"])  # embeds, stores calibrations
     first = attribute(f["query_shuffle"], n_boot=0, **world["kw"])
     stored = sorted(p.name for p in (world["bank"].path / "calibration").iterdir())
-    assert {n.split("-")[0] for n in stored} == {"confidence", "belonging", "vectors"}
+    assert {n.split("-")[0] for n in stored} == {"confidence", "belonging", "vectors",
+                                                 "attributor"}
     code = (
         "import json, sys, forensics\n"
         f"a = forensics.attribute({str(f['query_shuffle'])!r}, bank={str(world['bank'].path)!r},"

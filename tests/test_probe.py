@@ -125,3 +125,27 @@ def test_refusals():
         f.log_proba(np.zeros((3, 5)))
     with pytest.raises(InputError, match="level"):
         probe.ProbeBank(models, fam).tests(np.zeros((3, 6)), 1.5)
+
+
+def test_stored_arrays_give_the_fit_and_the_held_out_scores():
+    rng = np.random.default_rng(8)
+    models, fam, centres = _bank(rng, k=3, n=20)
+    pb = probe.ProbeBank(models, fam, seed=2)
+    arrays = probe.export(pb, ["m0", "m2"])
+    assert {k for k in arrays if k.startswith("held.")} == {
+        "held.m0.0", "held.m0.1", "held.m2.0", "held.m2.1"}
+    assert set(k for k in arrays if k.startswith("out.")) == {"out.m0", "out.m2"}
+    f = probe.stored_fit(arrays, models, fam, seed=2)
+    x = rng.standard_normal((9, 6)) + centres[1]
+    np.testing.assert_array_equal(f.scores(x), pb.fit.scores(x))
+    assert f.to_dict() == pb.fit.to_dict()
+    scores = probe.simulated_scores(arrays, f.models, models)
+    idx = np.array([3, 5, 5])
+    got = scores("m2", 1, idx, True)
+    np.testing.assert_allclose([got[k] for k in f.models], pb.held_out("m2", 1)[idx].mean(0),
+                               rtol=0, atol=0)
+    out = scores("m2", 1, idx, False)  # the model left out: its rows after curve 0's
+    assert set(out) == {"m0", "m1"}
+    lo = pb.left_out("m2").log_proba(models["m2"][1][idx]).mean(axis=0)
+    np.testing.assert_allclose([out["m0"], out["m1"]], lo, rtol=1e-12, atol=1e-12)
+    assert scores("m1", 0, idx, True) is None  # not simulated: not exported

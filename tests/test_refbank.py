@@ -88,6 +88,18 @@ def test_add_and_read_back_every_field(bank, bid):
     assert set(row) == {c[0] for c in CURVE_COLUMNS}
 
 
+def test_packed_rows_are_stored_as_given_and_other_strings_refused(bank, bid):
+    from refbank.bank import PACKED_PREFIX, curve_fingerprints
+
+    packed = PACKED_PREFIX + "AAA8AA=="
+    bank.add_curves([curve_row(bid, fingerprints={"v": [1.0, 2.0], "v#rows": packed})])
+    [row] = bank.curves()
+    assert curve_fingerprints(row) == {"v": [1.0, 2.0], "v#rows": packed}
+    assert row["row_sha256"] == row_hash(row)  # hashed like every field
+    with pytest.raises(InputError, match="packed rows"):
+        bank.add_curves([curve_row(bid, fingerprints={"v": "1, 2"})])
+
+
 def test_defaults_and_numpy_inputs(bank, bid):
     bank.add_curves([curve_row(bid, values=np.array([1, 2, 3, 4], dtype=np.float32),
                                n_images=np.int64(7), params={"seed": np.int64(3)})])

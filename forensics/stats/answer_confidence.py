@@ -10,10 +10,11 @@ The bank simulates both cases at the suspect's size ``n``, from its own models:
   ``M``'s own null draws (:func:`forensics.stats.belonging.null`: a set of one curve measured
   against its other curves), so no set is ever tested against its own images;
 - **as a suspect of an enrolled model**: all these p-values decide the answer (right: ``M``'s
-  family; the simulation names the family of the most consistent model, standing in for
-  the fingerprint ranking it does not have);
+  family): the consistent model the per-image attributor scores highest, as fp answers,
+  read from the attributor refitted without the set's curve (``order``); without an
+  attributor, the most consistent model;
 - **as a suspect of a model not enrolled**: the same set with ``M`` left out of the bank
-  (right: unknown).
+  (and of the attributor's fit; right: unknown).
 
 Both cases count equally (a prior of one half that the suspect's model is enrolled: say so
 when quoting a confidence). ``confidence`` of an ``unknown`` answer is the share of simulated
@@ -25,7 +26,7 @@ answers. A seeded, pure function of arrays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,19 +95,36 @@ def _share(right: Sequence[bool]) -> float | None:
     return None if not right else float((sum(right) + 1) / (len(right) + 2))
 
 
-def _answer(ps: dict[str, float], families: dict[str, str],
-            alpha: float) -> tuple[str | None, float, int]:
-    """(family or None, p of the chosen model, consistent families) from p-values."""
+def _answer(ps: dict[str, float], families: dict[str, str], alpha: float,
+            scores: dict[str, float] | None = None) -> tuple[str | None, float, int]:
+    """(family or None, p of the chosen model, consistent families) from p-values: the
+    consistent model with the highest ``scores`` (the attributor's), or the highest p."""
     ok = {k: p for k, p in ps.items() if p >= alpha}
     if not ok:
         return None, 0.0, 0
-    chosen = max(ok, key=lambda k: (ok[k], k))
+    if scores is not None:
+        chosen = max(ok, key=lambda k: (scores.get(k, -np.inf), k))
+    else:
+        chosen = max(ok, key=lambda k: (ok[k], k))
     return families[chosen], ok[chosen], len({families[k] for k in ok})
+
+
+def simulated_models(names: Sequence[str], seed: int = 0,
+                     max_models: int = MAX_MODELS) -> list[str]:
+    """The models :func:`calibrate` draws suspects from: all, or a seeded choice of
+    ``max_models`` (the same at every suspect size)."""
+    names = sorted(names)
+    if len(names) > max_models:
+        rng = np.random.default_rng([int(seed), 7])
+        names = sorted(rng.choice(names, max_models, replace=False).tolist())
+    return names
 
 
 def calibrate(models: dict[str, bt.ModelRows], families: dict[str, str], n: int, *,
               alpha: float, kind: str, nulls: dict[str, np.ndarray], draws: int = DRAWS,
-              seed: int = 0, max_models: int = MAX_MODELS) -> AnswerConfidence:
+              seed: int = 0, max_models: int = MAX_MODELS,
+              order: Callable[[str, int, np.ndarray, bool], dict[str, float] | None]
+              | None = None) -> AnswerConfidence:
     """Simulate answers of suspects of ``n`` images drawn from the bank (module docstring).
 
     Args:
@@ -118,20 +136,25 @@ def calibrate(models: dict[str, bt.ModelRows], families: dict[str, str], n: int,
         nulls: each testable model's null at this size (:func:`belonging.null`).
         draws: simulated suspects per model.
         seed: seed of the draws.
-        max_models: most models drawn from.
+        max_models: most models drawn from (:func:`simulated_models`).
+        order: the per-image attributor's scores of a simulated suspect, ``(model, curve,
+            row indices, enrolled) -> {model: score}`` (:func:`forensics.stats.probe
+            .simulated_scores`): the answer is then the consistent model it scores highest,
+            as fp answers, instead of the most consistent one.
     """
     rng = np.random.default_rng([int(seed), int(n), 7])
-    names = sorted(k for k in models if k in nulls and nulls[k].size)
-    if len(names) > max_models:
-        names = sorted(rng.choice(names, max_models, replace=False).tolist())
+    names = simulated_models([k for k in models if k in nulls and nulls[k].size], seed,
+                             max_models)
     named: list[tuple[float, float, float, bool]] = []
     unknown: list[bool] = []
     m = min(int(n), bt.MAX_TEST)
     for k in names:
         mr, nv = models[k], nulls[k]
         for j in range(int(draws)):
-            curve = mr.raw[j % len(mr.raw)]
-            rows = curve[rng.choice(len(curve), m, replace=m > len(curve))]
+            i = j % len(mr.raw)
+            curve = mr.raw[i]
+            idx = rng.choice(len(curve), m, replace=m > len(curve))
+            rows = curve[idx]
             ps = {}
             for other, orow in models.items():
                 if other == k or other not in nulls or not nulls[other].size:
@@ -142,7 +165,8 @@ def calibrate(models: dict[str, bt.ModelRows], families: dict[str, str], n: int,
             own = float((1 + np.sum(np.delete(nv, b) >= nv[b])) / nv.size)
             for enrolled in (True, False):
                 these = {**ps, k: own} if enrolled else ps
-                fam, p, nf = _answer(these, families, alpha)
+                scores = order(k, i, idx, enrolled) if order is not None else None
+                fam, p, nf = _answer(these, families, alpha, scores)
                 if fam is None:
                     unknown.append(not enrolled)
                 else:

@@ -29,7 +29,7 @@ so an answer can name what its attributor was trained on. Pure functions of arra
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -301,3 +301,59 @@ class ProbeBank:
         _s, chosen, p = max(ok)
         named.append((p, float(len({self.families[k] for _s2, k, _p in ok})),
                       enrolled and self.families[chosen] == self.families[truth]))
+
+
+def export(bank: ProbeBank, simulated: Sequence[str]) -> dict[str, np.ndarray]:
+    """What an answer needs of ``bank``, as arrays (stored once per bank state): the fit
+    (``fit.*``), and for each model of ``simulated`` the log-probabilities of its curves under
+    the refits without each curve (``held.<model>.<i>``) and of all its rows under the fit
+    without the model (``out.<model>``; absent when fewer than two models remain)."""
+    f = bank.fit
+    out = {"fit.center": f.center, "fit.scale": f.scale, "fit.coef": f.coef,
+           "fit.intercept": f.intercept}
+    for k in simulated:
+        if not bank.testable(k):
+            continue
+        for i in range(len(bank.curves[k])):
+            out[f"held.{k}.{i}"] = bank.held_out(k, i)
+        lo = bank.left_out(k)
+        if lo is not None:
+            out[f"out.{k}"] = lo.log_proba(np.concatenate(bank.curves[k]))
+    return out
+
+
+def stored_fit(arrays: Mapping[str, np.ndarray], models: Mapping[str, Sequence[np.ndarray]],
+               families: Mapping[str, str], *, C: float = C, seed: int = 0) -> ProbeFit:
+    """The :class:`ProbeFit` of :func:`export`'s arrays for the bank ``models`` (whose rows
+    give its hash and counts)."""
+    names = tuple(sorted(models))
+    curves = {k: _as_rows(models[k]) for k in names}
+    return ProbeFit(names, tuple(families[k] for k in names), arrays["fit.center"],
+                    arrays["fit.scale"], arrays["fit.coef"], arrays["fit.intercept"],
+                    tuple(sum(len(c) for c in curves[k]) for k in names),
+                    rows_sha256(curves), float(C), int(seed))
+
+
+def simulated_scores(arrays: Mapping[str, np.ndarray], names: Sequence[str],
+                     curves: Mapping[str, Sequence[np.ndarray]]
+                     ) -> Callable[[str, int, np.ndarray, bool], dict[str, float] | None]:
+    """The attributor's scores of a simulated suspect, from :func:`export`'s arrays: for
+    ``(model, curve i, row indices, enrolled)``, each model's mean log-probability under the
+    fit without curve ``i`` (enrolled) or without the model (not enrolled); None where the
+    arrays lack it. ``names``: the fit's models, in order."""
+    names = list(names)
+
+    def scores(k: str, i: int, idx: np.ndarray, enrolled: bool) -> dict[str, float] | None:
+        if enrolled:
+            lp = arrays.get(f"held.{k}.{i}")
+            cols = names
+        else:
+            lp = arrays.get(f"out.{k}")
+            cols = [m for m in names if m != k]
+            if lp is not None:
+                idx = sum(len(c) for c in curves[k][:i]) + np.asarray(idx)
+        if lp is None:
+            return None
+        return dict(zip(cols, lp[np.asarray(idx)].mean(axis=0).tolist(), strict=True))
+
+    return scores

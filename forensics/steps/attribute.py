@@ -466,6 +466,11 @@ def _prepare_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             if name not in ("folder", "report", "force")}
 
 
+#: Suffix of a curve's stored array of projected per-image rows (enrolled before rows were
+#: stored whole) in :meth:`_Plan.fingerprints`.
+PROJECTED = "#projected"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What one attribution was resolved to before any image is embedded."""
@@ -496,7 +501,7 @@ class _Plan:
         """What an answer reads of a curve of :attr:`rows` (its fingerprint vector and
         per-image rows), from the bank's arrays: parsed from the rows' JSON once per bank
         state and stored beside the bank (:meth:`CalibrationStore.get_arrays`)."""
-        from forensics.stats.belonging import ROWS_SUFFIX, rows_key
+        from forensics.stats.belonging import ROWS_SUFFIX, packed_values, rows_key
         from forensics.steps.calibration import rows_digest
 
         if not any(r["curve_id"] == row["curve_id"] for r in self.rows):
@@ -509,9 +514,15 @@ class _Plan:
             for r in self.rows:
                 fps = self.parsed(r)
                 for name in names:
-                    if fps.get(name) is not None:  # rows: float16, as the bank's values are
-                        out[f"{r['curve_id']}::{name}"] = np.asarray(
-                            fps[name], np.float16 if name.endswith(ROWS_SUFFIX) else np.float64)
+                    value = fps.get(name)
+                    if value is None:
+                        continue
+                    if not name.endswith(ROWS_SUFFIX):
+                        out[f"{r['curve_id']}::{name}"] = np.asarray(value, np.float64)
+                    else:  # float16, as the bank's values are; projected ones apart
+                        out[f"{r['curve_id']}::{name}"
+                            + ("" if isinstance(value, str) else PROJECTED)] = \
+                            packed_values(value)
             return out
 
         arrays = self.store.get_arrays("vectors", {"rows": rows_digest(self.rows),
@@ -520,44 +531,100 @@ class _Plan:
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
-               seed: int) -> tuple[list[Any], Any, str, dict[str, Any] | None]:
-    """One belonging test per enrolled model (curves grouped by model), the calibration of
-    the answer's confidence at the suspect's size, a note, and the calibration's record.
+@dataclasses.dataclass
+class _Belong:
+    """What the belonging step gives an answer."""
 
-    The models' nulls and the answer's calibration depend on the bank and the suspect's
-    size only: computed once per bank state and size (:mod:`forensics.steps.calibration`)."""
+    tests: list[Any]  # one test per enrolled model
+    calibration: Any  # the answer's confidence at the suspect's size (None: none)
+    note: str
+    records: list[dict[str, Any]]  # the stored calibrations read, for the chain of custody
+    order: list[str] | None = None  # models, the attributor's highest score first
+    attributor: dict[str, Any] | None = None  # its provenance
+
+
+def _attributor(plan: _Plan, curves: dict[str, list[np.ndarray]], family: dict[str, str],
+                seed: int) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]] | None:
+    """The per-image attributor of the bank's models that store every entry of their rows
+    (:mod:`forensics.stats.probe`), with its leave-one-curve-out refits: fitted once per
+    bank state and stored beside the bank. None: fewer than two such models."""
+    from forensics.stats import answer_confidence as acm
+    from forensics.stats import probe
+    from forensics.steps.calibration import rows_digest
+
+    if len(curves) < 2:
+        return None
+    simulated = acm.simulated_models([m for m, c in curves.items() if len(c) >= 2], seed)
+    parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
+             "fingerprint": plan.belong_fp.name, "drop_layers": list(plan.drop),
+             "C": probe.C, "max_iter": probe.MAX_ITER, "seed": int(seed),
+             "models": {m: [len(c) for c in curves[m]] for m in sorted(curves)},
+             "simulated": simulated}
+
+    def compute() -> dict[str, np.ndarray]:
+        with _one_thread():  # loads scikit-learn for the fits, and limits it
+            return probe.export(probe.ProbeBank(curves, family, seed=seed), simulated)
+
+    arrays, record = plan.store.get_arrays("attributor", parts, compute, with_record=True)
+    fit = probe.stored_fit(arrays, curves, family, seed=seed)
+    return fit, arrays, record
+
+
+def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
+               seed: int) -> _Belong:
+    """One belonging test per enrolled model (curves grouped by model), the per-image
+    attributor's order of the models, the calibration of the answer's confidence at the
+    suspect's size, a note, and the records of what was read from the store.
+
+    The models' nulls, the attributor and the answer's calibration depend on the bank and
+    the suspect's size only: computed once per bank state and size
+    (:mod:`forensics.steps.calibration`)."""
     from forensics.stats import belonging as bt
+    from forensics.stats import probe
     from forensics.stats.answer_confidence import AnswerConfidence, calibrate
     from forensics.steps.calibration import rows_digest
 
     if plan.belong_fp is None or suspect_rows is None:
-        return [], None, (f"the baseline has no {defaults.BELONG_FINGERPRINT!r} arrays: no "
-                          f"belonging test (rebuild the baseline to enable it)"), None
+        return _Belong([], None, (f"the baseline has no {defaults.BELONG_FINGERPRINT!r} arrays: "
+                                  f"no belonging test (rebuild the baseline to enable it)"), [])
     key = bt.rows_key(plan.belong_fp.name)
+    width = suspect_rows.shape[1]
     by_model: dict[str, list[np.ndarray]] = {}
     family: dict[str, str] = {}
     lacking = 0
     for r in plan.rows:
         family.setdefault(r["model"], r["family"])
-        stored = plan.fingerprints(r).get(key)
+        fps = plan.fingerprints(r)
+        by_model.setdefault(r["model"], [])
+        # stored whole (every entry), or projected (enrolled before rows were stored whole)
+        is_whole = key in fps and not isinstance(fps[key], list)
+        stored = fps.get(key) if is_whole else fps.get(key + PROJECTED, fps.get(key))
         if stored is None:
             lacking += 1
-            by_model.setdefault(r["model"], [])
             continue
-        by_model.setdefault(r["model"], []).append(bt.unpack_rows(stored, int(r["n_images"])))
-    curves_of = {m: [c for c in by_model[m] if c.shape[1] == suspect_rows.shape[1]]
-                 for m in sorted(by_model)}
-    curves_of = {m: c for m, c in curves_of.items() if c}
-    n = len(bt.subset(len(suspect_rows), seed))
+        rows = bt.unpack_rows(stored, int(r["n_images"]))
+        if rows.shape[1] == (width if is_whole else bt.DIM):
+            by_model[r["model"]].append((rows, is_whole))
+    # the test reads projected rows: whole rows are projected here
+    curves_of = {m: [bt.project(c) if w else c for c, w in by_model[m]]
+                 for m in sorted(by_model) if by_model[m]}
+    mask = fpmod.entry_mask(plan.belong_fp, plan.loaded.dims, plan.keep)
+    whole = {m: [np.asarray(c[:, mask], dtype=np.float64) for c, _w in by_model[m]]
+             for m in curves_of if all(w for _c, w in by_model[m])}
+    att = _attributor(plan, whole, family, seed) if len(whole) == len(curves_of) else None
+    projected = bt.project(suspect_rows)
+    n = len(bt.subset(len(projected), seed))
     kind = defaults.BELONG_KIND
+    order_fn = (probe.simulated_scores(att[1], att[0].models, whole) if att is not None
+                else None)
 
     def compute() -> tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]:
         models = {m: bt.ModelRows(c) for m, c in curves_of.items()}
         with _one_thread():  # loads scikit-learn for the fit, and limits it
             nulls = {m: bt.null(models[m], n, kind=kind, seed=seed) for m in models}
             cal = (calibrate(models, family, n, alpha=alpha, kind=kind, nulls=nulls,
-                             seed=seed) if any(v.size for v in nulls.values()) else None)
+                             seed=seed, order=order_fn)
+                   if any(v.size for v in nulls.values()) else None)
         # what a test needs of each model besides its rows, so that it is not computed again
         kernel = {m: [mr.bandwidth2, mr.gram_mean(kind)] for m, mr in models.items()}
         return nulls, cal, kernel
@@ -578,23 +645,39 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
     parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
              "fingerprint": plan.belong_fp.name, "kind": kind, "alpha": float(alpha),
              "seed": int(seed), "n": int(n), "draws": bt.DRAWS, "dim": bt.DIM,
-             "models": {m: [len(c) for c in curves_of[m]] for m in curves_of}}
+             "models": {m: [c.shape for c in curves_of[m]] for m in curves_of},
+             "attributor": None if att is None else att[2]["sha256"]}
     (nulls, calibration, kernel), record = plan.store.get("belonging", parts, compute,
                                                           to_json, from_json)
     models = {m: bt.ModelRows(c, bandwidth2=kernel[m][0], gram_means={kind: kernel[m][1]})
               for m, c in curves_of.items()}
-    tests = [bt.test(models[m], suspect_rows, name=m, family=family[m], alpha=alpha,
+    tests = [bt.test(models[m], projected, name=m, family=family[m], alpha=alpha,
                      kind=kind, seed=seed, null_values=nulls[m]) for m in sorted(models)]
     tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
     note = (f"belonging: {defaults.BELONG_KIND} two-sample test of the suspect's "
             f"{plan.belong_fp.name} per-image rows against each enrolled model's, null from "
             f"its own curves (leave-one-curve-out) at the suspect's size, level {alpha:g}")
+    order = attributor = None
+    records = [record]
+    if att is not None:
+        fit, _arrays, att_record = att
+        scores = fit.scores(np.asarray(suspect_rows[:, mask], dtype=np.float64))
+        order = [fit.models[j] for j in np.argsort(-scores, kind="stable")]
+        attributor = {**fit.to_dict(), "entries": int(mask.sum()),
+                      "scores": {k: float(v) for k, v in zip(fit.models, scores, strict=True)}}
+        records.insert(0, att_record)
+        note += ("; among the consistent models, the per-image attributor (a logistic "
+                 "regression on the enrolled images' rows) chooses")
+    else:
+        note += ("; among the consistent models, the fingerprint ranking chooses (the "
+                 "per-image attributor needs every model enrolled with whole rows: "
+                 "re-enroll them)" if len(curves_of) >= 2 else "")
     if lacking:
         note += (f"; {lacking} curve(s) enrolled without per-image rows are left out of it "
                  f"(re-enroll them)")
     if not any(t.p_value is not None for t in tests):
         note += "; no model has two curves with rows (enroll --per-curve to split a folder)"
-    return tests, calibration, note, record
+    return _Belong(tests, calibration, note, records, order, attributor)
 
 
 def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: int,
@@ -643,8 +726,8 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
     # 4. belonging: one calibrated test per enrolled model
     suspect_rows = (res.image_rows.get(plan.belong_fp.name)
                     if plan.belong_fp is not None else None)
-    tests, answer_cal, belong_note, belong_record = _belonging(plan, suspect_rows, quantile,
-                                                               seed)
+    belong = _belonging(plan, suspect_rows, quantile, seed)
+    tests, answer_cal, belong_note = belong.tests, belong.calibration, belong.note
     # 5. ranking, and the score/margin rule
     ranking = rank(query, R, meta, mobj, drop_layers=())
     calibration = calibrate_unknown(R, [m["family"] for m in meta], mobj, (), quantile)
@@ -662,14 +745,16 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
     testable = any(t.p_value is not None for t in tests)
     if testable:
         decision = decide_belonging(ranking, tests, quantile,
-                                    gate=rule if defaults.BELONG_GATE else None)
+                                    gate=rule if defaults.BELONG_GATE else None,
+                                    order=belong.order)
     else:
         decision = dataclasses.replace(rule, closest=rule.nearest_family if rule.unknown
                                        else None, reason=f"{rule.reason} ({belong_note})")
     if answer_cal is not None:  # the two-level answer: calibrated on the bank's models
+        chosen = next((c["p_value"] for c in decision.consistent
+                       if c["model"] == decision.model), None)
         decision = dataclasses.replace(decision, confidence=answer_cal.probability(
-            decision.unknown, decision.consistent[0]["p_value"] if decision.consistent
-            else None, len({c["family"] for c in decision.consistent})))
+            decision.unknown, chosen, len({c["family"] for c in decision.consistent})))
         calibration = dataclasses.replace(calibration, answer=answer_cal.to_dict())
     elif model is not None and not decision.unknown:
         from forensics.stats.confidence import family_scores, margin_of
@@ -714,12 +799,12 @@ def _attribute(plan: _Plan, emb: Embeddings, folder: Any, *, top: int, n_boot: i
         "fingerprint": fp.name, "matcher": plan.matcher_name, "drop_layers": list(plan.drop),
         "top": int(top), "quantile": quantile, "n_boot": n_boot if boot is not None else 0,
         "seed": int(seed), "bank": str(b.path), "baseline": loaded.name,
-        "n_references": len(meta), "belonging": belong_note,
+        "n_references": len(meta), "belonging": belong_note, "attributor": belong.attributor,
         "condition": selection.condition, **settings,
     }
     custody = custody_record(bank=b, loaded=loaded, manifest=emb.manifest, folder=folder_str,
                              rows=plan.rows, unverified=unverified)
-    custody["calibrations"] = [r for r in (model_record, belong_record) if r is not None]
+    custody["calibrations"] = [r for r in (model_record, *belong.records) if r is not None]
     result = Attribution(decision, ranking[: max(int(top), 1)], calibration, res.curve, boot,
                          parameters, custody, belonging=tests,
                          conditions=_conditions(suspect, selection, plan.rows))

@@ -120,14 +120,18 @@ class CalibrationStore:
         return value, record
 
     def get_arrays(self, kind: str, parts: dict[str, Any],
-                   compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+                   compute: Callable[[], dict[str, np.ndarray]], *,
+                   with_record: bool = False) -> Any:
         """Arrays derived from the bank (e.g. its curves' vectors, parsed once), stored as
-        ``<kind>-<key>.npz`` with their SHA-256 inside (no pickle); as :meth:`get`."""
+        ``<kind>-<key>.npz`` with their SHA-256 inside (no pickle); as :meth:`get`.
+        ``with_record``: also their record for the chain of custody (``kind``, ``key`` and
+        the SHA-256 of the arrays), as ``(arrays, record)``."""
         import numpy as np
 
         key = calibration_key(kind, parts)
         if key in self._memo:
-            return self._memo[key][0]
+            arrays = self._memo[key][0]
+            return (arrays, self._arrays_record(kind, key)) if with_record else arrays
         path = None if self.folder is None else self.folder / f"{kind}-{key}.npz"
         arrays = self._read_arrays(path) if path is not None and path.is_file() else None
         if arrays is None:
@@ -141,8 +145,16 @@ class CalibrationStore:
                     atomic_savez(path, {**arrays, _SHA: sha}, fsync=False)
                 except OSError:
                     pass  # computed again next time
-        self._memo[key] = (arrays, {"kind": kind, "key": key})
-        return arrays
+        self._memo[key] = (arrays, None)
+        return (arrays, self._arrays_record(kind, key)) if with_record else arrays
+
+    def _arrays_record(self, kind: str, key: str) -> dict[str, Any]:
+        """The chain-of-custody record of stored arrays (their SHA-256 computed once)."""
+        arrays, record = self._memo[key]
+        if record is None:
+            record = {"kind": kind, "key": key, "sha256": _arrays_digest(arrays)}
+            self._memo[key] = (arrays, record)
+        return record
 
     def _read_arrays(self, path: Path) -> dict[str, np.ndarray] | None:
         import numpy as np

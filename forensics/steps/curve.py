@@ -31,8 +31,9 @@ class CurveResult:
         rows: indices into ``embeddings`` of the images behind the curve.
         baseline: the baseline it was measured against.
         spreads: ``{name: per-entry variance of its per-image vectors}`` (with ``spreads``).
-        image_rows: ``{name: per-image vectors projected for the belonging test}`` (with
-            ``spreads``; :func:`forensics.stats.belonging.project`).
+        image_rows: ``{name: per-image vectors, every entry}`` of the belonging test's
+            fingerprint (with ``spreads``): what the bank stores for the belonging test
+            and the per-image attributor.
     """
 
     curve: Any
@@ -157,17 +158,15 @@ def _vectors(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
 
 def _spreads(fps: Sequence[Any], loaded: LoadedBaseline, results: list[Any],
              Q: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-image variance of every fingerprint that has per-image vectors, and the projected
-    rows of the belonging test's (``defaults.BELONG_FINGERPRINT``)."""
-    from forensics.stats.belonging import project
-
+    """Per-image variance of every fingerprint that has per-image vectors, and the per-image
+    rows of the belonging test's (``defaults.BELONG_FINGERPRINT``), every entry."""
     var, rows = {}, {}
     for fp, ctx in _contexts(fps, loaded, results, Q):
         r = fpmod.per_image_rows(fp, ctx)
         if r is not None:
             var[fp.name] = r.var(axis=0)
             if fp.name == defaults.BELONG_FINGERPRINT:
-                rows[fp.name] = project(r)
+                rows[fp.name] = r
     return var, rows
 
 
