@@ -233,26 +233,25 @@ class Method:
     attributor's held-out-curve calibrated p-values, :mod:`forensics.stats.probe`);
     ``gate``: the score/margin rule as a second gate; ``order``: ``"probe"`` chooses among
     the consistent models by the attributor's mean log-probability instead of the
-    fingerprint ranking; ``closed``: the attributor's top model, unknown only by the gate;
-    ``wide``: the attributor reads the full per-image rows (every matched entry), which the
-    bank does not store: what wider stored rows would buy, outside the selection.
+    fingerprint ranking (what fp attribute does, ``defaults.BELONG_ORDER``); ``closed``:
+    the attributor's top model, unknown only by the gate.
     """
 
     def __init__(self, kind: str | None, gate: bool, order: str | None = None,
-                 closed: bool = False, wide: bool = False):
-        self.kind, self.gate, self.closed, self.wide = kind, gate, closed, wide
+                 closed: bool = False):
+        self.kind, self.gate, self.closed = kind, gate, closed
         self.order = "probe" if kind == "probe" else order
-        #: whether fp attribute could run it from what the bank stores (the selection's pool)
-        self.stored = not wide
-        if wide:
-            self.label = "probe on full rows (not stored), closed" + (" + rule gate" if gate
-                                                                     else "")
-        elif closed:
-            self.label = "probe, closed set"
+        if closed:
+            self.label = "probe, closed set" + (" + rule gate" if gate else "")
         else:
             self.label = (f"{kind} test" if kind else "score/margin rule") + \
                 (", probe order" if order and kind != "probe" else "") + \
                 (" + rule gate" if kind and gate else "")
+
+
+def _f16(rows: np.ndarray) -> np.ndarray:
+    """Rows as the bank stores them: every entry, float16."""
+    return rows.astype(np.float16).astype(np.float64)
 
 
 class Answerer:
@@ -266,9 +265,12 @@ class Answerer:
         self.mask = mask
         self.models = sorted(problem.bank)
         self.family = {k: problem.bank[k][0] for k in self.models}
-        # what the bank stores: projected rows in float16 precision
-        self.rows = {k: bt.ModelRows([_stored(c) for c in problem.bank[k][1]])
+        # what the test reads: the stored rows (float16), projected as fp attribute does
+        self.rows = {k: bt.ModelRows([bt.project(_f16(c)) for c in problem.bank[k][1]])
                      for k in self.models}
+        # what the attributor reads: the stored rows' matched entries
+        self.whole = {k: [np.nan_to_num(_f16(c)[:, mask]) for c in problem.bank[k][1]]
+                      for k in self.models}
         self.nulls: dict = {}
         # fingerprint vectors of every curve (the mean of the unprojected rows)
         self.V, self.S, self.curve_model, self.sizes = [], [], [], []
@@ -282,7 +284,7 @@ class Answerer:
         self.conf = None
         self.acs: dict = {}
         self._probe = None
-        self._wide = None
+        self._order = None
         self.probe_acs: dict = {}
 
     def probe(self):
@@ -290,18 +292,20 @@ class Answerer:
         if self._probe is None:
             from forensics.stats.probe import ProbeBank
 
-            self._probe = ProbeBank({k: self.rows[k].raw for k in self.models}, self.family,
-                                    seed=self.seed)
+            self._probe = ProbeBank(self.whole, self.family, seed=self.seed)
         return self._probe
 
-    def wide_probe(self):
-        """The attributor on the full per-image rows (matched entries; not stored)."""
-        if self._wide is None:
-            from forensics.stats.probe import fit
+    def order_scores(self):
+        """The attributor's scores of simulated suspects, from the arrays fp stores."""
+        if self._order is None:
+            from forensics.stats import probe
+            from forensics.stats.answer_confidence import simulated_models
 
-            self._wide = fit({k: [self.full(c) for c in self.p.bank[k][1]] for k in self.models},
-                             self.family, seed=self.seed)
-        return self._wide
+            pb = self.probe()
+            sim = simulated_models([k for k in self.models if pb.testable(k)], self.seed)
+            self._order = probe.simulated_scores(probe.export(pb, sim), pb.fit.models,
+                                                 self.whole)
+        return self._order
 
     def full(self, rows: np.ndarray) -> np.ndarray:
         return np.nan_to_num(rows[:, self.mask].astype(np.float64))
@@ -320,16 +324,17 @@ class Answerer:
                                       seed=self.seed)
         return self.nulls[key]
 
-    def answer_confidence(self, n: int, kind: str):
+    def answer_confidence(self, n: int, kind: str, order: str | None):
         """The two-level answer's confidence map at size ``n`` (simulated once)."""
         from forensics.stats import answer_confidence as ac
         from forensics.stats import belonging as bt
 
-        key = (min(n, bt.MAX_TEST), kind)
+        key = (min(n, bt.MAX_TEST), kind, order)
         if key not in self.acs:
             nulls = {k: self.null(k, n, kind) for k in self.models}
-            self.acs[key] = ac.calibrate(self.rows, self.family, n, alpha=self.alpha,
-                                         kind=kind, nulls=nulls, seed=self.seed)
+            self.acs[key] = ac.calibrate(
+                self.rows, self.family, n, alpha=self.alpha, kind=kind, nulls=nulls,
+                seed=self.seed, order=self.order_scores() if order == "probe" else None)
         return self.acs[key]
 
     def confidence_model(self):
@@ -352,7 +357,7 @@ class Answerer:
         from fp_plugins.matchers import ZScoreMatcher
 
         from forensics.stats import belonging as bt
-        from forensics.stats.attribution import decide, decide_belonging, rank
+        from forensics.stats.attribution import Calibration, decide, decide_belonging, rank
         from forensics.stats.confidence import family_scores, margin_of
 
         n = len(rows)
@@ -361,27 +366,22 @@ class Answerer:
         q = rows.mean(axis=0)[self.mask].astype(np.float64)
         ranking = rank(q, self.V, meta, ZScoreMatcher(), drop_layers=())
         conf = self.confidence_model()
-        from forensics.stats.attribution import Calibration
-
         cal = Calibration("zscore", (), self.alpha, conf.threshold(n), 0,
                           margin_threshold=conf.margin_threshold(n))
         rule = decide(ranking, cal)
         tests: list = []
-        s = _stored(rows)
+        s = bt.project(rows)
         order = None
-        if method.wide:
-            w = self.wide_probe()
-            j = int(np.argmax(w.scores(self.full(rows))))
+        if method.order == "probe" or method.closed:
+            pb = self.probe()
+            sc = pb.fit.scores(self.full(rows))
+            order = [pb.fit.models[j] for j in np.argsort(-sc, kind="stable")]
+        if method.closed:
+            top = order[0]
             d = rule if method.gate and rule.unknown else replace(
-                rule, family=w.families[j], model=w.models[j], unknown=False)
-        elif method.order == "probe" or method.closed:
-            pt = self.probe().tests(s, self.alpha)
-            order = [t.model for t in pt]
-        if method.closed and not method.wide:
-            top = pt[0]
-            d = replace(rule, family=top.family, model=top.model, unknown=False)
+                rule, family=self.family[top], model=top, unknown=False)
         elif method.kind == "probe":
-            tests = pt
+            tests = self.probe().tests(self.full(rows), self.alpha)
         elif method.kind is not None:
             for k in self.models:
                 tests.append(bt.test(self.rows[k], s, name=k, family=self.family[k],
@@ -395,32 +395,23 @@ class Answerer:
         _, best, margin = margin_of(family_scores([m.score for m in ranking],
                                                   [m.family for m in ranking]))
         old = conf.probability(margin, best, n)
-        if method.closed or method.wide:
+        chosen = next((c["p_value"] for c in d.consistent if c["model"] == d.model), None)
+        nf = len({c["family"] for c in d.consistent})
+        if method.closed:
             d = replace(d, confidence=None)
         elif method.kind is None:
             d = replace(d, confidence=None if d.unknown else old)
         elif method.kind == "probe":
-            ac = self.probe_confidence(n)
-            chosen = next((c["p_value"] for c in d.consistent if c["model"] == d.model), None)
-            d = replace(d, confidence=ac.probability(
-                d.unknown, chosen, len({c["family"] for c in d.consistent})))
+            d = replace(d, confidence=self.probe_confidence(n).probability(d.unknown, chosen,
+                                                                           nf))
         else:
-            ac = self.answer_confidence(n, method.kind)
-            chosen = d.consistent[0]["p_value"] if d.consistent else None
-            d = replace(d, confidence=ac.probability(
-                d.unknown, chosen, len({c["family"] for c in d.consistent})))
+            ac = self.answer_confidence(n, method.kind, method.order)
+            d = replace(d, confidence=ac.probability(d.unknown, chosen, nf))
         ps = sorted((t.p_value for t in tests if t.p_value is not None), reverse=True)
         return {"family": d.family, "unknown": d.unknown, "nearest": d.nearest_family,
                 "n_consistent": len(d.consistent), "p1": ps[0] if ps else None,
                 "p2": ps[1] if len(ps) > 1 else 0.0, "best": best, "margin": margin,
                 "old_conf": old, "confidence": d.confidence, "n": n}
-
-
-def _stored(rows: np.ndarray) -> np.ndarray:
-    """Rows as the bank stores them: projected, float16."""
-    from forensics.stats import belonging as bt
-
-    return bt.unpack_rows(bt.pack_rows(bt.project(rows)), len(rows))
 
 
 def suspects(rows: np.ndarray, sizes=SIZES, reps: int = 3, seed: int = 0):
@@ -436,9 +427,10 @@ def suspects(rows: np.ndarray, sizes=SIZES, reps: int = 3, seed: int = 0):
 
 
 def run_problem(problem: Problem, mask: np.ndarray, methods: list[Method],
-                reps: int = 3) -> list[dict]:
-    """Every method's answer on every suspect of the problem."""
-    ans = Answerer(problem, mask)
+                reps: int = 3, answerer: Answerer | None = None) -> list[dict]:
+    """Every method's answer on every suspect of the problem (``answerer``: one built
+    before for the same bank)."""
+    ans = answerer if answerer is not None else Answerer(problem, mask)
     out = []
     for name, rows, truth, cond in problem.queries:
         for _n, sub in suspects(rows, reps=reps):
@@ -553,7 +545,7 @@ METHODS = (Method(None, False), Method("mmd", False), Method("mmd", True),
            Method("energy", False), Method("energy", True), Method("probe", False),
            Method("probe", True), Method("mmd", False, order="probe"),
            Method("mmd", True, order="probe"), Method(None, False, closed=True),
-           Method(None, True, closed=True, wide=True))
+           Method(None, True, closed=True))
 
 
 def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], dict]:
@@ -563,15 +555,17 @@ def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], 
     mask_m, mask_c = entry_mask(work, B.BASELINE), entry_mask(work, "cifar-zoo")
     reps = 1 if quick else 3
     answers = []
-    for p in mnist_problems(m):
-        answers += run_problem(p, mask_m, list(METHODS), reps=reps)
+    mnist = mnist_problems(m)
+    shared = Answerer(mnist[0], mask_m)  # one bank, two sets of queries
+    for p in mnist:
+        answers += run_problem(p, mask_m, list(METHODS), reps=reps, answerer=shared)
         B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
     for p in cifar_problems(c, models):
         answers += run_problem(p, mask_c, list(METHODS), reps=reps)
         B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
     labels = [x.label for x in METHODS]
     lines, summary = tables(answers, labels)
-    summary["stored"] = [x.label for x in METHODS if x.stored]
+    summary["stored"] = labels  # the bank stores what every method reads
     summary["answers"] = answers
     closed = [("mnist protocol", mnist_problems(m)[0], mask_m),
               ("cifar zoo", cifar_problems(c, models)[0], mask_c)]
@@ -599,10 +593,9 @@ def family_across_runs(c: dict, models: list[dict], mask: np.ndarray) -> tuple[l
     """Leave-one-run-out on CIFAR: every model whose family (:func:`run_family`) holds
     another run is left out of a bank of the other 25; its query third, and all its tiles,
     are placed at the family level by the attributor on the stored rows (the mean over
-    images of the log summed probability of the family's models), by the fingerprint
-    ranking's nearest family (``zscore``), and by the attributor on the full per-image rows
-    (which the bank does not store). Top-1 against chance (one family in F, a one-sided
-    binomial test)."""
+    images of the log summed probability of the family's models) and by the fingerprint
+    ranking's nearest family (``zscore``). Top-1 against chance (one family in F, a
+    one-sided binomial test)."""
     from fp_plugins.matchers import ZScoreMatcher
     from scipy.stats import binomtest
 
@@ -620,27 +613,23 @@ def family_across_runs(c: dict, models: list[dict], mask: np.ndarray) -> tuple[l
     def full(r):
         return np.nan_to_num(r[:, mask].astype(np.float64))
 
-    readers = ("attributor, stored rows", "fingerprint ranking (zscore)",
-               "attributor, full rows (not stored)")
+    readers = ("attributor, stored rows", "fingerprint ranking (zscore)")
     hits: dict[tuple[str, str], list[bool]] = {}
     detail = []
     for k in left:
         bank = [x for x in fam if x != k]
         F = len({fam[x] for x in bank})
-        stored = fit({x: [_stored(p) for p in parts[x][:2]] for x in bank},
+        stored = fit({x: [full(_f16(p)) for p in parts[x][:2]] for x in bank},
                      {x: fam[x] for x in bank})
-        wide = fit({x: [full(p) for p in parts[x][:2]] for x in bank}, {x: fam[x] for x in bank})
         V = np.asarray([p.mean(axis=0)[mask] for x in bank for p in parts[x][:2]], np.float64)
         meta = [{"curve_id": f"c{i:03d}", "model": x, "family": fam[x]}
                 for i, x in enumerate(x for x in bank for _ in range(2))]
         for size, rows in (("query", parts[k][2]), ("all tiles", whole[k])):
-            fs = stored.family_scores(_stored(rows))
-            fw = wide.family_scores(full(rows))
+            fs = stored.family_scores(full(rows))
             named = {
                 readers[0]: max(fs, key=lambda f: (fs[f], f)),
                 readers[1]: rank(rows.mean(axis=0)[mask].astype(np.float64), V, meta,
                                  ZScoreMatcher(), drop_layers=())[0].family,
-                readers[2]: max(fw, key=lambda f: (fw[f], f)),
             }
             for r, f in named.items():
                 hits.setdefault((size, r), []).append(f == fam[k])
@@ -676,34 +665,38 @@ def family_across_runs(c: dict, models: list[dict], mask: np.ndarray) -> tuple[l
 
 def closed_readers(problem: Problem, mask: np.ndarray, reps: int = 3) -> dict[str, float]:
     """Closed-set top-1 (every query named, never unknown) of three readers of one bank:
-    the fingerprint ranking (``zscore``), the attributor on the stored rows (32 projected
-    entries, float16), and the attributor on the full per-image rows (all matched entries
-    of ``resid-early``, which the bank does not store): what wider stored rows would buy."""
+    the fingerprint ranking (``zscore``), the attributor on the stored rows (every matched
+    entry, float16), and the attributor on 32 projected entries (what the bank stored
+    before it stored rows whole)."""
     from fp_plugins.matchers import ZScoreMatcher
 
+    from forensics.stats import belonging as bt
     from forensics.stats.attribution import rank
     from forensics.stats.probe import fit
 
     def full(r):
         return np.nan_to_num(r[:, mask].astype(np.float64))
 
+    def narrow(r):
+        return _f16(bt.project(r))
+
     ks = sorted(problem.bank)
     fam = {k: problem.bank[k][0] for k in ks}
-    stored = fit({k: [_stored(c) for c in problem.bank[k][1]] for k in ks}, fam)
-    wide = fit({k: [full(c) for c in problem.bank[k][1]] for k in ks}, fam)
+    stored = fit({k: [full(_f16(c)) for c in problem.bank[k][1]] for k in ks}, fam)
+    before = fit({k: [narrow(c) for c in problem.bank[k][1]] for k in ks}, fam)
     V = np.asarray([c.mean(axis=0)[mask] for k in ks for c in problem.bank[k][1]], np.float64)
     meta = [{"curve_id": f"c{i:03d}", "model": k, "family": fam[k]}
             for i, k in enumerate(k for k in ks for _ in problem.bank[k][1])]
     right: dict[str, list[bool]] = {"fingerprint ranking (zscore)": [],
                                     "attributor, stored rows": [],
-                                    "attributor, full rows (not stored)": []}
+                                    "attributor, 32 projected entries (stored before)": []}
     for _name, rows, truth, _cond in problem.queries:
         for _n, sub in suspects(rows, reps=reps):
             r = rank(sub.mean(axis=0)[mask].astype(np.float64), V, meta, ZScoreMatcher(),
                      drop_layers=())
             right["fingerprint ranking (zscore)"].append(r[0].family == truth)
             right["attributor, stored rows"].append(
-                stored.families[int(np.argmax(stored.scores(_stored(sub))))] == truth)
-            right["attributor, full rows (not stored)"].append(
-                wide.families[int(np.argmax(wide.scores(full(sub))))] == truth)
+                stored.families[int(np.argmax(stored.scores(full(sub))))] == truth)
+            right["attributor, 32 projected entries (stored before)"].append(
+                before.families[int(np.argmax(before.scores(bt.project(sub))))] == truth)
     return {k: float(np.mean(v)) for k, v in right.items()}

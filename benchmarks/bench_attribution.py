@@ -485,7 +485,8 @@ def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start:
     best = max(summary["stored"], key=lambda m: (worst[m], mean(m), m))
     from forensics import defaults
 
-    shipped = S.Method(defaults.BELONG_KIND, defaults.BELONG_GATE).label
+    shipped = S.Method(defaults.BELONG_KIND, defaults.BELONG_GATE,
+                       order=defaults.BELONG_ORDER).label
     for m in dict.fromkeys([best, shipped]):
         lines += ["", f"By suspect size ({m}{', fp attribute' if m == shipped else ''}; new "
                       f"latents: named right / called unknown; others: called unknown):", ""]
@@ -509,9 +510,10 @@ def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start:
     print("chosen: " + best + " (worst-set balanced accuracy, then the mean over the sets: "
           + "; ".join(f"{m} {v:.3f} / {mean(m):.3f}" for m, v in sorted(worst.items())
                       if m in summary["stored"]) + ")")
-    print("outside the selection (reads what the bank does not store): "
-          + "; ".join(f"{m} {v:.3f} / {mean(m):.3f}" for m, v in sorted(worst.items())
-                      if m not in summary["stored"]))
+    outside = [m for m in sorted(worst) if m not in summary["stored"]]
+    if outside:
+        print("outside the selection (reads what the bank does not store): "
+              + "; ".join(f"{m} {worst[m]:.3f} / {mean(m):.3f}" for m in outside))
     if tmp is not None:
         tmp.cleanup()
     return 0

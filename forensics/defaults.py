@@ -140,13 +140,16 @@ DROP_LAYERS: tuple[int, ...] = (0,)
 QUANTILE = 0.05
 #: Bootstrap resamples of the suspect images behind ``stability``.
 N_BOOT = 100
-#: Whose per-image vectors the belonging test compares (each enrolled curve stores them,
-#: projected: ``forensics.stats.belonging``).
+#: Whose per-image vectors the belonging test compares and the per-image attributor reads
+#: (each enrolled curve stores them whole: ``forensics.stats.belonging``).
 BELONG_FINGERPRINT = FINGERPRINT
 #: The belonging test's statistic (``mmd`` or ``energy``; docs/attribution.md).
 BELONG_KIND = "mmd"
 #: Whether the score/margin rule (``calibration.threshold``) also gates the answer.
 BELONG_GATE = True
+#: Who chooses among the consistent models: ``probe``, the per-image attributor
+#: (``forensics.stats.probe``), or None, the fingerprint ranking (docs/attribution.md).
+BELONG_ORDER: str | None = "probe"
 #: Matches kept in the ranking.
 TOP = 5
 

@@ -95,8 +95,8 @@ def test_attribution_selection_counts_chance_as_chance():
 
 
 def test_the_belonging_benchmark_answers_every_method_on_a_small_bank():
-    """Every method of ``attribution_sets`` answers the same suspects, one way; the
-    attributor on full rows (which the bank does not store) stays outside the selection."""
+    """Every method of ``attribution_sets`` answers the same suspects, one way, and the
+    method fp attribute ships is among them."""
     sys.path.insert(0, str(BENCH))
     try:
         import attribution_sets as S
@@ -119,8 +119,13 @@ def test_the_belonging_benchmark_answers_every_method_on_a_small_bank():
     assert len(set(labels)) == len(labels)
     assert {a["method"] for a in answers} == set(labels)
     assert len(answers) == len(labels) * 4 * 2  # 4 queries at 16 and at their own 20
-    assert [m.label for m in S.METHODS if not m.stored] == \
-        ["probe on full rows (not stored), closed + rule gate"]
+    from forensics import defaults
+
+    shipped = S.Method(defaults.BELONG_KIND, defaults.BELONG_GATE,
+                       order=defaults.BELONG_ORDER).label
+    assert shipped == "mmd test, probe order + rule gate" and shipped in labels
+    # the shipped answer's confidence is simulated with the attributor's choice
+    assert all(a["confidence"] is not None for a in answers if a["method"] == shipped)
     for a in answers:
         assert a["unknown"] == (a["family"] is None)
         assert a["confidence"] is None or 0.0 <= a["confidence"] <= 1.0

@@ -611,7 +611,8 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
     mask = fpmod.entry_mask(plan.belong_fp, plan.loaded.dims, plan.keep)
     whole = {m: [np.asarray(c[:, mask], dtype=np.float64) for c, _w in by_model[m]]
              for m in curves_of if all(w for _c, w in by_model[m])}
-    att = _attributor(plan, whole, family, seed) if len(whole) == len(curves_of) else None
+    att = (_attributor(plan, whole, family, seed)
+           if defaults.BELONG_ORDER == "probe" and len(whole) == len(curves_of) else None)
     projected = bt.project(suspect_rows)
     n = len(bt.subset(len(projected), seed))
     kind = defaults.BELONG_KIND
@@ -669,9 +670,10 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
         note += ("; among the consistent models, the per-image attributor (a logistic "
                  "regression on the enrolled images' rows) chooses")
     else:
-        note += ("; among the consistent models, the fingerprint ranking chooses (the "
-                 "per-image attributor needs every model enrolled with whole rows: "
-                 "re-enroll them)" if len(curves_of) >= 2 else "")
+        note += ("; among the consistent models, the fingerprint ranking chooses"
+                 + (" (the per-image attributor needs every model enrolled with whole rows: "
+                    "re-enroll them)" if defaults.BELONG_ORDER == "probe"
+                    and len(curves_of) >= 2 else ""))
     if lacking:
         note += (f"; {lacking} curve(s) enrolled without per-image rows are left out of it "
                  f"(re-enroll them)")
