@@ -303,8 +303,9 @@ class Answerer:
 
             pb = self.probe()
             sim = simulated_models([k for k in self.models if pb.testable(k)], self.seed)
-            self._order = probe.simulated_scores(probe.export(pb, sim), pb.fit.models,
-                                                 self.whole)
+            self._order = probe.simulated_scores(
+                probe.export(pb, sim), pb.fit.models,
+                {k: [len(c) for c in v] for k, v in self.whole.items()})
         return self._order
 
     def full(self, rows: np.ndarray) -> np.ndarray:

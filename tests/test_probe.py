@@ -135,11 +135,12 @@ def test_stored_arrays_give_the_fit_and_the_held_out_scores():
     assert {k for k in arrays if k.startswith("held.")} == {
         "held.m0.0", "held.m0.1", "held.m2.0", "held.m2.1"}
     assert set(k for k in arrays if k.startswith("out.")) == {"out.m0", "out.m2"}
-    f = probe.stored_fit(arrays, models, fam, seed=2)
+    f = probe.stored_fit(arrays, fam, seed=2)
     x = rng.standard_normal((9, 6)) + centres[1]
     np.testing.assert_array_equal(f.scores(x), pb.fit.scores(x))
     assert f.to_dict() == pb.fit.to_dict()
-    scores = probe.simulated_scores(arrays, f.models, models)
+    scores = probe.simulated_scores(arrays, f.models,
+                                    {k: [len(c) for c in v] for k, v in models.items()})
     idx = np.array([3, 5, 5])
     got = scores("m2", 1, idx, True)
     np.testing.assert_allclose([got[k] for k in f.models], pb.held_out("m2", 1)[idx].mean(0),

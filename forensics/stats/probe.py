@@ -310,7 +310,8 @@ def export(bank: ProbeBank, simulated: Sequence[str]) -> dict[str, np.ndarray]:
     without the model (``out.<model>``; absent when fewer than two models remain)."""
     f = bank.fit
     out = {"fit.center": f.center, "fit.scale": f.scale, "fit.coef": f.coef,
-           "fit.intercept": f.intercept}
+           "fit.intercept": f.intercept, "fit.n_rows": np.asarray(f.n_rows, dtype=np.int64),
+           "fit.rows_sha256": np.frombuffer(f.rows_sha256.encode("ascii"), dtype=np.uint8)}
     for k in simulated:
         if not bank.testable(k):
             continue
@@ -322,25 +323,25 @@ def export(bank: ProbeBank, simulated: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def stored_fit(arrays: Mapping[str, np.ndarray], models: Mapping[str, Sequence[np.ndarray]],
-               families: Mapping[str, str], *, C: float = C, seed: int = 0) -> ProbeFit:
-    """The :class:`ProbeFit` of :func:`export`'s arrays for the bank ``models`` (whose rows
-    give its hash and counts)."""
-    names = tuple(sorted(models))
-    curves = {k: _as_rows(models[k]) for k in names}
+def stored_fit(arrays: Mapping[str, np.ndarray], families: Mapping[str, str], *,
+               C: float = C, seed: int = 0) -> ProbeFit:
+    """The :class:`ProbeFit` stored by :func:`export` (``families``: each model's, the
+    models in name order being the fit's)."""
+    names = tuple(sorted(families))
     return ProbeFit(names, tuple(families[k] for k in names), arrays["fit.center"],
                     arrays["fit.scale"], arrays["fit.coef"], arrays["fit.intercept"],
-                    tuple(sum(len(c) for c in curves[k]) for k in names),
-                    rows_sha256(curves), float(C), int(seed))
+                    tuple(int(x) for x in arrays["fit.n_rows"]),
+                    arrays["fit.rows_sha256"].tobytes().decode("ascii"), float(C), int(seed))
 
 
 def simulated_scores(arrays: Mapping[str, np.ndarray], names: Sequence[str],
-                     curves: Mapping[str, Sequence[np.ndarray]]
+                     sizes: Mapping[str, Sequence[int]]
                      ) -> Callable[[str, int, np.ndarray, bool], dict[str, float] | None]:
     """The attributor's scores of a simulated suspect, from :func:`export`'s arrays: for
     ``(model, curve i, row indices, enrolled)``, each model's mean log-probability under the
     fit without curve ``i`` (enrolled) or without the model (not enrolled); None where the
-    arrays lack it. ``names``: the fit's models, in order."""
+    arrays lack it. ``names``: the fit's models, in order; ``sizes``: each model's curves'
+    image counts."""
     names = list(names)
 
     def scores(k: str, i: int, idx: np.ndarray, enrolled: bool) -> dict[str, float] | None:
@@ -351,7 +352,7 @@ def simulated_scores(arrays: Mapping[str, np.ndarray], names: Sequence[str],
             lp = arrays.get(f"out.{k}")
             cols = [m for m in names if m != k]
             if lp is not None:
-                idx = sum(len(c) for c in curves[k][:i]) + np.asarray(idx)
+                idx = int(sum(sizes[k][:i])) + np.asarray(idx)
         if lp is None:
             return None
         return dict(zip(cols, lp[np.asarray(idx)].mean(axis=0).tolist(), strict=True))

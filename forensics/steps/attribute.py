@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -543,30 +543,31 @@ class _Belong:
     attributor: dict[str, Any] | None = None  # its provenance
 
 
-def _attributor(plan: _Plan, curves: dict[str, list[np.ndarray]], family: dict[str, str],
+def _attributor(plan: _Plan, sizes: dict[str, list[int]],
+                curves: Callable[[], dict[str, list[np.ndarray]]], family: dict[str, str],
                 seed: int) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]] | None:
     """The per-image attributor of the bank's models that store every entry of their rows
-    (:mod:`forensics.stats.probe`), with its leave-one-curve-out refits: fitted once per
-    bank state and stored beside the bank. None: fewer than two such models."""
+    (:mod:`forensics.stats.probe`; ``curves()`` gives their rows, read only to fit), with
+    its leave-one-curve-out refits: fitted once per bank state and stored beside the bank.
+    None: fewer than two such models."""
     from forensics.stats import answer_confidence as acm
     from forensics.stats import probe
     from forensics.steps.calibration import rows_digest
 
-    if len(curves) < 2:
+    if len(sizes) < 2:
         return None
-    simulated = acm.simulated_models([m for m, c in curves.items() if len(c) >= 2], seed)
+    simulated = acm.simulated_models([m for m, c in sizes.items() if len(c) >= 2], seed)
     parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
              "fingerprint": plan.belong_fp.name, "drop_layers": list(plan.drop),
              "C": probe.C, "max_iter": probe.MAX_ITER, "seed": int(seed),
-             "models": {m: [len(c) for c in curves[m]] for m in sorted(curves)},
-             "simulated": simulated}
+             "models": {m: sizes[m] for m in sorted(sizes)}, "simulated": simulated}
 
     def compute() -> dict[str, np.ndarray]:
         with _one_thread():  # loads scikit-learn for the fits, and limits it
-            return probe.export(probe.ProbeBank(curves, family, seed=seed), simulated)
+            return probe.export(probe.ProbeBank(curves(), family, seed=seed), simulated)
 
     arrays, record = plan.store.get_arrays("attributor", parts, compute, with_record=True)
-    fit = probe.stored_fit(arrays, curves, family, seed=seed)
+    fit = probe.stored_fit(arrays, {m: family[m] for m in sizes}, C=probe.C, seed=seed)
     return fit, arrays, record
 
 
@@ -609,14 +610,19 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
     curves_of = {m: [bt.project(c) if w else c for c, w in by_model[m]]
                  for m in sorted(by_model) if by_model[m]}
     mask = fpmod.entry_mask(plan.belong_fp, plan.loaded.dims, plan.keep)
-    whole = {m: [np.asarray(c[:, mask], dtype=np.float64) for c, _w in by_model[m]]
-             for m in curves_of if all(w for _c, w in by_model[m])}
-    att = (_attributor(plan, whole, family, seed)
-           if defaults.BELONG_ORDER == "probe" and len(whole) == len(curves_of) else None)
+    sizes = {m: [len(c) for c, _w in by_model[m]] for m in curves_of
+             if all(w for _c, w in by_model[m])}
+
+    def whole() -> dict[str, list[np.ndarray]]:
+        return {m: [np.asarray(c[:, mask], dtype=np.float64) for c, _w in by_model[m]]
+                for m in sizes}
+
+    att = (_attributor(plan, sizes, whole, family, seed)
+           if defaults.BELONG_ORDER == "probe" and len(sizes) == len(curves_of) else None)
     projected = bt.project(suspect_rows)
     n = len(bt.subset(len(projected), seed))
     kind = defaults.BELONG_KIND
-    order_fn = (probe.simulated_scores(att[1], att[0].models, whole) if att is not None
+    order_fn = (probe.simulated_scores(att[1], att[0].models, sizes) if att is not None
                 else None)
 
     def compute() -> tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]:
