@@ -12,13 +12,18 @@ in the work folder (``rows-<set>.npz``), so a second run costs seconds.
   35-50 at positions 32-39, latents never enrolled), 128 images each;
 - **mnist-xcode**: the same bank; queries are the second code base's epochs 9 + 24 (another
   trained model of every variant, and VAE / CVAE): all must come out unknown;
+- **mnist-512**, **mnist-512-xcode**: the same at the protocol's own size, 512-image curves
+  (the two enrolled curves at the same grid positions, so the same latent codes at two
+  checkpoints, as the data README states the protocol; queries at positions 32-63);
 - **cifar**: the CIFAR-10 zoo's protocol: per model_id, curve 1 = the first third of its
   tiles, curve 2 = the second third, query = the last third; closed set against the bank of
   all 26, and the open set: the ``history`` runs' queries against a bank of the ``current``
   runs, and each code base's queries against a bank of the other two.
 
 Every figure is computed from the rows by ``forensics.stats.belonging`` (the test fp
-attribute runs), ``forensics.stats.attribution.rank`` and ``forensics.stats.confidence``.
+attribute runs), ``forensics.stats.probe`` (the per-image attributor, on the rows as the
+bank stores them: every entry, float16), ``forensics.stats.attribution.rank`` and
+``forensics.stats.confidence``.
 """
 
 from __future__ import annotations
@@ -130,6 +135,29 @@ def mnist_rows(work: Path, encoder: str, cache: Path, bank) -> dict:
     return data
 
 
+def mnist_full_rows(work: Path, encoder: str, cache: Path, bank) -> dict:
+    """Per-image rows of the MNIST protocol at its own size: 512-image curves, the two
+    enrolled ones at the *same* grid positions (0-31, as the data README states it), the
+    query at positions 32-63 (``arch/enroll1``, ``arch/enroll2``, ``arch/query``)."""
+    out = work / "rows-mnist-512.npz"
+    if out.is_file():
+        return dict(np.load(out))
+    import forensics
+    from forensics.data.embed import embed_folder
+
+    f = B.folders(B.materialize(work), work)
+    loaded = forensics.load_baseline(B.BASELINE, bank=bank)
+    emb = embed_folder(f["protocol"], encoder, cache_dir=cache, device="cpu", progress=False)
+    rows = _rows_of(loaded, emb)
+    groups: dict[str, list[int]] = {}
+    for i, (rel, *_r) in enumerate(emb.manifest.entries):
+        arch, part, _name = rel.split("/")
+        groups.setdefault(f"{arch}/{part}", []).append(i)
+    data = {k: rows[np.asarray(idx)] for k, idx in groups.items()}
+    np.savez(out, **data)
+    return data
+
+
 def cifar_rows(work: Path, encoder: str, cache: Path, bank) -> tuple[dict, list[dict]]:
     """Per-image rows of every CIFAR model's tiles (in grid order), and the models' records."""
     f, models = cifar_folders(work)
@@ -161,6 +189,7 @@ def prepare(work: Path, encoder: str, cache: Path) -> tuple[dict, dict, list[dic
     bank = Bank(work / "bank-sets")
     t0 = time.perf_counter()
     m = mnist_rows(work, encoder, cache, bank)
+    m.update({f"512/{k}": v for k, v in mnist_full_rows(work, encoder, cache, bank).items()})
     B.log(f"MNIST rows ready ({time.perf_counter() - t0:.0f} s)")
     c, models = cifar_rows(work, encoder, cache, bank)
     B.log(f"CIFAR rows ready ({time.perf_counter() - t0:.0f} s)")
@@ -186,11 +215,14 @@ class Problem:
         self.name, self.bank, self.queries = name, bank, queries
 
 
-def mnist_problems(m: dict) -> list[Problem]:
-    bank = {a: (a, [m[f"{a}/enroll1"], m[f"{a}/enroll2"]]) for a in B.ARCHS}
-    genuine = [(a, m[f"{a}/query"], a, "new latents") for a in B.ARCHS]
+def mnist_problems(m: dict, prefix: str = "") -> list[Problem]:
+    """The MNIST bank and its two sets of queries (``prefix`` ``"512/"``: the protocol's
+    512-image curves; problems ``mnist-512``, ``mnist-512-xcode``)."""
+    bank = {a: (a, [m[f"{prefix}{a}/enroll1"], m[f"{prefix}{a}/enroll2"]]) for a in B.ARCHS}
+    genuine = [(a, m[f"{prefix}{a}/query"], a, "new latents") for a in B.ARCHS]
     xcode = [(f"x-{a}", m[f"x/{a}"], None, "another code base") for a in XARCHS]
-    return [Problem("mnist", bank, genuine), Problem("mnist-xcode", bank, xcode)]
+    name = "mnist" + ("-" + prefix.strip("/") if prefix else "")
+    return [Problem(name, bank, genuine), Problem(f"{name}-xcode", bank, xcode)]
 
 
 def _thirds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -446,9 +478,17 @@ def run_problem(problem: Problem, mask: np.ndarray, methods: list[Method],
 
 # -- tables -----------------------------------------------------------------------------------
 
-#: The three development sets of the summary, and which problems feed each.
+#: The development sets of the summary (MNIST twice: curves of 128 images at disjoint grid
+#: positions, and the protocol's own 512-image curves at shared ones), and which problems
+#: feed each.
 SETS = {"mnist protocol": ("mnist",), "mnist cross-code": ("mnist-xcode",),
+        "mnist protocol, 512-image curves": ("mnist-512",),
+        "mnist cross-code, 512-image bank": ("mnist-512-xcode",),
         "cifar zoo": ("cifar", "cifar-runs", "cifar-without-")}
+
+
+#: The problems pooled for the pooled figures: the three sets, MNIST with its 128-image curves.
+POOLED = ("mnist", "mnist-xcode", "cifar", "cifar-runs", "cifar-without-")
 
 
 def _in(a: dict, prefixes) -> bool:
@@ -500,7 +540,17 @@ def tables(answers: list[dict], methods: list[str], conf_key: str = "confidence"
                          f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | "
                          f"{f['balanced']:.3f} | {_f(f.get('wrong_above_half'))} | "
                          f"{_f(f.get('ece'))} |")
-    return lines, {"worst": worst, "per": per}
+    pooled: dict[str, dict] = {}
+    for m in methods:  # the three sets pooled (MNIST once: its 128-image curves)
+        sel = [a for a in answers if a["method"] == m and _in(a, POOLED)]
+        if not sel:
+            continue
+        f = pooled[m] = figures(sel, conf_key)
+        lines.append(f"| pooled | {m} | {f['n']} | {_f(f['named_right'])} | "
+                     f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | "
+                     f"{f['balanced']:.3f} | {_f(f.get('wrong_above_half'))} | "
+                     f"{_f(f.get('ece'))} |")
+    return lines, {"worst": worst, "per": per, "pooled": pooled}
 
 
 def size_table(answers: list[dict], method: str) -> list[str]:
@@ -556,11 +606,12 @@ def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], 
     mask_m, mask_c = entry_mask(work, B.BASELINE), entry_mask(work, "cifar-zoo")
     reps = 1 if quick else 3
     answers = []
-    mnist = mnist_problems(m)
-    shared = Answerer(mnist[0], mask_m)  # one bank, two sets of queries
-    for p in mnist:
-        answers += run_problem(p, mask_m, list(METHODS), reps=reps, answerer=shared)
-        B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
+    for prefix in ("", "512/"):
+        mnist = mnist_problems(m, prefix)
+        shared = Answerer(mnist[0], mask_m)  # one bank, two sets of queries
+        for p in mnist:
+            answers += run_problem(p, mask_m, list(METHODS), reps=reps, answerer=shared)
+            B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
     for p in cifar_problems(c, models):
         answers += run_problem(p, mask_c, list(METHODS), reps=reps)
         B.log(f"{p.name}: {len(answers)} answers ({time.perf_counter() - t0:.0f} s)")
@@ -568,7 +619,12 @@ def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], 
     lines, summary = tables(answers, labels)
     summary["stored"] = labels  # the bank stores what every method reads
     summary["answers"] = answers
+    keep = ("set", "query", "truth", "cond", "method", "n", "family", "unknown", "right",
+            "confidence", "n_consistent", "p1", "p2", "best", "margin")
+    (work / "belonging-answers.json").write_text(json.dumps(
+        [{k: a.get(k) for k in keep} for a in answers], default=float))
     closed = [("mnist protocol", mnist_problems(m)[0], mask_m),
+              ("mnist protocol, 512-image curves", mnist_problems(m, "512/")[0], mask_m),
               ("cifar zoo", cifar_problems(c, models)[0], mask_c)]
     lines += ["", "Closed set (every new-latents suspect named, never unknown; sizes pooled "
               "as above), by reader:", "", "| set | reader | top-1 |", "|---|---|---|"]

@@ -130,4 +130,5 @@ def test_the_belonging_benchmark_answers_every_method_on_a_small_bank():
         assert a["unknown"] == (a["family"] is None)
         assert a["confidence"] is None or 0.0 <= a["confidence"] <= 1.0
     lines, summary = S.tables(answers, labels)
-    assert set(summary["worst"]) == set(labels) and len(lines) == 2 + len(labels)
+    assert set(summary["worst"]) == set(labels) and len(lines) == 2 + 2 * len(labels)
+    assert set(summary["pooled"]) == set(labels)

@@ -356,6 +356,24 @@ def test_attribute_names_the_enrolled_generator(world, kind):
     assert kinds == ["confidence", "attributor", "belonging"]
 
 
+def test_the_attributors_own_test_decides_the_model_level_when_chosen(world, monkeypatch):
+    from forensics import defaults
+
+    monkeypatch.setattr(defaults, "BELONG_KIND", "probe")
+    a = forensics.attribute(world["folders"]["query_noise"], n_boot=0, **world["kw"])
+    d = a.decision
+    assert {t.kind for t in a.belonging} == {"probe"} and len(a.belonging) == 2
+    assert (d.family, d.model, d.unknown) == ("noise", "noise-m", False)
+    own = next(t for t in a.belonging if t.model == "noise-m")
+    assert own.consistent and own.draws == 200 and own.n_images == N
+    assert "the per-image attributor's test" in a.parameters["belonging"]
+    assert d.confidence is None or 0.0 <= d.confidence <= 1.0
+    kinds = [c["kind"] for c in a.to_dict()["provenance"]["custody"]["calibrations"]]
+    assert kinds == ["confidence", "attributor", "belonging"]
+    again = forensics.attribute(world["folders"]["query_noise"], n_boot=0, **world["kw"])
+    assert again.decision == d and again.belonging == a.belonging  # read back from the store
+
+
 def test_images_of_no_enrolled_model_are_unknown_with_the_closest_family_shown(world):
     a = forensics.attribute(world["folders"]["fresh"], n_boot=0, **world["kw"])
     d, data = a.decision, a.to_dict()

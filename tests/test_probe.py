@@ -131,10 +131,15 @@ def test_stored_arrays_give_the_fit_and_the_held_out_scores():
     rng = np.random.default_rng(8)
     models, fam, centres = _bank(rng, k=3, n=20)
     pb = probe.ProbeBank(models, fam, seed=2)
-    arrays = probe.export(pb, ["m0", "m2"])
+    from forensics.stats.answer_confidence import simulated_models
+
+    sim = simulated_models(["m0", "m1", "m2"], seed=2, max_models=2)
+    (rest,) = {"m0", "m1", "m2"} - set(sim)
+    arrays = probe.export(pb, sim)
+    # every testable model's null; the left-out fits of the simulated ones only
     assert {k for k in arrays if k.startswith("held.")} == {
-        "held.m0.0", "held.m0.1", "held.m2.0", "held.m2.1"}
-    assert set(k for k in arrays if k.startswith("out.")) == {"out.m0", "out.m2"}
+        f"held.m{j}.{i}" for j in range(3) for i in range(2)}
+    assert set(k for k in arrays if k.startswith("out.")) == {f"out.{k}" for k in sim}
     f = probe.stored_fit(arrays, fam, seed=2)
     x = rng.standard_normal((9, 6)) + centres[1]
     np.testing.assert_array_equal(f.scores(x), pb.fit.scores(x))
@@ -142,11 +147,21 @@ def test_stored_arrays_give_the_fit_and_the_held_out_scores():
     scores = probe.simulated_scores(arrays, f.models,
                                     {k: [len(c) for c in v] for k, v in models.items()})
     idx = np.array([3, 5, 5])
-    got = scores("m2", 1, idx, True)
-    np.testing.assert_allclose([got[k] for k in f.models], pb.held_out("m2", 1)[idx].mean(0),
+    k = sim[-1]
+    got = scores(k, 1, idx, True)
+    np.testing.assert_allclose([got[m] for m in f.models], pb.held_out(k, 1)[idx].mean(0),
                                rtol=0, atol=0)
-    out = scores("m2", 1, idx, False)  # the model left out: its rows after curve 0's
-    assert set(out) == {"m0", "m1"}
-    lo = pb.left_out("m2").log_proba(models["m2"][1][idx]).mean(axis=0)
-    np.testing.assert_allclose([out["m0"], out["m1"]], lo, rtol=1e-12, atol=1e-12)
-    assert scores("m1", 0, idx, True) is None  # not simulated: not exported
+    out = scores(k, 1, idx, False)  # the model left out: its rows after curve 0's
+    others = [m for m in f.models if m != k]
+    assert list(out) == others
+    lo = pb.left_out(k).log_proba(models[k][1][idx]).mean(axis=0)
+    np.testing.assert_allclose([out[m] for m in others], lo, rtol=1e-12, atol=1e-12)
+    assert scores(rest, 0, idx, False) is None  # not simulated: its left-out fit not stored
+    # the stored bank answers as the bank it was exported from, without the rows
+    sizes = {k: [len(c) for c in v] for k, v in models.items()}
+    back = probe.ProbeBank.from_arrays(arrays, fam, sizes, seed=2)
+    x = rng.standard_normal((12, 6)) + centres[0]
+    assert back.tests(x, 0.05) == pb.tests(x, 0.05)
+    assert back.calibrate(12, 0.05, max_models=2) == pb.calibrate(12, 0.05, max_models=2)
+    with pytest.raises(InputError, match="lacks a refit"):
+        back.left_out(rest)

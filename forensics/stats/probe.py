@@ -182,37 +182,77 @@ class ProbeBank:
 
     def __init__(self, models: Mapping[str, Sequence[np.ndarray]],
                  families: Mapping[str, str], *, C: float = C, seed: int = 0):
-        self.curves = {k: _as_rows(models[k]) for k in sorted(models)}
-        self.families = {k: families[k] for k in self.curves}
+        self.curves: dict[str, list[np.ndarray]] | None = {
+            k: _as_rows(models[k]) for k in sorted(models)}
+        self.sizes = {k: [len(c) for c in v] for k, v in self.curves.items()}
+        self.families = {k: families[k] for k in self.sizes}
         self.C, self.seed = float(C), int(seed)
         self.fit = fit(self.curves, self.families, C=C, seed=seed)
         self.col = {k: i for i, k in enumerate(self.fit.models)}
         self._held: dict[tuple[str, int], np.ndarray] = {}
         self._out: dict[str, ProbeFit | None] = {}
+        self._out_lp: dict[str, np.ndarray | None] = {}
         self._nulls: dict[tuple[str, int, int], np.ndarray] = {}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], families: Mapping[str, str],
+                    sizes: Mapping[str, Sequence[int]], *, C: float = C,
+                    seed: int = 0) -> ProbeBank:
+        """The bank :func:`export` stored: its fit, refits' log-probabilities and nulls,
+        without the rows (``sizes``: each model's curves' image counts)."""
+        self = cls.__new__(cls)
+        self.curves = None
+        self.sizes = {k: [int(x) for x in sizes[k]] for k in sorted(sizes)}
+        self.families = {k: families[k] for k in self.sizes}
+        self.C, self.seed = float(C), int(seed)
+        self.fit = stored_fit(arrays, self.families, C=C, seed=seed)
+        self.col = {k: i for i, k in enumerate(self.fit.models)}
+        self._held = {(k, i): arrays[f"held.{k}.{i}"] for k, v in self.sizes.items()
+                      for i in range(len(v)) if f"held.{k}.{i}" in arrays}
+        self._out = {}
+        self._out_lp = {k: arrays.get(f"out.{k}") for k in self.sizes}
+        self._nulls = {}
+        return self
+
+    def _rows(self) -> dict[str, list[np.ndarray]]:
+        if self.curves is None:
+            raise InputError("the stored attributor lacks a refit it needs; it is computed "
+                             "again from the bank's rows")
+        return self.curves
 
     def testable(self, model: str) -> bool:
         """Whether the model has two curves (a null)."""
-        return len(self.curves[model]) >= 2
+        return len(self.sizes[model]) >= 2
 
     def held_out(self, model: str, i: int) -> np.ndarray:
         """Log-probabilities (all models' columns) of curve ``i`` of ``model`` under the
         attributor refitted without that curve."""
         key = (model, i)
         if key not in self._held:
+            curves = self._rows()
             rest = {k: ([c for j, c in enumerate(v) if j != i] if k == model else v)
-                    for k, v in self.curves.items()}
+                    for k, v in curves.items()}
             f = fit(rest, self.families, C=self.C, seed=self.seed)
-            self._held[key] = f.log_proba(self.curves[model][i])
+            self._held[key] = f.log_proba(curves[model][i])
         return self._held[key]
 
     def left_out(self, model: str) -> ProbeFit | None:
         """The attributor of the bank without ``model`` (None: fewer than two remain)."""
         if model not in self._out:
-            rest = {k: v for k, v in self.curves.items() if k != model}
+            rest = {k: v for k, v in self._rows().items() if k != model}
             self._out[model] = fit(rest, self.families, C=self.C, seed=self.seed) \
                 if len(rest) >= 2 else None
         return self._out[model]
+
+    def out_log_proba(self, model: str) -> np.ndarray | None:
+        """Log-probabilities of all of ``model``'s rows (its curves in order) under
+        :meth:`left_out` (columns: the other models, in name order; None: fewer than two
+        remain)."""
+        if model not in self._out_lp:
+            lo = self.left_out(model)
+            self._out_lp[model] = (None if lo is None
+                                   else lo.log_proba(np.concatenate(self._rows()[model])))
+        return self._out_lp[model]
 
     def null(self, model: str, n: int, draws: int = DRAWS) -> np.ndarray:
         """Mean log-probabilities of ``model`` over ``draws`` genuine sets of ``n`` images,
@@ -222,7 +262,7 @@ class ProbeBank:
             if not self.testable(model):
                 self._nulls[key] = np.zeros(0)
             else:
-                k = len(self.curves[model])
+                k = len(self.sizes[model])
                 rng = np.random.default_rng([self.seed, int(n), 11])
                 out = np.empty(int(draws))
                 for b in range(int(draws)):
@@ -255,33 +295,34 @@ class ProbeBank:
             p = ps[k]
             out.append(Belonging(k, self.families[k], p, p is not None and p >= alpha,
                                  float(s[j]), float(np.median(nv)) if nv.size else None,
-                                 len(x), len(self.curves[k]), int(nv.size), "probe"))
+                                 len(x), len(self.sizes[k]), int(nv.size), "probe"))
         return sorted(out, key=lambda t: (-t.statistic, t.model))
 
-    def calibrate(self, n: int, alpha: float, draws: int = SIM_DRAWS) -> Any:
+    def calibrate(self, n: int, alpha: float, draws: int = SIM_DRAWS,
+                  max_models: int = 40) -> Any:
         """The answer's confidence at ``n`` images, simulated from the bank (module
-        docstring): an :class:`forensics.stats.answer_confidence.AnswerConfidence`."""
-        from forensics.stats.answer_confidence import from_simulated
+        docstring; at most ``max_models`` models, a seeded choice beyond):
+        an :class:`forensics.stats.answer_confidence.AnswerConfidence`."""
+        from forensics.stats.answer_confidence import from_simulated, simulated_models
 
         rng = np.random.default_rng([self.seed, int(n), 13])
         named: list[tuple[float, float, bool]] = []
         unknown: list[bool] = []
-        for k in self.curves:
+        for k in simulated_models(list(self.sizes), self.seed, max_models):
             if not self.testable(k):
                 continue
-            out = self.left_out(k)
-            allk = np.concatenate(self.curves[k])
-            lp_out = out.log_proba(allk) if out is not None else None
+            lp_out = self.out_log_proba(k)
+            others = [m for m in self.fit.models if m != k]
             for b in range(int(draws)):
-                i = b % len(self.curves[k])
+                i = b % len(self.sizes[k])
                 held = self.held_out(k, i)
                 idx = _draw(len(held), int(n), rng)
                 # enrolled: the set's model in the bank, read by the fit without its curve
                 self._answer(held[idx].mean(axis=0), self.fit.models, n, alpha, k, True,
                              named, unknown)
-                if out is not None and lp_out is not None:  # not enrolled: the model left out
-                    off = sum(len(c) for c in self.curves[k][:i])
-                    self._answer(lp_out[off + idx].mean(axis=0), out.models, n, alpha, k,
+                if lp_out is not None:  # not enrolled: the model left out
+                    off = sum(self.sizes[k][:i])
+                    self._answer(lp_out[off + idx].mean(axis=0), others, n, alpha, k,
                                  False, named, unknown)
         return from_simulated(int(n), [(p, nf, r) for p, nf, r in named], unknown,
                               self.seed)
@@ -305,21 +346,22 @@ class ProbeBank:
 
 def export(bank: ProbeBank, simulated: Sequence[str]) -> dict[str, np.ndarray]:
     """What an answer needs of ``bank``, as arrays (stored once per bank state): the fit
-    (``fit.*``), and for each model of ``simulated`` the log-probabilities of its curves under
-    the refits without each curve (``held.<model>.<i>``) and of all its rows under the fit
-    without the model (``out.<model>``; absent when fewer than two models remain)."""
+    (``fit.*``), for every testable model the log-probabilities of its curves under the
+    refits without each curve (``held.<model>.<i>``: its null), and for each model of
+    ``simulated`` those of all its rows under the fit without the model (``out.<model>``;
+    absent when fewer than two models remain)."""
     f = bank.fit
     out = {"fit.center": f.center, "fit.scale": f.scale, "fit.coef": f.coef,
            "fit.intercept": f.intercept, "fit.n_rows": np.asarray(f.n_rows, dtype=np.int64),
            "fit.rows_sha256": np.frombuffer(f.rows_sha256.encode("ascii"), dtype=np.uint8)}
-    for k in simulated:
+    for k in bank.sizes:
         if not bank.testable(k):
             continue
-        for i in range(len(bank.curves[k])):
+        for i in range(len(bank.sizes[k])):
             out[f"held.{k}.{i}"] = bank.held_out(k, i)
-        lo = bank.left_out(k)
-        if lo is not None:
-            out[f"out.{k}"] = lo.log_proba(np.concatenate(bank.curves[k]))
+        lp = bank.out_log_proba(k) if k in simulated else None
+        if lp is not None:
+            out[f"out.{k}"] = lp
     return out
 
 

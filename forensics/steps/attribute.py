@@ -571,6 +571,86 @@ def _attributor(plan: _Plan, sizes: dict[str, list[int]],
     return fit, arrays, record
 
 
+def _kernel_tests(plan: _Plan, curves_of: dict[str, list[np.ndarray]],
+                  family: dict[str, str], projected: np.ndarray, kind: str, alpha: float,
+                  seed: int, order_fn: Any, attributor_sha: str | None
+                  ) -> tuple[list[Any], Any, dict[str, Any]]:
+    """The MMD (or energy) test of every model on projected rows, the answer's calibration
+    at the suspect's size (``order_fn``: the attributor's scores of simulated suspects),
+    and the record of what was stored."""
+    from forensics.stats import belonging as bt
+    from forensics.stats.answer_confidence import AnswerConfidence, calibrate
+    from forensics.steps.calibration import rows_digest
+
+    n = len(bt.subset(len(projected), seed))
+
+    def compute() -> tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]:
+        models = {m: bt.ModelRows(c) for m, c in curves_of.items()}
+        with _one_thread():  # loads scikit-learn for the fit, and limits it
+            nulls = {m: bt.null(models[m], n, kind=kind, seed=seed) for m in models}
+            cal = (calibrate(models, family, n, alpha=alpha, kind=kind, nulls=nulls,
+                             seed=seed, order=order_fn)
+                   if any(v.size for v in nulls.values()) else None)
+        # what a test needs of each model besides its rows, so that it is not computed again
+        kernel = {m: [mr.bandwidth2, mr.gram_mean(kind)] for m, mr in models.items()}
+        return nulls, cal, kernel
+
+    def to_json(value: tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]
+                ) -> dict[str, Any]:
+        nulls, cal, kernel = value
+        return {"nulls": {m: [float(x) for x in v] for m, v in nulls.items()},
+                "answer": None if cal is None else cal.to_dict(),
+                "kernel": {m: [float(x) for x in v] for m, v in kernel.items()}}
+
+    def from_json(d: dict[str, Any]) -> tuple[dict[str, np.ndarray], Any,
+                                              dict[str, list[float]]]:
+        return ({m: np.asarray(v, dtype=np.float64) for m, v in d["nulls"].items()},
+                None if d["answer"] is None else AnswerConfidence.from_dict(d["answer"]),
+                d["kernel"])
+
+    parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
+             "fingerprint": plan.belong_fp.name, "kind": kind, "alpha": float(alpha),
+             "seed": int(seed), "n": int(n), "draws": bt.DRAWS, "dim": bt.DIM,
+             "models": {m: [c.shape for c in curves_of[m]] for m in curves_of},
+             "attributor": attributor_sha if order_fn is not None else None}
+    (nulls, calibration, kernel), record = plan.store.get("belonging", parts, compute,
+                                                          to_json, from_json)
+    models = {m: bt.ModelRows(c, bandwidth2=kernel[m][0], gram_means={kind: kernel[m][1]})
+              for m, c in curves_of.items()}
+    tests = [bt.test(models[m], projected, name=m, family=family[m], alpha=alpha,
+                     kind=kind, seed=seed, null_values=nulls[m]) for m in sorted(models)]
+    tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
+    return tests, calibration, record
+
+
+def _probe_tests(plan: _Plan, att: tuple[Any, dict[str, np.ndarray], dict[str, Any]],
+                 sizes: dict[str, list[int]], family: dict[str, str], x: np.ndarray,
+                 alpha: float, seed: int) -> tuple[list[Any], Any, dict[str, Any]]:
+    """The attributor's test of every model (:meth:`forensics.stats.probe.ProbeBank.tests`,
+    from its stored refits), the answer's calibration at the suspect's size, and the record
+    of what was stored."""
+    from forensics.stats import probe
+    from forensics.stats.answer_confidence import AnswerConfidence
+    from forensics.steps.calibration import rows_digest
+
+    pb = probe.ProbeBank.from_arrays(att[1], {m: family[m] for m in sizes}, sizes,
+                                     C=probe.C, seed=seed)
+
+    def compute() -> Any:
+        return pb.calibrate(len(x), alpha)
+
+    parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
+             "fingerprint": plan.belong_fp.name, "kind": "probe", "alpha": float(alpha),
+             "seed": int(seed), "n": len(x), "draws": probe.DRAWS,
+             "sim_draws": probe.SIM_DRAWS, "attributor": att[2]["sha256"]}
+    calibration, record = plan.store.get(
+        "belonging", parts, compute, lambda c: {"answer": c.to_dict()},
+        lambda d: AnswerConfidence.from_dict(d["answer"]))
+    tests = pb.tests(x, alpha)
+    tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
+    return tests, calibration, record
+
+
 def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
                seed: int) -> _Belong:
     """One belonging test per enrolled model (curves grouped by model), the per-image
@@ -582,8 +662,6 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
     (:mod:`forensics.steps.calibration`)."""
     from forensics.stats import belonging as bt
     from forensics.stats import probe
-    from forensics.stats.answer_confidence import AnswerConfidence, calibrate
-    from forensics.steps.calibration import rows_digest
 
     if plan.belong_fp is None or suspect_rows is None:
         return _Belong([], None, (f"the baseline has no {defaults.BELONG_FINGERPRINT!r} arrays: "
@@ -617,64 +695,43 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
         return {m: [np.asarray(c[:, mask], dtype=np.float64) for c, _w in by_model[m]]
                 for m in sizes}
 
+    wants = "probe" in (defaults.BELONG_ORDER, defaults.BELONG_KIND)
     att = (_attributor(plan, sizes, whole, family, seed)
-           if defaults.BELONG_ORDER == "probe" and len(sizes) == len(curves_of) else None)
-    projected = bt.project(suspect_rows)
-    n = len(bt.subset(len(projected), seed))
-    kind = defaults.BELONG_KIND
-    order_fn = (probe.simulated_scores(att[1], att[0].models, sizes) if att is not None
-                else None)
-
-    def compute() -> tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]:
-        models = {m: bt.ModelRows(c) for m, c in curves_of.items()}
-        with _one_thread():  # loads scikit-learn for the fit, and limits it
-            nulls = {m: bt.null(models[m], n, kind=kind, seed=seed) for m in models}
-            cal = (calibrate(models, family, n, alpha=alpha, kind=kind, nulls=nulls,
-                             seed=seed, order=order_fn)
-                   if any(v.size for v in nulls.values()) else None)
-        # what a test needs of each model besides its rows, so that it is not computed again
-        kernel = {m: [mr.bandwidth2, mr.gram_mean(kind)] for m, mr in models.items()}
-        return nulls, cal, kernel
-
-    def to_json(value: tuple[dict[str, np.ndarray], Any, dict[str, list[float]]]
-                ) -> dict[str, Any]:
-        nulls, cal, kernel = value
-        return {"nulls": {m: [float(x) for x in v] for m, v in nulls.items()},
-                "answer": None if cal is None else cal.to_dict(),
-                "kernel": {m: [float(x) for x in v] for m, v in kernel.items()}}
-
-    def from_json(d: dict[str, Any]) -> tuple[dict[str, np.ndarray], Any,
-                                              dict[str, list[float]]]:
-        return ({m: np.asarray(v, dtype=np.float64) for m, v in d["nulls"].items()},
-                None if d["answer"] is None else AnswerConfidence.from_dict(d["answer"]),
-                d["kernel"])
-
-    parts = {"rows": rows_digest(plan.rows), "baseline": plan.loaded.row.get("row_sha256"),
-             "fingerprint": plan.belong_fp.name, "kind": kind, "alpha": float(alpha),
-             "seed": int(seed), "n": int(n), "draws": bt.DRAWS, "dim": bt.DIM,
-             "models": {m: [c.shape for c in curves_of[m]] for m in curves_of},
-             "attributor": None if att is None else att[2]["sha256"]}
-    (nulls, calibration, kernel), record = plan.store.get("belonging", parts, compute,
-                                                          to_json, from_json)
-    models = {m: bt.ModelRows(c, bandwidth2=kernel[m][0], gram_means={kind: kernel[m][1]})
-              for m, c in curves_of.items()}
-    tests = [bt.test(models[m], projected, name=m, family=family[m], alpha=alpha,
-                     kind=kind, seed=seed, null_values=nulls[m]) for m in sorted(models)]
-    tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
-    note = (f"belonging: {defaults.BELONG_KIND} two-sample test of the suspect's "
-            f"{plan.belong_fp.name} per-image rows against each enrolled model's, null from "
-            f"its own curves (leave-one-curve-out) at the suspect's size, level {alpha:g}")
+           if wants and len(sizes) == len(curves_of) else None)
+    suspect_whole = np.asarray(suspect_rows[:, mask], dtype=np.float64)
+    if defaults.BELONG_KIND == "probe" and att is not None:
+        tests, calibration, record = _probe_tests(plan, att, sizes, family, suspect_whole,
+                                                  alpha, seed)
+        note = (f"belonging: the per-image attributor's test of the suspect's "
+                f"{plan.belong_fp.name} per-image rows against each enrolled model (the mean "
+                f"log-probability of the model over the images, null from the attributor "
+                f"refitted without each of the model's curves, at the suspect's size), level "
+                f"{alpha:g}")
+    else:  # a kernel test (and banks enrolled before rows were stored whole)
+        kind = "mmd" if defaults.BELONG_KIND == "probe" else defaults.BELONG_KIND
+        tests, calibration, record = _kernel_tests(
+            plan, curves_of, family, bt.project(suspect_rows), kind, alpha, seed,
+            probe.simulated_scores(att[1], att[0].models, sizes)
+            if att is not None and defaults.BELONG_ORDER == "probe" else None,
+            None if att is None else att[2]["sha256"])
+        note = (f"belonging: {kind} two-sample test of the suspect's "
+                f"{plan.belong_fp.name} per-image rows against each enrolled model's, null "
+                f"from its own curves (leave-one-curve-out) at the suspect's size, level "
+                f"{alpha:g}")
     order = attributor = None
     records = [record]
     if att is not None:
         fit, _arrays, att_record = att
-        scores = fit.scores(np.asarray(suspect_rows[:, mask], dtype=np.float64))
+        scores = fit.scores(suspect_whole)
         order = [fit.models[j] for j in np.argsort(-scores, kind="stable")]
         attributor = {**fit.to_dict(), "entries": int(mask.sum()),
                       "scores": {k: float(v) for k, v in zip(fit.models, scores, strict=True)}}
         records.insert(0, att_record)
-        note += ("; among the consistent models, the per-image attributor (a logistic "
-                 "regression on the enrolled images' rows) chooses")
+        if defaults.BELONG_ORDER == "probe":
+            note += ("; among the consistent models, the per-image attributor (a logistic "
+                     "regression on the enrolled images' rows) chooses")
+        else:
+            order = None
     else:
         note += ("; among the consistent models, the fingerprint ranking chooses"
                  + (" (the per-image attributor needs every model enrolled with whole rows: "
