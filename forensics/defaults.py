@@ -143,8 +143,11 @@ N_BOOT = 100
 #: Whose per-image vectors the belonging test compares and the per-image attributor reads
 #: (each enrolled curve stores them whole: ``forensics.stats.belonging``).
 BELONG_FINGERPRINT = FINGERPRINT
-#: The belonging test's statistic (``mmd`` or ``energy``; docs/attribution.md).
-BELONG_KIND = "mmd"
+#: The belonging test: ``probe``, the per-image attributor's test (its mean log-probability
+#: of the model against refits without each of the model's curves), or a two-sample test
+#: on projected rows, ``mmd`` or ``energy`` (chosen on the development sets:
+#: docs/attribution.md). Banks enrolled before rows were stored whole get ``mmd``.
+BELONG_KIND = "probe"
 #: Whether the score/margin rule (``calibration.threshold``) also gates the answer.
 BELONG_GATE = True
 #: Who chooses among the consistent models: ``probe``, the per-image attributor

@@ -123,7 +123,7 @@ def test_the_belonging_benchmark_answers_every_method_on_a_small_bank():
 
     shipped = S.Method(defaults.BELONG_KIND, defaults.BELONG_GATE,
                        order=defaults.BELONG_ORDER).label
-    assert shipped == "mmd test, probe order + rule gate" and shipped in labels
+    assert shipped == "probe test + rule gate" and shipped in labels
     # the shipped answer's confidence is simulated with the attributor's choice
     assert all(a["confidence"] is not None for a in answers if a["method"] == shipped)
     for a in answers:

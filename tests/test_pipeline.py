@@ -356,10 +356,7 @@ def test_attribute_names_the_enrolled_generator(world, kind):
     assert kinds == ["confidence", "attributor", "belonging"]
 
 
-def test_the_attributors_own_test_decides_the_model_level_when_chosen(world, monkeypatch):
-    from forensics import defaults
-
-    monkeypatch.setattr(defaults, "BELONG_KIND", "probe")
+def test_the_attributors_own_test_decides_the_model_level(world):
     a = forensics.attribute(world["folders"]["query_noise"], n_boot=0, **world["kw"])
     d = a.decision
     assert {t.kind for t in a.belonging} == {"probe"} and len(a.belonging) == 2
@@ -372,6 +369,49 @@ def test_the_attributors_own_test_decides_the_model_level_when_chosen(world, mon
     assert kinds == ["confidence", "attributor", "belonging"]
     again = forensics.attribute(world["folders"]["query_noise"], n_boot=0, **world["kw"])
     assert again.decision == d and again.belonging == a.belonging  # read back from the store
+
+
+def test_the_mmd_test_decides_when_chosen_and_the_attributor_orders(world, monkeypatch):
+    from forensics import defaults
+
+    monkeypatch.setattr(defaults, "BELONG_KIND", "mmd")
+    a = forensics.attribute(world["folders"]["query_shuffle"], n_boot=0, **world["kw"])
+    assert {t.kind for t in a.belonging} == {"mmd"}
+    assert (a.decision.family, a.decision.unknown) == ("shuffle", False)
+    assert "mmd two-sample test" in a.parameters["belonging"]
+    assert "by the per-image attributor" in a.decision.reason
+    assert a.parameters["attributor"]["models"] == ["noise-m", "shuffle-m"]
+
+
+def test_a_bank_enrolled_before_rows_were_stored_whole_is_still_tested(world, tmp_path):
+    """Curves that store 32 projected entries as decimals (as fp stored them before) are
+    tested by the MMD test on them, and the fingerprint ranking chooses among them."""
+    from refbank.bank import curve_fingerprints, curve_params
+
+    from forensics.stats.belonging import project, unpack_rows
+
+    bank = tmp_path / "bank"
+    shutil.copytree(world["bank"].path, bank)
+    shutil.rmtree(bank / "calibration", ignore_errors=True)
+    b = Bank(bank)
+    old = b.curves()
+    rows = []
+    for r in old:
+        fps = curve_fingerprints(r)
+        whole = unpack_rows(fps["resid-early#rows"], r["n_images"])
+        fps["resid-early#rows"] = [float(str(h)) for h in
+                                   project(whole).astype(np.float16).ravel()]
+        row = {k: v for k, v in r.items() if k not in (
+            "curve_id", "row_sha256", "params_json", "fingerprints_json", "created")}
+        rows.append({**row, "params": curve_params(r), "fingerprints": fps})
+    b.remove_curves([r["curve_id"] for r in old])
+    b.add_curves(rows)
+    a = forensics.attribute(world["folders"]["query_noise"], n_boot=0,
+                            **{**world["kw"], "bank": Bank(bank)})
+    assert {t.kind for t in a.belonging} == {"mmd"} and a.parameters["attributor"] is None
+    assert (a.decision.family, a.decision.unknown) == ("noise", False)
+    assert "re-enroll them" in a.parameters["belonging"]
+    assert all(t.p_value is not None for t in a.belonging)
 
 
 def test_images_of_no_enrolled_model_are_unknown_with_the_closest_family_shown(world):
@@ -914,8 +954,7 @@ def test_a_damaged_stored_calibration_is_set_aside_and_computed_again(world, tmp
     first = attribute(f["query_noise"], n_boot=0, **kw)
     target = next((bank / "calibration").glob("belonging-*.json"))
     doc = json.loads(target.read_text())
-    model = next(iter(doc["value"]["nulls"]))
-    doc["value"]["nulls"][model][0] = 1e9  # a forged null value
+    doc["value"]["answer"]["n_named"] += 1  # a forged count of the calibration
     target.write_text(json.dumps(doc))
     with pytest.warns(FpWarning, match="SHA-256 does not match"):
         again = attribute(f["query_noise"], n_boot=0, **kw)
