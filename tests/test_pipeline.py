@@ -386,9 +386,8 @@ def test_the_mmd_test_decides_when_chosen_and_the_attributor_orders(world, monke
 def test_a_bank_enrolled_before_rows_were_stored_whole_is_still_tested(world, tmp_path):
     """Curves that store 32 projected entries as decimals (as fp stored them before) are
     tested by the MMD test on them, and the fingerprint ranking chooses among them."""
-    from refbank.bank import curve_fingerprints, curve_params
-
     from forensics.stats.belonging import project, unpack_rows
+    from refbank.bank import curve_fingerprints, curve_params
 
     bank = tmp_path / "bank"
     shutil.copytree(world["bank"].path, bank)
