@@ -507,11 +507,15 @@ def figures(answers: list[dict], conf_key: str = "confidence") -> dict:
     out["unknown_right"] = float(np.mean([a["unknown"] for a in unk])) if unk else None
     parts = [x for x in (out["named_right"], out["unknown_right"]) if x is not None]
     out["balanced"] = float(np.mean(parts))
-    conf = [a.get(conf_key) for a in answers]
-    if all(c is not None for c in conf) and answers:
-        p = np.asarray(conf, dtype=np.float64)
-        y = np.asarray([a["right"] for a in answers], dtype=bool)
-        out["wrong_above_half"] = float(np.mean(~y & (p > 0.5)))
+    # confidence: over the answers that have one (an unknown from the rule's gate has none
+    # where the bank's simulation never answers unknown); "wrong above 0.5" as a share of
+    # all answers, an answer without confidence never counting as above 0.5
+    withc = [a for a in answers if a.get(conf_key) is not None]
+    out["with_confidence"] = len(withc) / len(answers) if answers else None
+    if withc:
+        p = np.asarray([a[conf_key] for a in withc], dtype=np.float64)
+        y = np.asarray([a["right"] for a in withc], dtype=bool)
+        out["wrong_above_half"] = float(np.sum(~y & (p > 0.5)) / len(answers))
         out["ece"] = expected_calibration_error(p, y)
     return out
 
@@ -520,12 +524,18 @@ def _f(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _conf(f: dict) -> str:
+    """The share of answers with a confidence ("-": the method gives none)."""
+    return "-" if not f.get("with_confidence") else f"{f['with_confidence']:.2f}"
+
+
 def tables(answers: list[dict], methods: list[str], conf_key: str = "confidence") -> tuple[
         list[str], dict]:
     """Per-set tables (method x figure), a per-size table, and each method's worst set."""
     lines = ["| set | method | answers | new latents named right | genuine called unknown | "
-             "other run / code base unknown | balanced | wrong above 0.5 | ECE |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "other run / code base unknown | balanced | with a confidence | wrong above 0.5 | "
+             "ECE |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     worst: dict[str, float] = {}
     per: dict[tuple[str, str], dict] = {}
     for s, prefixes in SETS.items():
@@ -538,8 +548,8 @@ def tables(answers: list[dict], methods: list[str], conf_key: str = "confidence"
             worst[m] = min(worst.get(m, 1.0), f["balanced"])
             lines.append(f"| {s} | {m} | {f['n']} | {_f(f['named_right'])} | "
                          f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | "
-                         f"{f['balanced']:.3f} | {_f(f.get('wrong_above_half'))} | "
-                         f"{_f(f.get('ece'))} |")
+                         f"{f['balanced']:.3f} | {_conf(f)} | "
+                         f"{_f(f.get('wrong_above_half'))} | {_f(f.get('ece'))} |")
     pooled: dict[str, dict] = {}
     for m in methods:  # the three sets pooled (MNIST once: its 128-image curves)
         sel = [a for a in answers if a["method"] == m and _in(a, POOLED)]
@@ -548,8 +558,8 @@ def tables(answers: list[dict], methods: list[str], conf_key: str = "confidence"
         f = pooled[m] = figures(sel, conf_key)
         lines.append(f"| pooled | {m} | {f['n']} | {_f(f['named_right'])} | "
                      f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | "
-                     f"{f['balanced']:.3f} | {_f(f.get('wrong_above_half'))} | "
-                     f"{_f(f.get('ece'))} |")
+                     f"{f['balanced']:.3f} | {_conf(f)} | "
+                     f"{_f(f.get('wrong_above_half'))} | {_f(f.get('ece'))} |")
     return lines, {"worst": worst, "per": per, "pooled": pooled}
 
 

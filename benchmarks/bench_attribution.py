@@ -496,13 +496,14 @@ def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start:
     table = "\n".join(lines)
     print(table)
     print()
-    for s, _ in S.SETS.items():
-        f = summary["per"].get((s, shipped))
+    rows = [(s, summary["per"].get((s, shipped))) for s in S.SETS]
+    rows.append(("pooled (the three sets)", summary["pooled"].get(shipped)))
+    for s, f in rows:
         if f is not None:
             print(f"{s}: {shipped}: new latents named right {S._f(f['named_right'])}, genuine "
                   f"called unknown {S._f(f['genuine_unknown'])}, other run / code base unknown "
-                  f"{S._f(f['unknown_right'])}, wrong above 0.5 "
-                  f"{S._f(f.get('wrong_above_half'))}, ECE {S._f(f.get('ece'))}")
+                  f"{S._f(f['unknown_right'])}, with a confidence {S._conf(f)}, wrong above "
+                  f"0.5 {S._f(f.get('wrong_above_half'))}, ECE {S._f(f.get('ece'))}")
     print(f"wall time {time.perf_counter() - t_start:.0f} s; load average "
           f"{os.getloadavg()[0]:.1f}; table sha256 "
           f"{hashlib.sha256(table.encode()).hexdigest()}")
