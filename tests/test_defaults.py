@@ -93,3 +93,17 @@ def test_library_and_cli_defaults_agree():
             elif name not in ("cache_dir", "progress", "bank", "weights", "baseline"):
                 assert str(opts[name]) == str(kws[name]) or opts[name] == kws[name], \
                     (fn.__name__, name, opts[name], kws[name])
+
+
+def test_the_readme_names_the_belonging_defaults_the_code_has():
+    import re
+    from pathlib import Path
+
+    from forensics import defaults
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    m = re.search(r"the default:\s*`forensics\.defaults\.BELONG_KIND = \"(\w+)\"`,\s*"
+                  r"`BELONG_ORDER = \"(\w+)\"`,\s*`BELONG_GATE =\s*(\w+)`", text)
+    assert m, "README no longer states the belonging defaults"
+    assert m.groups() == (defaults.BELONG_KIND, defaults.BELONG_ORDER,
+                          str(defaults.BELONG_GATE))
