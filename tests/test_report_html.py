@@ -40,6 +40,10 @@ def test_the_decision_confidence_and_threshold_are_shown():
     assert "model level: consistent with" in text and "sg2 (gan, p 0.41)" in text
     assert "Model level: could an enrolled model have made them?" in text
     assert "<th>model level: consistent with</th><td>none</td>" in unknown
+    assert "squared MMD (lower: closer)" in text  # what the statistic is
+    probe = _answer()
+    probe["belonging"][0]["kind"] = "probe"
+    assert "mean log-probability (higher: closer)" in render(probe, None, [])
 
 
 def test_any_provenance_field_is_rendered_as_nested_tables_and_escaped():

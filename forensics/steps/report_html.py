@@ -202,7 +202,13 @@ def _belonging(data: dict[str, Any]) -> str:
     out = [[t["model"], t["family"], t["p_value"], "yes" if t["consistent"] else "no",
             t["statistic"], t["null_median"], t["n_images"], t["n_curves"], t["draws"]]
            for t in tests]
-    return _table(["model", "family", "p-value", "consistent", "statistic", "null median",
+    # what the statistic is: the attributor's mean log-probability (higher: closer), or a
+    # kernel distance (lower: closer)
+    what = {"probe": "mean log-probability (higher: closer)", "mmd": "squared MMD (lower: "
+            "closer)", "energy": "energy distance (lower: closer)"}
+    kinds = sorted({t.get("kind", "mmd") for t in tests})
+    stat = "statistic: " + "; ".join(what.get(k, k) for k in kinds)
+    return _table(["model", "family", "p-value", "consistent", stat, "null median",
                    "images tested", "curves", "null draws"], out,
                   ["" if t["consistent"] else "below" for t in tests])
 
