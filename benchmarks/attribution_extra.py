@@ -310,7 +310,10 @@ def peer_rows(grid_default: Grid, pix: Grid, res: Grid, nnp: Grid, nnf: Grid,
             ("ManiFPT, training-free: pixel - nearest real, correlation", nnp, peers.correlation),
             ("ManiFPT, training-free: early layers - nearest real, zscore", nnf, zscore),
             ("mean pixels, zscore", pix, zscore),
-            ("fp default: resid-early, zscore", grid_default, zscore)):
+            # the per-image rows hold every entry: layer 0 too, which fp attribute drops
+            # (defaults.DROP_LAYERS), so this row can differ from the main table's default
+            ("fp default: resid-early, zscore (every entry, layer 0 kept)", grid_default,
+             zscore)):
         rows.append((name, top1_grid(g, score, [B.PROTOCOL]), top1_grid(g, score, cfgs),
                      xcode_grid(g, score)[0]))
     head = Grid(lite0.X[:, -peers.LITE0_HEAD:], lite0.index,
