@@ -35,6 +35,7 @@ from pathlib import Path
 
 import bench_attribution as B
 import numpy as np
+import peers
 
 #: Suspect sizes measured (each a seeded subset of a query; the query's own size at most).
 SIZES = (16, 32, 64, 128, 256, 512)
@@ -220,8 +221,10 @@ def mnist_problems(m: dict, prefix: str = "") -> list[Problem]:
     512-image curves; problems ``mnist-512``, ``mnist-512-xcode``)."""
     bank = {a: (a, [m[f"{prefix}{a}/enroll1"], m[f"{prefix}{a}/enroll2"]]) for a in B.ARCHS}
     genuine = [(a, m[f"{prefix}{a}/query"], a, "new latents") for a in B.ARCHS]
-    xcode = [(f"x-{a}", m[f"x/{a}"], None, "another code base") for a in XARCHS]
     name = "mnist" + ("-" + prefix.strip("/") if prefix else "")
+    if not all(f"x/{a}" in m for a in XARCHS):  # the first code base only
+        return [Problem(name, bank, genuine)]
+    xcode = [(f"x-{a}", m[f"x/{a}"], None, "another code base") for a in XARCHS]
     return [Problem(name, bank, genuine), Problem(f"{name}-xcode", bank, xcode)]
 
 
@@ -563,6 +566,33 @@ def tables(answers: list[dict], methods: list[str], conf_key: str = "confidence"
     return lines, {"worst": worst, "per": per, "pooled": pooled}
 
 
+def condition_table(answers: list[dict], method: str) -> list[str]:
+    """The method's confidence by set and condition: answers, share right, share with a
+    confidence, mean confidence, wrong above 0.5 (share of the condition's answers), ECE."""
+    from forensics.stats.confidence import expected_calibration_error
+
+    lines = ["| set | condition | answers | right | with a confidence | mean confidence | "
+             "wrong above 0.5 | ECE |", "|---|---|---|---|---|---|---|---|"]
+    for s, prefixes in SETS.items():
+        for cond in ("new latents", "another run", "another code base"):
+            sel = [a for a in answers if a["method"] == method and _in(a, prefixes)
+                   and a["cond"] == cond]
+            if not sel:
+                continue
+            withc = [a for a in sel if a["confidence"] is not None]
+            y = np.asarray([a["right"] for a in withc], dtype=bool)
+            c = np.asarray([a["confidence"] for a in withc], dtype=np.float64)
+            right = np.mean([a["right"] for a in sel])
+            if withc:
+                tail = (f"{c.mean():.3f} | {np.sum(~y & (c > 0.5)) / len(sel):.3f} | "
+                        f"{expected_calibration_error(c, y):.3f}")
+            else:
+                tail = "- | - | -"
+            lines.append(f"| {s} | {cond} | {len(sel)} | {right:.3f} | "
+                         f"{len(withc) / len(sel):.2f} | {tail} |")
+    return lines
+
+
 def size_table(answers: list[dict], method: str) -> list[str]:
     """Genuine named right / called unknown, and other models called unknown, by size."""
     sizes = sorted({a["n"] for a in answers if a["method"] == method})
@@ -636,10 +666,22 @@ def run(work: Path, encoder: str, cache: Path, quick: bool) -> tuple[list[str], 
     closed = [("mnist protocol", mnist_problems(m)[0], mask_m),
               ("mnist protocol, 512-image curves", mnist_problems(m, "512/")[0], mask_m),
               ("cifar zoo", cifar_problems(c, models)[0], mask_c)]
+    pf = peer_features(work, encoder, cache, models)
+    B.log(f"peers' features ready ({time.perf_counter() - t0:.0f} s)")
+    peer_sets = {"mnist protocol": (lambda d: mnist_problems(d)[0], pf["mnist"]),
+                 "mnist protocol, 512-image curves": (lambda d: mnist_problems(d)[0],
+                                                      pf["mnist-512"]),
+                 "cifar zoo": (lambda d: cifar_problems(d, models)[0], pf["cifar"])}
     lines += ["", "Closed set (every new-latents suspect named, never unknown; sizes pooled "
-              "as above), by reader:", "", "| set | reader | top-1 |", "|---|---|---|"]
+              "as above), by reader: fp's, then the peers' (which never say unknown: every "
+              "suspect of another run or code base gets a name from them):", "",
+              "| set | reader | top-1 |", "|---|---|---|"]
+    summary["closed"] = {}
     for s, p, mask in closed:
-        for r, v in closed_readers(p, mask, reps=reps).items():
+        got = closed_readers(p, mask, reps=reps)
+        got.update(peer_readers(*peer_sets[s], reps=reps))
+        summary["closed"][s] = got
+        for r, v in got.items():
             lines.append(f"| {s} | {r} | {v:.3f} |")
     fam_lines, summary["family_runs"] = family_across_runs(c, models, mask_c)
     B.log(f"family level across runs ({time.perf_counter() - t0:.0f} s)")
@@ -767,3 +809,106 @@ def closed_readers(problem: Problem, mask: np.ndarray, reps: int = 3) -> dict[st
             right["attributor, 32 projected entries (stored before)"].append(
                 before.families[int(np.argmax(before.scores(bt.project(sub))))] == truth)
     return {k: float(np.mean(v)) for k, v in right.items()}
+
+
+# -- peers, side by side on the three sets ----------------------------------------------------
+
+#: The peers measured beside fp on every set (``peers.py``): how each reads a set.
+PEERS = ("Marra et al. 2019: mean noise residual, correlation", "mean pixels, zscore",
+         "linear probe, FID-Inception pool (2048), majority vote",
+         "linear probe, EfficientNet-Lite0 stages + head (2064), majority vote")
+
+
+def _grouped_features(work: Path, folder: Path, tag: str, encoder: str, cache: Path,
+                      group) -> dict[str, dict[str, np.ndarray]]:
+    """Each peer's per-image features of the images under ``folder``, grouped by
+    ``group(relative path)`` (in manifest order, as the rows are); cached in the work
+    folder (``peers-<tag>.npz``)."""
+    from PIL import Image
+
+    from forensics.data.embed import embed_folder
+
+    path = work / f"peers-{tag}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            out: dict[str, dict[str, np.ndarray]] = {}
+            for k in z.files:
+                kind, key = k.split("::", 1)
+                out.setdefault(kind, {})[key] = z[k]
+            return out
+    emb = embed_folder(folder, encoder, cache_dir=cache, device="cpu", progress=False)
+    rels = [rel for rel, *_r in emb.manifest.entries]
+    images = np.stack([np.asarray(Image.open(folder / rel)) for rel in rels])
+    feats = {"pixels": peers.pixels(images), "marra": peers.noise_residuals(images),
+             "pool": np.asarray(emb.arrays[-1], dtype=np.float32),
+             "lite0": peers.Lite0Features(size=64)(images)}
+    groups: dict[str, list[int]] = {}
+    for i, rel in enumerate(rels):
+        groups.setdefault(group(rel), []).append(i)
+    out = {kind: {k: f[np.asarray(idx)] for k, idx in groups.items()}
+           for kind, f in feats.items()}
+    np.savez(path, **{f"{kind}::{k}": v for kind, d in out.items() for k, v in d.items()})
+    return out
+
+
+def peer_features(work: Path, encoder: str, cache: Path, models: list[dict]) -> dict:
+    """Peers' features of the MNIST protocol (both layouts) and of the CIFAR zoo, keyed as
+    the rows are (``{set: {peer feature: {key: array}}}``)."""
+    f = B.folders(B.materialize(work), work)
+
+    def mnist_key(rel: str) -> str:
+        arch, part, _name = rel.split("/")
+        return f"{arch}/{part}"
+
+    out = {"mnist": _grouped_features(work, protocol_subset(work, f), "mnist", encoder, cache,
+                                      mnist_key),
+           "mnist-512": _grouped_features(work, f["protocol"], "mnist-512", encoder, cache,
+                                          mnist_key),
+           "cifar": _grouped_features(work, cifar_folders(work)[0]["gen"], "cifar", encoder,
+                                      cache, lambda rel: rel.split("/")[0])}
+    return out
+
+
+def _peer_family(kind: str, bank: dict, q: np.ndarray) -> str:
+    """The family a peer names for the query images ``q`` against ``bank`` (model ->
+    (family, curves of features))."""
+    from fp_plugins.matchers import ZScoreMatcher
+
+    from forensics.stats.attribution import rank
+
+    ks = sorted(bank)
+    if kind in ("marra", "pixels"):  # set level: each curve's mean
+        V = np.asarray([c.mean(axis=0) for k in ks for c in bank[k][1]], np.float64)
+        fams = [bank[k][0] for k in ks for _ in bank[k][1]]
+        if kind == "marra":
+            return fams[int(np.argmax(peers.correlation(q.mean(axis=0), V)))]
+        meta = [{"curve_id": f"c{i:03d}", "model": f, "family": f} for i, f in enumerate(fams)]
+        return rank(q.mean(axis=0).astype(np.float64), V, meta, ZScoreMatcher(),
+                    drop_layers=())[0].family
+    raise ValueError(kind)
+
+
+def peer_readers(problem_of, feats: dict, reps: int = 3) -> dict[str, float]:
+    """Closed-set top-1 of every peer on the new-latents queries of one set
+    (``problem_of(features keyed as rows) -> Problem``); the same suspects (indices) as
+    fp's answers."""
+    out: dict[str, float] = {}
+    for label, kind in zip(PEERS, ("marra", "pixels", "pool", "lite0"), strict=True):
+        p = problem_of(feats[kind])
+        ks = sorted(p.bank)
+        label_of = None
+        if kind in ("pool", "lite0"):
+            X = np.concatenate([np.concatenate(p.bank[k][1]) for k in ks])
+            y = np.concatenate([np.full(sum(len(c) for c in p.bank[k][1]), i)
+                                for i, k in enumerate(ks)])
+            label_of = peers.linear_probe(X, y).predict
+        right = []
+        for _name, q, truth, _cond in p.queries:
+            for _n, idx in suspects(np.arange(len(q)), reps=reps):
+                if label_of is not None:
+                    fam = p.bank[ks[peers.majority(label_of(q[idx]))[0]]][0]
+                else:
+                    fam = _peer_family(kind, p.bank, q[idx])
+                right.append(fam == truth)
+        out[label] = float(np.mean(right))
+    return out

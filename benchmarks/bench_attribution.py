@@ -491,6 +491,8 @@ def belonging_stage(work: Path, encoder: str, cache: Path, quick: bool, t_start:
         lines += ["", f"By suspect size ({m}{', fp attribute' if m == shipped else ''}; new "
                       f"latents: named right / called unknown; others: called unknown):", ""]
         lines += S.size_table(summary["answers"], m)
+    lines += ["", f"Confidence by condition ({shipped}, fp attribute; all sizes pooled):", ""]
+    lines += S.condition_table(summary["answers"], shipped)
     lines += ["", "The family level across runs (CIFAR, leave-one-run-out):", ""]
     lines += summary["family_lines"]
     table = "\n".join(lines)

@@ -132,3 +132,17 @@ def test_the_belonging_benchmark_answers_every_method_on_a_small_bank():
     lines, summary = S.tables(answers, labels)
     assert set(summary["worst"]) == set(labels) and len(lines) == 2 + 2 * len(labels)
     assert set(summary["pooled"]) == set(labels)
+    cond = S.condition_table(answers, shipped)
+    assert len(cond) == 2 + 2 and cond[2].startswith("| mnist protocol | new latents | 6 |")
+    # peers: the same suspects, read by each peer's own features; well apart, all right
+    feats = {kind: {f"m{i}/{part}": rows(i, 24 if part != "query" else 20)
+                    for i in range(3) for part in ("enroll1", "enroll2", "query")}
+             for kind in ("marra", "pixels", "pool", "lite0")}
+
+    def problem_of(d):
+        return S.Problem("mnist", {f"m{i}": (f"m{i}", [d[f"m{i}/enroll1"], d[f"m{i}/enroll2"]])
+                                   for i in range(3)},
+                         [(f"m{i}", d[f"m{i}/query"], f"m{i}", "new latents") for i in range(3)])
+
+    got = S.peer_readers(problem_of, feats, reps=1)
+    assert list(got) == list(S.PEERS) and all(v == 1.0 for v in got.values())

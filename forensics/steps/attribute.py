@@ -668,28 +668,33 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
                                   f"no belonging test (rebuild the baseline to enable it)"), [])
     key = bt.rows_key(plan.belong_fp.name)
     width = suspect_rows.shape[1]
-    by_model: dict[str, list[np.ndarray]] = {}
+    # each curve's stored rows, float16 as stored (converted only where read): stored whole
+    # (every entry), or projected (enrolled before rows were stored whole)
+    by_model: dict[str, list[tuple[np.ndarray, bool]]] = {}
     family: dict[str, str] = {}
     lacking = 0
     for r in plan.rows:
         family.setdefault(r["model"], r["family"])
         fps = plan.fingerprints(r)
         by_model.setdefault(r["model"], [])
-        # stored whole (every entry), or projected (enrolled before rows were stored whole)
         is_whole = key in fps and not isinstance(fps[key], list)
         stored = fps.get(key) if is_whole else fps.get(key + PROJECTED, fps.get(key))
         if stored is None:
             lacking += 1
             continue
-        rows = bt.unpack_rows(stored, int(r["n_images"]))
-        if rows.shape[1] == (width if is_whole else bt.DIM):
-            by_model[r["model"]].append((rows, is_whole))
-    # the test reads projected rows: whole rows are projected here
-    curves_of = {m: [bt.project(c) if w else c for c, w in by_model[m]]
-                 for m in sorted(by_model) if by_model[m]}
+        flat = bt.packed_values(stored) if isinstance(stored, (str, list)) else stored
+        n_img = int(r["n_images"])
+        if flat.size == n_img * (width if is_whole else bt.DIM):
+            by_model[r["model"]].append((flat.reshape(n_img, -1), is_whole))
+    by_model = {m: c for m, c in sorted(by_model.items()) if c}
     mask = fpmod.entry_mask(plan.belong_fp, plan.loaded.dims, plan.keep)
-    sizes = {m: [len(c) for c, _w in by_model[m]] for m in curves_of
+    sizes = {m: [len(c) for c, _w in by_model[m]] for m in by_model
              if all(w for _c, w in by_model[m])}
+
+    def projected_curves() -> dict[str, list[np.ndarray]]:
+        """What the kernel tests read: whole rows projected here, projected ones as stored."""
+        return {m: [bt.project(c) if w else c.astype(np.float64) for c, w in by_model[m]]
+                for m in by_model}
 
     def whole() -> dict[str, list[np.ndarray]]:
         return {m: [np.asarray(c[:, mask], dtype=np.float64) for c, _w in by_model[m]]
@@ -697,7 +702,7 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
 
     wants = "probe" in (defaults.BELONG_ORDER, defaults.BELONG_KIND)
     att = (_attributor(plan, sizes, whole, family, seed)
-           if wants and len(sizes) == len(curves_of) else None)
+           if wants and len(sizes) == len(by_model) else None)
     suspect_whole = np.asarray(suspect_rows[:, mask], dtype=np.float64)
     if defaults.BELONG_KIND == "probe" and att is not None:
         tests, calibration, record = _probe_tests(plan, att, sizes, family, suspect_whole,
@@ -710,7 +715,7 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
     else:  # a kernel test (and banks enrolled before rows were stored whole)
         kind = "mmd" if defaults.BELONG_KIND == "probe" else defaults.BELONG_KIND
         tests, calibration, record = _kernel_tests(
-            plan, curves_of, family, bt.project(suspect_rows), kind, alpha, seed,
+            plan, projected_curves(), family, bt.project(suspect_rows), kind, alpha, seed,
             probe.simulated_scores(att[1], att[0].models, sizes)
             if att is not None and defaults.BELONG_ORDER == "probe" else None,
             None if att is None else att[2]["sha256"])
@@ -736,7 +741,7 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
         note += ("; among the consistent models, the fingerprint ranking chooses"
                  + (" (the per-image attributor needs every model enrolled with whole rows: "
                     "re-enroll them)" if defaults.BELONG_ORDER == "probe"
-                    and len(curves_of) >= 2 else ""))
+                    and len(by_model) >= 2 else ""))
     if lacking:
         note += (f"; {lacking} curve(s) enrolled without per-image rows are left out of it "
                  f"(re-enroll them)")
