@@ -923,8 +923,8 @@ def test_a_cached_set_is_answered_without_torch_or_scikit_learn_and_alike(world)
     attribute(f["query_shuffle"], n_boot=0, **world["kw"])  # embeds, stores calibrations
     first = attribute(f["query_shuffle"], n_boot=0, **world["kw"])
     stored = sorted(p.name for p in (world["bank"].path / "calibration").iterdir())
-    assert {n.split("-")[0] for n in stored} == {"confidence", "belonging", "vectors",
-                                                 "attributor"}
+    assert {n.rsplit("-", 1)[0] for n in stored} == {"confidence", "belonging", "vectors",
+                                                     "attributor", "image-rows"}
     code = (
         "import json, sys, forensics\n"
         f"a = forensics.attribute({str(f['query_shuffle'])!r}, bank={str(world['bank'].path)!r},"

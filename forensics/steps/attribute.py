@@ -466,11 +466,6 @@ def _prepare_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             if name not in ("folder", "report", "force")}
 
 
-#: Suffix of a curve's stored array of projected per-image rows (enrolled before rows were
-#: stored whole) in :meth:`_Plan.fingerprints`.
-PROJECTED = "#projected"
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What one attribution was resolved to before any image is embedded."""
@@ -498,37 +493,66 @@ class _Plan:
         return self._parsed[key]
 
     def fingerprints(self, row: dict[str, Any]) -> dict[str, Any]:
-        """What an answer reads of a curve of :attr:`rows` (its fingerprint vector and
-        per-image rows), from the bank's arrays: parsed from the rows' JSON once per bank
-        state and stored beside the bank (:meth:`CalibrationStore.get_arrays`)."""
-        from forensics.stats.belonging import ROWS_SUFFIX, packed_values, rows_key
+        """What an answer reads of a curve of :attr:`rows`: its fingerprint vector, and of
+        its per-image rows only their shape (``<rows key>#meta``: stored values, stored
+        whole), from the bank's arrays: parsed from the rows' JSON once per bank state and
+        stored beside the bank (:meth:`CalibrationStore.get_arrays`). The rows themselves
+        are read only where a test or a fit reads them (:meth:`image_rows`)."""
+        from forensics.stats.belonging import packed_values
         from forensics.steps.calibration import rows_digest
 
         if not any(r["curve_id"] == row["curve_id"] for r in self.rows):
             return self.parsed(row)
-        names = sorted({self.fp.name} | ({rows_key(self.belong_fp.name)}
-                                         if self.belong_fp is not None else set()))
+        rows_name = self._rows_name()
 
         def compute() -> dict[str, np.ndarray]:
             out = {}
             for r in self.rows:
                 fps = self.parsed(r)
-                for name in names:
-                    value = fps.get(name)
-                    if value is None:
-                        continue
-                    if not name.endswith(ROWS_SUFFIX):
-                        out[f"{r['curve_id']}::{name}"] = np.asarray(value, np.float64)
-                    else:  # float16, as the bank's values are; projected ones apart
-                        out[f"{r['curve_id']}::{name}"
-                            + ("" if isinstance(value, str) else PROJECTED)] = \
-                            packed_values(value)
+                if fps.get(self.fp.name) is not None:
+                    out[f"{r['curve_id']}::{self.fp.name}"] = np.asarray(fps[self.fp.name],
+                                                                         np.float64)
+                value = fps.get(rows_name) if rows_name else None
+                if value is not None:
+                    n = len(value) if isinstance(value, list) else packed_values(value).size
+                    out[f"{r['curve_id']}::{rows_name}{META}"] = np.array(
+                        [n, int(isinstance(value, str))], dtype=np.int64)
             return out
 
+        names = [self.fp.name] + ([rows_name] if rows_name else [])
         arrays = self.store.get_arrays("vectors", {"rows": rows_digest(self.rows),
-                                                   "names": names}, compute)
+                                                   "names": names, "meta": META}, compute)
         prefix = f"{row['curve_id']}::"
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    def _rows_name(self) -> str | None:
+        from forensics.stats.belonging import rows_key
+
+        return rows_key(self.belong_fp.name) if self.belong_fp is not None else None
+
+    def image_rows(self, row: dict[str, Any]) -> np.ndarray:
+        """The curve's stored per-image rows, flat float16 values as stored (from the bank's
+        arrays, parsed once per bank state like :meth:`fingerprints`)."""
+        from forensics.stats.belonging import packed_values
+        from forensics.steps.calibration import rows_digest
+
+        rows_name = self._rows_name()
+
+        def compute() -> dict[str, np.ndarray]:
+            out = {}
+            for r in self.rows:
+                value = self.parsed(r).get(rows_name) if rows_name else None
+                if value is not None:
+                    out[r["curve_id"]] = packed_values(value)
+            return out
+
+        arrays = self.store.get_arrays("image-rows", {"rows": rows_digest(self.rows),
+                                                      "name": rows_name}, compute)
+        return arrays[row["curve_id"]]
+
+
+#: Suffix of a curve's stored shape of its per-image rows in :meth:`_Plan.fingerprints`.
+META = "#meta"
 
 
 @dataclasses.dataclass
@@ -668,36 +692,37 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
                                   f"no belonging test (rebuild the baseline to enable it)"), [])
     key = bt.rows_key(plan.belong_fp.name)
     width = suspect_rows.shape[1]
-    # each curve's stored rows, float16 as stored (converted only where read): stored whole
-    # (every entry), or projected (enrolled before rows were stored whole)
-    by_model: dict[str, list[tuple[np.ndarray, bool]]] = {}
+    # each curve's stored rows: their shape now, their values (float16 as stored) only where
+    # a test or a fit reads them; stored whole (every entry), or projected (enrolled before
+    # rows were stored whole)
+    by_model: dict[str, list[tuple[dict[str, Any], bool]]] = {}
     family: dict[str, str] = {}
     lacking = 0
     for r in plan.rows:
         family.setdefault(r["model"], r["family"])
-        fps = plan.fingerprints(r)
         by_model.setdefault(r["model"], [])
-        is_whole = key in fps and not isinstance(fps[key], list)
-        stored = fps.get(key) if is_whole else fps.get(key + PROJECTED, fps.get(key))
-        if stored is None:
+        meta = plan.fingerprints(r).get(key + META)
+        if meta is None:
             lacking += 1
             continue
-        flat = bt.packed_values(stored) if isinstance(stored, (str, list)) else stored
-        n_img = int(r["n_images"])
-        if flat.size == n_img * (width if is_whole else bt.DIM):
-            by_model[r["model"]].append((flat.reshape(n_img, -1), is_whole))
+        n_values, is_whole = int(meta[0]), bool(meta[1])
+        if n_values == int(r["n_images"]) * (width if is_whole else bt.DIM):
+            by_model[r["model"]].append((r, is_whole))
     by_model = {m: c for m, c in sorted(by_model.items()) if c}
     mask = fpmod.entry_mask(plan.belong_fp, plan.loaded.dims, plan.keep)
-    sizes = {m: [len(c) for c, _w in by_model[m]] for m in by_model
-             if all(w for _c, w in by_model[m])}
+    sizes = {m: [int(r["n_images"]) for r, _w in by_model[m]] for m in by_model
+             if all(w for _r, w in by_model[m])}
+
+    def stored(r: dict[str, Any]) -> np.ndarray:
+        return plan.image_rows(r).reshape(int(r["n_images"]), -1)
 
     def projected_curves() -> dict[str, list[np.ndarray]]:
         """What the kernel tests read: whole rows projected here, projected ones as stored."""
-        return {m: [bt.project(c) if w else c.astype(np.float64) for c, w in by_model[m]]
-                for m in by_model}
+        return {m: [bt.project(stored(r)) if w else stored(r).astype(np.float64)
+                    for r, w in by_model[m]] for m in by_model}
 
     def whole() -> dict[str, list[np.ndarray]]:
-        return {m: [np.asarray(c[:, mask], dtype=np.float64) for c, _w in by_model[m]]
+        return {m: [np.asarray(stored(r)[:, mask], dtype=np.float64) for r, _w in by_model[m]]
                 for m in sizes}
 
     wants = "probe" in (defaults.BELONG_ORDER, defaults.BELONG_KIND)
