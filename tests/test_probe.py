@@ -165,3 +165,19 @@ def test_stored_arrays_give_the_fit_and_the_held_out_scores():
     assert back.calibrate(12, 0.05, max_models=2) == pb.calibrate(12, 0.05, max_models=2)
     with pytest.raises(InputError, match="lacks a refit"):
         back.left_out(rest)
+
+
+def test_models_told_apart_almost_surely_still_pass_their_own_new_sets():
+    """Without the cap, nulls within 1e-5 of 0 reject a new set scored 0.9998 per image."""
+    rng = np.random.default_rng(9)
+    models, fam, centres = _bank(rng, k=3, sep=12.0)
+    pb = probe.ProbeBank(models, fam)
+    assert all(abs(np.median(pb.null(k, 20))) < 0.011 for k in pb.sizes)
+    for i in range(3):
+        x = rng.standard_normal((20, 6)) * 1.3 + centres[i]  # a little wider than enrolled
+        t = {b.model: b for b in pb.tests(x, 0.05)}
+        assert t[f"m{i}"].consistent, t[f"m{i}"]
+        assert t[f"m{i}"].statistic == pytest.approx(probe.CEILING, abs=0.05)
+    np.testing.assert_array_equal(probe.statistic(np.log([[0.999, 0.5], [0.2, 0.995]])),
+                                  [(probe.CEILING + np.log(0.2)) / 2,
+                                   (np.log(0.5) + probe.CEILING) / 2])
