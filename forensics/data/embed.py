@@ -411,13 +411,7 @@ class EmbeddingCache:
                 if not np.isfinite(a).all():
                     raise ValueError(f"layer {i} holds NaN or infinite values")
                 layers.append(a)
-        dims = [int(a.shape[1]) for a in layers]
-        if self._dims is None:
-            self._dims = self._recorded_dims() or dims
-        if dims != self._dims:
-            raise ValueError(f"its embedding sizes {dims} differ from the recorded "
-                             f"{self._dims}")
-        return layers
+        return self._same_dims(layers)
 
     def _read_chunk(self, chunk: Path) -> list[np.ndarray]:
         """Every layer of one chunk, checked against its hashes and the other chunks."""
@@ -430,6 +424,11 @@ class EmbeddingCache:
                                  f"({rows}, D) floats")
             if not np.isfinite(a).all():
                 raise ValueError(f"layer {i} holds NaN or infinite values")
+        return self._same_dims(layers)
+
+    def _same_dims(self, layers: list[np.ndarray]) -> list[np.ndarray]:
+        """``layers``, once their embedding sizes are checked against the other chunks'
+        (the sizes recorded by the first write, or those of the first chunk read)."""
         dims = [int(a.shape[1]) for a in layers]
         if self._dims is None:
             self._dims = self._recorded_dims() or dims
