@@ -527,6 +527,13 @@ def _f(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _row(label: str, method: str, f: dict) -> str:
+    """One line of the per-set table: a set (or ``pooled``), a method, its figures."""
+    return (f"| {label} | {method} | {f['n']} | {_f(f['named_right'])} | "
+            f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | {f['balanced']:.3f} | "
+            f"{_conf(f)} | {_f(f.get('wrong_above_half'))} | {_f(f.get('ece'))} |")
+
+
 def _conf(f: dict) -> str:
     """The share of answers with a confidence ("-": the method gives none)."""
     return "-" if not f.get("with_confidence") else f"{f['with_confidence']:.2f}"
@@ -549,21 +556,26 @@ def tables(answers: list[dict], methods: list[str], conf_key: str = "confidence"
             f = figures(sel, conf_key)
             per[(s, m)] = f
             worst[m] = min(worst.get(m, 1.0), f["balanced"])
-            lines.append(f"| {s} | {m} | {f['n']} | {_f(f['named_right'])} | "
-                         f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | "
-                         f"{f['balanced']:.3f} | {_conf(f)} | "
-                         f"{_f(f.get('wrong_above_half'))} | {_f(f.get('ece'))} |")
+            lines.append(_row(s, m, f))
     pooled: dict[str, dict] = {}
     for m in methods:  # the three sets pooled (MNIST once: its 128-image curves)
         sel = [a for a in answers if a["method"] == m and _in(a, POOLED)]
         if not sel:
             continue
         f = pooled[m] = figures(sel, conf_key)
-        lines.append(f"| pooled | {m} | {f['n']} | {_f(f['named_right'])} | "
-                     f"{_f(f['genuine_unknown'])} | {_f(f['unknown_right'])} | "
-                     f"{f['balanced']:.3f} | {_conf(f)} | "
-                     f"{_f(f.get('wrong_above_half'))} | {_f(f.get('ece'))} |")
+        lines.append(_row("pooled", m, f))
     return lines, {"worst": worst, "per": per, "pooled": pooled}
+
+
+def _by_condition(answers: list[dict], method: str):
+    """The method's answers of each set and condition, ``(set, condition, answers)``, in
+    the tables' order (empty ones left out)."""
+    for s, prefixes in SETS.items():
+        for cond in ("new latents", "another run", "another code base"):
+            sel = [a for a in answers if a["method"] == method and _in(a, prefixes)
+                   and a["cond"] == cond]
+            if sel:
+                yield s, cond, sel
 
 
 def condition_table(answers: list[dict], method: str) -> list[str]:
@@ -573,23 +585,18 @@ def condition_table(answers: list[dict], method: str) -> list[str]:
 
     lines = ["| set | condition | answers | right | with a confidence | mean confidence | "
              "wrong above 0.5 | ECE |", "|---|---|---|---|---|---|---|---|"]
-    for s, prefixes in SETS.items():
-        for cond in ("new latents", "another run", "another code base"):
-            sel = [a for a in answers if a["method"] == method and _in(a, prefixes)
-                   and a["cond"] == cond]
-            if not sel:
-                continue
-            withc = [a for a in sel if a["confidence"] is not None]
-            y = np.asarray([a["right"] for a in withc], dtype=bool)
-            c = np.asarray([a["confidence"] for a in withc], dtype=np.float64)
-            right = np.mean([a["right"] for a in sel])
-            if withc:
-                tail = (f"{c.mean():.3f} | {np.sum(~y & (c > 0.5)) / len(sel):.3f} | "
-                        f"{expected_calibration_error(c, y):.3f}")
-            else:
-                tail = "- | - | -"
-            lines.append(f"| {s} | {cond} | {len(sel)} | {right:.3f} | "
-                         f"{len(withc) / len(sel):.2f} | {tail} |")
+    for s, cond, sel in _by_condition(answers, method):
+        withc = [a for a in sel if a["confidence"] is not None]
+        y = np.asarray([a["right"] for a in withc], dtype=bool)
+        c = np.asarray([a["confidence"] for a in withc], dtype=np.float64)
+        right = np.mean([a["right"] for a in sel])
+        if withc:
+            tail = (f"{c.mean():.3f} | {np.sum(~y & (c > 0.5)) / len(sel):.3f} | "
+                    f"{expected_calibration_error(c, y):.3f}")
+        else:
+            tail = "- | - | -"
+        lines.append(f"| {s} | {cond} | {len(sel)} | {right:.3f} | "
+                     f"{len(withc) / len(sel):.2f} | {tail} |")
     return lines
 
 
@@ -598,23 +605,18 @@ def size_table(answers: list[dict], method: str) -> list[str]:
     sizes = sorted({a["n"] for a in answers if a["method"] == method})
     lines = ["| set | condition | " + " | ".join(str(n) for n in sizes) + " |",
              "|---|---" + "|---" * len(sizes) + "|"]
-    for s, prefixes in SETS.items():
-        for cond in ("new latents", "another run", "another code base"):
-            sel = [a for a in answers if a["method"] == method and _in(a, prefixes)
-                   and a["cond"] == cond]
-            if not sel:
-                continue
-            cells = []
-            for n in sizes:
-                at = [a for a in sel if a["n"] == n]
-                if not at:
-                    cells.append("-")
-                elif cond == "new latents":
-                    cells.append(f"{np.mean([a['right'] for a in at]):.2f} / "
-                                 f"{np.mean([a['unknown'] for a in at]):.2f}")
-                else:
-                    cells.append(f"{np.mean([a['unknown'] for a in at]):.2f}")
-            lines.append(f"| {s} | {cond} | " + " | ".join(cells) + " |")
+    for s, cond, sel in _by_condition(answers, method):
+        cells = []
+        for n in sizes:
+            at = [a for a in sel if a["n"] == n]
+            if not at:
+                cells.append("-")
+            elif cond == "new latents":
+                cells.append(f"{np.mean([a['right'] for a in at]):.2f} / "
+                             f"{np.mean([a['unknown'] for a in at]):.2f}")
+            else:
+                cells.append(f"{np.mean([a['unknown'] for a in at]):.2f}")
+        lines.append(f"| {s} | {cond} | " + " | ".join(cells) + " |")
     return lines
 
 
