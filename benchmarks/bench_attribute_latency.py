@@ -40,7 +40,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -141,12 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="work folder (kept: a second run reuses its bank and cache)")
     ap.add_argument("--repeat", type=int, default=5, help="runs of each timed command")
     args = ap.parse_args(argv)
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="fp-bench-latency-")
-        args.workdir = Path(tmp.name)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = B.work_folder(args.workdir, "fp-bench-latency-")
     bank, suspect, sets, cache = setup(work)
     fp = [str(Path(sys.executable).with_name("fp"))]
     # fp's cache root: its embeddings are the setup's cache

@@ -302,6 +302,19 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 # -- the run ---------------------------------------------------------------------------------
 
 
+
+def work_folder(workdir: Path | None, prefix: str):
+    """The benchmark's work folder, created: ``workdir`` (kept), or a temporary one removed
+    with the returned ``TemporaryDirectory`` (None for a given folder)."""
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        workdir = Path(tmp.name)
+    work = workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    return work, tmp
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=None,
@@ -321,12 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.boot, args.redraw_step, args.open_step = 5, 21, 1
     t_start = time.perf_counter()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="fp-bench-attr-")
-        args.workdir = Path(tmp.name)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args.workdir, "fp-bench-attr-")
 
     import forensics
     from forensics import defaults

@@ -643,7 +643,6 @@ def _kernel_tests(plan: _Plan, curves_of: dict[str, list[np.ndarray]],
               for m, c in curves_of.items()}
     tests = [bt.test(models[m], projected, name=m, family=family[m], alpha=alpha,
                      kind=kind, seed=seed, null_values=nulls[m]) for m in sorted(models)]
-    tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
     return tests, calibration, record
 
 
@@ -671,7 +670,6 @@ def _probe_tests(plan: _Plan, att: tuple[Any, dict[str, np.ndarray], dict[str, A
         "belonging", parts, compute, lambda c: {"answer": c.to_dict()},
         lambda d: AnswerConfidence.from_dict(d["answer"]))
     tests = pb.tests(x, alpha)
-    tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
     return tests, calibration, record
 
 
@@ -748,6 +746,8 @@ def _belonging(plan: _Plan, suspect_rows: np.ndarray | None, alpha: float,
                 f"{plan.belong_fp.name} per-image rows against each enrolled model's, null "
                 f"from its own curves (leave-one-curve-out) at the suspect's size, level "
                 f"{alpha:g}")
+    # highest p first, whichever test gave them
+    tests.sort(key=lambda t: (-(t.p_value if t.p_value is not None else -1.0), t.model))
     order = attributor = None
     records = [record]
     if att is not None:
