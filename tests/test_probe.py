@@ -178,6 +178,7 @@ def test_models_told_apart_almost_surely_still_pass_their_own_new_sets():
         t = {b.model: b for b in pb.tests(x, 0.05)}
         assert t[f"m{i}"].consistent, t[f"m{i}"]
         assert t[f"m{i}"].statistic == pytest.approx(probe.CEILING, abs=0.05)
-    np.testing.assert_array_equal(probe.statistic(np.log([[0.999, 0.5], [0.2, 0.995]])),
-                                  [(probe.CEILING + np.log(0.2)) / 2,
-                                   (np.log(0.5) + probe.CEILING) / 2])
+    # the logs taken once, so that no other log routine's last bit enters the comparison
+    lp = np.log(np.array([[0.999, 0.5], [0.2, 0.995]]))
+    np.testing.assert_array_equal(probe.statistic(lp), [(probe.CEILING + lp[1, 0]) / 2,
+                                                        (lp[0, 1] + probe.CEILING) / 2])
