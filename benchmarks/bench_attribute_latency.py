@@ -52,8 +52,8 @@ TARGET_RSS_MB = 400
 TARGET_SETS_S = 30.0
 N_SETS = 100
 SET_SIZE = 64
-#: What a bank built by an earlier version lacks is rebuilt (curves storing whole rows).
-BANK_FORMAT = "whole rows"
+#: What a bank built by an earlier version lacks is rebuilt (curves whose rows are files).
+BANK_FORMAT = "rows files"
 
 
 def log(msg: str) -> None:

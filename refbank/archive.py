@@ -20,6 +20,8 @@ from refbank.hashing import file_sha256
 
 SUMS = "SHA256SUMS"
 _MEMBERS = ("bank.json", "curves.parquet", "baselines.parquet", "log.jsonl")
+#: Folders of the bank exported whole: the baselines' engine files, the curves' image rows.
+_FOLDERS = ("baselines", "rows")
 
 
 def _mode(target: Path, write: bool) -> str:
@@ -31,12 +33,13 @@ def _mode(target: Path, write: bool) -> str:
 
 def _bank_files(folder: Path) -> list[str]:
     names = [n for n in _MEMBERS if (folder / n).is_file()]
-    base = folder / "baselines"
-    if base.is_dir():
-        for p in sorted(base.rglob("*")):
-            rel = p.relative_to(folder)
-            if p.is_file() and not rel.parts[1].startswith(store.TMP_PREFIX):
-                names.append(rel.as_posix())
+    for sub in _FOLDERS:
+        base = folder / sub
+        if base.is_dir():
+            for p in sorted(base.rglob("*")):
+                rel = p.relative_to(folder)
+                if p.is_file() and not rel.parts[1].startswith(store.TMP_PREFIX):
+                    names.append(rel.as_posix())
     return names
 
 

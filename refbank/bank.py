@@ -23,12 +23,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from forensics.errors import BankError, InputError
 from forensics.jsonable import jsonable
 from refbank import log, store
-from refbank.hashing import canonical_json, file_hashes, listing_sha256, row_hash, tree_sha256
+from refbank.hashing import (
+    canonical_json,
+    file_hashes,
+    file_sha256,
+    listing_sha256,
+    row_hash,
+    tree_sha256,
+)
 from refbank.schema import (
     BASELINES_SCHEMA,
     CURVES_SCHEMA,
@@ -45,8 +53,18 @@ LOG_NAME = log.LOG_FILE
 BASELINES_DIR = "baselines"
 FORMAT = "fp reference bank"
 #: Prefix of a fingerprint value that is packed per-image rows (float16 bytes in base64;
-#: written by ``forensics.stats.belonging.pack_rows``), not a vector of numbers.
+#: written by ``forensics.stats.belonging.pack_rows``), not a vector of numbers. The bank
+#: stores such rows in a file of its own (:data:`ROWS_DIR`) and keeps a reference
+#: (:data:`ROWS_REF_PREFIX`) in the row.
 PACKED_PREFIX = "float16le-base64:"
+#: Folder of the curves' per-image rows: one file per curve, its float16 little-endian bytes,
+#: named by their SHA-256 (``rows/<sha256>.f16``).
+ROWS_DIR = "rows"
+ROWS_EXT = ".f16"
+#: Prefix of a fingerprint value that names such a file by its SHA-256; the row's hash
+#: covers the reference, the reference fixes the file's content.
+ROWS_REF_PREFIX = "float16le-sha256:"
+_ROWS_REF_RE = re.compile(r"^float16le-sha256:[0-9a-f]{64}$")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -420,6 +438,8 @@ class Bank:
             baselines = {b["baseline_id"]: b for b in self.baselines()}
             taken = set(current.column("curve_id").to_pylist())
             for row in prepared:
+                self._store_rows(row)
+            for row in prepared:
                 if row.get("curve_id") is None:
                     row["curve_id"] = _fresh_id("c_", taken)
                 elif row["curve_id"] in taken:
@@ -531,6 +551,7 @@ class Bank:
             base_table = self.baselines_table()
             self._log("remove_curves", (current, base_table), (table, base_table))
             store.write_table(table, self.path / CURVES_FILE)
+            self._prune_rows(table)
         return wanted
 
     def add_baseline(self, row: dict[str, Any],
@@ -633,6 +654,7 @@ class Bank:
             if n:
                 store.write_table(kept_curves, self.path / CURVES_FILE)
             store.write_table(kept, self.path / BASELINES_FILE)
+            self._prune_rows(kept_curves)
             folder = self.baseline_dir(bid)
             if folder.exists():
                 trash = store.temp_path(folder.parent, bid)
@@ -676,6 +698,14 @@ class Bank:
             if row["baseline_id"] not in known:
                 add(Problem("curves", row["curve_id"],
                             f"its baseline {row['baseline_id']!r} is not in the bank"))
+        referenced: set[str] = set()
+        for row in curves:
+            for name, ref in _rows_refs(row):
+                path = self.rows_path(ref)
+                referenced.add(path.name)
+                problem = _rows_file_problem(path, ref)
+                if problem is not None:
+                    add(Problem("curves", row["curve_id"], f"fingerprint {name!r}: {problem}"))
         names: set[str] = set()
         report.problems.extend(modified_rows("baselines", baselines))
         for row in baselines:
@@ -710,7 +740,107 @@ class Bank:
                 if d.is_dir() and not d.name.startswith(store.TMP_PREFIX) and d.name not in known:
                     report.warnings.append(f"folder {BASELINES_DIR}/{d.name} belongs to no "
                                            f"baseline row (safe to delete)")
+        rows_root = self.path / ROWS_DIR
+        if rows_root.is_dir():
+            for p in sorted(rows_root.iterdir()):
+                if p.name not in referenced and not p.name.startswith(store.TMP_PREFIX):
+                    report.warnings.append(f"file {ROWS_DIR}/{p.name} belongs to no curve "
+                                           f"(safe to delete)")
         return report
+
+    # -- per-image rows ---------------------------------------------------------------
+
+    def rows_path(self, ref: str) -> Path:
+        """The file a rows reference (:data:`ROWS_REF_PREFIX`) names.
+
+        Raises:
+            InputError: ``ref`` is not such a reference.
+        """
+        if not isinstance(ref, str) or not _ROWS_REF_RE.match(ref):
+            raise InputError(f"{str(ref)[:40]!r} is not a reference to stored rows "
+                             f"({ROWS_REF_PREFIX}<sha256>)")
+        return self.path / ROWS_DIR / f"{ref[len(ROWS_REF_PREFIX):]}{ROWS_EXT}"
+
+    def rows_size(self, value: str) -> int:
+        """How many float16 values a curve's stored rows hold (a reference: from its
+        file's size, without reading it; packed rows in the row itself: decoded).
+
+        Raises:
+            BankError: the file is missing.
+        """
+        if value.startswith(PACKED_PREFIX):
+            return len(decode_packed(value)) // 2
+        path = self.rows_path(value)
+        try:
+            return path.stat().st_size // 2
+        except OSError:
+            raise BankError(_rows_missing(path)) from None
+
+    def read_rows(self, value: str) -> np.ndarray:
+        """A curve's stored per-image rows, their flat float16 values, from its file (whose
+        SHA-256 is checked on every read) or from packed rows in the row itself.
+
+        Raises:
+            BankError: the file is missing, or is not the one the row names (changed).
+        """
+        if value.startswith(PACKED_PREFIX):
+            return np.frombuffer(decode_packed(value), dtype="<f2").astype(np.float16)
+        path = self.rows_path(value)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise BankError(_rows_missing(path)) from None
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() != value[len(ROWS_REF_PREFIX):] or len(data) % 2:
+            raise BankError(f"the per-image rows file {path} was changed: its SHA-256 is not "
+                            f"the one its curve names; nothing read from it. Run fp bank "
+                            f"verify, then restore the bank from an export or enroll the "
+                            f"curve again")
+        return np.frombuffer(data, dtype="<f2").astype(np.float16)
+
+    def _store_rows(self, row: dict[str, Any]) -> None:
+        """Move the packed rows of a prepared curve row into files of their own (under the
+        lock), leaving references in its fingerprints; a reference given must name a file
+        the bank holds."""
+        fps = json.loads(row["fingerprints_json"])
+        changed = False
+        for name, value in fps.items():
+            if not isinstance(value, str):
+                continue
+            if value.startswith(PACKED_PREFIX):
+                fps[name] = self._write_rows(decode_packed(value, f"fingerprint {name!r}"))
+                changed = True
+            else:
+                problem = _rows_file_problem(self.rows_path(value), value)
+                if problem is not None:
+                    raise BankError(f"curve of model {row['model']!r}, fingerprint {name!r}: "
+                                    f"{problem}; give the rows themselves (packed)")
+        if changed:
+            row["fingerprints_json"] = canonical_json(fps)
+
+    def _write_rows(self, data: bytes) -> str:
+        """Store rows' bytes as ``rows/<sha256>.f16`` (kept if already there, whole) and
+        return their reference."""
+        import hashlib
+
+        ref = ROWS_REF_PREFIX + hashlib.sha256(data).hexdigest()
+        path = self.rows_path(ref)
+        if _rows_file_problem(path, ref) is not None:
+            store.write_bytes(data, path)
+        return ref
+
+    def _prune_rows(self, curves: pa.Table) -> None:
+        """Delete the rows files no curve of ``curves`` names any more (under the lock)."""
+        root = self.path / ROWS_DIR
+        if not root.is_dir():
+            return
+        named = {self.rows_path(ref).name
+                 for row in curves.select(["fingerprints_json"]).to_pylist()
+                 for _name, ref in _rows_refs(row)}
+        for p in root.iterdir():
+            if p.name not in named and not p.name.startswith(store.TMP_PREFIX):
+                p.unlink(missing_ok=True)
 
     def baseline_files(self, row: dict[str, Any]) -> tuple[dict[str, str], Problem | None]:
         """The SHA-256 of each file of a baseline, and the problem if they do not add up
@@ -814,7 +944,11 @@ class Bank:
                 report.skipped_curves.append(cid)
             else:
                 new_c.append(row)
-        for row in new_b:  # files first: a row never points at a missing folder
+        for row in new_c:  # files first: a row never points at a missing file
+            for _name, ref in _rows_refs(row):
+                if _rows_file_problem(self.rows_path(ref), ref) is not None:
+                    store.write_bytes(incoming.rows_path(ref).read_bytes(), self.rows_path(ref))
+        for row in new_b:
             target = self.baseline_dir(row["baseline_id"])
             if target.exists():
                 shutil.rmtree(target)
@@ -1098,9 +1232,10 @@ def _fingerprints(value: Any, what: str) -> dict[str, Any]:
         if not isinstance(name, str) or not name:
             raise InputError(f"{what} fingerprint names must be non-empty strings")
         if isinstance(vec, str):  # packed per-image rows (forensics.stats.belonging)
-            if not vec.startswith(PACKED_PREFIX):
+            if not (vec.startswith(PACKED_PREFIX) or _ROWS_REF_RE.match(vec)):
                 raise InputError(f"{what} fingerprint {name!r}: a string value must be packed "
-                                 f"rows ({PACKED_PREFIX}...)")
+                                 f"rows ({PACKED_PREFIX}...) or a reference to stored rows "
+                                 f"({ROWS_REF_PREFIX}<sha256>)")
             out[name] = vec
             continue
         try:
@@ -1108,6 +1243,50 @@ def _fingerprints(value: Any, what: str) -> dict[str, Any]:
         except (TypeError, ValueError):
             raise InputError(f"{what} fingerprint {name!r} must be a vector of numbers") from None
     return out
+
+
+def decode_packed(value: str, what: str = "stored per-image rows") -> bytes:
+    """The float16 bytes of packed rows (:data:`PACKED_PREFIX`).
+
+    Raises:
+        InputError: not packed rows, not base64, or an odd number of bytes.
+    """
+    if not value.startswith(PACKED_PREFIX):
+        raise InputError(f"{what} must start with {PACKED_PREFIX!r}; run fp bank verify")
+    import base64
+
+    try:
+        raw = base64.b64decode(value[len(PACKED_PREFIX):].encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise InputError(f"{what} are not valid base64; run fp bank verify") from None
+    if len(raw) % 2:
+        raise InputError(f"{what} have an odd number of bytes; run fp bank verify")
+    return raw
+
+
+def _rows_refs(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(fingerprint name, reference)`` of each rows file a curve row names (none where
+    its ``fingerprints_json`` is unreadable: :meth:`Bank.verify` reports that row)."""
+    try:
+        data = json.loads(row.get("fingerprints_json") or "{}")
+    except ValueError:
+        return []
+    return [(str(k), v) for k, v in data.items() if isinstance(v, str) and _ROWS_REF_RE.match(v)] \
+        if isinstance(data, dict) else []
+
+
+def _rows_missing(path: Path) -> str:
+    return (f"the per-image rows file {path} is missing; run fp bank verify, then restore "
+            f"the bank from an export (fp bank import) or enroll the curve again")
+
+
+def _rows_file_problem(path: Path, ref: str) -> str | None:
+    """Why the rows file at ``path`` is not the one ``ref`` names (None: it is)."""
+    if not path.is_file():
+        return f"its rows file {ROWS_DIR}/{path.name} is missing"
+    if file_sha256(path) != ref[len(ROWS_REF_PREFIX):]:
+        return f"its rows file {ROWS_DIR}/{path.name} was changed"
+    return None
 
 
 def curve_params(row: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
@@ -1133,7 +1312,9 @@ def curve_fingerprints(row: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint vectors stored with a curve row (``{}`` when none).
 
     Non-finite values, stored as ``"NaN"``/``"Infinity"`` in the canonical JSON, come back
-    as floats; packed per-image rows (a string, :data:`PACKED_PREFIX`) come back as stored.
+    as floats; per-image rows (a string: a reference to their file, :data:`ROWS_REF_PREFIX`,
+    or packed rows, :data:`PACKED_PREFIX`) come back as stored (read them with
+    :meth:`Bank.read_rows`).
     """
     text = row.get("fingerprints_json") or "{}"
     try:

@@ -167,7 +167,7 @@ def probe_writable(folder: Path) -> str | None:
 
 def sweep_temp_files(folder: Path) -> None:
     """Remove temporary files and folders a killed writer left (call under the lock)."""
-    for place in (folder, folder / "baselines"):
+    for place in (folder, folder / "baselines", folder / "rows"):
         if not place.is_dir():
             continue
         for p in place.glob(TMP_PREFIX + "*"):
@@ -219,6 +219,29 @@ def write_table(table: pa.Table, target: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(target, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_bytes(data: bytes, target: Path) -> None:
+    """Write a file's bytes atomically (temp file, fsync, rename, fsync folder).
+
+    Raises:
+        BankError: the write failed; nothing is left at ``target`` that was not there.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target.parent, target.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         _commit(tmp, target)

@@ -272,11 +272,15 @@ def test_enroll_splits_in_manifest_order_drops_the_remainder_and_stores_fingerpr
                                "resid-early", "resid-early#rows", "resid-early#var",
                                "setstats"]
         assert fps["paper"] == r["values"]  # JSON floats round-trip exactly
-        # the per-image rows: every entry, float16, packed; the curve's vector their mean
-        from forensics.stats.belonging import PACKED, unpack_rows
+        # the per-image rows: every entry, float16, in a file of their own named by its
+        # SHA-256; the curve's vector their mean
+        from refbank.bank import ROWS_REF_PREFIX
 
-        assert fps["resid-early#rows"].startswith(PACKED)
-        rows_ = unpack_rows(fps["resid-early#rows"], r["n_images"])
+        ref = fps["resid-early#rows"]
+        assert ref.startswith(ROWS_REF_PREFIX)
+        path = bank.rows_path(ref)
+        assert path.parent.name == "rows" and path.stat().st_size == 2 * N * len(fps["resid-early"])
+        rows_ = bank.read_rows(ref).astype(np.float64).reshape(r["n_images"], -1)
         vec = np.asarray(fps["resid-early"])
         assert rows_.shape == (N, vec.size)
         np.testing.assert_array_equal(rows_, rows_.astype(np.float16).astype(np.float64))
@@ -386,7 +390,7 @@ def test_the_mmd_test_decides_when_chosen_and_the_attributor_orders(world, monke
 def test_a_bank_enrolled_before_rows_were_stored_whole_is_still_tested(world, tmp_path):
     """Curves that store 32 projected entries as decimals (as fp stored them before) are
     tested by the MMD test on them, and the fingerprint ranking chooses among them."""
-    from forensics.stats.belonging import project, unpack_rows
+    from forensics.stats.belonging import project
     from refbank.bank import curve_fingerprints, curve_params
 
     bank = tmp_path / "bank"
@@ -397,13 +401,14 @@ def test_a_bank_enrolled_before_rows_were_stored_whole_is_still_tested(world, tm
     rows = []
     for r in old:
         fps = curve_fingerprints(r)
-        whole = unpack_rows(fps["resid-early#rows"], r["n_images"])
+        whole = b.read_rows(fps["resid-early#rows"]).reshape(r["n_images"], -1)
         fps["resid-early#rows"] = [float(str(h)) for h in
                                    project(whole).astype(np.float16).ravel()]
         row = {k: v for k, v in r.items() if k not in (
             "curve_id", "row_sha256", "params_json", "fingerprints_json", "created")}
         rows.append({**row, "params": curve_params(r), "fingerprints": fps})
     b.remove_curves([r["curve_id"] for r in old])
+    assert not list((bank / "rows").iterdir())  # no curve names the rows files any more
     b.add_curves(rows)
     a = forensics.attribute(world["folders"]["query_noise"], n_boot=0,
                             **{**world["kw"], "bank": Bank(bank)})
@@ -924,7 +929,7 @@ def test_a_cached_set_is_answered_without_torch_or_scikit_learn_and_alike(world)
     first = attribute(f["query_shuffle"], n_boot=0, **world["kw"])
     stored = sorted(p.name for p in (world["bank"].path / "calibration").iterdir())
     assert {n.rsplit("-", 1)[0] for n in stored} == {"confidence", "belonging", "vectors",
-                                                     "attributor", "image-rows"}
+                                                     "attributor"}
     code = (
         "import json, sys, forensics\n"
         f"a = forensics.attribute({str(f['query_shuffle'])!r}, bank={str(world['bank'].path)!r},"

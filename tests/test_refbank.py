@@ -88,16 +88,93 @@ def test_add_and_read_back_every_field(bank, bid):
     assert set(row) == {c[0] for c in CURVE_COLUMNS}
 
 
-def test_packed_rows_are_stored_as_given_and_other_strings_refused(bank, bid):
-    from refbank.bank import PACKED_PREFIX, curve_fingerprints
+def _packed(values) -> str:
+    import base64
 
-    packed = PACKED_PREFIX + "AAA8AA=="
-    bank.add_curves([curve_row(bid, fingerprints={"v": [1.0, 2.0], "v#rows": packed})])
+    from refbank.bank import PACKED_PREFIX
+
+    raw = np.asarray(values, dtype="<f2").tobytes()
+    return PACKED_PREFIX + base64.b64encode(raw).decode("ascii")
+
+
+def test_packed_rows_go_to_a_file_named_by_their_hash_and_the_row_keeps_the_reference(
+        bank, bid):
+    from refbank.bank import ROWS_REF_PREFIX, curve_fingerprints
+
+    values = np.arange(12, dtype=np.float16) / 8
+    bank.add_curves([curve_row(bid, fingerprints={"v": [1.0, 2.0], "v#rows": _packed(values)})])
     [row] = bank.curves()
-    assert curve_fingerprints(row) == {"v": [1.0, 2.0], "v#rows": packed}
-    assert row["row_sha256"] == row_hash(row)  # hashed like every field
+    ref = curve_fingerprints(row)["v#rows"]
+    digest = hashlib.sha256(values.astype("<f2").tobytes()).hexdigest()
+    assert ref == ROWS_REF_PREFIX + digest and curve_fingerprints(row)["v"] == [1.0, 2.0]
+    assert bank.rows_path(ref) == bank.path / "rows" / f"{digest}.f16"
+    assert len(row["fingerprints_json"]) < 120  # the table holds the reference, not the bytes
+    assert row["row_sha256"] == row_hash(row)  # the reference is hashed like every field
+    np.testing.assert_array_equal(bank.read_rows(ref), values)
+    assert bank.rows_size(ref) == 12
+    assert bank.verify().ok
+    # the same rows under another curve share the file; each removal keeps what is named
+    [second] = bank.add_curves([curve_row(bid, model="m2", manifest_sha256="e" * 64,
+                                          fingerprints={"v#rows": _packed(values)})])
+    assert len(list((bank.path / "rows").iterdir())) == 1
+    bank.remove_curves([row["curve_id"]])
+    np.testing.assert_array_equal(bank.read_rows(ref), values)
+    bank.remove_curves([second])
+    assert not list((bank.path / "rows").iterdir())
+
+
+def test_other_strings_and_references_to_absent_rows_are_refused(bank, bid):
+    from refbank.bank import ROWS_REF_PREFIX
+
     with pytest.raises(InputError, match="packed rows"):
         bank.add_curves([curve_row(bid, fingerprints={"v": "1, 2"})])
+    with pytest.raises(InputError, match="not valid base64"):
+        bank.add_curves([curve_row(bid, fingerprints={"v#rows": "float16le-base64:@@"})])
+    with pytest.raises(BankError, match="missing"):
+        bank.add_curves([curve_row(bid, fingerprints={"v#rows": ROWS_REF_PREFIX + "0" * 64})])
+    assert bank.curves() == [] and not (bank.path / "rows").exists()
+
+
+def test_a_changed_or_missing_rows_file_is_found_and_never_read(bank, bid):
+    from refbank.bank import curve_fingerprints
+
+    bank.add_curves([curve_row(bid, fingerprints={"v#rows": _packed([1.0, 2.0, 3.0, 4.0])})])
+    [row] = bank.curves()
+    ref = curve_fingerprints(row)["v#rows"]
+    path = bank.rows_path(ref)
+    data = path.read_bytes()
+    path.write_bytes(data[:-2] + np.float16(9).astype("<f2").tobytes())
+    report = bank.verify()
+    assert not report.ok and "was changed" in report.problems[0].problem
+    assert report.problems[0].id == row["curve_id"]
+    with pytest.raises(BankError, match="was changed"):
+        bank.read_rows(ref)
+    path.unlink()
+    assert "is missing" in bank.verify().problems[0].problem
+    with pytest.raises(BankError, match="missing"):
+        bank.read_rows(ref)
+    with pytest.raises(BankError, match="missing"):
+        bank.rows_size(ref)
+    path.write_bytes(data)
+    assert bank.verify().ok
+    (bank.path / "rows" / "stray.f16").write_bytes(b"\0\0")
+    report = bank.verify()
+    assert report.ok and any("stray.f16 belongs to no curve" in w for w in report.warnings)
+
+
+def test_rows_files_travel_with_an_export(bank, bid, tmp_path):
+    from refbank.bank import curve_fingerprints
+
+    values = np.linspace(-2, 2, 10).astype(np.float16)
+    bank.add_curves([curve_row(bid, fingerprints={"v#rows": _packed(values)})])
+    archive = bank.export(tmp_path / "a.tar")
+    with tarfile.open(archive) as tar:
+        assert any(n.startswith("rows/") and n.endswith(".f16") for n in tar.getnames())
+    other = Bank(tmp_path / "other")
+    other.import_(archive)
+    [row] = other.curves()
+    assert other.verify().ok
+    np.testing.assert_array_equal(other.read_rows(curve_fingerprints(row)["v#rows"]), values)
 
 
 def test_defaults_and_numpy_inputs(bank, bid):

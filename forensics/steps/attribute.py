@@ -498,7 +498,6 @@ class _Plan:
         whole), from the bank's arrays: parsed from the rows' JSON once per bank state and
         stored beside the bank (:meth:`CalibrationStore.get_arrays`). The rows themselves
         are read only where a test or a fit reads them (:meth:`image_rows`)."""
-        from forensics.stats.belonging import packed_values
         from forensics.steps.calibration import rows_digest
 
         if not any(r["curve_id"] == row["curve_id"] for r in self.rows):
@@ -514,7 +513,7 @@ class _Plan:
                                                                          np.float64)
                 value = fps.get(rows_name) if rows_name else None
                 if value is not None:
-                    n = len(value) if isinstance(value, list) else packed_values(value).size
+                    n = len(value) if isinstance(value, list) else self.bank.rows_size(value)
                     out[f"{r['curve_id']}::{rows_name}{META}"] = np.array(
                         [n, int(isinstance(value, str))], dtype=np.int64)
             return out
@@ -531,24 +530,15 @@ class _Plan:
         return rows_key(self.belong_fp.name) if self.belong_fp is not None else None
 
     def image_rows(self, row: dict[str, Any]) -> np.ndarray:
-        """The curve's stored per-image rows, flat float16 values as stored (from the bank's
-        arrays, parsed once per bank state like :meth:`fingerprints`)."""
-        from forensics.stats.belonging import packed_values
-        from forensics.steps.calibration import rows_digest
-
-        rows_name = self._rows_name()
-
-        def compute() -> dict[str, np.ndarray]:
-            out = {}
-            for r in self.rows:
-                value = self.parsed(r).get(rows_name) if rows_name else None
-                if value is not None:
-                    out[r["curve_id"]] = packed_values(value)
-            return out
-
-        arrays = self.store.get_arrays("image-rows", {"rows": rows_digest(self.rows),
-                                                      "name": rows_name}, compute)
-        return arrays[row["curve_id"]]
+        """The curve's stored per-image rows, flat float16 values as stored: read from the
+        bank's file of them, whose hash is checked on every read (or decimals, from banks
+        that stored 32 projected entries)."""
+        value = self.parsed(row).get(self._rows_name() or "")
+        if value is None:
+            raise BankError(f"curve {row['curve_id']!r} stores no per-image rows")
+        if isinstance(value, str):
+            return self.bank.read_rows(value)
+        return np.asarray(value, dtype=np.float16).ravel()
 
 
 #: Suffix of a curve's stored shape of its per-image rows in :meth:`_Plan.fingerprints`.
