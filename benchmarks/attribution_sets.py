@@ -818,7 +818,10 @@ def closed_readers(problem: Problem, mask: np.ndarray, reps: int = 3) -> dict[st
 #: The peers measured beside fp on every set (``peers.py``): how each reads a set.
 PEERS = ("Marra et al. 2019: mean noise residual, correlation", "mean pixels, zscore",
          "linear probe, FID-Inception pool (2048), majority vote",
-         "linear probe, EfficientNet-Lite0 stages + head (2064), majority vote")
+         "linear probe, EfficientNet-Lite0 stages + head (2064), majority vote",
+         "small CNN from scratch (grey images, 4 epochs), majority vote")
+#: The feature each peer reads, in :data:`PEERS` order (``images``: the images themselves).
+PEER_KINDS = ("marra", "pixels", "pool", "lite0", "images")
 
 
 def _grouped_features(work: Path, folder: Path, tag: str, encoder: str, cache: Path,
@@ -831,24 +834,29 @@ def _grouped_features(work: Path, folder: Path, tag: str, encoder: str, cache: P
     from forensics.data.embed import embed_folder
 
     path = work / f"peers-{tag}.npz"
+    out: dict[str, dict[str, np.ndarray]] = {}
     if path.is_file():
         with np.load(path) as z:
-            out: dict[str, dict[str, np.ndarray]] = {}
             for k in z.files:
                 kind, key = k.split("::", 1)
                 out.setdefault(kind, {})[key] = z[k]
+        if set(PEER_KINDS) <= set(out):
             return out
     emb = embed_folder(folder, encoder, cache_dir=cache, device="cpu", progress=False)
     rels = [rel for rel, *_r in emb.manifest.entries]
     images = np.stack([np.asarray(Image.open(folder / rel)) for rel in rels])
-    feats = {"pixels": peers.pixels(images), "marra": peers.noise_residuals(images),
-             "pool": np.asarray(emb.arrays[-1], dtype=np.float32),
-             "lite0": peers.Lite0Features(size=64)(images)}
+    makers = {"pixels": lambda: peers.pixels(images),
+              "marra": lambda: peers.noise_residuals(images),
+              "pool": lambda: np.asarray(emb.arrays[-1], dtype=np.float32),
+              "lite0": lambda: peers.Lite0Features(size=64)(images),
+              "images": lambda: images}
     groups: dict[str, list[int]] = {}
     for i, rel in enumerate(rels):
         groups.setdefault(group(rel), []).append(i)
-    out = {kind: {k: f[np.asarray(idx)] for k, idx in groups.items()}
-           for kind, f in feats.items()}
+    for kind in PEER_KINDS:  # only what an earlier run did not store
+        if kind not in out:
+            f = makers[kind]()
+            out[kind] = {k: f[np.asarray(idx)] for k, idx in groups.items()}
     np.savez(path, **{f"{kind}::{k}": v for kind, d in out.items() for k, v in d.items()})
     return out
 
@@ -895,15 +903,21 @@ def peer_readers(problem_of, feats: dict, reps: int = 3) -> dict[str, float]:
     (``problem_of(features keyed as rows) -> Problem``); the same suspects (indices) as
     fp's answers."""
     out: dict[str, float] = {}
-    for label, kind in zip(PEERS, ("marra", "pixels", "pool", "lite0"), strict=True):
+    for label, kind in zip(PEERS, PEER_KINDS, strict=True):
         p = problem_of(feats[kind])
         ks = sorted(p.bank)
         label_of = None
-        if kind in ("pool", "lite0"):
+        if kind in ("pool", "lite0", "images"):
             X = np.concatenate([np.concatenate(p.bank[k][1]) for k in ks])
             y = np.concatenate([np.full(sum(len(c) for c in p.bank[k][1]), i)
                                 for i, k in enumerate(ks)])
-            label_of = peers.linear_probe(X, y).predict
+            if kind == "images":
+                cnn = peers.CNNAttributor(len(ks), epochs=4, seed=0).fit(X, y)
+
+                def label_of(images, cnn=cnn):
+                    return cnn.proba(images).argmax(axis=1)
+            else:
+                label_of = peers.linear_probe(X, y).predict
         right = []
         for _name, q, truth, _cond in p.queries:
             for _n, idx in suspects(np.arange(len(q)), reps=reps):

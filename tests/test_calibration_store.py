@@ -66,6 +66,29 @@ def test_a_bank_that_cannot_be_written_stores_in_the_user_cache(tmp_path, monkey
     assert not (bank / "calibration").exists()
 
 
+def test_a_new_bank_state_deletes_the_files_of_the_baselines_earlier_states(tmp_path):
+    ident = (lambda v: v, lambda v: v)
+    root = tmp_path / "calibration"
+    old = CalibrationStore(tmp_path, scope="b_1", state="s1")
+    old.get("confidence", {"a": 1}, _value, *ident)
+    old.get_arrays("vectors", {"a": 1}, lambda: {"x": np.arange(3.0)})
+    other = CalibrationStore(tmp_path, scope="b_2", state="s9")  # another baseline
+    other.get("confidence", {"a": 1}, _value, *ident)
+    (root / ("confidence-" + "0" * 64 + ".json")).write_text("{}")  # an earlier format's
+    assert sorted(p.name for p in (root / "b_1" / "s1").iterdir())[0].startswith("confidence-")
+    # reading the old state again deletes nothing
+    again = CalibrationStore(tmp_path, scope="b_1", state="s1")
+    again.get("confidence", {"a": 1}, lambda: pytest.fail("recomputed"), *ident)
+    assert (root / "b_1" / "s1").is_dir()
+    new = CalibrationStore(tmp_path, scope="b_1", state="s2")  # the bank changed
+    new.get("confidence", {"a": 2}, _value, *ident)
+    assert [p.name for p in (root / "b_1").iterdir()] == ["s2"]
+    assert (root / "b_2" / "s9").is_dir()  # another baseline's state is kept
+    assert not any(p.is_file() for p in root.iterdir())  # the flat file of an old format
+    with pytest.raises(ValueError, match="plain names"):
+        CalibrationStore(tmp_path, scope="../x", state="s")
+
+
 def test_keys_follow_the_rows_and_the_parameters():
     rows = [{"curve_id": "c1", "row_sha256": "a"}, {"curve_id": "c2", "row_sha256": "b"}]
     edited = [rows[0], {"curve_id": "c2", "row_sha256": "c"}]

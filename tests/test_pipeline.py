@@ -927,7 +927,7 @@ def test_a_cached_set_is_answered_without_torch_or_scikit_learn_and_alike(world)
     f = world["folders"]
     attribute(f["query_shuffle"], n_boot=0, **world["kw"])  # embeds, stores calibrations
     first = attribute(f["query_shuffle"], n_boot=0, **world["kw"])
-    stored = sorted(p.name for p in (world["bank"].path / "calibration").iterdir())
+    stored = sorted(p.name for p in (world["bank"].path / "calibration").rglob("*.*"))
     assert {n.rsplit("-", 1)[0] for n in stored} == {"confidence", "belonging", "vectors",
                                                      "attributor"}
     code = (
@@ -956,7 +956,7 @@ def test_a_damaged_stored_calibration_is_set_aside_and_computed_again(world, tmp
     kw = {**world["kw"], "bank": Bank(bank)}
     f = world["folders"]
     first = attribute(f["query_noise"], n_boot=0, **kw)
-    target = next((bank / "calibration").glob("belonging-*.json"))
+    target = next((bank / "calibration").rglob("belonging-*.json"))
     doc = json.loads(target.read_text())
     doc["value"]["answer"]["n_named"] += 1  # a forged count of the calibration
     target.write_text(json.dumps(doc))

@@ -291,10 +291,14 @@ def _prepare(*, baseline: str | None, matcher: str | None, fingerprint: str | No
     weights = _absolute_weights(weights)
     settings = {"tau": tau, "weights": weights, "device": device, "batch_size": int(batch_size),
                 "skip_bad": bool(skip_bad), "allow_unverified": bool(allow_unverified)}
-    from forensics.steps.calibration import CalibrationStore
+    from forensics.steps.calibration import CalibrationStore, rows_digest
 
+    # the bank state the answer's calibrations belong to: the baseline's curves and its row
+    state = rows_digest(same + [{"curve_id": loaded.row["baseline_id"],
+                                 "row_sha256": loaded.row.get("row_sha256")}])[:32]
     plan = _Plan(b, all_rows, same, loaded, fp, mname, mobj, drop, keep,
-                 belong_fps[0] if belong_fps else None, CalibrationStore(b.path))
+                 belong_fps[0] if belong_fps else None,
+                 CalibrationStore(b.path, scope=loaded.row["baseline_id"], state=state))
     return _Run(plan, settings, unverified, dict(
         top=top, n_boot=n_boot, seed=seed, quantile=quantile, tau=tau, condition=condition),
         dict(weights=weights, device=device, batch_size=batch_size, cache_dir=cache_dir,

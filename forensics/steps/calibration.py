@@ -12,6 +12,12 @@ enrolled rows, so each is computed once per *bank state* and stored as JSON in t
 the seed, the suspect size and this format. Enrolling, removing or editing a curve changes
 the key; nothing stale is ever read.
 
+Files are kept per baseline and bank state: ``calibration/<baseline id>/<state>/``, the
+state a digest of that baseline's curve rows. The first time a process stores something
+for a new state, the folders of the baseline's earlier states are deleted (they can never
+be read again), so the folder holds what the bank's current curves need, not a file for
+every state the bank ever had.
+
 Each file records its own SHA-256 over its content; a file that fails it, or cannot be
 read, is set aside (``damaged-<name>``) with a warning and computed again. No pickle:
 floats are written as JSON's shortest round-trip decimals, so a stored calibration gives
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +41,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 #: The stored files' format (part of every key: a new format never reads an old file).
-FORMAT = 2
+FORMAT = 3
 #: The folder, in the bank (or the user cache), calibrations are stored in.
 FOLDER = "calibration"
 
@@ -53,6 +60,9 @@ def rows_digest(rows: Sequence[dict[str, Any]]) -> str:
     text = "\n".join(f"{r['curve_id']} {r.get('row_sha256')}" for r in rows)
     return hashlib.sha256(text.encode()).hexdigest()
 
+
+#: What a scope (a baseline id) or a state may be called: one plain path component.
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: The member of a stored ``.npz`` that holds the SHA-256 of the others.
 _SHA = "__sha256__"
@@ -84,12 +94,40 @@ class CalibrationStore:
         enabled: False: nothing is read or written (each calibration is computed).
     """
 
-    def __init__(self, bank_path: str | os.PathLike | None, enabled: bool = True):
+    def __init__(self, bank_path: str | os.PathLike | None, enabled: bool = True, *,
+                 scope: str | None = None, state: str | None = None):
         self.enabled = enabled and bank_path is not None
         self.folder: Path | None = None
         self._memo: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._pruned = False
         if self.enabled:
-            self.folder = _writable_folder(Path(str(bank_path)))
+            base = _writable_folder(Path(str(bank_path)))
+            if base is not None and scope is not None and state is not None:
+                if not _SAFE.match(scope) or not _SAFE.match(state):
+                    raise ValueError(f"calibration scope and state must be plain names, got "
+                                     f"{scope!r}, {state!r}")
+                base = base / scope / state
+            self.folder = base
+
+    def _prune(self) -> None:
+        """Before the first write of this process: delete the folders of the scope's other
+        states, and files of earlier formats left flat in the store (never read again)."""
+        if self._pruned or self.folder is None:
+            return
+        self._pruned = True
+        import shutil
+
+        if self.folder.parent.parent.name == FOLDER:  # <store>/<scope>/<state>
+            scope, root = self.folder.parent, self.folder.parent.parent
+            if scope.is_dir():
+                for d in scope.iterdir():
+                    if d.is_dir() and d.name != self.folder.name:
+                        shutil.rmtree(d, ignore_errors=True)
+            flat = re.compile(r"^(damaged-)?[a-z-]+-[0-9a-f]{64}\.(json|npz)$")
+            if root.is_dir():
+                for p in root.iterdir():
+                    if p.is_file() and flat.match(p.name):
+                        p.unlink(missing_ok=True)
 
     def get(self, kind: str, parts: dict[str, Any], compute: Callable[[], Any],
             to_json: Callable[[Any], Any], from_json: Callable[[Any], Any]
@@ -141,6 +179,7 @@ class CalibrationStore:
 
                 sha = np.frombuffer(_arrays_digest(arrays).encode(), dtype=np.uint8)
                 try:
+                    self._prune()
                     path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_savez(path, {**arrays, _SHA: sha}, fsync=False)
                 except OSError:
@@ -201,6 +240,7 @@ class CalibrationStore:
         from forensics.data.atomic import atomic_write_text
 
         try:
+            self._prune()
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({**body, "sha256": sha}, sort_keys=True))
         except OSError as exc:
