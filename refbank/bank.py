@@ -438,8 +438,6 @@ class Bank:
             baselines = {b["baseline_id"]: b for b in self.baselines()}
             taken = set(current.column("curve_id").to_pylist())
             for row in prepared:
-                self._store_rows(row)
-            for row in prepared:
                 if row.get("curve_id") is None:
                     row["curve_id"] = _fresh_id("c_", taken)
                 elif row["curve_id"] in taken:
@@ -454,6 +452,8 @@ class Bank:
                                     "manifest_sha256", "params_json"]).to_pylist()
             _warn_look_alikes(prepared, known)
             self._refuse_duplicates(prepared, known, baselines, allow_duplicate)
+            for row in prepared:  # checked: now the rows' files, then the table naming them
+                self._store_rows(row)
             new = _hashed_table(prepared, CURVES_SCHEMA)
             table = store.append_rows(current, new)
             base_table = self.baselines_table()

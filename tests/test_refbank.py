@@ -133,6 +133,12 @@ def test_other_strings_and_references_to_absent_rows_are_refused(bank, bid):
     with pytest.raises(BankError, match="missing"):
         bank.add_curves([curve_row(bid, fingerprints={"v#rows": ROWS_REF_PREFIX + "0" * 64})])
     assert bank.curves() == [] and not (bank.path / "rows").exists()
+    # a curve refused (its images are enrolled already) leaves no file behind
+    bank.add_curves([curve_row(bid, manifest_sha256="a" * 64)])
+    with pytest.raises(BankError, match="already"):
+        bank.add_curves([curve_row(bid, model="m2", manifest_sha256="a" * 64,
+                                   fingerprints={"v#rows": _packed([1.0])})])
+    assert not (bank.path / "rows").exists()
 
 
 def test_a_changed_or_missing_rows_file_is_found_and_never_read(bank, bid):
