@@ -819,7 +819,7 @@ def closed_readers(problem: Problem, mask: np.ndarray, reps: int = 3) -> dict[st
 PEERS = ("Marra et al. 2019: mean noise residual, correlation", "mean pixels, zscore",
          "linear probe, FID-Inception pool (2048), majority vote",
          "linear probe, EfficientNet-Lite0 stages + head (2064), majority vote",
-         "small CNN from scratch (grey images, 4 epochs), majority vote")
+         "small CNN from scratch (the images, 4 epochs), majority vote")
 #: The feature each peer reads, in :data:`PEERS` order (``images``: the images themselves).
 PEER_KINDS = ("marra", "pixels", "pool", "lite0", "images")
 

@@ -94,7 +94,8 @@ def majority(labels: Sequence) -> tuple[int, float]:
 
 
 class CNNAttributor:
-    """A small CNN trained from scratch on enrolled images (grey, any size), per image.
+    """A small CNN trained from scratch on enrolled images (any size), per image: grey
+    images as one channel, colour images ``(n, H, W, 3)`` as three.
 
     Two 3x3 conv blocks (32, 64 channels, ReLU, 2x2 max-pool), a 128-unit layer and one
     output per family; Adam (lr 1e-3), ``epochs`` passes, batch 128, seeded, with
@@ -108,8 +109,12 @@ class CNNAttributor:
     def _tensor(self, images: np.ndarray):
         import torch
 
-        x = np.stack(_grey01(images)).astype(np.float32)
-        return torch.from_numpy(x[:, None] * 2.0 - 1.0)
+        a = np.asarray(images)
+        if a.ndim == 4:  # (n, H, W, C): channels first
+            x = np.ascontiguousarray(a.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        else:
+            x = np.stack(_grey01(a)).astype(np.float32)[:, None]
+        return torch.from_numpy(x * 2.0 - 1.0)
 
     def fit(self, images: np.ndarray, labels: np.ndarray) -> CNNAttributor:
         """Train on ``images`` (n, H, W) uint8 with integer ``labels``."""
@@ -120,7 +125,7 @@ class CNNAttributor:
         x, y = self._tensor(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
         h, w = x.shape[2] // 4, x.shape[3] // 4
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(x.shape[1], 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * h * w, 128), nn.ReLU(), nn.Linear(128, self.n_classes))
         opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)

