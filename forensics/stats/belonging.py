@@ -96,9 +96,18 @@ def packed_values(values: str | Sequence[float]) -> np.ndarray:
         InputError: a string that is not packed rows.
     """
     if isinstance(values, str):
-        from refbank.bank import decode_packed
-
-        return np.frombuffer(decode_packed(values), dtype="<f2").astype(np.float16)
+        if not values.startswith(PACKED):
+            raise InputError(f"stored per-image rows must start with {PACKED!r}; run fp bank "
+                             f"verify")
+        try:
+            raw = base64.b64decode(values[len(PACKED):].encode("ascii"), validate=True)
+        except (ValueError, UnicodeEncodeError):
+            raise InputError("stored per-image rows are not valid base64; run fp bank "
+                             "verify") from None
+        if len(raw) % 2:
+            raise InputError("stored per-image rows have an odd number of bytes; run fp bank "
+                             "verify")
+        return np.frombuffer(raw, dtype="<f2").astype(np.float16)
     return np.asarray(values, dtype=np.float16).ravel()
 
 
