@@ -16,10 +16,10 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -208,69 +208,54 @@ def write_failed(target: Path, exc: OSError) -> BankError:
                      f"again")
 
 
+def _write_atomic(target: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file atomically: ``write`` fills a temporary file in the same folder, which
+    is fsynced and renamed over ``target``, then the folder is fsynced.
+
+    Raises:
+        BankError: the write failed; whatever was at ``target`` is left in place.
+    """
+    tmp = temp_path(target.parent, target.name)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(target, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
 def write_table(table: pa.Table, target: Path) -> None:
-    """Write a Parquet table atomically: temp file, fsync, rename, fsync folder.
+    """Write a Parquet table atomically (:func:`_write_atomic`).
 
     Raises:
         BankError: the write failed (e.g. ``OSError: File too large``); the old table is
             left in place.
     """
-    tmp = temp_path(target.parent, target.name)
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_failed(target, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+    _write_atomic(target, lambda f: pq.write_table(table, f))
 
 
 def write_bytes(data: bytes, target: Path) -> None:
-    """Write a file's bytes atomically (temp file, fsync, rename, fsync folder).
+    """Write a file's bytes atomically (:func:`_write_atomic`), creating its folder.
 
     Raises:
         BankError: the write failed; nothing is left at ``target`` that was not there.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target.parent, target.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_failed(target, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+    _write_atomic(target, lambda f: f.write(data))
 
 
 def write_json(obj: Any, target: Path) -> None:
-    """Write a JSON file atomically."""
-    tmp = temp_path(target.parent, target.name)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_failed(target, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+    """Write a JSON file atomically (:func:`_write_atomic`): UTF-8, indented, keys sorted,
+    a final newline."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    _write_atomic(target, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_table(path: Path, schema: pa.Schema, *, keep_unknown: bool = False) -> pa.Table:
