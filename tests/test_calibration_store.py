@@ -89,6 +89,16 @@ def test_a_new_bank_state_deletes_the_files_of_the_baselines_earlier_states(tmp_
         CalibrationStore(tmp_path, scope="../x", state="s")
 
 
+def test_a_store_without_a_scope_prunes_nothing_wherever_the_bank_lies(tmp_path):
+    """A bank inside a folder named like the store: an unscoped store writes beside the
+    bank's own folders and deletes none of them."""
+    bank = tmp_path / "calibration" / "bank"
+    (bank / "rows").mkdir(parents=True)
+    (bank / "baselines" / "b_1").mkdir(parents=True)
+    CalibrationStore(bank).get("confidence", {"a": 1}, _value, lambda v: v, lambda v: v)
+    assert (bank / "rows").is_dir() and (bank / "baselines" / "b_1").is_dir()
+
+
 def test_keys_follow_the_rows_and_the_parameters():
     rows = [{"curve_id": "c1", "row_sha256": "a"}, {"curve_id": "c2", "row_sha256": "b"}]
     edited = [rows[0], {"curve_id": "c2", "row_sha256": "c"}]

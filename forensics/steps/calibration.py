@@ -64,6 +64,9 @@ def rows_digest(rows: Sequence[dict[str, Any]]) -> str:
 #: What a scope (a baseline id) or a state may be called: one plain path component.
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+#: A file of the earlier, flat layout (``<kind>-<key>``, format 2): never read again.
+_FLAT = re.compile(r"^(damaged-)?[a-z-]+-[0-9a-f]{64}\.(json|npz)$")
+
 #: The member of a stored ``.npz`` that holds the SHA-256 of the others.
 _SHA = "__sha256__"
 
@@ -99,6 +102,9 @@ class CalibrationStore:
         self.enabled = enabled and bank_path is not None
         self.folder: Path | None = None
         self._memo: dict[str, tuple[Any, dict[str, Any]]] = {}
+        #: The store's root, when this store is one state of a scope (its folder's
+        #: grandparent); None: nothing is pruned.
+        self._root: Path | None = None
         self._pruned = False
         if self.enabled:
             base = _writable_folder(Path(str(bank_path)))
@@ -106,28 +112,26 @@ class CalibrationStore:
                 if not _SAFE.match(scope) or not _SAFE.match(state):
                     raise ValueError(f"calibration scope and state must be plain names, got "
                                      f"{scope!r}, {state!r}")
-                base = base / scope / state
+                self._root, base = base, base / scope / state
             self.folder = base
 
     def _prune(self) -> None:
         """Before the first write of this process: delete the folders of the scope's other
         states, and files of earlier formats left flat in the store (never read again)."""
-        if self._pruned or self.folder is None:
+        if self._pruned or self.folder is None or self._root is None:
             return
         self._pruned = True
         import shutil
 
-        if self.folder.parent.parent.name == FOLDER:  # <store>/<scope>/<state>
-            scope, root = self.folder.parent, self.folder.parent.parent
-            if scope.is_dir():
-                for d in scope.iterdir():
-                    if d.is_dir() and d.name != self.folder.name:
-                        shutil.rmtree(d, ignore_errors=True)
-            flat = re.compile(r"^(damaged-)?[a-z-]+-[0-9a-f]{64}\.(json|npz)$")
-            if root.is_dir():
-                for p in root.iterdir():
-                    if p.is_file() and flat.match(p.name):
-                        p.unlink(missing_ok=True)
+        scope = self.folder.parent  # <root>/<scope>/<state>
+        if scope.is_dir():
+            for d in scope.iterdir():
+                if d.is_dir() and d.name != self.folder.name:
+                    shutil.rmtree(d, ignore_errors=True)
+        if self._root.is_dir():
+            for p in self._root.iterdir():
+                if p.is_file() and _FLAT.match(p.name):
+                    p.unlink(missing_ok=True)
 
     def get(self, kind: str, parts: dict[str, Any], compute: Callable[[], Any],
             to_json: Callable[[Any], Any], from_json: Callable[[Any], Any]
