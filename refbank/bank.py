@@ -11,6 +11,7 @@ Every change holds the bank's inter-process lock and replaces whole files atomic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -790,8 +791,6 @@ class Bank:
             data = path.read_bytes()
         except OSError:
             raise BankError(_rows_missing(path)) from None
-        import hashlib
-
         if hashlib.sha256(data).hexdigest() != value[len(ROWS_REF_PREFIX):] or len(data) % 2:
             raise BankError(f"the per-image rows file {path} was changed: its SHA-256 is not "
                             f"the one its curve names; nothing read from it. Run fp bank "
@@ -822,8 +821,6 @@ class Bank:
     def _write_rows(self, data: bytes) -> str:
         """Store rows' bytes as ``rows/<sha256>.f16`` (kept if already there, whole) and
         return their reference."""
-        import hashlib
-
         ref = ROWS_REF_PREFIX + hashlib.sha256(data).hexdigest()
         path = self.rows_path(ref)
         if _rows_file_problem(path, ref) is not None:
